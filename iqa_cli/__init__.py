@@ -1,0 +1,3 @@
+"""iqa: image quality assessment with multimodal LLMs, as a batch command-line tool."""
+
+__version__ = "0.1.0"

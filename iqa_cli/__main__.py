@@ -1,0 +1,3 @@
+from iqa_cli.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""Shared test helpers: seeding, the CLI in a subprocess, the shared fixtures, the `gpu` marker."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+TOKENIZER_FIXTURE = SHARED_FIXTURES / "mplug-owl2-tokenizer"
+KEYS_FIXTURE = SHARED_FIXTURES / "mplug-owl2-7b-keys.json"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests cleanly where no CUDA device is present."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seeded() -> int:
+    """Seeds python, numpy and torch; returns the seed."""
+    seed = 1234
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    return seed
+
+
+@pytest.fixture
+def tokenizer_fixture() -> Path:
+    """The real LLaMA-2 tokenizer files; skips where the workspace's shared fixtures are absent."""
+    if not (TOKENIZER_FIXTURE / "tokenizer.model").exists():
+        pytest.skip(f"shared fixture not found: {TOKENIZER_FIXTURE}")
+    return TOKENIZER_FIXTURE
+
+
+def run_iqa(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """Runs the real `iqa` console script in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "iqa_cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
