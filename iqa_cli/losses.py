@@ -258,7 +258,7 @@ class DeQALoss(LossParts):
     fidelity: Tensor  # L_fid over the pairs (0 without a B side)
     cross_entropy: Tensor  # CE(A) + CE(B), level token excluded
     kl: Tensor  # KL(A) + KL(B)
-    in_level: Tensor  # in-level(A) + in-level(B)
+    in_level: Tensor  # in-level(A) + in-level(B), always computed, for logging
 
 
 def _level_logits(logits: Tensor, level_pos: Tensor) -> Tensor:
@@ -321,7 +321,7 @@ def deqa_loss(
         exclude = _position_mask(t.labels, t.level_pos)
         ce.append(response_cross_entropy(logits, t.labels, ignore_index=ignore_index, exclude_mask=exclude))
         kl.append(soft_label_kl(level_logits, level_token_ids, t.soft_labels))
-        in_level.append(in_level_loss(level_logits, level_token_ids) if w_in_level else _zero(level_logits))
+        in_level.append(in_level_loss(level_logits, level_token_ids))
         stats.append(level_distribution(level_logits, level_token_ids, centers=centers, closed_set=closed_set))
     if logits_b is None:
         fid = _zero(logits_a)
@@ -431,12 +431,12 @@ def same_group_pairs(groups: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class QScorerLoss(LossParts):
-    cross_entropy: Tensor
+    cross_entropy: Tensor  # level token excluded when the KL term is on
     mse: Tensor
-    kl: Tensor
-    norm_in_norm: Tensor
-    ranking: Tensor
-    fidelity: Tensor
+    kl: Tensor  # 0 when w_kl is 0
+    norm_in_norm: Tensor  # always computed, for logging
+    ranking: Tensor  # always computed, for logging
+    fidelity: Tensor  # 0 when w_fid is 0
 
 
 def qscorer_loss(
@@ -499,8 +499,8 @@ def qscorer_loss(
         exclude = _position_mask(labels, score_pos)
     ce = response_cross_entropy(logits, labels, ignore_index=ignore_index, exclude_mask=exclude)
     mse = regression_mse(pred, target_score, clamp=clamp)
-    nin = norm_in_norm_loss(pred, target_score, p=nin_p, q=nin_q) if w_nin else _zero(pred)
-    rank = pairwise_ranking_loss(pred, target_score, margin=margin, groups=groups) if w_rank else _zero(pred)
+    nin = norm_in_norm_loss(pred, target_score, p=nin_p, q=nin_q)
+    rank = pairwise_ranking_loss(pred, target_score, margin=margin, groups=groups)
     fid = _zero(pred)
     if w_fid:
         if target_std is None:
