@@ -1,0 +1,371 @@
+"""Quality levels and soft labels built from human opinion scores.
+
+DeQA-Score (CVPR 2025) discretizes a score distribution N(mu, s^2) over K quality levels (paper Eq. 1-2,
+appendix B.1) and recovers mean and std from the level probabilities (Eq. 3); Q-Align uses a one-hot
+level instead. Everything here works on whole columns (N rows at once) with numpy/scipy, so a dataset of
+millions of images is labelled in seconds.
+
+Facts taken from the reference `build_soft_labels/gen_soft_label.py` (DeQA-Score repository):
+- scores are normalized to [1, 5] by the dataset's own min/max; std scales by the same factor;
+- "cdf" mode integrates the Gaussian over [c - d/2, c + d/2], "pdf" mode takes its density at c;
+- post-adjustment `p = alpha * p_raw + beta` with alpha, beta from sum 1 and mean mu, then negatives -> 0;
+- fallback to linear interpolation between the two nearest centers (appendix Eq. A2) when
+  `std_n < 0.2` or the adjusted label's recovered mean misses mu by more than 0.1; fallback rows count
+  alpha = 1, beta = 0 in the alpha/beta statistics;
+- the one-hot level is the interval of the uniformly divided [min, max] range that holds the MOS,
+  right-closed with a 1e-8 tolerance (a MOS on a boundary belongs to the lower level);
+- JS divergence between Gaussians uses the Gaussian with the averaged variance as midpoint (as the
+  reference's `cal_distribution_gap.py`), the Wasserstein-2 distance is sqrt(dmu^2 + dsigma^2).
+
+Where this module departs from the reference (both are generalisations the reference never meets with
+its five levels and continuous MOS):
+- a label clipped at zero is renormalized to sum 1 (the reference leaves its sum above 1); the fallback
+  test then uses the label as stored. `renormalize_clipped=False` reproduces the reference.
+- alpha comes from the closed form `alpha * A = (mu - m) / (mean_raw - m)` (m = mean of the centers) without
+  the reference's `+1e-9` in the denominator, which turns every label with mu == 3 into the uniform
+  distribution; within 1e-4 of m the (even, smooth) weight is taken at m + 1e-4.
+- the two-point interpolation is exact (the reference widens each interval by 1e-8 on both sides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special, stats
+
+from iqa_cli.errors import UserError
+
+QUALITY_NAMES = ("bad", "poor", "fair", "good", "excellent")
+NUMBER_NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+NAME_SETS = {"quality": QUALITY_NAMES, "numbers": NUMBER_NAMES}
+MIN_LEVELS, MAX_LEVELS = 2, 12
+SCORE_LO, SCORE_HI = 1.0, 5.0
+DENSITIES = ("cdf", "pdf")
+DEFAULT_STD_THRESHOLD = 0.2
+DEFAULT_MEAN_THRESHOLD = 0.1
+
+_BOUNDARY_EPS = 1e-8  # the reference's tolerance on level boundaries
+_SIGMA_FLOOR = 1e-8  # a point mass (std 0) is a Gaussian this narrow in JS/KL
+_SYMMETRY_BAND = 1e-4  # |mu - m| below this: alpha taken at m + band (0/0 otherwise)
+_ROUNDING = 1e-12  # adjusted entries above -_ROUNDING are rounding noise, not clipping
+
+
+def check_levels(k: int) -> int:
+    """K must be an integer in 2..12 (the name sets and the level tokens stop there)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not MIN_LEVELS <= k <= MAX_LEVELS:
+        raise UserError(f"number of levels must be an integer from {MIN_LEVELS} to {MAX_LEVELS}, got {k!r}")
+    return int(k)
+
+
+def level_centers(k: int = 5) -> np.ndarray:
+    """Centers c_i = 1 + 4 (i - 1) / (K - 1), evenly spaced over [1, 5], ascending quality. Shape (K,)."""
+    k = check_levels(k)
+    return SCORE_LO + (SCORE_HI - SCORE_LO) * np.arange(k, dtype=np.float64) / (k - 1)
+
+
+def level_width(k: int = 5) -> float:
+    """Distance d between neighbouring centers (1.0 for K = 5)."""
+    return (SCORE_HI - SCORE_LO) / (check_levels(k) - 1)
+
+
+def level_names(k: int = 5, names: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the K levels, ascending quality.
+
+    Args:
+        k: number of levels.
+        names: None (the common five for K = 5, else "one".."K"), a set name ("quality", "numbers"),
+            a comma-separated string, or a list of K distinct names.
+    """
+    k = check_levels(k)
+    if names is None:
+        return list(QUALITY_NAMES) if k == len(QUALITY_NAMES) else list(NUMBER_NAMES[:k])
+    if isinstance(names, str):
+        key = names.strip().lower()
+        if key in NAME_SETS:
+            chosen = NAME_SETS[key]
+            if len(chosen) < k or (key == "quality" and k != len(chosen)):
+                raise UserError(f"level name set {key!r} has {len(chosen)} names; it does not fit {k} levels")
+            return list(chosen[:k])
+        names = names.split(",")
+    cleaned = [str(n).strip() for n in names]
+    if len(cleaned) != k:
+        raise UserError(f"{k} levels need {k} level names, got {len(cleaned)}: {','.join(cleaned)}")
+    if any(not n for n in cleaned):
+        raise UserError(f"empty level name in {','.join(cleaned)!r}")
+    if len(set(cleaned)) != k:
+        raise UserError(f"level names must be distinct, got {','.join(cleaned)}")
+    return cleaned
+
+
+def score_range(mos: np.ndarray) -> tuple[float, float]:
+    """min/max of a MOS column, the range DESIGN.md normalizes by."""
+    mos = np.asarray(mos, dtype=np.float64)
+    if mos.size == 0:
+        raise UserError("no scores to normalize")
+    lo, hi = float(np.min(mos)), float(np.max(mos))
+    if not hi > lo:
+        raise UserError(f"all {mos.size} MOS values equal {lo:g}; a score range is needed to normalize")
+    return lo, hi
+
+
+def normalize_scores(
+    mos: np.ndarray,
+    std: np.ndarray | None = None,
+    *,
+    lo: float,
+    hi: float,
+    lower_is_better: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Maps MOS onto [1, 5] (flipped first for DMOS-like scores) and scales std by the same factor."""
+    mos = np.asarray(mos, dtype=np.float64)
+    scale = (SCORE_HI - SCORE_LO) / (hi - lo)
+    shifted = hi - mos if lower_is_better else mos - lo
+    mos_n = scale * shifted + SCORE_LO
+    std_n = None if std is None else scale * np.asarray(std, dtype=np.float64)
+    return mos_n, std_n
+
+
+def one_hot_levels(mos: np.ndarray, k: int = 5, lo: float = SCORE_LO, hi: float = SCORE_HI) -> np.ndarray:
+    """Q-Align's level: the right-closed interval of [lo, hi] cut into K equal parts that holds the MOS.
+
+    Returns 0-based level indices, int64 (N,). A MOS on a boundary (within 1e-8) takes the lower level.
+    """
+    k = check_levels(k)
+    mos = np.asarray(mos, dtype=np.float64)
+    rights = lo + np.arange(1, k + 1, dtype=np.float64) / k * (hi - lo) + _BOUNDARY_EPS  # (K,)
+    return np.minimum(np.searchsorted(rights, mos, side="left"), k - 1).astype(np.int64)
+
+
+def gaussian_level_probs(mu: np.ndarray, s: np.ndarray, k: int = 5, density: str = "cdf") -> np.ndarray:
+    """Raw level probabilities of N(mu, s^2), before post-adjustment (paper Eq. 1). Shape (N, K).
+
+    "cdf": Phi((c + d/2 - mu) / s) - Phi((c - d/2 - mu) / s); "pdf": the Gaussian density at c.
+    Rows with s == 0 come out non-finite or all zero; `soft_labels` sends them to the fallback.
+    """
+    if density not in DENSITIES:
+        raise UserError(f"density must be one of {', '.join(DENSITIES)}, got {density!r}")
+    centers = level_centers(k)
+    mu = np.asarray(mu, dtype=np.float64)[:, None]  # N, 1
+    s = np.asarray(s, dtype=np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if density == "cdf":
+            half = level_width(k) / 2
+            edges = np.append(centers - half, centers[-1] + half)  # K + 1
+            cdf = special.ndtr((edges[None, :] - mu) / s)  # N, K + 1
+            return np.diff(cdf, axis=1)
+        z = (centers[None, :] - mu) / s  # N, K
+        return np.exp(-0.5 * z * z) / (s * np.sqrt(2.0 * np.pi))
+
+
+def interpolation_labels(mu: np.ndarray, k: int = 5) -> np.ndarray:
+    """Two-point label between the two nearest centers, exact mean mu (appendix Eq. A2). Shape (N, K)."""
+    k = check_levels(k)
+    mu = np.asarray(mu, dtype=np.float64)
+    t = (mu - SCORE_LO) / level_width(k)
+    lower = np.clip(np.floor(t), 0, k - 2).astype(np.int64)
+    upper_weight = np.clip(t - lower, 0.0, 1.0)
+    probs = np.zeros((mu.shape[0], k), dtype=np.float64)
+    rows = np.arange(mu.shape[0])
+    probs[rows, lower] = 1.0 - upper_weight
+    probs[rows, lower + 1] = upper_weight
+    return probs
+
+
+def recover_moments(probs: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean sum p_i c_i and std sqrt(sum p_i (c_i - mean)^2) of level probabilities (paper Eq. 3)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    centers = level_centers(probs.shape[1] if k is None else k)
+    mean = probs @ centers
+    var = (probs * (centers[None, :] - mean[:, None]) ** 2).sum(axis=1)
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def _uniform_mix_weight(raw: np.ndarray, mu: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """a = alpha * sum(p_raw): the label is a * p_raw / sum(p_raw) + (1 - a) / K, with mean mu."""
+    mid = centers.mean()
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        raw_mean = (raw @ centers) / raw.sum(axis=1)
+        return (mu - mid) / (raw_mean - mid)
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """Soft labels of N rows and how each was made.
+
+    Attributes:
+        probs: final labels, float64 (N, K), ascending quality.
+        raw: Gaussian level probabilities before post-adjustment (N, K).
+        alpha, beta: post-adjustment coefficients (1 and 0 on fallback rows, as the reference counts them).
+        fallback: rows that took the two-point interpolation.
+        clipped: rows whose adjusted label had entries below -1e-12 set to 0 (before the fallback test).
+    """
+
+    probs: np.ndarray
+    raw: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    fallback: np.ndarray
+    clipped: np.ndarray
+
+
+def soft_labels(
+    mu: np.ndarray,
+    s: np.ndarray,
+    k: int = 5,
+    *,
+    density: str = "cdf",
+    std_threshold: float = DEFAULT_STD_THRESHOLD,
+    mean_threshold: float = DEFAULT_MEAN_THRESHOLD,
+    renormalize_clipped: bool = True,
+) -> SoftLabels:
+    """DeQA-Score soft labels for normalized scores mu and stds s on [1, 5] (paper Eq. 1-2, appendix B.1).
+
+    Args:
+        mu, s: normalized MOS and std, shape (N,). s may be 0 (the row falls back).
+        k: number of levels.
+        density: "cdf" or "pdf".
+        std_threshold: rows with s below it take the two-point interpolation.
+        mean_threshold: rows whose adjusted label's recovered mean misses mu by more than this fall back.
+        renormalize_clipped: rescale a label to sum 1 after clipping negatives (False: the reference).
+    """
+    k = check_levels(k)
+    mu = np.asarray(mu, dtype=np.float64).reshape(-1)
+    s = np.asarray(s, dtype=np.float64).reshape(-1)
+    if mu.shape != s.shape:
+        raise ValueError(f"mu and s differ in length: {mu.shape} vs {s.shape}")
+    centers = level_centers(k)
+    mid = centers.mean()
+
+    raw = gaussian_level_probs(mu, s, k, density)  # N, K
+    total = raw.sum(axis=1)
+    weight = _uniform_mix_weight(raw, mu, centers)
+    near = np.abs(mu - mid) < _SYMMETRY_BAND
+    if near.any():
+        shifted = np.full(int(near.sum()), mid + _SYMMETRY_BAND)
+        weight[near] = _uniform_mix_weight(gaussian_level_probs(shifted, s[near], k, density), shifted, centers)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        alpha = weight / total
+        beta = (1.0 - weight) / k
+        adjusted = alpha[:, None] * raw + beta[:, None]  # N, K
+        clipped = (adjusted < -_ROUNDING).any(axis=1)  # rounding noise is zeroed too, but not counted
+        probs = np.maximum(adjusted, 0.0)
+        if renormalize_clipped and clipped.any():
+            probs[clipped] /= probs[clipped].sum(axis=1, keepdims=True)
+        miss = np.abs(probs @ centers - mu)
+    fallback = (s < std_threshold) | ~(miss <= mean_threshold)
+    if fallback.any():
+        probs[fallback] = interpolation_labels(mu[fallback], k)
+        alpha[fallback] = 1.0
+        beta[fallback] = 0.0
+    return SoftLabels(probs=probs, raw=raw, alpha=alpha, beta=beta, fallback=fallback, clipped=clipped)
+
+
+def gaussian_kl_floored(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """KL(N(mu1, s1^2) || N(mu2, s2^2)); a std of 0 counts as 1e-8 (the reference's epsilon)."""
+    s1 = np.maximum(np.asarray(s1, dtype=np.float64), _SIGMA_FLOOR)
+    s2 = np.maximum(np.asarray(s2, dtype=np.float64), _SIGMA_FLOOR)
+    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    return np.maximum(np.log(s2 / s1) + (s1**2 + diff**2) / (2.0 * s2**2) - 0.5, 0.0)
+
+
+def gaussian_js_moment(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """DeQA-Score's JS: the midpoint is the Gaussian of averaged mean and variance (`cal_distribution_gap.py`).
+
+    Not the true Jensen-Shannon divergence (`iqa_cli.metrics.gaussian_js` is); kept so that the label
+    statistics compare with the paper's tables. A std of 0 (one-hot labels) counts as 1e-8.
+    """
+    mu_m = 0.5 * (np.asarray(mu1, dtype=np.float64) + mu2)
+    s_m = np.sqrt(0.5 * (np.asarray(s1, dtype=np.float64) ** 2 + np.asarray(s2, dtype=np.float64) ** 2))
+    return 0.5 * gaussian_kl_floored(mu1, s1, mu_m, s_m) + 0.5 * gaussian_kl_floored(mu2, s2, mu_m, s_m)
+
+
+def gaussian_w2(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """Wasserstein-2 distance between two 1-D Gaussians: sqrt(dmu^2 + dsigma^2)."""
+    return np.hypot(np.asarray(mu1, dtype=np.float64) - mu2, np.asarray(s1, dtype=np.float64) - s2)
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank (scipy's rankdata "average"), one quicksort."""
+    x = np.asarray(x)
+    order = np.argsort(x)
+    ordered = x[order]
+    starts_mask = np.empty(x.size, dtype=bool)
+    starts_mask[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts_mask[1:])
+    starts = np.flatnonzero(starts_mask)
+    counts = np.diff(np.append(starts, x.size))
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(starts + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return _finite(stats.pearsonr(x, y)[0])
+
+
+def _recovery_stats(
+    mu: np.ndarray, s: np.ndarray, mean: np.ndarray, std: np.ndarray, mu_ranks: np.ndarray
+) -> dict[str, float | None]:
+    err = mean - mu
+    plcc = _pearson(mean, mu)
+    srcc = _pearson(average_ranks(mean), mu_ranks) if plcc is not None else None
+    known = np.isfinite(s)  # rows without a std have no ground-truth Gaussian to compare with
+    js = gaussian_js_moment(mu[known], s[known], mean[known], std[known])
+    w2 = gaussian_w2(mu[known], s[known], mean[known], std[known])
+    return {
+        "l1": _finite(np.mean(np.abs(err))),
+        "rmse": _finite(np.sqrt(np.mean(err**2))),
+        "plcc": plcc,
+        "srcc": srcc,
+        "js": _finite(js.mean()) if js.size else None,
+        "wasserstein": _finite(w2.mean()) if w2.size else None,
+    }
+
+
+def label_statistics(mu: np.ndarray, s: np.ndarray, labels: SoftLabels, level: np.ndarray) -> dict:
+    """The paper's Tables 1-2 for one dataset: one-hot vs soft labels against N(mu, s^2).
+
+    Args:
+        mu, s: normalized MOS and std (N,); s is NaN where the dataset has no std (left out of JS/W).
+        labels: the soft labels of these rows.
+        level: one-hot level indices (N,), 0-based.
+
+    Returns:
+        {"rows", "std_rows", "one_hot": {...}, "soft": {...}, "raw": {"l1", "rmse"}, "alpha": {"mean",
+        "std"}, "beta": {...}, "fallback", "clipped"}; one_hot/soft hold l1, rmse, plcc, srcc of the
+        recovered mean and mean js, wasserstein; undefined values are None.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    k = labels.probs.shape[1]
+    centers = level_centers(k)
+    soft_mean, soft_std = recover_moments(labels.probs)
+    one_hot_mean = centers[np.asarray(level)]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        raw_mean = (labels.raw @ centers) / labels.raw.sum(axis=1)
+    raw_err = raw_mean - mu
+    mu_ranks = average_ranks(mu)  # SRCC = PLCC of ranks; the MOS is ranked once for both label kinds
+    raw_ok = np.isfinite(raw_err)
+    return {
+        "rows": int(mu.size),
+        "std_rows": int(np.isfinite(s).sum()),
+        "one_hot": _recovery_stats(mu, s, one_hot_mean, np.zeros_like(mu), mu_ranks),
+        "soft": _recovery_stats(mu, s, soft_mean, soft_std, mu_ranks),
+        "raw": {
+            "l1": _finite(np.mean(np.abs(raw_err[raw_ok]))) if raw_ok.any() else None,
+            "rmse": _finite(np.sqrt(np.mean(raw_err[raw_ok] ** 2))) if raw_ok.any() else None,
+        },
+        "alpha": {"mean": _finite(np.mean(labels.alpha)), "std": _finite(np.std(labels.alpha))},
+        "beta": {"mean": _finite(np.mean(labels.beta)), "std": _finite(np.std(labels.beta))},
+        "fallback": int(labels.fallback.sum()),
+        "clipped": int((labels.clipped & ~labels.fallback).sum()),
+    }
