@@ -44,6 +44,39 @@ def _root(
 
 # --- eval ----------------------------------------------------------------------------------------
 # (owned by the metrics/eval work; see iqa_cli/evaluate.py)
+@app.command("eval")
+def eval_(
+    predictions: str = typer.Argument(..., help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."),
+    gt: str | None = typer.Option(
+        None, "--gt", help="Ground truth: a meta from `iqa prepare` (Parquet) or a CSV with image,mos[,std,dataset]."
+    ),
+    json_out: str | None = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    plot: str | None = typer.Option(
+        None, "--plot", help="Draw predicted vs human scores per dataset to this PNG (needs iqa-cli[plot])."
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="test, train or all [default: test if the ground truth has test rows, else all]."
+    ),
+    column: str = typer.Option("score", "--column", help="Prediction column to evaluate: score or score_reg."),
+) -> None:
+    """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
+    from pathlib import Path
+
+    from iqa_cli.evaluate import evaluate, plot_report, report_messages, report_tables, require_matplotlib
+
+    if plot is not None:
+        require_matplotlib()
+    report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)
+    for line in report_messages(report):
+        err_console.print(line, markup=False, soft_wrap=True)
+    for table in report_tables(report):
+        out_console.print(table)
+    if json_out is not None:
+        report.write_json(Path(json_out))
+        err_console.print(f"wrote {json_out}", markup=False, soft_wrap=True)
+    if plot is not None:
+        plot_report(report, Path(plot))
+        err_console.print(f"wrote {plot}", markup=False, soft_wrap=True)
 
 
 # --- score ---------------------------------------------------------------------------------------

@@ -1,0 +1,575 @@
+"""`iqa eval`: join predictions with human scores on the image path and compute the metrics.
+
+Predictions are what `iqa score` writes (Parquet; CSV and JSONL also read): `image`, `score`, `std`,
+`error`, optional `score_reg`. Ground truth is a meta written by `iqa prepare` (Parquet: `image`
+relative to the image root stored in its key-value metadata, `dataset`, `split`, `mos`, `std`,
+`mos_norm`, `std_norm`, ...) or a CSV with at least `image` and `mos` (optional `std`, `dataset`,
+`split`, `mos_norm`, `std_norm`).
+
+Paths in predictions are whatever the user gave `iqa score` (absolute, or relative to where it ran), so
+rows are joined in three passes, each only on rows the previous left over: (1) the same normalized
+path; (2) the same absolute path, with ground-truth paths under the meta's image root and prediction
+paths under the current directory; (3) the longest path suffix (whole components) shared with exactly
+one ground-truth image. Nothing is dropped silently: the report counts (and names a few of)
+predictions without ground truth, ground-truth images without prediction, ambiguous and duplicate
+predictions, and predictions that failed (`error` set or no score).
+
+Scale: correlations and the logistic fit use `mos_norm` (the [1, 5] scale of the predictions) when the
+ground truth has it, else `mos` as given; RMSE and the Gaussian gaps compare on that same scale, with the
+human std `std_norm` (or `std` next to a raw `mos`).
+"""
+
+import json
+import math
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from iqa_cli.errors import UserError
+from iqa_cli.metrics import MIN_CORRELATION_ROWS, Metrics, compute_metrics, logistic_4params
+
+PREDICTION_COLUMNS = ("score", "score_reg")
+SPLITS = ("test", "train", "all")
+# Key-value metadata keys (last dotted component, lower case) that may hold the meta's image root.
+IMAGE_ROOT_KEYS = ("image_root", "images_root", "image_dir", "images_dir", "images", "root")
+EXAMPLES = 5  # names shown per category of unmatched rows
+POOLED = "all"  # name of the row pooling every dataset
+
+# How a prediction row found its ground truth (or why not).
+UNMATCHED, EXACT, ABSOLUTE, SUFFIX, DUPLICATE, AMBIGUOUS = range(6)
+MATCH_NAMES = {EXACT: "exact", ABSOLUTE: "image_root", SUFFIX: "suffix"}
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _detect_format(path: Path, role: str) -> str:
+    if not path.exists():
+        raise UserError(f"{role} file not found: {path}")
+    if path.is_dir():
+        raise UserError(f"{role} path is a directory, expected a Parquet or CSV file: {path}")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    suffix = path.suffix.lower()
+    if head == b"PAR1" or suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise UserError(f"{role} file {path} is not a Parquet or CSV file (expected .parquet or .csv)")
+
+
+def _flatten_metadata(raw: dict[bytes, bytes] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key_bytes, value_bytes in (raw or {}).items():
+        key = key_bytes.decode("utf-8", "replace")
+        if key in ("pandas", "ARROW:schema"):
+            continue
+        value = value_bytes.decode("utf-8", "replace")
+        out[key] = value
+        try:
+            nested = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(nested, dict):
+            out.update({f"{key}.{k}": str(v) for k, v in nested.items() if not isinstance(v, (dict, list))})
+    return out
+
+
+def read_table(path: Path, role: str, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Reads a Parquet/CSV/JSONL table (only `columns` that exist, if given) and its key-value metadata.
+
+    Raises UserError naming the file for anything unreadable.
+    """
+    path = Path(path)
+    kind = _detect_format(path, role)
+    metadata: dict[str, str] = {}
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            metadata = _flatten_metadata(schema.metadata)
+            wanted = None if columns is None else [c for c in columns if c in schema.names]
+            table = pq.read_table(path, columns=wanted).to_pandas()
+            if wanted is not None and not wanted:
+                table = pd.DataFrame(index=range(pq.ParquetFile(path).metadata.num_rows))
+            table.attrs["all_columns"] = list(schema.names)
+        elif kind == "csv":
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype={"image": str})
+            table.attrs["all_columns"] = list(table.columns)
+        else:
+            table = pd.read_json(path, lines=True, dtype={"image": str})
+            table.attrs["all_columns"] = list(table.columns)
+    except UserError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        label = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON lines"}[kind]
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"cannot read {role} file {path} as {label}: {detail}") from exc
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid/ArrowException types
+        if type(exc).__module__.startswith("pyarrow"):
+            detail = " ".join(str(exc).split())[:200]
+            raise UserError(f"cannot read {role} file {path} as Parquet: {detail}") from exc
+        raise
+    return table, metadata
+
+
+def _require_columns(table: pd.DataFrame, path: Path, role: str, required: tuple[str, ...]) -> None:
+    found = table.attrs.get("all_columns", list(table.columns))
+    missing = [c for c in required if c not in found]
+    if missing:
+        listed = ", ".join(map(str, found)) or "none"
+        raise UserError(f"{role} file {path} has no column {', '.join(map(repr, missing))} (columns found: {listed})")
+
+
+def image_root_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The image root a meta records, under any of IMAGE_ROOT_KEYS (possibly nested in a JSON value)."""
+    by_leaf: dict[str, str] = {}
+    for key, value in metadata.items():
+        leaf = key.replace(":", ".").replace("/", ".").rsplit(".", 1)[-1].lower()
+        by_leaf.setdefault(leaf, value)
+    for name in IMAGE_ROOT_KEYS:
+        if by_leaf.get(name):
+            return by_leaf[name]
+    return None
+
+
+# --- joining -------------------------------------------------------------------------------------
+
+
+def normalize_image_path(path: str) -> str:
+    """POSIX separators, no `.`/`..` components or doubled slashes; absolute paths stay absolute."""
+    return posixpath.normpath(str(path).replace("\\", "/"))
+
+
+@dataclass
+class ImageMatch:
+    """For each prediction row, the ground-truth row it belongs to (-1: none) and how it was found."""
+
+    gt_index: np.ndarray  # [P] int64
+    how: np.ndarray  # [P] int8, one of UNMATCHED, EXACT, ABSOLUTE, SUFFIX, DUPLICATE, AMBIGUOUS
+
+
+def _suffix_index(gt_paths: list[str]) -> dict[tuple[str, ...], int]:
+    index: dict[tuple[str, ...], int] = {}
+    for row, path in enumerate(gt_paths):
+        parts = tuple(p for p in path.split("/") if p)
+        for k in range(1, len(parts) + 1):
+            key = parts[-k:]
+            previous = index.setdefault(key, row)
+            if previous != row:
+                index[key] = -1  # shared by several ground-truth images
+    return index
+
+
+def match_images(
+    pred_images: list[str], gt_images: list[str], roots: list[str] = (), cwd: str | None = None
+) -> ImageMatch:
+    """Matches prediction paths to ground-truth paths (exact, then under `roots`, then unique suffix)."""
+    n_pred = len(pred_images)
+    gt_index = np.full(n_pred, -1, dtype=np.int64)
+    how = np.full(n_pred, UNMATCHED, dtype=np.int8)
+    valid = [isinstance(p, str) and p != "" for p in pred_images]
+    preds = [normalize_image_path(p) if ok else "" for p, ok in zip(pred_images, valid, strict=True)]
+    gts = [normalize_image_path(g) for g in gt_images]
+
+    def assign(lookup: dict[str, int], keys: list[str], method: int) -> None:
+        found = pd.Series(keys, dtype=object).map(lookup)
+        hit = found.notna().to_numpy() & (how == UNMATCHED) & np.asarray(valid, dtype=bool)
+        gt_index[hit] = found[hit].astype(np.int64).to_numpy()
+        how[hit] = method
+
+    exact: dict[str, int] = {}
+    for row, g in enumerate(gts):
+        exact.setdefault(g, row)
+    assign(exact, preds, EXACT)
+
+    if (how == UNMATCHED).any() and roots:
+        cwd = cwd or os.getcwd()
+        absolute: dict[str, int] = {}
+        for root in roots:
+            for row, g in enumerate(gts):
+                absolute.setdefault(normalize_image_path(posixpath.join(str(root).replace("\\", "/"), g)), row)
+        pred_abs = [normalize_image_path(posixpath.join(cwd, p)) if p else "" for p in preds]
+        assign(absolute, pred_abs, ABSOLUTE)
+
+    left = np.flatnonzero((how == UNMATCHED) & np.asarray(valid, dtype=bool))
+    if left.size:
+        index = _suffix_index(gts)
+        depth = max((len(k) for k in index), default=0)
+        for row in left:
+            parts = tuple(p for p in preds[row].split("/") if p)
+            for k in range(min(len(parts), depth), 0, -1):
+                hit = index.get(parts[-k:])
+                if hit is None:
+                    continue
+                if hit >= 0:
+                    gt_index[row], how[row] = hit, SUFFIX
+                else:
+                    how[row] = AMBIGUOUS
+                break
+
+    # One prediction per ground-truth image: the best match (then the first row) wins.
+    matched = np.flatnonzero(gt_index >= 0)
+    order = matched[np.lexsort((matched, how[matched]))]
+    _, first = np.unique(gt_index[order], return_index=True)
+    losers = np.setdiff1d(order, order[first])
+    gt_index[losers], how[losers] = -1, DUPLICATE
+    return ImageMatch(gt_index=gt_index, how=how)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupResult:
+    """Metrics of one dataset (or of all datasets pooled)."""
+
+    name: str
+    metrics: Metrics
+
+
+@dataclass
+class EvalReport:
+    """Everything `iqa eval` prints and writes; `matched` holds the scored rows (for plots)."""
+
+    predictions: str
+    ground_truth: str | None
+    column: str
+    split: str
+    target: str  # ground-truth column the predictions are compared with: mos_norm or mos
+    results: list[GroupResult]
+    counts: dict[str, int]
+    matched_by: dict[str, int]
+    examples: dict[str, list[str]]
+    notes: list[str] = field(default_factory=list)
+    matched: pd.DataFrame | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "predictions": self.predictions,
+            "ground_truth": self.ground_truth,
+            "column": self.column,
+            "split": self.split,
+            "target": self.target,
+            "counts": self.counts,
+            "matched_by": self.matched_by,
+            "examples": self.examples,
+            "results": [{"dataset": g.name, **g.metrics.to_dict()} for g in self.results],
+            "notes": self.notes,
+        }
+
+    def write_json(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+def _resolve_split(gt: pd.DataFrame, split: str | None, source: str) -> str:
+    has_split = "split" in gt.columns
+    values = gt["split"].astype(str).str.strip().str.lower() if has_split else None
+    if split is None:
+        return "test" if has_split and (values == "test").any() else "all"
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "all":
+        return split
+    if not has_split:
+        raise UserError(f"ground truth {source} has no `split` column; use --split all")
+    if not (values == split).any():
+        found = ", ".join(sorted(values.unique())) or "none"
+        raise UserError(f"ground truth {source} has no rows with split {split!r} (splits found: {found})")
+    return split
+
+
+def _examples(values) -> list[str]:
+    return [str(v) for v in list(values)[:EXAMPLES]]
+
+
+def _failed_mask(preds: pd.DataFrame, column: str) -> np.ndarray:
+    failed = pd.to_numeric(preds[column], errors="coerce").isna().to_numpy()
+    if "error" in preds.columns:
+        error = preds["error"]
+        failed = failed | (error.notna() & (error.astype(str).str.strip() != "")).to_numpy()
+    return failed
+
+
+def evaluate(
+    predictions: Path,
+    ground_truth: Path | None = None,
+    *,
+    split: str | None = None,
+    column: str = "score",
+    cwd: Path | None = None,
+) -> EvalReport:
+    """Joins predictions with ground truth and computes metrics per dataset and pooled.
+
+    Args:
+        predictions: the file `iqa score` wrote.
+        ground_truth: a meta from `iqa prepare` or a CSV (image, mos, ...); None to use ground-truth
+            columns (mos / mos_norm / std_norm / dataset / split) found in the predictions file.
+        split: test, train or all; None picks test when the ground truth has test rows, else all.
+        column: prediction column to evaluate, score or score_reg (Gaussian gaps only for score).
+        cwd: where relative prediction paths are anchored (default: the current directory).
+    """
+    predictions = Path(predictions)
+    if column not in PREDICTION_COLUMNS:
+        raise UserError(f"--column must be one of {', '.join(PREDICTION_COLUMNS)}, got {column!r}")
+    gt_columns = ["image", "dataset", "split", "mos", "mos_norm", "std", "std_norm"]
+    pred_columns = ["image", column, "std", "error"]
+    if ground_truth is None:
+        pred_columns += [c for c in gt_columns if c not in pred_columns]
+    preds, _ = read_table(predictions, "predictions", pred_columns)
+    _require_columns(preds, predictions, "predictions", ("image", column))
+    notes: list[str] = []
+
+    if ground_truth is None:
+        if not {"mos", "mos_norm"} & set(preds.columns):
+            raise UserError(f"{predictions} holds no ground truth (no mos/mos_norm column); pass --gt META.parquet|CSV")
+        gt = preds.drop(columns=[c for c in (column, "std", "error") if c in preds.columns])
+        roots: list[str] = []
+        source = str(predictions)
+    else:
+        ground_truth = Path(ground_truth)
+        gt, metadata = read_table(ground_truth, "ground truth", gt_columns)
+        _require_columns(gt, ground_truth, "ground truth", ("image", "mos"))
+        source = str(ground_truth)
+        roots = []
+        root = image_root_from_metadata(metadata)
+        if root:
+            roots.append(os.path.abspath(root))
+            if not os.path.isabs(root):
+                roots.append(os.path.abspath(ground_truth.parent / root))
+    if gt.empty:
+        raise UserError(f"ground truth {source} has no rows")
+    if preds.empty:
+        raise UserError(f"predictions file {predictions} has no rows")
+    gt = gt.reset_index(drop=True)
+    preds = preds.reset_index(drop=True)
+
+    split = _resolve_split(gt, split, source)
+    in_split = np.ones(len(gt), dtype=bool)
+    if split != "all":
+        in_split = (gt["split"].astype(str).str.strip().str.lower() == split).to_numpy()
+    repeated = gt["image"].astype(str).map(normalize_image_path).duplicated().to_numpy()
+    if ground_truth is not None and repeated.any():
+        notes.append(f"{int(repeated.sum())} ground-truth rows repeat an image of an earlier row and are ignored")
+        in_split &= ~repeated
+
+    if ground_truth is None:
+        match = ImageMatch(gt_index=np.arange(len(preds)), how=np.full(len(preds), EXACT, dtype=np.int8))
+    else:
+        anchor = str(cwd) if cwd else None
+        match = match_images(preds["image"].tolist(), gt["image"].astype(str).tolist(), roots, anchor)
+
+    has_gt = match.gt_index >= 0
+    if not has_gt.any():
+        raise UserError(
+            f"no image in {predictions} matches {source} (predictions look like {preds['image'].iloc[0]!r}, "
+            f"ground truth like {gt['image'].iloc[0]!r})"
+        )
+    failed = _failed_mask(preds, column)
+    gt_of_pred = np.where(has_gt, match.gt_index, 0)
+    pred_in_split = has_gt & in_split[gt_of_pred]
+    scored = pred_in_split & ~failed
+    outside_split = has_gt & ~in_split[gt_of_pred]
+    covered = np.zeros(len(gt), dtype=bool)
+    covered[match.gt_index[has_gt]] = True
+    missing = in_split & ~covered
+
+    unmatched_rows = np.flatnonzero(match.how == UNMATCHED)
+    counts = {
+        "predictions": len(preds),
+        "ground_truth": int(in_split.sum()),
+        "matched": int(pred_in_split.sum()),
+        "scored": int(scored.sum()),
+        "failed": int((pred_in_split & failed).sum()),
+        "unmatched_predictions": int(unmatched_rows.size),
+        "ambiguous_predictions": int((match.how == AMBIGUOUS).sum()),
+        "duplicate_predictions": int((match.how == DUPLICATE).sum()),
+        "missing_predictions": int(missing.sum()),
+        "outside_split": int(outside_split.sum()),
+    }
+    matched_by = {name: int((match.how[pred_in_split] == code).sum()) for code, name in MATCH_NAMES.items()}
+    examples = {
+        "unmatched_predictions": _examples(preds["image"].iloc[unmatched_rows]),
+        "ambiguous_predictions": _examples(preds["image"].iloc[np.flatnonzero(match.how == AMBIGUOUS)]),
+        "duplicate_predictions": _examples(preds["image"].iloc[np.flatnonzero(match.how == DUPLICATE)]),
+        "missing_predictions": _examples(gt["image"].iloc[np.flatnonzero(missing)]),
+        "failed": _examples(preds["image"].iloc[np.flatnonzero(pred_in_split & failed)]),
+    }
+    if counts["scored"] < MIN_CORRELATION_ROWS:
+        raise UserError(
+            f"only {counts['scored']} scored predictions in {predictions} match split {split!r} of {source} "
+            f"(need at least {MIN_CORRELATION_ROWS}; {counts['failed']} failed, "
+            f"{counts['outside_split']} in other splits)"
+        )
+
+    # Scale of the comparison: normalized [1, 5] where the ground truth has it.
+    target = "mos_norm" if "mos_norm" in gt.columns and gt["mos_norm"].notna().any() else "mos"
+    target_std = "std_norm" if target == "mos_norm" else ("std" if ground_truth is not None else None)
+    if target == "mos":
+        notes.append("ground truth has no mos_norm: RMSE and KL/JS/W2 compare the predictions with mos as given")
+    rows = np.flatnonzero(scored)
+    gt_rows = match.gt_index[rows]
+    table = pd.DataFrame(
+        {
+            "image": preds["image"].to_numpy()[rows],
+            "dataset": gt["dataset"].astype(str).to_numpy()[gt_rows] if "dataset" in gt.columns else POOLED,
+            "pred": pd.to_numeric(preds[column], errors="coerce").to_numpy(np.float64)[rows],
+            "target": pd.to_numeric(gt[target], errors="coerce").to_numpy(np.float64)[gt_rows],
+        }
+    )
+    with_std = column == "score" and "std" in preds.columns and target_std in gt.columns
+    if with_std:
+        table["pred_std"] = pd.to_numeric(preds["std"], errors="coerce").to_numpy(np.float64)[rows]
+        table["target_std"] = pd.to_numeric(gt[target_std], errors="coerce").to_numpy(np.float64)[gt_rows]
+    elif column == "score_reg":
+        notes.append("KL/JS/W2 are reported for --column score only (score_reg has no predicted std)")
+
+    def group_metrics(part: pd.DataFrame) -> Metrics:
+        return compute_metrics(
+            part["pred"].to_numpy(),
+            part["target"].to_numpy(),
+            part["pred_std"].to_numpy() if with_std else None,
+            part["target_std"].to_numpy() if with_std else None,
+        )
+
+    datasets = sorted(table["dataset"].unique())
+    results = [GroupResult(name, group_metrics(table[table["dataset"] == name])) for name in datasets]
+    if len(datasets) > 1:
+        results.append(GroupResult(POOLED, group_metrics(table)))
+        if target == "mos":
+            notes.append(f"the {POOLED!r} row pools raw mos of {len(datasets)} datasets (scales may differ)")
+    return EvalReport(
+        predictions=str(predictions),
+        ground_truth=None if ground_truth is None else str(ground_truth),
+        column=column,
+        split=split,
+        target=target,
+        results=results,
+        counts=counts,
+        matched_by=matched_by,
+        examples=examples,
+        notes=notes,
+        matched=table,
+    )
+
+
+# --- presentation --------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, flag: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.4f}{flag}"
+
+
+def report_tables(report: EvalReport) -> list:
+    """Rich tables: agreement (PLCC ... RMSE) and, when both sides have std, the Gaussian gaps."""
+    from rich import box
+    from rich.table import Table
+
+    title = f"{report.column} vs {report.target} (split: {report.split})"
+    main = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for name in ("dataset", "n", "PLCC", "PLCC-log", "SRCC", "KRCC", "RMSE", "RMSE-log"):
+        main.add_column(name, justify="left" if name == "dataset" else "right", no_wrap=name != "dataset")
+    flagged = False
+    for group in report.results:
+        m = group.metrics
+        flag = "" if m.logistic_converged else "*"
+        flagged |= bool(flag) and math.isfinite(m.plcc_logistic)
+        main.add_row(
+            group.name,
+            str(m.n),
+            _fmt(m.plcc),
+            _fmt(m.plcc_logistic, flag if math.isfinite(m.plcc_logistic) else ""),
+            _fmt(m.srcc),
+            _fmt(m.krcc),
+            _fmt(m.rmse),
+            _fmt(m.rmse_logistic, flag),
+        )
+    if flagged:
+        main.caption = "* logistic fit failed: raw value shown"
+    tables = [main]
+    if any(g.metrics.kl is not None for g in report.results):
+        title = "KL(human || predicted), JS, W2 (means over images)"
+        gaps = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+        for name in ("dataset", "n", "KL", "JS", "W2", "JS-DeQA"):
+            gaps.add_column(name, justify="left" if name == "dataset" else "right", no_wrap=name != "dataset")
+        for group in report.results:
+            m = group.metrics
+            gaps.add_row(group.name, str(m.n), _fmt(m.kl), _fmt(m.js), _fmt(m.w2), _fmt(m.js_moment))
+        gaps.caption = "JS integrated numerically; JS-DeQA: DeQA-Score's moment-matched approximation"
+        tables.append(gaps)
+    return tables
+
+
+def report_messages(report: EvalReport) -> list[str]:
+    """One-line summaries for stderr: what was matched, what was left out and why."""
+    c, ex = report.counts, report.examples
+    by = ", ".join(f"{v} {k}" for k, v in report.matched_by.items() if v)
+    lines = [
+        f"{c['scored']} of {c['matched']} matched predictions scored against "
+        f"{report.ground_truth or report.predictions} (split {report.split}; matched by {by or 'none'})"
+    ]
+
+    def add(count: int, text: str, key: str) -> None:
+        if count:
+            lines.append(f"warning: {count} {text} (e.g. {', '.join(ex[key])})")
+
+    add(c["failed"], "predictions failed (error set or no score) and are not scored", "failed")
+    add(c["unmatched_predictions"], "predictions have no ground truth", "unmatched_predictions")
+    add(c["ambiguous_predictions"], "predictions match several ground-truth images by name", "ambiguous_predictions")
+    add(c["duplicate_predictions"], "predictions repeat an image already matched", "duplicate_predictions")
+    add(c["missing_predictions"], "ground-truth images have no prediction", "missing_predictions")
+    if c["outside_split"]:
+        lines.append(f"note: {c['outside_split']} predictions are of images outside split {report.split!r}")
+    lines += [f"note: {n}" for n in report.notes]
+    for group in report.results:
+        lines += [f"note [{group.name}]: {n}" for n in group.metrics.notes]
+    return lines
+
+
+def require_matplotlib() -> None:
+    """Fails early, with the install command, when the optional plotting extra is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UserError("--plot needs matplotlib: pip install 'iqa-cli[plot]'") from exc
+
+
+def plot_report(report: EvalReport, path: Path) -> None:
+    """Predicted vs human scatter with the fitted logistic curve, one panel per dataset, as a PNG."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = [g for g in report.results if g.name != POOLED or len(report.results) == 1]
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.8 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    table = report.matched
+    for i, group in enumerate(groups):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        part = table if group.name == POOLED else table[table["dataset"] == group.name]
+        ax.scatter(part["pred"], part["target"], s=12 if len(part) < 2000 else 4, alpha=0.5, linewidths=0)
+        m = group.metrics
+        if m.logistic_params is not None:
+            x = np.linspace(np.nanmin(part["pred"]), np.nanmax(part["pred"]), 200)
+            ax.plot(x, logistic_4params(x, *m.logistic_params), color="C3", lw=1.5, label="logistic fit")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"{group.name}  PLCC-log {_fmt(m.plcc_logistic)}  SRCC {_fmt(m.srcc)}  n={m.n}", fontsize=9)
+        ax.set_xlabel(f"predicted {report.column}")
+        ax.set_ylabel(f"human {report.target}")
+        ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
