@@ -1,0 +1,384 @@
+"""Finding the images `iqa score` reads: folders, single files and lists, in a deterministic order.
+
+Every input image gets two strings: the path to open and the *name* written to the output's `image`
+column. Names are chosen so that score files join with `iqa prepare` metas, whose `image` column is the
+path relative to the image root:
+
+- an image found under a folder argument is named by its path relative to that folder
+  (`iqa score /data/koniq/1024x768` -> `826373.jpg`, `sub/a.png`);
+- a file argument is named as given on the command line (`photos/a.jpg`);
+- a `--from` list entry is named exactly as written in the list (the meta's own `image` values);
+- with `--root DIR`, relative list entries are opened under DIR, and every image that lies under DIR is
+  named by its path relative to DIR (so `iqa score --from meta.parquet --root /data/koniq` and
+  `iqa score /data/koniq --root /data/koniq` name images the same way).
+
+Names use `/` separators. Order: positional inputs in the order given, each folder walked depth-first with
+the entries of every directory sorted by name (Unicode code points of the NFC form, independent of locale
+and file system), then the `--from` entries in list order. The same command on the same files gives the
+same order on any machine.
+
+The list is kept as one packed UTF-8 buffer plus offsets (not a Python list of strings): DataLoader
+workers fork from the main process, and ten million Python strings would be copied into every worker page
+by page as their reference counts change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iqa_cli.errors import UserError
+
+# Extensions (lower case) that folder walks pick up. Files given by name or listed with `--from` are read
+# whatever their extension. Formats Pillow cannot decode here (e.g. HEIC without a plugin) become rows
+# with `error` set rather than being skipped silently.
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+        ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
+    }
+)  # fmt: skip
+
+# Column names tried, in order, when a `--from` table does not name its path column.
+PATH_COLUMNS = ("image", "path", "file")
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class PackedStrings:
+    """An immutable sequence of strings stored as one UTF-8 buffer and int64 offsets.
+
+    Strings may hold lone surrogates (undecodable file-name bytes); they round-trip via `surrogateescape`.
+    """
+
+    def __init__(self, strings: Iterable[str]):
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        return [self[int(i)] for i in indices]
+
+
+@dataclass
+class InputList:
+    """The images of one run: `names[i]` goes to the `image` column, `path(i)` is what is opened."""
+
+    names: PackedStrings
+    base_ids: np.ndarray  # int32 [N], index into `bases`
+    bases: list[str]  # folder a name is relative to ("" = the name is the path itself)
+    warnings: list[str] = field(default_factory=list)  # folders that could not be read, duplicates dropped
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def name(self, i: int) -> str:
+        return self.names[i]
+
+    def path(self, i: int) -> str:
+        base = self.bases[int(self.base_ids[i])]
+        name = self.names[i]
+        return os.path.join(base, name) if base else name
+
+    def fingerprint(self) -> str:
+        """sha256 over the names in order: identifies the list of work items across runs and machines."""
+        digest = hashlib.sha256()
+        digest.update(np.int64(len(self)).tobytes())
+        digest.update(self.names.offsets.tobytes())
+        digest.update(self.names.buffer.tobytes())
+        return digest.hexdigest()
+
+
+def find_inputs(
+    paths: Sequence[str | Path] = (),
+    *,
+    from_file: str | Path | None = None,
+    from_column: str | None = None,
+    root: str | Path | None = None,
+) -> InputList:
+    """Expands folders, files and a `--from` list into the ordered, de-duplicated list of images.
+
+    Raises:
+        UserError: a path that does not exist, an unreadable or malformed list, a missing column, two
+            different files that would get the same name, or no images at all.
+    """
+    root_abs = None
+    if root is not None:
+        if not Path(root).is_dir():
+            raise UserError(f"--root {root}: not a directory")
+        root_abs = os.path.abspath(root)
+
+    builder = _Builder(root_abs)
+    for given in paths:
+        given = os.fspath(given)
+        try:
+            st = os.stat(given)
+        except FileNotFoundError:
+            raise UserError(f"input not found: {given}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read input {given}: {exc.strerror or exc}") from None
+        if stat.S_ISDIR(st.st_mode):
+            before = len(builder.names)
+            builder.add_folder(given)
+            if len(builder.names) == before:
+                builder.warnings.append(f"no images found in folder {given}")
+        else:
+            builder.add_file(given)
+
+    if from_file is not None:
+        for entry in read_path_list(from_file, column=from_column):
+            builder.add_listed(entry)
+
+    if not builder.names:
+        where = ", ".join([os.fspath(p) for p in paths] + ([f"--from {from_file}"] if from_file else []))
+        exts = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        raise UserError(f"no images found in {where or 'the inputs'} (looked for files ending in: {exts})")
+    return builder.build()
+
+
+def read_path_list(path: str | Path, *, column: str | None = None) -> list[str]:
+    """Reads the paths of a `--from` file: CSV/TSV or Parquet with a path column, else one path per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--from {path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES or suffix in PARQUET_SUFFIXES:
+        return _read_table_column(path, column)
+    if column is not None:
+        raise UserError(f"--from-column {column}: {path} is a plain list (one path per line), not a CSV or Parquet")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--from {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_table_column(path: Path, column: str | None) -> list[str]:
+    import pandas as pd
+
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            chosen = _pick_column(path, names, column)
+            values = pq.read_table(path, columns=[chosen]).column(0).to_pylist()
+        else:
+            frame = pd.read_csv(path, sep=TABLE_SUFFIXES[path.suffix.lower()], dtype=str, keep_default_na=False)
+            chosen = _pick_column(path, list(frame.columns), column)
+            values = frame[chosen].tolist()
+    except UserError:
+        raise
+    except Exception as exc:  # pandas/pyarrow parse errors: report as the file's fault
+        raise UserError(f"--from {path}: cannot read ({' '.join(str(exc).split())})") from None
+    entries = []
+    for row, value in enumerate(values):
+        if value is None or not str(value).strip():
+            raise UserError(f"--from {path}: column {chosen!r} is empty in data row {row + 1}")
+        entries.append(str(value).strip())
+    return entries
+
+
+def _pick_column(path: Path, columns: list[str], column: str | None) -> str:
+    if column is not None:
+        if column not in columns:
+            raise UserError(f"--from-column {column}: no such column in {path} (columns: {', '.join(columns)})")
+        return column
+    lowered = {c.lower(): c for c in columns}
+    for candidate in PATH_COLUMNS:
+        if candidate in lowered:
+            return lowered[candidate]
+    wanted = "/".join(PATH_COLUMNS)
+    raise UserError(f"--from {path}: no path column ({wanted}) among {', '.join(columns)}; name one with --from-column")
+
+
+class _Builder:
+    """Accumulates (base, name) pairs; `build` packs them and drops exact duplicates."""
+
+    def __init__(self, root_abs: str | None):
+        self.root_abs = root_abs
+        self.names: list[str] = []
+        self.base_ids: list[int] = []
+        self.bases: list[str] = []
+        self._base_index: dict[str, int] = {}
+        self.warnings: list[str] = []
+
+    def _base(self, base: str) -> int:
+        if base not in self._base_index:
+            self._base_index[base] = len(self.bases)
+            self.bases.append(base)
+        return self._base_index[base]
+
+    def _under_root(self, path: str) -> str | None:
+        """The path relative to --root when it lies under it, else None."""
+        if self.root_abs is None:
+            return None
+        absolute = os.path.abspath(path)
+        try:
+            if os.path.commonpath([absolute, self.root_abs]) != self.root_abs:
+                return None
+        except ValueError:  # different drives
+            return None
+        return _posix(os.path.relpath(absolute, self.root_abs))
+
+    def add_file(self, given: str) -> None:
+        relative = self._under_root(given)
+        if relative is not None:
+            self._add(self.root_abs, relative)
+        else:
+            self._add("", _posix(given))
+
+    def add_listed(self, entry: str) -> None:
+        if self.root_abs is not None and not os.path.isabs(entry):
+            self._add(self.root_abs, entry)
+            return
+        relative = self._under_root(entry)
+        if relative is not None:
+            self._add(self.root_abs, relative)
+        else:
+            self._add("", entry)
+
+    def add_folder(self, folder: str) -> None:
+        relative = self._under_root(folder)
+        if relative is not None:
+            base, prefix = self.root_abs, "" if relative == "." else relative + "/"
+        else:
+            base, prefix = folder, ""
+        base_id = self._base(base)
+        for name in walk_images(folder, warnings=self.warnings):
+            self.names.append(prefix + name)
+            self.base_ids.append(base_id)
+
+    def _add(self, base: str, name: str) -> None:
+        self.names.append(name)
+        self.base_ids.append(self._base(base))
+
+    def build(self) -> InputList:
+        names, base_ids = self.names, self.base_ids
+        if len(set(names)) != len(names):
+            names, base_ids = self._drop_duplicates()
+        return InputList(
+            names=PackedStrings(names),
+            base_ids=np.asarray(base_ids, dtype=np.int32),
+            bases=self.bases,
+            warnings=self.warnings,
+        )
+
+    def _drop_duplicates(self) -> tuple[list[str], list[int]]:
+        """The same file named twice is kept once; two different files under one name are refused."""
+        first: dict[str, int] = {}
+        keep_names, keep_bases = [], []
+        dropped = 0
+        for name, base_id in zip(self.names, self.base_ids, strict=True):
+            if name not in first:
+                first[name] = base_id
+                keep_names.append(name)
+                keep_bases.append(base_id)
+                continue
+            dropped += 1
+            a = _join(self.bases[first[name]], name)
+            b = _join(self.bases[base_id], name)
+            if not _same_file(a, b):
+                raise UserError(
+                    f"two inputs would both be written as image {name!r} ({a} and {b}); "
+                    "pass --root DIR to name images by their path relative to a common folder"
+                )
+        self.warnings.append(f"{dropped} duplicate input(s) listed more than once were scored once")
+        return keep_names, keep_bases
+
+
+def walk_images(folder: str | Path, *, warnings: list[str] | None = None) -> Iterator[str]:
+    """Yields image paths under `folder`, relative to it, depth first in sorted order.
+
+    Follows symbolic links to folders but enters each real folder once (symlink loops end); skips names
+    starting with a dot; records folders it cannot read in `warnings`.
+    """
+    folder = os.fspath(folder)
+    seen: set[tuple[int, int]] = set()
+    top = os.stat(folder)
+    seen.add((top.st_dev, top.st_ino))
+    # Stack of iterators over sorted (name, is_dir) entries, with the relative prefix of each level.
+    stack: list[tuple[str, Iterator[tuple[str, bool]]]] = [("", iter(_sorted_entries(folder, "", warnings)))]
+    while stack:
+        prefix, entries = stack[-1]
+        step = next(entries, None)
+        if step is None:
+            stack.pop()
+            continue
+        name, is_dir = step
+        relative = prefix + name
+        if is_dir:
+            full = os.path.join(folder, relative)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            stack.append((relative + "/", iter(_sorted_entries(folder, relative, warnings))))
+        elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            yield relative
+
+
+def _sorted_entries(folder: str, relative: str, warnings: list[str] | None) -> list[tuple[str, bool]]:
+    """Visible entries of one directory as (name, is_dir), sorted by the NFC form of the name."""
+    path = os.path.join(folder, relative) if relative else folder
+    entries = []
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    is_dir = entry.is_dir()  # follows symlinks; a broken link is not a folder
+                except OSError:
+                    is_dir = False
+                entries.append((entry.name, is_dir))
+    except OSError as exc:
+        if warnings is not None:
+            warnings.append(f"skipped folder {path}: {exc.strerror or exc}")
+        return []
+    entries.sort(key=lambda e: (_sort_key(e[0]), e[0]))
+    return entries
+
+
+def _sort_key(name: str) -> str:
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
+
+
+def _posix(path: str) -> str:
+    return path.replace(os.sep, "/") if os.sep != "/" else path
+
+
+def _join(base: str, name: str) -> str:
+    return os.path.join(base, name) if base else name
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
