@@ -1,0 +1,1 @@
+"""The mPLUG-Owl2 backbone: a torch-only port and the loader of its released checkpoints."""
