@@ -477,7 +477,7 @@ def report_tables(report: EvalReport) -> list:
     from rich.table import Table
 
     title = f"{report.column} vs {report.target} (split: {report.split})"
-    main = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    main = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
     for name in ("dataset", "n", "PLCC", "PLCC-log", "SRCC", "KRCC", "RMSE", "RMSE-log"):
         main.add_column(name, justify="left" if name == "dataset" else "right", no_wrap=name != "dataset")
     flagged = False
@@ -500,7 +500,7 @@ def report_tables(report: EvalReport) -> list:
     tables = [main]
     if any(g.metrics.kl is not None for g in report.results):
         title = "KL(human || predicted), JS, W2 (means over images)"
-        gaps = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+        gaps = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
         for name in ("dataset", "n", "KL", "JS", "W2", "JS-DeQA"):
             gaps.add_column(name, justify="left" if name == "dataset" else "right", no_wrap=name != "dataset")
         for group in report.results:
