@@ -103,7 +103,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)  # I;16B arrives big-endian; astype gives native ints
         values = (np.clip(values, 0, 65535) + 128) // 257
-        return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")  # 2-D uint8 -> mode L
     if image.mode == "RGB":
         return image.copy() if image.readonly else image
     return image.convert("RGB")
