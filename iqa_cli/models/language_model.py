@@ -61,8 +61,8 @@ class Modality:
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps), computed in float32, returned in x's dtype (no weight)."""
-    x32 = x.to(torch.float32)
+    """x / sqrt(mean(x^2) + eps), computed in (at least) float32, returned in x's dtype (no weight)."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
