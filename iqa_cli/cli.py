@@ -81,9 +81,92 @@ def eval_(
 
 # --- score ---------------------------------------------------------------------------------------
 @app.command()
-def score() -> None:
-    """Score images into a Parquet file (not implemented yet)."""
-    raise UserError("`iqa score` is not implemented yet")
+def score(
+    inputs: list[str] | None = typer.Argument(
+        None, help="Image folders (searched recursively, hidden files skipped) and image files.", show_default=False
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="Output file (.parquet, .csv or .jsonl)."),
+    from_file: str | None = typer.Option(
+        None, "--from", help="List of images: CSV/TSV/Parquet with an image/path/file column, or one path per line."
+    ),
+    from_column: str | None = typer.Option(None, "--from-column", help="Column of --from holding the paths."),
+    root: str | None = typer.Option(
+        None, "--root", help="Folder that relative --from paths are under; images are named relative to it."
+    ),
+    model: str = typer.Option("zhiyuanyou/DeQA-Score-Mix3", "--model", help="Hugging Face repo id or directory."),
+    base: str | None = typer.Option(None, "--base", help="Base model of a LoRA adapter."),
+    revision: str | None = typer.Option(None, "--revision", help="Model revision (branch, tag or commit)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Full scoring prompt containing <|image|>."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16."
+    ),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per model call, or auto (halves on CUDA OOM)."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Decoding processes [default: one per core, at most 8]; 0 decodes in the main process."
+    ),
+    fmt: str | None = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --out suffix]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
+
+    An interrupted run (Ctrl-C, kill, crash) resumes when the same command is run again; finished images
+    are kept in OUT.parts/ until the output is written. Under torchrun, ranks split the images.
+    """
+    from pathlib import Path
+
+    from iqa_cli.score import ScoreConfig, ScoreInterrupted, score_images
+
+    config = ScoreConfig(
+        out=Path(out),
+        inputs=list(inputs or []),
+        from_file=Path(from_file) if from_file else None,
+        from_column=from_column,
+        root=Path(root) if root else None,
+        model=model,
+        base=base,
+        revision=revision,
+        prompt=prompt,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        format=fmt,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    if not config.inputs and config.from_file is None:
+        raise UserError("no inputs: give image folders or files, or --from FILE")
+    try:
+        summary = score_images(config, console=err_console)
+    except ScoreInterrupted as exc:
+        err_console.print(f"{exc}; run the same command to resume", markup=False, soft_wrap=True)
+        raise typer.Exit(128 + exc.signum) from None
+    if not summary.is_main:
+        return
+    if not quiet:
+        for note in summary.warnings:
+            err_console.print(f"warning: {note}", markup=False, soft_wrap=True)
+        if summary.already_complete:
+            err_console.print(
+                f"{out} is complete ({summary.total} images); nothing to do (--overwrite recomputes it)",
+                markup=False,
+                soft_wrap=True,
+            )
+            return
+        resumed = f", {summary.resumed} from the interrupted run" if summary.resumed else ""
+        err_console.print(
+            f"scored {summary.scored} of {summary.total} images ({summary.failed} failed{resumed}) in "
+            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s -> {out}",
+            markup=False,
+            soft_wrap=True,
+        )
+        for image, reason in summary.first_errors:
+            err_console.print(f"  failed: {image}: {reason}", markup=False, soft_wrap=True)
+    if summary.total and summary.failed == summary.total:
+        err_console.print(f"error: none of the {summary.total} images could be read", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 # --- train ---------------------------------------------------------------------------------------

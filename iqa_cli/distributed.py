@@ -1,0 +1,145 @@
+"""Everything torchrun-specific in one place: rank/world from the environment, process group, collectives.
+
+A single process (no torchrun) is a world of size 1 and every helper is a cheap no-op there, so callers
+never branch on "distributed or not". The backend follows the device: NCCL for CUDA, gloo for CPU.
+Object collectives (`broadcast_object`, `all_gather_object`) always go through a gloo group, so small
+Python objects never need a GPU round trip and work the same with either backend.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+_object_group: Any = None  # gloo group for object collectives when the default group is NCCL
+_owns_group = False  # True when `init` created the default group (so `destroy` may tear it down)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a torchrun launch (all zeros/ones for a plain process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env() -> DistEnv:
+    """Reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=local_world,
+    )
+
+
+def resolve_device(device: str | torch.device = "auto", environment: DistEnv | None = None) -> torch.device:
+    """`auto` -> this rank's GPU when CUDA is present, else CPU; a bare `cuda` also picks the local rank's GPU."""
+    environment = environment or env()
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", environment.local_rank if environment.is_distributed else 0)
+    return resolved
+
+
+def init(
+    device: torch.device | None = None,
+    *,
+    backend: str | None = None,
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> DistEnv:
+    """Joins the process group when launched by torchrun with WORLD_SIZE > 1; idempotent.
+
+    Args:
+        device: the device this rank computes on; picks the backend (nccl for CUDA, gloo otherwise) and
+            becomes the current CUDA device.
+        backend: overrides the choice above.
+        timeout: how long collectives wait for the slowest rank.
+    """
+    global _object_group, _owns_group
+    environment = env()
+    if not environment.is_distributed or dist.is_initialized():
+        return environment
+    backend = backend or ("nccl" if device is not None and device.type == "cuda" else "gloo")
+    if backend == "nccl" and device is not None:
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
+    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    _owns_group = True
+    _object_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return environment
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    """Waits for every rank (through the gloo group, so no GPU stream is involved)."""
+    if is_initialized():
+        dist.barrier(group=_object_group)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Returns rank `src`'s `obj` on every rank (picklable objects)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_object_group)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, indexed by rank."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj, group=_object_group)
+    return gathered
+
+
+def destroy() -> None:
+    """Leaves the process group that `init` created (a no-op otherwise)."""
+    global _object_group, _owns_group
+    if _owns_group and is_initialized():
+        dist.destroy_process_group()
+    _object_group = None
+    _owns_group = False
+
+
+def shard(n: int, environment: DistEnv | None = None) -> slice:
+    """This rank's share of `n` ordered items as a strided slice (rank r takes r, r + world, ...)."""
+    environment = environment or env()
+    return slice(environment.rank, n, environment.world_size)

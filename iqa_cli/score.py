@@ -1,0 +1,1174 @@
+"""Streaming batch scoring: inputs -> DataLoader workers -> model -> Parquet parts -> one output file.
+
+How a run survives being killed at any moment:
+
+- Results are appended to *parts*: small Parquet files in a sidecar folder next to the output
+  (`scores.parquet.parts/`), each written to a temporary name, fsynced and renamed, so a part is either
+  complete or absent. A part is written every `flush_rows` images or `flush_seconds` seconds, whichever
+  comes first, and on Ctrl-C/SIGTERM before exiting; a kill -9 or power loss loses at most that much.
+- Each row carries its input index (position in the deterministic input list). The sidecar's
+  `manifest.json` records the model, levels, prompt, dtype and a fingerprint of the input list, written
+  before any part. Re-running the same command reads the indices already present and scores only the
+  rest; a sidecar or output made by a different model, level set, prompt, dtype or input list is refused
+  unless `--overwrite`.
+- When every index is present, rank 0 merges the parts in input order into `--out` (temporary file +
+  rename) and removes the sidecar. The merge streams: parts written by one process in one run hold
+  increasing indices, so a k-way merge over those runs holds one part per run in memory. The merge checks
+  that every input appears exactly once.
+
+Under torchrun every rank takes a strided share of the remaining indices and writes its own parts; the
+ranks meet at a barrier and rank 0 merges, so the output equals the single-process one. Parts from
+earlier runs count whatever world size wrote them.
+
+Failed images (unreadable, truncated, not an image, decompression bomb) become rows with `error` set and
+null scores; they are results like any other and are not retried on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from iqa_cli import __version__, distributed
+from iqa_cli.errors import UserError
+from iqa_cli.inputs import InputList, find_inputs
+
+DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"
+FORMATS = ("parquet", "csv", "jsonl")
+SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+OUTPUT_ROW_GROUP = 65536
+
+
+class ScorerLike(Protocol):
+    """What the pipeline needs from `iqa_cli.scoring.Scorer`."""
+
+    preprocessor: Callable[[Any], torch.Tensor]
+    image_size: int
+    device: torch.device
+    level_names: list[str]
+    metadata: dict[str, str]
+    has_regressor: bool
+
+    def score_pixels(self, pixel_values: torch.Tensor) -> Any: ...
+
+
+@dataclass
+class ScoreConfig:
+    """Everything `iqa score` was asked to do."""
+
+    out: Path
+    inputs: list[str] = field(default_factory=list)  # folders and files
+    from_file: Path | None = None  # --from: CSV/TSV/Parquet with a path column, or one path per line
+    from_column: str | None = None
+    root: Path | None = None
+    model: str = DEFAULT_MODEL
+    base: str | None = None
+    revision: str | None = None
+    prompt: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int | str = "auto"  # positive int or "auto"
+    workers: int | None = None  # DataLoader processes; None = one per core (at most 8) per local rank
+    format: str | None = None  # parquet|csv|jsonl; None = from the suffix of `out`, else parquet
+    overwrite: bool = False
+    quiet: bool = False
+    flush_rows: int = 4096  # write a part after this many images ...
+    flush_seconds: float = 30.0  # ... or after this many seconds, whichever comes first
+
+
+@dataclass
+class ScoreSummary:
+    """What a run did; `total`/`failed` cover the whole output, `processed`/`seconds` this run."""
+
+    out: Path
+    total: int = 0  # rows in the output
+    failed: int = 0  # rows with `error` set
+    processed: int = 0  # images scored by this run (all ranks)
+    processed_by_rank: list[int] = field(default_factory=list)
+    resumed: int = 0  # images found already scored in the sidecar
+    seconds: float = 0.0  # wall time of the scoring loop
+    already_complete: bool = False  # the output existed and matched; nothing was done
+    is_main: bool = True  # False on ranks > 0, which do not write the output
+    first_errors: list[tuple[str, str]] = field(default_factory=list)  # (image, error) of a few failures
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def scored(self) -> int:
+        return self.total - self.failed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+class ScoreInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; finished rows were flushed and the same command resumes.
+
+    A KeyboardInterrupt, so `except Exception` blocks pass it through and DataLoader workers exit quietly.
+    """
+
+    def __init__(self, signum: int, sidecar: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; finished images are saved in {sidecar}")
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options
+
+
+def output_format(out: Path, fmt: str | None) -> str:
+    if fmt is None:
+        return SUFFIX_FORMATS.get(out.suffix.lower(), "parquet")
+    if fmt.lower() not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown format (use one of {', '.join(FORMATS)})")
+    return fmt.lower()
+
+
+def parse_batch_size(value: int | str) -> int | None:
+    """A positive int, or None for `auto`."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise UserError(f"--batch-size {value}: use a positive integer or 'auto'") from None
+    if value <= 0:
+        raise UserError(f"--batch-size {value}: use a positive integer or 'auto'")
+    return value
+
+
+def default_workers(environment: distributed.DistEnv) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // environment.local_world_size))
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def meta_path(out: Path) -> Path:
+    """Where CSV/JSONL outputs keep the key-value metadata that Parquet stores in its footer."""
+    return out.with_name(out.name + ".meta.json")
+
+
+def _check_output_location(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name such as {out / 'scores.parquet'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create folder {parent} ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: folder {parent} is not writable")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: decode + preprocess in DataLoader workers, batches of one fixed shape
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses one input; failures come back as an error string, never raised."""
+
+    def __init__(self, inputs: InputList, indices: np.ndarray, preprocess: Callable, load: Callable | None = None):
+        self.inputs = inputs
+        self.indices = indices  # int64 [n]: positions in `inputs` this rank scores
+        self.preprocess = preprocess
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, int, int, str | None]:
+        index = int(self.indices[position])
+        width = height = -1
+        try:
+            load = self.load or _default_loader()
+            image = load(self.inputs.path(index))
+            width, height = image.size
+            return index, self.preprocess(image), width, height, None
+        except Exception as exc:  # any decoder failure is a row with `error`, not a crashed run
+            return index, None, width, height, _reason(exc)
+
+
+def _default_loader() -> Callable:
+    from iqa_cli.images import load_image
+
+    return load_image
+
+
+def _reason(exc: BaseException) -> str:
+    try:
+        from iqa_cli.images import ImageDecodeError
+
+        if isinstance(exc, ImageDecodeError):  # its reason without the path (the row names the image)
+            return " ".join(str(getattr(exc, "reason", None) or exc).split()) or type(exc).__name__
+    except ImportError:
+        pass
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+@dataclass(frozen=True)
+class PadCollate:
+    """Stacks a batch into [batch_size, 3, S, S] whatever its length or failures (zero rows as padding).
+
+    Fixed shapes keep CUDA kernels and allocator blocks reusable; padded rows have index -1.
+    """
+
+    batch_size: int
+    image_size: int
+
+    def __call__(self, items: list[tuple]) -> dict[str, Any]:
+        b, s = self.batch_size, self.image_size
+        pixels = torch.zeros(b, 3, s, s)
+        index = torch.full((b,), -1, dtype=torch.int64)
+        width = torch.full((b,), -1, dtype=torch.int32)
+        height = torch.full((b,), -1, dtype=torch.int32)
+        errors: list[str | None] = [None] * b
+        for row, (i, tensor, w, h, error) in enumerate(items):
+            index[row], width[row], height[row], errors[row] = i, w, h, error
+            if tensor is not None:
+                pixels[row] = tensor
+        return {"pixels": pixels, "index": index, "width": width, "height": height, "error": errors}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes one image at a time; threads would oversubscribe cores
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def _device_batches(loader: Iterator[dict], device: torch.device) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Yields (batch, pixels on device); on CUDA the next batch is copied on a side stream meanwhile."""
+    if device.type != "cuda":
+        for batch in loader:
+            yield batch, batch["pixels"]
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def send(batch: dict) -> torch.Tensor:
+        with torch.cuda.stream(copy_stream):
+            return batch["pixels"].to(device, non_blocking=True)
+
+    it = iter(loader)
+    upcoming = next(it, None)
+    upcoming_gpu = send(upcoming) if upcoming is not None else None
+    while upcoming is not None:
+        batch, pixels = upcoming, upcoming_gpu
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        pixels.record_stream(compute)
+        upcoming = next(it, None)
+        upcoming_gpu = send(upcoming) if upcoming is not None else None
+        yield batch, pixels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring with OOM back-off
+
+
+@dataclass
+class BatchResult:
+    """numpy results for B rows: probs [B, K] float32, score/std [B], score_reg [B] or None."""
+
+    probs: np.ndarray
+    score: np.ndarray
+    std: np.ndarray
+    score_reg: np.ndarray | None
+
+
+class BatchRunner:
+    """Calls `score_pixels` in chunks of `size`; with `auto`, halves `size` on CUDA OOM and retries."""
+
+    def __init__(self, scorer: ScorerLike, size: int, *, auto: bool):
+        self.scorer = scorer
+        self.size = size
+        self.auto = auto
+
+    def __call__(self, pixels: torch.Tensor) -> BatchResult:
+        parts: list[BatchResult] = []
+        start, total = 0, pixels.shape[0]
+        while start < total:
+            n = min(self.size, total - start)
+            chunk = pixels[start : start + n]
+            if n < self.size:  # keep one shape per call when the size does not divide the batch
+                chunk = torch.cat([chunk, chunk.new_zeros(self.size - n, *chunk.shape[1:])])
+            try:
+                result = self.scorer.score_pixels(chunk)
+            except torch.OutOfMemoryError:
+                if not self.auto or self.size == 1:
+                    raise
+                self.size //= 2
+                _free_cuda_memory()
+                continue
+            parts.append(_to_numpy(result, n))
+            start += n
+        return BatchResult(
+            probs=np.concatenate([p.probs for p in parts]),
+            score=np.concatenate([p.score for p in parts]),
+            std=np.concatenate([p.std for p in parts]),
+            score_reg=None if parts[0].score_reg is None else np.concatenate([p.score_reg for p in parts]),
+        )
+
+
+def _free_cuda_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _to_numpy(result: Any, n: int) -> BatchResult:
+    reg = getattr(result, "score_reg", None)
+    return BatchResult(
+        probs=result.probs[:n].float().cpu().numpy(),
+        score=result.score[:n].float().cpu().numpy(),
+        std=result.std[:n].float().cpu().numpy(),
+        score_reg=None if reg is None else reg[:n].float().cpu().numpy(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parts: the sidecar folder
+
+
+def part_schema(num_levels: int, has_regressor: bool, *, with_index: bool) -> pa.Schema:
+    fields = [("index", pa.int64())] if with_index else []
+    fields += [
+        ("image", pa.string()),
+        ("score", pa.float32()),
+        ("std", pa.float32()),
+        ("probs", pa.list_(pa.float32())),
+        ("level", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("error", pa.string()),
+    ]
+    if has_regressor:
+        fields.append(("score_reg", pa.float32()))
+    return pa.schema(fields)
+
+
+class Sidecar:
+    """The folder of parts and the manifest next to the output."""
+
+    def __init__(self, out: Path):
+        self.dir = sidecar_path(out)
+
+    def exists(self) -> bool:
+        return self.dir.is_dir()
+
+    def read_manifest(self) -> dict | None:
+        try:
+            return json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def create(self, manifest: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def remove(self) -> None:
+        if not self.dir.exists():
+            return
+        for path in self.dir.iterdir():
+            path.unlink()
+        self.dir.rmdir()
+        _fsync_dir(self.dir.parent)
+
+    def remove_temporaries(self) -> None:
+        for path in self.dir.glob("*.tmp"):
+            path.unlink(missing_ok=True)
+
+    def part_paths(self) -> list[Path]:
+        return sorted(self.dir.glob("part-*.parquet"))
+
+    def done_indices(self) -> np.ndarray:
+        """Sorted unique input indices already in parts; unreadable parts are deleted (work redone)."""
+        chunks = [np.zeros(0, dtype=np.int64)]
+        for path in self.part_paths():
+            try:
+                chunks.append(pq.read_table(path, columns=["index"]).column(0).to_numpy())
+            except Exception:
+                path.unlink(missing_ok=True)
+        return np.unique(np.concatenate(chunks))
+
+    def runs(self) -> list[list[Path]]:
+        """Parts grouped by writer (one run of one rank), each group in the order it was written."""
+        groups: dict[str, list[Path]] = {}
+        for path in self.part_paths():
+            writer, _, _ = path.stem.rpartition("-")
+            groups.setdefault(writer, []).append(path)
+        return [sorted(paths) for _, paths in sorted(groups.items())]
+
+
+class PartWriter:
+    """Buffers finished rows of one rank and writes them as atomic parts."""
+
+    def __init__(
+        self,
+        sidecar: Sidecar,
+        inputs: InputList,
+        level_names: list[str],
+        has_regressor: bool,
+        *,
+        rank: int,
+        flush_rows: int,
+        flush_seconds: float,
+    ):
+        self.sidecar = sidecar
+        self.inputs = inputs
+        self.level_names = np.array(level_names, dtype=object)
+        self.has_regressor = has_regressor
+        self.schema = part_schema(len(level_names), has_regressor, with_index=True)
+        self.prefix = f"part-{time.time_ns():x}{uuid.uuid4().hex[:6]}-r{rank:05d}"
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.sequence = 0
+        self.pending: list[dict[str, Any]] = []
+        self.pending_rows = 0
+        self.last_flush = time.monotonic()
+        self.rows_written = 0
+        self.failed = 0
+        self.first_errors: list[tuple[str, str]] = []
+
+    def add(self, batch: dict, result: BatchResult) -> int:
+        """Keeps the real rows of one batch; returns how many there were."""
+        index = batch["index"].numpy()
+        real = index >= 0
+        errors = [e for e, keep in zip(batch["error"], real, strict=True) if keep]
+        rows = {
+            "index": index[real],
+            "width": batch["width"].numpy()[real],
+            "height": batch["height"].numpy()[real],
+            "error": errors,
+            "probs": result.probs[real],
+            "score": result.score[real],
+            "std": result.std[real],
+            "score_reg": None if result.score_reg is None else result.score_reg[real],
+        }
+        n = int(real.sum())
+        self.pending.append(rows)
+        self.pending_rows += n
+        failed = [(int(i), e) for i, e in zip(rows["index"], errors, strict=True) if e is not None]
+        self.failed += len(failed)
+        for i, e in failed[: max(0, 5 - len(self.first_errors))]:
+            self.first_errors.append((self.inputs.name(i), e))
+        if self.pending_rows >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+        return n
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.pending_rows:
+            return
+        table = self._table()
+        path = self.sidecar.dir / f"{self.prefix}-{self.sequence:08d}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        self.sequence += 1
+        self.rows_written += self.pending_rows
+        self.pending, self.pending_rows = [], 0
+
+    def _table(self) -> pa.Table:
+        cat = {key: np.concatenate([p[key] for p in self.pending]) for key in ("index", "width", "height", "score")}
+        errors = [e for p in self.pending for e in p["error"]]
+        failed = np.array([e is not None for e in errors], dtype=bool)
+        probs = np.concatenate([p["probs"] for p in self.pending]).astype(np.float32)
+        n, k = probs.shape
+        columns = {
+            "index": pa.array(cat["index"], pa.int64()),
+            "image": _string_array(self.inputs.names.take(cat["index"])),
+            "score": pa.array(cat["score"].astype(np.float32), pa.float32(), mask=failed),
+            "std": pa.array(
+                np.concatenate([p["std"] for p in self.pending]).astype(np.float32), pa.float32(), mask=failed
+            ),
+            "probs": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32)),
+                pa.array(probs.reshape(-1), pa.float32()),
+                mask=pa.array(failed),
+            ),
+            "level": pa.array(self.level_names[probs.argmax(axis=1)] if n else [], pa.string(), mask=failed),
+            "width": pa.array(cat["width"], pa.int32(), mask=cat["width"] < 0),
+            "height": pa.array(cat["height"], pa.int32(), mask=cat["height"] < 0),
+            "error": pa.array(errors, pa.string()),
+        }
+        if self.has_regressor:
+            reg = np.concatenate([p["score_reg"] for p in self.pending]).astype(np.float32)
+            columns["score_reg"] = pa.array(reg, pa.float32(), mask=failed)
+        return pa.table(columns, schema=self.schema)
+
+
+def _string_array(values: list[str]) -> pa.Array:
+    try:
+        return pa.array(values, pa.string())
+    except (UnicodeEncodeError, pa.ArrowInvalid):  # file names with undecodable bytes (lone surrogates)
+        return pa.array([v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in values])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Merge and final output
+
+
+def merge_parts(sidecar: Sidecar, num_inputs: int) -> Iterator[pa.Table]:
+    """Yields the rows of all parts in input order, each index once; raises if any index is missing.
+
+    Each writer's parts hold increasing indices, so rows up to the smallest "last index buffered" over
+    all writers are final: emit them, refill the writers whose buffer ran dry, repeat.
+    """
+    readers = [iter(paths) for paths in sidecar.runs()]
+    buffers: list[pa.Table | None] = [None] * len(readers)
+    last_seen = [-1] * len(readers)
+    expected = 0
+
+    def refill(r: int) -> None:
+        while buffers[r] is None or buffers[r].num_rows == 0:
+            path = next(readers[r], None)
+            if path is None:
+                buffers[r] = None
+                return
+            table = pq.read_table(path)
+            table = table.take(pc_sort_indices(table))
+            # One writer scores increasing indices, so a lower one is a row flushed twice (a signal
+            # between a part's rename and the bookkeeping after it): drop it.
+            table = table.filter(pa.array(table.column("index").to_numpy() > last_seen[r]))
+            if table.num_rows:
+                last_seen[r] = table.column("index")[-1].as_py()
+            buffers[r] = table
+
+    for r in range(len(readers)):
+        refill(r)
+    while any(b is not None for b in buffers):
+        limit = min(b.column("index")[-1].as_py() for b in buffers if b is not None)
+        ready = []
+        for r, b in enumerate(buffers):
+            if b is None:
+                continue
+            cut = int(np.searchsorted(b.column("index").to_numpy(), limit, side="right"))
+            ready.append(b.slice(0, cut))
+            buffers[r] = b.slice(cut)
+            if buffers[r].num_rows == 0:
+                refill(r)
+        chunk = pa.concat_tables(ready)
+        chunk = chunk.take(pc_sort_indices(chunk))
+        index = chunk.column("index").to_numpy()
+        keep = np.ones(len(index), dtype=bool)
+        keep[1:] = index[1:] != index[:-1]  # the same index twice (two runs raced on one sidecar)
+        keep &= index >= expected
+        chunk, index = chunk.filter(pa.array(keep)), index[keep]
+        if len(index) and not np.array_equal(index, np.arange(expected, expected + len(index))):
+            missing = int(np.setdiff1d(np.arange(expected, index[-1] + 1), index)[0])
+            raise RuntimeError(f"input {missing} has no row in {sidecar.dir}")
+        expected += len(index)
+        if len(index):
+            yield chunk
+    if expected != num_inputs:
+        raise RuntimeError(f"{sidecar.dir} holds {expected} of {num_inputs} rows")
+
+
+def pc_sort_indices(table: pa.Table) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.sort_indices(table, sort_keys=[("index", "ascending")])
+
+
+def write_output(
+    out: Path, fmt: str, chunks: Iterator[pa.Table], schema: pa.Schema, metadata: dict[str, str]
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """Writes the merged rows to `out` atomically; returns (rows, failed rows, first few failures)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    rows = failed = 0
+    first_errors: list[tuple[str, str]] = []
+    schema = schema.with_metadata(metadata)
+    try:
+        with _OutputWriter(tmp, fmt, schema) as writer:
+            for chunk in chunks:
+                chunk = chunk.drop_columns(["index"]).cast(schema)
+                rows += chunk.num_rows
+                errors = chunk.column("error")
+                failed += chunk.num_rows - errors.null_count
+                if len(first_errors) < 5 and errors.null_count < chunk.num_rows:
+                    names, reasons = chunk.column("image").to_pylist(), errors.to_pylist()
+                    first_errors += [(n, e) for n, e in zip(names, reasons, strict=True) if e is not None][:5]
+                writer.write(chunk)
+        _fsync_file(tmp)
+        if fmt != "parquet":
+            _atomic_write_bytes(meta_path(out), json.dumps(metadata, indent=1, sort_keys=True).encode())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows, failed, first_errors[:5]
+
+
+class _OutputWriter:
+    """One streaming writer per format; CSV holds probs as a JSON list, nulls as empty cells."""
+
+    def __init__(self, path: Path, fmt: str, schema: pa.Schema):
+        self.path, self.fmt, self.schema = path, fmt, schema
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.header = True
+
+    def __enter__(self) -> _OutputWriter:
+        if self.fmt == "parquet":
+            self.parquet = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        else:
+            self.file = open(self.path, "w", encoding="utf-8", newline="")
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if self.fmt == "parquet":  # gather into row groups of a useful size
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+            if self.pending_rows >= OUTPUT_ROW_GROUP:
+                self._write_parquet()
+        elif self.fmt == "csv":
+            frame = _text_frame(table)
+            frame.to_csv(self.file, header=self.header, index=False)
+            self.header = False
+        else:
+            self.file.write(_jsonl(table))
+
+    def _write_parquet(self) -> None:
+        if self.pending:
+            self.parquet.write_table(pa.concat_tables(self.pending), row_group_size=OUTPUT_ROW_GROUP)
+        self.pending, self.pending_rows = [], 0
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fmt == "parquet":
+            if exc[0] is None:
+                self._write_parquet()
+            self.parquet.close()
+        else:
+            self.file.close()
+
+
+def _float_strings(column: pa.ChunkedArray) -> list[str | None]:
+    """Shortest round-trip text of float32 values (numpy's repr), None for nulls."""
+    values = column.to_numpy(zero_copy_only=False)
+    valid = ~np.asarray(column.is_null())
+    text = np.where(valid, np.nan_to_num(values.astype(np.float32)).astype(str), "")
+    return [t if v else None for t, v in zip(text.tolist(), valid.tolist(), strict=True)]
+
+
+def _probs_json(column: pa.ChunkedArray) -> list[str | None]:
+    column = column.combine_chunks()
+    valid = ~np.asarray(column.is_null())
+    flat = column.flatten().to_numpy().astype(np.float32).astype(str)
+    offsets = column.offsets.to_numpy()
+    return [
+        "[" + ", ".join(flat[offsets[i] : offsets[i + 1]]) + "]" if v else None for i, v in enumerate(valid.tolist())
+    ]
+
+
+def _text_frame(table: pa.Table) -> Any:
+    import pandas as pd
+
+    frame = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_floating(column.type):
+            frame[name] = _float_strings(column)
+        elif pa.types.is_list(column.type):
+            frame[name] = _probs_json(column)
+        elif pa.types.is_integer(column.type):
+            frame[name] = pd.array(column.to_pylist(), dtype="Int32")
+        else:
+            frame[name] = column.to_pylist()
+    return pd.DataFrame(frame)
+
+
+def _jsonl(table: pa.Table) -> str:
+    texts = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_floating(column.type):
+            values = _float_strings(column)
+        elif pa.types.is_list(column.type):
+            values = _probs_json(column)
+        else:
+            values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in column.to_pylist()]
+        texts[name] = [("null" if v is None else v) for v in values]
+    keys = [json.dumps(name) for name in table.column_names]
+    lines = [
+        "{" + ", ".join(f"{k}: {texts[n][i]}" for k, n in zip(keys, table.column_names, strict=True)) + "}\n"
+        for i in range(table.num_rows)
+    ]
+    return "".join(lines)
+
+
+def read_output_metadata(out: Path, fmt: str) -> dict[str, str] | None:
+    """The key-value metadata of an existing output, or None when it was not written by `iqa score`."""
+    try:
+        if fmt == "parquet":
+            raw = pq.read_schema(out).metadata or {}
+            metadata = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW:")}
+        else:
+            metadata = json.loads(meta_path(out).read_text())
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    return metadata if "inputs_fingerprint" in metadata else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def _request(config: ScoreConfig) -> dict[str, str | None]:
+    """The options that decide the scores (compared before loading a model to spot a finished output)."""
+    return {
+        "model": config.model,
+        "base": config.base,
+        "revision": config.revision,
+        "prompt": config.prompt,
+        "dtype": config.dtype,
+    }
+
+
+@dataclass
+class _Plan:
+    status: str  # "run" | "complete" | "error"
+    message: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)  # the scorer's metadata of the run
+    level_names: list[str] = field(default_factory=list)
+    has_regressor: bool = False
+
+
+class _LazyScorer:
+    """Loads the model only when a decision or the work needs it."""
+
+    def __init__(self, factory: Callable[[], ScorerLike]):
+        self.factory = factory
+        self.scorer: ScorerLike | None = None
+
+    def get(self) -> ScorerLike:
+        if self.scorer is None:
+            self.scorer = self.factory()
+        return self.scorer
+
+
+def _describe_difference(
+    recorded: dict[str, Any], *, fingerprint: str, num_inputs: int, request: dict, scorer: _LazyScorer
+) -> str | None:
+    """None when a recorded run (manifest or output metadata) matches this one, else what differs."""
+    if recorded.get("inputs_fingerprint") != fingerprint:
+        then = recorded.get("num_inputs", "?")
+        return f"a different list of inputs ({then} images then, {num_inputs} now)"
+    if recorded.get("request") == request:
+        return None
+    current = scorer.get().metadata
+    previous = recorded.get("metadata", {})
+    for key in sorted(set(current) | set(previous)):
+        if key in ("iqa_version",):
+            continue
+        if current.get(key) != previous.get(key):
+            return f"a different {key} ({previous.get(key)!r}, now {current.get(key)!r})"
+    return None
+
+
+def _plan(config: ScoreConfig, fmt: str, inputs: InputList, fingerprint: str, scorer: _LazyScorer) -> _Plan:
+    """Rank 0 decides: resume the sidecar, report a finished output, or start a new sidecar."""
+    out, request = Path(config.out), _request(config)
+    sidecar = Sidecar(out)
+    compare = {"fingerprint": fingerprint, "num_inputs": len(inputs), "request": request, "scorer": scorer}
+    if sidecar.exists():
+        manifest = sidecar.read_manifest()
+        if manifest is not None and manifest.get("manifest_version") == MANIFEST_VERSION:
+            difference = _describe_difference(manifest, **compare)
+            if difference is None:
+                sidecar.remove_temporaries()
+                return _Plan(
+                    "run",
+                    metadata=manifest["metadata"],
+                    level_names=manifest["level_names"],
+                    has_regressor=manifest["has_regressor"],
+                )
+            if not config.overwrite:
+                raise UserError(
+                    f"{sidecar.dir} holds an interrupted run with {difference}; "
+                    "re-run with its options to resume, or pass --overwrite to discard it"
+                )
+        sidecar.remove()  # no manifest = a crash while creating it; nothing in it is usable
+    if out.exists() and not config.overwrite:
+        recorded = read_output_metadata(out, fmt)
+        if recorded is None:
+            raise UserError(f"{out} exists and was not written by `iqa score`; pass --overwrite to replace it")
+        recorded = {**recorded, "request": _json_or_none(recorded.get("request"))}
+        recorded["metadata"] = _json_or_none(recorded.get("scorer_metadata")) or {}
+        difference = _describe_difference(recorded, **compare)
+        if difference is None:
+            return _Plan("complete")
+        raise UserError(f"{out} exists and was written with {difference}; pass --overwrite to replace it")
+    model = scorer.get()
+    sidecar.create(
+        {
+            "manifest_version": MANIFEST_VERSION,
+            "iqa_version": __version__,
+            "request": request,
+            "metadata": dict(model.metadata),
+            "level_names": list(model.level_names),
+            "has_regressor": bool(model.has_regressor),
+            "inputs_fingerprint": fingerprint,
+            "num_inputs": len(inputs),
+        }
+    )
+    return _Plan(
+        "run", metadata=dict(model.metadata), level_names=list(model.level_names), has_regressor=model.has_regressor
+    )
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def output_metadata(plan: _Plan, request: dict, fingerprint: str, num_inputs: int) -> dict[str, str]:
+    """The scorer's metadata plus what identifies this output (version, input list, request)."""
+    return {
+        **plan.metadata,
+        "iqa_version": __version__,
+        "inputs_fingerprint": fingerprint,
+        "num_inputs": str(num_inputs),
+        "request": json.dumps(request, sort_keys=True),
+        "scorer_metadata": json.dumps(plan.metadata, sort_keys=True),
+    }
+
+
+def _decide_on_main(fn: Callable[[], _Plan], environment: distributed.DistEnv) -> _Plan:
+    """Runs `fn` on rank 0 and hands its plan (or its user error) to every rank."""
+    plan: _Plan | None = None
+    if environment.is_main:
+        try:
+            plan = fn()
+        except UserError as exc:
+            plan = _Plan("error", message=str(exc))
+        except BaseException as exc:
+            distributed.broadcast_object(_Plan("error", message=f"rank 0 failed: {exc!r}"))
+            raise
+    plan = distributed.broadcast_object(plan)
+    if plan.status == "error":
+        raise UserError(plan.message)
+    return plan
+
+
+@contextlib.contextmanager
+def _signals_raise(sidecar: Path, *, defer: bool = False) -> Iterator[None]:
+    """Turns SIGINT/SIGTERM into `ScoreInterrupted` so `finally` blocks flush finished rows.
+
+    With `defer`, a signal is only noted and raised when the block ends (so a part is never cut short).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if defer:
+            received.append(signum)
+        else:
+            raise ScoreInterrupted(signum, sidecar)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        raise ScoreInterrupted(received[0], sidecar)
+
+
+def score_images(
+    config: ScoreConfig,
+    *,
+    scorer_factory: Callable[[torch.device], ScorerLike] | None = None,
+    load_image: Callable | None = None,
+    console: Any = None,
+) -> ScoreSummary:
+    """Scores every input of `config` into `config.out`; resumes an interrupted run of the same command.
+
+    Args:
+        scorer_factory: builds the scorer for a device (tests pass a fake); default `Scorer.from_pretrained`.
+        load_image: path -> RGB PIL image (default `iqa_cli.images.load_image`).
+        console: rich console for progress and messages (stderr).
+
+    Raises:
+        UserError: bad options, missing inputs, an unwritable or conflicting output.
+        ScoreInterrupted: SIGINT/SIGTERM; finished rows are saved and the same command resumes.
+    """
+    out = Path(config.out)
+    fmt = output_format(out, config.format)
+    batch_size = parse_batch_size(config.batch_size)
+    if config.workers is not None and config.workers < 0:
+        raise UserError(f"--workers {config.workers}: use 0 (decode in the main process) or more")
+    if config.dtype not in DTYPES:
+        raise UserError(f"--dtype {config.dtype}: use one of {', '.join(DTYPES)}")
+    _check_output_location(out)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False)
+
+    environment = distributed.env()
+    device = distributed.resolve_device(config.device, environment)
+    distributed.init(device)
+    try:
+        return _score(config, fmt, batch_size, device, environment, scorer_factory, load_image, console)
+    finally:
+        distributed.destroy()
+
+
+def _score(
+    config: ScoreConfig,
+    fmt: str,
+    batch_size: int | None,
+    device: torch.device,
+    environment: distributed.DistEnv,
+    scorer_factory: Callable[[torch.device], ScorerLike] | None,
+    load_image: Callable | None,
+    console: Any,
+) -> ScoreSummary:
+    out = Path(config.out)
+    show = not config.quiet and environment.is_main
+    inputs = find_inputs(config.inputs, from_file=config.from_file, from_column=config.from_column, root=config.root)
+    fingerprint = inputs.fingerprint()
+    if len(set(distributed.all_gather_object(fingerprint))) != 1:
+        raise UserError("the ranks found different lists of inputs; every rank must see the same files")
+    summary = ScoreSummary(out=out, is_main=environment.is_main, warnings=list(inputs.warnings))
+
+    def build() -> ScorerLike:
+        if scorer_factory is not None:
+            return scorer_factory(device)
+        from iqa_cli.scoring import Scorer
+
+        return Scorer.from_pretrained(
+            config.model,
+            base=config.base,
+            device=device,
+            dtype=config.dtype,
+            prompt=config.prompt,
+            revision=config.revision,
+        )
+
+    scorer = _LazyScorer(build)
+    plan = _decide_on_main(lambda: _plan(config, fmt, inputs, fingerprint, scorer), environment)
+    if plan.status == "complete":
+        summary.already_complete = True
+        summary.total = len(inputs)
+        return summary
+
+    sidecar = Sidecar(out)
+    done = sidecar.done_indices()
+    if len(set(distributed.all_gather_object(len(done)))) != 1:  # also keeps ranks in step before writing
+        raise UserError(f"the ranks see different files in {sidecar.dir}; --out must be on a shared file system")
+    remaining = np.setdiff1d(np.arange(len(inputs), dtype=np.int64), done)
+    mine = remaining[distributed.shard(len(remaining), environment)]
+    summary.resumed = len(done)
+    if show and len(done):
+        console.print(f"resuming: {len(done)} of {len(inputs)} images already scored in {sidecar.dir}", markup=False)
+
+    start = time.monotonic()
+    if len(mine):
+        _score_indices(
+            scorer.get(),
+            inputs,
+            mine,
+            sidecar,
+            plan,
+            config=config,
+            batch_size=batch_size,
+            device=device,
+            environment=environment,
+            load_image=load_image,
+            console=console if show else None,
+        )
+    seconds = time.monotonic() - start
+    processed = distributed.all_gather_object((len(mine), seconds))  # every rank's parts are on disk now
+    summary.processed_by_rank = [n for n, _ in processed]
+    summary.processed = sum(summary.processed_by_rank)
+    summary.seconds = max(s for _, s in processed)
+    if not environment.is_main:
+        return summary
+
+    metadata = output_metadata(plan, _request(config), fingerprint, len(inputs))
+    schema = part_schema(len(plan.level_names), plan.has_regressor, with_index=False)
+    rows, failed, first_errors = write_output(out, fmt, merge_parts(sidecar, len(inputs)), schema, metadata)
+    sidecar.remove()
+    summary.total, summary.failed, summary.first_errors = rows, failed, first_errors
+    return summary
+
+
+def _score_indices(
+    scorer: ScorerLike,
+    inputs: InputList,
+    indices: np.ndarray,
+    sidecar: Sidecar,
+    plan: _Plan,
+    *,
+    config: ScoreConfig,
+    batch_size: int | None,
+    device: torch.device,
+    environment: distributed.DistEnv,
+    load_image: Callable | None,
+    console: Any,
+) -> None:
+    """The hot loop of one rank: loader -> device -> model -> parts."""
+    size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    workers = default_workers(environment) if config.workers is None else config.workers
+    dataset = ImageDataset(inputs, indices, scorer.preprocessor, load_image)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_batches(len(indices), size),
+        num_workers=workers,
+        collate_fn=PadCollate(size, scorer.image_size),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None,
+    )
+    runner = BatchRunner(scorer, size, auto=batch_size is None and device.type == "cuda")
+    writer = PartWriter(
+        sidecar,
+        inputs,
+        plan.level_names,
+        plan.has_regressor,
+        rank=environment.rank,
+        flush_rows=config.flush_rows,
+        flush_seconds=config.flush_seconds,
+    )
+    batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
+    progress = _progress(console, len(indices), environment)
+    try:
+        with _signals_raise(sidecar.dir), torch.inference_mode(), progress:
+            for batch, pixels in _device_batches(batches, device):
+                result = runner(pixels)
+                progress.advance(writer.add(batch, result))
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory at --batch-size {runner.size}; use a smaller size or --batch-size auto"
+        ) from None
+    finally:
+        with _signals_raise(sidecar.dir, defer=True):  # a second Ctrl-C must not cut the last part short
+            writer.flush()
+        del batches  # stops the workers now rather than when the traceback is dropped
+
+
+class _NullProgress:
+    def __enter__(self) -> _NullProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _Progress:
+    """A rich progress bar on stderr: done/total, images/s, elapsed, ETA."""
+
+    def __init__(self, console: Any, total: int, label: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(label, total=total, rate="")
+        self.start = time.monotonic()
+        self.done = 0
+
+    def __enter__(self) -> _Progress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        speed = self.progress.tasks[0].speed or self.done / elapsed
+        self.progress.update(self.task, advance=n, rate=f"{speed:.1f} img/s")
+
+
+def _progress(console: Any, total: int, environment: distributed.DistEnv) -> _Progress | _NullProgress:
+    if console is None:
+        return _NullProgress()
+    label = "scoring" if not environment.is_distributed else f"scoring (rank 0 of {environment.world_size})"
+    return _Progress(console, total, label)

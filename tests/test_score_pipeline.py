@@ -1,0 +1,509 @@
+"""The scoring pipeline with a fake scorer: rows and errors, batch independence, resume, kill -9, torchrun.
+
+The fake scorer is a deterministic function of each image's own pixels (mean intensity -> level logits ->
+softmax), computed row by row in float64, so any dependence on batch size, padding or the other images in a
+batch shows up as a difference. Decoding and preprocessing are the real `iqa_cli.images` code.
+
+Run as a module (`python -m tests.test_score_pipeline run ...`), this file scores a folder with the fake
+scorer: the kill -9 and the two-process torchrun tests launch it that way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from iqa_cli.errors import UserError
+from iqa_cli.images import ClipPreprocessor, load_image
+from iqa_cli.score import BatchRunner, ScoreConfig, Sidecar, merge_parts, score_images, sidecar_path
+from tests.conftest import REPO_ROOT
+
+LEVELS = ["bad", "poor", "fair", "good", "excellent"]
+SIZE = 24  # side of the fake model's input
+
+
+@dataclass
+class FakeBatch:
+    probs: torch.Tensor
+    score: torch.Tensor
+    std: torch.Tensor
+    score_reg: torch.Tensor | None
+
+
+def fake_numbers(pixels: np.ndarray, k: int) -> tuple[np.ndarray, float, float, float]:
+    """float64 per image: mean pixel -> Gaussian-shaped logits over K levels -> (probs, score, std, reg)."""
+    centers = 1 + 4 * np.arange(k) / (k - 1)
+    m = float(pixels.astype(np.float64).mean())
+    target = 3 + 2.5 * np.tanh(m)  # normalized CLIP pixels lie around [-1.8, 2.1]
+    logits = -((target - centers) ** 2) * 1.5
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    score = float(probs @ centers)
+    std = float(np.sqrt(probs @ (centers - score) ** 2))
+    return probs, score, std, 5 * m
+
+
+class FakeScorer:
+    """The Scorer contract with a row-wise, batch-independent fake model."""
+
+    def __init__(self, device="cpu", *, delay=0.0, model="fake/deqa", levels=LEVELS, regressor=False, calls=None):
+        self.device = torch.device(device)
+        self.preprocessor = ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))
+        self.image_size = SIZE
+        self.level_names = list(levels)
+        self.has_regressor = regressor
+        self.delay = delay
+        self.calls = calls
+        self.metadata = {
+            "model": model,
+            "revision": "0" * 40,
+            "dtype": "float32",
+            "prompt": "USER: <|image|> ASSISTANT: The quality of the image is",
+            "level_names": json.dumps(self.level_names),
+        }
+
+    def score_pixels(self, pixel_values: torch.Tensor) -> FakeBatch:
+        if self.calls is not None:
+            self.calls.append(pixel_values.shape[0])
+        if self.delay:
+            time.sleep(self.delay)
+        rows = [fake_numbers(row.numpy(), len(self.level_names)) for row in pixel_values.cpu()]
+        return FakeBatch(
+            probs=torch.tensor(np.stack([r[0] for r in rows]), dtype=torch.float32),
+            score=torch.tensor([r[1] for r in rows], dtype=torch.float32),
+            std=torch.tensor([r[2] for r in rows], dtype=torch.float32),
+            score_reg=torch.tensor([r[3] for r in rows], dtype=torch.float32) if self.has_regressor else None,
+        )
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb for the decoder's limit)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def make_image_folder(root: Path) -> dict[str, str | None]:
+    """Writes images of many formats/modes and broken files; returns {name: expected error fragment}."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+
+    def rgb(w, h, level):
+        return Image.fromarray(np.clip(rng.normal(level, 40, (h, w, 3)), 0, 255).astype(np.uint8))
+
+    def save(name, image, **kwargs):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, **kwargs)
+        expected[name] = None
+
+    save("a.png", rgb(40, 30, 30))
+    save("b.jpg", rgb(30, 40, 200), quality=90)
+    save("c.webp", rgb(33, 33, 120))
+    save("d.bmp", rgb(20, 50, 90))
+    save("e.tiff", rgb(50, 20, 160))
+    save("UPPER.JPEG", rgb(35, 25, 70))
+    save("nested/deeper/f.png", rgb(25, 25, 220))
+    save("ünïcödé 写真.png", rgb(30, 30, 140))
+    save("modes/rgba.png", Image.fromarray(rng.integers(0, 255, (30, 20, 4), dtype=np.uint8), "RGBA"))
+    save("modes/gray.png", Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8), "L"))
+    save("modes/palette.gif", rgb(24, 24, 100).convert("P"))
+    save("modes/sixteen.png", Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)))
+    save("modes/cmyk.jpg", rgb(26, 22, 180).convert("CMYK"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 -> stored 40x20, upright 20x40
+    save("modes/rotated.jpg", rgb(40, 20, 60), exif=exif)
+    for i in range(6):
+        save(f"many/{i:02d}.png", rgb(16 + i, 16, 20 + 40 * i))
+
+    (root / "broken").mkdir()
+    (root / "broken/zero.jpg").write_bytes(b"")
+    expected["broken/zero.jpg"] = "empty"
+    good = root / "b.jpg"
+    (root / "broken/truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    expected["broken/truncated.jpg"] = "decode"
+    (root / "broken/random.png").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    expected["broken/random.png"] = "not an image"
+    (root / "broken/text.jpg").write_text("this is not a JPEG\n")
+    expected["broken/text.jpg"] = "not an image"
+    (root / "broken/bomb.png").write_bytes(_png_header_only(40_000, 40_000))
+    expected["broken/bomb.png"] = "decompression bomb"
+    (root / "notes.txt").write_text("not an input")
+    (root / ".hidden.png").write_bytes(good.read_bytes())
+    return expected
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("images") / "photos"
+    return root, make_image_folder(root)
+
+
+def run(folder: Path, out: Path, scorer_kwargs=None, **options):
+    kwargs = {"batch_size": 4, "workers": 2, "quiet": True, **options}
+    config = ScoreConfig(out=out, inputs=[str(folder)], **kwargs)
+    return score_images(config, scorer_factory=lambda device: FakeScorer(device, **(scorer_kwargs or {})))
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory) -> pd.DataFrame:
+    """A clean single-process run to compare every other run with."""
+    out = tmp_path_factory.mktemp("reference") / "scores.parquet"
+    run(folder[0], out, batch_size=5, workers=1)
+    return pd.read_parquet(out)
+
+
+def assert_same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.columns) == list(b.columns)
+    for column in a.columns:
+        if column == "probs":
+            for x, y in zip(a[column], b[column], strict=True):
+                assert (x is None and y is None) or np.array_equal(x, y)
+        else:
+            pd.testing.assert_series_equal(a[column], b[column])
+
+
+def test_one_row_per_file_with_errors_and_independent_scores(folder, tmp_path):
+    root, expected = folder
+    out = tmp_path / "scores.parquet"
+    summary = run(root, out)
+    table = pq.read_table(out)
+    frame = table.to_pandas()
+
+    assert frame["image"].tolist() == sorted(expected, key=lambda n: n.split("/"))
+    assert summary.total == len(expected) and summary.failed == 5 and summary.processed == len(expected)
+    assert not sidecar_path(out).exists()
+
+    types = {f.name: f.type for f in table.schema}
+    assert list(types) == ["image", "score", "std", "probs", "level", "width", "height", "error"]
+    assert types["probs"].value_type == pa.float32() and pa.types.is_list(types["probs"])
+    assert [types[c] for c in ("image", "score", "std", "level", "width", "height", "error")] == [
+        pa.string(),
+        pa.float32(),
+        pa.float32(),
+        pa.string(),
+        pa.int32(),
+        pa.int32(),
+        pa.string(),
+    ]
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["model"] == "fake/deqa" and json.loads(meta["level_names"]) == LEVELS
+    assert meta["iqa_version"] and meta["num_inputs"] == str(len(expected))
+
+    preprocess = ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))
+    for row in frame.itertuples():
+        fragment = expected[row.image]
+        if fragment is not None:
+            assert fragment in row.error, (row.image, row.error)
+            assert pd.isna(row.score) and pd.isna(row.std) and row.probs is None and pd.isna(row.level)
+            continue
+        assert pd.isna(row.error)
+        image = load_image(root / row.image)
+        assert (row.width, row.height) == image.size
+        probs, score, std, _ = fake_numbers(preprocess.pixels(image), len(LEVELS))
+        np.testing.assert_allclose(row.probs, probs, rtol=0, atol=1e-6)
+        assert row.score == pytest.approx(score, abs=1e-5) and row.std == pytest.approx(std, abs=1e-5)
+        assert row.level == LEVELS[int(np.argmax(probs))]
+    assert frame.set_index("image").loc["modes/rotated.jpg", ["width", "height"]].tolist() == [20, 40]
+    assert len(set(frame["score"].dropna().round(4))) > 10  # the fake model really varies
+
+
+@pytest.mark.parametrize(("batch_size", "workers"), [(1, 0), (3, 2), (64, 1)])
+def test_results_do_not_depend_on_batch_size_or_workers(folder, reference, tmp_path, batch_size, workers):
+    out = tmp_path / "scores.parquet"
+    run(folder[0], out, batch_size=batch_size, workers=workers)
+    assert_same_rows(pd.read_parquet(out), reference)
+
+
+def test_padding_keeps_every_model_call_one_shape(folder, tmp_path):
+    calls: list[int] = []
+    run(folder[0], tmp_path / "s.parquet", batch_size=8, workers=0, scorer_kwargs={"calls": calls})
+    assert set(calls) == {8} and len(calls) == -(-len(folder[1]) // 8)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_csv_and_jsonl_hold_the_same_rows(folder, reference, tmp_path, fmt):
+    out = tmp_path / f"scores.{fmt}"
+    run(folder[0], out)
+    if fmt == "csv":
+        frame = pd.read_csv(out, keep_default_na=False, na_values=[""])
+    else:
+        frame = pd.read_json(out, lines=True, dtype=False)
+    assert list(frame.columns) == list(reference.columns)
+    assert frame["image"].tolist() == reference["image"].tolist()
+    ok = reference["error"].isna().to_numpy()
+    np.testing.assert_array_equal(frame["score"].to_numpy(np.float32)[ok], reference["score"].to_numpy(np.float32)[ok])
+    assert frame["score"][~ok].isna().all()
+    probs = [json.loads(p) if isinstance(p, str) else p for p in frame["probs"][ok]]
+    np.testing.assert_array_equal(np.array(probs, dtype=np.float32), np.stack(reference["probs"][ok]))
+    assert frame["error"][ok].isna().all() and frame["error"][~ok].tolist() == reference["error"][~ok].tolist()
+    assert frame["width"][ok].tolist() == reference["width"][ok].tolist()
+    meta = json.loads((tmp_path / f"scores.{fmt}.meta.json").read_text())
+    assert meta["model"] == "fake/deqa"
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingScorer(FakeScorer):
+    def __init__(self, *args, crash_after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crash_after = crash_after
+        self.n = 0
+
+    def score_pixels(self, pixel_values):
+        self.n += 1
+        if self.n > self.crash_after:
+            raise Crash
+        return super().score_pixels(pixel_values)
+
+
+def _part_indices(out: Path) -> np.ndarray:
+    parts = Sidecar(out).part_paths()
+    return np.concatenate([pq.read_table(p, columns=["index"]).column(0).to_numpy() for p in parts])
+
+
+def test_resume_after_a_crash_scores_only_the_rest(folder, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    config = ScoreConfig(out=out, inputs=[str(folder[0])], batch_size=2, workers=1, quiet=True, flush_rows=3)
+    with pytest.raises(Crash):
+        score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=5))
+    assert not out.exists()
+    done = _part_indices(out)
+    assert len(done) == 10 and len(np.unique(done)) == 10  # 5 batches of 2 flushed, in parts of >= 3
+
+    calls: list[int] = []
+    summary = score_images(config, scorer_factory=lambda d: FakeScorer(d, calls=calls))
+    assert summary.resumed == 10 and summary.processed == len(reference) - 10
+    assert sum(calls) == 2 * -(-(len(reference) - 10) // 2)
+    assert_same_rows(pd.read_parquet(out), reference)
+    assert not sidecar_path(out).exists()
+
+
+def test_finished_output_is_not_recomputed_unless_overwrite(folder, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    run(folder[0], out)
+    before = out.stat().st_mtime_ns
+
+    def refuse(device):
+        raise AssertionError("the model must not be loaded for a finished output")
+
+    summary = score_images(ScoreConfig(out=out, inputs=[str(folder[0])], quiet=True), scorer_factory=refuse)
+    assert summary.already_complete and out.stat().st_mtime_ns == before
+    # Same model reached through different request options: compared by the scorer's metadata, still done.
+    summary = run(folder[0], out, dtype="float32")
+    assert summary.already_complete
+    summary = run(folder[0], out, overwrite=True)
+    assert not summary.already_complete and summary.processed == len(reference)
+    assert_same_rows(pd.read_parquet(out), reference)
+
+
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [({"model": "other/model"}, "different model"), ({"levels": ["one", "two", "three"]}, "different level_names")],
+)
+def test_output_or_sidecar_of_another_model_is_refused(folder, tmp_path, changed, message):
+    out = tmp_path / "scores.parquet"
+    run(folder[0], out)
+    with pytest.raises(UserError, match=rf"exists and was written with a {message}.*--overwrite"):
+        run(folder[0], out, model="x", scorer_kwargs=changed)
+    summary = run(folder[0], out, model="x", overwrite=True, scorer_kwargs=changed)
+    assert summary.processed == summary.total
+
+    out2 = tmp_path / "interrupted.parquet"
+    config = ScoreConfig(out=out2, inputs=[str(folder[0])], batch_size=2, workers=0, quiet=True, flush_rows=1)
+    with pytest.raises(Crash):
+        score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=2))
+    with pytest.raises(UserError, match=rf"interrupted\.parquet\.parts holds an interrupted run with a {message}"):
+        run(folder[0], out2, model="x", scorer_kwargs=changed)
+    run(folder[0], out2, model="x", overwrite=True, scorer_kwargs=changed)
+    assert pq.read_metadata(out2).num_rows == summary.total
+
+
+def test_changed_inputs_are_refused(folder, tmp_path):
+    root = tmp_path / "few"
+    make_image_folder(root)
+    out = tmp_path / "scores.parquet"
+    run(root, out)
+    Image.new("RGB", (8, 8)).save(root / "new.png")
+    with pytest.raises(UserError, match=r"a different list of inputs \(25 images then, 26 now\)"):
+        run(root, out)
+
+
+def test_bad_options_are_user_errors(folder, tmp_path):
+    for options, message in [
+        ({"batch_size": 0}, "--batch-size 0"),
+        ({"batch_size": -3}, "--batch-size -3"),
+        ({"batch_size": "many"}, "--batch-size many"),
+        ({"format": "xlsx"}, "--format xlsx: unknown format"),
+        ({"workers": -1}, "--workers -1"),
+        ({"dtype": "int8"}, "--dtype int8"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            run(folder[0], tmp_path / "s.parquet", **options)
+    (tmp_path / "s.parquet").write_text("someone else's file")
+    with pytest.raises(UserError, match="not written by `iqa score`"):
+        run(folder[0], tmp_path / "s.parquet")
+
+
+def test_merge_interleaved_writers_dedupes_and_detects_gaps(tmp_path):
+    sidecar = Sidecar(tmp_path / "out.parquet")
+    sidecar.dir.mkdir()
+
+    def part(name, indices):
+        table = pa.table({"index": pa.array(indices, pa.int64()), "image": [f"i{i}" for i in indices]})
+        pq.write_table(table, sidecar.dir / f"part-{name}.parquet")
+
+    # Two ranks of one run (strided) and a later resumed run; rank 1 flushed index 3 twice.
+    part("aa-r00000-00000000", [0, 2, 4])
+    part("aa-r00000-00000001", [6, 8])
+    part("aa-r00001-00000000", [1, 3])
+    part("aa-r00001-00000001", [3, 5])
+    part("bb-r00000-00000000", [7, 9, 10])
+    merged = pa.concat_tables(list(merge_parts(sidecar, 11)))
+    assert merged.column("index").to_pylist() == list(range(11))
+    assert merged.column("image").to_pylist() == [f"i{i}" for i in range(11)]
+    (sidecar.dir / "part-bb-r00000-00000000.parquet").unlink()
+    with pytest.raises(RuntimeError, match="input 7 has no row"):
+        list(merge_parts(sidecar, 11))
+
+
+def test_auto_batch_size_halves_on_out_of_memory():
+    class Picky(FakeScorer):
+        def score_pixels(self, pixel_values):
+            if pixel_values.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().score_pixels(pixel_values)
+
+    pixels = torch.randn(8, 3, SIZE, SIZE)
+    runner = BatchRunner(Picky(), 8, auto=True)
+    result = runner(pixels)
+    assert runner.size == 2
+    expected = FakeScorer().score_pixels(pixels)
+    np.testing.assert_array_equal(result.score, expected.score.numpy())
+    with pytest.raises(torch.OutOfMemoryError):
+        BatchRunner(Picky(), 8, auto=False)(pixels)
+
+
+def _launch(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
+    )
+
+
+def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    args = ["-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out), "--delay", "0.3", "--flush-rows", "2"]
+    process = _launch(args)
+    try:
+        deadline = time.monotonic() + 120
+        while not (sidecar_path(out).is_dir() and Sidecar(out).part_paths()):
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline, "no part was written"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL and not out.exists()
+    done = len(_part_indices(out))
+    assert 0 < done < len(reference)
+
+    summary = run(folder[0], out)
+    assert summary.resumed == done and summary.processed == len(reference) - done
+    assert_same_rows(pd.read_parquet(out), reference)
+
+
+def test_sigterm_flushes_finished_rows_and_exits(folder, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    args = ["-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out), "--delay", "0.3"]
+    process = _launch(args)  # one part per 4096 rows: nothing is flushed before the signal
+    try:
+        deadline = time.monotonic() + 120
+        while not (sidecar_path(out) / "manifest.json").exists():
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.5)  # a few batches of 2 in 0.3 s each
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert not out.exists() and not list(sidecar_path(out).glob("*.tmp"))
+    done = len(_part_indices(out))
+    assert done >= 2  # the rows finished before SIGTERM were written on the way out
+    summary = run(folder[0], out)
+    assert summary.resumed == done
+    assert_same_rows(pd.read_parquet(out), reference)
+
+
+def test_two_process_gloo_run_equals_single_process(folder, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0"]
+    process = _launch([*launcher, "-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out)])
+    try:
+        output = process.communicate(timeout=240)[0].decode()
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    table = pq.read_table(out)
+    assert_same_rows(table.to_pandas(), reference)
+    assert not sidecar_path(out).exists()
+    assert "ranks=2 processed=[13, 12] total=25" in output  # each rank scored its own half
+
+
+def _main(argv: list[str]) -> None:
+    """`run FOLDER OUT`: scores with the fake scorer (for the subprocess tests); exit 128+signal if stopped."""
+    from iqa_cli.score import ScoreInterrupted
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("folder")
+    parser.add_argument("out")
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--flush-rows", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=2)
+    args = parser.parse_args(argv)
+    config = ScoreConfig(
+        out=Path(args.out),
+        inputs=[args.folder],
+        batch_size=args.batch_size,
+        workers=1,
+        quiet=True,
+        flush_rows=args.flush_rows,
+    )
+    try:
+        summary = score_images(config, scorer_factory=lambda device: FakeScorer(device, delay=args.delay))
+    except ScoreInterrupted as exc:
+        sys.exit(128 + exc.signum)
+    if summary.is_main:
+        ranks = os.environ.get("WORLD_SIZE", "1")
+        print(f"ranks={ranks} processed={summary.processed_by_rank} total={summary.total}")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
