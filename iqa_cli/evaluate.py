@@ -23,6 +23,7 @@ import json
 import math
 import os
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,7 +146,14 @@ def image_root_from_metadata(metadata: dict[str, str]) -> str | None:
 
 def normalize_image_path(path: str) -> str:
     """POSIX separators, no `.`/`..` components or doubled slashes; absolute paths stay absolute."""
-    return posixpath.normpath(str(path).replace("\\", "/"))
+    path = str(path).replace("\\", "/")
+    if "//" in path or "/." in path or path.startswith(".") or path.endswith("/"):
+        return posixpath.normpath(path)
+    return path  # already normal: skips normpath for the common case
+
+
+def _under(base: str, path: str) -> str:
+    return path if path.startswith("/") else normalize_image_path(f"{base.rstrip('/')}/{path}")
 
 
 @dataclass
@@ -156,20 +164,13 @@ class ImageMatch:
     how: np.ndarray  # [P] int8, one of UNMATCHED, EXACT, ABSOLUTE, SUFFIX, DUPLICATE, AMBIGUOUS
 
 
-def _suffix_index(gt_paths: list[str]) -> dict[tuple[str, ...], int]:
-    index: dict[tuple[str, ...], int] = {}
-    for row, path in enumerate(gt_paths):
-        parts = tuple(p for p in path.split("/") if p)
-        for k in range(1, len(parts) + 1):
-            key = parts[-k:]
-            previous = index.setdefault(key, row)
-            if previous != row:
-                index[key] = -1  # shared by several ground-truth images
-    return index
+def _suffix_keys(parts: pd.Series, k: int) -> pd.Series:
+    """The last k path components joined by "/", NaN where a path has fewer."""
+    return parts.str[-k:].str.join("/").where(parts.str.len() >= k)
 
 
 def match_images(
-    pred_images: list[str], gt_images: list[str], roots: list[str] = (), cwd: str | None = None
+    pred_images: Sequence[str | None], gt_images: Sequence[str], roots: Sequence[str] = (), cwd: str | None = None
 ) -> ImageMatch:
     """Matches prediction paths to ground-truth paths (exact, then under `roots`, then unique suffix)."""
     n_pred = len(pred_images)
@@ -194,26 +195,31 @@ def match_images(
         cwd = cwd or os.getcwd()
         absolute: dict[str, int] = {}
         for root in roots:
+            base = normalize_image_path(root)
             for row, g in enumerate(gts):
-                absolute.setdefault(normalize_image_path(posixpath.join(str(root).replace("\\", "/"), g)), row)
-        pred_abs = [normalize_image_path(posixpath.join(cwd, p)) if p else "" for p in preds]
-        assign(absolute, pred_abs, ABSOLUTE)
+                absolute.setdefault(_under(base, g), row)
+        base = normalize_image_path(cwd)
+        assign(absolute, [_under(base, p) if p else "" for p in preds], ABSOLUTE)
 
-    left = np.flatnonzero((how == UNMATCHED) & np.asarray(valid, dtype=bool))
-    if left.size:
-        index = _suffix_index(gts)
-        depth = max((len(k) for k in index), default=0)
-        for row in left:
-            parts = tuple(p for p in preds[row].split("/") if p)
-            for k in range(min(len(parts), depth), 0, -1):
-                hit = index.get(parts[-k:])
-                if hit is None:
-                    continue
-                if hit >= 0:
-                    gt_index[row], how[row] = hit, SUFFIX
-                else:
-                    how[row] = AMBIGUOUS
+    # Longest shared suffix first; a row is decided at the first length where its suffix is known.
+    pending = (how == UNMATCHED) & np.asarray(valid, dtype=bool)
+    if pending.any() and gts:
+        gt_parts = pd.Series(gts, dtype=object).str.split("/")
+        pred_parts = pd.Series(preds, dtype=object).str.split("/")
+        for k in range(int(gt_parts.str.len().max()), 0, -1):
+            rows = np.flatnonzero(pending)
+            if rows.size == 0:
                 break
+            gt_keys = _suffix_keys(gt_parts, k).dropna()
+            owner = pd.Series(np.where(gt_keys.duplicated(keep=False), -1, gt_keys.index), index=gt_keys.to_numpy())
+            owner = owner[~owner.index.duplicated()]  # -1: shared by several ground-truth images
+            found = _suffix_keys(pred_parts.iloc[rows], k).map(owner).to_numpy(dtype=np.float64)
+            known = ~np.isnan(found)
+            unique = known & (found >= 0)
+            gt_index[rows[unique]] = found[unique].astype(np.int64)
+            how[rows[unique]] = SUFFIX
+            how[rows[known & (found < 0)]] = AMBIGUOUS
+            pending[rows[known]] = False
 
     # One prediction per ground-truth image: the best match (then the first row) wins.
     matched = np.flatnonzero(gt_index >= 0)
