@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
 
 
@@ -179,7 +179,8 @@ def train() -> None:
 def main() -> None:
     """Console-script entry point: user mistakes become one line on stderr and exit code 2."""
     try:
-        app()
+        # Fixed names so `python -m iqa_cli` and the installed script complete the same way.
+        app(prog_name="iqa", complete_var="_IQA_COMPLETE")
     except UserError as exc:
         message = " ".join(str(exc).split())
         err_console.print(f"error: {message}", markup=False)
