@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from iqa_cli.errors import UserError
 
@@ -49,6 +49,7 @@ DEFAULT_MEAN_THRESHOLD = 0.1
 _BOUNDARY_EPS = 1e-8  # the reference's tolerance on level boundaries
 _SIGMA_FLOOR = 1e-8  # a point mass (std 0) is a Gaussian this narrow in JS/KL
 _SYMMETRY_BAND = 1e-4  # |mu - m| below this: alpha taken at m + band (0/0 otherwise)
+_RANK_DECIMALS = 9  # SRCC ranks recovered means rounded to this many decimals
 _ROUNDING = 1e-12  # adjusted entries above -_ROUNDING are rounding noise, not clipping
 
 
@@ -307,9 +308,12 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation in float64 (scipy.stats costs a second of start-up); None where undefined."""
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return _finite(stats.pearsonr(x, y)[0])
+    dx, dy = x - x.mean(), y - y.mean()
+    r = float(dx @ dy / np.sqrt((dx @ dx) * (dy @ dy)))
+    return _finite(min(max(r, -1.0), 1.0))
 
 
 def _recovery_stats(
@@ -317,7 +321,8 @@ def _recovery_stats(
 ) -> dict[str, float | None]:
     err = mean - mu
     plcc = _pearson(mean, mu)
-    srcc = _pearson(average_ranks(mean), mu_ranks) if plcc is not None else None
+    # recovered means that differ only by rounding (tied MOS) tie: ranks at 1e-9 resolution
+    srcc = _pearson(average_ranks(np.round(mean, _RANK_DECIMALS)), mu_ranks) if plcc is not None else None
     known = np.isfinite(s)  # rows without a std have no ground-truth Gaussian to compare with
     js = gaussian_js_moment(mu[known], s[known], mean[known], std[known])
     w2 = gaussian_w2(mu[known], s[known], mean[known], std[known])

@@ -258,7 +258,7 @@ def test_label_statistics_match_scipy_and_the_reference_formulas(density, k, see
         assert row["l1"] == pytest.approx(np.mean(np.abs(mean - mu)), rel=1e-9)
         assert row["rmse"] == pytest.approx(math.sqrt(np.mean((mean - mu) ** 2)), rel=1e-9)
         assert row["plcc"] == pytest.approx(stats.pearsonr(mean, mu)[0], rel=1e-9)
-        assert row["srcc"] == pytest.approx(stats.spearmanr(mean, mu)[0], rel=1e-9)
+        assert row["srcc"] == pytest.approx(stats.spearmanr(np.round(mean, 9), mu)[0], rel=1e-9)
         rows = list(zip(mu[known], s_known[known], mean[known], std[known], strict=True))
         js = [js_ref(a, b, m, sd) for a, b, m, sd in rows]
         w2 = [math.hypot(a - m, b - sd) for a, b, m, sd in rows]
