@@ -1,0 +1,39 @@
+"""Readers for the official metadata files of public IQA datasets, into one common table.
+
+Each module reads one dataset's files exactly as its authors distribute them and documents where each
+format fact was checked. `DATASETS` maps the preset names of `iqa prepare` to their specs.
+"""
+
+from __future__ import annotations
+
+from iqa_cli.datasets import agiqa3k, csiq, custom, flive, kadid, koniq, livew, pipal, spaq, tid2013
+from iqa_cli.datasets._common import CORE_COLUMNS, DatasetSpec, MetaTable, ReadOptions
+from iqa_cli.errors import UserError
+
+DATASETS: dict[str, DatasetSpec] = {
+    module.SPEC.name: module.SPEC
+    for module in (koniq, spaq, kadid, pipal, livew, agiqa3k, tid2013, csiq, flive, custom)
+}
+
+__all__ = ["CORE_COLUMNS", "DATASETS", "DatasetSpec", "MetaTable", "ReadOptions", "get_dataset", "source_help"]
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The preset called `name` (case-insensitive); a UserError listing the known ones otherwise."""
+    spec = DATASETS.get(name.strip().lower())
+    if spec is None:
+        raise UserError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+    return spec
+
+
+def source_help() -> str:
+    """One line per preset: what `--csv` names and the default density."""
+    lines = []
+    for spec in DATASETS.values():
+        flags = [f"density {spec.density}"]
+        if spec.lower_is_better:
+            flags.append("lower is better")
+        if spec.pseudo_std is not None:
+            flags.append(f"pseudo std {spec.pseudo_std:g} of the range")
+        lines.append(f"{spec.name}: {spec.source_help} [{', '.join(flags)}]")
+    return "\n".join(lines)
