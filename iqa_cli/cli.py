@@ -40,6 +40,117 @@ def _root(
 
 # --- prepare -------------------------------------------------------------------------------------
 # (owned by the labels/prepare work; see iqa_cli/prepare.py)
+def _prepare_help() -> str:
+    from iqa_cli.datasets import source_help
+
+    return (
+        "Build soft labels from a dataset's official metadata and write them to a Parquet file.\n\n"
+        "Reads DATASET's metadata (--csv), normalizes MOS/std to [1, 5], builds one-hot and DeQA-Score soft "
+        "labels, assigns train/test, writes <data dir>/NAME.parquet and prints the label statistics of the "
+        "DeQA-Score paper's Tables 1-2. Datasets with reference images (kadid, pipal, tid2013, csiq) are split "
+        "by reference image.\n\n\b\nDATASET and what --csv names:\n" + source_help()
+    )
+
+
+def _print_prepare_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    stats = summary["labels"]
+    splits = ", ".join(f"{k} {v}" for k, v in summary["split"].items() if k != "source")
+    out_console.print(f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False)
+    table = Table(title=f"labels: {summary['levels']} levels, {summary['density']}", title_justify="left")
+    table.add_column("recovered vs N(mos, std)")
+    table.add_column("one-hot", justify="right")
+    table.add_column("soft", justify="right")
+    for key, label in (("l1", "L1"), ("rmse", "RMSE"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("js", "JS"),
+                       ("wasserstein", "Wasserstein")):  # fmt: skip
+        table.add_row(label, fmt(stats["one_hot"][key]), fmt(stats["soft"][key]))
+    out_console.print(table)
+    alpha, beta, raw = stats["alpha"], stats["beta"], stats["raw"]
+    out_console.print(
+        f"raw Gaussian (before adjustment): L1 {fmt(raw['l1'])}, RMSE {fmt(raw['rmse'])}\n"
+        f"alpha {fmt(alpha['mean'])} ± {fmt(alpha['std'])}, beta {fmt(beta['mean'])} ± {fmt(beta['std'])}\n"
+        f"fallback (two-point) {stats['fallback']} / {stats['rows']}, clipped {stats['clipped']}",
+        markup=False,
+    )
+
+
+@app.command(help=_prepare_help())
+def prepare(
+    dataset: str = typer.Argument(..., help="Dataset preset (see above) or 'custom'."),
+    csv: str = typer.Option(..., "--csv", help="The metadata file, or its directory (see above)."),
+    images: str | None = typer.Option(
+        None, "--images", help="Image root: check that every image exists (found by file name if moved)."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Output Parquet file [default: <data dir>/NAME.parquet]."),
+    data_dir: str | None = typer.Option(
+        None, "--data-dir", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Dataset name in the rows and file name [default: DATASET]."),
+    levels: int = typer.Option(5, "--levels", help="Number of quality levels K, 2..12."),
+    level_names: str | None = typer.Option(
+        None, "--level-names", help="Comma-separated names (ascending quality), or 'quality' / 'numbers'."
+    ),
+    density: str | None = typer.Option(None, "--density", help="Soft-label mode cdf|pdf [default: per dataset]."),
+    std_threshold: float = typer.Option(0.2, "--std-threshold", help="Normalized std below this: two-point label."),
+    mean_threshold: float = typer.Option(
+        0.1, "--mean-threshold", help="Recovered mean missing the MOS by more than this: two-point label."
+    ),
+    pseudo_std: float | None = typer.Option(
+        None, "--pseudo-std", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split.'
+    ),
+    test_frac: float = typer.Option(0.2, "--test-frac", help="Test fraction of the seeded split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the seeded split."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on unusable rows or missing images instead of dropping."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="No warnings on stderr."),
+    image_col: str | None = typer.Option(None, "--image-col", help="custom: column of image paths."),
+    mos_col: str | None = typer.Option(None, "--mos-col", help="custom: column of MOS."),
+    std_col: str | None = typer.Option(None, "--std-col", help="custom: column of std (optional)."),
+    lower_is_better: bool = typer.Option(False, "--lower-is-better", help="custom: scores are DMOS-like."),
+) -> None:
+    import json
+    from pathlib import Path
+
+    from iqa_cli.datasets import ReadOptions
+    from iqa_cli.prepare import PrepareConfig, prepare_dataset
+
+    def as_path(value: str | None) -> Path | None:
+        return None if value is None else Path(value)
+
+    config = PrepareConfig(
+        dataset=dataset,
+        source=Path(csv),
+        images=as_path(images),
+        out=as_path(out),
+        data_dir=as_path(data_dir),
+        name=name,
+        levels=levels,
+        level_names=level_names,
+        density=density,
+        std_threshold=std_threshold,
+        mean_threshold=mean_threshold,
+        pseudo_std=pseudo_std,
+        split=as_path(split),
+        test_frac=test_frac,
+        seed=seed,
+        strict=strict,
+        read_options=ReadOptions(image_col, mos_col, std_col, lower_is_better),
+    )
+    result = prepare_dataset(config)
+    if not quiet:
+        for note in result.notes:
+            err_console.print(f"warning: {note}", markup=False)
+    if json_output:
+        print(json.dumps(result.summary, indent=2))
+    else:
+        _print_prepare_summary(result.summary)
 
 
 # --- eval ----------------------------------------------------------------------------------------

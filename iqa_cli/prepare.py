@@ -1,0 +1,432 @@
+"""`iqa prepare`: a dataset's official metadata -> normalized scores, soft labels, a split -> one Parquet file.
+
+The steps, in order: read the metadata (`iqa_cli.datasets`), drop rows whose name, MOS or std is not usable
+(or fail with `strict`), take min/max over the remaining MOS, normalize to [1, 5], assign train/test
+(a split file, or a seeded split by reference image where the dataset has one), optionally check the image
+files, build one-hot and soft labels (`iqa_cli.labels`), and write the Parquet meta of DESIGN.md
+atomically. The label statistics of the paper's Tables 1-2 come back in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from iqa_cli import __version__, labels
+from iqa_cli.datasets import DATASETS, ReadOptions, get_dataset
+from iqa_cli.errors import UserError
+from iqa_cli.paths import resolve_data_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SPLITS = ("train", "val", "test")
+CORE_PARQUET_COLUMNS = ("image", "dataset", "split", "mos", "std", "mos_norm", "std_norm", "level", "soft_label")
+FLOAT_METADATA = ("std_threshold", "mean_threshold", "mos_min", "mos_max", "pseudo_std", "test_frac")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything `iqa prepare` needs; field names follow the command-line flags."""
+
+    dataset: str
+    source: Path
+    images: Path | None = None
+    out: Path | None = None
+    data_dir: Path | None = None
+    name: str | None = None  # dataset name written into the rows and the default file name
+    levels: int = 5
+    level_names: str | Sequence[str] | None = None
+    density: str | None = None  # None: the preset's default
+    std_threshold: float = labels.DEFAULT_STD_THRESHOLD
+    mean_threshold: float = labels.DEFAULT_MEAN_THRESHOLD
+    pseudo_std: float | None = None  # None: the preset's default (PIPAL 0.2), else rows without std keep none
+    split: Path | None = None
+    test_frac: float = 0.2
+    seed: int = 0
+    strict: bool = False
+    read_options: ReadOptions = field(default_factory=ReadOptions)
+
+
+@dataclass
+class PrepareResult:
+    """Where the file went, the summary printed by the CLI (JSON-able), and warnings for stderr."""
+
+    out: Path
+    summary: dict
+    notes: list[str]
+
+
+def _validate(config: PrepareConfig) -> None:
+    if isinstance(config.levels, bool) or not labels.MIN_LEVELS <= int(config.levels) <= labels.MAX_LEVELS:
+        raise UserError(f"--levels must be from {labels.MIN_LEVELS} to {labels.MAX_LEVELS}, got {config.levels}")
+    if config.density is not None and config.density not in labels.DENSITIES:
+        raise UserError(f"--density must be one of {', '.join(labels.DENSITIES)}, got {config.density!r}")
+    for flag, value in (("--std-threshold", config.std_threshold), ("--mean-threshold", config.mean_threshold)):
+        if not np.isfinite(value) or value < 0:
+            raise UserError(f"{flag} must be a number >= 0, got {value}")
+    if not 0.0 <= config.test_frac <= 1.0:
+        raise UserError(f"--test-frac must be from 0 to 1, got {config.test_frac}")
+    if config.pseudo_std is not None and not (np.isfinite(config.pseudo_std) and config.pseudo_std > 0):
+        raise UserError(f"--pseudo-std must be a fraction > 0 of the score range, got {config.pseudo_std}")
+    opts = config.read_options
+    custom_flags = [
+        flag
+        for flag, value in (
+            ("--image-col", opts.image_col),
+            ("--mos-col", opts.mos_col),
+            ("--std-col", opts.std_col),
+            ("--lower-is-better", opts.lower_is_better or None),
+        )
+        if value is not None
+    ]
+    if custom_flags and config.dataset.strip().lower() != "custom":
+        raise UserError(f"{', '.join(custom_flags)} only apply to the custom dataset, not {config.dataset!r}")
+
+
+def _numeric(values: pd.Series) -> np.ndarray:
+    import pandas as pd
+
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _cell(value) -> str:
+    """A cell as a message shows it: 'abc', or 'an empty cell'."""
+    import pandas as pd
+
+    return "an empty cell" if pd.isna(value) else repr(str(value))
+
+
+def _clean(frame: pd.DataFrame, source: str, columns: dict[str, str], strict: bool, notes: list[str]):
+    """Numeric MOS/std; unusable rows dropped (counted) or, with strict, reported as an error."""
+    mos = _numeric(frame["mos"])
+    has_std = "std" in columns
+    std = _numeric(frame["std"]) if has_std else np.full(len(frame), np.nan)
+    image_ok = frame["image"].notna().to_numpy() & (frame["image"].astype(str).str.len() > 0).to_numpy()
+    checks = [
+        ("invalid_image", ~image_ok, "image", "a missing image name"),
+        ("invalid_mos", ~np.isfinite(mos), "mos", "a non-numeric or missing MOS"),
+    ]
+    if has_std:
+        checks.append(("invalid_std", ~np.isfinite(std), "std", "a non-numeric or missing std"))
+    dropped, bad_any = {}, np.zeros(len(frame), dtype=bool)
+    for key, bad, col, what in checks:
+        bad = bad & ~bad_any  # count each row once, for its first problem
+        dropped[key] = int(bad.sum())
+        if dropped[key]:
+            first = int(np.flatnonzero(bad)[0])
+            example = _cell(frame[col].iloc[first])
+            if col != "image":
+                example += f" for image {frame['image'].iloc[first]!r}"
+            message = f"{source}: {dropped[key]} row(s) with {what} in column {columns.get(col, col)!r}, e.g. {example}"
+            if strict:
+                raise UserError(message)
+            notes.append(message + "; dropped")
+        bad_any |= bad
+    negative = has_std & (std < 0) & ~bad_any
+    if np.any(negative):
+        first = int(np.flatnonzero(negative)[0])
+        raise UserError(
+            f"{source}: negative std {std[first]:g} in column {columns.get('std', 'std')!r} "
+            f"for image {frame['image'].iloc[first]!r}"
+        )
+    keep = ~bad_any
+    frame = frame.loc[keep].reset_index(drop=True)
+    return frame, mos[keep], std[keep], dropped
+
+
+def _read_split_file(path: Path) -> dict[str, str]:
+    """image name -> split, from DeQA-Score's split.json or a CSV with columns image,split."""
+    from iqa_cli.datasets._common import read_csv, require_columns, require_path
+
+    require_path(path, "split file")
+    assignments: dict[str, str] = {}
+
+    def assign(name: str, split: str) -> None:
+        split = split.strip().lower()
+        if split not in SPLITS:
+            raise UserError(f"{path}: unknown split {split!r} for image {name!r} (known: {', '.join(SPLITS)})")
+        if assignments.setdefault(name, split) != split:
+            raise UserError(f"{path}: image {name!r} is in both {assignments[name]!r} and {split!r}")
+
+    if path.suffix.lower() == ".json":
+        try:
+            content = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(content, dict) or not all(isinstance(v, list) for v in content.values()):
+            raise UserError(f'{path}: expected {{"train": [names], "test": [names]}}')
+        for split, names in content.items():
+            for name in names:
+                assign(str(name).strip(), str(split))
+    else:
+        frame = read_csv(path, dtype=str)
+        require_columns(frame, ["image", "split"], path)
+        for name, split in zip(frame["image"].fillna(""), frame["split"].fillna(""), strict=True):
+            assign(name.strip(), split)
+    if not assignments:
+        raise UserError(f"{path}: the split file names no images")
+    return assignments
+
+
+def _basenames(images: pd.Series) -> pd.Series:
+    return images.str.rsplit("/", n=1).str[-1]
+
+
+def _apply_split_file(frame: pd.DataFrame, path: Path) -> tuple[pd.Series, int]:
+    """Split of each row from the file (by image path or file name); rows the file does not name are dropped."""
+    assignments = _read_split_file(path)
+    base = _basenames(frame["image"])
+    known = set(frame["image"]) | set(base)
+    unknown = [name for name in assignments if name not in known]
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} image(s) not in the dataset's metadata, e.g. {unknown[0]!r}")
+    split = frame["image"].map(assignments)
+    split = split.fillna(base.map(assignments))
+    return split, int(split.isna().sum())
+
+
+def _seeded_split(frame: pd.DataFrame, test_frac: float, seed: int) -> pd.Series:
+    """Train/test by a seeded permutation of the reference images (or of the images where there is none)."""
+    import pandas as pd
+
+    groups = frame["ref"].fillna(frame["image"]) if "ref" in frame else frame["image"]
+    unique = pd.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    test = set(unique[order[: round(test_frac * len(unique))]])
+    return pd.Series(np.where(groups.isin(test), "test", "train"), index=frame.index)
+
+
+def _resolve_images(images: pd.Series, root: Path) -> tuple[pd.Series, dict[str, int], list[str]]:
+    """Paths relative to `root`; a name not found where the metadata puts it is looked up by file name
+    (case-insensitive) anywhere under root, and taken when exactly one file matches."""
+    if not root.is_dir():
+        raise UserError(f"image directory not found: {root}")
+    present: set[str] = set()
+    by_name: dict[str, list[str]] = {}
+    for folder, _, files in os.walk(root):
+        rel = Path(folder).relative_to(root).as_posix()
+        for file in files:
+            path = file if rel == "." else f"{rel}/{file}"
+            present.add(path)
+            by_name.setdefault(file.lower(), []).append(path)
+    resolved = images.copy()
+    found_by_name, missing = 0, []
+    for i in np.flatnonzero(~images.isin(present).to_numpy()):
+        name = images.iloc[i]
+        if (root / name).is_file():  # e.g. behind a symlinked folder that os.walk does not enter
+            continue
+        candidates = by_name.get(name.rsplit("/", 1)[-1].lower(), [])
+        if len(candidates) == 1:
+            resolved.iloc[i] = candidates[0]
+            found_by_name += 1
+        else:
+            missing.append(name)
+    counts = {"found": len(images) - len(missing), "found_by_name": found_by_name, "missing": len(missing)}
+    return resolved, counts, missing
+
+
+def _arrow_column(values: pd.Series):
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed cells from a workbook: keep them as text
+        return pa.array(values.astype(str).where(values.notna()), type=pa.string(), from_pandas=True)
+
+
+def write_meta(frame: pd.DataFrame, soft_label: np.ndarray, metadata: dict[str, str], out: Path) -> None:
+    """Writes the rows plus `soft_label` (list<float32>, K) to `out` via a temporary file and a rename."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, k = soft_label.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    soft = pa.ListArray.from_arrays(offsets, pa.array(soft_label.astype(np.float32).reshape(-1)))
+    arrays, names = [], []
+    for col in frame.columns:
+        arrays.append(_arrow_column(frame[col]))
+        names.append(str(col))
+    arrays.insert(names.index("level") + 1, soft)
+    names.insert(names.index("level") + 1, "soft_label")
+    table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
+    if out.is_dir():
+        raise UserError(f"--out names a directory: {out}")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Reads a file written by `iqa prepare`: the rows and the metadata (level names as a list, numbers as floats)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    raw = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    meta: dict = dict(raw)
+    if "level_names" in raw:
+        meta["level_names"] = json.loads(raw["level_names"])
+    for key in FLOAT_METADATA:
+        if raw.get(key):
+            meta[key] = float(raw[key])
+    for key in ("levels", "seed"):
+        if raw.get(key):
+            meta[key] = int(raw[key])
+    if "lower_is_better" in raw:
+        meta["lower_is_better"] = raw["lower_is_better"] == "true"
+    return table.to_pandas(), meta
+
+
+def prepare_dataset(config: PrepareConfig) -> PrepareResult:
+    """Runs `iqa prepare` end to end; see the module docstring for the steps."""
+    import pandas as pd
+
+    _validate(config)
+    spec = get_dataset(config.dataset)
+    k = int(config.levels)
+    names = labels.level_names(k, config.level_names)
+    density = config.density or spec.density
+    name = (config.name or spec.name).strip()
+    if not name:
+        raise UserError("--name must not be empty")
+    notes: list[str] = []
+
+    table = spec.reader(Path(config.source), config.read_options)
+    if table.frame.empty:
+        raise UserError(f"{table.source}: the metadata has no rows")
+    frame, mos, std, dropped = _clean(table.frame, table.source, table.columns, config.strict, notes)
+    if frame.empty:
+        raise UserError(f"{table.source}: no row has a usable image name and MOS")
+
+    lo, hi = float(mos.min()), float(mos.max())
+    if not hi > lo:
+        raise UserError(f"{table.source}: all {mos.size} MOS values equal {lo:g}; cannot normalize to [1, 5]")
+    lower = spec.lower_is_better or (spec.name == "custom" and config.read_options.lower_is_better)
+    pseudo = config.pseudo_std if config.pseudo_std is not None else spec.pseudo_std
+    no_std = np.isnan(std)
+    if pseudo is not None and no_std.any():
+        std = np.where(no_std, pseudo * (hi - lo), std)
+        notes.append(f"{int(no_std.sum())} row(s) without a std use the pseudo std {pseudo:g} x score range")
+    elif no_std.all():
+        notes.append(f"{table.source} has no std: every soft label is the two-point interpolation (Eq. A2)")
+
+    if config.split is not None:
+        split, unnamed = _apply_split_file(frame, Path(config.split))
+        dropped["not_in_split"] = unnamed
+        if unnamed:
+            notes.append(f"{unnamed} image(s) not named in the split file {config.split}; dropped")
+        keep = split.notna().to_numpy()
+        frame, mos, std, split = frame.loc[keep], mos[keep], std[keep], split[keep]
+        frame = frame.reset_index(drop=True)
+        split = split.reset_index(drop=True)
+        if frame.empty:
+            raise UserError(f"{config.split}: no image of the dataset is in the split file")
+        split_source = str(config.split)
+    else:
+        split = _seeded_split(frame, config.test_frac, config.seed)
+        split_source = f"seeded (test_frac={config.test_frac:g}, seed={config.seed})"
+
+    image_report = None
+    if config.images is not None:
+        resolved, image_report, missing = _resolve_images(frame["image"], Path(config.images))
+        image_report = {"root": str(config.images), **image_report}
+        if missing:
+            message = f"{len(missing)} of {len(frame)} image(s) not found under {config.images}, e.g. {missing[0]!r}"
+            if config.strict:
+                raise UserError(message)
+            notes.append(message)
+        frame = frame.assign(image=resolved)
+
+    mos_n, std_n = labels.normalize_scores(mos, std, lo=lo, hi=hi, lower_is_better=lower)
+    soft = labels.soft_labels(
+        mos_n,
+        np.nan_to_num(std_n, nan=0.0),  # no std: the row falls back to the two-point label
+        k,
+        density=density,
+        std_threshold=config.std_threshold,
+        mean_threshold=config.mean_threshold,
+    )
+    level = labels.one_hot_levels(mos_n, k)
+    stats = labels.label_statistics(mos_n, std_n, soft, level)
+
+    extras = frame.drop(columns=[c for c in ("image", "mos", "std") if c in frame.columns])
+    extras.columns = [f"{c}_src" if c in CORE_PARQUET_COLUMNS or c == "fallback" else c for c in extras.columns]
+    rows = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "image": frame["image"].astype(str).to_numpy(),
+                    "dataset": name,
+                    "split": split.to_numpy(dtype=object),
+                    "mos": mos,
+                    "std": std,
+                    "mos_norm": mos_n,
+                    "std_norm": std_n,
+                    "level": level.astype(np.int32),
+                    "fallback": soft.fallback,
+                }
+            ),
+            extras.reset_index(drop=True),
+        ],
+        axis=1,
+    )
+    out = Path(config.out) if config.out is not None else resolve_data_dir(config.data_dir) / f"{name}.parquet"
+    metadata = {
+        "iqa_version": __version__,
+        "dataset": name,
+        "preset": spec.name,
+        "source": table.source,
+        "levels": str(k),
+        "level_names": json.dumps(names),
+        "level_index_base": "0",
+        "density": density,
+        "std_threshold": repr(float(config.std_threshold)),
+        "mean_threshold": repr(float(config.mean_threshold)),
+        "image_root": str(config.images) if config.images is not None else "",
+        "mos_min": repr(lo),
+        "mos_max": repr(hi),
+        "lower_is_better": "true" if lower else "false",
+        "pseudo_std": repr(float(pseudo)) if pseudo is not None else "",
+        "split_source": split_source,
+        "test_frac": repr(float(config.test_frac)) if config.split is None else "",
+        "seed": str(config.seed) if config.split is None else "",
+    }
+    write_meta(rows, soft.probs, metadata, out)
+
+    counts = split.value_counts()
+    summary = {
+        "dataset": name,
+        "preset": spec.name,
+        "source": table.source,
+        "out": str(out),
+        "rows": len(rows),
+        "levels": k,
+        "level_names": names,
+        "density": density,
+        "std_threshold": float(config.std_threshold),
+        "mean_threshold": float(config.mean_threshold),
+        "mos_min": lo,
+        "mos_max": hi,
+        "lower_is_better": bool(lower),
+        "pseudo_std": pseudo,
+        "split": {"source": split_source, **{s: int(counts.get(s, 0)) for s in SPLITS if s in counts or s != "val"}},
+        "dropped": dropped,
+        "images": image_report,
+        "labels": stats,
+    }
+    return PrepareResult(out=out, summary=summary, notes=notes)
+
+
+__all__ = ["DATASETS", "PrepareConfig", "PrepareResult", "prepare_dataset", "read_meta", "write_meta"]
