@@ -154,6 +154,30 @@ def test_qscorer_layout(tmp_path, deepmlp_in_config):
     assert score.shape == (2,)
 
 
+def test_qscorer_vocab_follows_the_trained_rows_when_the_config_says_otherwise(tmp_path):
+    """The reference builder loads the base at 32000 and resizes to len(tokenizer) whatever config.json says."""
+    written = write_checkpoint(_qscorer_model(), tmp_path / "q", layout="qscorer_lora")
+    config = json.loads((written.path / "config.json").read_text())
+    config["vocab_size"] = 512
+    (written.path / "config.json").write_text(json.dumps(config))
+    loaded = load_mplug_owl2(written.path, base=written.base)
+    assert loaded.config.language.vocab_size == 517
+    assert loaded.score_token_ids == [512, 513, 514, 515, 516]
+
+
+def test_merged_qscorer_score_tokens_from_the_tokenizer_records_or_the_last_rows(tmp_path):
+    written = write_checkpoint(_qscorer_model(), tmp_path / "merged")
+    loaded = load_mplug_owl2(written.path)
+    assert loaded.layout == "full" and loaded.model.deepmlp is not None
+    assert (loaded.score_token_ids, len(loaded.added_tokens)) == ([512, 513, 514, 515, 516], 5)
+    recorded = {f"<score{i}>": 517 - i for i in range(1, 6)}  # any ids: read from the file, not assumed
+    (written.path / "tokenizer.model").write_bytes(b"")  # makes the directory the tokenizer's
+    (written.path / "added_tokens.json").write_text(json.dumps(recorded))
+    loaded = load_mplug_owl2(written.path)
+    assert (loaded.score_token_ids, loaded.added_tokens) == ([516, 515, 514, 513, 512], [])
+    assert load_mplug_owl2(write_checkpoint(tiny_model(seed=4), tmp_path / "plain").path).score_token_ids == []
+
+
 def test_qscorer_rows_missing_from_non_lora_are_the_mean_of_the_base_rows(tmp_path):
     qscorer = _qscorer_model()
     written = write_checkpoint(qscorer, tmp_path / "q", layout="qscorer_lora")

@@ -505,7 +505,7 @@ def load_mplug_owl2(
         weight_format=files.format,
         tokenizer_dir=_first_with(TOKENIZER_FILE, src.path),
         preprocessor_config=_file_in(PREPROCESSOR_CONFIG, src.path),
-        score_token_ids=list(reversed(config.score_token_id)),
+        **_score_tokens(config, _first_with(TOKENIZER_FILE, src.path), None),
         repo_id=src.repo_id,
         revision=src.revision,
     )
@@ -527,6 +527,9 @@ def _load_lora(
     if non_lora_path.is_file():
         non_lora = {_strip_peft(k): v for k, v in load_bin(non_lora_path).items()}
     _infer_deepmlp(config, {k: tuple(v.shape) for k, v in non_lora.items()})
+    embed = non_lora.get("model.embed_tokens.weight")
+    if embed is not None and embed.ndim == 2:  # Q-Scorer: the trained (resized) rows are the truth, as in
+        config.language.vocab_size = embed.shape[0]  # the reference builder, which resizes to len(tokenizer)
     qscorer = config.deepmlp_hidden_dims is not None
     meta = _build_meta(config)
     builder = _StateBuilder(meta, dtype or base_files.stored_dtype, device)
@@ -551,27 +554,61 @@ def _load_lora(
     _merge_lora(builder, adapter, adapter_path, lora_cfg)
     adapter.clear()
     loaded = builder.finish(str(src.path))
-    vocab = config.language.vocab_size
-    score_ids: list[int] = list(reversed(config.score_token_id))
-    added: list[str] = []
-    if qscorer and not score_ids and vocab - base_vocab == len(SCORE_TOKENS):
-        score_ids, added = list(range(base_vocab, vocab)), list(SCORE_TOKENS)
+    tokenizer_dir = _first_with(TOKENIZER_FILE, src.path, base_src.path)
     return LoadedCheckpoint(
         model=loaded,
         config=config,
         layout="qscorer_lora" if qscorer else "lora",
         weights_dir=src.path,
         weight_format=base_files.format,
-        tokenizer_dir=_first_with(TOKENIZER_FILE, src.path, base_src.path),
+        tokenizer_dir=tokenizer_dir,
         preprocessor_config=_file_in(PREPROCESSOR_CONFIG, src.path, base_src.path),
-        score_token_ids=score_ids,
-        added_tokens=added,
+        **_score_tokens(config, tokenizer_dir, base_vocab),
         repo_id=src.repo_id,
         revision=src.revision,
         base_dir=base_src.path,
         base_repo_id=base_src.repo_id,
         base_revision=base_src.revision,
     )
+
+
+def _score_tokens(config: MPLUGOwl2Config, tokenizer_dir: Path | None, base_vocab: int | None) -> dict[str, list]:
+    """Q-Scorer's <score1>..<score5> ids (ascending quality) and whether the tokenizer must add them.
+
+    Ids come from the tokenizer files if they record the tokens, else from the config's `score_token_id`
+    (stored in the reference's reversed order, <score5> first), else they are the five rows appended to
+    the vocabulary (the base's vocab size .. + 4 for LoRA layouts).
+    """
+    if config.deepmlp_hidden_dims is None:
+        return {"score_token_ids": [], "added_tokens": []}
+    recorded = _recorded_added_tokens(tokenizer_dir)
+    if all(t in recorded for t in SCORE_TOKENS):
+        return {"score_token_ids": [recorded[t] for t in SCORE_TOKENS], "added_tokens": []}
+    vocab = config.language.vocab_size
+    ids = list(reversed(config.score_token_id))
+    if not ids and (base_vocab is None or vocab - base_vocab == len(SCORE_TOKENS)):
+        ids = list(range(vocab - len(SCORE_TOKENS), vocab))
+    return {"score_token_ids": ids, "added_tokens": list(SCORE_TOKENS) if ids else []}
+
+
+def _recorded_added_tokens(tokenizer_dir: Path | None) -> dict[str, int]:
+    """Added tokens a saved tokenizer records (added_tokens.json, or tokenizer_config's added_tokens_decoder)."""
+    if tokenizer_dir is None:
+        return {}
+    found: dict[str, int] = {}
+    try:
+        added = tokenizer_dir / "added_tokens.json"
+        if added.is_file():
+            found.update({str(k): int(v) for k, v in json.loads(added.read_text(encoding="utf-8")).items()})
+        config = tokenizer_dir / "tokenizer_config.json"
+        if config.is_file():
+            decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+            for token_id, token in decoder.items():
+                content = token.get("content") if isinstance(token, dict) else token
+                found.setdefault(str(content), int(token_id))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"{tokenizer_dir}: unreadable added-token records ({exc})") from exc
+    return found
 
 
 def _first_with(name: str, *dirs: Path) -> Path | None:
