@@ -1,0 +1,361 @@
+"""Turning one forward pass into per-image level probabilities, score, std (and a regression score).
+
+`Scorer` is the Python API that `iqa score` streams batches through; it is usable on its own:
+
+    scorer = Scorer.from_pretrained("zhiyuanyou/DeQA-Score-Mix3")
+    results = scorer.score(["a.jpg", "b.png"])
+
+A `Readout` says exactly which ids go in and where the answer is read, so that released checkpoints are
+scored the way their authors score them and models that `iqa train` writes are scored the way they were
+trained (the run directory's `iqa.json` records it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from iqa_cli import __version__
+from iqa_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from iqa_cli.images import ClipPreprocessor
+    from iqa_cli.models.checkpoints import LoadedCheckpoint
+    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+    from iqa_cli.tokenizer import LlamaTokenizer
+
+DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"
+RUN_FILE = "iqa.json"  # written by `iqa train` next to the weights; describes how to score the model
+DEFAULT_LEVEL_NAMES = ("bad", "poor", "fair", "good", "excellent")
+
+# Where the Q-Scorer MLP reads its hidden state (DESIGN.md, "Q-Scorer"):
+#   "appended": one greedy token over the whole vocabulary is appended and the MLP reads the final-norm
+#               hidden state at that token (how the authors score the released checkpoint);
+#   "last":     the MLP reads the hidden state at the last input position, the one that predicts the score
+#               token (how `iqa train` trains it, so its models are scored the same way).
+REGRESSOR_READOUTS = ("appended", "last")
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What goes into the model and where the levels (and the regression score) are read."""
+
+    input_ids: tuple[int, ...]  # prompt ids with the image slot (-200) once
+    level_token_ids: tuple[int, ...]  # ascending quality
+    level_names: tuple[str, ...]  # ascending quality, same length
+    prompt: str  # the text the ids came from (for provenance)
+    regressor: str | None = None  # None | one of REGRESSOR_READOUTS
+
+    @property
+    def centers(self) -> torch.Tensor:
+        """Level centers evenly spaced over [1, 5] (DESIGN.md, "Levels")."""
+        return torch.linspace(1.0, 5.0, len(self.level_token_ids), dtype=torch.float32)
+
+
+@dataclass
+class ScoreBatch:
+    """Per-image results of one batch, float32 on the CPU."""
+
+    probs: torch.Tensor  # B, K (ascending quality)
+    score: torch.Tensor  # B: sum p_i c_i
+    std: torch.Tensor  # B: sqrt(sum p_i (c_i - score)^2)
+    score_reg: torch.Tensor | None = None  # B: the Q-Scorer regressor's score
+
+
+@dataclass
+class ImageScore:
+    """One image's result from `Scorer.score`."""
+
+    score: float
+    std: float
+    probs: list[float]
+    level: str
+    score_reg: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+def level_moments(level_logits: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Closed-set softmax over the K level logits [B, K] -> (probs, mean, std), in float32."""
+    probs = torch.softmax(level_logits.float(), dim=-1)
+    centers = centers.to(probs.device)
+    mean = probs @ centers
+    var = (probs * (centers[None] - mean[:, None]) ** 2).sum(-1)
+    return probs, mean, var.clamp_min(0).sqrt()
+
+
+@torch.inference_mode()
+def read_levels(model: MPLUGOwl2ForCausalLM, pixel_values: torch.Tensor, readout: Readout) -> ScoreBatch:
+    """One forward pass over a batch of images [B, 3, S, S] with the readout's prompt -> ScoreBatch.
+
+    The LM head runs at the last position only. Every row has the same prompt, so no padding is involved
+    and a row's result does not depend on the other rows of the batch.
+    """
+    b = pixel_values.shape[0]
+    device = model.device
+    ids = torch.tensor(readout.input_ids, dtype=torch.long, device=device).expand(b, -1)
+    level_ids = torch.tensor(readout.level_token_ids, dtype=torch.long, device=device)
+    centers = readout.centers
+    pixel_values = pixel_values.to(device=device, dtype=model.dtype, non_blocking=True)
+    appended = readout.regressor == "appended"
+    out = model(ids, pixel_values, logits_at="last", use_cache=appended)
+    first = out.logits[:, -1]  # B, V
+    level_logits = first[:, level_ids]
+    score_reg = None
+    if readout.regressor == "last":
+        score_reg = model.deepmlp(out.hidden_states[:, -1])
+    elif appended:
+        # The authors' Q-Scorer scoring: greedy next token, then the MLP at that token. One cached
+        # decoding step gives the numbers of their full recomputation.
+        next_ids = first.argmax(-1, keepdim=True)  # B, 1
+        step = model(next_ids, past_key_values=out.past_key_values, logits_at="last")
+        score_reg = model.deepmlp(step.hidden_states[:, -1])
+        # The score token follows the appended one, unless the greedy token already was a score token.
+        took_level = torch.isin(next_ids[:, 0], level_ids)
+        level_logits = torch.where(took_level[:, None], level_logits, step.logits[:, -1][:, level_ids])
+    probs, mean, std = level_moments(level_logits, centers)
+    return ScoreBatch(
+        probs=probs.cpu(),
+        score=mean.cpu(),
+        std=std.cpu(),
+        score_reg=score_reg.float().cpu() if score_reg is not None else None,
+    )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r}: not a torch device ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return resolved
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA devices that support it, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    name = aliases.get(dtype, dtype)
+    if name not in _DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+@dataclass
+class RunInfo:
+    """The `iqa.json` that `iqa train` writes into a checkpoint directory (all fields optional on read)."""
+
+    method: str | None = None  # "deqa" | "qalign" | "qscorer"
+    level_names: list[str] | None = None  # ascending quality
+    level_tokens: list[str] | None = None  # the token each level is read at ("good" or "<score4>")
+    prompt: str | None = None  # the scoring prompt text
+    input_ids: list[int] | None = None  # exact scoring ids (prompt + response prefix up to the level token)
+    regressor: str | None = None  # one of REGRESSOR_READOUTS for regression models
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, directory: Path) -> RunInfo | None:
+        path = directory / RUN_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not readable JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        known = {k: data.pop(k) for k in list(data) if k in cls.__dataclass_fields__ and k != "extra"}
+        info = cls(**known, extra=data)
+        if info.regressor is not None and info.regressor not in REGRESSOR_READOUTS:
+            raise UserError(f"{path}: regressor {info.regressor!r} is not one of {', '.join(REGRESSOR_READOUTS)}")
+        return info
+
+
+def build_readout(
+    loaded: LoadedCheckpoint, tokenizer: LlamaTokenizer, prompt: str | None, run: RunInfo | None
+) -> Readout:
+    """Decides prompt ids, level tokens and regressor readout for a checkpoint (see module docstring)."""
+    from iqa_cli.tokenizer import DEFAULT_PROMPT, QUICKSTART_PROMPT, level_token_ids, tokenize_prompt
+
+    regression = loaded.model.deepmlp is not None
+    if run is not None and run.level_tokens:
+        names = run.level_names or list(run.level_tokens)
+        if len(names) != len(run.level_tokens):
+            raise UserError(f"{RUN_FILE}: {len(names)} level names for {len(run.level_tokens)} level tokens")
+        tokens = list(run.level_tokens)
+        level_ids = [_single_token_id(tokenizer, t) for t in tokens]
+        if len(set(level_ids)) != len(level_ids):
+            raise UserError(f"{RUN_FILE}: level tokens {tokens} do not map to distinct ids")
+        if prompt is None and run.input_ids:
+            ids = tuple(int(i) for i in run.input_ids)
+            return Readout(ids, tuple(level_ids), tuple(names), run.prompt or "", run.regressor)
+        text = prompt or run.prompt or DEFAULT_PROMPT
+        return Readout(tuple(tokenize_prompt(tokenizer, text)), tuple(level_ids), tuple(names), text, run.regressor)
+    if loaded.score_token_ids:  # the released Q-Scorer layout: <score1>..<score5>, scored like its authors do
+        text = prompt or QUICKSTART_PROMPT
+        ids = tuple(tokenize_prompt(tokenizer, text))
+        names = (
+            DEFAULT_LEVEL_NAMES
+            if len(loaded.score_token_ids) == 5
+            else tuple(f"score{i + 1}" for i in range(len(loaded.score_token_ids)))
+        )
+        return Readout(ids, tuple(loaded.score_token_ids), tuple(names), text, "appended" if regression else None)
+    text = prompt or DEFAULT_PROMPT
+    names = tuple(DEFAULT_LEVEL_NAMES)
+    return Readout(
+        tuple(tokenize_prompt(tokenizer, text)),
+        tuple(level_token_ids(tokenizer, names)),
+        names,
+        text,
+        "last" if regression else None,
+    )
+
+
+def _single_token_id(tokenizer: LlamaTokenizer, token: str) -> int:
+    """The id of a level token: an added token by name, else the word's first piece after a space."""
+    from iqa_cli.tokenizer import level_token_ids
+
+    added = tokenizer.added_tokens
+    if token in added:
+        return added[token]
+    return level_token_ids(tokenizer, [token])[0]
+
+
+class Scorer:
+    """A loaded model plus everything needed to turn images into quality scores."""
+
+    def __init__(
+        self,
+        model: MPLUGOwl2ForCausalLM,
+        tokenizer: LlamaTokenizer,
+        preprocessor: ClipPreprocessor,
+        readout: Readout,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.readout = readout
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = DEFAULT_MODEL,
+        *,
+        base: str | Path | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        prompt: str | None = None,
+        revision: str | None = None,
+    ) -> Scorer:
+        """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
+
+        Args:
+            model: Hugging Face repo id or local directory.
+            base: the full model a LoRA adapter is merged onto (default: the released mPLUG-Owl2 base).
+            device: "auto", "cpu", "cuda", "cuda:1", ...
+            dtype: "auto" (bf16 on CUDA with support, else float32), "float32", "bfloat16", "float16".
+            prompt: a full prompt holding `<|image|>` once; default: the one the checkpoint was evaluated with.
+            revision: branch, tag or commit of a Hub repo.
+        """
+        from iqa_cli.models.backbone import MPLUGOwl2Backbone
+        from iqa_cli.models.checkpoints import load_mplug_owl2
+        from iqa_cli.tokenizer import IMAGE_TOKEN
+
+        if prompt is not None and prompt.count(IMAGE_TOKEN) != 1:
+            raise UserError(f"--prompt must hold {IMAGE_TOKEN} exactly once: {prompt!r}")
+        target = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, target)
+        loaded = load_mplug_owl2(model, base=base, revision=revision, dtype=torch_dtype, device=target)
+        backbone = MPLUGOwl2Backbone.from_checkpoint(loaded)
+        run = RunInfo.read(loaded.weights_dir)
+        readout = build_readout(loaded, backbone.tokenizer, prompt, run)
+        metadata = {
+            "model": loaded.repo_id or str(loaded.weights_dir.resolve()),
+            "model_revision": loaded.revision or "",
+            "model_layout": loaded.layout,
+            "base_model": (loaded.base_repo_id or str(loaded.base_dir.resolve())) if loaded.base_dir else "",
+            "base_revision": loaded.base_revision or "",
+            "method": run.method if run and run.method else ("qscorer" if readout.regressor else "levels"),
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "prompt": readout.prompt,
+            "input_ids": json.dumps(list(readout.input_ids)),
+            "level_names": json.dumps(list(readout.level_names)),
+            "level_token_ids": json.dumps(list(readout.level_token_ids)),
+            "level_centers": json.dumps([round(float(c), 6) for c in readout.centers]),
+            "regressor_readout": readout.regressor or "",
+            "iqa_version": __version__,
+        }
+        return cls(loaded.model, backbone.tokenizer, backbone.preprocessor, readout, metadata)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessor.image_size
+
+    @property
+    def level_names(self) -> list[str]:
+        return list(self.readout.level_names)
+
+    @property
+    def has_regressor(self) -> bool:
+        return self.readout.regressor is not None
+
+    def score_pixels(self, pixel_values: torch.Tensor) -> ScoreBatch:
+        """Preprocessed pixels [B, 3, S, S] -> ScoreBatch (CPU float32)."""
+        return read_levels(self.model, pixel_values, self.readout)
+
+    def score(self, images: Sequence[Image.Image | str | Path], batch_size: int = 16) -> list[ImageScore]:
+        """Scores PIL images or image paths, in order. Unreadable files raise `ImageDecodeError`."""
+        from iqa_cli.images import load_image, to_rgb
+
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        results: list[ImageScore] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [
+                load_image(x) if isinstance(x, str | Path) else to_rgb(x) for x in images[start : start + batch_size]
+            ]
+            pixels = torch.stack([self.preprocessor(img) for img in chunk])
+            batch = self.score_pixels(pixels)
+            for i, img in enumerate(chunk):
+                probs = batch.probs[i].tolist()
+                results.append(
+                    ImageScore(
+                        score=float(batch.score[i]),
+                        std=float(batch.std[i]),
+                        probs=probs,
+                        level=self.readout.level_names[max(range(len(probs)), key=probs.__getitem__)],
+                        score_reg=float(batch.score_reg[i]) if batch.score_reg is not None else None,
+                        width=img.width,
+                        height=img.height,
+                    )
+                )
+        return results
