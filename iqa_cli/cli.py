@@ -60,7 +60,9 @@ def _print_prepare_summary(summary: dict) -> None:
 
     stats = summary["labels"]
     splits = ", ".join(f"{k} {v}" for k, v in summary["split"].items() if k != "source")
-    out_console.print(f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False)
+    out_console.print(
+        f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False, soft_wrap=True
+    )
     table = Table(title=f"labels: {summary['levels']} levels, {summary['density']}", title_justify="left")
     table.add_column("recovered vs N(mos, std)")
     table.add_column("one-hot", justify="right")
@@ -75,6 +77,7 @@ def _print_prepare_summary(summary: dict) -> None:
         f"alpha {fmt(alpha['mean'])} ± {fmt(alpha['std'])}, beta {fmt(beta['mean'])} ± {fmt(beta['std'])}\n"
         f"fallback (two-point) {stats['fallback']} / {stats['rows']}, clipped {stats['clipped']}",
         markup=False,
+        soft_wrap=True,
     )
 
 

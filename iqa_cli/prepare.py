@@ -308,7 +308,11 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         raise UserError(f"{table.source}: the metadata has no rows")
     frame, mos, std, dropped = _clean(table.frame, table.source, table.columns, config.strict, notes)
     if frame.empty:
-        raise UserError(f"{table.source}: no row has a usable image name and MOS")
+        raise UserError(f"{table.source}: no row has a usable image name, MOS and std")
+    duplicates = int(frame["image"].duplicated().sum())
+    if duplicates:
+        first = frame["image"][frame["image"].duplicated()].iloc[0]
+        notes.append(f"{table.source}: {duplicates} duplicate image name(s), e.g. {first!r}; all rows kept")
 
     lo, hi = float(mos.min()), float(mos.max())
     if not hi > lo:

@@ -293,9 +293,6 @@ def check_prepared(out: Path, summary: dict, expected: pd.DataFrame, *, lower, d
 def in_process_runner(monkeypatch, capsys):
     """`run(*args) -> (exit code, stdout, stderr)` of `iqa ARGS...` through the console-script entry point
     `iqa_cli.cli.main`, in this process: a second faster per call than a subprocess."""
-    # stderr is not a terminal here and rich wraps at 80 columns; widen it so that a message's line count is
-    # its own (main() should print errors with soft_wrap=True; reported to the lead)
-    monkeypatch.setattr(cli.err_console, "width", 10_000)
 
     def run(*args):
         monkeypatch.setattr(sys, "argv", ["iqa", *map(str, args)])

@@ -316,7 +316,7 @@ def test_empty_dataset_and_constant_scores(iqa, tmp_path, rng):
     flive.write_text("name,mos\na.jpg,50\nb.jpg,50\n")
     assert_user_error(iqa("prepare", "flive", "--csv", flive), "all 2 MOS values equal 50")
     flive.write_text("name,mos\na.jpg,x\nb.jpg,\n")
-    assert_user_error(iqa("prepare", "flive", "--csv", flive), "no row has a usable image name and MOS")
+    assert_user_error(iqa("prepare", "flive", "--csv", flive), "no row has a usable image name, MOS and std")
 
 
 @pytest.mark.parametrize(
@@ -396,8 +396,19 @@ def test_custom_needs_its_columns(iqa, tmp_path):
 
 
 def test_user_error_from_the_real_process_is_one_line_with_exit_code_2(tmp_path):
-    # COLUMNS: rich wraps stderr at 80 columns when it is not a terminal (reported; see the iqa fixture)
-    result = run_iqa("prepare", "koniq", "--csv", str(tmp_path / "missing.csv"), env={"COLUMNS": "1000"})
+    result = run_iqa("prepare", "koniq", "--csv", str(tmp_path / "missing" / ("long-name-" * 8 + ".csv")))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: KonIQ-10k score file not found: {tmp_path / 'missing.csv'}"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: KonIQ-10k score file not found: {tmp_path / 'missing' / ('long-name-' * 8 + '.csv')}"
+    ]
     assert result.stdout == ""
+
+
+def test_byte_order_mark_and_duplicate_names(iqa, tmp_path, rng):
+    source, expected = write_koniq(tmp_path, rng)
+    lines = source.read_text().splitlines()
+    source.write_bytes(("\ufeff" + "\n".join([*lines, lines[1]]) + "\n").encode())  # BOM, first row twice
+    code, out, err = iqa("prepare", "koniq", "--csv", source, "--out", tmp_path / "k.parquet", "--json")
+    assert code == 0, err
+    assert f"1 duplicate image name(s), e.g. {expected['image'][0]!r}" in err
+    assert json.loads(out)["rows"] == 41

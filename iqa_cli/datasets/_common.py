@@ -92,6 +92,7 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
     """pandas.read_csv with parse failures turned into a one-line UserError naming the file."""
     import pandas as pd
 
+    kwargs.setdefault("encoding", "utf-8-sig")  # a leading byte-order mark would rename the first column
     try:
         frame = pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
