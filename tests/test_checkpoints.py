@@ -376,3 +376,13 @@ def test_repo_id_resolves_through_the_cache_and_records_the_commit(tmp_path, mod
     result = _run_python(code, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["tiny-org/tiny-owl", commit, "tiny-org/tiny-owl", commit, "full", "bin", "True"]
+
+
+@pytest.mark.gpu
+def test_lora_loads_straight_onto_the_gpu_in_bfloat16(tmp_path, model):
+    written = write_checkpoint(model, tmp_path / "lora", layout="lora")
+    loaded = load_mplug_owl2(written.path, base=written.base, dtype=torch.bfloat16, device="cuda")
+    assert {(t.device.type, t.dtype) for t in loaded.model.state_dict().values()} == {("cuda", torch.bfloat16)}
+    cpu = load_mplug_owl2(written.path, base=written.base, dtype=torch.bfloat16)
+    for (name, a), b in zip(loaded.model.state_dict().items(), cpu.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-2, msg=name)

@@ -468,3 +468,19 @@ def test_mplug_owl2_implements_the_backbone_interface(model):
         ref = model(ids, px, logits_at="last")
     torch.testing.assert_close(out.logits, ref.logits)
     assert out.last_index.tolist() == [9 - 1 + model.num_visual_tokens - 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    """SDPA kernels, masks and the multiway routing on the GPU give the CPU's numbers."""
+    ids = torch.tensor([_prompt(3, 9, 19), [0, 0, *_prompt(2, 7, 20)]])
+    mask = torch.tensor([[1] * 9, [0, 0] + [1] * 7])
+    px = random_pixels(2, tiny_config(), seed=21)
+    cpu = tiny_model(seed=0)
+    gpu = tiny_model(seed=0).to("cuda", dtype)
+    with torch.no_grad():
+        ref = cpu(ids, px, attention_mask=mask, logits_at="last").logits
+        out = gpu(ids.cuda(), px.cuda(), attention_mask=mask.cuda(), logits_at="last").logits.float().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 0.3
+    torch.testing.assert_close(torch.log_softmax(out, -1), torch.log_softmax(ref, -1), rtol=0, atol=tol)

@@ -70,3 +70,33 @@ def test_7b_forward_shapes_on_meta(meta_7b):
     out = meta_7b(ids, pixels, logits_at="last")
     assert out.hidden_states.shape == (1, 8 - 1 + 65, 4096)
     assert out.logits.shape == (1, 1, 32000)
+
+
+def test_config_save_load_keeps_qscorer_and_unknown_keys(tmp_path):
+    config = MPLUGOwl2Config.from_name("mplug-owl2-tiny", vocab_size=517, deepmlp_hidden_dims=[2048, 1024])
+    config.extra.update({"level_ids": [15129, 1781], "tune_visual_abstractor": True})
+    config.visual_extra["note"] = "kept"
+    path = config.save(tmp_path)
+    data = json.loads(path.read_text())
+    assert data["model_type"] == "mplug_owl2" and data["vocab_size"] == 517
+    assert data["deepmlp_hidden_dims"] == [2048, 1024] and data["score_token_id"] == []
+    assert data["visual_config"]["note"] == "kept" and data["level_ids"] == [15129, 1781]
+    assert set(data["visual_config"]) == {"note", "visual_model", "visual_abstractor"}
+    again = MPLUGOwl2Config.load(tmp_path)
+    assert again == config
+    assert again.to_hf_dict() == data
+
+
+def test_config_errors_name_the_file(tmp_path):
+    from iqa_cli.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model size 'owl-9000'"):
+        MPLUGOwl2Config.from_name("owl-9000")
+    bad = MPLUGOwl2Config.from_name("mplug-owl2-tiny").to_hf_dict()
+    bad["visual_config"]["visual_abstractor"]["grid_size"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match=r"config\.json: unsupported mPLUG-Owl2 config: visual_abstractor\.grid_size 3"):
+        MPLUGOwl2Config.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config\.json: not a readable JSON config"):
+        MPLUGOwl2Config.load(tmp_path / "config.json")
