@@ -286,6 +286,9 @@ class Scorer:
             raise UserError(f"--prompt must hold {IMAGE_TOKEN} exactly once: {prompt!r}")
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
+        if base is None and Path(model).is_dir():  # an `iqa train` LoRA run names its own base
+            local_run = RunInfo.read(Path(model))
+            base = local_run.extra.get("base") if local_run else None
         loaded = load_mplug_owl2(model, base=base, revision=revision, dtype=torch_dtype, device=target)
         backbone = MPLUGOwl2Backbone.from_checkpoint(loaded)
         run = RunInfo.read(loaded.weights_dir)

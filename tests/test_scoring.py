@@ -176,3 +176,13 @@ def test_dtype_resolution():
     assert resolve_dtype("bf16", cpu) is torch.bfloat16
     with pytest.raises(UserError, match="--dtype"):
         resolve_dtype("float8", cpu)
+
+
+def test_lora_run_directory_names_its_own_base(tmp_path, tiny_tokenizer, images):
+    ckpt = write_checkpoint(tiny_model(seed=10), tmp_path / "lora", layout="lora", tokenizer_dir=tiny_tokenizer)
+    explicit = Scorer.from_pretrained(ckpt.path, base=ckpt.base, device="cpu", dtype="float32")
+    (ckpt.path / "iqa.json").write_text(json.dumps({"base": str(ckpt.base)}))
+    implicit = Scorer.from_pretrained(ckpt.path, device="cpu", dtype="float32")
+    pixels = torch.stack([explicit.preprocessor(im) for im in images])
+    torch.testing.assert_close(implicit.score_pixels(pixels).probs, explicit.score_pixels(pixels).probs)
+    assert implicit.metadata["base_model"] == str(ckpt.base.resolve())
