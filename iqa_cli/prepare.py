@@ -322,7 +322,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     no_std = np.isnan(std)
     if pseudo is not None and no_std.any():
         std = np.where(no_std, pseudo * (hi - lo), std)
-        notes.append(f"{int(no_std.sum())} row(s) without a std use the pseudo std {pseudo:g} x score range")
+        if spec.pseudo_std is None:  # PIPAL's pseudo std is the preset's method, not news
+            notes.append(f"{int(no_std.sum())} row(s) without a std use the pseudo std {pseudo:g} x score range")
     elif no_std.all():
         notes.append(f"{table.source} has no std: every soft label is the two-point interpolation (Eq. A2)")
 
