@@ -386,3 +386,10 @@ def test_lora_loads_straight_onto_the_gpu_in_bfloat16(tmp_path, model):
     cpu = load_mplug_owl2(written.path, base=written.base, dtype=torch.bfloat16)
     for (name, a), b in zip(loaded.model.state_dict().items(), cpu.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-2, msg=name)
+
+
+def test_corrupt_bin_is_reported_as_unreadable(tmp_path, model):
+    written = write_checkpoint(model, tmp_path / "ckpt", fmt="bin")
+    (written.path / "pytorch_model.bin").write_bytes(b"not a pickle at all" * 10)
+    with pytest.raises(UserError, match=r"pytorch_model\.bin: not a readable PyTorch weights file"):
+        load_mplug_owl2(written.path)

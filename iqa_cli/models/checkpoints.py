@@ -222,6 +222,10 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # a corrupt or foreign file, not a forbidden object
+            raise UserError(
+                f"{path}: not a readable PyTorch weights file (corrupt or not a torch.save pickle)"
+            ) from exc
         raise UserError(
             f"{path}: refusing to load: the pickle holds objects other than plain tensors"
             " (only torch.load(weights_only=True) files are accepted)"

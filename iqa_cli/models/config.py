@@ -135,6 +135,8 @@ class MPLUGOwl2Config:
         problems = []
         if v.hidden_act != "quick_gelu":
             problems.append(f"visual_model.hidden_act {v.hidden_act!r} (only 'quick_gelu' is supported)")
+        if lm.tie_word_embeddings:
+            problems.append("tie_word_embeddings true (the released models have a separate lm_head)")
         if lm.hidden_act != "silu":
             problems.append(f"hidden_act {lm.hidden_act!r} (only 'silu' is supported)")
         if v.hidden_size % v.num_attention_heads:
