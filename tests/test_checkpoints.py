@@ -393,3 +393,10 @@ def test_corrupt_bin_is_reported_as_unreadable(tmp_path, model):
     (written.path / "pytorch_model.bin").write_bytes(b"not a pickle at all" * 10)
     with pytest.raises(UserError, match=r"pytorch_model\.bin: not a readable PyTorch weights file"):
         load_mplug_owl2(written.path)
+
+
+def test_corrupt_safetensors_is_reported_as_unreadable(tmp_path, model):
+    written = write_checkpoint(model, tmp_path / "ckpt", fmt="safetensors", shards=2)
+    (written.path / "model-00002-of-00002.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(UserError, match=r"model-00002-of-00002\.safetensors: not a readable safetensors file"):
+        load_mplug_owl2(written.path)

@@ -85,6 +85,7 @@ class _Source:
     path: Path
     repo_id: str | None
     revision: str | None
+    remote: bool = False  # resolved from a repo id: missing files may be fetched (same commit)
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -100,7 +101,7 @@ def _resolve(model: str | Path, revision: str | None, *, what: str = "model") ->
     if path.exists() or text.startswith((".", "/", "~")) or not _REPO_ID.match(text):
         raise UserError(f"{what} {text!r}: not a directory and not a Hugging Face repo id (owner/name)")
     snapshot = _snapshot(text, revision, _META_PATTERNS)
-    return _Source(snapshot, text, snapshot.name)
+    return _Source(snapshot, text, snapshot.name, remote=True)
 
 
 def _provenance_from_cache_path(path: Path) -> tuple[str | None, str | None]:
@@ -146,7 +147,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
 
 def _fetch(source: _Source, names: list[str]) -> None:
     """Downloads the named files of a Hub snapshot (same commit) if they are not there yet."""
-    if source.repo_id is None or all((source.path / n).exists() for n in names):
+    if not source.remote or all((source.path / n).exists() for n in names):
         return
     fetched = _snapshot(source.repo_id, source.revision, names)
     if fetched != source.path:  # the same commit lands in the same folder
@@ -175,15 +176,15 @@ class _TensorFiles:
 
     def _header(self, f: Path) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
         if self.format == "safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(f), framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                        sl = handle.get_slice(key)
-                        yield key, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype())
-            except (OSError, ValueError, RuntimeError) as exc:
+                    entries = [(k, handle.get_slice(k)) for k in handle.keys()]  # noqa: SIM118 - not a mapping
+                    header = [(k, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype())) for k, sl in entries]
+            except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
                 raise UserError(f"{f}: not a readable safetensors file ({exc})") from exc
+            yield from header
         else:
             tensors = load_bin(f)
             self._bins[f] = tensors
@@ -415,11 +416,12 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 def _adapter_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     st, binf = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
     if st.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(st)), st
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise UserError(f"{st}: not a readable safetensors file ({exc})") from exc
     if binf.is_file():
         return load_bin(binf), binf
@@ -518,7 +520,7 @@ def load_mplug_owl2(
 def _load_lora(
     src: _Source, base: str | Path | None, dtype: torch.dtype | None, device: torch.device
 ) -> LoadedCheckpoint:
-    _fetch(src, ["adapter_model.safetensors", "adapter_model.bin", NON_LORA] if src.repo_id else [])
+    _fetch(src, ["adapter_model.safetensors", "adapter_model.bin", NON_LORA])
     lora_cfg = _LoraConfig.read(src.path / ADAPTER_CONFIG)
     base_src = _resolve(base if base is not None else DEFAULT_BASE, None, what="base model")
     if (base_src.path / ADAPTER_CONFIG).is_file():
