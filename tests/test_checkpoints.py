@@ -106,6 +106,7 @@ def test_lora_layout_equals_base_with_merge_done_here(tmp_path, model, adapter_f
     assert (_logits(base_only.model) - _logits(model)).abs().max() > 1e-2
 
 
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # peft looks for the authors' base path
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_lora_layout_equals_peft_on_the_unmerged_model(tmp_path, model, use_rslora):
     peft = pytest.importorskip("peft")
