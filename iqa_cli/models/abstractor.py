@@ -158,11 +158,3 @@ class VisualAbstractor(nn.Module):
         x = self.visual_fc(self.encoder(queries, image))  # B, Q, H
         eos = self.vit_eos.expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([x, eos], dim=1)
-
-    def reset_pos_embeds(self) -> None:
-        """Recomputes the fixed sin-cos buffers in place (after materializing from the meta device)."""
-        for layer in self.encoder.layers:
-            attn = layer.crossattention.attention
-            q_pos, k_pos = abstractor_pos_embeds(self.config, device=attn.q_pos_embed.device)
-            attn.q_pos_embed = q_pos.to(attn.q_pos_embed.dtype)
-            attn.k_pos_embed = k_pos.to(attn.k_pos_embed.dtype)
