@@ -232,15 +232,18 @@ def _reason(exc: BaseException) -> str:
 class PadCollate:
     """Stacks a batch into [batch_size, 3, S, S] whatever its length or failures (zero rows as padding).
 
-    Fixed shapes keep CUDA kernels and allocator blocks reusable; padded rows have index -1.
+    Fixed shapes keep CUDA kernels and allocator blocks reusable; padded rows have index -1. Pixels are cast
+    to the model's dtype here, in the worker, when it is a 16-bit one: half the bytes to pin and copy, and
+    the same rounding the model's own cast would do.
     """
 
     batch_size: int
     image_size: int
+    dtype: torch.dtype = torch.float32
 
     def __call__(self, items: list[tuple]) -> dict[str, Any]:
         b, s = self.batch_size, self.image_size
-        pixels = torch.zeros(b, 3, s, s)
+        pixels = torch.zeros(b, 3, s, s, dtype=self.dtype)
         index = torch.full((b,), -1, dtype=torch.int64)
         width = torch.full((b,), -1, dtype=torch.int32)
         height = torch.full((b,), -1, dtype=torch.int32)
@@ -250,6 +253,11 @@ class PadCollate:
             if tensor is not None:
                 pixels[row] = tensor
         return {"pixels": pixels, "index": index, "width": width, "height": height, "error": errors}
+
+
+def _transfer_dtype(scorer: ScorerLike) -> torch.dtype:
+    dtype = getattr(scorer, "dtype", torch.float32)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _worker_init(_: int) -> None:
@@ -1077,7 +1085,7 @@ def _score_indices(
         dataset,
         batch_sampler=_batches(len(indices), size),
         num_workers=workers,
-        collate_fn=PadCollate(size, scorer.image_size),
+        collate_fn=PadCollate(size, scorer.image_size, _transfer_dtype(scorer)),
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=2 if workers else None,

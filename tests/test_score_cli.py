@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from iqa_cli import __version__
 from iqa_cli.cli import app
 from iqa_cli.errors import UserError
 from tests.conftest import run_iqa
@@ -16,6 +19,7 @@ from tests.conftest import run_iqa
 # cli.main() prints errors with rich, which wraps at the terminal width (80 in a pipe); a wide terminal shows
 # whether the message itself is one line.
 WIDE = {"COLUMNS": "400"}
+LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 
 
 @pytest.fixture
@@ -91,3 +95,158 @@ def test_existing_foreign_output_is_refused(tmp_path, photos):
         run_iqa("score", str(photos), "--out", str(out), env=WIDE, timeout=120), "not written by `iqa score`"
     )
     assert out.read_text() == "not ours"
+
+
+# --- the real CLI on a tiny checkpoint in the released layout ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """A DeQA-style full checkpoint, a second one with other weights, and a Q-Scorer LoRA checkpoint."""
+    from iqa_cli.tokenizer import LlamaTokenizer
+    from tests.factories import tiny_model, write_checkpoint
+    from tests.tokenizer_factory import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tokenizer = build_tiny_tokenizer(root / "tok")
+    vocab = len(LlamaTokenizer.from_dir(tokenizer))
+    qscorer = tiny_model(seed=6, vocab_size=vocab + 5, deepmlp_hidden_dims=[48, 48])
+    return {
+        "deqa": write_checkpoint(tiny_model(seed=3), root / "deqa", tokenizer_dir=tokenizer),
+        "other": write_checkpoint(tiny_model(seed=4), root / "other", tokenizer_dir=tokenizer),
+        "qscorer": write_checkpoint(qscorer, root / "q", layout="qscorer_lora", tokenizer_dir=tokenizer),
+    }
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    from tests.test_score_pipeline import make_image_folder
+
+    root = tmp_path_factory.mktemp("mixed") / "photos"
+    return root, make_image_folder(root)
+
+
+def _api_scores(checkpoint, folder, names):
+    """The Scorer API on the same files, one image per call (no batching at all)."""
+    from iqa_cli.scoring import Scorer
+
+    scorer = Scorer.from_pretrained(checkpoint.path, base=checkpoint.base, device="cpu", dtype="float32")
+    return {name: scorer.score([folder / name], batch_size=1)[0] for name in names}
+
+
+def _score_cli(folder, out, checkpoint, *extra, **kwargs):
+    args = ["score", str(folder), "--out", str(out), "--model", str(checkpoint.path), "--device", "cpu"]
+    if checkpoint.base is not None:
+        args += ["--base", str(checkpoint.base)]
+    return run_iqa(*args, "--dtype", "float32", *extra, env=WIDE, timeout=300, **kwargs)
+
+
+@pytest.mark.slow
+def test_cli_scores_equal_the_scorer_api_and_do_not_depend_on_batch_size(tiny_checkpoints, mixed_folder, tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    folder, expected = mixed_folder
+    ckpt = tiny_checkpoints["deqa"]
+    first, second = tmp_path / "b3.parquet", tmp_path / "b8.parquet"
+    result = _score_cli(folder, first, ckpt, "--batch-size", "3", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"scored 20 of {len(expected)} images (5 failed)" in result.stderr
+    assert "failed: broken/" in result.stderr
+    result = _score_cli(folder, second, ckpt, "--batch-size", "8", "--workers", "0", "--quiet")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+    frame = pd.read_parquet(first)
+    assert sorted(frame["image"]) == sorted(expected) and frame["image"].is_unique
+    failed = frame[frame["error"].notna()]
+    assert sorted(failed["image"]) == sorted(n for n, e in expected.items() if e)
+    for row in failed.itertuples():
+        assert expected[row.image] in row.error
+    ok = frame[frame["error"].isna()]
+    api = _api_scores(ckpt, folder, ok["image"])
+    for row in ok.itertuples():
+        want = api[row.image]
+        assert row.score == pytest.approx(want.score, abs=1e-5), row.image
+        assert row.std == pytest.approx(want.std, abs=1e-5)
+        np.testing.assert_allclose(row.probs, want.probs, atol=1e-5, rtol=0)
+        assert row.level == want.level and (row.width, row.height) == (want.width, want.height)
+
+    other = pd.read_parquet(second)
+    assert other["image"].tolist() == frame["image"].tolist()
+    np.testing.assert_allclose(other["score"].to_numpy(float), frame["score"].to_numpy(float), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.stack(other["probs"].dropna()), np.stack(frame["probs"].dropna()), atol=1e-5)
+
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(first).metadata.items()}
+    assert meta["dtype"] == "float32" and json.loads(meta["level_names"]) == LEVELS
+    assert meta["model"] == str(ckpt.path.resolve()) and meta["iqa_version"] == __version__
+    assert "<|image|>" in meta["prompt"]
+
+    # Re-running the finished command does nothing; another model is refused; --overwrite replaces.
+    before = first.stat().st_mtime_ns
+    result = _score_cli(folder, first, ckpt, "--batch-size", "3")
+    assert result.returncode == 0 and "is complete" in result.stderr and first.stat().st_mtime_ns == before
+    result = _score_cli(folder, first, tiny_checkpoints["other"])
+    _one_line_error(result, "exists and was written with a different model", "--overwrite")
+    result = _score_cli(folder, first, tiny_checkpoints["other"], "--overwrite", "--quiet")
+    assert result.returncode == 0 and first.stat().st_mtime_ns != before
+
+
+def test_cli_writes_score_reg_for_a_qscorer_checkpoint(tiny_checkpoints, mixed_folder, tmp_path):
+    import pandas as pd
+
+    folder, _ = mixed_folder
+    ckpt = tiny_checkpoints["qscorer"]
+    out = tmp_path / "q.jsonl"
+    result = _score_cli(folder / "many", out, ckpt, "--batch-size", "4", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_json(out, lines=True, dtype=False)
+    assert list(frame.columns)[-1] == "score_reg"
+    api = _api_scores(ckpt, folder / "many", frame["image"])
+    for row in frame.itertuples():
+        assert row.score_reg == pytest.approx(api[row.image].score_reg, abs=1e-5)
+        assert row.score == pytest.approx(api[row.image].score, abs=1e-5)
+    assert json.loads(Path(f"{out}.meta.json").read_text())["regressor_readout"] == "appended"
+
+
+def test_cli_exits_1_when_every_image_fails(tiny_checkpoints, tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"")
+    (folder / "b.png").write_text("text")
+    out = tmp_path / "s.csv"
+    result = _score_cli(folder, out, tiny_checkpoints["deqa"])
+    assert result.returncode == 1, result.stderr
+    assert "none of the 2 images could be read" in result.stderr
+    frame = pd.read_csv(out)
+    assert frame["image"].tolist() == ["a.jpg", "b.png"] and frame["score"].isna().all()
+    assert frame["error"].notna().all()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tiny_checkpoints, mixed_folder, tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    folder, _ = mixed_folder
+    ckpt = tiny_checkpoints["deqa"]
+    single, double = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    assert _score_cli(folder, single, ckpt, "--workers", "1", "--quiet").returncode == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = ["-m", "iqa_cli", "score", str(folder), "--out", str(double), "--model", str(ckpt.path)]
+    env = {**os.environ, **WIDE, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launcher, *args, "--device", "cpu", "--dtype", "float32", "--workers", "1", "--batch-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    a, b = pd.read_parquet(single), pd.read_parquet(double)
+    assert a["image"].tolist() == b["image"].tolist() and a["error"].equals(b["error"])
+    np.testing.assert_allclose(a["score"].to_numpy(float), b["score"].to_numpy(float), atol=1e-5, rtol=0)
+    assert not Path(f"{double}.parts").exists()
