@@ -141,15 +141,17 @@ def test_run_file_sets_ids_and_word_levels(tmp_path, tiny_tokenizer, images):
     assert scorer.metadata["method"] == "deqa"
 
 
-def test_run_file_with_score_tokens_reads_regressor_at_last_position(tmp_path, tiny_tokenizer, images):
+@pytest.mark.parametrize("k", [3, 5])
+def test_run_file_with_score_tokens_reads_regressor_at_last_position(tmp_path, tiny_tokenizer, images, k):
     tok = LlamaTokenizer.from_dir(tiny_tokenizer)
-    tokens = [f"<score{i}>" for i in range(1, 6)]
+    tokens = [f"<score{i}>" for i in range(1, k + 1)]
     score_ids = tok.add_tokens(tokens)
     saved = tok.save(tmp_path / "tok")
     model = tiny_model(seed=9, vocab_size=len(tok), deepmlp_hidden_dims=[32])
     ckpt = write_checkpoint(model, tmp_path / "run", tokenizer_dir=saved)
     ids = tokenize_prompt(tok, DEFAULT_PROMPT)
-    run = {"method": "qscorer", "level_names": LEVELS, "level_tokens": tokens, "input_ids": ids, "regressor": "last"}
+    names = LEVELS if k == 5 else ["low", "mid", "high"]
+    run = {"method": "qscorer", "level_names": names, "level_tokens": tokens, "input_ids": ids, "regressor": "last"}
     (ckpt.path / "iqa.json").write_text(json.dumps(run))
     scorer = Scorer.from_pretrained(ckpt.path, device="cpu", dtype="float32")
     assert list(scorer.readout.level_token_ids) == score_ids

@@ -578,6 +578,9 @@ def _load_lora(
     )
 
 
+_SCORE_TOKEN = re.compile(r"<score(\d+)>")
+
+
 def _score_tokens(config: MPLUGOwl2Config, tokenizer_dir: Path | None, base_vocab: int | None) -> dict[str, list]:
     """Q-Scorer's <score1>..<score5> ids (ascending quality) and whether the tokenizer must add them.
 
@@ -588,8 +591,9 @@ def _score_tokens(config: MPLUGOwl2Config, tokenizer_dir: Path | None, base_voca
     if config.deepmlp_hidden_dims is None:
         return {"score_token_ids": [], "added_tokens": []}
     recorded = _recorded_added_tokens(tokenizer_dir)
-    if all(t in recorded for t in SCORE_TOKENS):
-        return {"score_token_ids": [recorded[t] for t in SCORE_TOKENS], "added_tokens": []}
+    numbered = sorted((int(m.group(1)), i) for t, i in recorded.items() if (m := _SCORE_TOKEN.fullmatch(t)))
+    if numbered:  # a tokenizer that records its score tokens (any K, e.g. an `iqa train` run) is the truth
+        return {"score_token_ids": [i for _, i in numbered], "added_tokens": []}
     vocab = config.language.vocab_size
     ids = list(reversed(config.score_token_id))
     if not ids and (base_vocab is None or vocab - base_vocab == len(SCORE_TOKENS)):
