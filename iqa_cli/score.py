@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -243,16 +244,32 @@ class PadCollate:
 
     def __call__(self, items: list[tuple]) -> dict[str, Any]:
         b, s = self.batch_size, self.image_size
-        pixels = torch.zeros(b, 3, s, s, dtype=self.dtype)
+        pixels = _batch_buffer((b, 3, s, s), self.dtype)
         index = torch.full((b,), -1, dtype=torch.int64)
         width = torch.full((b,), -1, dtype=torch.int32)
         height = torch.full((b,), -1, dtype=torch.int32)
         errors: list[str | None] = [None] * b
+        filled = torch.zeros(b, dtype=torch.bool)
         for row, (i, tensor, w, h, error) in enumerate(items):
             index[row], width[row], height[row], errors[row] = i, w, h, error
             if tensor is not None:
                 pixels[row] = tensor
+                filled[row] = True
+        pixels[~filled] = 0
         return {"pixels": pixels, "index": index, "width": width, "height": height, "error": errors}
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, allocated in shared memory right away.
+
+    A batch built in ordinary memory is copied into shared memory when the worker hands it over (as
+    `default_collate` avoids too): for 16 images at 448 px that is 38 MB more to write per batch.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 def _transfer_dtype(scorer: ScorerLike) -> torch.dtype:
