@@ -146,6 +146,26 @@ def find_column(frame: pd.DataFrame, candidates: Iterable[str]) -> str | None:
     return None
 
 
+def load_csv(path: Path, file_name: str, what: str, required: Iterable[str]) -> tuple[Path, pd.DataFrame]:
+    """The dataset's CSV (`path`, or `file_name` inside the directory `path`), checked for `required` columns."""
+    path = pick_file(path, [file_name], what)
+    frame = read_csv(path)
+    require_columns(frame, required, path)
+    return path, frame
+
+
+def csv_reader(
+    file_name: str, what: str, *, image: str, mos: str, std: str | None
+) -> Callable[[Path, ReadOptions], MetaTable]:
+    """A reader for a one-header-row CSV that names its image, MOS and std columns as given."""
+
+    def read(path: Path, options: ReadOptions) -> MetaTable:
+        path, frame = load_csv(path, file_name, what, [c for c in (image, mos, std) if c is not None])
+        return common_table(frame, path, image=image, mos=mos, std=std)
+
+    return read
+
+
 def common_table(
     frame: pd.DataFrame,
     source: Path | str,

@@ -10,27 +10,12 @@ the `mos_quality` values, 0..~4.5, for names like `AttnGAN_normal_000.jpg`):
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from iqa_cli.datasets._common import (
-    DatasetSpec,
-    MetaTable,
-    ReadOptions,
-    common_table,
-    pick_file,
-    read_csv,
-    require_columns,
-)
+from iqa_cli.datasets._common import DatasetSpec, csv_reader
 
 FILE_NAME = "data.csv"
 
 
-def read(path: Path, options: ReadOptions) -> MetaTable:
-    path = pick_file(path, [FILE_NAME], "AGIQA-3K data file")
-    frame = read_csv(path)
-    require_columns(frame, ["name", "mos_quality", "std_quality"], path)
-    return common_table(frame, path, image="name", mos="mos_quality", std="std_quality")
-
+read = csv_reader(FILE_NAME, "AGIQA-3K data file", image="name", mos="mos_quality", std="std_quality")
 
 SPEC = DatasetSpec(
     name="agiqa3k",

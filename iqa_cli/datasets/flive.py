@@ -10,27 +10,12 @@ Format (verified against pyiqa `scripts/process_flive.py`, which reads `all_img_
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from iqa_cli.datasets._common import (
-    DatasetSpec,
-    MetaTable,
-    ReadOptions,
-    common_table,
-    pick_file,
-    read_csv,
-    require_columns,
-)
+from iqa_cli.datasets._common import DatasetSpec, csv_reader
 
 FILE_NAME = "labels_image.csv"
 
 
-def read(path: Path, options: ReadOptions) -> MetaTable:
-    path = pick_file(path, [FILE_NAME], "FLIVE label file")
-    frame = read_csv(path)
-    require_columns(frame, ["name", "mos"], path)
-    return common_table(frame, path, image="name", mos="mos", std=None)
-
+read = csv_reader(FILE_NAME, "FLIVE label file", image="name", mos="mos", std=None)
 
 SPEC = DatasetSpec(
     name="flive",

@@ -16,15 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iqa_cli.datasets._common import (
-    DatasetSpec,
-    MetaTable,
-    ReadOptions,
-    common_table,
-    pick_file,
-    read_csv,
-    require_columns,
-)
+from iqa_cli.datasets._common import DatasetSpec, MetaTable, ReadOptions, common_table, load_csv
 from iqa_cli.errors import UserError
 
 FILE_NAME = "dmos.csv"
@@ -34,9 +26,7 @@ def read(path: Path, options: ReadOptions) -> MetaTable:
     import numpy as np
     import pandas as pd
 
-    path = pick_file(path, [FILE_NAME], "KADID-10k dmos file")
-    frame = read_csv(path)
-    require_columns(frame, ["dist_img", "ref_img", "dmos", "var"], path)
+    path, frame = load_csv(path, FILE_NAME, "KADID-10k dmos file", ["dist_img", "ref_img", "dmos", "var"])
     var = pd.to_numeric(frame["var"], errors="coerce")
     negative = var < 0
     if negative.any():

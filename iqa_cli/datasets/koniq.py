@@ -13,27 +13,12 @@ Higher is better. Density default pdf (the released DeQA-Score config `build_sof
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from iqa_cli.datasets._common import (
-    DatasetSpec,
-    MetaTable,
-    ReadOptions,
-    common_table,
-    pick_file,
-    read_csv,
-    require_columns,
-)
+from iqa_cli.datasets._common import DatasetSpec, csv_reader
 
 FILE_NAME = "koniq10k_scores_and_distributions.csv"
 
 
-def read(path: Path, options: ReadOptions) -> MetaTable:
-    path = pick_file(path, [FILE_NAME], "KonIQ-10k score file")
-    frame = read_csv(path)
-    require_columns(frame, ["image_name", "MOS", "SD"], path)
-    return common_table(frame, path, image="image_name", mos="MOS", std="SD")
-
+read = csv_reader(FILE_NAME, "KonIQ-10k score file", image="image_name", mos="MOS", std="SD")
 
 SPEC = DatasetSpec(
     name="koniq",
