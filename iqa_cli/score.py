@@ -417,11 +417,15 @@ class Sidecar:
         _atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     def remove(self) -> None:
-        if not self.dir.exists():
+        """Deletes our files, the manifest first: a removal cut short leaves a folder that reads as no run."""
+        if not self.dir.is_dir():
             return
-        for path in self.dir.iterdir():
-            path.unlink()
-        self.dir.rmdir()
+        (self.dir / MANIFEST).unlink(missing_ok=True)
+        for pattern in ("part-*.parquet", "*.tmp"):
+            for path in self.dir.glob(pattern):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a file that is not ours stays, and so does the folder
+            self.dir.rmdir()
         _fsync_dir(self.dir.parent)
 
     def remove_temporaries(self) -> None:
@@ -621,6 +625,8 @@ def write_output(
     out: Path, fmt: str, chunks: Iterator[pa.Table], schema: pa.Schema, metadata: dict[str, str]
 ) -> tuple[int, int, list[tuple[str, str]]]:
     """Writes the merged rows to `out` atomically; returns (rows, failed rows, first few failures)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a merge that was killed
+        stale.unlink(missing_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     rows = failed = 0
     first_errors: list[tuple[str, str]] = []
@@ -1074,8 +1080,9 @@ def _score(
 
     metadata = output_metadata(plan, _request(config), fingerprint, len(inputs))
     schema = part_schema(len(plan.level_names), plan.has_regressor, with_index=False)
-    rows, failed, first_errors = write_output(out, fmt, merge_parts(sidecar, len(inputs)), schema, metadata)
-    sidecar.remove()
+    with _signals_raise(sidecar.dir):  # stopped mid-merge: the temporary file goes, the parts stay
+        rows, failed, first_errors = write_output(out, fmt, merge_parts(sidecar, len(inputs)), schema, metadata)
+        sidecar.remove()
     summary.total, summary.failed, summary.first_errors = rows, failed, first_errors
     return summary
 

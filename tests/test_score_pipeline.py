@@ -302,6 +302,31 @@ def test_resume_after_a_crash_scores_only_the_rest(folder, reference, tmp_path):
     assert not sidecar_path(out).exists()
 
 
+def test_crash_before_the_merge_resumes_without_the_model(folder, reference, tmp_path, monkeypatch):
+    import iqa_cli.score
+
+    out = tmp_path / "scores.parquet"
+
+    def killed_mid_merge(out_path, fmt, chunks, schema, metadata):
+        next(chunks)
+        out_path.with_name(f".{out_path.name}.tmp-99999").write_bytes(b"half a file")
+        raise Crash
+
+    with monkeypatch.context() as patch:
+        patch.setattr(iqa_cli.score, "write_output", killed_mid_merge)
+        with pytest.raises(Crash):
+            run(folder[0], out)
+    assert not out.exists() and len(_part_indices(out)) == len(reference)
+
+    def refuse(device):
+        raise AssertionError("every image is in the parts: the model must not be loaded")
+
+    summary = score_images(ScoreConfig(out=out, inputs=[str(folder[0])], quiet=True), scorer_factory=refuse)
+    assert summary.resumed == len(reference) and summary.processed == 0 and summary.failed == 5
+    assert_same_rows(pd.read_parquet(out), reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]  # no sidecar, no stale temporary
+
+
 def test_finished_output_is_not_recomputed_unless_overwrite(folder, reference, tmp_path):
     out = tmp_path / "scores.parquet"
     run(folder[0], out)
@@ -474,6 +499,17 @@ def test_two_process_gloo_run_equals_single_process(folder, reference, tmp_path)
     assert_same_rows(table.to_pandas(), reference)
     assert not sidecar_path(out).exists()
     assert "ranks=2 processed=[13, 12] total=25" in output  # each rank scored its own half
+
+
+@pytest.mark.slow
+def test_benchmark_gpu_code_path_runs_on_the_cpu():
+    process = _launch([str(REPO_ROOT / "benchmarks" / "bench_score.py"), "gpu", "--dry-run"])
+    try:
+        output = process.communicate(timeout=300)[0].decode()
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "model FLOPs per image" in output and "best:" in output and "pipeline, 24 JPEGs" in output
 
 
 def _main(argv: list[str]) -> None:
