@@ -47,7 +47,7 @@ from iqa_cli import __version__, distributed
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
 
-DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"
+DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"  # as iqa_cli.scoring.DEFAULT_MODEL (not imported: keeps this module light)
 FORMATS = ("parquet", "csv", "jsonl")
 SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -30,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
+from iqa_cli import distributed
 from iqa_cli.errors import UserError
 from iqa_cli.images import ClipPreprocessor, load_image
 from iqa_cli.score import BatchRunner, ScoreConfig, Sidecar, merge_parts, score_images, sidecar_path
@@ -430,6 +431,32 @@ def test_auto_batch_size_halves_on_out_of_memory():
     np.testing.assert_array_equal(result.score, expected.score.numpy())
     with pytest.raises(torch.OutOfMemoryError):
         BatchRunner(Picky(), 8, auto=False)(pixels)
+
+
+def test_distributed_environment_and_sharding(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.env() == distributed.DistEnv() and not distributed.env().is_distributed
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.all_gather_object(3) == [3]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    environment = distributed.env()
+    assert (environment.rank, environment.world_size, environment.local_rank) == (5, 4, 1)
+    assert distributed.resolve_device("cpu", environment) == torch.device("cpu")
+    # Strided shards cover every item exactly once, whatever the world size.
+    for world in (1, 2, 3, 8):
+        shards = [np.arange(10)[distributed.shard(10, distributed.DistEnv(r, world))] for r in range(world)]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(10))
+    assert distributed.shard(10, distributed.DistEnv(1, 3)) == slice(1, 10, 3)
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_with_pinned_prefetch_equals_cpu(folder, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    run(folder[0], out, device="cuda", batch_size=3, workers=2)
+    assert_same_rows(pd.read_parquet(out), reference)
 
 
 def _launch(args: list[str], **kwargs) -> subprocess.Popen:
