@@ -36,6 +36,7 @@ import numpy as np
 from scipy import special
 
 from iqa_cli.errors import UserError
+from iqa_cli.gaussians import gaussian_js_moment, gaussian_w2
 
 QUALITY_NAMES = ("bad", "poor", "fair", "good", "excellent")
 NUMBER_NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
@@ -264,30 +265,6 @@ def soft_labels(
     return SoftLabels(probs=probs, raw=raw, alpha=alpha, beta=beta, fallback=fallback, clipped=clipped)
 
 
-def gaussian_kl_floored(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """KL(N(mu1, s1^2) || N(mu2, s2^2)); a std of 0 counts as 1e-8 (the reference's epsilon)."""
-    s1 = np.maximum(np.asarray(s1, dtype=np.float64), _SIGMA_FLOOR)
-    s2 = np.maximum(np.asarray(s2, dtype=np.float64), _SIGMA_FLOOR)
-    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
-    return np.maximum(np.log(s2 / s1) + (s1**2 + diff**2) / (2.0 * s2**2) - 0.5, 0.0)
-
-
-def gaussian_js_moment(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """DeQA-Score's JS: the midpoint is the Gaussian of averaged mean and variance (`cal_distribution_gap.py`).
-
-    Not the true Jensen-Shannon divergence (`iqa_cli.metrics.gaussian_js` is); kept so that the label
-    statistics compare with the paper's tables. A std of 0 (one-hot labels) counts as 1e-8.
-    """
-    mu_m = 0.5 * (np.asarray(mu1, dtype=np.float64) + mu2)
-    s_m = np.sqrt(0.5 * (np.asarray(s1, dtype=np.float64) ** 2 + np.asarray(s2, dtype=np.float64) ** 2))
-    return 0.5 * gaussian_kl_floored(mu1, s1, mu_m, s_m) + 0.5 * gaussian_kl_floored(mu2, s2, mu_m, s_m)
-
-
-def gaussian_w2(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """Wasserstein-2 distance between two 1-D Gaussians: sqrt(dmu^2 + dsigma^2)."""
-    return np.hypot(np.asarray(mu1, dtype=np.float64) - mu2, np.asarray(s1, dtype=np.float64) - s2)
-
-
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -324,7 +301,8 @@ def _recovery_stats(
     # recovered means that differ only by rounding (tied MOS) tie: ranks at 1e-9 resolution
     srcc = _pearson(average_ranks(np.round(mean, _RANK_DECIMALS)), mu_ranks) if plcc is not None else None
     known = np.isfinite(s)  # rows without a std have no ground-truth Gaussian to compare with
-    js = gaussian_js_moment(mu[known], s[known], mean[known], std[known])
+    s_known, std_known = np.maximum(s[known], _SIGMA_FLOOR), np.maximum(std[known], _SIGMA_FLOOR)
+    js = np.maximum(gaussian_js_moment(mu[known], s_known, mean[known], std_known), 0.0)
     w2 = gaussian_w2(mu[known], s[known], mean[known], std[known])
     return {
         "l1": _finite(np.mean(np.abs(err))),

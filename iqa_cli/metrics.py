@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import optimize, special, stats
 
+from iqa_cli.gaussians import gaussian_js_moment, gaussian_kl, gaussian_w2
+
 LN2 = math.log(2.0)
 MIN_CORRELATION_ROWS = 3  # Pearson/Spearman/Kendall of two points are always +-1
 MIN_LOGISTIC_ROWS = 5  # with 4 points the 4-parameter curve can interpolate exactly: PLCC 1 says nothing
@@ -154,30 +156,6 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray, maxfev: int = 10000) -> L
     except (RuntimeError, ValueError, FloatingPointError) as exc:
         failures.append(f"bounded fit: {' '.join(str(exc).split())}")
     return LogisticFit(None, "; ".join(failures))
-
-
-def gaussian_kl(mu_p: np.ndarray, std_p: np.ndarray, mu_q: np.ndarray, std_q: np.ndarray) -> np.ndarray:
-    """Per-row KL(P || Q) for P = N(mu_p, std_p^2), Q = N(mu_q, std_q^2), in nats (closed form)."""
-    mu_p, std_p, mu_q, std_q = (_as_float64(a) for a in (mu_p, std_p, mu_q, std_q))
-    return np.log(std_q / std_p) + (std_p**2 + (mu_p - mu_q) ** 2) / (2.0 * std_q**2) - 0.5
-
-
-def gaussian_w2(mu_p: np.ndarray, std_p: np.ndarray, mu_q: np.ndarray, std_q: np.ndarray) -> np.ndarray:
-    """Per-row 2-Wasserstein distance between 1-D Gaussians: sqrt((mu_p - mu_q)^2 + (std_p - std_q)^2)."""
-    mu_p, std_p, mu_q, std_q = (_as_float64(a) for a in (mu_p, std_p, mu_q, std_q))
-    return np.sqrt((mu_p - mu_q) ** 2 + (std_p - std_q) ** 2)
-
-
-def gaussian_js_moment(mu_p: np.ndarray, std_p: np.ndarray, mu_q: np.ndarray, std_q: np.ndarray) -> np.ndarray:
-    """DeQA-Score's JS: the mixture replaced by N((mu_p + mu_q)/2, (std_p^2 + std_q^2)/2), closed form.
-
-    This is what `cal_distribution_gap.py` reports (its KL adds eps=1e-8, negligible here). It is not the
-    Jensen-Shannon divergence (it is unbounded for distant means); `gaussian_js` is. Kept so that numbers
-    compare with the paper's tables.
-    """
-    mu_p, std_p, mu_q, std_q = (_as_float64(a) for a in (mu_p, std_p, mu_q, std_q))
-    mu_m, std_m = 0.5 * (mu_p + mu_q), np.sqrt(0.5 * (std_p**2 + std_q**2))
-    return 0.5 * gaussian_kl(mu_p, std_p, mu_m, std_m) + 0.5 * gaussian_kl(mu_q, std_q, mu_m, std_m)
 
 
 def _trapezoid_rows(values: np.ndarray, step: np.ndarray) -> np.ndarray:
