@@ -177,6 +177,22 @@ def decode_rate(paths: list[Path], preprocess, n: int) -> float:
         torch.set_num_threads(threads)
 
 
+def _decode_worker(job: tuple[list[Path], ClipPreprocessor]) -> float:
+    paths, preprocess = job
+    return decode_rate(paths, preprocess, len(paths))
+
+
+def parallel_decode_rate(paths: list[Path], preprocess, processes: int, n: int) -> float:
+    """Total images/s of `processes` processes decoding at once: the ceiling of the pipeline on this machine."""
+    import multiprocessing
+
+    jobs = [(paths[i:n:processes], preprocess) for i in range(processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        start = time.perf_counter()
+        pool.map(_decode_worker, jobs)
+        return n / (time.perf_counter() - start)
+
+
 def hf_rate(paths: list[Path], processor, n: int) -> float:
     background = tuple(int(x * 255) for x in processor.image_mean)
     start = time.perf_counter()
@@ -261,6 +277,12 @@ def bench_cpu(args: argparse.Namespace) -> None:
         f"images/s per worker; reference (PIL open + expand2square + CLIPImageProcessor) "
         f"{hf_rate(paths, processor, k):.1f} images/s"
     )
+    if args.workers > 1:
+        total = parallel_decode_rate(paths, scorer.preprocessor, args.workers, min(n, 128))
+        print(
+            f"decode + preprocess, {args.workers} processes at once: {total:.1f} images/s in total "
+            "(the pipeline's ceiling on this machine, model excluded)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
