@@ -331,6 +331,7 @@ class BatchRunner:
         self.scorer = scorer
         self.size = size
         self.auto = auto
+        self.first_size = size
 
     def __call__(self, pixels: torch.Tensor) -> BatchResult:
         parts: list[BatchResult] = []
@@ -345,6 +346,8 @@ class BatchRunner:
             except torch.OutOfMemoryError:
                 if not self.auto or self.size == 1:
                     raise
+                result = None
+            if result is None:  # outside `except`, so the failed call's activations are already freed
                 self.size //= 2
                 _free_cuda_memory()
                 continue
@@ -1131,6 +1134,11 @@ def _score_indices(
             for batch, pixels in _device_batches(batches, device):
                 result = runner(pixels)
                 progress.advance(writer.add(batch, result))
+        if console is not None and runner.size != runner.first_size:
+            console.print(
+                f"--batch-size auto: out of GPU memory at {runner.first_size}, scored with {runner.size}",
+                markup=False,
+            )
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory at --batch-size {runner.size}; use a smaller size or --batch-size auto"
