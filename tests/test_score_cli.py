@@ -16,9 +16,6 @@ from iqa_cli.cli import app
 from iqa_cli.errors import UserError
 from tests.conftest import run_iqa
 
-# cli.main() prints errors with rich, which wraps at the terminal width (80 in a pipe); a wide terminal shows
-# whether the message itself is one line.
-WIDE = {"COLUMNS": "400"}
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 
 
@@ -74,7 +71,7 @@ def test_bad_input_raises_a_one_line_user_error(tmp_path, photos, args, fragment
 @pytest.mark.parametrize(("args", "fragments"), [BAD_INPUTS[0], BAD_INPUTS[2]])
 def test_bad_input_is_one_line_and_exit_2_in_a_subprocess(tmp_path, photos, args, fragments):
     args = _bad_input_args(tmp_path, photos, args)
-    _one_line_error(run_iqa("score", *args, env=WIDE, timeout=120), *fragments)
+    _one_line_error(run_iqa("score", *args, timeout=120), *fragments)
 
 
 @pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root can write anywhere")
@@ -83,7 +80,7 @@ def test_unwritable_output_folder_is_refused(tmp_path, photos):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        _one_line_error(run_iqa("score", str(photos), "--out", str(locked / "s.parquet"), env=WIDE), "not writable")
+        _one_line_error(run_iqa("score", str(photos), "--out", str(locked / "s.parquet")), "not writable")
     finally:
         locked.chmod(0o700)
 
@@ -91,9 +88,7 @@ def test_unwritable_output_folder_is_refused(tmp_path, photos):
 def test_existing_foreign_output_is_refused(tmp_path, photos):
     out = tmp_path / "s.parquet"
     out.write_text("not ours")
-    _one_line_error(
-        run_iqa("score", str(photos), "--out", str(out), env=WIDE, timeout=120), "not written by `iqa score`"
-    )
+    _one_line_error(run_iqa("score", str(photos), "--out", str(out), timeout=120), "not written by `iqa score`")
     assert out.read_text() == "not ours"
 
 
@@ -138,7 +133,7 @@ def _score_cli(folder, out, checkpoint, *extra, **kwargs):
     args = ["score", str(folder), "--out", str(out), "--model", str(checkpoint.path), "--device", "cpu"]
     if checkpoint.base is not None:
         args += ["--base", str(checkpoint.base)]
-    return run_iqa(*args, "--dtype", "float32", *extra, env=WIDE, timeout=300, **kwargs)
+    return run_iqa(*args, "--dtype", "float32", *extra, timeout=300, **kwargs)
 
 
 @pytest.mark.slow
@@ -244,7 +239,7 @@ def test_torchrun_two_processes_equal_one(tiny_checkpoints, mixed_folder, tmp_pa
     assert _score_cli(folder, single, ckpt, "--workers", "1", "--quiet").returncode == 0
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     args = ["-m", "iqa_cli", "score", str(folder), "--out", str(double), "--model", str(ckpt.path)]
-    env = {**os.environ, **WIDE, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*launcher, *args, "--device", "cpu", "--dtype", "float32", "--workers", "1", "--batch-size", "4"],
         capture_output=True,
