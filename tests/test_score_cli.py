@@ -136,13 +136,13 @@ def _score_cli(folder, out, checkpoint, *extra, **kwargs):
     return run_iqa(*args, "--dtype", "float32", *extra, timeout=300, **kwargs)
 
 
-@pytest.mark.slow
 def _score_in_process(folder, out, checkpoint, *extra):
     """The same command through Typer in this process (saves a subprocess's start-up)."""
     args = ["score", str(folder), "--out", str(out), "--model", str(checkpoint.path), "--device", "cpu"]
     return CliRunner().invoke(app, [*args, "--dtype", "float32", *extra])
 
 
+@pytest.mark.slow
 def test_cli_scores_equal_the_scorer_api_and_do_not_depend_on_batch_size(tiny_checkpoints, mixed_folder, tmp_path):
     import pandas as pd
     import pyarrow.parquet as pq
