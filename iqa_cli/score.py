@@ -31,6 +31,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -178,8 +179,11 @@ def _check_output_location(out: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create folder {parent} ({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: folder {parent} is not writable")
+    try:  # a real write, not os.access: root passes access checks on read-only places such as /proc
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.probe-"):
+            pass
+    except OSError:
+        raise UserError(f"--out {out}: folder {parent} is not writable") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -802,9 +806,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _request(config: ScoreConfig) -> dict[str, str | None]:
     """The options that decide the scores (compared before loading a model to spot a finished output)."""
+    from iqa_cli.models.checkpoints import directory_fingerprint
+
     return {
         "model": config.model,
+        "model_files": directory_fingerprint(config.model),  # a checkpoint re-saved into the same directory
         "base": config.base,
+        "base_files": directory_fingerprint(config.base) if config.base else None,
         "revision": config.revision,
         "prompt": config.prompt,
         "dtype": config.dtype,

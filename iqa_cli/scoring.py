@@ -279,7 +279,7 @@ class Scorer:
             revision: branch, tag or commit of a Hub repo.
         """
         from iqa_cli.models.backbone import MPLUGOwl2Backbone
-        from iqa_cli.models.checkpoints import load_mplug_owl2
+        from iqa_cli.models.checkpoints import directory_fingerprint, load_mplug_owl2
         from iqa_cli.tokenizer import IMAGE_TOKEN
 
         if prompt is not None and prompt.count(IMAGE_TOKEN) != 1:
@@ -296,9 +296,11 @@ class Scorer:
         metadata = {
             "model": loaded.repo_id or str(loaded.weights_dir.resolve()),
             "model_revision": loaded.revision or "",
+            "model_files": directory_fingerprint(model) or "",
             "model_layout": loaded.layout,
             "base_model": (loaded.base_repo_id or str(loaded.base_dir.resolve())) if loaded.base_dir else "",
             "base_revision": loaded.base_revision or "",
+            "base_files": (directory_fingerprint(base) or "") if base is not None else "",
             "method": run.method if run and run.method else ("qscorer" if readout.regressor else "levels"),
             "dtype": str(torch_dtype).removeprefix("torch."),
             "prompt": readout.prompt,

@@ -74,8 +74,10 @@ def test_bad_input_is_one_line_and_exit_2_in_a_subprocess(tmp_path, photos, args
     _one_line_error(run_iqa("score", *args, timeout=120), *fragments)
 
 
-@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root can write anywhere")
 def test_unwritable_output_folder_is_refused(tmp_path, photos):
+    if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files even to root
+        _one_line_error(run_iqa("score", str(photos), "--out", "/proc/s.parquet"), "not writable")
+        return
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -252,3 +254,18 @@ def test_torchrun_two_processes_equal_one(tiny_checkpoints, mixed_folder, tmp_pa
     assert a["image"].tolist() == b["image"].tolist() and a["error"].equals(b["error"])
     np.testing.assert_allclose(a["score"].to_numpy(float), b["score"].to_numpy(float), atol=1e-5, rtol=0)
     assert not Path(f"{double}.parts").exists()
+
+
+def test_checkpoint_resaved_into_the_same_directory_is_not_taken_as_finished(tmp_path, photos):
+    from tests.factories import tiny_model, write_checkpoint
+    from tests.tokenizer_factory import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "tok")
+    ckpt = write_checkpoint(tiny_model(seed=3), tmp_path / "run", tokenizer_dir=tokenizer)
+    out = tmp_path / "s.parquet"
+    result = _score_in_process(photos, out, ckpt, "--quiet", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    write_checkpoint(tiny_model(seed=4), tmp_path / "run", tokenizer_dir=tokenizer)  # retrained, same path
+    result = _score_in_process(photos, out, ckpt, "--quiet", "--workers", "0")
+    assert isinstance(result.exception, UserError)
+    assert "exists and was written with a different model_files" in str(result.exception)
