@@ -33,7 +33,8 @@ from PIL import Image
 from iqa_cli import distributed
 from iqa_cli.errors import UserError
 from iqa_cli.images import ClipPreprocessor, load_image
-from iqa_cli.score import BatchRunner, ScoreConfig, Sidecar, merge_parts, score_images, sidecar_path
+from iqa_cli.score import BatchRunner, ScoreConfig, score_images
+from iqa_cli.score_store import Sidecar, merge_parts, sidecar_path
 from tests.conftest import REPO_ROOT
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
