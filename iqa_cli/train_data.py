@@ -1,0 +1,499 @@
+"""Training data for `iqa train`: prepared metas -> rows, an epoch order, pairs, prompts, batches.
+
+What the reference does and what this module reproduces (DeQA-Score `src/datasets/pair_dataset.py`,
+`single_dataset.py`, `build_soft_labels/gen_soft_label.py`):
+
+- `--data-weights` repeat each dataset's rows an integer number of times before shuffling.
+- DeQA-Score trains on pairs: every sample (image A) gets a partner B drawn uniformly from the *same
+  dataset*, B != A, and both go through the model; the fidelity loss compares them. Q-Align and Q-Scorer
+  train on single images.
+- Each image has one question, drawn once from the ten phrasings (`tokenizer.QUESTIONS`) when its meta is
+  built, not redrawn per epoch. Here it is drawn from a generator seeded by (seed, dataset name), so adding
+  a dataset does not change the questions of the others.
+- The response is `"The quality of the image is {level}."`; augmentation is off (the reference has none).
+
+Everything random is a pure function of (seed, epoch): the order of an epoch and the partners are
+recomputed from those two numbers, so a resumed run needs only the step it stopped at, and DataLoader
+workers draw nothing.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from iqa_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from iqa_cli.images import ClipPreprocessor
+    from iqa_cli.tokenizer import ChatTemplate, LlamaTokenizer
+
+META_SUFFIX = ".parquet"
+REQUIRED_COLUMNS = ("image", "dataset", "split", "mos_norm", "std_norm", "level", "soft_label")
+
+
+# --- metas -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetaFile:
+    """One prepared dataset: where it came from and how its levels are named."""
+
+    name: str  # dataset name (the rows' `dataset` value)
+    path: Path
+    image_root: Path
+    level_names: tuple[str, ...]
+
+
+@dataclass
+class Rows:
+    """Images of one split of all requested datasets, as columns (row i of each array is one image)."""
+
+    paths: list[str]  # absolute image paths
+    group: np.ndarray  # N int64: index of the dataset in `TrainData.metas`
+    mos: np.ndarray  # N float64: normalized MOS in [1, 5]
+    std: np.ndarray  # N float64: normalized std (0 where the dataset has none)
+    mos_raw: np.ndarray  # N float64: MOS as published (evaluation reports against it)
+    level: np.ndarray  # N int64: one-hot level index (Q-Align / Q-Scorer targets)
+    soft: np.ndarray  # N, K float32: soft label, ascending quality
+    question: np.ndarray  # N int64: index into the question list
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, index: np.ndarray) -> Rows:
+        return Rows(
+            paths=[self.paths[i] for i in index],
+            group=self.group[index],
+            mos=self.mos[index],
+            std=self.std[index],
+            mos_raw=self.mos_raw[index],
+            level=self.level[index],
+            soft=self.soft[index],
+            question=self.question[index],
+        )
+
+
+@dataclass
+class TrainData:
+    metas: list[MetaFile]
+    level_names: tuple[str, ...]
+    train: Rows
+    test: Rows
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_names)
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return [m.name for m in self.metas]
+
+
+def resolve_meta(name: str, data_dir: Path) -> Path:
+    """A dataset name -> `<data dir>/NAME.parquet`; a path to a .parquet file is taken as is."""
+    path = Path(name).expanduser()
+    if path.suffix == META_SUFFIX or path.is_file():
+        if not path.is_file():
+            raise UserError(f"meta file not found: {path}")
+        return path
+    candidate = data_dir / f"{name}{META_SUFFIX}"
+    if candidate.is_file():
+        return candidate
+    prepared = sorted(p.stem for p in data_dir.glob(f"*{META_SUFFIX}")) if data_dir.is_dir() else []
+    known = ", ".join(prepared) if prepared else "none (run `iqa prepare` first)"
+    raise UserError(f"unknown dataset {name!r}: no {candidate}; prepared datasets in {data_dir}: {known}")
+
+
+def _image_root(meta: dict, path: Path, images: Path | None) -> Path:
+    recorded = str(meta.get("image_root") or "")
+    if images is not None:
+        return images
+    if not recorded:
+        raise UserError(f"{path}: no image root recorded (prepared without --images); pass --images DIR")
+    return Path(recorded)
+
+
+def draw_questions(n: int, dataset: str, seed: int, count: int) -> np.ndarray:
+    """One question index per image, fixed for the whole run, seeded by (seed, dataset name)."""
+    rng = np.random.default_rng([seed, zlib.crc32(dataset.encode())])
+    return rng.integers(0, count, size=n, dtype=np.int64)
+
+
+def load_train_data(
+    datasets: Sequence[str],
+    data_dir: Path,
+    *,
+    images: Path | None = None,
+    seed: int = 0,
+    num_questions: int = 1,
+    check_files: bool = True,
+) -> TrainData:
+    """Reads the prepared metas, checks they agree on the levels, and splits rows into train and test.
+
+    Rows whose split is not "test" train ("val" rows are kept out of both). Image paths are resolved
+    against each meta's image root (or `images`); with `check_files`, a missing image is a UserError.
+    """
+    from iqa_cli.prepare import read_meta
+
+    if not datasets:
+        raise UserError("--datasets names no dataset")
+    metas: list[MetaFile] = []
+    parts: dict[str, list] = {k: [] for k in ("paths", "group", "mos", "std", "raw", "level", "soft", "q", "split")}
+    level_names: tuple[str, ...] | None = None
+    first_path: Path | None = None
+    for group, name in enumerate(datasets):
+        path = resolve_meta(name, data_dir)
+        frame, meta = read_meta(path)
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise UserError(f"{path}: not a meta written by `iqa prepare` (no column {', '.join(missing)})")
+        names = tuple(meta.get("level_names") or ())
+        if not names:
+            raise UserError(f"{path}: no level_names in the metadata (prepare it again with `iqa prepare`)")
+        if level_names is None:
+            level_names, first_path = names, path
+        elif names != level_names:
+            raise UserError(
+                f"{path} has levels {list(names)} but {first_path} has {list(level_names)}; "
+                "prepare every dataset with the same --levels/--level-names"
+            )
+        if frame.empty:
+            raise UserError(f"{path}: the meta has no rows")
+        dataset = str(meta.get("dataset") or frame["dataset"].iloc[0])
+        if any(m.name == dataset for m in metas):
+            raise UserError(f"dataset {dataset!r} is given twice")
+        root = _image_root(meta, path, images)
+        soft = np.stack(frame["soft_label"].to_numpy()).astype(np.float32)
+        if soft.shape[1] != len(names):
+            raise UserError(f"{path}: soft_label has {soft.shape[1]} values per row for {len(names)} levels")
+        rel = frame["image"].astype(str).tolist()
+        full = [p if Path(p).is_absolute() else str(root / p) for p in rel]
+        metas.append(MetaFile(name=dataset, path=path, image_root=root, level_names=names))
+        std = frame["std_norm"].to_numpy(dtype=np.float64, na_value=np.nan)
+        parts["paths"] += full
+        parts["group"].append(np.full(len(frame), group, dtype=np.int64))
+        parts["mos"].append(frame["mos_norm"].to_numpy(dtype=np.float64))
+        parts["std"].append(np.nan_to_num(std, nan=0.0))  # no std: the fidelity target becomes a step
+        raw = frame["mos"] if "mos" in frame.columns else frame["mos_norm"]
+        parts["raw"].append(raw.to_numpy(dtype=np.float64))
+        parts["level"].append(frame["level"].to_numpy(dtype=np.int64))
+        parts["soft"].append(soft)
+        parts["q"].append(draw_questions(len(frame), dataset, seed, num_questions))
+        parts["split"].append(frame["split"].astype(str).str.lower().to_numpy())
+    if check_files:
+        groups = np.concatenate(parts["group"])
+        for group, meta in enumerate(metas):
+            mine = [p for p, g in zip(parts["paths"], groups, strict=True) if g == group]
+            absent = [p for p in mine if not Path(p).is_file()]
+            if absent:
+                raise UserError(f"{len(absent)} of {len(mine)} images of {meta.name} not found, e.g. {absent[0]}")
+    rows = Rows(
+        paths=parts["paths"],
+        group=np.concatenate(parts["group"]),
+        mos=np.concatenate(parts["mos"]),
+        std=np.concatenate(parts["std"]),
+        mos_raw=np.concatenate(parts["raw"]),
+        level=np.concatenate(parts["level"]),
+        soft=np.concatenate(parts["soft"]),
+        question=np.concatenate(parts["q"]),
+    )
+    split = np.concatenate(parts["split"])
+    train = rows.take(np.flatnonzero(split == "train"))
+    test = rows.take(np.flatnonzero(split == "test"))
+    for group, meta in enumerate(metas):
+        if not np.any(train.group == group):
+            raise UserError(f"{meta.path}: no train rows (split column)")
+    assert level_names is not None
+    return TrainData(metas=metas, level_names=level_names, train=train, test=test)
+
+
+# --- prompts -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one (question, level) conversation."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    level_pos: int  # index of the level token in input_ids/labels
+
+
+def encode_conversations(
+    tokenizer: LlamaTokenizer,
+    questions: Sequence[str],
+    level_tokens: Sequence[str],
+    level_token_ids: Sequence[int],
+    template: ChatTemplate,
+) -> dict[tuple[int, int], Encoded]:
+    """Ids and labels of every (question, level) pair: the reference's masking, the level token located.
+
+    The level token is the last occurrence of the level's id among the supervised labels (the response
+    ends with `{level}.</s>`). A level word whose first piece differs in context from its piece alone
+    (what scoring reads) is a UserError: training would teach a token that scoring never looks at.
+    """
+    from iqa_cli.tokenizer import IGNORE_INDEX, RESPONSE_TEMPLATE, build_training_ids
+
+    table: dict[tuple[int, int], Encoded] = {}
+    for q, question in enumerate(questions):
+        for k, (token, token_id) in enumerate(zip(level_tokens, level_token_ids, strict=True)):
+            ids, labels = build_training_ids(tokenizer, question, RESPONSE_TEMPLATE.format(token), template)
+            hits = [t for t, label in enumerate(labels) if label == token_id]
+            if not hits or all(label == IGNORE_INDEX for label in labels):
+                pieces = [tokenizer.id_to_token(i) if i >= 0 else "<|image|>" for i in ids]
+                raise UserError(
+                    f"level {token!r}: its token (id {token_id}) is not among the supervised response tokens "
+                    f"of {pieces}; choose level names that tokenize the same inside a sentence"
+                )
+            table[q, k] = Encoded(tuple(ids), tuple(labels), hits[-1])
+    return table
+
+
+# --- the order of an epoch -------------------------------------------------------------------------------
+
+
+def weighted_rows(group: np.ndarray, weights: Sequence[int]) -> np.ndarray:
+    """Row indices with each dataset's rows repeated `weights[g]` times (the reference's `data * weight`)."""
+    reps = np.asarray(weights, dtype=np.int64)[group]
+    return np.repeat(np.arange(len(group), dtype=np.int64), reps)
+
+
+def epoch_order(pool: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The samples of one epoch: a permutation of `pool`, a pure function of (seed, epoch)."""
+    return pool[np.random.default_rng([seed, epoch, 0]).permutation(len(pool))]
+
+
+def draw_partners(order: np.ndarray, group: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """For each sample of `order`, a partner drawn uniformly from the other rows of its dataset.
+
+    Vectorized version of the reference's `randint` loop until B != A: draw j from n_d - 1 values and skip
+    A's own place. Every dataset needs at least two rows.
+    """
+    rng = np.random.default_rng([seed, epoch, 1])
+    partners = np.empty_like(order)
+    for g in np.unique(group[order]):
+        members = np.flatnonzero(group == g)  # sorted row indices of this dataset
+        at = np.flatnonzero(group[order] == g)
+        if len(members) < 2:
+            raise UserError("the fidelity loss pairs images of one dataset; every dataset needs 2+ train images")
+        own = np.searchsorted(members, order[at])
+        j = rng.integers(0, len(members) - 1, size=len(at))
+        partners[at] = members[j + (j >= own)]
+    return partners
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch of samples is split over ranks and accumulation steps.
+
+    `batch_size` counts samples per optimizer step over all ranks (a DeQA-Score sample is a pair, so
+    2 x batch_size images go through the model, as with the reference's per-device batch of pairs).
+    """
+
+    batch_size: int
+    world_size: int = 1
+    accumulation: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.accumulation < 1:
+            raise UserError(f"--batch-size and --grad-accum must be >= 1, got {self.batch_size}, {self.accumulation}")
+        per = self.world_size * self.accumulation
+        if self.batch_size % per:
+            raise UserError(
+                f"--batch-size {self.batch_size} is not divisible by {self.world_size} rank(s) x "
+                f"{self.accumulation} accumulation step(s); use a multiple of {per}"
+            )
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per rank per forward pass."""
+        return self.batch_size // (self.world_size * self.accumulation)
+
+    def steps_per_epoch(self, samples: int) -> int:
+        """Optimizer steps per epoch; the last incomplete batch is dropped (it is reshuffled next epoch)."""
+        return samples // self.batch_size
+
+    def micro_batches(self, order: np.ndarray, step: int, rank: int) -> list[np.ndarray]:
+        """Positions in `order` that rank `rank` runs at optimizer step `step`, one array per micro batch.
+
+        Ranks take contiguous slices of the global batch; each slice is cut into `accumulation` parts.
+        """
+        start = step * self.batch_size + rank * (self.batch_size // self.world_size)
+        return [
+            np.arange(start + a * self.micro_batch, start + (a + 1) * self.micro_batch)
+            for a in range(self.accumulation)
+        ]
+
+
+class EpochSampler:
+    """Batch sampler for DataLoader: yields this rank's micro batches of one epoch from a given step.
+
+    Each yielded item is a list of `(row, partner)` keys (partner -1 when unpaired).
+    """
+
+    def __init__(self, order: np.ndarray, partners: np.ndarray | None, plan: BatchPlan, rank: int, start_step: int):
+        self.order, self.partners, self.plan, self.rank, self.start_step = order, partners, plan, rank, start_step
+
+    def __len__(self) -> int:
+        return (self.plan.steps_per_epoch(len(self.order)) - self.start_step) * self.plan.accumulation
+
+    def __iter__(self):
+        for step in range(self.start_step, self.plan.steps_per_epoch(len(self.order))):
+            for positions in self.plan.micro_batches(self.order, step, self.rank):
+                rows = self.order[positions]
+                partners = self.partners[positions] if self.partners is not None else np.full_like(rows, -1)
+                yield [(int(r), int(p)) for r, p in zip(rows, partners, strict=True)]
+
+
+# --- items and batches ------------------------------------------------------------------------------------
+
+
+class TrainImages:
+    """Map-style dataset over `(row, partner)` keys: decoded, preprocessed images and their prompt ids.
+
+    Picklable (DataLoader workers). An image that cannot be decoded comes back with `pixels=None`, and the
+    collate function drops it (with its pair) and reports it.
+    """
+
+    def __init__(
+        self,
+        rows: Rows,
+        encodings: dict[tuple[int, int], Encoded],
+        preprocessor: ClipPreprocessor,
+        level_of: np.ndarray,
+    ):
+        self.rows, self.encodings, self.preprocessor = rows, encodings, preprocessor
+        self.level_of = level_of  # N: which level's response each row is trained with
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def item(self, row: int) -> dict[str, Any]:
+        from iqa_cli.images import ImageDecodeError, load_image
+
+        path = self.rows.paths[row]
+        try:
+            pixels = self.preprocessor.pixels(load_image(path))
+            error = None
+        except ImageDecodeError as exc:
+            pixels, error = None, str(exc)
+        enc = self.encodings[int(self.rows.question[row]), int(self.level_of[row])]
+        return {"row": row, "path": path, "pixels": pixels, "error": error, "enc": enc}
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[dict, dict | None]:
+        row, partner = key
+        return self.item(row), (self.item(partner) if partner >= 0 else None)
+
+
+@dataclass
+class TrainBatch:
+    """One micro batch, images A first and (for pairs) their partners B after them.
+
+    Text tensors are right-padded: `input_ids` with the pad id, `labels` with IGNORE_INDEX.
+    """
+
+    pixel_values: torch.Tensor  # N, 3, S, S
+    input_ids: torch.Tensor  # N, T
+    attention_mask: torch.Tensor  # N, T
+    labels: torch.Tensor  # N, T
+    level_pos: torch.Tensor  # N: index of the level token in labels
+    soft_labels: torch.Tensor  # N, K
+    mos: torch.Tensor  # N: normalized MOS
+    std: torch.Tensor  # N: normalized std
+    level: torch.Tensor  # N: one-hot level index
+    group: torch.Tensor  # N: dataset index
+    pairs: int  # number of (A, B) pairs: rows [0, pairs) are A, [pairs, 2 pairs) are B; 0 when unpaired
+    skipped: list[str] = field(default_factory=list)  # images that could not be decoded (with the reason)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device) -> TrainBatch:
+        moved = {
+            name: value.to(device, non_blocking=True) if hasattr(value, "to") else value
+            for name, value in self.__dict__.items()
+        }
+        return TrainBatch(**moved)
+
+
+@dataclass(frozen=True)
+class Collate:
+    """Pads a list of items into a TrainBatch (picklable for workers)."""
+
+    pad_id: int
+    rows: Rows
+    paired: bool
+
+    def __call__(self, items: list[tuple[dict, dict | None]]) -> TrainBatch | None:
+        import torch
+
+        from iqa_cli.tokenizer import IGNORE_INDEX
+
+        skipped = [f"{side['error']}" for pair in items for side in pair if side is not None and side["pixels"] is None]
+        kept = [(a, b) for a, b in items if a["pixels"] is not None and (b is None or b["pixels"] is not None)]
+        if not kept:
+            return None
+        sides = [a for a, _ in kept] + ([b for _, b in kept] if self.paired else [])
+        length = max(len(s["enc"].input_ids) for s in sides)
+        n = len(sides)
+        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, length), dtype=torch.long)
+        for i, side in enumerate(sides):
+            t = len(side["enc"].input_ids)
+            input_ids[i, :t] = torch.tensor(side["enc"].input_ids)
+            labels[i, :t] = torch.tensor(side["enc"].labels)
+            mask[i, :t] = 1
+        rows = np.array([s["row"] for s in sides], dtype=np.int64)
+        return TrainBatch(
+            pixel_values=torch.from_numpy(np.stack([s["pixels"] for s in sides])),
+            input_ids=input_ids,
+            attention_mask=mask,
+            labels=labels,
+            level_pos=torch.tensor([s["enc"].level_pos for s in sides], dtype=torch.long),
+            soft_labels=torch.from_numpy(self.rows.soft[rows]),
+            mos=torch.from_numpy(self.rows.mos[rows]).float(),
+            std=torch.from_numpy(self.rows.std[rows]).float(),
+            level=torch.from_numpy(self.rows.level[rows]),
+            group=torch.from_numpy(self.rows.group[rows]),
+            pairs=len(kept) if self.paired else 0,
+            skipped=skipped,
+        )
+
+
+class EvalImages:
+    """Test images for evaluation during training: (pixels, position, decoded?).
+
+    An image that cannot be decoded gives zeros and `False`, so every rank runs the same number of full
+    batches (FSDP needs all ranks in every forward pass); its result is discarded.
+    """
+
+    def __init__(self, paths: list[str], preprocessor: ClipPreprocessor):
+        self.paths, self.preprocessor = paths, preprocessor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, bool]:
+        from iqa_cli.images import ImageDecodeError, load_image
+
+        try:
+            return self.preprocessor.pixels(load_image(self.paths[i])), i, True
+        except ImageDecodeError:
+            side = self.preprocessor.image_size
+            return np.zeros((3, side, side), dtype=np.float32), i, False
+
+
+def collate_eval(items: list[tuple[np.ndarray, int, bool]]):
+    import torch
+
+    pixels = torch.from_numpy(np.stack([p for p, _, _ in items]))
+    return pixels, torch.tensor([i for _, i, _ in items]), torch.tensor([ok for _, _, ok in items])

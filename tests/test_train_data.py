@@ -1,0 +1,318 @@
+"""`iqa_cli.train_data`: metas -> rows, the epoch order, pairs, batches split over ranks, prompts, collate.
+
+Also home of the synthetic-IQA helpers that the other `test_train_*` modules import: natural-looking images
+(1/f "cloud" textures with hard-edged shapes) distorted by blur, noise or JPEG at graded strengths, with a
+MOS that is a known monotone function of the strength and a std from a seeded model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iqa_cli import train_data
+from iqa_cli.errors import UserError
+from iqa_cli.tokenizer import (
+    DEFAULT_PROMPT,
+    EVAL_TEMPLATE,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    QUESTIONS,
+    TRAIN_TEMPLATE,
+    LlamaTokenizer,
+    level_token_ids,
+    tokenize_prompt,
+)
+from tests.conftest import run_iqa
+from tests.factories import tiny_config, tiny_model, write_checkpoint
+from tests.tokenizer_factory import build_tiny_tokenizer
+
+DISTORTIONS = ("blur", "jpeg", "noise")  # applied in this order
+STRENGTHS = 8  # graded strengths 0, 1/7, ..., 1
+
+
+# --- synthetic IQA data (shared with the other train tests) -----------------------------------------------
+
+
+def _cloud(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A 1/f^2 random field (natural images' power spectrum), zero mean, unit std."""
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    f = np.hypot(fx, fy)
+    f[0, 0] = 1.0
+    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f
+    spectrum[0, 0] = 0.0
+    field = np.fft.irfft2(spectrum, s=(h, w))
+    return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def natural_image(rng: np.random.Generator, width: int, height: int):
+    """A cloud texture in a random two-colour palette with a few hard-edged rectangles and ellipses."""
+    from PIL import Image, ImageDraw
+
+    t = 1.0 / (1.0 + np.exp(-1.5 * _cloud(rng, height, width)))[..., None]
+    a, b = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
+    image = Image.fromarray((a * t + b * (1 - t)).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 5))):
+        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        box = [x0, y0, x0 + int(rng.integers(8, width // 2)), y0 + int(rng.integers(8, height // 2))]
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=fill)
+    return image
+
+
+def distort(image, kind: str, strength: float, rng: np.random.Generator):
+    """Gaussian blur (radius up to 3 px), JPEG (quality 90 -> 5) or grey Gaussian noise (sigma up to 50)."""
+    from PIL import Image, ImageFilter
+
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(radius=3.0 * strength)) if strength > 0 else image
+    if kind == "noise":
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 50 * strength, (image.height, image.width, 1))
+        return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=round(90 - 85 * strength))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def mos_of_strength(strength: np.ndarray) -> np.ndarray:
+    """The known monotone quality function: 105 for pristine down to 5 for the strongest distortion."""
+    return 100.0 * (1.0 - strength) ** 1.3 + 5.0
+
+
+def make_synthetic_iqa(
+    root: Path,
+    n: int,
+    *,
+    seed: int = 0,
+    pipeline: tuple[str, ...] = DISTORTIONS,
+    size: tuple[int, int] = (112, 96),
+) -> Path:
+    """Writes `root/images/*.png` and `root/scores.csv` (image, mos, std); returns the CSV path.
+
+    Every image goes through each step of `pipeline` (blur, then JPEG, then noise, like a camera's
+    degradations) at one strength drawn from STRENGTHS graded values; the MOS is `mos_of_strength`.
+    """
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        strength = float(rng.integers(0, STRENGTHS)) / (STRENGTHS - 1)
+        image = natural_image(rng, *size)
+        for kind in pipeline:
+            image = distort(image, kind, strength, rng)
+        name = f"img{i:04d}.png"
+        image.save(images / name)
+        # raters disagree most in the middle of the scale (a seeded model of the std)
+        std = 4.0 + 10.0 * np.sqrt(strength * (1 - strength)) + abs(rng.normal(0.0, 1.0))
+        rows.append((name, f"{float(mos_of_strength(np.array(strength))):.4f}", f"{std:.4f}"))
+    path = root / "scores.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "mos", "std"])
+        writer.writerows(rows)
+    return path
+
+
+def prepare_synthetic(tmp: Path, name: str, n: int, *, seed: int = 0, extra: tuple[str, ...] = (), **kwargs) -> Path:
+    """Synthetic data prepared with the real `iqa prepare custom`; returns the data dir."""
+    csv_path = make_synthetic_iqa(tmp / f"{name}-src", n, seed=seed, **kwargs)
+    data_dir = tmp / "data"
+    proc = run_iqa(
+        "prepare", "custom", "--csv", str(csv_path), "--images", str(csv_path.parent / "images"),
+        "--image-col", "image", "--mos-col", "mos", "--std-col", "std", "--name", name,
+        "--data-dir", str(data_dir), "--json", *extra,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return data_dir
+
+
+def write_tiny_model(
+    directory: Path, *, image_size: int = 28, seed: int = 0, extra_words: tuple[str, ...] = (), **overrides
+) -> Path:
+    """A random-init tiny mPLUG-Owl2 with the tiny tokenizer, written as a full checkpoint directory."""
+    tokenizer = build_tiny_tokenizer(directory.with_name(directory.name + "-tok"), extra_words=extra_words)
+    config = tiny_config(vision={"image_size": image_size}, abstractor={"grid_size": image_size // 14}, **overrides)
+    write_checkpoint(tiny_model(seed=seed, config=config), directory, tokenizer_dir=tokenizer)
+    return directory
+
+
+# --- metas ----------------------------------------------------------------------------------------------------
+
+
+def _write_meta(path: Path, names: list[str], root: Path | str, *, n: int = 6, dataset: str = "toy") -> None:
+    import pandas as pd
+
+    from iqa_cli.prepare import write_meta
+
+    k = len(names)
+    frame = pd.DataFrame(
+        {
+            "image": [f"{dataset}{i}.png" for i in range(n)],
+            "dataset": dataset,
+            "split": ["train"] * (n - 2) + ["test"] * 2,
+            "mos": np.linspace(10, 90, n),
+            "std": np.full(n, 5.0),
+            "mos_norm": np.linspace(1, 5, n),
+            "std_norm": [np.nan] + [0.5] * (n - 1),
+            "level": np.arange(n) % k,
+        }
+    )
+    soft = np.full((n, k), 1.0 / k)
+    metadata = {"level_names": json.dumps(names), "levels": str(k), "image_root": str(root), "dataset": dataset}
+    write_meta(frame, soft, metadata, path)
+
+
+def test_metas_are_found_by_name_or_path_and_unknown_names_list_the_prepared_ones(tmp_path):
+    data = tmp_path / "data"
+    _write_meta(data / "alpha.parquet", ["bad", "good"], tmp_path, dataset="alpha")
+    _write_meta(tmp_path / "beta.parquet", ["bad", "good"], tmp_path, dataset="beta")
+    loaded = train_data.load_train_data(["alpha", str(tmp_path / "beta.parquet")], data, check_files=False)
+    assert loaded.dataset_names == ["alpha", "beta"]
+    assert loaded.level_names == ("bad", "good")
+    assert len(loaded.train) == 8 and len(loaded.test) == 4
+    assert loaded.train.paths[0] == str(tmp_path / "alpha0.png")
+    assert loaded.train.std[0] == 0.0  # no std: the fidelity target becomes a step
+    with pytest.raises(UserError, match=r"unknown dataset 'gamma'.*prepared datasets in .*: alpha"):
+        train_data.load_train_data(["gamma"], data)
+
+
+def test_metas_with_different_level_sets_are_refused(tmp_path):
+    _write_meta(tmp_path / "a.parquet", ["bad", "poor", "fair", "good", "excellent"], tmp_path, dataset="a")
+    _write_meta(tmp_path / "b.parquet", ["one", "two", "three"], tmp_path, dataset="b")
+    with pytest.raises(UserError, match=r"b\.parquet has levels \['one', 'two', 'three'\] but .*a\.parquet has"):
+        train_data.load_train_data([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], tmp_path)
+
+
+def test_missing_images_and_missing_image_root_are_user_errors(tmp_path):
+    _write_meta(tmp_path / "a.parquet", ["bad", "good"], tmp_path / "nowhere", dataset="a")
+    with pytest.raises(UserError, match=r"6 of 6 images of a not found"):
+        train_data.load_train_data([str(tmp_path / "a.parquet")], tmp_path)
+    _write_meta(tmp_path / "b.parquet", ["bad", "good"], "", dataset="b")
+    with pytest.raises(UserError, match=r"no image root recorded.*--images"):
+        train_data.load_train_data([str(tmp_path / "b.parquet")], tmp_path)
+
+
+def test_questions_are_fixed_per_image_and_seeded_per_dataset():
+    a = train_data.draw_questions(1000, "koniq", seed=3, count=len(QUESTIONS))
+    assert np.array_equal(a, train_data.draw_questions(1000, "koniq", seed=3, count=len(QUESTIONS)))
+    assert not np.array_equal(a, train_data.draw_questions(1000, "spaq", seed=3, count=len(QUESTIONS)))
+    counts = np.bincount(a, minlength=len(QUESTIONS))
+    assert counts.min() > 60  # every phrasing is used, roughly uniformly (expected 100 each)
+
+
+# --- order, pairs, batches ---------------------------------------------------------------------------------------
+
+
+def test_data_weights_repeat_rows_and_each_epoch_is_a_seeded_permutation():
+    group = np.array([0, 0, 0, 1, 1])
+    pool = train_data.weighted_rows(group, [2, 1])
+    assert sorted(pool.tolist()) == [0, 0, 1, 1, 2, 2, 3, 4]
+    e0 = train_data.epoch_order(pool, seed=1, epoch=0)
+    assert sorted(e0.tolist()) == sorted(pool.tolist())
+    assert np.array_equal(e0, train_data.epoch_order(pool, seed=1, epoch=0))
+    assert not np.array_equal(e0, train_data.epoch_order(pool, seed=1, epoch=1))
+
+
+def test_partners_come_from_the_same_dataset_are_never_the_image_itself_and_are_uniform():
+    group = np.array([0] * 5 + [1] * 3 + [2] * 2)
+    order = np.tile(np.arange(10), 3000)
+    partners = train_data.draw_partners(order, group, seed=0, epoch=0)
+    assert np.all(group[partners] == group[order])
+    assert np.all(partners != order)
+    # row 0's partners: uniform over rows 1..4 of its dataset (3000 draws, expected 750 each)
+    counts = np.bincount(partners[order == 0], minlength=10)[1:5]
+    assert counts.min() > 650 and counts.max() < 850
+    assert np.all(partners[order == 8] == 9)  # a two-image dataset has one possible partner
+    with pytest.raises(UserError, match="2\\+ train images"):
+        train_data.draw_partners(np.array([0, 1]), np.array([0, 1]), seed=0, epoch=0)
+
+
+def test_global_batch_is_split_over_ranks_and_accumulation_exactly_once():
+    plan = train_data.BatchPlan(batch_size=12, world_size=2, accumulation=3)
+    assert plan.micro_batch == 2
+    order = np.arange(40)
+    step = 2
+    seen = np.concatenate([np.concatenate(plan.micro_batches(order, step, rank)) for rank in range(plan.world_size)])
+    assert sorted(seen.tolist()) == list(range(24, 36))
+    assert plan.steps_per_epoch(40) == 3  # the incomplete last batch is dropped
+    with pytest.raises(UserError, match=r"--batch-size 10 is not divisible by 4 rank\(s\) x 1"):
+        train_data.BatchPlan(batch_size=10, world_size=4)
+
+
+def test_sampler_starts_at_the_resumed_step_and_yields_pairs():
+    plan = train_data.BatchPlan(batch_size=2)
+    order, partners = np.arange(6), np.array([5, 4, 3, 2, 1, 0])
+    sampler = train_data.EpochSampler(order, partners, plan, rank=0, start_step=1)
+    assert list(sampler) == [[(2, 3), (3, 2)], [(4, 1), (5, 0)]]
+    assert len(sampler) == 2
+
+
+# --- prompts and batches ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory) -> LlamaTokenizer:
+    return LlamaTokenizer.from_dir(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def test_level_token_is_located_in_the_response_for_words_and_added_score_tokens(tiny_tok, tmp_path):
+    words = ["bad", "poor", "fair", "good", "excellent"]
+    ids = level_token_ids(tiny_tok, words)
+    table = train_data.encode_conversations(tiny_tok, QUESTIONS[:2], words, ids, TRAIN_TEMPLATE)
+    for (_, k), enc in table.items():
+        assert enc.input_ids[enc.level_pos] == ids[k] == enc.labels[enc.level_pos]
+        assert enc.input_ids[1:3] != (IMAGE_TOKEN_INDEX,) and IMAGE_TOKEN_INDEX in enc.input_ids
+        assert enc.labels[enc.level_pos - 1] != IGNORE_INDEX  # the response is supervised up to the level
+    tok = LlamaTokenizer.from_dir(tiny_tok.save(tmp_path / "tok"))
+    score = [f"<score{i}>" for i in range(1, 6)]
+    score_ids = tok.add_tokens(score)
+    scoring = train_data.encode_conversations(tok, ["How would you rate the quality of this image?"], score, score_ids,
+                                              EVAL_TEMPLATE)  # fmt: skip
+    enc = scoring[0, 2]
+    prompt = tokenize_prompt(tok, DEFAULT_PROMPT)
+    # the response piece between "is" and an added token is a lone "▁", which scoring must feed too
+    assert list(enc.input_ids[: len(prompt)]) == prompt
+    assert [tok.id_to_token(i) for i in enc.input_ids[len(prompt) : enc.level_pos]] == ["▁"]
+
+
+def test_collate_pads_right_and_puts_partners_after_their_images(tiny_tok):
+    words = ["bad", "good"]
+    ids = level_token_ids(tiny_tok, words)
+    table = train_data.encode_conversations(tiny_tok, QUESTIONS[:2], words, ids, TRAIN_TEMPLATE)
+    rows = train_data.Rows(
+        paths=["a", "b", "c"],
+        group=np.zeros(3, dtype=np.int64),
+        mos=np.array([1.0, 3.0, 5.0]),
+        std=np.array([0.1, 0.2, 0.3]),
+        mos_raw=np.array([1.0, 3.0, 5.0]),
+        level=np.array([0, 1, 1]),
+        soft=np.array([[0.9, 0.1], [0.4, 0.6], [0.0, 1.0]], dtype=np.float32),
+        question=np.array([0, 1, 0]),
+    )
+
+    def item(row: int) -> dict:
+        return {"row": row, "path": rows.paths[row], "pixels": np.full((3, 4, 4), row, np.float32), "error": None,
+                "enc": table[int(rows.question[row]), int(rows.level[row])]}  # fmt: skip
+
+    broken = {**item(2), "pixels": None, "error": "c: truncated"}
+    batch = train_data.Collate(tiny_tok.pad_id, rows, paired=True)([(item(0), item(1)), (item(1), broken)])
+    assert batch.pairs == 1 and len(batch) == 2  # the pair with an undecodable image is dropped
+    assert batch.skipped == ["c: truncated"]
+    assert batch.pixel_values[:, 0, 0, 0].tolist() == [0.0, 1.0]  # A first, then its partner B
+    a, b = table[0, 0], table[1, 1]
+    assert batch.input_ids.shape[1] == max(len(a.input_ids), len(b.input_ids))
+    short = 0 if len(a.input_ids) < len(b.input_ids) else 1
+    n = len((a, b)[short].input_ids)
+    assert (batch.input_ids[short, n:] == tiny_tok.pad_id).all() and (batch.labels[short, n:] == IGNORE_INDEX).all()
+    assert batch.attention_mask.sum(1).tolist() == [len(a.input_ids), len(b.input_ids)]
+    assert batch.level_pos.tolist() == [a.level_pos, b.level_pos]
+    assert torch.equal(batch.soft_labels, torch.tensor([[0.9, 0.1], [0.4, 0.6]]))
+    assert batch.mos.tolist() == [1.0, 3.0]
