@@ -284,10 +284,189 @@ def score(
 
 
 # --- train ---------------------------------------------------------------------------------------
+def _csv_list(value: str | None, flag: str, kind: type = str) -> list | None:
+    if value is None:
+        return None
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise UserError(f"{flag} expects comma-separated {kind.__name__} values, got {value!r}") from None
+
+
 @app.command()
-def train() -> None:
-    """Fine-tune a multimodal LLM on prepared datasets (not implemented yet)."""
-    raise UserError("`iqa train` is not implemented yet")
+def train(
+    datasets: str = typer.Option(
+        ..., "--datasets", help="Comma-separated prepared datasets: names in the data dir or .parquet paths."
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, log, then the final model."),
+    model: str = typer.Option(
+        "MAGAer13/mplug-owl2-llama2-7b", "--model", help="Model to fine-tune: Hugging Face repo id or directory."
+    ),
+    base: str | None = typer.Option(None, "--base", help="Base model when --model is a LoRA adapter."),
+    method: str = typer.Option("deqa", "--method", help="deqa (soft labels + fidelity), qalign or qscorer."),
+    data_dir: str | None = typer.Option(
+        None, "--data-dir", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
+    ),
+    images: str | None = typer.Option(None, "--images", help="Image root for metas prepared without --images."),
+    data_weights: str | None = typer.Option(
+        None, "--data-weights", help="Comma-separated integer repeat counts, one per dataset [default: 1 each]."
+    ),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", help="Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair)."
+    ),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro batches accumulated per optimizer step."),
+    lr: float = typer.Option(2e-5, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (none on biases/norms)."),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Fraction of steps of linear warmup."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm; 0 = off."),
+    seed: int = typer.Option(42, "--seed", help="Seed of order, pairs, questions and initializations."),
+    gradient_checkpointing: bool = typer.Option(
+        True, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."
+    ),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the LLM instead of all its weights."),
+    lora_r: int = typer.Option(128, "--lora-r", help="LoRA rank."),
+    lora_alpha: float = typer.Option(256.0, "--lora-alpha", help="LoRA alpha (scale alpha / r)."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA input."),
+    lora_targets: str | None = typer.Option(
+        None,
+        "--lora-targets",
+        help="Comma-separated module-name suffixes [default: self_attn.q_proj,"
+        "self_attn.v_proj.multiway.1, as the reference].",
+    ),
+    freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
+    freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),
+    w_fid: float | None = typer.Option(None, "--w-fid", help="Fidelity loss weight [deqa 1, qscorer 0]."),
+    w_tok: float | None = typer.Option(
+        None, "--w-tok", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."
+    ),
+    w_kl: float | None = typer.Option(None, "--w-kl", help="Soft-label KL weight, relative to CE [deqa 1, qscorer 0]."),
+    w_in_level: float = typer.Option(0.0, "--w-in-level", help="DeQA-Score's optional in-level loss weight."),
+    fid_std: str = typer.Option(
+        "fixed", "--fid-std", help="Predicted std in the fidelity loss: fixed (1) or predicted."
+    ),
+    detach_pred_std: bool = typer.Option(
+        True, "--detach-pred-std/--no-detach-pred-std", help="No gradient through a predicted std."
+    ),
+    closed_set: bool = typer.Option(
+        True, "--closed-set/--open-set", help="Level softmax over the K levels (closed) or the vocabulary (open)."
+    ),
+    w_mse: float = typer.Option(1.0, "--w-mse", help="qscorer: regression MSE weight (relative to CE)."),
+    mse_clamp: bool = typer.Option(
+        True, "--mse-clamp/--no-mse-clamp", help="qscorer: clamp the regressor to [0, 5] in the MSE (reference)."
+    ),
+    w_nin: float = typer.Option(0.0, "--w-nin", help="qscorer: norm-in-norm loss weight (paper: 0.5)."),
+    w_rank: float = typer.Option(0.0, "--w-rank", help="qscorer: pairwise ranking loss weight."),
+    rank_margin: float = typer.Option(0.0, "--rank-margin", help="qscorer: margin of the ranking loss."),
+    mlp_dims: str = typer.Option("2048,1024", "--mlp-dims", help="qscorer: hidden sizes of the regressor MLP."),
+    layout: str = typer.Option(
+        "reference",
+        "--layout",
+        help="reference: train image-first as the released models; scoring: the scoring prompt's.",
+    ),
+    fixed_question: bool = typer.Option(
+        False, "--fixed-question", help="Always ask the scoring question instead of one of ten phrasings."
+    ),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on the test split every N steps (0: at the end)."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on the test split at the end."),
+    eval_batch_size: int = typer.Option(16, "--eval-batch-size", help="Images per evaluation batch (per rank)."),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (always at each epoch end)."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the last checkpoint when done."),
+    merge: bool = typer.Option(False, "--merge", help="--lora: also write OUT/merged, a full checkpoint."),
+    strategy: str = typer.Option(
+        "auto", "--strategy", help="Under torchrun: auto (ddp for --lora, else fsdp), ddp, fsdp."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Image decoding processes per rank [default: cores - 1]."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Require resuming an interrupted run in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run in OUT and start over."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or per-step messages."),
+) -> None:
+    """Fine-tune mPLUG-Owl2 on prepared datasets (DeQA-Score, Q-Align or Q-Scorer) into a scoreable directory.
+
+    Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
+    --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
+    """
+    from pathlib import Path
+
+    from iqa_cli.train import TrainConfig, train
+
+    config = TrainConfig(
+        datasets=_csv_list(datasets, "--datasets") or [],
+        out=Path(out),
+        model=model,
+        base=base,
+        method=method,
+        data_dir=Path(data_dir) if data_dir else None,
+        images=Path(images) if images else None,
+        data_weights=_csv_list(data_weights, "--data-weights", int),
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
+        lora=lora,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=_csv_list(lora_targets, "--lora-targets"),
+        freeze_vision=freeze_vision,
+        freeze_abstractor=freeze_abstractor,
+        w_fid=w_fid,
+        w_tok=w_tok,
+        w_kl=w_kl,
+        w_in_level=w_in_level,
+        fid_std=fid_std,
+        detach_pred_std=detach_pred_std,
+        closed_set=closed_set,
+        w_mse=w_mse,
+        mse_clamp=mse_clamp,
+        w_nin=w_nin,
+        w_rank=w_rank,
+        rank_margin=rank_margin,
+        mlp_dims=_csv_list(mlp_dims, "--mlp-dims", int) or [],
+        layout=layout,
+        fixed_question=fixed_question,
+        eval_every=eval_every,
+        evaluate=evaluate,
+        eval_batch_size=eval_batch_size,
+        save_every=save_every,
+        keep_checkpoints=keep_checkpoints,
+        merge=merge,
+        strategy=strategy,
+        device=device,
+        workers=workers,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    result = train(config, console=err_console)
+    if not result.is_main or quiet:
+        return
+    if result.already_complete:
+        err_console.print(
+            f"{out} holds a finished run of this configuration ({result.steps} steps); nothing to do "
+            "(--overwrite retrains)",
+            markup=False,
+            soft_wrap=True,
+        )
+        return
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    err_console.print(
+        f"trained {result.method}: {result.steps} steps{resumed} in {result.seconds:.1f} s, "
+        f"{result.samples_per_second:.2f} samples/s, {result.images_per_second:.2f} images/s -> {out}",
+        markup=False,
+        soft_wrap=True,
+    )
+    if result.merged is not None:
+        err_console.print(f"merged full checkpoint -> {result.merged}", markup=False, soft_wrap=True)
 
 
 def main() -> None:

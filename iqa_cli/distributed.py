@@ -8,6 +8,7 @@ Python objects never need a GPU round trip and work the same with either backend
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -143,3 +144,107 @@ def shard(n: int, environment: DistEnv | None = None) -> slice:
     """This rank's share of `n` ordered items as a strided slice (rank r takes r, r + world, ...)."""
     environment = environment or env()
     return slice(environment.rank, n, environment.world_size)
+
+
+# --- training (iqa train): DDP for LoRA, FSDP2 for full tuning ------------------------------------------------
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over the default group; a plain module when not distributed.
+
+    Parameters are broadcast from rank 0 when wrapping, so every rank starts from the same weights.
+    """
+    if not is_initialized():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def shard_mplug_owl2(model: torch.nn.Module, device: torch.device, mixed_precision: torch.dtype | None = None) -> None:
+    """FSDP2 (`fully_shard`) in place: one unit per ViT, abstractor and decoder layer (and the Q-Scorer MLP),
+    the whole model as the root. Every rank must hold the same full weights before this call.
+
+    Args:
+        model: an MPLUGOwl2ForCausalLM.
+        device: this rank's device (its type picks the device mesh: cuda or cpu/gloo).
+        mixed_precision: compute dtype of the gathered parameters (bf16 on CUDA); gradients are reduced and
+            the sharded master weights kept in float32.
+    """
+    if not is_initialized():
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (
+        MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+        if mixed_precision is not None
+        else MixedPrecisionPolicy()
+    )
+    units = [
+        *model.model.vision_model.encoder.layers,
+        *model.model.visual_abstractor.encoder.layers,
+        *model.model.layers,
+    ]
+    if getattr(model, "deepmlp", None) is not None:
+        units.append(model.deepmlp)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _fsdp_modules(module: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def grad_sync(module: torch.nn.Module, enabled: bool = True):
+    """Gradient accumulation: no gradient all-reduce (DDP) / reduce-scatter (FSDP2) unless `enabled`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if enabled or not is_initialized():
+        yield
+        return
+    if isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+        return
+    sharded = _fsdp_modules(module)
+    for m in sharded:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clips the global gradient norm (sharded DTensor gradients included) and returns it; 0 = no clipping."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks (for logging losses)."""
+    if not is_initialized():
+        return dict(values)
+    gathered = all_gather_object(values)
+    return {k: sum(g[k] for g in gathered) / len(gathered) for k in values}
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on rank 0's CPU ({} on other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)

@@ -1,0 +1,415 @@
+"""The run directory of `iqa train`: resumable checkpoints, the JSONL log, and the final model files.
+
+Layout of `--out DIR`:
+
+    train_config.json        the configuration the run was started with (resuming checks it)
+    train_log.jsonl          one line per optimizer step (losses, lr, grad norm, speed) and per evaluation
+    checkpoints/step-N/      the latest resumable state (removed when the run finishes, unless kept):
+        state/               trainable weights + AdamW state, torch.distributed.checkpoint (any world size)
+        trainer.pt           epoch/step position and the LR schedule
+        rng-R.pt             each rank's torch RNG state (LoRA dropout)
+    iqa.json                 how to score the model (written last: its presence means the run finished)
+    config.json + model.safetensors                 full tuning
+    config.json + adapter_config.json + adapter_model.safetensors + non_lora_trainables.bin   --lora
+    tokenizer.model, tokenizer_config.json, special_tokens_map.json (+ added_tokens.json), preprocessor_config.json
+    merged/                  --merge: the LoRA run as a full checkpoint
+
+A checkpoint is written into a hidden temporary folder and renamed into place, and older ones are deleted
+only after that, so killing the process at any moment leaves the previous checkpoint usable: a run loses at
+most the steps since its last save. Only trainable tensors are saved (frozen ones come from --model again).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iqa_cli import __version__, distributed
+from iqa_cli.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
+RUN_FILE = "iqa.json"  # same name as iqa_cli.scoring.RUN_FILE
+MERGED = "merged"
+TRAINER_FILE = "trainer.pt"
+STATE_DIR = "state"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+NON_LORA = "non_lora_trainables.bin"
+PEFT_PREFIX = "base_model.model."
+# Files a finished run writes into --out; --overwrite removes exactly these (and nothing else of the folder).
+OUTPUT_FILES = (
+    CONFIG_FILE,
+    LOG_FILE,
+    RUN_FILE,
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    ADAPTER_WEIGHTS,
+    NON_LORA,
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass
+class Progress:
+    """Where the run is: `step` optimizer steps into epoch `epoch`, `global_step` in total."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.step += 1
+        self.global_step += 1
+        if self.step == steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+
+
+class RunDirectory:
+    """Paths and small file operations of one `--out` directory."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.checkpoints = self.out / CHECKPOINTS
+        self.log_path = self.out / LOG_FILE
+        self.config_path = self.out / CONFIG_FILE
+        self.info_path = self.out / RUN_FILE
+
+    def read_config(self) -> dict | None:
+        if not self.config_path.is_file():
+            return None
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.config_path}: unreadable ({exc}); use --overwrite to start over") from None
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete `step-N` folder (temporary folders of an interrupted save are ignored)."""
+        if not self.checkpoints.is_dir():
+            return None
+        done = [p for p in self.checkpoints.glob("step-*") if (p / TRAINER_FILE).is_file()]
+        return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+    def is_finished(self) -> bool:
+        return self.info_path.is_file()
+
+    def completed_steps(self) -> int:
+        try:
+            return int(json.loads(self.info_path.read_text(encoding="utf-8")).get("steps", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def clear(self) -> None:
+        """Removes what a run writes (only those files and folders)."""
+        for name in OUTPUT_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        for folder in (self.checkpoints, self.out / MERGED):
+            shutil.rmtree(folder, ignore_errors=True)
+        for shard in self.out.glob("model-*-of-*.safetensors"):
+            shard.unlink()
+
+    def start(self, config: dict) -> None:
+        """A fresh run: the configuration, an empty log."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.config_path, json.dumps(config, indent=2) + "\n")
+        self.log_path.write_text("")
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    def append_log(self, record: dict) -> None:
+        with self.log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Keeps the log lines of steps <= `step`, so a resumed run's log reads as an uninterrupted one's."""
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                break  # a line cut by the kill: everything after it is gone too
+        _atomic_write(self.log_path, "".join(line + "\n" for line in kept))
+
+
+def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) -> str:
+    """'fresh', 'resume' or 'complete' for this configuration in this directory; anything else is an
+    error message (returned, not raised, so rank 0 can hand it to every rank)."""
+    if config.get("overwrite"):
+        run.clear()
+        return "fresh"
+    saved = run.read_config()
+    if saved is None:
+        others = [p.name for p in run.out.iterdir()] if run.out.is_dir() else []
+        if others:
+            return f"--out {run.out} is not empty and holds no iqa training run; choose an empty or new folder"
+        if config.get("resume"):
+            return f"--resume: nothing to resume in {run.out}"
+        return "fresh"
+    changed = [
+        f"{key} {saved.get(key)!r} -> {config.get(key)!r}"
+        for key in sorted(set(saved) | set(config))
+        if key not in control_fields and saved.get(key) != config.get(key)
+    ]
+    if changed:
+        return (
+            f"{run.out} holds a run with another configuration ({'; '.join(changed)}); "
+            "use another --out, or --overwrite to start over"
+        )
+    if run.is_finished():
+        return "complete"
+    if run.latest_checkpoint() is not None:
+        return "resume"
+    if config.get("resume"):
+        return f"--resume: {run.out} has no checkpoint yet (the run stopped before its first save)"
+    return "fresh"
+
+
+# --- resumable checkpoints ------------------------------------------------------------------------------
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run: RunDirectory,
+    progress: Progress,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Path:
+    """Writes `checkpoints/step-N` atomically (all ranks call this) and deletes older checkpoints."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"step-{progress.global_step:08d}"
+    final, tmp = run.checkpoints / name, run.checkpoints / f".{name}.tmp"
+    if distributed.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    model_state, optim_state = get_state_dict(module, optimizer, options=_state_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / STATE_DIR))
+    torch.save(_rng_state(), tmp / f"rng-{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.rank() == 0:
+        trainer = {"progress": asdict(progress), "scheduler": scheduler.state_dict()}
+        torch.save(trainer, tmp / TRAINER_FILE)
+        _fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(run.checkpoints)
+        for old in run.checkpoints.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load_checkpoint(
+    run: RunDirectory,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    """Restores trainable weights, AdamW state, the LR schedule, the position and this rank's RNG."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = distributed.broadcast_object(str(run.latest_checkpoint()) if distributed.rank() == 0 else None)
+    path = Path(path)
+    options = _state_options()
+    model_state, optim_state = get_state_dict(module, optimizer, options=options)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path / STATE_DIR))
+    except Exception as exc:  # a checkpoint of other trainable parameters than this configuration's
+        raise UserError(f"{path}: cannot restore the checkpoint ({type(exc).__name__}: {exc})") from None
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = path / f"rng-{distributed.rank()}.pt"
+    if not rng_file.is_file():  # resumed with more ranks than it was saved with
+        rng_file = path / "rng-0.pt"
+    _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return Progress(**trainer["progress"])
+
+
+# --- the final model -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """The `iqa.json` of a finished run: the scoring contract (`iqa_cli.scoring.RunInfo`) plus provenance."""
+
+    method: str
+    level_names: list[str]
+    level_tokens: list[str]
+    prompt: str
+    input_ids: list[int]
+    regressor: str | None
+    base: str | None  # LoRA runs: the full model the adapter applies to (repo id or absolute path)
+    layout: str  # "reference" (trained image-first) or "scoring" (trained on the scoring prompt's layout)
+    steps: int
+    train: dict = field(default_factory=dict)
+    final_eval: dict | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["base"] is None:
+            data.pop("base")
+        data["iqa_version"] = __version__
+        data["complete"] = True
+        return data
+
+
+def save_final(
+    run: RunDirectory,
+    record: RunRecord,
+    *,
+    core: torch.nn.Module,
+    peft_model: torch.nn.Module | None,
+    tokenizer: Any,
+    preprocessor: Any,
+    strategy: str,
+    merge: bool,
+    keep_checkpoints: bool,
+    dtype: torch.dtype | None = None,
+) -> Path | None:
+    """Writes the final checkpoint directory (every rank calls this; rank 0 writes). Returns `merged/`."""
+    full_state = distributed.full_state_dict(core) if strategy == "fsdp" else None
+    merged = None
+    if distributed.rank() == 0:
+        out = run.out
+        if peft_model is not None:
+            save_lora(peft_model, core, out, record.base)
+        else:
+            save_full(core, out, state=full_state, dtype=dtype)
+        tokenizer.save(out)
+        preprocessor.save(out)
+        _atomic_write(out / RUN_FILE, json.dumps(record.to_json(), indent=2) + "\n")
+        if merge:
+            merged = merge_lora(out, out / MERGED, record)
+        if not keep_checkpoints:
+            shutil.rmtree(run.checkpoints, ignore_errors=True)
+    distributed.barrier()
+    return merged
+
+
+def save_full(core: torch.nn.Module, out: Path, *, state: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """config.json + safetensors under the released key names; `state` is a gathered full state dict
+    (FSDP) to write instead of the module's own tensors."""
+    from iqa_cli.models.checkpoints import save_mplug_owl2
+    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+
+    model = core
+    if state is not None:
+        with torch.device("meta"):
+            model = MPLUGOwl2ForCausalLM(copy.deepcopy(core.config))
+        model.load_state_dict(state, assign=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    save_mplug_owl2(model, out, max_shard_bytes=5 * 1024**3)
+
+
+def save_lora(peft_model: torch.nn.Module, core: torch.nn.Module, out: Path, base: str | None) -> None:
+    """The released peft layout: adapter_config.json, adapter weights (keys `base_model.model.<module>.lora_A.weight`),
+    non_lora_trainables.bin (every trained non-LoRA tensor, keys prefixed `base_model.model.`; for Q-Scorer also the
+    resized embed_tokens and lm_head, as Q-Scorer's fixed reference saves them) and the run's config.json."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(adapter, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    lora_config = copy.deepcopy(peft_model.peft_config["default"])
+    lora_config.base_model_name_or_path = base
+    lora_config.inference_mode = True
+    lora_config.save_pretrained(str(out))
+    resized = ("model.embed_tokens.weight", "lm_head.weight") if core.deepmlp is not None else ()
+    non_lora = {
+        name: p.detach().cpu().clone()
+        for name, p in peft_model.named_parameters()
+        if "lora_" not in name and (p.requires_grad or name.removeprefix(PEFT_PREFIX) in resized)
+    }
+    torch.save(non_lora, out / NON_LORA)
+    core.config.save(out)
+
+
+def merge_lora(run_dir: Path, merged: Path, record: RunRecord) -> Path:
+    """The adapter merged onto its base by the same loader `iqa score` uses, written as a full checkpoint."""
+    from iqa_cli.models.checkpoints import load_mplug_owl2, save_mplug_owl2
+
+    loaded = load_mplug_owl2(run_dir, base=record.base)
+    save_mplug_owl2(loaded.model, merged, max_shard_bytes=5 * 1024**3)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "preprocessor_config.json"):  # fmt: skip
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, merged / name)
+    info = record.to_json()
+    info.pop("base", None)
+    info["merged_from"] = str(run_dir.resolve())
+    _atomic_write(merged / RUN_FILE, json.dumps(info, indent=2) + "\n")
+    return merged
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
