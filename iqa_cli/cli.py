@@ -313,6 +313,7 @@ def train(
         None, "--data-weights", help="Comma-separated integer repeat counts, one per dataset [default: 1 each]."
     ),
     epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows."),
+    max_steps: int = typer.Option(0, "--max-steps", help="Stop after N optimizer steps (the LR schedule ends there)."),
     batch_size: int = typer.Option(
         64, "--batch-size", help="Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair)."
     ),
@@ -404,6 +405,7 @@ def train(
         images=Path(images) if images else None,
         data_weights=_csv_list(data_weights, "--data-weights", int),
         epochs=epochs,
+        max_steps=max_steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=lr,

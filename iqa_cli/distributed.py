@@ -248,3 +248,15 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(module, options=options)
+
+
+def init_single_process(device: torch.device) -> None:
+    """A process group of one rank (no torchrun), so FSDP2 can run in a single process (benchmarks, tests)."""
+    global _owns_group
+    if is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    _owns_group = True

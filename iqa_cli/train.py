@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -75,6 +76,7 @@ class TrainConfig:
     data_weights: list[int] | None = None
     # optimization
     epochs: int = 3
+    max_steps: int = 0  # stop after this many optimizer steps (the schedule ends there); 0 = all epochs
     batch_size: int = 64  # global samples per optimizer step (a DeQA-Score sample is a pair of images)
     grad_accum: int = 1
     lr: float = 2e-5
@@ -152,6 +154,7 @@ def validate(config: TrainConfig) -> None:
         (config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}"),
         (config.fid_std in ("fixed", "predicted"), f"--fid-std must be fixed or predicted, got {config.fid_std!r}"),
         (config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}"),
+        (config.max_steps >= 0, f"--max-steps must be >= 0, got {config.max_steps}"),
         (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
         (0 <= config.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}"),
         (config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}"),
@@ -474,9 +477,10 @@ def _default_workers(env: distributed.DistEnv) -> int:
     return max(0, min(8, cores // max(1, env.local_world_size) - 1))
 
 
-def setup(config: TrainConfig, decision: str = "fresh", console: Any = None) -> Session:
+def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loaded: Any = None) -> Session:
     """Data, model, trainable parts, wrapping, optimizer, schedule; restores the checkpoint when `decision`
-    is "resume". The process group (if any) is already initialized."""
+    is "resume". The process group (if any) is already initialized. `loaded` (a LoadedCheckpoint) replaces
+    loading `config.model`, for benchmarks that build a full-size model with random weights in memory."""
     from iqa_cli.models.backbone import MPLUGOwl2Backbone
     from iqa_cli.models.checkpoints import load_mplug_owl2
     from iqa_cli.paths import resolve_data_dir
@@ -487,6 +491,9 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None) -> 
     strategy = "single"
     if env.is_distributed:
         strategy = config.strategy if config.strategy != "auto" else ("ddp" if config.lora else "fsdp")
+    elif config.strategy == "fsdp":  # FSDP2 in one process (a group of one rank): benchmarks, tests
+        strategy = "fsdp"
+        distributed.init_single_process(device)
     plan = train_data.BatchPlan(config.batch_size, env.world_size, config.grad_accum)
     run = train_state.RunDirectory(Path(config.out))
     questions = (DEFAULT_QUESTION,) if config.fixed_question else QUESTIONS
@@ -498,7 +505,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None) -> 
         num_questions=len(questions),
     )
     torch.manual_seed(config.seed)  # the Q-Scorer MLP and LoRA initializations (the same on every rank)
-    loaded = load_mplug_owl2(config.model, base=config.base, dtype=torch.float32, device=device)
+    if loaded is None:
+        loaded = load_mplug_owl2(config.model, base=config.base, dtype=torch.float32, device=device)
     if config.lora and loaded.layout != "full":
         raise UserError(f"--model {config.model} is a LoRA adapter; train a LoRA on a full model (merge it first)")
     backbone = MPLUGOwl2Backbone.from_checkpoint(loaded)
@@ -510,6 +518,10 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None) -> 
         core.config.score_token_id = list(reversed(levels.ids))  # the reference stores <scoreK> first
     template = TRAIN_TEMPLATE if config.layout == "reference" else EVAL_TEMPLATE
     encodings = train_data.encode_conversations(tokenizer, questions, levels.tokens, levels.ids, template)
+    vocab = core.config.language.vocab_size
+    largest = max(max(enc.input_ids) for enc in encodings.values())
+    if largest >= vocab:
+        raise UserError(f"{config.model}: the tokenizer gives id {largest} but the model has {vocab} embedding rows")
 
     core.train()
     if config.gradient_checkpointing:
@@ -526,6 +538,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None) -> 
         forward = distributed.wrap_ddp(forward, device)
     elif strategy == "fsdp":
         distributed.shard_mplug_owl2(core, device, mixed_precision=autocast_dtype)
+        # The decoder layers also return their (unused) key/value views; nothing modifies them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
     optimizer = torch.optim.AdamW(
         _param_groups(forward, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), eps=1e-8
@@ -535,6 +549,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None) -> 
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {config.batch_size} is larger than the {len(pool)} training samples")
     total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
     warm = warmup_steps(total, config.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warm))
     weights = config.weights()
@@ -680,7 +696,7 @@ def run_training(session: Session) -> TrainResult:
     bar = _progress_bar(session)
     params = [p for p in forward.parameters() if p.requires_grad]
     try:
-        while progress.epoch < config.epochs:
+        while progress.epoch < config.epochs and progress.global_step < session.total_steps:
             loader = _loader(session, progress.epoch, progress.step)
             batches = iter(loader)
             while progress.step < session.steps_per_epoch:
@@ -710,9 +726,10 @@ def run_training(session: Session) -> TrainResult:
                 if config.eval_every and progress.global_step % config.eval_every == 0:
                     _evaluate_and_log(session, bar)
                 end_of_epoch = progress.step == 0
-                if (config.save_every and progress.global_step % config.save_every == 0) or end_of_epoch:
+                last = progress.global_step == session.total_steps
+                if (config.save_every and progress.global_step % config.save_every == 0) or end_of_epoch or last:
                     train_state.save_checkpoint(session.run, progress, forward, optimizer, scheduler)
-                if end_of_epoch:
+                if end_of_epoch or last:
                     break
             del batches, loader
     finally:
@@ -720,7 +737,11 @@ def run_training(session: Session) -> TrainResult:
     seconds = time.perf_counter() - started
     steps = progress.global_step - start_step
     samples = steps * config.batch_size
-    final_eval = _evaluate_and_log(session, None) if config.evaluate and len(session.data.test) else None
+    final_eval = None
+    if session.history and session.history[-1]["step"] == progress.global_step:  # --eval-every hit the last step
+        final_eval = session.history[-1]["report"]
+    elif config.evaluate and len(session.data.test):
+        final_eval = _evaluate_and_log(session, None)
     return TrainResult(
         out=Path(config.out),
         method=config.method,
@@ -824,13 +845,13 @@ def evaluate(session: Session) -> dict[str, Any]:
 
 def _evaluate_and_log(session: Session, bar) -> dict[str, Any]:
     report = evaluate(session)
+    session.history.append({"step": session.progress.global_step, "report": report})
     if session.env.is_main and report:
         session.run.append_log({"step": session.progress.global_step, "eval": report})
         for name, entry in report.items():
             line = f"eval step {session.progress.global_step}: {name} PLCC {entry['plcc']:.4f} SRCC {entry['srcc']:.4f}"
             if "plcc_reg" in entry:
                 line += f" (regressor PLCC {entry['plcc_reg']:.4f} SRCC {entry['srcc_reg']:.4f})"
-            session.history.append({"step": session.progress.global_step, name: entry})
             if bar is not None:
                 bar.print(line)
             else:

@@ -21,10 +21,12 @@ most the steps since its last save. Only trainable tensors are saved (frozen one
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,14 @@ def _state_options():
     return StateDictOptions(ignore_frozen_params=True)
 
 
+@contextlib.contextmanager
+def _quiet_dcp():
+    """torch.distributed.checkpoint warns that it runs in one process; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -219,7 +229,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     distributed.barrier()
     model_state, optim_state = get_state_dict(module, optimizer, options=_state_options())
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / STATE_DIR))
+    with _quiet_dcp():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / STATE_DIR))
     torch.save(_rng_state(), tmp / f"rng-{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.rank() == 0:
@@ -244,7 +255,7 @@ def load_checkpoint(
 ) -> Progress:
     """Restores trainable weights, AdamW state, the LR schedule, the position and this rank's RNG."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     path = distributed.broadcast_object(str(run.latest_checkpoint()) if distributed.rank() == 0 else None)
     path = Path(path)
@@ -252,10 +263,14 @@ def load_checkpoint(
     model_state, optim_state = get_state_dict(module, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=str(path / STATE_DIR))
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=str(path / STATE_DIR))
     except Exception as exc:  # a checkpoint of other trainable parameters than this configuration's
         raise UserError(f"{path}: cannot restore the checkpoint ({type(exc).__name__}: {exc})") from None
-    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    # dcp.load has checked that every trainable tensor was in the checkpoint; the frozen ones are not in the
+    # state on purpose, hence strict=False here.
+    loading = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=loading)
     trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(trainer["scheduler"])
     rng_file = path / f"rng-{distributed.rank()}.pt"
@@ -355,6 +370,8 @@ def save_lora(peft_model: torch.nn.Module, core: torch.nn.Module, out: Path, bas
     lora_config = copy.deepcopy(peft_model.peft_config["default"])
     lora_config.base_model_name_or_path = base
     lora_config.inference_mode = True
+    lora_config.task_type = "CAUSAL_LM"  # as the released adapters record it
+    lora_config.target_modules = sorted(lora_config.target_modules, key=_module_order)
     lora_config.save_pretrained(str(out))
     resized = ("model.embed_tokens.weight", "lm_head.weight") if core.deepmlp is not None else ()
     non_lora = {
@@ -364,6 +381,11 @@ def save_lora(peft_model: torch.nn.Module, core: torch.nn.Module, out: Path, bas
     }
     torch.save(non_lora, out / NON_LORA)
     core.config.save(out)
+
+
+def _module_order(name: str) -> tuple:
+    """model.layers.2.x before model.layers.10.x."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
 
 
 def merge_lora(run_dir: Path, merged: Path, record: RunRecord) -> Path:

@@ -1,0 +1,313 @@
+"""`iqa train` end to end on a tiny model: the run directory, resume after a crash or a kill, LoRA layout and
+merge, two gloo processes (DDP and FSDP2) against one process, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iqa_cli import cli
+from iqa_cli import train as train_module
+from iqa_cli.train import TrainConfig, train
+from tests.conftest import REPO_ROOT, run_iqa
+from tests.test_train_data import prepare_synthetic, write_tiny_model
+
+TIMING = {"samples_per_s", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("train-run")
+    data = prepare_synthetic(tmp, "synth", 60, size=(40, 32))
+    return {"tmp": tmp, "data": data, "model": write_tiny_model(tmp / "model", image_size=28)}
+
+
+def _config(tiny, out: Path, **kwargs) -> TrainConfig:
+    defaults = dict(datasets=["synth"], data_dir=tiny["data"], model=str(tiny["model"]), out=out, epochs=2,
+                    batch_size=4, lr=1e-3, workers=0, quiet=True, mlp_dims=[16, 16])  # fmt: skip
+    return TrainConfig(**{**defaults, **kwargs})
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    if (run / "adapter_model.safetensors").is_file():
+        tensors = load_file(str(run / "adapter_model.safetensors"))
+        tensors.update(torch.load(run / "non_lora_trainables.bin", weights_only=True))
+        return tensors
+    return load_file(str(run / "model.safetensors"))
+
+
+def _log(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+def _assert_same_weights(a: Path, b: Path, **tolerance) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb)
+    for key in wa:
+        if tolerance:
+            torch.testing.assert_close(wa[key], wb[key], **tolerance, msg=key)
+        else:
+            assert torch.equal(wa[key], wb[key]), key
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [("deqa", {}), ("qscorer", {"lora": True, "lora_r": 4, "lora_alpha": 8.0, "w_kl": 1.0, "w_nin": 0.5})],
+    ids=["deqa-full", "qscorer-lora"],
+)
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch, method, extra):
+    """Crash right after step 5 (last save at step 4): the same command resumes from step 4, and weights,
+    optimizer path and log end exactly where the uninterrupted run ends (LoRA dropout included: RNG restored)."""
+    whole = _config(tiny, tiny["tmp"] / f"whole-{method}", method=method, save_every=4, eval_every=8, **extra)
+    result = train(whole)
+    assert result.steps == 2 * (48 // 4) and result.final_eval["synth"]["n"] == 12
+
+    broken = _config(tiny, tiny["tmp"] / f"broken-{method}", method=method, save_every=4, eval_every=8, **extra)
+    record = train_module._step_record
+
+    def crash_at_five(session, *args):
+        out = record(session, *args)
+        if session.progress.global_step == 5:
+            raise Crash
+        return out
+
+    monkeypatch.setattr(train_module, "_step_record", crash_at_five)
+    with pytest.raises(Crash):
+        train(broken)
+    monkeypatch.setattr(train_module, "_step_record", record)
+    assert [p.name for p in (broken.out / "checkpoints").glob("step-*")] == ["step-00000004"]
+    assert not (broken.out / "iqa.json").exists()
+    resumed = train(broken)
+    assert resumed.resumed_from == 4 and resumed.steps_this_run == 20
+    _assert_same_weights(whole.out, broken.out)
+    assert _log(whole.out) == _log(broken.out)
+    assert not (broken.out / "checkpoints").exists()  # removed once the run is complete
+    assert train(broken).already_complete  # the same command again: nothing to do
+
+
+def test_run_directory_log_and_run_file(tiny):
+    out = tiny["tmp"] / "whole-deqa"  # written by the resume test above, or now
+    if not (out / "iqa.json").exists():
+        train(_config(tiny, out, method="deqa", save_every=4, eval_every=8))
+    info = json.loads((out / "iqa.json").read_text())
+    assert info["method"] == "deqa" and info["complete"] and info["steps"] == 24
+    assert info["level_names"] == info["level_tokens"] == ["bad", "poor", "fair", "good", "excellent"]
+    assert info["prompt"].endswith("ASSISTANT: The quality of the image is") and info["regressor"] is None
+    assert "base" not in info and info["layout"] == "reference" and info["train"]["lr"] == 1e-3
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+                 "preprocessor_config.json", "train_config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    log = _log(out)
+    steps = [line for line in log if "loss" in line]
+    evals = [line for line in log if "eval" in line]
+    assert [line["step"] for line in steps] == list(range(1, 25))
+    assert {"fidelity", "cross_entropy", "kl", "in_level", "lr", "grad_norm", "epoch"} <= set(steps[0])
+    assert steps[0]["lr"] > steps[-1]["lr"] and steps[-1]["epoch"] == 2.0
+    assert [line["step"] for line in evals] == [8, 16, 24]  # the final eval is the step-24 one
+    assert set(evals[-1]["eval"]["synth"]) == {"n", "plcc", "srcc"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_command(tiny):
+    """SIGKILL at an arbitrary moment (checkpoints every step): rerunning the command finishes the run with the
+    uninterrupted run's weights."""
+    base = ["train", "--datasets", "synth", "--data-dir", str(tiny["data"]), "--model", str(tiny["model"]),
+            "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--no-eval", "-q"]  # fmt: skip
+    whole = run_iqa(*base, "--out", str(tiny["tmp"] / "kill-whole"))  # saving does not change the numbers
+    assert whole.returncode == 0, whole.stderr
+    out = tiny["tmp"] / "kill-broken"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "iqa_cli", *base, "--save-every", "1", "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "checkpoints").glob("step-0000000[3-9]")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "iqa.json").exists(), "the run finished before it could be killed"
+    again = run_iqa(*base, "--save-every", "1", "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    _assert_same_weights(tiny["tmp"] / "kill-whole", out)
+
+
+def test_lora_layout_and_merge_equal_the_unmerged_model(tiny):
+    from peft import LoraConfig, PeftModel
+
+    from iqa_cli.models.checkpoints import load_mplug_owl2
+    from iqa_cli.scoring import Scorer
+    from tests.factories import random_pixels
+
+    out = tiny["tmp"] / "lora"
+    train(_config(tiny, out, lora=True, lora_r=4, lora_alpha=8.0, merge=True, epochs=1, evaluate=False))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8.0, 0.05)
+    assert adapter["base_model_name_or_path"] == str(tiny["model"].resolve())
+    assert adapter["target_modules"] == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1)
+                                         for m in ("q_proj", "v_proj.multiway.1")]  # fmt: skip
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.self_attn.v_proj.multiway.1.lora_B.weight" in keys and len(keys) == 8
+    non_lora = torch.load(out / "non_lora_trainables.bin", weights_only=True)
+    assert {k.split(".")[3] for k in non_lora} == {"vision_model", "visual_abstractor"}  # base_model.model.model.*
+    assert json.loads((out / "iqa.json").read_text())["base"] == str(tiny["model"].resolve())
+
+    # the unmerged model: the base with peft's LoRA layers and the trained non-LoRA weights, run unmerged
+    base = load_mplug_owl2(tiny["model"]).model
+    base.load_state_dict({k.removeprefix("base_model.model."): v for k, v in non_lora.items()}, strict=False)
+    lora = LoraConfig.from_pretrained(str(out))
+    lora.task_type = None  # the file says CAUSAL_LM as the released adapters do; our model is no HF causal LM
+    unmerged = PeftModel.from_pretrained(base, str(out), config=lora).eval()
+    merged = load_mplug_owl2(out / "merged").model.eval()
+    ids = torch.tensor([Scorer.from_pretrained(out, device="cpu").readout.input_ids])
+    pixels = random_pixels(1, merged.config, seed=4)
+    with torch.no_grad():
+        a = unmerged(ids, pixels, logits_at="all").logits
+        b = merged(ids, pixels, logits_at="all").logits
+    assert (a - load_mplug_owl2(tiny["model"]).model(ids, pixels, logits_at="all").logits).abs().max() > 1e-3
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # `iqa score --model RUN` (LoRA merged at load onto iqa.json's base) equals the merged checkpoint
+    px = random_pixels(3, merged.config, seed=5)
+    lora_scores = Scorer.from_pretrained(out, device="cpu").score_pixels(px)
+    merged_scores = Scorer.from_pretrained(out / "merged", device="cpu").score_pixels(px)
+    torch.testing.assert_close(lora_scores.probs, merged_scores.probs, rtol=1e-5, atol=1e-6)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "0", "-m", "iqa_cli", *args]  # fmt: skip
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp-lora", "fsdp-full"])
+def test_two_gloo_processes_train_what_one_process_trains(tiny, strategy):
+    """The global batch is split over two ranks (DDP averages, FSDP2 reduce-scatters the gradients), so the
+    result equals one process's up to float summation order. A fixed question keeps every sequence the same
+    length, so each rank's token-mean CE is a mean over the same number of tokens."""
+    flags = ["--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--fixed-question",
+             "--eval-every", "3", "-q", "--datasets", "synth", "--data-dir", str(tiny["data"]),
+             "--model", str(tiny["model"])]  # fmt: skip
+    if strategy == "ddp-lora":
+        flags += ["--lora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]
+    single = run_iqa("train", *flags, "--out", str(tiny["tmp"] / f"one-{strategy}"))
+    assert single.returncode == 0, single.stderr
+    double = _torchrun("train", *flags, "--out", str(tiny["tmp"] / f"two-{strategy}"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    one_w, two_w = _weights(tiny["tmp"] / f"one-{strategy}"), _weights(tiny["tmp"] / f"two-{strategy}")
+    assert sorted(one_w) == sorted(two_w)
+    for key in one_w:
+        # An attention key bias shifts every logit of a query equally, so its true gradient is 0 and what
+        # reaches it is float noise that Adam turns into full-size steps: it can move by up to lr x steps.
+        noise_only = key.endswith(("attention.key.bias", "query_key_value.bias"))
+        atol = 1e-3 * 6 if noise_only else 1e-5
+        torch.testing.assert_close(one_w[key], two_w[key], rtol=1e-4, atol=atol, msg=key)
+    one, two = _log(tiny["tmp"] / f"one-{strategy}"), _log(tiny["tmp"] / f"two-{strategy}")
+    np.testing.assert_allclose([r["loss"] for r in one if "loss" in r], [r["loss"] for r in two if "loss" in r],
+                               rtol=1e-4)  # fmt: skip
+    # evaluation: each rank scores a strided share of the test split, rank 0 reports all of it
+    evals_one = [r["eval"]["synth"] for r in one if "eval" in r]
+    evals_two = [r["eval"]["synth"] for r in two if "eval" in r]
+    assert [e["n"] for e in evals_two] == [e["n"] for e in evals_one] == [12, 12]  # steps 3 and 6
+    np.testing.assert_allclose([e["plcc"] for e in evals_two], [e["plcc"] for e in evals_one], atol=1e-4)
+    # a global batch that does not split over the ranks is a one-line error on every rank
+    bad = _torchrun("train", *flags, "--batch-size", "7", "--out", str(tiny["tmp"] / f"bad-{strategy}"))
+    assert bad.returncode != 0
+    assert "error: --batch-size 7 is not divisible by 2 rank(s) x 1 accumulation step(s)" in bad.stderr
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def iqa(monkeypatch, capsys):
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["iqa", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _assert_user_error(result, *needles: str) -> str:
+    code, _, err = result
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny, iqa, tmp_path):
+    data = ["--data-dir", tiny["data"], "--model", tiny["model"], "--workers", "0", "-q"]
+    _assert_user_error(iqa("train", "--datasets", "koniq", *data, "--out", tmp_path / "a"),
+                       "unknown dataset 'koniq'", "prepared datasets in", "synth")  # fmt: skip
+    three = prepare_synthetic(tmp_path, "three", 8, size=(40, 32), extra=("--levels", "3"))
+    _assert_user_error(iqa("train", "--datasets", f"synth,{three / 'three.parquet'}", *data, "--out", tmp_path / "b"),
+                       "three.parquet has levels ['one', 'two', 'three'] but", "synth.parquet has")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "c", "--batch-size", "8",
+                           "--grad-accum", "3"), "--batch-size 8 is not divisible by 1 rank(s) x 3")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "d", "--resume"),
+                       "--resume: nothing to resume")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "e", "--method", "dqa"),
+                       "--method must be one of deqa, qalign, qscorer")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "f", "--data-weights", "1,2"),
+                       "--data-weights has 2 value(s) for 1 dataset(s)")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "g", "--batch-size", "64"),
+                       "--batch-size 64 is larger than the 48 training samples")  # fmt: skip
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "notes.txt").write_text("mine")
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "h"),
+                       "is not empty and holds no iqa training run")  # fmt: skip
+
+
+def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, monkeypatch):
+    out = tiny["tmp"] / "other-config"
+    broken = _config(tiny, out, save_every=1)
+    record = train_module._step_record
+
+    def crash(session, *args):
+        record(session, *args)
+        raise Crash
+
+    monkeypatch.setattr(train_module, "_step_record", crash)
+    with pytest.raises(Crash):
+        train(broken)
+    monkeypatch.setattr(train_module, "_step_record", record)
+    line = _assert_user_error(
+        iqa("train", "--datasets", "synth", "--data-dir", tiny["data"], "--model", tiny["model"], "--out", out,
+            "--epochs", "2", "--batch-size", "4", "--lr", "2e-4", "--mlp-dims", "16,16", "-q"),
+        "holds a run with another configuration", "lr 0.001 -> 0.0002", "--overwrite",
+    )  # fmt: skip
+    assert "workers" not in line  # run-control flags may change between an interruption and its resumption
+
+
+@pytest.mark.slow
+def test_benchmark_gpu_code_path_runs_on_cpu_with_the_tiny_config():
+    """`bench_train.py --gpu` (LoRA, and full tuning under a one-rank FSDP2 group) with the tiny config."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_train.py", "--gpu", "--tiny", "--device", "cpu", "--steps", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "samples/s" in line]
+    assert len(lines) == 2 and "lora" in lines[0] and "full FSDP2" in lines[1], proc.stdout
