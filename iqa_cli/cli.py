@@ -373,6 +373,9 @@ def train(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on the test split at the end."),
     eval_batch_size: int = typer.Option(16, "--eval-batch-size", help="Images per evaluation batch (per rank)."),
     save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (always at each epoch end)."),
+    save_minutes: float = typer.Option(
+        30.0, "--save-minutes", help="Also checkpoint when this many minutes passed since the last one (0: off)."
+    ),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the last checkpoint when done."),
     merge: bool = typer.Option(False, "--merge", help="--lora: also write OUT/merged, a full checkpoint."),
     strategy: str = typer.Option(
@@ -440,6 +443,7 @@ def train(
         evaluate=evaluate,
         eval_batch_size=eval_batch_size,
         save_every=save_every,
+        save_minutes=save_minutes,
         keep_checkpoints=keep_checkpoints,
         merge=merge,
         strategy=strategy,

@@ -115,6 +115,7 @@ class TrainConfig:
     evaluate: bool = True
     eval_batch_size: int = 16
     save_every: int = 0  # optimizer steps; 0 = at the end of every epoch only
+    save_minutes: float = 30.0  # also checkpoint when this long has passed since the last save; 0 = off
     keep_checkpoints: bool = False
     merge: bool = False
     strategy: str = "auto"
@@ -141,7 +142,8 @@ class TrainConfig:
 
 # Fields that may change between an interrupted run and its resumption.
 RUN_CONTROL_FIELDS = frozenset(
-    {"out", "eval_every", "evaluate", "eval_batch_size", "save_every", "keep_checkpoints", "merge", "device",
+    {"out", "eval_every", "evaluate", "eval_batch_size", "save_every", "save_minutes", "keep_checkpoints", "merge",
+     "device",
      "workers", "resume", "overwrite", "quiet", "data_dir", "images"}
 )  # fmt: skip
 
@@ -161,7 +163,10 @@ def validate(config: TrainConfig) -> None:
         (config.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}"),
         (config.lora_r >= 1, f"--lora-r must be >= 1, got {config.lora_r}"),
         (0 <= config.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {config.lora_dropout}"),
-        (config.eval_every >= 0 and config.save_every >= 0, "--eval-every and --save-every must be >= 0"),
+        (
+            min(config.eval_every, config.save_every, config.save_minutes) >= 0,
+            "--eval-every, --save-every and --save-minutes must be >= 0",
+        ),
         (config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}"),
         (bool(config.mlp_dims) and min(config.mlp_dims) >= 1, f"--mlp-dims must be positive, got {config.mlp_dims}"),
         (not (config.merge and not config.lora), "--merge applies to --lora runs (full tuning writes a full model)"),
@@ -691,7 +696,7 @@ def run_training(session: Session) -> TrainResult:
     forward, optimizer, scheduler = session.forward, session.optimizer, session.scheduler
     images_per_sample = 2 if config.paired else 1
     start_step = progress.global_step
-    started = time.perf_counter()
+    started = last_save = time.perf_counter()
     skipped: list[str] = []
     bar = _progress_bar(session)
     params = [p for p in forward.parameters() if p.requires_grad]
@@ -727,8 +732,14 @@ def run_training(session: Session) -> TrainResult:
                     _evaluate_and_log(session, bar)
                 end_of_epoch = progress.step == 0
                 last = progress.global_step == session.total_steps
-                if (config.save_every and progress.global_step % config.save_every == 0) or end_of_epoch or last:
+                if (
+                    (config.save_every and progress.global_step % config.save_every == 0)
+                    or end_of_epoch
+                    or last
+                    or _save_time_due(session, last_save)
+                ):
                     train_state.save_checkpoint(session.run, progress, forward, optimizer, scheduler)
+                    last_save = time.perf_counter()
                 if end_of_epoch or last:
                     break
             del batches, loader
@@ -755,6 +766,15 @@ def run_training(session: Session) -> TrainResult:
         is_main=session.env.is_main,
         skipped_images=skipped,
     )
+
+
+def _save_time_due(session: Session, last_save: float) -> bool:
+    """--save-minutes elapsed since the last checkpoint, as rank 0's clock says (every rank must agree)."""
+    minutes = session.config.save_minutes
+    if not minutes:
+        return False
+    due = time.perf_counter() - last_save >= 60.0 * minutes if session.env.is_main else None
+    return bool(distributed.broadcast_object(due))
 
 
 def _step_record(

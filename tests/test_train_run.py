@@ -282,17 +282,20 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny, iqa, tmp_path):
 
 def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, monkeypatch):
     out = tiny["tmp"] / "other-config"
-    broken = _config(tiny, out, save_every=1)
+    broken = _config(tiny, out, save_minutes=1e-9)  # a checkpoint after every step, by the clock
     record = train_module._step_record
 
     def crash(session, *args):
-        record(session, *args)
-        raise Crash
+        out = record(session, *args)
+        if session.progress.global_step == 2:  # step 2 is done, its checkpoint is not written yet
+            raise Crash
+        return out
 
     monkeypatch.setattr(train_module, "_step_record", crash)
     with pytest.raises(Crash):
         train(broken)
     monkeypatch.setattr(train_module, "_step_record", record)
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
     line = _assert_user_error(
         iqa("train", "--datasets", "synth", "--data-dir", tiny["data"], "--model", tiny["model"], "--out", out,
             "--epochs", "2", "--batch-size", "4", "--lr", "2e-4", "--mlp-dims", "16,16", "-q"),
@@ -311,3 +314,22 @@ def test_benchmark_gpu_code_path_runs_on_cpu_with_the_tiny_config():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "samples/s" in line]
     assert len(lines) == 2 and "lora" in lines[0] and "full FSDP2" in lines[1], proc.stdout
+
+
+def test_two_datasets_pair_within_each_and_undecodable_images_are_skipped(tiny, tmp_path):
+    """Two metas train together (partners never cross datasets: the fidelity target compares one dataset's
+    scores); an image that cannot be decoded is skipped with its pair and reported, and evaluation reports
+    each dataset on its own."""
+    other = prepare_synthetic(tmp_path, "other", 24, seed=3, size=(40, 32))
+    images = tmp_path / "other-src" / "images"
+    (images / "img0001.png").write_bytes(b"not a png")  # a train image (the split is seeded below)
+    out = tmp_path / "two"
+    result = train(_config(tiny, out, datasets=["synth", str(other / "other.parquet")], epochs=1, data_weights=[1, 2]))
+    assert any("img0001.png" in reason for reason in result.skipped_images)
+    assert set(result.final_eval) == {"synth", "other"}
+    from iqa_cli.prepare import read_meta
+
+    frame, _ = read_meta(other / "other.parquet")
+    assert frame.loc[frame["image"] == "img0001.png", "split"].item() == "train"
+    n_other = int((frame["split"] == "train").sum())
+    assert result.steps == (48 + 2 * n_other) // 4  # --data-weights 1,2 repeats the second dataset's rows
