@@ -20,13 +20,12 @@ cosine, warmup ratio 0.03, weight decay 0, 3 epochs, LoRA r 128 / alpha 256 / dr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +169,7 @@ def validate(config: TrainConfig) -> None:
         (config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}"),
         (bool(config.mlp_dims) and min(config.mlp_dims) >= 1, f"--mlp-dims must be positive, got {config.mlp_dims}"),
         (not (config.merge and not config.lora), "--merge applies to --lora runs (full tuning writes a full model)"),
+        (not (config.lora and config.strategy == "fsdp"), "--lora trains with DDP (--strategy auto or ddp), not FSDP"),
         (not (config.resume and config.overwrite), "--resume and --overwrite exclude each other"),
         (config.workers is None or config.workers >= 0, f"--workers must be >= 0, got {config.workers}"),
     ]
@@ -362,6 +362,7 @@ class Session:
     progress: train_state.Progress
     strategy: str  # "single" | "ddp" | "fsdp"
     base: str | None  # what the LoRA adapter applies to (repo id or absolute path)
+    base_revision: str | None
     loaded_layout: str
     console: Any = None
     resumed_from: int | None = None
@@ -455,8 +456,9 @@ def _select_trainable(config: TrainConfig, core: nn.Module, lora: bool) -> None:
         p.requires_grad = ("lora_" in name) if lora else True
     if config.method == "qscorer":
         core.lm_head.weight.requires_grad = True
+    if core.deepmlp is not None:  # trained by Q-Scorer; kept as it is (and unused) by the other methods
         for p in core.deepmlp.parameters():
-            p.requires_grad = True
+            p.requires_grad = config.method == "qscorer"
     vision, abstractor = core.model.vision_model, core.model.visual_abstractor
     for p in vision.parameters():
         p.requires_grad = not config.freeze_vision
@@ -509,6 +511,10 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
         seed=config.seed,
         num_questions=len(questions),
     )
+    pool = train_data.weighted_rows(data.train.group, config.data_weights or [1] * len(data.metas))
+    steps_per_epoch = plan.steps_per_epoch(len(pool))
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {config.batch_size} is larger than the {len(pool)} training samples")
     torch.manual_seed(config.seed)  # the Q-Scorer MLP and LoRA initializations (the same on every rank)
     if loaded is None:
         loaded = load_mplug_owl2(config.model, base=config.base, dtype=torch.float32, device=device)
@@ -549,10 +555,6 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
     optimizer = torch.optim.AdamW(
         _param_groups(forward, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), eps=1e-8
     )
-    pool = train_data.weighted_rows(data.train.group, config.data_weights or [1] * len(data.metas))
-    steps_per_epoch = plan.steps_per_epoch(len(pool))
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {config.batch_size} is larger than the {len(pool)} training samples")
     total = steps_per_epoch * config.epochs
     if config.max_steps:
         total = min(total, config.max_steps)
@@ -599,6 +601,7 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
         progress=train_state.Progress(),
         strategy=strategy,
         base=base,
+        base_revision=loaded.revision if config.lora else None,
         loaded_layout=loaded.layout,
         console=console,
         autocast_dtype=autocast_dtype,
@@ -944,6 +947,7 @@ def finish(session: Session, result: TrainResult) -> TrainResult:
         steps=session.progress.global_step,
         train=config.to_json(),
         final_eval=result.final_eval,
+        base_revision=session.base_revision,
     )
     merged = train_state.save_final(
         session.run,
@@ -999,10 +1003,6 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         cleanup(session)
 
 
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
-
-
 __all__ = [
     "METHODS",
     "QAlignLoss",
@@ -1012,7 +1012,8 @@ __all__ = [
     "compute_loss",
     "cosine_with_warmup",
     "evaluate",
-    "json",
+    "finish",
+    "run_training",
     "setup",
     "train",
 ]

@@ -298,11 +298,13 @@ class RunRecord:
     steps: int
     train: dict = field(default_factory=dict)
     final_eval: dict | None = None
+    base_revision: str | None = None  # the Hub commit of `base`, for provenance
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["base"] is None:
-            data.pop("base")
+        for key in ("base", "base_revision"):
+            if data[key] is None:
+                data.pop(key)
         data["iqa_version"] = __version__
         data["complete"] = True
         return data
@@ -400,6 +402,7 @@ def merge_lora(run_dir: Path, merged: Path, record: RunRecord) -> Path:
             shutil.copy(run_dir / name, merged / name)
     info = record.to_json()
     info.pop("base", None)
+    info.pop("base_revision", None)
     info["merged_from"] = str(run_dir.resolve())
     _atomic_write(merged / RUN_FILE, json.dumps(info, indent=2) + "\n")
     return merged
