@@ -333,3 +333,33 @@ def test_two_datasets_pair_within_each_and_undecodable_images_are_skipped(tiny, 
     assert frame.loc[frame["image"] == "img0001.png", "split"].item() == "train"
     n_other = int((frame["split"] == "train").sum())
     assert result.steps == (48 + 2 * n_other) // 4  # --data-weights 1,2 repeats the second dataset's rows
+
+
+@pytest.mark.parametrize("method", ["deqa", "qscorer"])
+def test_three_levels_named_by_the_meta_train_and_score(tiny, tmp_path, method):
+    from iqa_cli.scoring import Scorer
+    from tests.factories import random_pixels
+
+    three = prepare_synthetic(tmp_path, "three", 24, size=(40, 32), extra=("--levels", "3"))
+    out = tmp_path / f"three-{method}"
+    train(_config(tiny, out, datasets=[str(three / "three.parquet")], method=method, epochs=1, evaluate=False))
+    info = json.loads((out / "iqa.json").read_text())
+    assert info["level_names"] == ["one", "two", "three"]
+    tokens = ["<score1>", "<score2>", "<score3>"] if method == "qscorer" else ["one", "two", "three"]
+    assert info["level_tokens"] == tokens
+    scorer = Scorer.from_pretrained(out, device="cpu")
+    assert scorer.level_names == ["one", "two", "three"] and list(scorer.readout.input_ids) == info["input_ids"]
+    batch = scorer.score_pixels(random_pixels(2, scorer.model.config, seed=0))
+    assert batch.probs.shape == (2, 3) and (batch.score_reg is not None) == (method == "qscorer")
+
+
+def test_gradient_accumulation_follows_the_same_loss_path_as_one_big_batch(tiny, tmp_path):
+    """Two micro batches of 4 pairs per step give the losses of one batch of 8 pairs (equal-length prompts, so
+    every term is a mean over the same counts)."""
+    runs = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum-{accum}"
+        train(_config(tiny, out, batch_size=8, grad_accum=accum, fixed_question=True, epochs=1, evaluate=False))
+        runs[accum] = [r["loss"] for r in _log(out) if "loss" in r]
+    assert len(runs[1]) == 6
+    np.testing.assert_allclose(runs[2], runs[1], rtol=1e-5)
