@@ -76,16 +76,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device: torch.device, repeat: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def time_interleaved(fns, device: torch.device, repeat: int, warmup: int) -> list[list[float]]:
+    """Times each fn `repeat` times, alternating between them, so that drift in the machine's speed (other
+    load, clock changes) hits all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
     return times
 
 
@@ -128,9 +132,16 @@ def main() -> None:
         pixels = torch.randn(bs, 3, side, side, generator=gen).to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        ours = time_fn(lambda pixels=pixels: read_levels(model, pixels, readout), device, args.repeat, args.warmup)
+        ours, ref = time_interleaved(
+            [
+                lambda pixels=pixels: read_levels(model, pixels, readout),
+                lambda pixels=pixels: reference_readout(model, pixels, readout),
+            ],
+            device,
+            args.repeat,
+            args.warmup,
+        )
         peak = peak_memory_mb(device)
-        ref = time_fn(lambda pixels=pixels: reference_readout(model, pixels, readout), device, args.repeat, args.warmup)
         ours_s, ref_s = statistics.median(ours), statistics.median(ref)
         print(
             f"{bs:>5}  {ours_s * 1e3:>9.2f}  {bs / ours_s:>10.1f}  {ref_s * 1e3:>9.2f}  {bs / ref_s:>9.1f}  "

@@ -1,0 +1,30 @@
+"""The benchmark scripts still run (their full figures live in BENCHMARKS.md); tiny sizes, real code paths."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_bench_prepare_runs_and_reports_the_ratio():
+    out = _run("bench_prepare.py", "--rows", "20000", "--loop-rows", "200", "--scipy-rows", "20", "--repeat", "1")
+    assert "speed-up over the per-row loop" in out
+    assert "max |label difference| vs vectorized" in out
+
+
+def test_bench_model_runs_on_the_tiny_model():
+    out = _run("bench_model.py", "--batch-sizes", "1,2", "--repeat", "2", "--warmup", "1", "--json")
+    rows = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and '"batch": 2' in rows[1]
