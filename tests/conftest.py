@@ -65,3 +65,22 @@ def run_iqa(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def iqa(monkeypatch, capsys):
+    """`iqa(*args) -> (exit code, stdout, stderr)`: the console-script entry point `iqa_cli.cli.main` run in
+    this process (a second faster per call than `run_iqa`'s subprocess; same parsing and error handling)."""
+    from iqa_cli import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["iqa", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -9,7 +9,6 @@ equal ones recomputed here with scipy.
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import io, stats
 
-from iqa_cli import cli
 from tests.conftest import run_iqa
 from tests.test_labels import js_ref, row_centers, row_level, row_soft_label
 
@@ -288,28 +286,6 @@ def check_prepared(out: Path, summary: dict, expected: pd.DataFrame, *, lower, d
     assert meta["lower_is_better"] == ("true" if lower else "false") and meta["iqa_version"]
     assert float(meta["std_threshold"]) == 0.2 and float(meta["mean_threshold"]) == 0.1
     return frame, meta
-
-
-def in_process_runner(monkeypatch, capsys):
-    """`run(*args) -> (exit code, stdout, stderr)` of `iqa ARGS...` through the console-script entry point
-    `iqa_cli.cli.main`, in this process: a second faster per call than a subprocess."""
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["iqa", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
-@pytest.fixture
-def iqa(monkeypatch, capsys):
-    return in_process_runner(monkeypatch, capsys)
 
 
 def prepare_json(*args):

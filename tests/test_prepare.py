@@ -16,7 +16,6 @@ from iqa_cli.prepare import read_meta
 from tests.conftest import run_iqa
 from tests.test_datasets import (
     check_prepared,
-    in_process_runner,
     write_agiqa3k,
     write_csiq,
     write_flive,
@@ -27,11 +26,6 @@ from tests.test_datasets import (
     write_spaq,
     write_tid2013,
 )
-
-
-@pytest.fixture
-def iqa(monkeypatch, capsys):
-    return in_process_runner(monkeypatch, capsys)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iqa_cli import cli
 from iqa_cli import train as train_module
 from iqa_cli.train import TrainConfig, train
 from tests.conftest import REPO_ROOT, run_iqa
@@ -231,21 +230,6 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny, strategy):
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def iqa(monkeypatch, capsys):
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["iqa", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def _assert_user_error(result, *needles: str) -> str:
