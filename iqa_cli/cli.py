@@ -39,7 +39,7 @@ def _root(
 
 
 # --- prepare -------------------------------------------------------------------------------------
-# (owned by the labels/prepare work; see iqa_cli/prepare.py)
+# `iqa prepare`: the work lives in iqa_cli/prepare.py.
 def _prepare_help() -> str:
     from iqa_cli.datasets import source_help
 
@@ -157,7 +157,7 @@ def prepare(
 
 
 # --- eval ----------------------------------------------------------------------------------------
-# (owned by the metrics/eval work; see iqa_cli/evaluate.py)
+# `iqa eval`: the work lives in iqa_cli/evaluate.py.
 @app.command("eval")
 def eval_(
     predictions: str = typer.Argument(..., help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."),
