@@ -23,6 +23,11 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
 
 
+def _say(text: str) -> None:
+    """A message line on stderr, printed literally (paths and image names may hold rich markup brackets)."""
+    err_console.print(text, markup=False)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         out_console.print(f"iqa {__version__}", markup=False)
@@ -149,7 +154,7 @@ def prepare(
     result = prepare_dataset(config)
     if not quiet:
         for note in result.notes:
-            err_console.print(f"warning: {note}", markup=False)
+            _say(f"warning: {note}")
     if json_output:
         print(json.dumps(result.summary, indent=2))
     else:
@@ -182,15 +187,15 @@ def eval_(
         require_matplotlib()
     report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)
     for line in report_messages(report):
-        err_console.print(line, markup=False, soft_wrap=True)
+        _say(line)
     for table in report_tables(report):
         out_console.print(table)
     if json_out is not None:
         report.write_json(Path(json_out))
-        err_console.print(f"wrote {json_out}", markup=False, soft_wrap=True)
+        _say(f"wrote {json_out}")
     if plot is not None:
         plot_report(report, Path(plot))
-        err_console.print(f"wrote {plot}", markup=False, soft_wrap=True)
+        _say(f"wrote {plot}")
 
 
 # --- score ---------------------------------------------------------------------------------------
@@ -255,31 +260,25 @@ def score(
     try:
         summary = score_images(config, console=err_console)
     except ScoreInterrupted as exc:
-        err_console.print(f"{exc}; run the same command to resume", markup=False, soft_wrap=True)
+        _say(f"{exc}; run the same command to resume")
         raise typer.Exit(128 + exc.signum) from None
     if not summary.is_main:
         return
     if not quiet:
         for note in summary.warnings:
-            err_console.print(f"warning: {note}", markup=False, soft_wrap=True)
+            _say(f"warning: {note}")
         if summary.already_complete:
-            err_console.print(
-                f"{out} is complete ({summary.total} images); nothing to do (--overwrite recomputes it)",
-                markup=False,
-                soft_wrap=True,
-            )
+            _say(f"{out} is complete ({summary.total} images); nothing to do (--overwrite recomputes it)")
             return
         resumed = f", {summary.resumed} from the interrupted run" if summary.resumed else ""
-        err_console.print(
+        _say(
             f"scored {summary.scored} of {summary.total} images ({summary.failed} failed{resumed}) in "
-            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s -> {out}",
-            markup=False,
-            soft_wrap=True,
+            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s -> {out}"
         )
         for image, reason in summary.first_errors:
-            err_console.print(f"  failed: {image}: {reason}", markup=False, soft_wrap=True)
+            _say(f"  failed: {image}: {reason}")
     if summary.total and summary.failed == summary.total:
-        err_console.print(f"error: none of the {summary.total} images could be read", markup=False, soft_wrap=True)
+        _say(f"error: none of the {summary.total} images could be read")
         raise typer.Exit(1)
 
 
@@ -457,22 +456,18 @@ def train(
     if not result.is_main or quiet:
         return
     if result.already_complete:
-        err_console.print(
+        _say(
             f"{out} holds a finished run of this configuration ({result.steps} steps); nothing to do "
-            "(--overwrite retrains)",
-            markup=False,
-            soft_wrap=True,
+            "(--overwrite retrains)"
         )
         return
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-    err_console.print(
+    _say(
         f"trained {result.method}: {result.steps} steps{resumed} in {result.seconds:.1f} s, "
-        f"{result.samples_per_second:.2f} samples/s, {result.images_per_second:.2f} images/s -> {out}",
-        markup=False,
-        soft_wrap=True,
+        f"{result.samples_per_second:.2f} samples/s, {result.images_per_second:.2f} images/s -> {out}"
     )
     if result.merged is not None:
-        err_console.print(f"merged full checkpoint -> {result.merged}", markup=False, soft_wrap=True)
+        _say(f"merged full checkpoint -> {result.merged}")
 
 
 def main() -> None:
@@ -482,8 +477,8 @@ def main() -> None:
         app(prog_name="iqa", complete_var="_IQA_COMPLETE")
     except UserError as exc:
         message = " ".join(str(exc).split())
-        err_console.print(f"error: {message}", markup=False)
+        _say(f"error: {message}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted", markup=False)
+        _say("interrupted")
         sys.exit(130)
