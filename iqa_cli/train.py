@@ -143,7 +143,8 @@ class TrainConfig:
 RUN_CONTROL_FIELDS = frozenset(
     {"out", "eval_every", "evaluate", "eval_batch_size", "save_every", "save_minutes", "keep_checkpoints", "merge",
      "device",
-     "workers", "resume", "overwrite", "quiet", "data_dir", "images"}
+     "workers", "resume", "overwrite", "quiet", "data_dir", "images",
+     "data_fingerprint"}  # not a flag: written at the start, checked against the metas on resume (`setup`)
 )  # fmt: skip
 
 
@@ -511,6 +512,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
         seed=config.seed,
         num_questions=len(questions),
     )
+    if decision == "resume":
+        _check_same_data(run, data)
     pool = train_data.weighted_rows(data.train.group, config.data_weights or [1] * len(data.metas))
     steps_per_epoch = plan.steps_per_epoch(len(pool))
     if steps_per_epoch == 0:
@@ -614,9 +617,20 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
             run.truncate_log(session.progress.global_step)
             session.log(f"resuming {run.out} from step {session.progress.global_step} of {total}")
     elif env.is_main:
-        run.start(config.to_json())
+        run.start({**config.to_json(), "data_fingerprint": data.fingerprint})
     distributed.barrier()
     return session
+
+
+def _check_same_data(run: train_state.RunDirectory, data: train_data.TrainData) -> None:
+    """A resumed run continues the sampler where it stopped, which only means something on the same rows."""
+    saved = (run.read_config() or {}).get("data_fingerprint")
+    if saved and saved != data.fingerprint:
+        metas = ", ".join(str(m.path) for m in data.metas)
+        raise UserError(
+            f"{run.out} was trained on other data: {metas} changed since the run started (prepared again?); "
+            "use another --out, or --overwrite to start over"
+        )
 
 
 def _logger(session: Session) -> Callable[[str], None]:

@@ -19,6 +19,7 @@ workers draw nothing.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class TrainData:
     level_names: tuple[str, ...]
     train: Rows
     test: Rows
+    # sha256 of what the metas say (names relative to each image root, splits, targets): a resumed run checks it,
+    # so re-preparing a dataset under a running job's feet is an error and not a silently different sampler.
+    fingerprint: str = ""
 
     @property
     def num_levels(self) -> int:
@@ -149,6 +153,7 @@ def load_train_data(
     parts: dict[str, list] = {k: [] for k in ("paths", "group", "mos", "std", "raw", "level", "soft", "q", "split")}
     level_names: tuple[str, ...] | None = None
     first_path: Path | None = None
+    digest = hashlib.sha256()
     for group, name in enumerate(datasets):
         path = resolve_meta(name, data_dir)
         frame, meta = read_meta(path)
@@ -188,6 +193,7 @@ def load_train_data(
         parts["soft"].append(soft)
         parts["q"].append(draw_questions(len(frame), dataset, seed, num_questions))
         parts["split"].append(frame["split"].astype(str).str.lower().to_numpy())
+        _digest_meta(digest, dataset, names, rel, parts, std)
     if check_files:
         groups = np.concatenate(parts["group"])
         for group, meta in enumerate(metas):
@@ -212,7 +218,16 @@ def load_train_data(
         if not np.any(train.group == group):
             raise UserError(f"{meta.path}: no train rows (split column)")
     assert level_names is not None
-    return TrainData(metas=metas, level_names=level_names, train=train, test=test)
+    return TrainData(metas=metas, level_names=level_names, train=train, test=test, fingerprint=digest.hexdigest())
+
+
+def _digest_meta(digest: Any, dataset: str, names: tuple[str, ...], rel: list[str], parts: dict, std) -> None:
+    """Adds one meta's rows (as just appended to `parts`) to the data fingerprint. Image names are hashed as the
+    meta records them, so moving the image folder (`--images`) keeps the fingerprint."""
+    for text in (dataset, "\x1f".join(names), "\x1f".join(rel), "\x1f".join(parts["split"][-1])):
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\x1e")
+    for array in (parts["mos"][-1], std, parts["level"][-1], parts["soft"][-1]):
+        digest.update(np.ascontiguousarray(array).tobytes())
 
 
 # --- prompts -------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from iqa_cli import train as train_module
 from iqa_cli.train import TrainConfig, train
+from iqa_cli.train_state import RunDirectory
 from tests.conftest import REPO_ROOT, run_iqa
 from tests.test_train_data import prepare_synthetic, write_tiny_model
 
@@ -286,6 +288,25 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
         "holds a run with another configuration", "lr 0.001 -> 0.0002", "--overwrite",
     )  # fmt: skip
     assert "workers" not in line  # run-control flags may change between an interruption and its resumption
+
+    # The same flags on data prepared again with another split: the sampler's position would mean nothing.
+    src = tiny["tmp"] / "synth-src"
+    resplit = tiny["tmp"] / "resplit"
+    prepared = run_iqa("prepare", "custom", "--csv", str(src / "scores.csv"), "--images", str(src / "images"),
+                       "--image-col", "image", "--mos-col", "mos", "--std-col", "std", "--name", "synth", "--seed", "7",
+                       "--data-dir", str(resplit), "--json")  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr
+    same_flags = ["train", "--datasets", "synth", "--model", tiny["model"], "--out", out, "--epochs", "2",
+                  "--batch-size", "4", "--lr", "1e-3", "--mlp-dims", "16,16", "--workers", "0", "-q"]  # fmt: skip
+    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "was trained on other data",
+                       str(resplit / "synth.parquet"), "--overwrite")  # fmt: skip
+    # The original metas with their images reached through a copy of the folder (--images): it resumes.
+    moved = tiny["tmp"] / "moved-images"
+    if not moved.exists():
+        shutil.copytree(src / "images", moved)
+    code, _, err = iqa(*same_flags, "--data-dir", tiny["data"], "--images", moved)
+    assert code == 0, err
+    assert RunDirectory(out).is_finished()
 
 
 @pytest.mark.slow
