@@ -117,7 +117,7 @@ def prepare(
     seed: int = typer.Option(0, "--seed", help="Seed of the seeded split."),
     strict: bool = typer.Option(False, "--strict", help="Fail on unusable rows or missing images instead of dropping."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", help="No warnings on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
     image_col: str | None = typer.Option(None, "--image-col", help="custom: column of image paths."),
     mos_col: str | None = typer.Option(None, "--mos-col", help="custom: column of MOS."),
     std_col: str | None = typer.Option(None, "--std-col", help="custom: column of std (optional)."),
@@ -169,7 +169,9 @@ def eval_(
     gt: str | None = typer.Option(
         None, "--gt", help="Ground truth: a meta from `iqa prepare` (Parquet) or a CSV with image,mos[,std,dataset]."
     ),
-    json_out: str | None = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    json_out: str | None = typer.Option(
+        None, "--json", help="Also write the numbers to this JSON file ('-': to stdout, instead of the tables)."
+    ),
     plot: str | None = typer.Option(
         None, "--plot", help="Draw predicted vs human scores per dataset to this PNG (needs iqa-cli[plot])."
     ),
@@ -177,6 +179,7 @@ def eval_(
         None, "--split", help="test, train or all [default: test if the ground truth has test rows, else all]."
     ),
     column: str = typer.Option("score", "--column", help="Prediction column to evaluate: score or score_reg."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No notes on stderr (unmatched rows, files written)."),
 ) -> None:
     """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
     from pathlib import Path
@@ -186,16 +189,20 @@ def eval_(
     if plot is not None:
         require_matplotlib()
     report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)
+    say = (lambda line: None) if quiet else _say
     for line in report_messages(report):
-        _say(line)
-    for table in report_tables(report):
-        out_console.print(table)
-    if json_out is not None:
+        say(line)
+    if json_out == "-":
+        print(report.to_json(), end="")
+    else:
+        for table in report_tables(report):
+            out_console.print(table)
+    if json_out not in (None, "-"):
         report.write_json(Path(json_out))
-        _say(f"wrote {json_out}")
+        say(f"wrote {json_out}")
     if plot is not None:
         plot_report(report, Path(plot))
-        _say(f"wrote {plot}")
+        say(f"wrote {plot}")
 
 
 # --- score ---------------------------------------------------------------------------------------

@@ -271,10 +271,13 @@ class EvalReport:
             "notes": self.notes,
         }
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
     def write_json(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        path.write_text(self.to_json())
 
 
 def _resolve_split(gt: pd.DataFrame, split: str | None, source: str) -> str:

@@ -173,6 +173,19 @@ def test_cli_eval_per_dataset_numbers_counts_json_and_plot(two_datasets, tmp_pat
     assert width > height > 100  # two panels side by side
 
 
+def test_cli_eval_json_to_stdout_and_quiet(two_datasets, tmp_path):
+    """`--json -` prints the same document `--json FILE` writes, and nothing else on stdout; `-q` silences stderr."""
+    out_json = tmp_path / "metrics.json"
+    args = ["eval", str(two_datasets["pred"]), "--gt", str(two_datasets["meta"])]
+    to_file = run_iqa(*args, "--json", str(out_json))
+    to_stdout = run_iqa(*args, "--json", "-", "-q")
+    assert to_file.returncode == to_stdout.returncode == 0, to_stdout.stderr
+    assert json.loads(to_stdout.stdout) == json.loads(out_json.read_text())
+    assert to_stdout.stderr == "" and "predictions have no ground truth" in to_file.stderr
+    quiet_tables = run_iqa(*args, "-q")
+    assert quiet_tables.stderr == "" and "koniq" in quiet_tables.stdout
+
+
 def test_split_selection(two_datasets):
     everything = evaluate(two_datasets["pred"], two_datasets["meta"], split="all")
     assert everything.split == "all"
