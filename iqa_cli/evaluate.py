@@ -543,6 +543,11 @@ def report_messages(report: EvalReport) -> list[str]:
     lines += [f"note: {n}" for n in report.notes]
     for group in report.results:
         lines += [f"note [{group.name}]: {n}" for n in group.metrics.notes]
+        if group.metrics.srcc < -0.5:  # NaN compares False
+            lines.append(
+                f"warning [{group.name}]: SRCC is {group.metrics.srcc:.3f}: is this ground truth a DMOS (lower is "
+                "better)? Evaluate against the meta of `iqa prepare` (it flips such scores) instead"
+            )
     return lines
 
 

@@ -247,6 +247,15 @@ def test_cli_csv_ground_truth_with_relative_paths_and_suffix_matching(tmp_path):
     assert row["kl"] is None  # the CSV has no std
     assert "KL" not in result.stdout
     assert "match several ground-truth images" in result.stderr
+    assert "DMOS" not in result.stderr
+
+    # The same scores against a DMOS-like column (lower is better): the numbers as they are, and a warning.
+    pd.DataFrame({"image": names, "mos": 6 - mos}).to_csv(tmp_path / "dmos.csv", index=False)
+    flipped = run_iqa("eval", "pred.parquet", "--gt", "dmos.csv", cwd=tmp_path, env=WIDE)
+    assert flipped.returncode == 0, flipped.stderr
+    [warning] = [line for line in flipped.stderr.splitlines() if "DMOS" in line]
+    srcc = stats.spearmanr(score[:-1], 6 - mos[:-1]).statistic
+    assert warning.startswith(f"warning [all]: SRCC is {srcc:.3f}") and "iqa prepare" in warning
 
 
 def test_match_images_passes():
