@@ -183,17 +183,21 @@ def load_train_data(
         full = [p if Path(p).is_absolute() else str(root / p) for p in rel]
         metas.append(MetaFile(name=dataset, path=path, image_root=root, level_names=names))
         std = frame["std_norm"].to_numpy(dtype=np.float64, na_value=np.nan)
+        mos = frame["mos_norm"].to_numpy(dtype=np.float64)
+        level = frame["level"].to_numpy(dtype=np.int64)
+        split = frame["split"].astype(str).str.lower().to_numpy()
         parts["paths"] += full
         parts["group"].append(np.full(len(frame), group, dtype=np.int64))
-        parts["mos"].append(frame["mos_norm"].to_numpy(dtype=np.float64))
+        parts["mos"].append(mos)
         parts["std"].append(np.nan_to_num(std, nan=0.0))  # no std: the fidelity target becomes a step
         raw = frame["mos"] if "mos" in frame.columns else frame["mos_norm"]
         parts["raw"].append(raw.to_numpy(dtype=np.float64))
-        parts["level"].append(frame["level"].to_numpy(dtype=np.int64))
+        parts["level"].append(level)
         parts["soft"].append(soft)
         parts["q"].append(draw_questions(len(frame), dataset, seed, num_questions))
-        parts["split"].append(frame["split"].astype(str).str.lower().to_numpy())
-        _digest_meta(digest, dataset, names, rel, parts, std)
+        parts["split"].append(split)
+        # Image names as the meta records them, so moving the image folder (--images) keeps the fingerprint.
+        _digest(digest, texts=(dataset, names, rel, split), arrays=(mos, std, level, soft))
     if check_files:
         groups = np.concatenate(parts["group"])
         for group, meta in enumerate(metas):
@@ -221,12 +225,12 @@ def load_train_data(
     return TrainData(metas=metas, level_names=level_names, train=train, test=test, fingerprint=digest.hexdigest())
 
 
-def _digest_meta(digest: Any, dataset: str, names: tuple[str, ...], rel: list[str], parts: dict, std) -> None:
-    """Adds one meta's rows (as just appended to `parts`) to the data fingerprint. Image names are hashed as the
-    meta records them, so moving the image folder (`--images`) keeps the fingerprint."""
-    for text in (dataset, "\x1f".join(names), "\x1f".join(rel), "\x1f".join(parts["split"][-1])):
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\x1e")
-    for array in (parts["mos"][-1], std, parts["level"][-1], parts["soft"][-1]):
+def _digest(digest: Any, texts: Sequence[str | Sequence[str]], arrays: Sequence[np.ndarray]) -> None:
+    """Adds strings (a sequence is joined with a unit separator) and the bytes of arrays to `digest`."""
+    for text in texts:
+        joined = text if isinstance(text, str) else "\x1f".join(text)
+        digest.update(joined.encode("utf-8", "surrogatepass") + b"\x1e")
+    for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
 
 
