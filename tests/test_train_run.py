@@ -66,6 +66,23 @@ class Crash(Exception):
     pass
 
 
+def _train_until_crash(monkeypatch, config: TrainConfig, step: int) -> None:
+    """Runs `train(config)` and raises out of it right after optimizer step `step` is done and logged, before any
+    checkpoint of that step is written."""
+    record = train_module._step_record
+
+    def crash(session, *args):
+        out = record(session, *args)
+        if session.progress.global_step == step:
+            raise Crash
+        return out
+
+    monkeypatch.setattr(train_module, "_step_record", crash)
+    with pytest.raises(Crash):
+        train(config)
+    monkeypatch.setattr(train_module, "_step_record", record)
+
+
 @pytest.mark.parametrize(
     "method, extra",
     [("deqa", {}), ("qscorer", {"lora": True, "lora_r": 4, "lora_alpha": 8.0, "w_kl": 1.0, "w_nin": 0.5})],
@@ -79,18 +96,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch, me
     assert result.steps == 2 * (48 // 4) and result.final_eval["synth"]["n"] == 12
 
     broken = _config(tiny, tiny["tmp"] / f"broken-{method}", method=method, save_every=4, eval_every=8, **extra)
-    record = train_module._step_record
-
-    def crash_at_five(session, *args):
-        out = record(session, *args)
-        if session.progress.global_step == 5:
-            raise Crash
-        return out
-
-    monkeypatch.setattr(train_module, "_step_record", crash_at_five)
-    with pytest.raises(Crash):
-        train(broken)
-    monkeypatch.setattr(train_module, "_step_record", record)
+    _train_until_crash(monkeypatch, broken, step=5)
     assert [p.name for p in (broken.out / "checkpoints").glob("step-*")] == ["step-00000004"]
     assert not (broken.out / "iqa.json").exists()
     resumed = train(broken)
@@ -269,18 +275,7 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny, iqa, tmp_path):
 def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, monkeypatch):
     out = tiny["tmp"] / "other-config"
     broken = _config(tiny, out, save_minutes=1e-9)  # a checkpoint after every step, by the clock
-    record = train_module._step_record
-
-    def crash(session, *args):
-        out = record(session, *args)
-        if session.progress.global_step == 2:  # step 2 is done, its checkpoint is not written yet
-            raise Crash
-        return out
-
-    monkeypatch.setattr(train_module, "_step_record", crash)
-    with pytest.raises(Crash):
-        train(broken)
-    monkeypatch.setattr(train_module, "_step_record", record)
+    _train_until_crash(monkeypatch, broken, step=2)  # step 2 is done, its checkpoint is not written yet
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
     line = _assert_user_error(
         iqa("train", "--datasets", "synth", "--data-dir", tiny["data"], "--model", tiny["model"], "--out", out,
