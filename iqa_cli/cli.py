@@ -197,9 +197,9 @@ def eval_(
     else:
         for table in report_tables(report):
             out_console.print(table)
-    if json_out not in (None, "-"):
-        report.write_json(Path(json_out))
-        say(f"wrote {json_out}")
+        if json_out is not None:
+            report.write_json(Path(json_out))
+            say(f"wrote {json_out}")
     if plot is not None:
         plot_report(report, Path(plot))
         say(f"wrote {plot}")
