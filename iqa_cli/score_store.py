@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iqa_cli.errors import UserError
+from iqa_cli.files import atomic_write, fsync_dir, fsync_file
 from iqa_cli.inputs import InputList
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -97,7 +98,7 @@ class Sidecar:
 
     def create(self, manifest: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
     def remove(self) -> None:
         """Deletes our files, the manifest first: a removal cut short leaves a folder that reads as no run."""
@@ -109,7 +110,7 @@ class Sidecar:
                 path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # a file that is not ours stays, and so does the folder
             self.dir.rmdir()
-        _fsync_dir(self.dir.parent)
+        fsync_dir(self.dir.parent)
 
     def remove_temporaries(self) -> None:
         for path in self.dir.glob("*.tmp"):
@@ -195,9 +196,9 @@ class PartWriter:
         path = self.sidecar.dir / f"{self.prefix}-{self.sequence:08d}.parquet"
         tmp = path.with_name(path.name + ".tmp")
         pq.write_table(table, tmp, compression="zstd")
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         self.sequence += 1
         self.rows_written += self.pending_rows
         self.pending, self.pending_rows = [], 0
@@ -325,11 +326,11 @@ def write_output(
                     names, reasons = chunk.column("image").to_pylist(), errors.to_pylist()
                     first_errors += [(n, e) for n, e in zip(names, reasons, strict=True) if e is not None][:5]
                 writer.write(chunk)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         if fmt != "parquet":
-            _atomic_write_bytes(meta_path(out), json.dumps(metadata, indent=1, sort_keys=True).encode())
+            atomic_write(meta_path(out), json.dumps(metadata, indent=1, sort_keys=True).encode())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return rows, failed, first_errors[:5]
@@ -443,34 +444,3 @@ def read_output_metadata(out: Path, fmt: str) -> dict[str, str] | None:
     except (OSError, ValueError, pa.ArrowException):
         return None
     return metadata if "inputs_fingerprint" in metadata else None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a folder be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)

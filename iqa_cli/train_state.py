@@ -35,6 +35,7 @@ import torch
 
 from iqa_cli import __version__, distributed
 from iqa_cli.errors import UserError
+from iqa_cli.files import atomic_write, fsync_dir, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
@@ -126,7 +127,7 @@ class RunDirectory:
     def start(self, config: dict) -> None:
         """A fresh run: the configuration, an empty log."""
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.config_path, json.dumps(config, indent=2) + "\n")
+        atomic_write(self.config_path, json.dumps(config, indent=2) + "\n")
         self.log_path.write_text("")
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 
@@ -145,7 +146,7 @@ class RunDirectory:
                     kept.append(line)
             except ValueError:
                 break  # a line cut by the kill: everything after it is gone too
-        _atomic_write(self.log_path, "".join(line + "\n" for line in kept))
+        atomic_write(self.log_path, "".join(line + "\n" for line in kept))
 
 
 def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) -> str:
@@ -236,10 +237,10 @@ def save_checkpoint(
     if distributed.rank() == 0:
         trainer = {"progress": asdict(progress), "scheduler": scheduler.state_dict()}
         torch.save(trainer, tmp / TRAINER_FILE)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(run.checkpoints)
+        fsync_dir(run.checkpoints)
         for old in run.checkpoints.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -334,7 +335,7 @@ def save_final(
             save_full(core, out, state=full_state, dtype=dtype)
         tokenizer.save(out)
         preprocessor.save(out)
-        _atomic_write(out / RUN_FILE, json.dumps(record.to_json(), indent=2) + "\n")
+        atomic_write(out / RUN_FILE, json.dumps(record.to_json(), indent=2) + "\n")
         if merge:
             merged = merge_lora(out, out / MERGED, record)
         if not keep_checkpoints:
@@ -404,37 +405,5 @@ def merge_lora(run_dir: Path, merged: Path, record: RunRecord) -> Path:
     info.pop("base", None)
     info.pop("base_revision", None)
     info["merged_from"] = str(run_dir.resolve())
-    _atomic_write(merged / RUN_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write(merged / RUN_FILE, json.dumps(info, indent=2) + "\n")
     return merged
-
-
-# --- files ---------------------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,0 +1,44 @@
+"""Durable writes shared by scoring runs and training runs: a file is either complete or absent, even after a
+kill -9 or a power loss."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename or removal in `path` durable; a no-op where the file system cannot fsync a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_file(Path(root, name))
+        fsync_dir(Path(root))
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Writes through a temporary `.NAME.PID.tmp` beside `path`, fsynced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
