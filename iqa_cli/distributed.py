@@ -56,12 +56,23 @@ def env() -> DistEnv:
 
 
 def resolve_device(device: str | torch.device = "auto", environment: DistEnv | None = None) -> torch.device:
-    """`auto` -> this rank's GPU when CUDA is present, else CPU; a bare `cuda` also picks the local rank's GPU."""
+    """`auto` -> this rank's GPU when CUDA is present, else CPU; a bare `cuda` also picks the local rank's GPU.
+
+    Raises:
+        UserError: not a torch device name, or a CUDA device on a machine without CUDA.
+    """
+    from iqa_cli.errors import UserError
+
     environment = environment or env()
     name = str(device)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(name)
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", environment.local_rank if environment.is_distributed else 0)
     return resolved

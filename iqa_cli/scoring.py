@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from iqa_cli import __version__
+from iqa_cli.distributed import resolve_device
 from iqa_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -127,19 +128,6 @@ def read_levels(model: MPLUGOwl2ForCausalLM, pixel_values: torch.Tensor, readout
         std=std.cpu(),
         score_reg=score_reg.float().cpu() if score_reg is not None else None,
     )
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"--device {device!r}: not a torch device ({exc})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return resolved
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -284,7 +272,7 @@ class Scorer:
 
         if prompt is not None and prompt.count(IMAGE_TOKEN) != 1:
             raise UserError(f"--prompt must hold {IMAGE_TOKEN} exactly once: {prompt!r}")
-        target = resolve_device(device)
+        target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
         if base is None and Path(model).is_dir():  # an `iqa train` LoRA run names its own base
             local_run = RunInfo.read(Path(model))

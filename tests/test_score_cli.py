@@ -49,6 +49,7 @@ BAD_INPUTS = [
     (["--out", "{tmp}/s.parquet"], ["no inputs"]),
     (["--from", "{tmp}/list.csv", "--out", "{tmp}/s.parquet"], ["--from", "list.csv", "not found"]),
     (["{photos}", "--out", "{tmp}/s.parquet", "--dtype", "int4"], ["--dtype int4"]),
+    (["{photos}", "--out", "{tmp}/s.parquet", "--device", "gpu0"], ["--device 'gpu0'", "not a torch device"]),
 ]
 
 

@@ -260,6 +260,8 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny, iqa, tmp_path):
                            "--grad-accum", "3"), "--batch-size 8 is not divisible by 1 rank(s) x 3")  # fmt: skip
     _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "d", "--resume"),
                        "--resume: nothing to resume")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "e", "--device", "gpu0"),
+                       "--device 'gpu0': not a torch device")  # fmt: skip
     _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "e", "--method", "dqa"),
                        "--method must be one of deqa, qalign, qscorer")  # fmt: skip
     _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "f", "--data-weights", "1,2"),
