@@ -1,4 +1,4 @@
-"""Shared test helpers: seeding, the CLI in a subprocess, the shared fixtures, the `gpu` marker."""
+"""Shared test helpers: seeding, the CLI in a subprocess, the data fixtures in tests/fixtures/, the `gpu` marker."""
 
 import os
 import random
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
-TOKENIZER_FIXTURE = SHARED_FIXTURES / "mplug-owl2-tokenizer"
-KEYS_FIXTURE = SHARED_FIXTURES / "mplug-owl2-7b-keys.json"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # origin and license: fixtures/README.md
+TOKENIZER_FIXTURE = FIXTURES / "mplug-owl2-tokenizer"
+KEYS_FIXTURE = FIXTURES / "mplug-owl2-7b-keys.json"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,9 +48,7 @@ def seeded() -> int:
 
 @pytest.fixture
 def tokenizer_fixture() -> Path:
-    """The real LLaMA-2 tokenizer files; skips where the workspace's shared fixtures are absent."""
-    if not (TOKENIZER_FIXTURE / "tokenizer.model").exists():
-        pytest.skip(f"shared fixture not found: {TOKENIZER_FIXTURE}")
+    """The real LLaMA-2 tokenizer files and the released preprocessor config."""
     return TOKENIZER_FIXTURE
 
 
