@@ -32,7 +32,7 @@ from tests.tokenizer_factory import LEVEL_WORDS, NUMBER_WORDS, PROMPT_WORDS, bui
 
 SCORE_TOKENS = ["<score1>", "<score2>", "<score3>", "<score4>", "<score5>"]
 
-# From ../shared/fixtures/README.md (measured with the reference).
+# From tests/fixtures/README.md (measured with the reference).
 DEFAULT_PROMPT_IDS = [1, 3148, 1001, 29901, 1128, 723, 366, 6554, 278, 11029, 310, 445, 1967, 29973, 13, -200]
 DEFAULT_PROMPT_IDS += [29871, 319, 1799, 9047, 13566, 29901, 450, 11029, 310, 278, 1967, 338]
 QUICKSTART_PROMPT_IDS = [1, 3148, 1001, 29901, 1128, 723, 366, 6554, 278, 11029, 310, 445, 1967, 29973, 13, -200]
