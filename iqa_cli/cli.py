@@ -161,134 +161,6 @@ def prepare(
         _print_prepare_summary(result.summary)
 
 
-# --- eval ----------------------------------------------------------------------------------------
-# `iqa eval`: the work lives in iqa_cli/evaluate.py.
-@app.command("eval")
-def eval_(
-    predictions: str = typer.Argument(..., help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."),
-    gt: str | None = typer.Option(
-        None, "--gt", help="Ground truth: a meta from `iqa prepare` (Parquet) or a CSV with image,mos[,std,dataset]."
-    ),
-    json_out: str | None = typer.Option(
-        None, "--json", help="Also write the numbers to this JSON file ('-': to stdout, instead of the tables)."
-    ),
-    plot: str | None = typer.Option(
-        None, "--plot", help="Draw predicted vs human scores per dataset to this PNG (needs iqa-cli[plot])."
-    ),
-    split: str | None = typer.Option(
-        None, "--split", help="test, train or all [default: test if the ground truth has test rows, else all]."
-    ),
-    column: str = typer.Option("score", "--column", help="Prediction column to evaluate: score or score_reg."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No notes on stderr (unmatched rows, files written)."),
-) -> None:
-    """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
-    from pathlib import Path
-
-    from iqa_cli.evaluate import evaluate, plot_report, report_messages, report_tables, require_matplotlib
-
-    if plot is not None:
-        require_matplotlib()
-    report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)
-    say = (lambda line: None) if quiet else _say
-    for line in report_messages(report):
-        say(line)
-    if json_out == "-":
-        print(report.to_json(), end="")
-    else:
-        for table in report_tables(report):
-            out_console.print(table)
-        if json_out is not None:
-            report.write_json(Path(json_out))
-            say(f"wrote {json_out}")
-    if plot is not None:
-        plot_report(report, Path(plot))
-        say(f"wrote {plot}")
-
-
-# --- score ---------------------------------------------------------------------------------------
-@app.command()
-def score(
-    inputs: list[str] | None = typer.Argument(
-        None, help="Image folders (searched recursively, hidden files skipped) and image files.", show_default=False
-    ),
-    out: str = typer.Option(..., "--out", "-o", help="Output file (.parquet, .csv or .jsonl)."),
-    from_file: str | None = typer.Option(
-        None, "--from", help="List of images: CSV/TSV/Parquet with an image/path/file column, or one path per line."
-    ),
-    from_column: str | None = typer.Option(None, "--from-column", help="Column of --from holding the paths."),
-    root: str | None = typer.Option(
-        None, "--root", help="Folder that relative --from paths are under; images are named relative to it."
-    ),
-    model: str = typer.Option("zhiyuanyou/DeQA-Score-Mix3", "--model", help="Hugging Face repo id or directory."),
-    base: str | None = typer.Option(None, "--base", help="Base model of a LoRA adapter."),
-    revision: str | None = typer.Option(None, "--revision", help="Model revision (branch, tag or commit)."),
-    prompt: str | None = typer.Option(None, "--prompt", help="Full scoring prompt containing <|image|>."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16."
-    ),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per model call, or auto (halves on CUDA OOM)."),
-    workers: int | None = typer.Option(
-        None, "--workers", help="Decoding processes [default: one per core, at most 8]; 0 decodes in the main process."
-    ),
-    fmt: str | None = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --out suffix]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
-) -> None:
-    """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
-
-    An interrupted run (Ctrl-C, kill, crash) resumes when the same command is run again; finished images
-    are kept in OUT.parts/ until the output is written. Under torchrun, ranks split the images.
-    """
-    from pathlib import Path
-
-    from iqa_cli.score import ScoreConfig, ScoreInterrupted, score_images
-
-    config = ScoreConfig(
-        out=Path(out),
-        inputs=list(inputs or []),
-        from_file=Path(from_file) if from_file else None,
-        from_column=from_column,
-        root=Path(root) if root else None,
-        model=model,
-        base=base,
-        revision=revision,
-        prompt=prompt,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        workers=workers,
-        format=fmt,
-        overwrite=overwrite,
-        quiet=quiet,
-    )
-    if not config.inputs and config.from_file is None:
-        raise UserError("no inputs: give image folders or files, or --from FILE")
-    try:
-        summary = score_images(config, console=err_console)
-    except ScoreInterrupted as exc:
-        _say(f"{exc}; run the same command to resume")
-        raise typer.Exit(128 + exc.signum) from None
-    if not summary.is_main:
-        return
-    if not quiet:
-        for note in summary.warnings:
-            _say(f"warning: {note}")
-        if summary.already_complete:
-            _say(f"{out} is complete ({summary.total} images); nothing to do (--overwrite recomputes it)")
-            return
-        resumed = f", {summary.resumed} from the interrupted run" if summary.resumed else ""
-        _say(
-            f"scored {summary.scored} of {summary.total} images ({summary.failed} failed{resumed}) in "
-            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s -> {out}"
-        )
-        for image, reason in summary.first_errors:
-            _say(f"  failed: {image}: {reason}")
-    if summary.total and summary.failed == summary.total:
-        _say(f"error: none of the {summary.total} images could be read")
-        raise typer.Exit(1)
-
-
 # --- train ---------------------------------------------------------------------------------------
 def _csv_list(value: str | None, flag: str, kind: type = str) -> list | None:
     if value is None:
@@ -475,6 +347,134 @@ def train(
     )
     if result.merged is not None:
         _say(f"merged full checkpoint -> {result.merged}")
+
+
+# --- score ---------------------------------------------------------------------------------------
+@app.command()
+def score(
+    inputs: list[str] | None = typer.Argument(
+        None, help="Image folders (searched recursively, hidden files skipped) and image files.", show_default=False
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="Output file (.parquet, .csv or .jsonl)."),
+    from_file: str | None = typer.Option(
+        None, "--from", help="List of images: CSV/TSV/Parquet with an image/path/file column, or one path per line."
+    ),
+    from_column: str | None = typer.Option(None, "--from-column", help="Column of --from holding the paths."),
+    root: str | None = typer.Option(
+        None, "--root", help="Folder that relative --from paths are under; images are named relative to it."
+    ),
+    model: str = typer.Option("zhiyuanyou/DeQA-Score-Mix3", "--model", help="Hugging Face repo id or directory."),
+    base: str | None = typer.Option(None, "--base", help="Base model of a LoRA adapter."),
+    revision: str | None = typer.Option(None, "--revision", help="Model revision (branch, tag or commit)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Full scoring prompt containing <|image|>."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16."
+    ),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per model call, or auto (halves on CUDA OOM)."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Decoding processes [default: one per core, at most 8]; 0 decodes in the main process."
+    ),
+    fmt: str | None = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --out suffix]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+) -> None:
+    """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
+
+    An interrupted run (Ctrl-C, kill, crash) resumes when the same command is run again; finished images
+    are kept in OUT.parts/ until the output is written. Under torchrun, ranks split the images.
+    """
+    from pathlib import Path
+
+    from iqa_cli.score import ScoreConfig, ScoreInterrupted, score_images
+
+    config = ScoreConfig(
+        out=Path(out),
+        inputs=list(inputs or []),
+        from_file=Path(from_file) if from_file else None,
+        from_column=from_column,
+        root=Path(root) if root else None,
+        model=model,
+        base=base,
+        revision=revision,
+        prompt=prompt,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        format=fmt,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    if not config.inputs and config.from_file is None:
+        raise UserError("no inputs: give image folders or files, or --from FILE")
+    try:
+        summary = score_images(config, console=err_console)
+    except ScoreInterrupted as exc:
+        _say(f"{exc}; run the same command to resume")
+        raise typer.Exit(128 + exc.signum) from None
+    if not summary.is_main:
+        return
+    if not quiet:
+        for note in summary.warnings:
+            _say(f"warning: {note}")
+        if summary.already_complete:
+            _say(f"{out} is complete ({summary.total} images); nothing to do (--overwrite recomputes it)")
+            return
+        resumed = f", {summary.resumed} from the interrupted run" if summary.resumed else ""
+        _say(
+            f"scored {summary.scored} of {summary.total} images ({summary.failed} failed{resumed}) in "
+            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s -> {out}"
+        )
+        for image, reason in summary.first_errors:
+            _say(f"  failed: {image}: {reason}")
+    if summary.total and summary.failed == summary.total:
+        _say(f"error: none of the {summary.total} images could be read")
+        raise typer.Exit(1)
+
+
+# --- eval ----------------------------------------------------------------------------------------
+# `iqa eval`: the work lives in iqa_cli/evaluate.py.
+@app.command("eval")
+def eval_(
+    predictions: str = typer.Argument(..., help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."),
+    gt: str | None = typer.Option(
+        None, "--gt", help="Ground truth: a meta from `iqa prepare` (Parquet) or a CSV with image,mos[,std,dataset]."
+    ),
+    json_out: str | None = typer.Option(
+        None, "--json", help="Also write the numbers to this JSON file ('-': to stdout, instead of the tables)."
+    ),
+    plot: str | None = typer.Option(
+        None, "--plot", help="Draw predicted vs human scores per dataset to this PNG (needs iqa-cli[plot])."
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="test, train or all [default: test if the ground truth has test rows, else all]."
+    ),
+    column: str = typer.Option("score", "--column", help="Prediction column to evaluate: score or score_reg."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No notes on stderr (unmatched rows, files written)."),
+) -> None:
+    """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
+    from pathlib import Path
+
+    from iqa_cli.evaluate import evaluate, plot_report, report_messages, report_tables, require_matplotlib
+
+    if plot is not None:
+        require_matplotlib()
+    report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)
+    say = (lambda line: None) if quiet else _say
+    for line in report_messages(report):
+        say(line)
+    if json_out == "-":
+        print(report.to_json(), end="")
+    else:
+        for table in report_tables(report):
+            out_console.print(table)
+        if json_out is not None:
+            report.write_json(Path(json_out))
+            say(f"wrote {json_out}")
+    if plot is not None:
+        plot_report(report, Path(plot))
+        say(f"wrote {plot}")
 
 
 def main() -> None:
