@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 from iqa_cli import __version__, distributed
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
+from iqa_cli.paths import check_output_file
 from iqa_cli.score_store import (
     MANIFEST_VERSION,
     BatchResult,
@@ -155,21 +155,6 @@ def parse_batch_size(value: int | str) -> int | None:
 def default_workers(environment: distributed.DistEnv) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores // environment.local_world_size))
-
-
-def _check_output_location(out: Path) -> None:
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; give a file name such as {out / 'scores.parquet'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create folder {parent} ({exc.strerror or exc})") from None
-    try:  # a real write, not os.access: root passes access checks on read-only places such as /proc
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.probe-"):
-            pass
-    except OSError:
-        raise UserError(f"--out {out}: folder {parent} is not writable") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,7 +545,7 @@ def score_images(
         raise UserError(f"--workers {config.workers}: use 0 (decode in the main process) or more")
     if config.dtype not in DTYPES:
         raise UserError(f"--dtype {config.dtype}: use one of {', '.join(DTYPES)}")
-    _check_output_location(out)
+    check_output_file(out, "--out", example="scores.parquet")
     if console is None:
         from rich.console import Console
 
