@@ -206,8 +206,8 @@ def hf_rate(paths: list[Path], processor, n: int) -> float:
 
 
 def tiny_checkpoint(directory: Path, image_size: int):
+    from iqa_cli.synthetic import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
-    from tests.tokenizer_factory import build_tiny_tokenizer
 
     overrides = {}
     if image_size != 28:  # the same 2x2 patches, each patch image_size / 2 pixels wide: a cheap model, real pixels

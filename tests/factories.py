@@ -7,7 +7,8 @@
     load_mplug_owl2(ckpt.path, base=ckpt.base)
 
 The files are written with safetensors/torch directly (not through iqa_cli's loader or saver), under the
-key names and file names the released checkpoints use.
+key names and file names the released checkpoints use. `tiny_config` and `tiny_model` are
+`iqa_cli.synthetic`'s (what `iqa demo` trains).
 """
 
 from __future__ import annotations
@@ -17,43 +18,18 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from iqa_cli.models.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+from iqa_cli.synthetic import released_preprocessor_config
+from iqa_cli.synthetic import tiny_config as tiny_config  # re-exported for the tests
+from iqa_cli.synthetic import tiny_model as tiny_model
 
 PEFT_PREFIX = "base_model.model."
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj.multiway.1")  # the reference's find_all_lora_names
 N_SCORE_TOKENS = 5
-
-
-def tiny_config(**overrides: Any) -> MPLUGOwl2Config:
-    """The tiny test size (ViT 32 wide on 28 px = 2x2 patches, 6 queries, LLM 64 wide, vocab 512)."""
-    return MPLUGOwl2Config.from_name("mplug-owl2-tiny", **overrides)
-
-
-def tiny_model(seed: int = 0, config: MPLUGOwl2Config | None = None, **overrides: Any) -> MPLUGOwl2ForCausalLM:
-    """A tiny model in eval mode whose every weight is random, so the two multiway copies, the norms' gains
-    and biases and all learned embeddings differ and matter."""
-    config = config if config is not None else tiny_config(**overrides)
-    torch.manual_seed(seed)
-    model = MPLUGOwl2ForCausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            leaf = name.rsplit(".", 1)[-1]
-            if p.ndim == 1 and leaf == "weight":  # norm gains
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.ndim == 1:  # biases
-                p.copy_(0.1 * noise)
-            elif p.ndim == 3:  # cls token, position embeddings, query embeddings, vit_eos
-                p.copy_(0.5 * noise)
-            else:  # linear / conv / embedding weights
-                p.copy_(noise / math.sqrt(p[0].numel()))
-    return model.eval()
 
 
 def random_pixels(batch: int, config: MPLUGOwl2Config, seed: int = 0) -> torch.Tensor:
@@ -244,16 +220,5 @@ def _copy_extras(
             if f.is_file():
                 shutil.copy(f, directory / f.name)
     if preprocessor and not (directory / "preprocessor_config.json").exists():
-        side = config.vision.image_size
-        clip = {
-            "crop_size": side,
-            "do_center_crop": True,
-            "do_normalize": True,
-            "do_resize": True,
-            "feature_extractor_type": "CLIPFeatureExtractor",
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "resample": 3,
-            "size": side,
-        }
+        clip = released_preprocessor_config(config.vision.image_size)
         (directory / "preprocessor_config.json").write_text(json.dumps(clip, indent=2), encoding="utf-8")

@@ -11,9 +11,9 @@ from PIL import Image
 from iqa_cli.errors import UserError
 from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
 from iqa_cli.scoring import Scorer, resolve_dtype
+from iqa_cli.synthetic import build_tiny_tokenizer
 from iqa_cli.tokenizer import DEFAULT_PROMPT, QUICKSTART_PROMPT, LlamaTokenizer, tokenize_prompt
 from tests.factories import tiny_model, write_checkpoint
-from tests.tokenizer_factory import build_tiny_tokenizer
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 

@@ -1,14 +1,11 @@
 """`iqa_cli.train_data`: metas -> rows, the epoch order, pairs, batches split over ranks, prompts, collate.
 
-Also home of the synthetic-IQA helpers that the other `test_train_*` modules import: natural-looking images
-(1/f "cloud" textures with hard-edged shapes) distorted by blur, noise or JPEG at graded strengths, with a
-MOS that is a known monotone function of the strength and a std from a seeded model.
+Also home of `prepare_synthetic`, which the other `test_train_*` modules import: `iqa_cli.synthetic`'s
+images (what `iqa demo` trains on) prepared with the real `iqa prepare custom`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import torch
 
 from iqa_cli import train_data
 from iqa_cli.errors import UserError
+from iqa_cli.synthetic import build_tiny_tokenizer, make_synthetic_iqa, write_tiny_checkpoint
 from iqa_cli.tokenizer import (
     DEFAULT_PROMPT,
     EVAL_TEMPLATE,
@@ -30,95 +28,10 @@ from iqa_cli.tokenizer import (
     tokenize_prompt,
 )
 from tests.conftest import run_iqa
-from tests.factories import tiny_config, tiny_model, write_checkpoint
-from tests.tokenizer_factory import build_tiny_tokenizer
-
-DISTORTIONS = ("blur", "jpeg", "noise")  # applied in this order
-STRENGTHS = 8  # graded strengths 0, 1/7, ..., 1
-
 
 # --- synthetic IQA data (shared with the other train tests) -----------------------------------------------
 
-
-def _cloud(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A 1/f^2 random field (natural images' power spectrum), zero mean, unit std."""
-    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
-    f = np.hypot(fx, fy)
-    f[0, 0] = 1.0
-    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f
-    spectrum[0, 0] = 0.0
-    field = np.fft.irfft2(spectrum, s=(h, w))
-    return (field - field.mean()) / (field.std() + 1e-8)
-
-
-def natural_image(rng: np.random.Generator, width: int, height: int):
-    """A cloud texture in a random two-colour palette with a few hard-edged rectangles and ellipses."""
-    from PIL import Image, ImageDraw
-
-    t = 1.0 / (1.0 + np.exp(-1.5 * _cloud(rng, height, width)))[..., None]
-    a, b = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
-    image = Image.fromarray((a * t + b * (1 - t)).clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 5))):
-        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
-        box = [x0, y0, x0 + int(rng.integers(8, width // 2)), y0 + int(rng.integers(8, height // 2))]
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=fill)
-    return image
-
-
-def distort(image, kind: str, strength: float, rng: np.random.Generator):
-    """Gaussian blur (radius up to 3 px), JPEG (quality 90 -> 5) or grey Gaussian noise (sigma up to 50)."""
-    from PIL import Image, ImageFilter
-
-    if kind == "blur":
-        return image.filter(ImageFilter.GaussianBlur(radius=3.0 * strength)) if strength > 0 else image
-    if kind == "noise":
-        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 50 * strength, (image.height, image.width, 1))
-        return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=round(90 - 85 * strength))
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def mos_of_strength(strength: np.ndarray) -> np.ndarray:
-    """The known monotone quality function: 105 for pristine down to 5 for the strongest distortion."""
-    return 100.0 * (1.0 - strength) ** 1.3 + 5.0
-
-
-def make_synthetic_iqa(
-    root: Path,
-    n: int,
-    *,
-    seed: int = 0,
-    pipeline: tuple[str, ...] = DISTORTIONS,
-    size: tuple[int, int] = (112, 96),
-) -> Path:
-    """Writes `root/images/*.png` and `root/scores.csv` (image, mos, std); returns the CSV path.
-
-    Every image goes through each step of `pipeline` (blur, then JPEG, then noise, like a camera's
-    degradations) at one strength drawn from STRENGTHS graded values; the MOS is `mos_of_strength`.
-    """
-    rng = np.random.default_rng(seed)
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        strength = float(rng.integers(0, STRENGTHS)) / (STRENGTHS - 1)
-        image = natural_image(rng, *size)
-        for kind in pipeline:
-            image = distort(image, kind, strength, rng)
-        name = f"img{i:04d}.png"
-        image.save(images / name)
-        # raters disagree most in the middle of the scale (a seeded model of the std)
-        std = 4.0 + 10.0 * np.sqrt(strength * (1 - strength)) + abs(rng.normal(0.0, 1.0))
-        rows.append((name, f"{float(mos_of_strength(np.array(strength))):.4f}", f"{std:.4f}"))
-    path = root / "scores.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "mos", "std"])
-        writer.writerows(rows)
-    return path
+write_tiny_model = write_tiny_checkpoint  # the name tests/test_train_run.py imports
 
 
 def prepare_synthetic(tmp: Path, name: str, n: int, *, seed: int = 0, extra: tuple[str, ...] = (), **kwargs) -> Path:
@@ -132,16 +45,6 @@ def prepare_synthetic(tmp: Path, name: str, n: int, *, seed: int = 0, extra: tup
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return data_dir
-
-
-def write_tiny_model(
-    directory: Path, *, image_size: int = 28, seed: int = 0, extra_words: tuple[str, ...] = (), **overrides
-) -> Path:
-    """A random-init tiny mPLUG-Owl2 with the tiny tokenizer, written as a full checkpoint directory."""
-    tokenizer = build_tiny_tokenizer(directory.with_name(directory.name + "-tok"), extra_words=extra_words)
-    config = tiny_config(vision={"image_size": image_size}, abstractor={"grid_size": image_size // 14}, **overrides)
-    write_checkpoint(tiny_model(seed=seed, config=config), directory, tokenizer_dir=tokenizer)
-    return directory
 
 
 # --- metas ----------------------------------------------------------------------------------------------------

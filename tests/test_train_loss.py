@@ -17,6 +17,7 @@ from scipy.stats import norm
 
 from iqa_cli import train, train_data
 from iqa_cli.scoring import Readout, read_levels
+from iqa_cli.synthetic import build_tiny_tokenizer
 from iqa_cli.tokenizer import (
     DEFAULT_QUESTION,
     EVAL_TEMPLATE,
@@ -28,7 +29,6 @@ from iqa_cli.tokenizer import (
     level_token_ids,
 )
 from tests.factories import random_pixels, tiny_model
-from tests.tokenizer_factory import build_tiny_tokenizer
 
 WORDS = ["bad", "poor", "fair", "good", "excellent"]
 EPS = 1e-8
