@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqa_cli import distributed, train_data, train_state
+from iqa_cli import distributed, run_lock, train_data, train_state
 from iqa_cli.errors import UserError
 from iqa_cli.losses import (
     QSCORER_CLAMP,
@@ -43,6 +43,7 @@ from iqa_cli.losses import (
     onehot_level_ce,
     qscorer_loss,
 )
+from iqa_cli.paths import check_output_dir, resolve_data_dir
 
 METHODS = ("deqa", "qalign", "qscorer")
 LAYOUTS = ("reference", "scoring")  # image first (what the released models trained on) | the scoring prompt's
@@ -122,6 +123,7 @@ class TrainConfig:
     workers: int | None = None
     resume: bool = False
     overwrite: bool = False
+    wait: bool = False  # another run on the same --out: wait for it instead of refusing
     quiet: bool = False
 
     def weights(self) -> dict[str, float]:
@@ -143,7 +145,7 @@ class TrainConfig:
 RUN_CONTROL_FIELDS = frozenset(
     {"out", "eval_every", "evaluate", "eval_batch_size", "save_every", "save_minutes", "keep_checkpoints", "merge",
      "device",
-     "workers", "resume", "overwrite", "quiet", "data_dir", "images",
+     "workers", "resume", "overwrite", "wait", "quiet", "data_dir", "images",
      "data_fingerprint"}  # not a flag: written at the start, checked against the metas on resume (`setup`)
 )  # fmt: skip
 
@@ -190,6 +192,7 @@ def validate(config: TrainConfig) -> None:
             )
         if min(config.data_weights) < 1:
             raise UserError(f"--data-weights must be integers >= 1 (repeat counts), got {config.data_weights}")
+    check_output_dir(Path(config.out), "--out")
 
 
 # --- math -----------------------------------------------------------------------------------------------------------
@@ -491,7 +494,6 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
     loading `config.model`, for benchmarks that build a full-size model with random weights in memory."""
     from iqa_cli.models.backbone import MPLUGOwl2Backbone
     from iqa_cli.models.checkpoints import load_mplug_owl2
-    from iqa_cli.paths import resolve_data_dir
     from iqa_cli.tokenizer import DEFAULT_QUESTION, EVAL_TEMPLATE, QUESTIONS, TRAIN_TEMPLATE
 
     env = distributed.env()
@@ -986,11 +988,16 @@ def cleanup(session: Session | None) -> None:
 def train(config: TrainConfig, console: Any = None) -> TrainResult:
     """Runs `iqa train`: setup -> train -> write the checkpoint directory -> cleanup."""
     validate(config)
+    train_data.check_metas(config.datasets, resolve_data_dir(config.data_dir))  # before --overwrite clears --out
     env = distributed.env()
-    session = None
+    session = lock = None
     try:
         distributed.init(distributed.resolve_device(config.device, env))
         run = train_state.RunDirectory(Path(config.out))
+        say = None if config.quiet or console is None else lambda line: console.print(line, markup=False)
+        lock = run_lock.acquire(  # one run per --out; under torchrun, one lock for all ranks
+            run.out / run_lock.LOCK_NAME, command="iqa train", target=f"--out {run.out}", wait=config.wait, say=say
+        )
         # Rank 0 decides (fresh, resume, complete, or an error message) before anything heavy is loaded.
         decision = distributed.broadcast_object(
             train_state.plan_run(run, config.to_json(), RUN_CONTROL_FIELDS) if env.is_main else None
@@ -1014,6 +1021,8 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         result = run_training(session)
         return finish(session, result)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup(session)
 
 

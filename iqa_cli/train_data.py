@@ -116,6 +116,43 @@ def resolve_meta(name: str, data_dir: Path) -> Path:
     raise UserError(f"unknown dataset {name!r}: no {candidate}; prepared datasets in {data_dir}: {known}")
 
 
+def _not_a_meta(path: Path, why: str) -> UserError:
+    table = path.suffix.lower() in (".csv", ".tsv", ".txt")
+    hint = f" (a table of scores? prepare it first: iqa prepare custom --csv {path} ...)" if table else ""
+    return UserError(f"--datasets {path}: not a meta written by `iqa prepare`: {why}{hint}")
+
+
+def check_meta(path: Path) -> None:
+    """Reads only the schema: a file that is not a Parquet meta (a CSV, a truncated copy) is refused before
+    the run directory is touched or the model loads."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise _not_a_meta(path, " ".join(str(exc).split())[:200]) from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise _not_a_meta(path, f"no column {', '.join(missing)}")
+
+
+def check_metas(datasets: Sequence[str], data_dir: Path) -> None:
+    """`check_meta` for every name of --datasets (resolved as `load_train_data` does)."""
+    if not datasets:
+        raise UserError("--datasets names no dataset")
+    for name in datasets:
+        check_meta(resolve_meta(name, data_dir))
+
+
+def _read_meta(path: Path):
+    from iqa_cli.prepare import read_meta
+
+    try:
+        return read_meta(path)
+    except (OSError, ValueError) as exc:  # a file cut short after `check_meta` read its footer
+        raise _not_a_meta(path, " ".join(str(exc).split())[:200]) from None
+
+
 def _image_root(meta: dict, path: Path, images: Path | None) -> Path:
     recorded = str(meta.get("image_root") or "")
     if images is not None:
@@ -145,8 +182,6 @@ def load_train_data(
     Rows whose split is not "test" train ("val" rows are kept out of both). Image paths are resolved
     against each meta's image root (or `images`); with `check_files`, a missing image is a UserError.
     """
-    from iqa_cli.prepare import read_meta
-
     if not datasets:
         raise UserError("--datasets names no dataset")
     metas: list[MetaFile] = []
@@ -156,10 +191,8 @@ def load_train_data(
     digest = hashlib.sha256()
     for group, name in enumerate(datasets):
         path = resolve_meta(name, data_dir)
-        frame, meta = read_meta(path)
-        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-        if missing:
-            raise UserError(f"{path}: not a meta written by `iqa prepare` (no column {', '.join(missing)})")
+        check_meta(path)
+        frame, meta = _read_meta(path)
         names = tuple(meta.get("level_names") or ())
         if not names:
             raise UserError(f"{path}: no level_names in the metadata (prepare it again with `iqa prepare`)")

@@ -274,6 +274,59 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny, iqa, tmp_path):
                        "is not empty and holds no iqa training run")  # fmt: skip
 
 
+def _truncated_meta(tmp_path: Path) -> Path:
+    import pandas as pd
+
+    full = tmp_path / "full.parquet"
+    pd.DataFrame(
+        {
+            "image": ["a.png", "b.png"],
+            "dataset": "d",
+            "split": "train",
+            "mos_norm": [1.0, 5.0],
+            "std_norm": 0.5,
+            "level": [0, 4],
+            "soft_label": [[1.0, 0, 0, 0, 0]] * 2,
+        }
+    ).to_parquet(full)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])  # a copy that stopped half way
+    return cut
+
+
+def test_unusable_out_or_datasets_fail_before_the_run_folder_or_the_model_are_touched(iqa, tmp_path):
+    """No model exists at --model: each of these must be refused on its own, before any loading."""
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "scores.csv").write_text("image,mos\na.png,3\n")
+    cut = _truncated_meta(tmp_path)
+    flags = ["--model", tmp_path / "no-model", "--data-dir", tmp_path, "--workers", "0", "-q"]
+    _assert_user_error(iqa("train", "--datasets", "x", *flags, "--out", tmp_path / "afile"),
+                       f"--out {tmp_path / 'afile'}: is a file")  # fmt: skip
+    assert (tmp_path / "afile").read_text() == "mine"
+    _assert_user_error(iqa("train", "--datasets", "x", *flags, "--out", tmp_path / "afile" / "run"),
+                       "cannot create folder", "afile")  # fmt: skip
+    _assert_user_error(iqa("train", "--datasets", cut, *flags, "--out", tmp_path / "run"),
+                       f"--datasets {cut}: not a meta written by `iqa prepare`")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+    # --overwrite of a run must not clear it when the data turn out unusable.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_config.json").write_text("{}")
+    _assert_user_error(iqa("train", "--datasets", cut, *flags, "--out", tmp_path / "old", "--overwrite"),
+                       "not a meta")  # fmt: skip
+    assert (tmp_path / "old" / "train_config.json").is_file()
+
+    # The real console script: one line, exit 2, no pyarrow traceback.
+    csv = run_iqa("train", "--datasets", str(tmp_path / "scores.csv"), *map(str, flags), "--out", str(tmp_path / "r"))
+    _assert_user_error((csv.returncode, csv.stdout, csv.stderr), "scores.csv: not a meta", "iqa prepare custom")
+    if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files even to root
+        unwritable = Path("/proc/iqa-run")
+    else:
+        (tmp_path / "locked").mkdir(mode=0o500)
+        unwritable = tmp_path / "locked" / "run"
+    proc = run_iqa("train", "--datasets", "x", *map(str, flags), "--out", str(unwritable))
+    _assert_user_error((proc.returncode, proc.stdout, proc.stderr), f"--out {unwritable}", "is not writable")
+
+
 def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, monkeypatch):
     out = tiny["tmp"] / "other-config"
     broken = _config(tiny, out, save_minutes=1e-9)  # a checkpoint after every step, by the clock
