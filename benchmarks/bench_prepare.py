@@ -2,10 +2,11 @@
 
 The pipeline: normalization to [1, 5], one-hot levels, Gaussian level probabilities, post-adjustment,
 clipping, fallback to two-point interpolation, recovery of mean/std, and the Tables 1-2 statistics
-(`iqa_cli.labels`). Two per-row loops of the same equations are timed on a subset
-and extrapolated to the full row count, as printed: one with `math.erf`/`math.exp` (the fastest plain-Python
-way), one with `scipy.stats.norm` per level and numpy per row (the way the reference `gen_soft_label.py`
-writes it). One thread (OMP/MKL/OpenBLAS set to 1 below).
+(`iqa_cli.labels`), under the default `reference` label rule and under `renormalized`. Two per-row loops are
+timed on a subset and extrapolated to the full row count, as printed: one with `scipy.stats.norm` per level
+and numpy per row, the reference `gen_soft_label.py`'s rule written its way (checked against the vectorized
+`reference` rule), and one with `math.erf`/`math.exp`, the fastest plain-Python way (the `renormalized`
+rule, checked against it). One thread (OMP/MKL/OpenBLAS set to 1 below).
 
     .venv/bin/python benchmarks/bench_prepare.py [--rows 1000000] [--loop-rows 20000] [--scipy-rows 2000]
 """
@@ -34,11 +35,13 @@ def synthetic_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return mos, std
 
 
-def vectorized(mos: np.ndarray, std: np.ndarray, k: int, density: str) -> tuple[np.ndarray, dict]:
+def vectorized(
+    mos: np.ndarray, std: np.ndarray, k: int, density: str, rule: str = "reference"
+) -> tuple[np.ndarray, dict]:
     lo, hi = labels.score_range(mos)
     mu, s = labels.normalize_scores(mos, std, lo=lo, hi=hi)
-    soft = labels.soft_labels(mu, s, k, density=density)
-    level = labels.one_hot_levels(mu, k)
+    soft = labels.soft_labels(mu, s, k, density=density, rule=rule)
+    level = labels.one_hot_levels(mos, k, lo, hi)
     return soft.probs, labels.label_statistics(mu, s, soft, level)
 
 
@@ -82,29 +85,26 @@ def loop_label(m: float, sd: float, k: int, density: str, std_thr: float = 0.2, 
 
 
 def scipy_row_label(m: float, sd: float, k: int, density: str, std_thr: float = 0.2, mean_thr: float = 0.1):
-    """One row the way the reference `gen_soft_label.py` writes it: scipy.stats.norm per level, numpy per row."""
+    """One row the way the reference `gen_soft_label.py` writes it: scipy.stats.norm per level, numpy per row,
+    its rule (+1e-9 in alpha, no renormalization, fallback over intervals widened by 1e-8)."""
     c = np.linspace(1.0, 5.0, k)
     d = 4.0 / (k - 1)
-    if sd > 0:
-        if density == "cdf":
-            raw = np.array([stats.norm.cdf(ci + d / 2, m, sd) - stats.norm.cdf(ci - d / 2, m, sd) for ci in c])
-        else:
-            raw = np.array([stats.norm.pdf(ci, loc=m, scale=sd) for ci in c])
-        m_w = 3.0 + 1e-4 if abs(m - 3.0) < 1e-4 else m  # as labels.py (the reference adds 1e-9 instead)
-        if m_w != m:
-            return loop_label(m, sd, k, density, std_thr, mean_thr)
-        a_sum, b_sum = raw.sum(), np.inner(raw, c)
-        alpha = (m - 3.0) / (b_sum - 3.0 * a_sum) if b_sum != 3.0 * a_sum else np.nan
-        beta = (1.0 - alpha * a_sum) / k
-        probs = np.maximum(alpha * raw + beta, 0.0)
-        probs = probs / probs.sum()
-        if not (sd < std_thr or not abs(np.inner(probs, c) - m) <= mean_thr):
-            return probs.tolist(), float(alpha), float(beta), False
-    t = (m - 1.0) / d
-    lower = min(max(math.floor(t), 0), k - 2)
+    if density == "cdf":
+        raw = np.array([stats.norm.cdf(ci + d / 2, m, sd) - stats.norm.cdf(ci - d / 2, m, sd) for ci in c])
+    else:
+        raw = np.array([stats.norm.pdf(ci, loc=m, scale=sd) for ci in c])
+    a_sum, b_sum = raw.sum(), np.inner(raw, c)
+    alpha = (m - 3.0) / (b_sum - 3.0 * a_sum + 1e-9)
+    beta = (1.0 - alpha * a_sum) / k
+    probs = np.maximum(alpha * raw + beta, 0.0)
+    if not (sd < std_thr or abs(np.inner(probs, c) - m) > mean_thr):
+        return probs.tolist(), float(alpha), float(beta), False
     probs = np.zeros(k)
-    probs[lower + 1] = min(max(t - lower, 0.0), 1.0)
-    probs[lower] = 1.0 - probs[lower + 1]
+    for i in range(k - 1):
+        left, right = c[i] - 1e-8, c[i + 1] + 1e-8
+        if left < m <= right:
+            probs[i], probs[i + 1] = (right - m) / (right - left), (m - left) / (right - left)
+            break
     return probs.tolist(), 1.0, 0.0, True
 
 
@@ -171,37 +171,41 @@ def main() -> None:
         f"label pipeline, {args.rows:,} synthetic rows, K={args.levels}, density={args.density}, 1 thread "
         f"(python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()})"
     )
-    times = []
-    for _ in range(args.repeat):
-        start = time.perf_counter()
-        _, summary = vectorized(mos, std, args.levels, args.density)
-        times.append(time.perf_counter() - start)
-    best = min(times)
-    print(
-        f"vectorized: best of {args.repeat} {best:.3f} s (all: {', '.join(f'{t:.3f}' for t in times)}) "
-        f"-> {args.rows / best:,.0f} rows/s; fallback {summary['fallback']:,}, clipped {summary['clipped']:,}"
-    )
+    bests = {}
+    for rule in labels.LABEL_RULES:
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            _, summary = vectorized(mos, std, args.levels, args.density, rule)
+            times.append(time.perf_counter() - start)
+        bests[rule] = min(times)
+        print(
+            f"vectorized, --label-rule {rule}: best of {args.repeat} {bests[rule]:.3f} s (all: "
+            f"{', '.join(f'{t:.3f}' for t in times)}) -> {args.rows / bests[rule]:,.0f} rows/s; "
+            f"fallback {summary['fallback']:,}, clipped {summary['clipped']:,}"
+        )
+    best = bests["reference"]
 
     sub_mos, sub_std = mos[: args.loop_rows].copy(), std[: args.loop_rows].copy()
     sub_mos[:2] = [mos.min(), mos.max()]  # same min/max as the full set, so the labels compare row by row
     rates = {}
-    for name, row_label, n_rows in (
-        ("per-row loop, math.erf", loop_label, args.loop_rows),
-        ("per-row loop, scipy.stats.norm per level (as the reference)", scipy_row_label, args.scipy_rows),
+    for name, row_label, n_rows, rule in (
+        ("per-row loop, math.erf (renormalized rule)", loop_label, args.loop_rows, "renormalized"),
+        ("per-row loop, scipy.stats.norm per level (the reference)", scipy_row_label, args.scipy_rows, "reference"),
     ):
         start = time.perf_counter()
         loop_probs, _ = loop_pipeline(sub_mos[:n_rows], sub_std[:n_rows], args.levels, args.density, row_label)
         elapsed = time.perf_counter() - start
         rates[name] = n_rows / elapsed
-        vec_probs, _ = vectorized(sub_mos[:n_rows], sub_std[:n_rows], args.levels, args.density)
+        vec_probs, _ = vectorized(sub_mos[:n_rows], sub_std[:n_rows], args.levels, args.density, rule)
         diff = float(np.abs(np.asarray(loop_probs) - vec_probs).max())
         print(
             f"{name}: {n_rows:,} rows in {elapsed:.3f} s -> {rates[name]:,.0f} rows/s; extrapolated to "
             f"{args.rows:,} rows: {args.rows / rates[name]:,.1f} s (max |label difference| vs vectorized: {diff:.1e})"
         )
-    for name, rate in rates.items():
-        print(f"speed-up over the {name}: {args.rows / best / rate:,.0f}x")
-    print(f"1M rows in {best * 1_000_000 / args.rows:.2f} s (vectorized)")
+    for (name, rate), rule in zip(rates.items(), ("renormalized", "reference"), strict=True):
+        print(f"speed-up over the {name}: {args.rows / bests[rule] / rate:,.0f}x")
+    print(f"1M rows in {best * 1_000_000 / args.rows:.2f} s (vectorized, default reference rule)")
 
 
 if __name__ == "__main__":

@@ -68,19 +68,27 @@ def _print_prepare_summary(summary: dict) -> None:
     out_console.print(
         f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False, soft_wrap=True
     )
-    table = Table(title=f"labels: {summary['levels']} levels, {summary['density']}", title_justify="left")
+    title = f"labels: {summary['levels']} levels, {summary['density']}, rule {summary['label_rule']}"
+    table = Table(title=title, title_justify="left")
     table.add_column("recovered vs N(mos, std)")
     table.add_column("one-hot", justify="right")
     table.add_column("soft", justify="right")
-    for key, label in (("l1", "L1"), ("rmse", "RMSE"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("js", "JS"),
+    for key, label in (("l1", "L1"), ("rmse", "L2 (RMSE)"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("js", "JS"),
                        ("wasserstein", "Wasserstein")):  # fmt: skip
         table.add_row(label, fmt(stats["one_hot"][key]), fmt(stats["soft"][key]))
     out_console.print(table)
-    alpha, beta, raw = stats["alpha"], stats["beta"], stats["raw"]
-    out_console.print(
-        f"raw Gaussian (before adjustment): L1 {fmt(raw['l1'])}, RMSE {fmt(raw['rmse'])}\n"
-        f"alpha {fmt(alpha['mean'])} ± {fmt(alpha['std'])}, beta {fmt(beta['mean'])} ± {fmt(beta['std'])}\n"
-        f"fallback (two-point) {stats['fallback']} / {stats['rows']}, clipped {stats['clipped']}",
+    alpha, beta, raw, soft = stats["alpha"], stats["beta"], stats["raw"], stats["soft"]
+
+    def ref(value) -> str:  # the reference prints full floats; 6 decimals (--json has them all)
+        return "-" if value is None else f"{value:.6f}"
+
+    out_console.print(  # the reference gen_soft_label.py's statistics, under its names
+        f"srcc: {ref(soft['srcc'])} plcc: {ref(soft['plcc'])}\n"
+        f"[raw_diff] (raw Gaussian, before adjustment) l1: {ref(raw['l1'])} l2: {ref(raw['rmse'])}\n"
+        f"[diff] (soft labels) l1: {ref(soft['l1'])} l2: {ref(soft['rmse'])}\n"
+        f"[alpha] mean: {ref(alpha['mean'])} std: {ref(alpha['std'])}\n"
+        f"[beta] mean: {ref(beta['mean'])} std: {ref(beta['std'])}\n"
+        f"binary / all (two-point fallback): {stats['fallback']} / {stats['rows']}; clipped {stats['clipped']}",
         markup=False,
         soft_wrap=True,
     )
@@ -106,6 +114,13 @@ def prepare(
     std_threshold: float = typer.Option(0.2, "--std-threshold", help="Normalized std below this: two-point label."),
     mean_threshold: float = typer.Option(
         0.1, "--mean-threshold", help="Recovered mean missing the MOS by more than this: two-point label."
+    ),
+    label_rule: str = typer.Option(
+        "reference",
+        "--label-rule",
+        help="reference: DeQA-Score's gen_soft_label.py bit for bit (the released models' labels). renormalized: "
+        "clipped labels rescaled to sum 1, no +1e-9 in alpha (a MOS of exactly 3 is not made uniform), exact "
+        "two-point interpolation.",
     ),
     pseudo_std: float | None = typer.Option(
         None, "--pseudo-std", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
@@ -144,6 +159,7 @@ def prepare(
         density=density,
         std_threshold=std_threshold,
         mean_threshold=mean_threshold,
+        label_rule=label_rule,
         pseudo_std=pseudo_std,
         split=as_path(split),
         test_frac=test_frac,
@@ -265,6 +281,7 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Require resuming an interrupted run in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run in OUT and start over."),
+    wait: bool = typer.Option(False, "--wait", help="If another run trains into the same --out, wait for it to end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or per-step messages."),
 ) -> None:
     """Fine-tune mPLUG-Owl2 on prepared datasets (DeQA-Score, Q-Align or Q-Scorer) into a scoreable directory.
@@ -274,7 +291,7 @@ def train(
     """
     from pathlib import Path
 
-    from iqa_cli.train import TrainConfig, train
+    from iqa_cli.train import TrainConfig, TrainInterrupted, train
 
     config = TrainConfig(
         datasets=_csv_list(datasets, "--datasets") or [],
@@ -329,9 +346,15 @@ def train(
         workers=workers,
         resume=resume,
         overwrite=overwrite,
+        wait=wait,
         quiet=quiet,
     )
-    result = train(config, console=err_console)
+    try:
+        result = train(config, console=err_console)
+    except TrainInterrupted as exc:
+        if exc.is_main:
+            _say(str(exc))
+        raise typer.Exit(exc.exit_code) from None
     if not result.is_main or quiet:
         return
     if result.already_complete:
@@ -377,6 +400,7 @@ def score(
     ),
     fmt: str | None = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --out suffix]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
+    wait: bool = typer.Option(False, "--wait", help="If another run writes the same --out, wait for it to end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
@@ -404,6 +428,7 @@ def score(
         workers=workers,
         format=fmt,
         overwrite=overwrite,
+        wait=wait,
         quiet=quiet,
     )
     if not config.inputs and config.from_file is None:

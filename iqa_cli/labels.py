@@ -17,14 +17,23 @@ Facts taken from the reference `build_soft_labels/gen_soft_label.py` (DeQA-Score
 - JS divergence between Gaussians uses the Gaussian with the averaged variance as midpoint (as the
   reference's `cal_distribution_gap.py`), the Wasserstein-2 distance is sqrt(dmu^2 + dsigma^2).
 
-Where this module departs from the reference (both are generalisations the reference never meets with
-its five levels and continuous MOS):
-- a label clipped at zero is renormalized to sum 1 (the reference leaves its sum above 1); the fallback
-  test then uses the label as stored. `renormalize_clipped=False` reproduces the reference.
-- alpha comes from the closed form `alpha * A = (mu - m) / (mean_raw - m)` (m = mean of the centers) without
-  the reference's `+1e-9` in the denominator, which turns every label with mu == 3 into the uniform
-  distribution; within 1e-4 of m the (even, smooth) weight is taken at m + 1e-4.
-- the two-point interpolation is exact (the reference widens each interval by 1e-8 on both sides).
+Two label rules (`iqa prepare --label-rule`):
+- "reference" (default) is `gen_soft_label.py` exactly, so labels equal the ones the released models were
+  trained on: alpha = (mu - 3) / (B - 3 A + 1e-9) with A = sum p_raw, B = sum p_raw c; negatives clipped
+  to 0 and the label left as it is (its sum may exceed 1); fallback when `std_n < thr_std` or the clipped
+  label's mean misses mu by more than thr_diff; the fallback interpolates over intervals widened by 1e-8
+  on both sides. Sums run over the levels from the highest to the lowest, left to right, as numpy sums
+  the reference's excellent-first lists, so the floats are the reference's bit for bit. One addition: a
+  row whose label is not finite (std 0 with `--std-threshold 0`; the reference writes NaN) falls back.
+- "renormalized" departs in three places (generalisations the reference never needs with its
+  continuous MOS): a label clipped at zero is renormalized to sum 1 and the fallback test uses the label as
+  stored; alpha comes from the closed form `alpha * A = (mu - m) / (mean_raw - m)` without the `+1e-9`,
+  which turns every label with mu == 3 into the uniform distribution (within 1e-4 of m the even, smooth
+  weight is taken at m + 1e-4); the two-point interpolation is exact Eq. A2.
+
+The statistics (`label_statistics`) are the reference's printed ones under either rule: srcc/plcc of the
+recovered mean vs mu, `[raw_diff]` L1/L2 of the unadjusted Gaussian's sum p_raw c (not divided by sum
+p_raw), `[diff]` L1/L2 after adjustment and fallback, alpha/beta mean and std, and the fallback count.
 """
 
 from __future__ import annotations
@@ -46,11 +55,14 @@ SCORE_LO, SCORE_HI = 1.0, 5.0
 DENSITIES = ("cdf", "pdf")
 DEFAULT_STD_THRESHOLD = 0.2
 DEFAULT_MEAN_THRESHOLD = 0.1
+LABEL_RULES = ("reference", "renormalized")
+DEFAULT_LABEL_RULE = "reference"
 
 _BOUNDARY_EPS = 1e-8  # the reference's tolerance on level boundaries
 _SIGMA_FLOOR = 1e-8  # a point mass (std 0) is a Gaussian this narrow in JS/KL
 _SYMMETRY_BAND = 1e-4  # |mu - m| below this: alpha taken at m + band (0/0 otherwise)
-_RANK_DECIMALS = 9  # SRCC ranks recovered means rounded to this many decimals
+_ALPHA_EPS = 1e-9  # the reference's term in alpha's denominator
+_SQRT_2PI = float(np.sqrt(2 * np.pi))  # scipy.stats.norm's constant (its pdf divides by it, then by scale)
 _ROUNDING = 1e-12  # adjusted entries above -_ROUNDING are rounding noise, not clipping
 
 
@@ -120,12 +132,15 @@ def normalize_scores(
     hi: float,
     lower_is_better: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Maps MOS onto [1, 5] (flipped first for DMOS-like scores) and scales std by the same factor."""
+    """Maps MOS onto [1, 5] (flipped first for DMOS-like scores) and scales std by the same factor.
+
+    `4 * (mos - lo) / (hi - lo) + 1` and `4 * std / (hi - lo)`, in the reference's order of operations.
+    """
     mos = np.asarray(mos, dtype=np.float64)
-    scale = (SCORE_HI - SCORE_LO) / (hi - lo)
+    span = SCORE_HI - SCORE_LO
     shifted = hi - mos if lower_is_better else mos - lo
-    mos_n = scale * shifted + SCORE_LO
-    std_n = None if std is None else scale * np.asarray(std, dtype=np.float64)
+    mos_n = span * shifted / (hi - lo) + SCORE_LO
+    std_n = None if std is None else span * np.asarray(std, dtype=np.float64) / (hi - lo)
     return mos_n, std_n
 
 
@@ -143,8 +158,9 @@ def one_hot_levels(mos: np.ndarray, k: int = 5, lo: float = SCORE_LO, hi: float 
 def gaussian_level_probs(mu: np.ndarray, s: np.ndarray, k: int = 5, density: str = "cdf") -> np.ndarray:
     """Raw level probabilities of N(mu, s^2), before post-adjustment (paper Eq. 1). Shape (N, K).
 
-    "cdf": Phi((c + d/2 - mu) / s) - Phi((c - d/2 - mu) / s); "pdf": the Gaussian density at c.
-    Rows with s == 0 come out non-finite or all zero; `soft_labels` sends them to the fallback.
+    "cdf": Phi((c + d/2 - mu) / s) - Phi((c - d/2 - mu) / s); "pdf": the Gaussian density at c, in
+    scipy.stats.norm's order of operations (the reference's numbers to the last bit). Rows with s <= 0
+    are NaN, as scipy gives them; `soft_labels` sends them to the fallback.
     """
     if density not in DENSITIES:
         raise UserError(f"density must be one of {', '.join(DENSITIES)}, got {density!r}")
@@ -156,9 +172,41 @@ def gaussian_level_probs(mu: np.ndarray, s: np.ndarray, k: int = 5, density: str
             half = level_width(k) / 2
             edges = np.append(centers - half, centers[-1] + half)  # K + 1
             cdf = special.ndtr((edges[None, :] - mu) / s)  # N, K + 1
-            return np.diff(cdf, axis=1)
-        z = (centers[None, :] - mu) / s  # N, K
-        return np.exp(-0.5 * z * z) / (s * np.sqrt(2.0 * np.pi))
+            raw = np.diff(cdf, axis=1)
+        else:
+            z = (centers[None, :] - mu) / s  # N, K
+            raw = np.exp(-(z**2) / 2.0) / _SQRT_2PI / s
+    raw[~(s[:, 0] > 0)] = np.nan
+    return raw
+
+
+def level_sums(probs: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """Per row sum p_i (or sum p_i v_i) from the highest level to the lowest, left to right: the order in
+    which numpy's `sum` and `inner` add the reference's excellent-first 5-element lists."""
+    probs = np.asarray(probs, dtype=np.float64)
+    k = probs.shape[1]
+    total = probs[:, k - 1] if values is None else probs[:, k - 1] * values[k - 1]
+    for i in range(k - 2, -1, -1):
+        total = total + (probs[:, i] if values is None else probs[:, i] * values[i])
+    return total
+
+
+def widened_interpolation_labels(mu: np.ndarray, k: int = 5) -> np.ndarray:
+    """The reference's two-point label (`get_binary_probs`): interpolation over each interval between
+    neighbouring centers widened by 1e-8 on both sides, the first interval holding mu. Shape (N, K)."""
+    k = check_levels(k)
+    mu = np.asarray(mu, dtype=np.float64)
+    steps = np.arange(k - 1, dtype=np.float64)
+    span = SCORE_HI - SCORE_LO
+    lefts = SCORE_LO + steps / (k - 1) * span - _BOUNDARY_EPS  # the reference's expressions, same rounding
+    rights = SCORE_LO + (steps + 1) / (k - 1) * span + _BOUNDARY_EPS
+    lower = np.clip(np.searchsorted(rights, mu, side="left"), 0, k - 2)
+    left, right = lefts[lower], rights[lower]
+    probs = np.zeros((mu.shape[0], k), dtype=np.float64)
+    rows = np.arange(mu.shape[0])
+    probs[rows, lower] = (right - mu) / (right - left)
+    probs[rows, lower + 1] = (mu - left) / (right - left)
+    return probs
 
 
 def interpolation_labels(mu: np.ndarray, k: int = 5) -> np.ndarray:
@@ -212,6 +260,12 @@ class SoftLabels:
     clipped: np.ndarray
 
 
+def check_label_rule(rule: str) -> str:
+    if rule not in LABEL_RULES:
+        raise UserError(f"label rule must be one of {', '.join(LABEL_RULES)}, got {rule!r}")
+    return rule
+
+
 def soft_labels(
     mu: np.ndarray,
     s: np.ndarray,
@@ -220,7 +274,7 @@ def soft_labels(
     density: str = "cdf",
     std_threshold: float = DEFAULT_STD_THRESHOLD,
     mean_threshold: float = DEFAULT_MEAN_THRESHOLD,
-    renormalize_clipped: bool = True,
+    rule: str = DEFAULT_LABEL_RULE,
 ) -> SoftLabels:
     """DeQA-Score soft labels for normalized scores mu and stds s on [1, 5] (paper Eq. 1-2, appendix B.1).
 
@@ -230,17 +284,20 @@ def soft_labels(
         density: "cdf" or "pdf".
         std_threshold: rows with s below it take the two-point interpolation.
         mean_threshold: rows whose adjusted label's recovered mean misses mu by more than this fall back.
-        renormalize_clipped: rescale a label to sum 1 after clipping negatives (False: the reference).
+        rule: "reference" (`gen_soft_label.py` bit for bit) or "renormalized" (see the module docstring).
     """
     k = check_levels(k)
+    check_label_rule(rule)
     mu = np.asarray(mu, dtype=np.float64).reshape(-1)
     s = np.asarray(s, dtype=np.float64).reshape(-1)
     if mu.shape != s.shape:
         raise ValueError(f"mu and s differ in length: {mu.shape} vs {s.shape}")
     centers = level_centers(k)
     mid = centers.mean()
-
     raw = gaussian_level_probs(mu, s, k, density)  # N, K
+    if rule == "reference":
+        return _reference_labels(mu, s, raw, centers, std_threshold, mean_threshold)
+
     total = raw.sum(axis=1)
     weight = _uniform_mix_weight(raw, mu, centers)
     near = np.abs(mu - mid) < _SYMMETRY_BAND
@@ -254,12 +311,36 @@ def soft_labels(
         adjusted = alpha[:, None] * raw + beta[:, None]  # N, K
         clipped = (adjusted < -_ROUNDING).any(axis=1)  # rounding noise is zeroed too, but not counted
         probs = np.maximum(adjusted, 0.0)
-        if renormalize_clipped and clipped.any():
+        if clipped.any():
             probs[clipped] /= probs[clipped].sum(axis=1, keepdims=True)
         miss = np.abs(probs @ centers - mu)
     fallback = (s < std_threshold) | ~(miss <= mean_threshold)
     if fallback.any():
         probs[fallback] = interpolation_labels(mu[fallback], k)
+        alpha[fallback] = 1.0
+        beta[fallback] = 0.0
+    return SoftLabels(probs=probs, raw=raw, alpha=alpha, beta=beta, fallback=fallback, clipped=clipped)
+
+
+def _reference_labels(
+    mu: np.ndarray, s: np.ndarray, raw: np.ndarray, centers: np.ndarray, std_threshold: float, mean_threshold: float
+) -> SoftLabels:
+    """`gen_soft_label.py`'s per-row steps on whole columns, each float as the reference computes it."""
+    k = centers.size
+    mid = (SCORE_LO + SCORE_HI) / 2  # the reference's literal 3
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        total = level_sums(raw)  # A
+        moment = level_sums(raw, centers)  # B
+        alpha = (mu - mid) / (moment - mid * total + _ALPHA_EPS)
+        beta = (1.0 - alpha * total) / k
+        adjusted = raw * alpha[:, None] + beta[:, None]
+        clipped = (adjusted < -_ROUNDING).any(axis=1)
+        probs = np.maximum(adjusted, 0.0)  # no renormalization: the sum may exceed 1
+        diff = np.abs(level_sums(probs, centers) - mu)
+    # NaN diff does not trigger the reference's test; such rows (s <= 0) are caught by the finiteness check
+    fallback = (s < std_threshold) | (diff > mean_threshold) | ~np.isfinite(probs).all(axis=1)
+    if fallback.any():
+        probs[fallback] = widened_interpolation_labels(mu[fallback], k)
         alpha[fallback] = 1.0
         beta[fallback] = 0.0
     return SoftLabels(probs=probs, raw=raw, alpha=alpha, beta=beta, fallback=fallback, clipped=clipped)
@@ -298,8 +379,7 @@ def _recovery_stats(
 ) -> dict[str, float | None]:
     err = mean - mu
     plcc = _pearson(mean, mu)
-    # recovered means that differ only by rounding (tied MOS) tie: ranks at 1e-9 resolution
-    srcc = _pearson(average_ranks(np.round(mean, _RANK_DECIMALS)), mu_ranks) if plcc is not None else None
+    srcc = _pearson(average_ranks(mean), mu_ranks) if plcc is not None else None  # spearmanr: exact ranks
     known = np.isfinite(s)  # rows without a std have no ground-truth Gaussian to compare with
     s_known, std_known = np.maximum(s[known], _SIGMA_FLOOR), np.maximum(std[known], _SIGMA_FLOOR)
     js = np.maximum(gaussian_js_moment(mu[known], s_known, mean[known], std_known), 0.0)
@@ -317,6 +397,11 @@ def _recovery_stats(
 def label_statistics(mu: np.ndarray, s: np.ndarray, labels: SoftLabels, level: np.ndarray) -> dict:
     """The paper's Tables 1-2 for one dataset: one-hot vs soft labels against N(mu, s^2).
 
+    The reference's printed statistics map as: `srcc`/`plcc` -> soft.srcc/plcc, `[raw_diff] l1/l2` ->
+    raw.l1/rmse, `[diff] l1/l2` -> soft.l1/rmse, `[alpha]`/`[beta]` -> alpha/beta, `binary / all` ->
+    fallback / rows. Rows whose raw Gaussian is undefined (no std, std 0: the reference prints nan) are
+    left out of raw.l1/rmse.
+
     Args:
         mu, s: normalized MOS and std (N,); s is NaN where the dataset has no std (left out of JS/W).
         labels: the soft labels of these rows.
@@ -331,11 +416,10 @@ def label_statistics(mu: np.ndarray, s: np.ndarray, labels: SoftLabels, level: n
     s = np.asarray(s, dtype=np.float64)
     k = labels.probs.shape[1]
     centers = level_centers(k)
-    soft_mean, soft_std = recover_moments(labels.probs)
+    soft_mean = level_sums(labels.probs, centers)  # the reference's mos_rec, same floats
+    _, soft_std = recover_moments(labels.probs)
     one_hot_mean = centers[np.asarray(level)]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        raw_mean = (labels.raw @ centers) / labels.raw.sum(axis=1)
-    raw_err = raw_mean - mu
+    raw_err = level_sums(labels.raw, centers) - mu  # not divided by sum p_raw, as the reference
     mu_ranks = average_ranks(mu)  # SRCC = PLCC of ranks; the MOS is ranked once for both label kinds
     raw_ok = np.isfinite(raw_err)
     return {

@@ -46,6 +46,7 @@ class PrepareConfig:
     density: str | None = None  # None: the preset's default
     std_threshold: float = labels.DEFAULT_STD_THRESHOLD
     mean_threshold: float = labels.DEFAULT_MEAN_THRESHOLD
+    label_rule: str = labels.DEFAULT_LABEL_RULE  # "reference" (gen_soft_label.py exactly) or "renormalized"
     pseudo_std: float | None = None  # None: the preset's default (PIPAL 0.2), else rows without std keep none
     split: Path | None = None
     test_frac: float = 0.2
@@ -71,6 +72,8 @@ def _validate(config: PrepareConfig) -> None:
     for flag, value in (("--std-threshold", config.std_threshold), ("--mean-threshold", config.mean_threshold)):
         if not np.isfinite(value) or value < 0:
             raise UserError(f"{flag} must be a number >= 0, got {value}")
+    if config.label_rule not in labels.LABEL_RULES:
+        raise UserError(f"--label-rule must be one of {', '.join(labels.LABEL_RULES)}, got {config.label_rule!r}")
     if not 0.0 <= config.test_frac <= 1.0:
         raise UserError(f"--test-frac must be from 0 to 1, got {config.test_frac}")
     if config.pseudo_std is not None and not (np.isfinite(config.pseudo_std) and config.pseudo_std > 0):
@@ -362,8 +365,10 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         density=density,
         std_threshold=config.std_threshold,
         mean_threshold=config.mean_threshold,
+        rule=config.label_rule,
     )
-    level = labels.one_hot_levels(mos_n, k)
+    # the reference's get_level works on the raw MOS and its min/max (same levels, its rounding at boundaries)
+    level = labels.one_hot_levels(mos_n, k) if lower else labels.one_hot_levels(mos, k, lo, hi)
     stats = labels.label_statistics(mos_n, std_n, soft, level)
 
     extras = frame.drop(columns=[c for c in ("image", "mos", "std") if c in frame.columns])
@@ -399,6 +404,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         "density": density,
         "std_threshold": repr(float(config.std_threshold)),
         "mean_threshold": repr(float(config.mean_threshold)),
+        "label_rule": config.label_rule,
         "image_root": str(config.images) if config.images is not None else "",
         "mos_min": repr(lo),
         "mos_max": repr(hi),
@@ -422,6 +428,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         "density": density,
         "std_threshold": float(config.std_threshold),
         "mean_threshold": float(config.mean_threshold),
+        "label_rule": config.label_rule,
         "mos_min": lo,
         "mos_max": hi,
         "lower_is_better": bool(lower),

@@ -195,6 +195,24 @@ def test_levels_names_density_and_thresholds_reach_the_file(iqa, tmp_path, rng):
     assert summary["labels"]["fallback"] == int(frame["fallback"].sum())
 
 
+def test_label_rule_renormalized_reaches_labels_and_metadata(iqa, tmp_path, rng):
+    from tests.test_labels import row_soft_label
+
+    source, _ = write_koniq(tmp_path, rng, n=200)
+    for rule in ("reference", "renormalized"):
+        out = tmp_path / f"{rule}.parquet"
+        args = ("prepare", "koniq", "--csv", source, "--out", out, "--json")
+        summary = summary_of(iqa(*args) if rule == "reference" else iqa(*args, "--label-rule", rule))
+        _frame, meta = read_meta(out)
+        assert meta["label_rule"] == summary["label_rule"] == rule
+    ref, _ = read_meta(tmp_path / "reference.parquet")
+    new, _ = read_meta(tmp_path / "renormalized.parquet")
+    want = [row_soft_label(m, s, 5, "pdf")[0] for m, s in zip(new["mos_norm"], new["std_norm"], strict=True)]
+    np.testing.assert_allclose(np.stack(new["soft_label"].to_numpy()), want, rtol=0, atol=1e-6)
+    differ = np.abs(np.stack(new["soft_label"].to_numpy()) - np.stack(ref["soft_label"].to_numpy())).max(axis=1)
+    assert (differ > 1e-3).any()  # the two rules are not the same labels
+
+
 def test_pseudo_std_override_and_missing_std(iqa, tmp_path, rng):
     source, _expected = write_pipal(tmp_path, rng)
     summary = summary_of(
@@ -325,6 +343,7 @@ def test_empty_dataset_and_constant_scores(iqa, tmp_path, rng):
         (["--std-threshold", -1], ["--std-threshold must be a number >= 0, got -1"]),
         (["--pseudo-std", 0], ["--pseudo-std must be a fraction > 0"]),
         (["--image-col", "x"], ["--image-col only apply to the custom dataset"]),
+        (["--label-rule", "paper"], ["--label-rule must be one of reference, renormalized, got 'paper'"]),
     ],
 )
 def test_bad_flags(iqa, tmp_path, rng, args, needles):
