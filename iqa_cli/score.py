@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from iqa_cli import __version__, distributed
+from iqa_cli import __version__, distributed, run_lock
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
 from iqa_cli.paths import check_output_file
@@ -53,6 +53,7 @@ from iqa_cli.score_store import (
     output_format,
     part_schema,
     read_output_metadata,
+    sidecar_path,
     write_output,
 )
 
@@ -93,6 +94,7 @@ class ScoreConfig:
     workers: int | None = None  # DataLoader processes; None = one per core (at most 8) per local rank
     format: str | None = None  # parquet|csv|jsonl; None = from the suffix of `out`, else parquet
     overwrite: bool = False
+    wait: bool = False  # another run on the same --out: wait for it instead of refusing
     quiet: bool = False
     flush_rows: int = 4096  # write a part after this many images ...
     flush_seconds: float = 30.0  # ... or after this many seconds, whichever comes first
@@ -555,7 +557,15 @@ def score_images(
     device = distributed.resolve_device(config.device, environment)
     distributed.init(device)
     try:
-        return _score(config, fmt, batch_size, device, environment, scorer_factory, load_image, console)
+        with run_lock.hold(
+            sidecar_path(out) / run_lock.LOCK_NAME,
+            command="iqa score",
+            target=f"--out {out}",
+            wait=config.wait,
+            remove_folder=True,
+            say=None if config.quiet else lambda line: console.print(line, markup=False),
+        ):
+            return _score(config, fmt, batch_size, device, environment, scorer_factory, load_image, console)
     finally:
         distributed.destroy()
 

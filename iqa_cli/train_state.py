@@ -36,6 +36,7 @@ import torch
 from iqa_cli import __version__, distributed
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_write, fsync_dir, fsync_tree
+from iqa_cli.run_lock import LOCK_NAME  # this run's own lock, taken before the plan
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
@@ -157,7 +158,7 @@ def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) ->
         return "fresh"
     saved = run.read_config()
     if saved is None:
-        others = [p.name for p in run.out.iterdir()] if run.out.is_dir() else []
+        others = [p.name for p in run.out.iterdir() if p.name != LOCK_NAME] if run.out.is_dir() else []
         if others:
             return f"--out {run.out} is not empty and holds no iqa training run; choose an empty or new folder"
         if config.get("resume"):
