@@ -21,6 +21,7 @@ cosine, warmup ratio 0.03, weight decay 0, 3 epochs, LoRA r 128 / alpha 256 / dr
 from __future__ import annotations
 
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqa_cli import distributed, run_lock, train_data, train_state
+from iqa_cli import distributed, interrupts, run_lock, train_data, train_state
 from iqa_cli.errors import UserError
 from iqa_cli.losses import (
     QSCORER_CLAMP,
@@ -668,6 +669,30 @@ class TrainResult:
     skipped_images: list[str] = field(default_factory=list)
 
 
+class TrainInterrupted(interrupts.Interrupted):
+    """SIGINT/SIGTERM stopped the run; its last checkpoint stays, and the same command resumes from it."""
+
+    def __init__(self, signum: int, run: train_state.RunDirectory, is_main: bool = True):
+        super().__init__(signum)
+        self.is_main = is_main
+        name = signal.Signals(signum).name
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is None:
+            self.message = (
+                f"interrupted by {name} before the first checkpoint of {run.out}; run the same command to start "
+                "again (--save-every N saves every N steps)"
+            )
+        else:
+            step = int(checkpoint.name.split("-")[1])
+            self.message = (
+                f"interrupted by {name}; the last checkpoint is {checkpoint} (step {step}); run the same command "
+                "to resume from it"
+            )
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _autocast(session: Session):
     if session.autocast_dtype is None:
         return nullcontext()
@@ -986,11 +1011,17 @@ def cleanup(session: Session | None) -> None:
 
 
 def train(config: TrainConfig, console: Any = None) -> TrainResult:
-    """Runs `iqa train`: setup -> train -> write the checkpoint directory -> cleanup."""
+    """Runs `iqa train`: setup -> train -> write the checkpoint directory -> cleanup.
+
+    Raises:
+        UserError: a bad flag, --out or --datasets, before anything is loaded.
+        TrainInterrupted: SIGINT/SIGTERM (also when started in the background, where SIGINT starts ignored).
+    """
     validate(config)
     train_data.check_metas(config.datasets, resolve_data_dir(config.data_dir))  # before --overwrite clears --out
     env = distributed.env()
     session = lock = None
+    restore_signals = interrupts.install()
     try:
         distributed.init(distributed.resolve_device(config.device, env))
         run = train_state.RunDirectory(Path(config.out))
@@ -1020,7 +1051,10 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         session = setup(config, decision, console)
         result = run_training(session)
         return finish(session, result)
+    except interrupts.Interrupted as exc:
+        raise TrainInterrupted(exc.signum, train_state.RunDirectory(Path(config.out)), env.is_main) from None
     finally:
+        restore_signals()
         if lock is not None:
             lock.release()
         cleanup(session)
@@ -1031,6 +1065,7 @@ __all__ = [
     "QAlignLoss",
     "TrainConfig",
     "TrainForward",
+    "TrainInterrupted",
     "TrainResult",
     "compute_loss",
     "cosine_with_warmup",

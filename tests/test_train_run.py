@@ -152,6 +152,43 @@ def test_killed_run_resumes_with_the_same_command(tiny):
     _assert_same_weights(tiny["tmp"] / "kill-whole", out)
 
 
+@pytest.mark.slow
+def test_sigint_says_where_the_checkpoint_is_even_in_the_background_and_the_command_resumes(tiny):
+    """`iqa train ... &` from a shell starts with SIGINT ignored (Python then installs no handler): `kill -INT`
+    must still stop it, with score's message (where the checkpoint is, how to resume) and exit code 130."""
+    out = tiny["tmp"] / "sigint"
+    command = ["train", "--datasets", "synth", "--data-dir", str(tiny["data"]), "--model", str(tiny["model"]),
+               "--batch-size", "4", "--max-steps", "3", "--save-every", "1", "--workers", "0", "--no-eval",
+               "--lr", "1e-3", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iqa_cli", *command, "-q"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what a shell does to `cmd &`
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and RunDirectory(out).latest_checkpoint() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (out / "iqa.json").exists(), "the run finished before it could be interrupted"
+    saved = RunDirectory(out).latest_checkpoint()
+    step = int(saved.name.split("-")[1])
+    assert err.strip().splitlines() == [
+        f"interrupted by SIGINT; the last checkpoint is {saved} (step {step}); run the same command to resume from it"
+    ]
+    again = run_iqa(*command, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"3 steps (resumed at step {step})" in again.stderr
+    assert [line["step"] for line in _log(out) if "eval" not in line] == [1, 2, 3]
+
+
 def test_lora_layout_and_merge_equal_the_unmerged_model(tiny):
     from peft import LoraConfig, PeftModel
 
