@@ -54,6 +54,7 @@ from iqa_cli.score_store import (
     part_schema,
     read_output_metadata,
     sidecar_path,
+    suffix_mismatch,
     write_output,
 )
 
@@ -541,6 +542,8 @@ def score_images(
         ScoreInterrupted: SIGINT/SIGTERM; finished rows are saved and the same command resumes.
     """
     out = Path(config.out)
+    if out.is_dir():  # said by check_output_file below, before the (missing) suffix would be
+        check_output_file(out, "--out", example="scores.parquet")
     fmt = output_format(out, config.format)
     batch_size = parse_batch_size(config.batch_size)
     if config.workers is not None and config.workers < 0:
@@ -587,6 +590,8 @@ def _score(
     if len(set(distributed.all_gather_object(fingerprint))) != 1:
         raise UserError("the ranks found different lists of inputs; every rank must see the same files")
     summary = ScoreSummary(out=out, is_main=environment.is_main, warnings=list(inputs.warnings))
+    if config.format is not None and (note := suffix_mismatch(out, fmt)):
+        summary.warnings.insert(0, note)
 
     def build() -> ScorerLike:
         if scorer_factory is not None:

@@ -27,7 +27,7 @@ from iqa_cli.files import atomic_write, fsync_dir, fsync_file
 from iqa_cli.inputs import InputList
 
 FORMATS = ("parquet", "csv", "jsonl")
-SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 OUTPUT_ROW_GROUP = 65536
@@ -44,11 +44,28 @@ class BatchResult:
 
 
 def output_format(out: Path, fmt: str | None) -> str:
+    """The format named by --format, else by the suffix of `out`; an unknown suffix is refused."""
     if fmt is None:
-        return SUFFIX_FORMATS.get(out.suffix.lower(), "parquet")
+        suffix = out.suffix.lower()
+        if suffix not in SUFFIX_FORMATS:
+            what = f"unknown suffix {out.suffix!r}" if out.suffix else "no suffix to tell the format"
+            raise UserError(
+                f"--out {out}: {what} (use {', '.join(SUFFIX_FORMATS)}, or name the format with --format "
+                f"{'|'.join(FORMATS)})"
+            )
+        return SUFFIX_FORMATS[suffix]
     if fmt.lower() not in FORMATS:
         raise UserError(f"--format {fmt}: unknown format (use one of {', '.join(FORMATS)})")
     return fmt.lower()
+
+
+def suffix_mismatch(out: Path, fmt: str) -> str | None:
+    """A warning when --format writes something other than what the suffix of `out` says."""
+    implied = SUFFIX_FORMATS.get(out.suffix.lower())
+    if implied == fmt:
+        return None
+    suffix = f"suffix {out.suffix!r}" if out.suffix else "no suffix"
+    return f"--out {out.name} has {suffix} but holds {fmt} (--format {fmt})"
 
 
 def sidecar_path(out: Path) -> Path:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ from typer.testing import CliRunner
 from iqa_cli import __version__
 from iqa_cli.cli import app
 from iqa_cli.errors import UserError
-from tests.conftest import run_iqa
+from tests.conftest import REPO_ROOT, run_iqa
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 
@@ -44,6 +48,11 @@ BAD_INPUTS = [
     (["{photos}", "--out", "{tmp}/s.parquet", "--batch-size", "0"], ["--batch-size 0"]),
     (["{photos}", "--out", "{tmp}/s.parquet", "--batch-size", "-4"], ["--batch-size -4"]),
     (["{photos}", "--out", "{tmp}/s.parquet", "--format", "xlsx"], ["--format xlsx", "parquet, csv, jsonl"]),
+    (
+        ["{photos}", "--out", "{tmp}/s.txt"],
+        ["--out", "unknown suffix '.txt'", ".parquet, .pq, .csv, .jsonl, .ndjson", "--format"],
+    ),
+    (["{photos}", "--out", "{tmp}/scores"], ["--out", "scores: no suffix to tell the format", "--format"]),
     (["{photos}", "--out", "{tmp}/file.txt/s.parquet"], ["cannot create folder", "file.txt"]),
     (["{photos}", "--out", "{tmp}"], ["is a directory"]),
     (["--out", "{tmp}/s.parquet"], ["no inputs"]),
@@ -270,3 +279,93 @@ def test_checkpoint_resaved_into_the_same_directory_is_not_taken_as_finished(tmp
     result = _score_in_process(photos, out, ckpt, "--quiet", "--workers", "0")
     assert isinstance(result.exception, UserError)
     assert "exists and was written with a different model_files" in str(result.exception)
+
+
+# --- overlapping runs, small runs, output suffixes -------------------------------------------------
+
+
+def _lock_pid(out: Path) -> int | None:
+    try:
+        return json.loads((out.with_name(out.name + ".parts") / ".iqa-lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_is_refused_and_with_wait_waits_for_the_first(tiny_checkpoints, photos, tmp_path):
+    ckpt = tiny_checkpoints["deqa"]
+    out = tmp_path / "s.parquet"
+    args = ["-m", "iqa_cli", "score", str(photos), "--out", str(out), "--model", str(ckpt.path)]
+    args += ["--device", "cpu", "--dtype", "float32", "--workers", "0"]
+    first_log, third_log = tmp_path / "first.log", tmp_path / "third.log"
+    with first_log.open("w") as log:
+        first = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stderr=log)
+    third = None
+    try:
+        _wait_for(lambda: _lock_pid(out) == first.pid, first, first_log)
+        first.send_signal(signal.SIGSTOP)  # the first run, mid-way, holds the lock as long as the test needs
+        assert _lock_pid(out) == first.pid
+        second = run_iqa(*args[2:], timeout=120)
+        _one_line_error(second, f"--out {out} is in use by another iqa score run (pid {first.pid} on host", "--wait")
+
+        with third_log.open("w") as log:
+            third = subprocess.Popen([sys.executable, *args, "--wait"], cwd=REPO_ROOT, stderr=log)
+        _wait_for(lambda: "waiting for another iqa score run" in third_log.read_text(), third, third_log)
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=120) == 0, first_log.read_text()
+        assert third.wait(timeout=120) == 0, third_log.read_text()
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.kill()
+        if third is not None:
+            third.kill()
+    assert "scored 3 of 3 images (0 failed)" in first_log.read_text()
+    text = third_log.read_text()
+    assert text.count("waiting for another iqa score run") == 1
+    assert text.strip().endswith("is complete (3 images); nothing to do (--overwrite recomputes it)"), text
+    assert not out.with_name("s.parquet.parts").exists()
+
+    import pandas as pd
+
+    reference = tmp_path / "reference.parquet"
+    assert _score_in_process(photos, reference, ckpt, "--quiet", "--workers", "0").exit_code == 0
+    a, b = pd.read_parquet(out), pd.read_parquet(reference)
+    assert a["image"].tolist() == ["0.png", "1.png", "2.png"] == b["image"].tolist()
+    np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy())
+    np.testing.assert_array_equal(np.stack(a["probs"]), np.stack(b["probs"]))
+
+
+def test_a_stale_lock_of_a_dead_run_is_taken_over(tiny_checkpoints, photos, tmp_path):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "s.parquet"
+    sidecar = tmp_path / "s.parquet.parts"
+    sidecar.mkdir()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00+00:00", "command": "x"}
+    (sidecar / ".iqa-lock").write_text(json.dumps(holder))
+    result = _score_in_process(photos, out, tiny_checkpoints["deqa"], "--quiet", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not sidecar.exists()
+
+
+def test_format_given_for_another_suffix_writes_that_format_and_says_so(tiny_checkpoints, photos, tmp_path, iqa):
+    import pandas as pd
+
+    out = tmp_path / "s.txt"
+    code, _, err = iqa(
+        "score", photos, "--out", out, "--model", tiny_checkpoints["deqa"].path, "--device", "cpu",
+        "--workers", "0", "--format", "csv",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "warning: --out s.txt has suffix '.txt' but holds csv (--format csv)" in err
+    assert pd.read_csv(out)["image"].tolist() == ["0.png", "1.png", "2.png"]
