@@ -671,8 +671,15 @@ def _score_indices(
     load_image: Callable | None,
     console: Any,
 ) -> None:
-    """The hot loop of one rank: loader -> device -> model -> parts."""
+    """The hot loop of one rank: loader -> device -> model -> parts.
+
+    Every model call of a run has one shape, [size, 3, S, S] with the last batch padded, so an image's
+    score never depends on its batch-mates (not even in bf16, where kernels for other shapes round
+    differently). A run with fewer images than the batch size uses that many rows instead: 2 images cost
+    a forward pass of 2, not 16.
+    """
     size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    size = max(1, min(size, len(indices)))
     workers = default_workers(environment) if config.workers is None else config.workers
     dataset = ImageDataset(inputs, indices, scorer.preprocessor, load_image)
     loader = torch.utils.data.DataLoader(

@@ -358,6 +358,40 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over(tiny_checkpoints, photos, tmp_
     assert out.is_file() and not sidecar.exists()
 
 
+def test_a_run_with_fewer_images_than_the_batch_size_calls_the_model_with_that_many_rows(
+    tiny_checkpoints, photos, tmp_path
+):
+    """2 images: one call of 2 rows (not 16), scoring as the padded 16-row call did, within float32 rounding."""
+    import pandas as pd
+    import torch
+
+    from iqa_cli.images import load_image
+    from iqa_cli.score import ScoreConfig, score_images
+    from iqa_cli.scoring import Scorer
+
+    scorer = Scorer.from_pretrained(tiny_checkpoints["deqa"].path, device="cpu", dtype="float32")
+    real, shapes = scorer.score_pixels, []
+
+    def recording(pixels):
+        shapes.append(tuple(pixels.shape))
+        return real(pixels)
+
+    scorer.score_pixels = recording
+    files = [str(photos / "0.png"), str(photos / "1.png")]
+    for batch_size in ("auto", 16):
+        shapes.clear()
+        out = tmp_path / f"two-{batch_size}.parquet"
+        config = ScoreConfig(out=out, inputs=files, batch_size=batch_size, workers=0, quiet=True, device="cpu")
+        score_images(config, scorer_factory=lambda device: scorer)
+        assert [shape[0] for shape in shapes] == [2], batch_size
+
+        pixels = torch.stack([scorer.preprocessor(load_image(f)) for f in files])
+        padded = real(torch.cat([pixels, pixels.new_zeros(14, *pixels.shape[1:])]))  # the call made before
+        frame = pd.read_parquet(out)
+        np.testing.assert_allclose(frame["score"].to_numpy(float), padded.score[:2].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.stack(frame["probs"]), padded.probs[:2].numpy(), rtol=0, atol=1e-5)
+
+
 def test_format_given_for_another_suffix_writes_that_format_and_says_so(tiny_checkpoints, photos, tmp_path, iqa):
     import pandas as pd
 
