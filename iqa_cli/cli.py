@@ -470,7 +470,10 @@ def eval_(
         None, "--json", help="Also write the numbers to this JSON file ('-': to stdout, instead of the tables)."
     ),
     plot: str | None = typer.Option(
-        None, "--plot", help="Draw predicted vs human scores per dataset to this PNG (needs iqa-cli[plot])."
+        None,
+        "--plot",
+        help="Draw predicted vs human scores per dataset to this image (PNG unless the suffix says .pdf, .svg, ...; "
+        "needs matplotlib).",
     ),
     split: str | None = typer.Option(
         None, "--split", help="test, train or all [default: test if the ground truth has test rows, else all]."
@@ -481,10 +484,9 @@ def eval_(
     """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
     from pathlib import Path
 
-    from iqa_cli.evaluate import evaluate, plot_report, report_messages, report_tables, require_matplotlib
+    from iqa_cli.evaluate import check_outputs, evaluate, plot_report, report_messages, report_tables
 
-    if plot is not None:
-        require_matplotlib()
+    plot_path = check_outputs(json_out, plot)  # before any work, so no table precedes an error
     report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)
     say = (lambda line: None) if quiet else _say
     for line in report_messages(report):
@@ -497,9 +499,9 @@ def eval_(
         if json_out is not None:
             report.write_json(Path(json_out))
             say(f"wrote {json_out}")
-    if plot is not None:
-        plot_report(report, Path(plot))
-        say(f"wrote {plot}")
+    if plot_path is not None:
+        plot_report(report, plot_path)
+        say(f"wrote {plot_path}")
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ import pandas as pd
 
 from iqa_cli.errors import UserError
 from iqa_cli.metrics import MIN_CORRELATION_ROWS, Metrics, compute_metrics, logistic_4params
+from iqa_cli.paths import check_output_file
 
 PREDICTION_COLUMNS = ("score", "score_reg")
 SPLITS = ("test", "train", "all")
@@ -556,12 +557,43 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise UserError("--plot needs matplotlib: pip install 'iqa-cli[plot]'") from exc
+        raise UserError(
+            "--plot needs matplotlib: pip install matplotlib (or, in a checkout of iqa, pip install -e '.[plot]')"
+        ) from exc
 
 
-def plot_report(report: EvalReport, path: Path) -> None:
-    """Predicted vs human scatter with the fitted logistic curve, one panel per dataset, as a PNG."""
+def plot_file(plot: str | Path) -> Path:
+    """The file `--plot` writes: NAME as given, or NAME.png when it has no suffix (what savefig would write
+    anyway, now also the name the message gives). The suffix must be a format savefig writes."""
     require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(plot)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        known = ", ".join(f".{name}" for name in sorted(formats))
+        raise UserError(f"--plot {plot}: matplotlib cannot write {path.suffix} files; use one of {known}")
+    return path
+
+
+def check_outputs(json_out: str | None, plot: str | None) -> Path | None:
+    """Checks --json and --plot before anything is read or printed, so a bad path costs no work and no tables
+    precede the error. Returns the file --plot will write (None without --plot)."""
+    if json_out is not None and json_out != "-":
+        check_output_file(Path(json_out), "--json", example="eval.json")
+    if plot is None:
+        return None
+    path = plot_file(plot)
+    check_output_file(path, "--plot", example="eval.png")
+    return path
+
+
+def plot_report(report: EvalReport, path: Path) -> Path:
+    """Predicted vs human scatter with the fitted logistic curve, one panel per dataset; returns the file written
+    (`plot_file(path)`: PNG unless the suffix names another format)."""
+    path = plot_file(path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -584,6 +616,6 @@ def plot_report(report: EvalReport, path: Path) -> None:
         ax.set_xlabel(f"predicted {report.column}")
         ax.set_ylabel(f"human {report.target}")
         ax.grid(alpha=0.3)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=path.suffix[1:].lower())
+    return path

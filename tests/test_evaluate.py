@@ -349,5 +349,50 @@ def test_plot_without_matplotlib_says_how_to_install(two_datasets, tmp_path):
         "eval", str(two_datasets["pred"]), "--gt", str(two_datasets["meta"]), "--plot", str(tmp_path / "p.png"),
         env=env,
     )  # fmt: skip
-    assert "pip install 'iqa-cli[plot]'" in _one_line_error(result)
+    line = _one_line_error(result)
+    assert "pip install matplotlib" in line and "pip install -e '.[plot]'" in line  # iqa-cli is not on PyPI
     assert not (tmp_path / "p.png").exists()
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files even to root
+        return Path("/proc")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [
+        ("--plot", "{locked}/p.png", "--plot {locked}/p.png: folder {locked} is not writable"),
+        ("--plot", "{tmp}/p.xyz", "--plot {tmp}/p.xyz: matplotlib cannot write .xyz files; use one of"),
+        ("--json", "{locked}/m.json", "--json {locked}/m.json: folder {locked} is not writable"),
+        ("--json", "{tmp}", "--json {tmp}: is a directory; give a file name such as {tmp}/eval.json"),
+    ],
+    ids=["plot-unwritable", "plot-format", "json-unwritable", "json-dir"],
+)
+def test_cli_unusable_output_is_refused_before_any_table(two_datasets, tmp_path, iqa, option, name, message):
+    names = {"tmp": tmp_path, "locked": _unwritable(tmp_path)}
+    code, out, err = iqa("eval", two_datasets["pred"], "--gt", two_datasets["meta"], option, name.format(**names))
+    assert code == 2 and out == "", out  # no table printed before the error
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message.format(**names)}"), err
+    if "xyz" in name:
+        assert ".png, " in err and ".pdf, " in err and ".svg" in err
+
+
+def test_cli_plot_name_without_suffix_gets_png_and_the_message_names_that_file(two_datasets, tmp_path):
+    result = run_iqa("eval", str(two_datasets["pred"]), "--gt", str(two_datasets["meta"]), "--plot",
+                     str(tmp_path / "scatter"), env=WIDE)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'scatter.png'}" in result.stderr.splitlines()
+    assert not (tmp_path / "scatter").exists()
+    assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_format_follows_the_suffix(two_datasets, tmp_path, iqa):
+    code, _, err = iqa("eval", two_datasets["pred"], "--gt", two_datasets["meta"], "--plot", tmp_path / "s.SVG")
+    assert code == 0, err
+    assert f"wrote {tmp_path / 's.SVG'}" in err
+    assert b"<svg" in (tmp_path / "s.SVG").read_bytes()[:500]
