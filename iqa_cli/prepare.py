@@ -100,10 +100,13 @@ def _numeric(values: pd.Series) -> np.ndarray:
 
 
 def _cell(value) -> str:
-    """A cell as a message shows it: 'abc', or 'an empty cell'."""
+    """A cell as a message shows it: 'abc', 'nan' (not a number), or 'an empty cell'."""
     import pandas as pd
 
-    return "an empty cell" if pd.isna(value) else repr(str(value))
+    if pd.isna(value):  # the readers keep literal 'nan'/'NA' text, so only an empty cell is missing here
+        return "an empty cell"
+    text = str(value)
+    return f"{text!r} (not a number)" if text.strip().lower().lstrip("+-") == "nan" else repr(text)
 
 
 def _clean(frame: pd.DataFrame, source: str, columns: dict[str, str], strict: bool, notes: list[str]):
@@ -124,7 +127,7 @@ def _clean(frame: pd.DataFrame, source: str, columns: dict[str, str], strict: bo
         dropped[key] = int(bad.sum())
         if dropped[key]:
             first = int(np.flatnonzero(bad)[0])
-            example = _cell(frame[col].iloc[first])
+            example = f"{_cell(frame[col].iloc[first])} in data row {first + 1}"
             if col != "image":
                 example += f" for image {frame['image'].iloc[first]!r}"
             message = f"{source}: {dropped[key]} row(s) with {what} in column {columns.get(col, col)!r}, e.g. {example}"
@@ -141,7 +144,54 @@ def _clean(frame: pd.DataFrame, source: str, columns: dict[str, str], strict: bo
         )
     keep = ~bad_any
     frame = frame.loc[keep].reset_index(drop=True)
+    frame.attrs["source_row"] = np.flatnonzero(keep) + 1  # 1-based data rows of the table, for messages
     return frame, mos[keep], std[keep], dropped
+
+
+OUTLIER_GAP = 1.0  # in interquartile ranges; see _mos_outliers
+
+
+def _mos_outliers(mos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose MOS lies far outside the others: low and high index arrays.
+
+    An extreme value (among the lowest or highest 1% of rows, at least one) is an outlier when a gap of more
+    than OUTLIER_GAP interquartile ranges separates it from the rest of the scores. Real rating scales are
+    bounded and densely sampled, so their extremes sit within a small fraction of an IQR of each other (a
+    normal sample of 10,000 has an extreme gap of ~0.2 IQR; uniform scores of 30 rows ~0.07), while a typo
+    such as -2 among 1..5 (gap 3, IQR 2) stands apart. A warning only: the row is kept.
+    """
+    n = mos.size
+    if n < 4:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    order = np.argsort(mos, kind="stable")
+    ordered = mos[order]
+    q1, q3 = np.percentile(ordered, [25, 75])
+    iqr = q3 - q1
+    if not iqr > 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    m = max(1, n // 100)
+    gaps = np.diff(ordered) > OUTLIER_GAP * iqr  # gaps[i]: between ordered[i] and ordered[i + 1]
+    low_cut = np.flatnonzero(gaps[:m])
+    high_cut = np.flatnonzero(gaps[n - 1 - m :])
+    low = order[: low_cut[-1] + 1] if low_cut.size else order[:0]
+    high = order[n - m + high_cut[0] :] if high_cut.size else order[:0]
+    return low, high
+
+
+def _outlier_note(frame: pd.DataFrame, source: str, column: str, mos: np.ndarray) -> str | None:
+    low, high = _mos_outliers(mos)
+    flagged = np.concatenate([low, high])
+    if not flagged.size:
+        return None
+    rows = frame.attrs.get("source_row", np.arange(len(frame)) + 1)
+    shown = ", ".join(f"{mos[i]:g} (data row {rows[i]}, image {frame['image'].iloc[i]!r})" for i in flagged[:5])
+    more = f" and {flagged.size - 5} more" if flagged.size > 5 else ""
+    rest = np.delete(mos, flagged)
+    return (
+        f"{source}: {flagged.size} MOS value(s) in column {column!r} far outside the others "
+        f"({rest.min():g}..{rest.max():g}): {shown}{more}; they set the normalization range to "
+        f"[{mos.min():g}, {mos.max():g}], which shifts every label (fix or remove the row if it is a typo)"
+    )
 
 
 def _read_split_file(path: Path) -> dict[str, str]:
@@ -206,9 +256,10 @@ def _seeded_split(frame: pd.DataFrame, test_frac: float, seed: int) -> pd.Series
     return pd.Series(np.where(groups.isin(test), "test", "train"), index=frame.index)
 
 
-def _resolve_images(images: pd.Series, root: Path) -> tuple[pd.Series, dict[str, int], list[str]]:
+def _resolve_images(images: pd.Series, root: Path) -> tuple[pd.Series, dict[str, int], list[int]]:
     """Paths relative to `root`; a name not found where the metadata puts it is looked up by file name
-    (case-insensitive) anywhere under root, and taken when exactly one file matches."""
+    (case-insensitive) anywhere under root, and taken when exactly one file matches. Also returns the
+    positions of the rows whose image is nowhere."""
     if not root.is_dir():
         raise UserError(f"image directory not found: {root}")
     present: set[str] = set()
@@ -230,7 +281,7 @@ def _resolve_images(images: pd.Series, root: Path) -> tuple[pd.Series, dict[str,
             resolved.iloc[i] = candidates[0]
             found_by_name += 1
         else:
-            missing.append(name)
+            missing.append(int(i))
     counts = {"found": len(images) - len(missing), "found_by_name": found_by_name, "missing": len(missing)}
     return resolved, counts, missing
 
@@ -317,6 +368,9 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         first = frame["image"][frame["image"].duplicated()].iloc[0]
         notes.append(f"{table.source}: {duplicates} duplicate image name(s), e.g. {first!r}; all rows kept")
 
+    outliers = _outlier_note(frame, table.source, table.columns.get("mos", "mos"), mos)
+    if outliers:
+        notes.append(outliers)
     lo, hi = float(mos.min()), float(mos.max())
     if not hi > lo:
         raise UserError(f"{table.source}: all {mos.size} MOS values equal {lo:g}; cannot normalize to [1, 5]")
@@ -346,16 +400,26 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         split = _seeded_split(frame, config.test_frac, config.seed)
         split_source = f"seeded (test_frac={config.test_frac:g}, seed={config.seed})"
 
-    image_report = None
+    image_report, image_root = None, ""
     if config.images is not None:
+        # stored absolute, so that train/eval find the images from any working directory
+        image_root = str(Path(config.images).expanduser().resolve())
         resolved, image_report, missing = _resolve_images(frame["image"], Path(config.images))
-        image_report = {"root": str(config.images), **image_report}
+        image_report = {"root": image_root, **image_report}
+        frame = frame.assign(image=resolved)
         if missing:
-            message = f"{len(missing)} of {len(frame)} image(s) not found under {config.images}, e.g. {missing[0]!r}"
+            names = ", ".join(repr(frame["image"].iloc[i]) for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            message = f"{len(missing)} of {len(frame)} image(s) not found under {config.images}: {names}"
             if config.strict:
                 raise UserError(message)
-            notes.append(message)
-        frame = frame.assign(image=resolved)
+            if len(missing) == len(frame):
+                raise UserError(f"none of the {len(frame)} images found under {config.images}, e.g. {names}")
+            notes.append(f"{message}; their rows are dropped (--strict: an error)")
+            keep = np.ones(len(frame), dtype=bool)
+            keep[missing] = False
+            frame, mos, std = frame.loc[keep].reset_index(drop=True), mos[keep], std[keep]
+            split = split[keep].reset_index(drop=True)
+        dropped["missing_image"] = len(missing)
 
     mos_n, std_n = labels.normalize_scores(mos, std, lo=lo, hi=hi, lower_is_better=lower)
     soft = labels.soft_labels(
@@ -405,7 +469,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         "std_threshold": repr(float(config.std_threshold)),
         "mean_threshold": repr(float(config.mean_threshold)),
         "label_rule": config.label_rule,
-        "image_root": str(config.images) if config.images is not None else "",
+        "image_root": image_root,
         "mos_min": repr(lo),
         "mos_max": repr(hi),
         "lower_is_better": "true" if lower else "false",

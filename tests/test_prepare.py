@@ -119,21 +119,71 @@ def test_images_found_where_named_moved_or_case_changed_and_missing_reported(iqa
     )
     summary = json.loads(out)
     assert code == 0
+    root = str((tmp_path / "tid").resolve())
     assert summary["images"] == {
-        "root": str(tmp_path / "tid"),
+        "root": root,
         "found": len(names) - 2,
         "found_by_name": len(names) - 2,
         "missing": 2,
     }
-    assert f"2 of {len(names)} image(s) not found" in err and repr(names[-2]) in err
+    # --help: "missing images are dropped unless --strict"
+    assert f"2 of {len(names)} image(s) not found" in err and repr(names[-2]) in err and repr(names[-1]) in err
+    assert "rows are dropped" in err and summary["rows"] == len(names) - 2
+    assert summary["dropped"]["missing_image"] == 2
     frame, meta = read_meta(tmp_path / "t.parquet")
     assert frame["image"].iloc[0] == "distorted_images/" + names[0].upper().replace(".BMP", ".bmp")
-    assert frame["image"].iloc[-1] == names[-1] and meta["image_root"] == str(tmp_path / "tid")
+    assert names[-1] not in set(frame["image"]) and len(frame) == len(names) - 2
+    assert meta["image_root"] == root
     strict = iqa(
         "prepare", "tid2013", "--csv", source, "--images", tmp_path / "tid", "--out", tmp_path / "u.parquet", "--strict"
     )
     assert_user_error(strict, "2 of 30 image(s) not found", names[-2])
     assert not (tmp_path / "u.parquet").exists()
+
+
+def test_many_missing_images_are_counted_and_a_few_named_and_none_found_is_an_error(iqa, tmp_path, rng):
+    source, expected = write_koniq(tmp_path, rng, n=40)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    names = expected["image"].tolist()
+    for name in names[:30]:
+        (images / name).write_bytes(b"")
+    code, _out, err = iqa("prepare", "koniq", "--csv", source, "--images", images, "--out", tmp_path / "k.parquet")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if "not found" in x)
+    assert "10 of 40 image(s) not found" in line and all(repr(n) in line for n in names[30:33])
+    assert repr(names[33]) not in line and line.count("', '") == 2  # three named, then "..."
+    frame, _ = read_meta(tmp_path / "k.parquet")
+    assert frame["image"].tolist() == names[:30]
+    # the labels of the kept rows are those of the whole file (the range comes from every MOS)
+    full = summary_of(iqa("prepare", "koniq", "--csv", source, "--out", tmp_path / "all.parquet", "--json"))
+    every, _ = read_meta(tmp_path / "all.parquet")
+    assert full["rows"] == 40
+    np.testing.assert_array_equal(np.stack(frame["soft_label"]), np.stack(every["soft_label"])[:30])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(
+        iqa("prepare", "koniq", "--csv", source, "--images", empty, "--out", tmp_path / "e.parquet"),
+        "none of the 40 images found under",
+        repr(names[0]),
+    )
+
+
+def test_image_root_is_stored_absolute_and_train_finds_images_from_another_directory(tmp_path, rng):
+    from iqa_cli import train_data
+
+    source, expected = write_koniq(tmp_path, rng, n=12)
+    (tmp_path / "imgs").mkdir()
+    for name in expected["image"]:
+        (tmp_path / "imgs" / name).write_bytes(b"")
+    proc = run_iqa("prepare", "koniq", "--csv", source.name, "--images", "imgs", "--out", "k.parquet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, meta = read_meta(tmp_path / "k.parquet")
+    assert meta["image_root"] == str((tmp_path / "imgs").resolve())
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    loaded = train_data.load_train_data([str(tmp_path / "k.parquet")], other)  # checks every file exists
+    assert len(loaded.train) + len(loaded.test) == 12 and not loaded.notes
 
 
 def test_csiq_workbook_paths_resolve_under_dst_imgs(iqa, tmp_path, rng):
@@ -289,6 +339,67 @@ def test_non_numeric_and_missing_mos_dropped_with_count_or_strict_error(iqa, tmp
     check_prepared(tmp_path / "a.parquet", summary, expected[keep].reset_index(drop=True), lower=False, density="cdf")
     strict = iqa("prepare", "agiqa3k", "--csv", source, "--out", tmp_path / "b.parquet", "--strict")
     assert_user_error(strict, str(source), "'mos_quality'", "'abc'", expected["image"][3])
+
+
+def test_literal_nan_is_not_a_number_and_an_empty_cell_is_empty(iqa, tmp_path, rng):
+    source, expected = write_koniq(tmp_path, rng)
+    frame = pd.read_csv(source)
+    frame["MOS"], frame["SD"] = frame["MOS"].astype(object), frame["SD"].astype(object)
+    frame.loc[4, "MOS"] = "NaN"
+    frame.loc[9, "MOS"] = None
+    frame.loc[6, "SD"] = "nan"
+    frame.to_csv(source, index=False)
+    code, _out, err = iqa("prepare", "koniq", "--csv", source, "--out", tmp_path / "k.parquet")
+    assert code == 0, err
+    assert (
+        f"{source}: 2 row(s) with a non-numeric or missing MOS in column 'MOS', e.g. 'NaN' (not a number) in data "
+        f"row 5 for image {expected['image'][4]!r}; dropped"
+    ) in err
+    assert "'nan' (not a number) in data row 7" in err and "column 'SD'" in err
+    line = assert_user_error(iqa("prepare", "koniq", "--csv", source, "--strict"), str(source), "'MOS'", "data row 5")
+    assert "'NaN' (not a number)" in line and "empty cell" not in line
+    frame.loc[4, "MOS"] = 2.5
+    frame.loc[6, "SD"] = 0.4
+    frame.to_csv(source, index=False)
+    assert_user_error(iqa("prepare", "koniq", "--csv", source, "--strict"), "an empty cell in data row 10")
+
+
+def test_a_mos_far_outside_the_others_is_named_with_the_range_it_causes(iqa, tmp_path, rng):
+    source, expected = write_koniq(tmp_path, rng, n=60)
+    frame = pd.read_csv(source)
+    frame.loc[17, "MOS"] = -2.0
+    frame.to_csv(source, index=False)
+    code, out, err = iqa("prepare", "koniq", "--csv", source, "--out", tmp_path / "k.parquet", "--json")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if "far outside" in x)
+    assert f"-2 (data row 18, image {expected['image'][17]!r})" in line and "column 'MOS'" in line
+    rest = np.delete(expected["mos"].to_numpy(), 17)
+    assert f"normalization range to [-2, {rest.max():g}]" in line and f"({rest.min():g}..{rest.max():g})" in line
+    assert json.loads(out)["rows"] == 60  # a warning: the row is kept
+    frame.loc[17, "MOS"] = 9.5  # and above the others
+    frame.to_csv(source, index=False)
+    _, _, err = iqa("prepare", "koniq", "--csv", source, "--out", tmp_path / "k.parquet")
+    assert "9.5 (data row 18" in err
+
+
+@pytest.mark.parametrize("kind", ["koniq", "kadid", "spaq", "tid2013", "pipal", "livew", "agiqa3k", "flive"])
+def test_outlier_rule_stays_quiet_on_realistic_score_distributions(kind, tmp_path, rng):
+    from iqa_cli.prepare import _mos_outliers
+
+    # shapes of the public datasets' MOS (bounded scales, dense, some skewed with a long tail), 10k rows
+    n = 10_000
+    samples = {
+        "koniq": np.clip(rng.normal(3.0, 0.55, n), 1.1, 4.4),
+        "kadid": rng.uniform(1.0, 4.9, n),
+        "spaq": np.clip(rng.normal(50, 18, n), 2, 98),
+        "tid2013": np.clip(rng.normal(4.4, 1.2, n), 0.24, 7.2),
+        "pipal": rng.normal(1450, 130, n),
+        "livew": np.clip(rng.normal(55, 19, n), 3, 93),
+        "agiqa3k": 5 * rng.beta(2, 2.5, n),
+        "flive": np.clip(100 - rng.gamma(2.0, 14.0, n), 0, 100),  # long left tail
+    }
+    low, high = _mos_outliers(samples[kind])
+    assert low.size == 0 and high.size == 0
 
 
 def test_negative_std_and_negative_variance(iqa, tmp_path, rng):

@@ -93,6 +93,9 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
     import pandas as pd
 
     kwargs.setdefault("encoding", "utf-8-sig")  # a leading byte-order mark would rename the first column
+    # only an empty cell is missing: a literal 'nan' or 'NA' stays text, so messages can say what the cell holds
+    kwargs.setdefault("keep_default_na", False)
+    kwargs.setdefault("na_values", [""])
     try:
         frame = pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError:
@@ -108,7 +111,7 @@ def excel_sheets(path: Path) -> dict[str, pd.DataFrame]:
     import pandas as pd
 
     try:
-        return pd.read_excel(path, sheet_name=None, header=None)
+        return pd.read_excel(path, sheet_name=None, header=None, keep_default_na=False, na_values=[""])
     except (ValueError, OSError, KeyError) as exc:
         raise UserError(f"{path}: cannot read as an xlsx workbook: {' '.join(str(exc).split())}") from None
 
