@@ -91,6 +91,7 @@ class TrainData:
     # sha256 of what the metas say (names relative to each image root, splits, targets): a resumed run checks it,
     # so re-preparing a dataset under a running job's feet is an error and not a silently different sampler.
     fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)  # warnings already printed (missing images skipped)
 
     @property
     def num_levels(self) -> int:
@@ -159,7 +160,13 @@ def _image_root(meta: dict, path: Path, images: Path | None) -> Path:
         return images
     if not recorded:
         raise UserError(f"{path}: no image root recorded (prepared without --images); pass --images DIR")
-    return Path(recorded)
+    root = Path(recorded).expanduser()
+    if root.is_absolute():
+        return root
+    # metas written before roots were stored absolute hold the path as typed: relative to the meta file's
+    # folder if it exists there (the usual layout, e.g. iqa-data/ beside the images), else to the cwd
+    beside = path.parent / root
+    return beside if beside.is_dir() else root.resolve()
 
 
 def draw_questions(n: int, dataset: str, seed: int, count: int) -> np.ndarray:
@@ -180,7 +187,8 @@ def load_train_data(
     """Reads the prepared metas, checks they agree on the levels, and splits rows into train and test.
 
     Rows whose split is not "test" train ("val" rows are kept out of both). Image paths are resolved
-    against each meta's image root (or `images`); with `check_files`, a missing image is a UserError.
+    against each meta's image root (or `images`); with `check_files`, rows whose image is missing are
+    skipped with one warning, and a dataset none of whose images exist is a UserError.
     """
     if not datasets:
         raise UserError("--datasets names no dataset")
@@ -189,6 +197,7 @@ def load_train_data(
     level_names: tuple[str, ...] | None = None
     first_path: Path | None = None
     digest = hashlib.sha256()
+    notes: list[str] = []
     for group, name in enumerate(datasets):
         path = resolve_meta(name, data_dir)
         check_meta(path)
@@ -231,13 +240,11 @@ def load_train_data(
         parts["split"].append(split)
         # Image names as the meta records them, so moving the image folder (--images) keeps the fingerprint.
         _digest(digest, texts=(dataset, names, rel, split), arrays=(mos, std, level, soft))
+    present = None
     if check_files:
-        groups = np.concatenate(parts["group"])
-        for group, meta in enumerate(metas):
-            mine = [p for p, g in zip(parts["paths"], groups, strict=True) if g == group]
-            absent = [p for p in mine if not Path(p).is_file()]
-            if absent:
-                raise UserError(f"{len(absent)} of {len(mine)} images of {meta.name} not found, e.g. {absent[0]}")
+        present = _check_images(parts["paths"], np.concatenate(parts["group"]), metas, notes)
+        if not present.all():  # which rows were skipped is part of the data a resumed run must find again
+            digest.update(b"skipped missing images:" + np.flatnonzero(~present).astype(np.int64).tobytes())
     rows = Rows(
         paths=parts["paths"],
         group=np.concatenate(parts["group"]),
@@ -249,13 +256,44 @@ def load_train_data(
         question=np.concatenate(parts["q"]),
     )
     split = np.concatenate(parts["split"])
+    if present is not None and not present.all():
+        rows, split = rows.take(np.flatnonzero(present)), split[present]
     train = rows.take(np.flatnonzero(split == "train"))
     test = rows.take(np.flatnonzero(split == "test"))
     for group, meta in enumerate(metas):
         if not np.any(train.group == group):
             raise UserError(f"{meta.path}: no train rows (split column)")
     assert level_names is not None
-    return TrainData(metas=metas, level_names=level_names, train=train, test=test, fingerprint=digest.hexdigest())
+    return TrainData(
+        metas=metas, level_names=level_names, train=train, test=test, fingerprint=digest.hexdigest(), notes=notes
+    )
+
+
+def _check_images(paths: list[str], groups: np.ndarray, metas: list[MetaFile], notes: list[str]) -> np.ndarray:
+    """Which images exist. Missing ones are skipped with one warning (counted per dataset, a few named);
+    a dataset with none of its images is a UserError (a wrong image root, not a few lost files)."""
+    import sys
+
+    from iqa_cli import distributed
+
+    present = np.fromiter((Path(p).is_file() for p in paths), dtype=bool, count=len(paths))
+    parts = []
+    for group, meta in enumerate(metas):
+        mine = groups == group
+        absent = np.flatnonzero(mine & ~present)
+        if absent.size == mine.sum():
+            raise UserError(
+                f"none of the {absent.size} images of {meta.name} found under {meta.image_root} "
+                f"(e.g. {paths[absent[0]]}); pass --images DIR"
+            )
+        if absent.size:
+            named = ", ".join(paths[i] for i in absent[:3]) + (", ..." if absent.size > 3 else "")
+            parts.append(f"{absent.size} of {int(mine.sum())} of {meta.name} ({named})")
+    if parts:
+        notes.append(f"skipped {int((~present).sum())} image(s) not found: {'; '.join(parts)}")
+        if distributed.env().is_main:  # every rank reads the metas; one warning
+            print(f"warning: {notes[-1]}", file=sys.stderr, flush=True)
+    return present
 
 
 def _digest(digest: Any, texts: Sequence[str | Sequence[str]], arrays: Sequence[np.ndarray]) -> None:

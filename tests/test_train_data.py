@@ -96,11 +96,55 @@ def test_metas_with_different_level_sets_are_refused(tmp_path):
 
 def test_missing_images_and_missing_image_root_are_user_errors(tmp_path):
     _write_meta(tmp_path / "a.parquet", ["bad", "good"], tmp_path / "nowhere", dataset="a")
-    with pytest.raises(UserError, match=r"6 of 6 images of a not found"):
+    with pytest.raises(UserError, match=r"none of the 6 images of a found under .*nowhere"):
         train_data.load_train_data([str(tmp_path / "a.parquet")], tmp_path)
     _write_meta(tmp_path / "b.parquet", ["bad", "good"], "", dataset="b")
     with pytest.raises(UserError, match=r"no image root recorded.*--images"):
         train_data.load_train_data([str(tmp_path / "b.parquet")], tmp_path)
+
+
+def test_missing_images_are_skipped_counted_and_fingerprinted(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_meta(tmp_path / "a.parquet", ["bad", "good"], images, n=8, dataset="a")
+    for i in range(8):
+        (images / f"a{i}.png").write_bytes(b"")
+    full = train_data.load_train_data([str(tmp_path / "a.parquet")], tmp_path)
+    assert not full.notes and capsys.readouterr().err == ""
+    for i in (1, 2, 7):  # two train rows, one test row
+        (images / f"a{i}.png").unlink()
+    part = train_data.load_train_data([str(tmp_path / "a.parquet")], tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "skipped 3 image(s) not found: 3 of 8 of a" in err
+    assert str(images / "a1.png") in err and part.notes == [err.strip().removeprefix("warning: ")]
+    assert [Path(p).name for p in part.train.paths] == ["a0.png", "a3.png", "a4.png", "a5.png"]
+    assert [Path(p).name for p in part.test.paths] == ["a6.png"]
+    np.testing.assert_array_equal(part.train.mos, full.train.mos[[0, 3, 4, 5]])
+    assert part.fingerprint != full.fingerprint  # a resumed run notices that other images are now missing
+
+
+def test_all_images_missing_is_one_line_from_the_real_train_command(tmp_path):
+    _write_meta(tmp_path / "a.parquet", ["bad", "good"], tmp_path / "nowhere", dataset="a")
+    proc = run_iqa("train", "--datasets", str(tmp_path / "a.parquet"), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    root = tmp_path / "nowhere"
+    assert proc.stderr.strip().splitlines() == [
+        f"error: none of the 6 images of a found under {root} (e.g. {root / 'a0.png'}); pass --images DIR"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_relative_image_root_of_an_older_meta_resolves_beside_the_meta_else_in_the_cwd(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    _write_meta(data / "a.parquet", ["bad", "good"], "imgs", dataset="a")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "pics").mkdir(parents=True)
+    _write_meta(data / "b.parquet", ["bad", "good"], "pics", dataset="b")
+    monkeypatch.chdir(elsewhere)
+    loaded = train_data.load_train_data([str(data / "a.parquet"), str(data / "b.parquet")], data, check_files=False)
+    assert [m.image_root for m in loaded.metas] == [data / "imgs", elsewhere / "pics"]
+    assert loaded.train.paths[0] == str(data / "imgs" / "a0.png")
 
 
 def test_questions_are_fixed_per_image_and_seeded_per_dataset():
