@@ -52,8 +52,9 @@ def _prepare_help() -> str:
         "Build soft labels from a dataset's official metadata and write them to a Parquet file.\n\n"
         "Reads DATASET's metadata (--csv), normalizes MOS/std to [1, 5], builds one-hot and DeQA-Score soft "
         "labels, assigns train/test, writes <data dir>/NAME.parquet and prints the label statistics of the "
-        "DeQA-Score paper's Tables 1-2. Datasets with reference images (kadid, pipal, tid2013, csiq) are split "
-        "by reference image.\n\n\b\nDATASET and what --csv names:\n" + source_help()
+        "DeQA-Score paper's Tables 1-2 and of its gen_soft_label.py. Soft labels equal gen_soft_label.py's bit "
+        "for bit unless --label-rule renormalized. Datasets with reference images (kadid, pipal, tid2013, csiq) "
+        "are split by reference image.\n\n\b\nDATASET and what --csv names:\n" + source_help()
     )
 
 
@@ -99,7 +100,10 @@ def prepare(
     dataset: str = typer.Argument(..., help="Dataset preset (see above) or 'custom'."),
     csv: str = typer.Option(..., "--csv", help="The metadata file, or its directory (see above)."),
     images: str | None = typer.Option(
-        None, "--images", help="Image root: check that every image exists (found by file name if moved)."
+        None,
+        "--images",
+        help="Image root (stored absolute in the meta): rows whose image is missing are dropped with a warning "
+        "(--strict: an error); a moved image is found by its file name.",
     ),
     out: str | None = typer.Option(None, "--out", help="Output Parquet file [default: <data dir>/NAME.parquet]."),
     data_dir: str | None = typer.Option(
