@@ -17,6 +17,14 @@ the entries of every directory sorted by name (Unicode code points of the NFC fo
 and file system), then the `--from` entries in list order. The same command on the same files gives the
 same order on any machine.
 
+One file reached twice (the same path given twice, a file given next to the folder it is in, `./a.jpg` and
+`a.jpg`, a folder reached through a symbolic link, a link next to its target in a walked folder) is scored
+once, under the name it got first, and a warning says how many were dropped. Files are compared by resolved
+path (`os.path.realpath`): folders are resolved once each, and only walk entries that are links (known from
+the directory listing) and files given on the command line are resolved one by one, so millions of inputs
+cost no extra system call per file. A `--from` entry that is itself a link to another entry stays a second
+input (finding out would cost an lstat per entry); a hard link is another file.
+
 The list is kept as one packed UTF-8 buffer plus offsets (not a Python list of strings): DataLoader
 workers fork from the main process, and ten million Python strings would be copied into every worker page
 by page as their reference counts change.
@@ -28,6 +36,7 @@ import hashlib
 import os
 import stat
 import unicodedata
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +231,8 @@ class _Builder:
         self.base_ids: list[int] = []
         self.bases: list[str] = []
         self._base_index: dict[str, int] = {}
+        self.keys = array("q")  # hash of each entry's resolved path (packed: 8 bytes an entry)
+        self._real_dirs: dict[str, str] = {}
         self.warnings: list[str] = []
 
     def _base(self, base: str) -> int:
@@ -248,6 +259,7 @@ class _Builder:
             self._add(self.root_abs, relative)
         else:
             self._add("", _posix(given))
+        self.keys[-1] = hash(os.path.realpath(given))  # a link given by name counts as its target
 
     def add_listed(self, entry: str) -> None:
         if self.root_abs is not None and not os.path.isabs(entry):
@@ -266,15 +278,35 @@ class _Builder:
         else:
             base, prefix = folder, ""
         base_id = self._base(base)
-        for name in walk_images(folder, warnings=self.warnings):
+        real_folder = os.path.realpath(folder)
+        for name, linked in _walk(folder, self.warnings):
             self.names.append(prefix + name)
             self.base_ids.append(base_id)
+            real = os.path.realpath(os.path.join(folder, name)) if linked else real_folder + "/" + name
+            self.keys.append(hash(real))
 
     def _add(self, base: str, name: str) -> None:
         self.names.append(name)
         self.base_ids.append(self._base(base))
+        self.keys.append(hash(self._resolve(f"{base}/{name}" if base else name)))
+
+    def _resolve(self, path: str) -> str:
+        """The path with its folder resolved (`os.path.realpath`, cached: a --from list names few folders).
+
+        The file itself is resolved only when given on the command line: for millions of --from entries one
+        `lstat` each would cost more than the whole listing, so a --from entry that is a link to another
+        entry stays a second input.
+        """
+        if path[:1] != "/" or "/." in path or "//" in path:
+            path = os.path.abspath(path)
+        folder, _, name = path.rpartition("/")
+        real = self._real_dirs.get(folder)
+        if real is None:
+            real = self._real_dirs[folder] = os.path.realpath(folder or "/")
+        return real.rstrip("/") + "/" + name
 
     def build(self) -> InputList:
+        self._drop_same_files()
         names, base_ids = self.names, self.base_ids
         if len(set(names)) != len(names):
             names, base_ids = self._drop_duplicates()
@@ -284,6 +316,35 @@ class _Builder:
             bases=self.bases,
             warnings=self.warnings,
         )
+
+    def _drop_same_files(self) -> None:
+        """Keeps the first entry of each resolved path (hashes compared first, then the paths themselves)."""
+        keys = np.frombuffer(self.keys, dtype=np.int64)
+        order = np.argsort(keys, kind="stable")  # within equal keys, the earlier entry first
+        ordered = keys[order]
+        same = ordered[1:] == ordered[:-1]
+        if not same.any():
+            return
+        group_first = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(len(keys)), 0))
+        drop = [
+            int(order[p])
+            for p in np.flatnonzero(same) + 1
+            if os.path.realpath(self._path(int(order[p]))) == os.path.realpath(self._path(int(order[group_first[p]])))
+        ]
+        if not drop:
+            return
+        keep = np.ones(len(keys), dtype=bool)
+        keep[drop] = False
+        self.names = [n for n, k in zip(self.names, keep, strict=True) if k]
+        self.base_ids = [b for b, k in zip(self.base_ids, keep, strict=True) if k]
+        self.keys = array("q", keys[keep].tobytes())
+        self.warnings.append(
+            f"{len(drop)} input(s) were the same file as an earlier input (given twice, a file inside a folder "
+            "also given, or a symbolic link) and were scored once, under the earlier name"
+        )
+
+    def _path(self, i: int) -> str:
+        return _join(self.bases[self.base_ids[i]], self.names[i])
 
     def _drop_duplicates(self) -> tuple[list[str], list[int]]:
         """The same file named twice is kept once; two different files under one name are refused."""
@@ -314,19 +375,24 @@ def walk_images(folder: str | Path, *, warnings: list[str] | None = None) -> Ite
     Follows symbolic links to folders but enters each real folder once (symlink loops end); skips names
     starting with a dot; records folders it cannot read in `warnings`.
     """
-    folder = os.fspath(folder)
+    return (name for name, _ in _walk(os.fspath(folder), warnings))
+
+
+def _walk(folder: str, warnings: list[str] | None) -> Iterator[tuple[str, bool]]:
+    """`walk_images` as (relative path, whether a symbolic link lies on the way from `folder`)."""
     seen: set[tuple[int, int]] = set()
     top = os.stat(folder)
     seen.add((top.st_dev, top.st_ino))
-    # Stack of iterators over sorted (name, is_dir) entries, with the relative prefix of each level.
-    stack: list[tuple[str, Iterator[tuple[str, bool]]]] = [("", iter(_sorted_entries(folder, "", warnings)))]
+    # Stack of iterators over sorted (name, is_dir, is_link) entries, with the relative prefix of each level
+    # and whether it was reached through a link.
+    stack = [("", False, iter(_sorted_entries(folder, "", warnings)))]
     while stack:
-        prefix, entries = stack[-1]
+        prefix, under_link, entries = stack[-1]
         step = next(entries, None)
         if step is None:
             stack.pop()
             continue
-        name, is_dir = step
+        name, is_dir, is_link = step
         relative = prefix + name
         if is_dir:
             full = os.path.join(folder, relative)
@@ -338,13 +404,13 @@ def walk_images(folder: str | Path, *, warnings: list[str] | None = None) -> Ite
             if key in seen:
                 continue
             seen.add(key)
-            stack.append((relative + "/", iter(_sorted_entries(folder, relative, warnings))))
+            stack.append((relative + "/", under_link or is_link, iter(_sorted_entries(folder, relative, warnings))))
         elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-            yield relative
+            yield relative, under_link or is_link
 
 
-def _sorted_entries(folder: str, relative: str, warnings: list[str] | None) -> list[tuple[str, bool]]:
-    """Visible entries of one directory as (name, is_dir), sorted by the NFC form of the name."""
+def _sorted_entries(folder: str, relative: str, warnings: list[str] | None) -> list[tuple[str, bool, bool]]:
+    """Visible entries of one directory as (name, is_dir, is_link), sorted by the NFC form of the name."""
     path = os.path.join(folder, relative) if relative else folder
     entries = []
     try:
@@ -354,9 +420,10 @@ def _sorted_entries(folder: str, relative: str, warnings: list[str] | None) -> l
                     continue
                 try:
                     is_dir = entry.is_dir()  # follows symlinks; a broken link is not a folder
+                    is_link = entry.is_symlink()  # from the directory entry's type: no system call
                 except OSError:
-                    is_dir = False
-                entries.append((entry.name, is_dir))
+                    is_dir = is_link = False
+                entries.append((entry.name, is_dir, is_link))
     except OSError as exc:
         if warnings is not None:
             warnings.append(f"skipped folder {path}: {exc.strerror or exc}")

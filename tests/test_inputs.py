@@ -103,7 +103,45 @@ def test_single_files_are_named_as_given_and_duplicates_collapse(tree, monkeypat
     monkeypatch.chdir(tree.parent)
     inputs = find_inputs(["photos/b.jpg", "photos/x.BMP", "photos/b.jpg", "photos/notes.txt"])
     assert _names(inputs) == ["photos/b.jpg", "photos/x.BMP", "photos/notes.txt"]
-    assert any("duplicate" in w for w in inputs.warnings)
+    assert inputs.warnings == [
+        "1 input(s) were the same file as an earlier input (given twice, a file inside a folder also given, or a "
+        "symbolic link) and were scored once, under the earlier name"
+    ]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_one_file_reached_twice_is_kept_once_under_its_first_name(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    _touch(root, "a.png", "b.png", "new.png", "sub/c.png")
+    os.symlink(root / "a.png", root / "z-link.png")  # a link next to its target, found by the walk
+    os.symlink(root / "sub", tmp_path / "sublink")  # a folder reached through a link
+    monkeypatch.chdir(tmp_path)
+    given = ["photos", "photos/b.png", "./photos/sub/c.png", "sublink/c.png", str(root / "a.png"), "photos/new.png"]
+    inputs = find_inputs(given)
+    assert _names(inputs) == ["a.png", "b.png", "new.png", "sub/c.png"]
+    assert _paths(inputs) == [f"photos/{n}" for n in _names(inputs)]
+    assert len(inputs.warnings) == 1 and inputs.warnings[0].startswith("6 input(s) were the same file")
+
+    # A --from list: one file spelled four ways, relative to --root and absolute, or through a linked folder.
+    # A hard link is another file, and a listed link to a file is not resolved (one lstat per entry): both kept.
+    os.link(root / "b.png", root / "hard.png")
+    os.symlink(root, tmp_path / "rootlink")
+    listing = tmp_path / "list.txt"
+    entries = ["b.png", "./b.png", "sub/../b.png", str(root / "b.png"), str(tmp_path / "rootlink" / "b.png")]
+    listing.write_text("\n".join([*entries, "hard.png", "z-link.png", "a.png"]) + "\n")
+    inputs = find_inputs(from_file=listing, root=root)
+    assert _names(inputs) == ["b.png", "hard.png", "z-link.png", "a.png"]
+    assert inputs.warnings[0].startswith("4 input(s) were the same file")
+
+
+def test_files_that_differ_only_by_hash_are_not_dropped(tmp_path, monkeypatch):
+    """Entries are grouped by a hash of the resolved path; equal hashes of different paths keep both."""
+    import iqa_cli.inputs as inputs_module
+
+    _touch(tmp_path, "a.png", "b.png")
+    monkeypatch.setattr(inputs_module, "hash", lambda value: 7, raising=False)  # every key collides
+    inputs = find_inputs([tmp_path / "a.png", tmp_path / "b.png", tmp_path / "a.png"])
+    assert len(inputs) == 2 and inputs.warnings[0].startswith("1 input(s) were the same file")
 
 
 def test_two_files_with_one_name_are_refused(tmp_path):
