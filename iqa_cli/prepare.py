@@ -340,6 +340,8 @@ def read_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:
             meta[key] = int(raw[key])
     if "lower_is_better" in raw:
         meta["lower_is_better"] = raw["lower_is_better"] == "true"
+    if "iqa_version" in raw and "label_rule" not in raw:  # written before the rule was recorded: the old default
+        meta["label_rule"] = "renormalized"
     return table.to_pandas(), meta
 
 

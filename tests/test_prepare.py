@@ -261,6 +261,11 @@ def test_label_rule_renormalized_reaches_labels_and_metadata(iqa, tmp_path, rng)
     np.testing.assert_allclose(np.stack(new["soft_label"].to_numpy()), want, rtol=0, atol=1e-6)
     differ = np.abs(np.stack(new["soft_label"].to_numpy()) - np.stack(ref["soft_label"].to_numpy())).max(axis=1)
     assert (differ > 1e-3).any()  # the two rules are not the same labels
+    # a meta written before the rule was recorded was made with the old default, renormalized
+    table = pq.read_table(tmp_path / "reference.parquet")
+    metadata = {k: v for k, v in table.schema.metadata.items() if k != b"label_rule"}
+    pq.write_table(table.replace_schema_metadata(metadata), tmp_path / "old.parquet")
+    assert read_meta(tmp_path / "old.parquet")[1]["label_rule"] == "renormalized"
 
 
 def test_pseudo_std_override_and_missing_std(iqa, tmp_path, rng):
