@@ -1,10 +1,13 @@
 """`iqa prepare`: a dataset's official metadata -> normalized scores, soft labels, a split -> one Parquet file.
 
 The steps, in order: read the metadata (`iqa_cli.datasets`), drop rows whose name, MOS or std is not usable
-(or fail with `strict`), take min/max over the remaining MOS, normalize to [1, 5], assign train/test
-(a split file, or a seeded split by reference image where the dataset has one), optionally check the image
-files, build one-hot and soft labels (`iqa_cli.labels`), and write the Parquet meta of DESIGN.md
-atomically. The label statistics of the paper's Tables 1-2 come back in the result.
+(or fail with `strict`), warn about MOS far outside the others, take min/max over the remaining MOS,
+normalize to [1, 5], assign train/test (a split file, or a seeded split by reference image where the
+dataset has one), optionally check the image files (rows whose image is missing are dropped, or fail with
+`strict`; min/max stay those of every usable MOS, so the other rows' labels do not depend on it), build
+one-hot and soft labels (`iqa_cli.labels`, the reference rule unless `label_rule="renormalized"`), and write
+the Parquet meta of DESIGN.md atomically. The label statistics of the paper's Tables 1-2 and of the
+reference `gen_soft_label.py` come back in the result.
 """
 
 from __future__ import annotations
