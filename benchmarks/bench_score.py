@@ -18,9 +18,17 @@ peak bf16 dense FLOP/s from the device name or `--peak-tflops`). Then the whole 
 workers -> model -> Parquet) at the best batch size, to show whether decoding keeps up.
 `gpu --dry-run` runs the same code on the CPU with the tiny config (a smoke test of this script).
 
+`small`: short runs (default 2 and 16 images) end to end through `score_images` with `--batch-size auto`,
+as a user's `iqa score` (the checkpoint loaded once, outside the timing). "padded" is what `iqa score` did
+before it sized the batch from the run: every model call padded to the full batch (16 rows on the CPU),
+reproduced by a scorer wrapper that pads each call to that size; "sized" is the current code. Both in
+the same process, interleaved, best of `--repeats`; it prints the rows per model call, seconds, and the
+largest score difference between the two.
+
     .venv/bin/python benchmarks/bench_score.py cpu [--images 256] [--workers 2] [--batch-size 16]
     .venv/bin/python benchmarks/bench_score.py gpu [--batch-sizes 1,2,4,8,16,32,64,128,256] [--pipeline-images 4096]
     .venv/bin/python benchmarks/bench_score.py gpu --dry-run
+    .venv/bin/python benchmarks/bench_score.py small [--counts 2,16] [--repeats 5] [--image-size 448]
 """
 
 from __future__ import annotations
@@ -286,6 +294,72 @@ def bench_cpu(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# small runs
+
+
+class PaddedCalls:
+    """A scorer whose every model call is padded to `rows` (the batch shape `iqa score` used for any run)."""
+
+    def __init__(self, scorer, rows: int):
+        self.scorer, self.rows = scorer, rows
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.scorer, name)
+
+    def score_pixels(self, pixels: torch.Tensor):
+        if pixels.shape[0] < self.rows:
+            pixels = torch.cat([pixels, pixels.new_zeros(self.rows - pixels.shape[0], *pixels.shape[1:])])
+        self.calls.append(pixels.shape[0])
+        return self.scorer.score_pixels(pixels)  # the pipeline keeps the first rows only
+
+
+def bench_small(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from iqa_cli.score import AUTO_BATCH
+    from iqa_cli.scoring import Scorer
+
+    counts = [int(c) for c in args.counts.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench_small_"))
+    make_jpegs(work / "all", max(counts))
+    ckpt = tiny_checkpoint(work, args.image_size)
+    scorer = Scorer.from_pretrained(ckpt.path, device="cpu", dtype="float32")
+    workers = "default (one per core, at most 8)" if args.workers is None else args.workers
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.image_size} px; 1024x768 JPEGs; "
+        f"--batch-size auto ({AUTO_BATCH['cpu']} on the CPU), --workers {workers}"
+    )
+    rows = AUTO_BATCH["cpu"]
+    print(f"{'images':>6s} {'way':>7s} {'rows per call':>14s} {'seconds':>8s} {'images/s':>9s}")
+    for n in counts:
+        folder = work / f"n{n}"
+        folder.mkdir()
+        for path in sorted((work / "all").iterdir())[:n]:
+            os.link(path, folder / path.name)
+        best: dict[str, float] = {}
+        calls: dict[str, list[int]] = {}
+        scores: dict[str, np.ndarray] = {}
+        for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
+            for way in ("padded", "sized"):
+                model = PaddedCalls(scorer, rows) if way == "padded" else PaddedCalls(scorer, 0)
+                out = work / f"{way}-{n}-{repeat}.parquet"
+                config = ScoreConfig(out=out, inputs=[str(folder)], workers=args.workers, device="cpu", quiet=True)
+                with timed() as t:
+                    score_images(config, scorer_factory=lambda device, model=model: model)
+                if repeat:
+                    best[way] = min(best.get(way, float("inf")), t["seconds"])
+                calls[way] = model.calls
+                scores[way] = pq.read_table(out, columns=["score"]).column(0).to_numpy()
+        for way in ("padded", "sized"):
+            shape = ",".join(str(c) for c in sorted(set(calls[way])))
+            print(f"{n:6d} {way:>7s} {len(calls[way])} x {shape:>10s} {best[way]:8.3f} {n / best[way]:9.1f}")
+        diff = float(np.abs(scores["padded"] - scores["sized"]).max())
+        print(f"{n:6d} speed-up {best['padded'] / best['sized']:.2f}x; largest |score difference| {diff:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # gpu
 
 
@@ -435,9 +509,16 @@ def main() -> None:
     gpu.add_argument("--peak-tflops", type=float, default=None)
     gpu.add_argument("--pipeline-images", type=int, default=4096)
     gpu.add_argument("--workers", type=int, default=None)
+    small = sub.add_parser("small")
+    small.add_argument("--counts", default="2,16", help="images per run")
+    small.add_argument("--repeats", type=int, default=5)
+    small.add_argument("--workers", type=int, default=None, help="[default: as iqa score]")
+    small.add_argument("--image-size", type=int, default=448, help="input side of the tiny model (28 or 448)")
     args = parser.parse_args(sys.argv[1:] or ["cpu"])
     if args.mode == "gpu":
         bench_gpu(args)
+    elif args.mode == "small":
+        bench_small(args)
     else:
         bench_cpu(args)
 

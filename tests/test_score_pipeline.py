@@ -540,6 +540,19 @@ def test_benchmark_gpu_code_path_runs_on_the_cpu():
     assert "model FLOPs per image" in output and "best:" in output and "pipeline, 24 JPEGs" in output
 
 
+@pytest.mark.slow
+def test_benchmark_of_small_runs_pads_only_the_old_way():
+    args = ["small", "--counts", "2,3", "--repeats", "1", "--image-size", "28", "--workers", "0"]
+    process = _launch([str(REPO_ROOT / "benchmarks" / "bench_score.py"), *args])
+    try:
+        output = process.communicate(timeout=300)[0].decode()
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "     2  padded 1 x         16" in output and "     2   sized 1 x          2" in output
+    assert "     3   sized 1 x          3" in output and "largest |score difference|" in output
+
+
 def _main(argv: list[str]) -> None:
     """`run FOLDER OUT`: scores with the fake scorer (for the subprocess tests); exit 128+signal if stopped."""
     from iqa_cli.score import ScoreInterrupted
