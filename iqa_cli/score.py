@@ -16,6 +16,9 @@ How a run survives being killed at any moment:
   increasing indices, so a k-way merge over those runs holds one part per run in memory. The merge checks
   that every input appears exactly once.
 
+One run per output: before anything else, rank 0 takes an exclusive lock on `OUT.parts/.iqa-lock`
+(`iqa_cli.run_lock`); a second run on the same `--out` is refused, naming the first, or waits with `--wait`.
+
 Under torchrun every rank takes a strided share of the remaining indices and writes its own parts; the
 ranks meet at a barrier and rank 0 merges, so the output equals the single-process one. Parts from
 earlier runs count whatever world size wrote them.
