@@ -506,7 +506,7 @@ def report_tables(report: EvalReport) -> list:
             _fmt(m.rmse_logistic, flag),
         )
     if flagged:
-        main.caption = "* logistic fit failed: raw value shown"
+        main.caption = "* no usable logistic fit (failed, a step, or the wrong direction; see notes): raw value shown"
     tables = [main]
     if any(g.metrics.kl is not None for g in report.results):
         title = "KL(human || predicted), JS, W2 (means over images)"

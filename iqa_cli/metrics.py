@@ -22,6 +22,7 @@ from iqa_cli.gaussians import gaussian_js_moment, gaussian_kl, gaussian_w2
 LN2 = math.log(2.0)
 MIN_CORRELATION_ROWS = 3  # Pearson/Spearman/Kendall of two points are always +-1
 MIN_LOGISTIC_ROWS = 5  # with 4 points the 4-parameter curve can interpolate exactly: PLCC 1 says nothing
+RISE_WIDTH = 2.0 * math.log(19.0)  # x |b4|: where the logistic climbs from 5% to 95% of b1 - b2
 MIN_STD = 1e-6  # Gaussian gaps need std > 0; zero stds (one-hot probs, constant votes) are raised to this
 JS_GRID_POINTS = 128  # trapezoid nodes per expectation; accurate to ~1e-13 (see gaussian_js)
 JS_HALF_WIDTH = 10.0  # grids span +-10 standard deviations; the Gaussian mass beyond is 1.5e-23
@@ -104,6 +105,54 @@ class LogisticFit:
         return logistic_4params(x, *self.params)
 
 
+def logistic_direction(params: tuple[float, float, float, float] | np.ndarray, x: np.ndarray) -> int:
+    """+1 where the fitted curve rises over the predictions `x`, -1 where it falls, 0 where it is flat there.
+
+    The sign of f(max x) - f(min x): a logistic is monotone, so this is the sign of its derivative on the data,
+    whatever the parametrization (here it is sign(b1 - b2); the reference's signed b4 flips it again).
+    """
+    x = _as_float64(x)
+    ends = logistic_4params(np.array([x.min(), x.max()]), *params)
+    return int(np.sign(ends[1] - ends[0]))
+
+
+def degenerate_fit(params: tuple[float, float, float, float] | np.ndarray, x: np.ndarray, y: np.ndarray) -> str | None:
+    """Why a fitted logistic is not a fit of the data (None when it is one).
+
+    Least squares with four free parameters can "fit" data that have no monotone relation, and then PLCC of
+    the fitted values is high for a curve that describes nothing. Two shapes are rejected:
+
+    - A step: the slope scale |b4| is so small against the spacing of the predictions that the curve's whole
+      climb from 5% to 95% (width 2 ln(19) |b4|) fits inside the gap between the two neighbouring distinct
+      predictions across which the fitted values change most. No prediction then sees the curve, only its
+      two flat ends (and at most one row on the step, fitted exactly): the fit splits the rows into a low and
+      a high group, and its PLCC is that of the best of n - 1 splits, an optimistic number, not a fit. The
+      comparison is with the data's own spacing, so it needs no threshold in the units of the scores; two
+      clusters of predictions with a smooth curve across the gap between them are not a step.
+    - The wrong direction: the curve rises while the predictions rank opposite to the human scores (SRCC < 0),
+      or falls while they rank alike. A monotone curve fitted to the data goes the data's way; one going the
+      other way follows a few rows, and the summary's note would contradict the curve.
+
+    Fits of data with a monotone trend pass both, so the reference recipe's results on them are kept as they are.
+    """
+    x, y = _check_pair(x, y)
+    xs = np.unique(x)
+    steepest = int(np.argmax(np.abs(np.diff(logistic_4params(xs, *params)))))
+    gap = xs[steepest + 1] - xs[steepest]
+    width = RISE_WIDTH * abs(float(params[3]))
+    if width < gap:
+        return (
+            f"a step between predictions {xs[steepest]:.4g} and {xs[steepest + 1]:.4g} (the curve climbs from 5% "
+            f"to 95% over {width:.3g}, within that gap of {gap:.3g}), not a curve through the data"
+        )
+    direction = logistic_direction(params, x)
+    rank = srcc(x, y)
+    if np.isfinite(rank) and rank * direction < 0:
+        way = "rises" if direction > 0 else "falls"
+        return f"the fitted curve {way} while SRCC is {rank:.3f}"
+    return None
+
+
 def _usable_fit(params: np.ndarray, x: np.ndarray) -> bool:
     if not np.all(np.isfinite(params)):
         return False
@@ -115,8 +164,11 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray, maxfev: int = 10000) -> L
     """Fits `logistic_4params` from predictions to human scores by least squares.
 
     First the reference recipe (DeQA-Score `fit_curve`: p0 = [max y, min y, mean x, std x / 4],
-    Levenberg-Marquardt, maxfev 10000) so numbers match the papers; if that fails, a bounded
-    trust-region fit on standardized predictions started on the side of the correlation's sign.
+    Levenberg-Marquardt, maxfev 10000) so numbers match the papers; if that fails or is degenerate
+    (`degenerate_fit`: a step, or the wrong direction), a bounded trust-region fit on standardized
+    predictions started on the side of the correlation's sign; if that is degenerate too, no fit.
+    Fewer than `MIN_LOGISTIC_ROWS` distinct predictions are not fitted: the curve could pass through the
+    mean human score of every distinct prediction (ties included), so its PLCC would say nothing.
     """
     x, y = _check_pair(pred, target)
     if x.size < MIN_LOGISTIC_ROWS:
@@ -125,6 +177,11 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray, maxfev: int = 10000) -> L
         return LogisticFit(None, "predictions are constant")
     if np.ptp(y) == 0:
         return LogisticFit(None, "human scores are constant")
+    distinct = np.unique(x).size
+    if distinct < MIN_LOGISTIC_ROWS:
+        return LogisticFit(
+            None, f"{distinct} distinct predictions; the 4-parameter fit needs at least {MIN_LOGISTIC_ROWS}"
+        )
 
     failures = []
     p0 = [y.max(), y.min(), x.mean(), x.std() / 4.0]
@@ -132,9 +189,10 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray, maxfev: int = 10000) -> L
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             params, _ = optimize.curve_fit(logistic_4params, x, y, p0=p0, maxfev=maxfev)
-        if _usable_fit(params, x):
+        why = degenerate_fit(params, x, y) if _usable_fit(params, x) else "a non-finite or flat curve"
+        if why is None:
             return LogisticFit(tuple(float(p) for p in params), "converged (reference initial values)")
-        failures.append("reference start gave a non-finite or flat curve")
+        failures.append(f"reference start gave {why}")
     except (RuntimeError, ValueError, FloatingPointError) as exc:
         failures.append(f"reference start: {' '.join(str(exc).split())}")
 
@@ -150,9 +208,10 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray, maxfev: int = 10000) -> L
                 logistic_4params, xs, y, p0=[top, bottom, 0.0, 0.5], bounds=bounds, method="trf", maxfev=maxfev
             )
         params = np.array([params[0], params[1], mean + std * params[2], std * params[3]])
-        if _usable_fit(params, x):
+        why = degenerate_fit(params, x, y) if _usable_fit(params, x) else "a non-finite or flat curve"
+        if why is None:
             return LogisticFit(tuple(float(p) for p in params), "converged (bounded fit on standardized scores)")
-        failures.append("bounded fit gave a non-finite or flat curve")
+        failures.append(f"bounded fit gave {why}")
     except (RuntimeError, ValueError, FloatingPointError) as exc:
         failures.append(f"bounded fit: {' '.join(str(exc).split())}")
     return LogisticFit(None, "; ".join(failures))
@@ -223,8 +282,8 @@ class Metrics:
 
     Correlations use `pred` vs `target`; `rmse` compares them as given (so `target` should be on the
     predictions' scale, e.g. mos_norm in [1, 5]); `*_logistic` use the fitted mapping, falling back to the
-    raw value with `logistic_converged=False` when the fit fails. Distribution gaps (means over rows) are
-    None when either side has no std.
+    raw value with `logistic_converged=False` when the fit fails or is degenerate (`degenerate_fit`).
+    Distribution gaps (means over rows) are None when either side has no std.
     """
 
     n: int
@@ -292,8 +351,8 @@ def compute_metrics(
     if fit.converged:
         fitted = fit(pred)
         plcc_log, rmse_log = plcc(fitted, target), rmse(fitted, target)
-        if np.isfinite(corr[1]) and corr[1] < 0:
-            notes.append("predictions rank opposite to human scores; the fitted logistic is decreasing")
+        if logistic_direction(fit.params, pred) < 0:
+            notes.append("the fitted logistic is decreasing: predictions rank opposite to human scores")
     else:
         if np.isfinite(corr[0]):
             notes.append(f"logistic fit failed ({fit.message}): PLCC-logistic/RMSE-logistic report raw values")

@@ -396,3 +396,29 @@ def test_cli_plot_format_follows_the_suffix(two_datasets, tmp_path, iqa):
     assert code == 0, err
     assert f"wrote {tmp_path / 's.SVG'}" in err
     assert b"<svg" in (tmp_path / "s.SVG").read_bytes()[:500]
+
+
+def test_cli_step_fit_is_flagged_and_the_summary_shows_raw_plcc(tmp_path, iqa):
+    """Six rows without a monotone relation: the reference recipe's fit is a step (PLCC-log 0.66 against a raw
+    -0.10); eval reports it as not converged and shows the raw PLCC, marked, with a note saying why."""
+    step_x = [3.347, 2.636, 3.422, 2.921, 3.015, 3.579]
+    step_y = [1.37, 3.32, 1.79, 4.23, 2.96, 4.95]
+    fine_x = [1.0, 1.6, 2.1, 2.9, 3.4, 4.2]
+    names = [f"{d}/{i}.jpg" for d in ("step", "fine") for i in range(6)]
+    fine_y = list(3.0 - np.tanh(np.array(fine_x) - 2.6) + np.array([0.05, -0.04, 0.03, -0.02, 0.04, -0.05]))
+    pd.DataFrame({"image": names, "dataset": [n.split("/")[0] for n in names], "mos": step_y + fine_y}).to_csv(
+        tmp_path / "gt.csv", index=False
+    )
+    write_predictions(tmp_path / "pred.parquet", names, step_x + fine_x, np.full(12, 0.3))
+    code, out, err = iqa("eval", tmp_path / "pred.parquet", "--gt", tmp_path / "gt.csv", "--json", tmp_path / "m.json")
+    assert code == 0, err
+    rows = {r["dataset"]: r for r in json.loads((tmp_path / "m.json").read_text())["results"]}
+    raw = stats.pearsonr(np.float32(step_x).astype(np.float64), step_y).statistic
+    assert rows["step"]["logistic_converged"] is False and rows["step"]["logistic_params"] is None
+    assert rows["step"]["plcc_logistic"] == pytest.approx(raw, abs=1e-9) == rows["step"]["plcc"]
+    assert rows["fine"]["logistic_converged"] is True and rows["fine"]["plcc_logistic"] > 0.99
+    step_line = next(line for line in out.splitlines() if line.strip().startswith("step "))
+    assert f"{raw:.4f}*" in step_line
+    assert "* no usable logistic fit" in out
+    assert "note [step]: logistic fit failed (reference start gave a step between predictions" in err
+    assert "note [fine]: the fitted logistic is decreasing" in err and "note [step]: the fitted" not in err

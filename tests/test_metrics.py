@@ -231,3 +231,101 @@ def test_compute_metrics_distribution_gaps_are_row_means_of_human_vs_predicted(s
     assert m.js_moment == pytest.approx(metrics.gaussian_js_moment(mu_h, s_h, mu_pred, s_used).mean(), rel=1e-12)
     assert any("raised" in note for note in m.notes)
     assert metrics.compute_metrics(mu_pred, mu_h).kl is None
+
+
+# --- degenerate logistic fits ---------------------------------------------------------------------------------------
+
+# Six predictions without a monotone relation to the human scores (SRCC -0.03): the reference recipe's
+# Levenberg-Marquardt fit ends in a step (|b4| ~ 1e-4) between the two largest predictions that isolates the
+# highest human score, so PLCC of its fitted values is 0.66 against a raw PLCC of -0.10.
+STEP_X = np.array([3.347, 2.636, 3.422, 2.921, 3.015, 3.579])
+STEP_Y = np.array([1.37, 3.32, 1.79, 4.23, 2.96, 4.95])
+
+
+@pytest.mark.filterwarnings("ignore")  # the reference recipe overflows on its way to the step
+def test_a_step_fit_is_not_converged_and_the_summary_falls_back_to_raw_plcc():
+    reference = _reference_fit(STEP_X, STEP_Y)  # what the papers' code reports for these rows
+    raw = stats.pearsonr(STEP_X, STEP_Y).statistic
+    assert stats.pearsonr(reference, STEP_Y).statistic > raw + 0.5  # the inflation this guards against
+    assert len(np.unique(np.round(reference, 6))) <= 3  # a step: the fitted values take two levels (+ one)
+
+    fit = metrics.fit_logistic(STEP_X, STEP_Y)
+    assert not fit.converged and "a step between predictions 3.422 and 3.579" in fit.message
+    m = metrics.compute_metrics(STEP_X, STEP_Y)
+    assert not m.logistic_converged and m.logistic_params is None
+    assert m.plcc_logistic == pytest.approx(raw, abs=1e-12)
+    assert m.rmse_logistic == pytest.approx(np.sqrt(np.mean((STEP_X - STEP_Y) ** 2)), abs=1e-12)
+    assert m.srcc == pytest.approx(stats.spearmanr(STEP_X, STEP_Y).statistic)
+    assert any("logistic fit failed" in note and "raw values" in note for note in m.notes)
+    assert not any("decreasing" in note for note in m.notes)  # no claim about a curve that is not reported
+    assert m.to_dict()["logistic_converged"] is False
+
+
+@pytest.mark.parametrize("n", [4, 5, 6])
+def test_noise_never_reports_a_step_or_a_curve_against_the_ranks(n):
+    """Adversarial small samples (no relation at all): whatever is reported as converged is a curve that goes the
+    way the ranks go and whose rise spans more than the gap it is in; PLCC-log is then PLCC of its fitted values."""
+    rng = np.random.default_rng(n)
+    for _ in range(60):
+        x, y = np.round(rng.uniform(2, 4, n), 3), np.round(rng.uniform(1, 5, n), 2)
+        m = metrics.compute_metrics(x, y)
+        if not m.logistic_converged:
+            assert m.plcc_logistic == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+            continue
+        assert n >= metrics.MIN_LOGISTIC_ROWS
+        fitted = metrics.logistic_4params(x, *m.logistic_params)
+        assert m.plcc_logistic == pytest.approx(stats.pearsonr(fitted, y).statistic, abs=1e-9)
+        order = np.argsort(x)
+        rises = np.diff(fitted[order])
+        direction = np.sign(fitted[order][-1] - fitted[order][0])
+        assert direction * stats.spearmanr(x, y).statistic >= 0
+        steepest = int(np.argmax(np.abs(rises)))
+        gap = x[order][steepest + 1] - x[order][steepest]
+        assert 2 * math.log(19) * abs(m.logistic_params[3]) >= gap
+
+
+def test_ties_leaving_four_distinct_predictions_are_not_fitted():
+    x = np.array([2.0, 2.0, 3.0, 3.0, 4.0, 5.0, 5.0])
+    y = np.array([1.0, 1.4, 2.0, 2.6, 3.9, 4.2, 4.6])
+    fit = metrics.fit_logistic(x, y)
+    assert not fit.converged and "4 distinct predictions" in fit.message and "at least 5" in fit.message
+    m = metrics.compute_metrics(x, y)
+    assert m.plcc_logistic == pytest.approx(stats.pearsonr(x, y).statistic)
+
+
+def test_constant_predictions_are_not_fitted():
+    m = metrics.compute_metrics(np.full(6, 3.0), np.array([1.0, 2, 3, 4, 5, 2]))
+    assert not m.logistic_converged and math.isnan(m.plcc) and math.isnan(m.plcc_logistic)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_small_monotone_data_keep_the_reference_fit_and_the_note_follows_the_curve(sign):
+    x = np.array([1.0, 1.6, 2.1, 2.9, 3.4, 4.2])
+    y = 3.0 + sign * np.tanh(x - 2.6) + np.array([0.05, -0.04, 0.03, -0.02, 0.04, -0.05])
+    m = metrics.compute_metrics(x, y)
+    assert m.logistic_converged
+    reference = _reference_fit(x, y)
+    np.testing.assert_allclose(metrics.logistic_4params(x, *m.logistic_params), reference, atol=1e-5)
+    assert m.plcc_logistic == pytest.approx(stats.pearsonr(reference, y).statistic, abs=1e-7)
+    decreasing = [note for note in m.notes if "decreasing" in note]
+    assert bool(decreasing) == (sign < 0)
+    assert metrics.logistic_direction(m.logistic_params, x) == int(sign)
+
+
+def test_logistic_direction_is_the_sign_of_the_derivative_whatever_the_sign_of_b4(seeded):
+    rng = np.random.default_rng(seeded)
+    x = np.linspace(1.0, 5.0, 41)
+    for _ in range(50):
+        params = (rng.uniform(0, 5), rng.uniform(0, 5), rng.uniform(1, 5), rng.choice([-1, 1]) * rng.uniform(0.3, 2))
+        slope = np.gradient(metrics.logistic_4params(x, *params), x)  # finite differences of the fitted function
+        assert metrics.logistic_direction(params, x) == int(np.sign(slope.sum()))
+        assert np.all(np.sign(slope[np.abs(slope) > 1e-12]) == np.sign(slope.sum()))  # monotone
+
+
+def test_a_curve_against_the_ranks_is_degenerate_and_a_matching_one_is_not():
+    x = np.arange(1.0, 7.0)
+    y = np.array([4.8, 4.1, 3.9, 2.5, 2.2, 1.1])  # SRCC -1
+    rising, falling = (5.0, 1.0, 3.5, 1.0), (1.0, 5.0, 3.5, 1.0)  # b1 - b2 decides the direction (|b4| is used)
+    assert "rises while SRCC is -1.000" in metrics.degenerate_fit(rising, x, y)
+    assert metrics.degenerate_fit(falling, x, y) is None
+    assert "a step between predictions 3 and 4" in metrics.degenerate_fit((1.0, 5.0, 3.5, 0.01), x, y)
