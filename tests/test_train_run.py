@@ -189,6 +189,21 @@ def test_sigint_says_where_the_checkpoint_is_even_in_the_background_and_the_comm
     assert [line["step"] for line in _log(out) if "eval" not in line] == [1, 2, 3]
 
 
+def test_interrupted_message_names_the_last_complete_checkpoint_or_says_there_is_none(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    early = train_module.TrainInterrupted(signal.SIGTERM, run, is_main=True)
+    assert early.exit_code == 143 and "before the first checkpoint" in str(early) and "same command" in str(early)
+    (run.checkpoints / "step-00000004").mkdir(parents=True)
+    (run.checkpoints / "step-00000004" / "trainer.pt").write_bytes(b"")
+    (run.checkpoints / ".step-00000006.tmp").mkdir()  # a save cut short: not a checkpoint
+    late = train_module.TrainInterrupted(signal.SIGINT, run)
+    assert late.exit_code == 130 and isinstance(late, KeyboardInterrupt)
+    assert str(late) == (
+        f"interrupted by SIGINT; the last checkpoint is {run.checkpoints / 'step-00000004'} (step 4); run the same "
+        "command to resume from it"
+    )
+
+
 def test_lora_layout_and_merge_equal_the_unmerged_model(tiny):
     from peft import LoraConfig, PeftModel
 
