@@ -150,6 +150,11 @@ class RunDirectory:
         atomic_write(self.log_path, "".join(line + "\n" for line in kept))
 
 
+def _is_probe(name: str) -> bool:
+    """The short-lived file `paths.check_output_dir` writes to test a folder (another run starting up)."""
+    return name.startswith(".") and ".probe-" in name
+
+
 def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) -> str:
     """'fresh', 'resume' or 'complete' for this configuration in this directory; anything else is an
     error message (returned, not raised, so rank 0 can hand it to every rank)."""
@@ -158,7 +163,11 @@ def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) ->
         return "fresh"
     saved = run.read_config()
     if saved is None:
-        others = [p.name for p in run.out.iterdir() if p.name != LOCK_NAME] if run.out.is_dir() else []
+        others = (
+            [p.name for p in run.out.iterdir() if p.name != LOCK_NAME and not _is_probe(p.name)]
+            if run.out.is_dir()
+            else []
+        )
         if others:
             return f"--out {run.out} is not empty and holds no iqa training run; choose an empty or new folder"
         if config.get("resume"):
