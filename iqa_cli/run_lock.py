@@ -61,6 +61,8 @@ class Holder:
     command: str = "iqa"
 
     def describe(self) -> str:
+        if not self.pid:
+            return "its lock file does not say which"
         since = self.started.replace("T", " ").replace("+00:00", " UTC")
         text = f"pid {self.pid} on host {self.host}, since {since}"
         if self.host != socket.gethostname():
@@ -123,17 +125,20 @@ class RunLock:
 
     def _open(self) -> int:
         folder = self.path.parent
-        try:
-            if not folder.is_dir():
-                folder.mkdir(parents=True)
-                self.created_folder = True
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileExistsError:  # another run made the folder in between
-            return self._open()
-        except FileNotFoundError:  # the folder was removed in between (a holder releasing)
-            return self._open()
-        except OSError as exc:
-            raise UserError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
+        for _ in range(100):  # another run may create or remove the folder between our steps
+            try:
+                if not folder.is_dir():
+                    folder.mkdir(parents=True)
+                    self.created_folder = True
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileExistsError:  # made in between by another run, or a file that is not a folder
+                if not folder.is_dir() and folder.exists():
+                    raise UserError(f"cannot create the lock file {self.path}: {folder} is not a folder") from None
+            except FileNotFoundError:  # removed in between by a holder releasing
+                pass
+            except OSError as exc:
+                raise UserError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot create the lock file {self.path}: its folder keeps appearing and disappearing")
 
     def _write_holder(self) -> None:
         info = {
@@ -206,6 +211,9 @@ def acquire(
                 status = ("ok", "") if holder is None else ("held", f"{holder.command} run ({holder.describe()})")
             except UserError as exc:
                 status = ("error", str(exc))
+            except BaseException as exc:  # a bug: the other ranks must not wait for an answer forever
+                distributed.broadcast_object(("error", f"rank 0 failed to take the lock: {exc!r}"))
+                raise
         kind, text = distributed.broadcast_object(status)  # every rank follows rank 0
         if kind == "ok":
             break

@@ -161,6 +161,13 @@ def test_the_holder_description_says_what_cannot_be_checked(monkeypatch):
     assert alive == f"pid {os.getpid()} on host {here}, since 2026-01-01 00:00:00 UTC"
 
 
+def test_a_lock_folder_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "s.parquet.parts").write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot create the lock file .*s\.parquet\.parts is not a folder"):
+        RunLock(tmp_path / "s.parquet.parts" / LOCK_NAME, "iqa score").try_acquire()
+    assert run_lock.Holder().describe() == "its lock file does not say which"  # a file caught mid-write
+
+
 def test_under_torchrun_only_rank_0_locks_and_the_others_follow_it(tmp_path, monkeypatch):
     """A rank > 0 creates no lock file and does what rank 0 broadcasts: run, refuse, or keep waiting."""
     from iqa_cli import distributed
