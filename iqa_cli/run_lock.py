@@ -151,7 +151,7 @@ class RunLock:
         os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
 
     def _read_holder(self) -> Holder:
-        for _ in range(3):  # the holder may be between truncating and writing its details
+        for _ in range(10):  # the holder may be between taking the lock and writing its details
             try:
                 info = json.loads(self.path.read_text(encoding="utf-8"))
                 return Holder(str(info["host"]), int(info["pid"]), str(info["started"]), str(info["command"]))

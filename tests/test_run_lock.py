@@ -88,6 +88,34 @@ def test_a_second_process_is_refused_with_the_holder_named(tmp_path):
     assert not path.exists()
 
 
+RACER = """
+import sys, time
+from pathlib import Path
+from iqa_cli.run_lock import RunLock
+lock = RunLock(Path(sys.argv[1]), "iqa test")
+while time.time() < float(sys.argv[2]):  # start together
+    pass
+holder = lock.try_acquire()
+print("won" if holder is None else f"lost to {holder.pid}", flush=True)
+time.sleep(1.0)
+lock.release()
+"""
+
+
+def test_runs_started_at_the_same_moment_get_exactly_one_winner(tmp_path):
+    path = tmp_path / "sidecar" / LOCK_NAME
+    start = time.time() + 1.5
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(path), str(start)], cwd=REPO_ROOT, stdout=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    lines = [racer.communicate(timeout=60)[0].decode().strip() for racer in racers]
+    winners = [racer.pid for racer, line in zip(racers, lines, strict=True) if line == "won"]
+    assert len(winners) == 1, lines
+    assert all(line in ("won", f"lost to {winners[0]}") for line in lines), lines
+    assert not path.exists()  # (the folder may stay: a loser can make it and the winner did not)
+
+
 def test_wait_says_so_once_and_runs_when_the_other_run_ends(tmp_path):
     path = tmp_path / LOCK_NAME
     holder = _holder(path, until="1.5")
