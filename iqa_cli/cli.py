@@ -508,6 +508,21 @@ def eval_(
         say(f"wrote {plot_path}")
 
 
+# --- demo ----------------------------------------------------------------------------------------
+# `iqa demo`: the work lives in iqa_cli/demo.py.
+@app.command()
+def demo(
+    directory: str = typer.Argument("iqa-demo", metavar="DIR", help="New or empty folder for the demo's files."),
+) -> None:
+    """Run the whole loop on a CPU in a few minutes, no download: synthetic data and a tiny random-init model,
+    then prepare -> train -> score -> eval, printing each command it runs."""
+    from pathlib import Path
+
+    from iqa_cli.demo import run_demo
+
+    run_demo(Path(directory), say=lambda line: out_console.print(line, markup=False, soft_wrap=True))
+
+
 def main() -> None:
     """Console-script entry point: user mistakes become one line on stderr and exit code 2."""
     try:
