@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.console import Console
 
-from iqa_cli import __version__
+from iqa_cli import __version__, completion
 from iqa_cli.errors import UserError
 
 app = typer.Typer(
@@ -30,7 +30,9 @@ def _say(text: str) -> None:
 
 def _version_callback(value: bool) -> None:
     if value:
-        out_console.print(f"iqa {__version__}", markup=False)
+        from iqa_cli.about import describe_runtime
+
+        out_console.print(f"iqa {__version__}\n{describe_runtime()}", markup=False)
         raise typer.Exit()
 
 
@@ -97,49 +99,75 @@ def _print_prepare_summary(summary: dict) -> None:
 
 @app.command(help=_prepare_help())
 def prepare(
-    dataset: str = typer.Argument(..., help="Dataset preset (see above) or 'custom'."),
-    csv: str = typer.Option(..., "--csv", help="The metadata file, or its directory (see above)."),
+    dataset: str = typer.Argument(
+        ...,
+        metavar="DATASET",
+        autocompletion=completion.dataset_presets,
+        help="Dataset preset (see above) or 'custom'.",
+    ),
+    csv: str = typer.Option(..., "--csv", metavar="FILE", help="The metadata file, or its directory (see above)."),
     images: str | None = typer.Option(
         None,
         "--images",
+        metavar="DIR",
         help="Image root (stored absolute in the meta): rows whose image is missing are dropped with a warning "
         "(--strict: an error); a moved image is found by its file name.",
     ),
-    out: str | None = typer.Option(None, "--out", help="Output Parquet file [default: <data dir>/NAME.parquet]."),
+    out: str | None = typer.Option(
+        None, "--out", metavar="FILE", help="Output Parquet file [default: <data dir>/NAME.parquet]."
+    ),
     data_dir: str | None = typer.Option(
-        None, "--data-dir", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
+        None, "--data-dir", metavar="DIR", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
     ),
-    name: str | None = typer.Option(None, "--name", help="Dataset name in the rows and file name [default: DATASET]."),
-    levels: int = typer.Option(5, "--levels", help="Number of quality levels K, 2..12."),
+    name: str | None = typer.Option(
+        None, "--name", metavar="NAME", help="Dataset name in the rows and file name [default: DATASET]."
+    ),
+    levels: int = typer.Option(5, "--levels", metavar="K", help="Number of quality levels K, 2..12."),
     level_names: str | None = typer.Option(
-        None, "--level-names", help="Comma-separated names (ascending quality), or 'quality' / 'numbers'."
+        None,
+        "--level-names",
+        metavar="NAMES",
+        help="Comma-separated names (ascending quality), or 'quality' / 'numbers'.",
     ),
-    density: str | None = typer.Option(None, "--density", help="Soft-label mode cdf|pdf [default: per dataset]."),
-    std_threshold: float = typer.Option(0.2, "--std-threshold", help="Normalized std below this: two-point label."),
+    density: str | None = typer.Option(
+        None,
+        "--density",
+        metavar="MODE",
+        autocompletion=completion.densities,
+        help="Soft-label mode cdf|pdf [default: per dataset].",
+    ),
+    std_threshold: float = typer.Option(
+        0.2, "--std-threshold", metavar="X", help="Normalized std below this: two-point label."
+    ),
     mean_threshold: float = typer.Option(
-        0.1, "--mean-threshold", help="Recovered mean missing the MOS by more than this: two-point label."
+        0.1, "--mean-threshold", metavar="X", help="Recovered mean missing the MOS by more than this: two-point label."
     ),
     label_rule: str = typer.Option(
         "reference",
         "--label-rule",
+        metavar="RULE",
+        autocompletion=completion.label_rules,
         help="reference: DeQA-Score's gen_soft_label.py bit for bit (the released models' labels). renormalized: "
         "clipped labels rescaled to sum 1, no +1e-9 in alpha (a MOS of exactly 3 is not made uniform), exact "
         "two-point interpolation.",
     ),
     pseudo_std: float | None = typer.Option(
-        None, "--pseudo-std", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
+        None, "--pseudo-std", metavar="X", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
     ),
     split: str | None = typer.Option(
-        None, "--split", help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split.'
+        None,
+        "--split",
+        metavar="FILE",
+        help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split.',
     ),
-    test_frac: float = typer.Option(0.2, "--test-frac", help="Test fraction of the seeded split."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the seeded split."),
+    test_frac: float = typer.Option(0.2, "--test-frac", metavar="X", help="Test fraction of the seeded split."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the seeded split."),
     strict: bool = typer.Option(False, "--strict", help="Fail on unusable rows or missing images instead of dropping."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
-    image_col: str | None = typer.Option(None, "--image-col", help="custom: column of image paths."),
-    mos_col: str | None = typer.Option(None, "--mos-col", help="custom: column of MOS."),
-    std_col: str | None = typer.Option(None, "--std-col", help="custom: column of std (optional)."),
+    image_col: str | None = typer.Option(None, "--image-col", metavar="COLUMN", help="custom: column of image paths."),
+    mos_col: str | None = typer.Option(None, "--mos-col", metavar="COLUMN", help="custom: column of MOS."),
+    std_col: str | None = typer.Option(None, "--std-col", metavar="COLUMN", help="custom: column of std (optional)."),
     lower_is_better: bool = typer.Option(False, "--lower-is-better", help="custom: scores are DMOS-like."),
 ) -> None:
     import json
@@ -195,55 +223,88 @@ def _csv_list(value: str | None, flag: str, kind: type = str) -> list | None:
 @app.command()
 def train(
     datasets: str = typer.Option(
-        ..., "--datasets", help="Comma-separated prepared datasets: names in the data dir or .parquet paths."
+        ...,
+        "--datasets",
+        metavar="NAMES",
+        help="Comma-separated prepared datasets: names in the data dir or .parquet paths.",
     ),
-    out: str = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, log, then the final model."),
+    out: str = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="Run directory: checkpoints, log, then the final model."
+    ),
     model: str = typer.Option(
-        "MAGAer13/mplug-owl2-llama2-7b", "--model", help="Model to fine-tune: Hugging Face repo id or directory."
+        "MAGAer13/mplug-owl2-llama2-7b",
+        "--model",
+        metavar="MODEL",
+        help="Model to fine-tune: Hugging Face repo id or directory.",
     ),
-    base: str | None = typer.Option(None, "--base", help="Base model when --model is a LoRA adapter."),
-    method: str = typer.Option("deqa", "--method", help="deqa (soft labels + fidelity), qalign or qscorer."),
+    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="Base model when --model is a LoRA adapter."),
+    method: str = typer.Option(
+        "deqa",
+        "--method",
+        metavar="METHOD",
+        autocompletion=completion.methods,
+        help="deqa (soft labels + fidelity), qalign or qscorer.",
+    ),
     data_dir: str | None = typer.Option(
-        None, "--data-dir", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
+        None, "--data-dir", metavar="DIR", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
     ),
-    images: str | None = typer.Option(None, "--images", help="Image root for metas prepared without --images."),
+    images: str | None = typer.Option(
+        None, "--images", metavar="DIR", help="Image root for metas prepared without --images."
+    ),
     data_weights: str | None = typer.Option(
-        None, "--data-weights", help="Comma-separated integer repeat counts, one per dataset [default: 1 each]."
+        None,
+        "--data-weights",
+        metavar="N,N,...",
+        help="Comma-separated integer repeat counts, one per dataset [default: 1 each].",
     ),
-    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows."),
-    max_steps: int = typer.Option(0, "--max-steps", help="Stop after N optimizer steps (the LR schedule ends there)."),
+    epochs: int = typer.Option(3, "--epochs", metavar="N", help="Passes over the training rows."),
+    max_steps: int = typer.Option(
+        0, "--max-steps", metavar="N", help="Stop after N optimizer steps (the LR schedule ends there)."
+    ),
     batch_size: int = typer.Option(
-        64, "--batch-size", help="Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair)."
+        64,
+        "--batch-size",
+        metavar="N",
+        help="Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair).",
     ),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro batches accumulated per optimizer step."),
-    lr: float = typer.Option(2e-5, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (none on biases/norms)."),
-    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Fraction of steps of linear warmup."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm; 0 = off."),
-    seed: int = typer.Option(42, "--seed", help="Seed of order, pairs, questions and initializations."),
+    grad_accum: int = typer.Option(
+        1, "--grad-accum", metavar="N", help="Micro batches accumulated per optimizer step."
+    ),
+    lr: float = typer.Option(2e-5, "--lr", metavar="LR", help="Peak learning rate (AdamW, cosine decay)."),
+    weight_decay: float = typer.Option(
+        0.0, "--weight-decay", metavar="X", help="AdamW weight decay (none on biases/norms)."
+    ),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", metavar="X", help="Fraction of steps of linear warmup."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", metavar="X", help="Gradient clipping norm; 0 = off."),
+    seed: int = typer.Option(42, "--seed", metavar="N", help="Seed of order, pairs, questions and initializations."),
     gradient_checkpointing: bool = typer.Option(
         True, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."
     ),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the LLM instead of all its weights."),
-    lora_r: int = typer.Option(128, "--lora-r", help="LoRA rank."),
-    lora_alpha: float = typer.Option(256.0, "--lora-alpha", help="LoRA alpha (scale alpha / r)."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="Dropout on the LoRA input."),
+    lora_r: int = typer.Option(128, "--lora-r", metavar="N", help="LoRA rank."),
+    lora_alpha: float = typer.Option(256.0, "--lora-alpha", metavar="X", help="LoRA alpha (scale alpha / r)."),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", metavar="P", help="Dropout on the LoRA input."),
     lora_targets: str | None = typer.Option(
         None,
         "--lora-targets",
+        metavar="NAMES",
         help="Comma-separated module-name suffixes [default: self_attn.q_proj,"
         "self_attn.v_proj.multiway.1, as the reference].",
     ),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
     freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),
-    w_fid: float | None = typer.Option(None, "--w-fid", help="Fidelity loss weight [deqa 1, qscorer 0]."),
+    w_fid: float | None = typer.Option(None, "--w-fid", metavar="W", help="Fidelity loss weight [deqa 1, qscorer 0]."),
     w_tok: float | None = typer.Option(
-        None, "--w-tok", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."
+        None, "--w-tok", metavar="W", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."
     ),
-    w_kl: float | None = typer.Option(None, "--w-kl", help="Soft-label KL weight, relative to CE [deqa 1, qscorer 0]."),
-    w_in_level: float = typer.Option(0.0, "--w-in-level", help="DeQA-Score's optional in-level loss weight."),
+    w_kl: float | None = typer.Option(
+        None, "--w-kl", metavar="W", help="Soft-label KL weight, relative to CE [deqa 1, qscorer 0]."
+    ),
+    w_in_level: float = typer.Option(
+        0.0, "--w-in-level", metavar="W", help="DeQA-Score's optional in-level loss weight."
+    ),
     fid_std: str = typer.Option(
-        "fixed", "--fid-std", help="Predicted std in the fidelity loss: fixed (1) or predicted."
+        "fixed", "--fid-std", metavar="MODE", help="Predicted std in the fidelity loss: fixed (1) or predicted."
     ),
     detach_pred_std: bool = typer.Option(
         True, "--detach-pred-std/--no-detach-pred-std", help="No gradient through a predicted std."
@@ -251,37 +312,56 @@ def train(
     closed_set: bool = typer.Option(
         True, "--closed-set/--open-set", help="Level softmax over the K levels (closed) or the vocabulary (open)."
     ),
-    w_mse: float = typer.Option(1.0, "--w-mse", help="qscorer: regression MSE weight (relative to CE)."),
+    w_mse: float = typer.Option(1.0, "--w-mse", metavar="W", help="qscorer: regression MSE weight (relative to CE)."),
     mse_clamp: bool = typer.Option(
         True, "--mse-clamp/--no-mse-clamp", help="qscorer: clamp the regressor to [0, 5] in the MSE (reference)."
     ),
-    w_nin: float = typer.Option(0.0, "--w-nin", help="qscorer: norm-in-norm loss weight (paper: 0.5)."),
-    w_rank: float = typer.Option(0.0, "--w-rank", help="qscorer: pairwise ranking loss weight."),
-    rank_margin: float = typer.Option(0.0, "--rank-margin", help="qscorer: margin of the ranking loss."),
-    mlp_dims: str = typer.Option("2048,1024", "--mlp-dims", help="qscorer: hidden sizes of the regressor MLP."),
+    w_nin: float = typer.Option(0.0, "--w-nin", metavar="W", help="qscorer: norm-in-norm loss weight (paper: 0.5)."),
+    w_rank: float = typer.Option(0.0, "--w-rank", metavar="W", help="qscorer: pairwise ranking loss weight."),
+    rank_margin: float = typer.Option(0.0, "--rank-margin", metavar="X", help="qscorer: margin of the ranking loss."),
+    mlp_dims: str = typer.Option(
+        "2048,1024", "--mlp-dims", metavar="N,N", help="qscorer: hidden sizes of the regressor MLP."
+    ),
     layout: str = typer.Option(
         "reference",
         "--layout",
+        metavar="LAYOUT",
+        autocompletion=completion.layouts,
         help="reference: train image-first as the released models; scoring: the scoring prompt's.",
     ),
     fixed_question: bool = typer.Option(
         False, "--fixed-question", help="Always ask the scoring question instead of one of ten phrasings."
     ),
-    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate on the test split every N steps (0: at the end)."),
+    eval_every: int = typer.Option(
+        0, "--eval-every", metavar="N", help="Evaluate on the test split every N steps (0: at the end)."
+    ),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on the test split at the end."),
-    eval_batch_size: int = typer.Option(16, "--eval-batch-size", help="Images per evaluation batch (per rank)."),
-    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every N steps (always at each epoch end)."),
+    eval_batch_size: int = typer.Option(
+        16, "--eval-batch-size", metavar="N", help="Images per evaluation batch (per rank)."
+    ),
+    save_every: int = typer.Option(
+        0, "--save-every", metavar="N", help="Checkpoint every N steps (always at each epoch end)."
+    ),
     save_minutes: float = typer.Option(
-        30.0, "--save-minutes", help="Also checkpoint when this many minutes passed since the last one (0: off)."
+        30.0,
+        "--save-minutes",
+        metavar="MINUTES",
+        help="Also checkpoint when this many minutes passed since the last one (0: off).",
     ),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the last checkpoint when done."),
     merge: bool = typer.Option(False, "--merge", help="--lora: also write OUT/merged, a full checkpoint."),
     strategy: str = typer.Option(
-        "auto", "--strategy", help="Under torchrun: auto (ddp for --lora, else fsdp), ddp, fsdp."
+        "auto",
+        "--strategy",
+        metavar="STRATEGY",
+        autocompletion=completion.strategies,
+        help="Under torchrun: auto (ddp for --lora, else fsdp), ddp, fsdp.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option(
+        "auto", "--device", metavar="DEVICE", autocompletion=completion.devices, help="auto, cpu, cuda or cuda:N."
+    ),
     workers: int | None = typer.Option(
-        None, "--workers", help="Image decoding processes per rank [default: cores - 1]."
+        None, "--workers", metavar="N", help="Image decoding processes per rank [default: cores - 1]."
     ),
     resume: bool = typer.Option(False, "--resume", help="Require resuming an interrupted run in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run in OUT and start over."),
@@ -380,29 +460,63 @@ def train(
 @app.command()
 def score(
     inputs: list[str] | None = typer.Argument(
-        None, help="Image folders (searched recursively, hidden files skipped) and image files.", show_default=False
+        None,
+        metavar="PATH",
+        help="Image folders (searched recursively, hidden files skipped) and image files.",
+        show_default=False,
     ),
-    out: str = typer.Option(..., "--out", "-o", help="Output file (.parquet, .csv or .jsonl)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="FILE", help="Output file (.parquet, .csv or .jsonl)."),
     from_file: str | None = typer.Option(
-        None, "--from", help="List of images: CSV/TSV/Parquet with an image/path/file column, or one path per line."
+        None,
+        "--from",
+        metavar="FILE",
+        help="List of images: CSV/TSV/Parquet with an image/path/file column, or one path per line.",
     ),
-    from_column: str | None = typer.Option(None, "--from-column", help="Column of --from holding the paths."),
+    from_column: str | None = typer.Option(
+        None, "--from-column", metavar="COLUMN", help="Column of --from holding the paths."
+    ),
     root: str | None = typer.Option(
-        None, "--root", help="Folder that relative --from paths are under; images are named relative to it."
+        None,
+        "--root",
+        metavar="DIR",
+        help="Folder that relative --from paths are under; images are named relative to it.",
     ),
-    model: str = typer.Option("zhiyuanyou/DeQA-Score-Mix3", "--model", help="Hugging Face repo id or directory."),
-    base: str | None = typer.Option(None, "--base", help="Base model of a LoRA adapter."),
-    revision: str | None = typer.Option(None, "--revision", help="Model revision (branch, tag or commit)."),
-    prompt: str | None = typer.Option(None, "--prompt", help="Full scoring prompt containing <|image|>."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    model: str = typer.Option(
+        "zhiyuanyou/DeQA-Score-Mix3", "--model", metavar="MODEL", help="Hugging Face repo id or directory."
+    ),
+    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="Base model of a LoRA adapter."),
+    revision: str | None = typer.Option(
+        None, "--revision", metavar="REV", help="Model revision (branch, tag or commit)."
+    ),
+    prompt: str | None = typer.Option(
+        None, "--prompt", metavar="TEXT", help="Full scoring prompt containing <|image|>."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", metavar="DEVICE", autocompletion=completion.devices, help="auto, cpu, cuda or cuda:N."
+    ),
     dtype: str = typer.Option(
-        "auto", "--dtype", help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16."
+        "auto",
+        "--dtype",
+        metavar="DTYPE",
+        autocompletion=completion.dtypes,
+        help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16.",
     ),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per model call, or auto (halves on CUDA OOM)."),
+    batch_size: str = typer.Option(
+        "auto", "--batch-size", metavar="N", help="Images per model call, or auto (halves on CUDA OOM)."
+    ),
     workers: int | None = typer.Option(
-        None, "--workers", help="Decoding processes [default: one per core, at most 8]; 0 decodes in the main process."
+        None,
+        "--workers",
+        metavar="N",
+        help="Decoding processes [default: one per core, at most 8]; 0 decodes in the main process.",
     ),
-    fmt: str | None = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --out suffix]."),
+    fmt: str | None = typer.Option(
+        None,
+        "--format",
+        metavar="FORMAT",
+        autocompletion=completion.formats,
+        help="parquet, csv or jsonl [default: from the --out suffix].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
     wait: bool = typer.Option(False, "--wait", help="If another run writes the same --out, wait for it to end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -466,23 +580,42 @@ def score(
 # `iqa eval`: the work lives in iqa_cli/evaluate.py.
 @app.command("eval")
 def eval_(
-    predictions: str = typer.Argument(..., help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."),
+    predictions: str = typer.Argument(
+        ..., metavar="FILE", help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."
+    ),
     gt: str | None = typer.Option(
-        None, "--gt", help="Ground truth: a meta from `iqa prepare` (Parquet) or a CSV with image,mos[,std,dataset]."
+        None,
+        "--gt",
+        metavar="FILE",
+        help="Ground truth: a meta from `iqa prepare` (Parquet) or a CSV with image,mos[,std,dataset].",
     ),
     json_out: str | None = typer.Option(
-        None, "--json", help="Also write the numbers to this JSON file ('-': to stdout, instead of the tables)."
+        None,
+        "--json",
+        metavar="FILE",
+        help="Also write the numbers to this JSON file ('-': to stdout, instead of the tables).",
     ),
     plot: str | None = typer.Option(
         None,
         "--plot",
+        metavar="FILE",
         help="Draw predicted vs human scores per dataset to this image (PNG unless the suffix says .pdf, .svg, ...; "
         "needs matplotlib).",
     ),
     split: str | None = typer.Option(
-        None, "--split", help="test, train or all [default: test if the ground truth has test rows, else all]."
+        None,
+        "--split",
+        metavar="SPLIT",
+        autocompletion=completion.splits,
+        help="test, train or all [default: test if the ground truth has test rows, else all].",
     ),
-    column: str = typer.Option("score", "--column", help="Prediction column to evaluate: score or score_reg."),
+    column: str = typer.Option(
+        "score",
+        "--column",
+        metavar="COLUMN",
+        autocompletion=completion.prediction_columns,
+        help="Prediction column to evaluate: score or score_reg.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No notes on stderr (unmatched rows, files written)."),
 ) -> None:
     """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
