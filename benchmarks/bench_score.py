@@ -22,13 +22,13 @@ workers -> model -> Parquet) at the best batch size, to show whether decoding ke
 as a user's `iqa score` (the checkpoint loaded once, outside the timing). "padded" is what `iqa score` did
 before it sized the batch from the run: every model call padded to the full batch (16 rows on the CPU),
 reproduced by a scorer wrapper that pads each call to that size; "sized" is the current code. Both in
-the same process, interleaved, best of `--repeats`; it prints the rows per model call, seconds, and the
-largest score difference between the two.
+the same process, interleaved, best of `--repeats`; it prints the rows per model call, seconds end to end
+and inside model calls, and the largest score difference between the two.
 
     .venv/bin/python benchmarks/bench_score.py cpu [--images 256] [--workers 2] [--batch-size 16]
     .venv/bin/python benchmarks/bench_score.py gpu [--batch-sizes 1,2,4,8,16,32,64,128,256] [--pipeline-images 4096]
     .venv/bin/python benchmarks/bench_score.py gpu --dry-run
-    .venv/bin/python benchmarks/bench_score.py small [--counts 2,16] [--repeats 5] [--image-size 448]
+    .venv/bin/python benchmarks/bench_score.py small [--counts 2,16] [--repeats 5] [--patch-size 14]
 """
 
 from __future__ import annotations
@@ -213,13 +213,16 @@ def hf_rate(paths: list[Path], processor, n: int) -> float:
 # cpu
 
 
-def tiny_checkpoint(directory: Path, image_size: int):
+def tiny_checkpoint(directory: Path, image_size: int, patch_size: int | None = None):
+    """The tiny test model reading `image_size` px; 2x2 patches unless `patch_size` (14: the real 32x32 grid)."""
     from iqa_cli.synthetic import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     overrides = {}
-    if image_size != 28:  # the same 2x2 patches, each patch image_size / 2 pixels wide: a cheap model, real pixels
-        overrides = {"vision": {"image_size": image_size, "patch_size": image_size // 2}}
+    if image_size != 28 or patch_size:  # by default 2x2 patches image_size / 2 wide: a cheap model, real pixels
+        patch = patch_size or image_size // 2
+        overrides = {"vision": {"image_size": image_size, "patch_size": patch}}
+        overrides["abstractor"] = {"grid_size": image_size // patch}
     tokenizer = build_tiny_tokenizer(directory / "tokenizer")
     return write_checkpoint(tiny_model(seed=0, **overrides), directory / "model", tokenizer_dir=tokenizer)
 
@@ -303,6 +306,7 @@ class PaddedCalls:
     def __init__(self, scorer, rows: int):
         self.scorer, self.rows = scorer, rows
         self.calls: list[int] = []
+        self.seconds = 0.0  # in model calls
 
     def __getattr__(self, name: str):
         return getattr(self.scorer, name)
@@ -311,7 +315,10 @@ class PaddedCalls:
         if pixels.shape[0] < self.rows:
             pixels = torch.cat([pixels, pixels.new_zeros(self.rows - pixels.shape[0], *pixels.shape[1:])])
         self.calls.append(pixels.shape[0])
-        return self.scorer.score_pixels(pixels)  # the pipeline keeps the first rows only
+        start = time.perf_counter()
+        result = self.scorer.score_pixels(pixels)  # the pipeline keeps the first rows only
+        self.seconds += time.perf_counter() - start
+        return result
 
 
 def bench_small(args: argparse.Namespace) -> None:
@@ -323,26 +330,28 @@ def bench_small(args: argparse.Namespace) -> None:
     counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_small_"))
     make_jpegs(work / "all", max(counts))
-    ckpt = tiny_checkpoint(work, args.image_size)
+    ckpt = tiny_checkpoint(work, args.image_size, args.patch_size)
     scorer = Scorer.from_pretrained(ckpt.path, device="cpu", dtype="float32")
     workers = "default (one per core, at most 8)" if args.workers is None else args.workers
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.image_size} px; 1024x768 JPEGs; "
+        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.image_size} px in "
+        f"{(args.image_size // (args.patch_size or args.image_size // 2)) ** 2} patches; 1024x768 JPEGs; "
         f"--batch-size auto ({AUTO_BATCH['cpu']} on the CPU), --workers {workers}"
     )
     rows = AUTO_BATCH["cpu"]
-    print(f"{'images':>6s} {'way':>7s} {'rows per call':>14s} {'seconds':>8s} {'images/s':>9s}")
+    print(f"{'images':>6s} {'way':>7s} {'rows per call':>14s} {'seconds':>8s} {'images/s':>9s} {'model s':>8s}")
     for n in counts:
         folder = work / f"n{n}"
         folder.mkdir()
         for path in sorted((work / "all").iterdir())[:n]:
             os.link(path, folder / path.name)
         best: dict[str, float] = {}
+        model_best: dict[str, float] = {}
         calls: dict[str, list[int]] = {}
         scores: dict[str, np.ndarray] = {}
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
-            for way in ("padded", "sized"):
+            for way in ("padded", "sized") if repeat % 2 else ("sized", "padded"):  # alternate who goes first
                 model = PaddedCalls(scorer, rows) if way == "padded" else PaddedCalls(scorer, 0)
                 out = work / f"{way}-{n}-{repeat}.parquet"
                 config = ScoreConfig(out=out, inputs=[str(folder)], workers=args.workers, device="cpu", quiet=True)
@@ -350,13 +359,20 @@ def bench_small(args: argparse.Namespace) -> None:
                     score_images(config, scorer_factory=lambda device, model=model: model)
                 if repeat:
                     best[way] = min(best.get(way, float("inf")), t["seconds"])
+                    model_best[way] = min(model_best.get(way, float("inf")), model.seconds)
                 calls[way] = model.calls
                 scores[way] = pq.read_table(out, columns=["score"]).column(0).to_numpy()
         for way in ("padded", "sized"):
             shape = ",".join(str(c) for c in sorted(set(calls[way])))
-            print(f"{n:6d} {way:>7s} {len(calls[way])} x {shape:>10s} {best[way]:8.3f} {n / best[way]:9.1f}")
+            print(
+                f"{n:6d} {way:>7s} {len(calls[way])} x {shape:>10s} {best[way]:8.3f} {n / best[way]:9.1f} "
+                f"{model_best[way]:8.3f}"
+            )
         diff = float(np.abs(scores["padded"] - scores["sized"]).max())
-        print(f"{n:6d} speed-up {best['padded'] / best['sized']:.2f}x; largest |score difference| {diff:.1e}")
+        print(
+            f"{n:6d} speed-up {best['padded'] / best['sized']:.2f}x end to end, "
+            f"{model_best['padded'] / model_best['sized']:.2f}x in the model; largest |score difference| {diff:.1e}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,6 +530,7 @@ def main() -> None:
     small.add_argument("--repeats", type=int, default=5)
     small.add_argument("--workers", type=int, default=None, help="[default: as iqa score]")
     small.add_argument("--image-size", type=int, default=448, help="input side of the tiny model (28 or 448)")
+    small.add_argument("--patch-size", type=int, default=14, help="14: 1024 patches at 448 px, as the real model")
     args = parser.parse_args(sys.argv[1:] or ["cpu"])
     if args.mode == "gpu":
         bench_gpu(args)
