@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -393,6 +394,51 @@ def test_bad_options_are_user_errors(folder, tmp_path):
     (tmp_path / "s.parquet").write_text("someone else's file")
     with pytest.raises(UserError, match="not written by `iqa score`"):
         run(folder[0], tmp_path / "s.parquet")
+
+
+def test_a_run_in_progress_is_named_before_inputs_are_listed_or_the_model_loads(tmp_path):
+    from tests.test_run_lock import _holder
+
+    out = tmp_path / "scores.parquet"
+    holder = _holder(sidecar_path(out) / ".iqa-lock")
+
+    def refuse(device):
+        raise AssertionError("the model must not load while another run holds --out")
+
+    try:
+        config = ScoreConfig(out=out, inputs=[str(tmp_path / "no-such-folder")], quiet=True)
+        with pytest.raises(UserError, match=rf"is in use by another iqa test run \(pid {holder.pid} on host"):
+            score_images(config, scorer_factory=refuse)
+    finally:
+        holder.communicate("go\n", timeout=30)
+
+
+def test_wait_resumes_an_interrupted_run_once_its_holder_lets_go(folder, reference, tmp_path):
+    from tests.test_run_lock import _holder
+
+    out = tmp_path / "scores.parquet"
+    config = ScoreConfig(out=out, inputs=[str(folder[0])], batch_size=2, workers=0, quiet=True, flush_rows=2)
+    with pytest.raises(Crash):
+        score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=3))
+    done = len(_part_indices(out))
+    holder = _holder(sidecar_path(out) / ".iqa-lock")
+    released: list[float] = []
+
+    def release_later() -> None:
+        time.sleep(1.0)
+        released.append(time.monotonic())
+        holder.communicate("go\n", timeout=30)
+
+    thread = threading.Thread(target=release_later)
+    thread.start()
+    config.wait = True
+    summary = score_images(config, scorer_factory=lambda d: FakeScorer(d))
+    finished = time.monotonic()
+    thread.join()
+    assert released and finished > released[0]  # it went on only after the holder let go
+    assert summary.resumed == done == 6 and summary.processed == len(reference) - done
+    assert_same_rows(pd.read_parquet(out), reference)
+    assert not sidecar_path(out).exists()
 
 
 def test_merge_interleaved_writers_dedupes_and_detects_gaps(tmp_path):
