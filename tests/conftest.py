@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +53,38 @@ def tokenizer_fixture() -> Path:
     return TOKENIZER_FIXTURE
 
 
-def run_iqa(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
-    """Runs the real `iqa` console script in a subprocess; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "iqa_cli", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_iqa(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 600,
+    progress: Callable[[], str] | None = None,
+):
+    """Runs the real `iqa` console script in a subprocess; returns the CompletedProcess.
+
+    Child processes get one OpenMP thread unless `env` says otherwise: the tiny test models gain nothing from
+    intra-op threads, and on a loaded 2-core machine spinning OpenMP threads made training 4x slower. On a
+    timeout the test fails with what the run had done: `progress()` (e.g. the last line of a log it writes)
+    and the end of its stderr so far, instead of a bare TimeoutExpired.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "iqa_cli", *args],
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        reached = progress() if progress is not None else "(no progress report)"
+        pytest.fail(
+            f"iqa {' '.join(args[:1])} did not finish in {timeout:.0f} s; reached: {reached}\n"
+            f"stderr so far (last 3000 characters):\n{stderr[-3000:]}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture
