@@ -42,7 +42,7 @@ from iqa_cli import distributed, train_state  # noqa: E402
 from iqa_cli import train as train_module  # noqa: E402
 from iqa_cli.models.config import MPLUGOwl2Config  # noqa: E402
 
-REAL_TOKENIZER = REPO.parent / "shared" / "fixtures" / "mplug-owl2-tokenizer"
+REAL_TOKENIZER = REPO / "tests" / "fixtures" / "mplug-owl2-tokenizer"
 
 
 def synthetic_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
