@@ -555,7 +555,7 @@ def score(
         summary = score_images(config, console=err_console)
     except ScoreInterrupted as exc:
         _say(f"{exc}; run the same command to resume")
-        raise typer.Exit(128 + exc.signum) from None
+        raise typer.Exit(exc.exit_code) from None
     if not summary.is_main:
         return
     if not quiet:

@@ -30,14 +30,17 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def install() -> Callable[[], None]:
-    """Makes SIGINT/SIGTERM raise `Interrupted` in the main thread; returns a function restoring the previous
-    handlers. A no-op off the main thread (Python allows handlers only there)."""
+def install(on_signal: Callable[[int], None] | None = None) -> Callable[[], None]:
+    """Makes SIGINT/SIGTERM raise `Interrupted` in the main thread (or calls `on_signal` with the signal number
+    instead); returns a function restoring the previous handlers. A no-op off the main thread (Python allows
+    handlers only there)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
+        if on_signal is None:
+            raise Interrupted(signum)
+        on_signal(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
 
@@ -49,10 +52,14 @@ def install() -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """`install` for the duration of the block."""
-    restore = install()
+def signals_raise(*, defer: bool = False) -> Iterator[None]:
+    """`install` for the duration of the block. With `defer`, a signal is only noted and raised as `Interrupted`
+    when the block ends, so the write inside it is never cut short."""
+    received: list[int] = []
+    restore = install(received.append if defer else None)
     try:
         yield
     finally:
         restore()
+    if received:
+        raise Interrupted(received[0])

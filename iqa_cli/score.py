@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from iqa_cli import __version__, distributed, run_lock
+from iqa_cli import __version__, distributed, interrupts, run_lock
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
 from iqa_cli.paths import check_output_file
@@ -129,15 +129,18 @@ class ScoreSummary:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
-class ScoreInterrupted(KeyboardInterrupt):
+class ScoreInterrupted(interrupts.Interrupted):
     """SIGINT/SIGTERM arrived; finished rows were flushed and the same command resumes.
 
     A KeyboardInterrupt, so `except Exception` blocks pass it through and DataLoader workers exit quietly.
     """
 
     def __init__(self, signum: int, sidecar: Path):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; finished images are saved in {sidecar}")
-        self.signum = signum
+        super().__init__(signum)
+        self.message = f"interrupted by {signal.Signals(signum).name}; finished images are saved in {sidecar}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,31 +502,15 @@ def _decide_on_main(fn: Callable[[], _Plan], environment: distributed.DistEnv) -
 
 @contextlib.contextmanager
 def _signals_raise(sidecar: Path, *, defer: bool = False) -> Iterator[None]:
-    """Turns SIGINT/SIGTERM into `ScoreInterrupted` so `finally` blocks flush finished rows.
-
-    With `defer`, a signal is only noted and raised when the block ends (so a part is never cut short).
-    """
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        if defer:
-            received.append(signum)
-        else:
-            raise ScoreInterrupted(signum, sidecar)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    """`interrupts.signals_raise` whose interruption names the sidecar, so `finally` blocks flush finished rows
+    and the CLI can say where they are."""
     try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if received:
-        raise ScoreInterrupted(received[0], sidecar)
+        with interrupts.signals_raise(defer=defer):
+            yield
+    except ScoreInterrupted:
+        raise
+    except interrupts.Interrupted as exc:
+        raise ScoreInterrupted(exc.signum, sidecar) from None
 
 
 def score_images(
