@@ -3,22 +3,26 @@
 The real CLI in a subprocess writes the synthetic data and the tiny random-init checkpoint, runs the four
 commands and prints them; the test checks the files each step leaves, that the printed commands are the
 ones that ran (in order, copyable), and the printed SRCC against scipy on the written predictions and the
-prepared meta. This run is also the proof that DeQA-Score training learns quality from random weights
-(the settings are the learnability test's; SRCC 0.94-0.95 measured).
+prepared meta; then README.md's transcript must be the printed one and every example command README shows
+must run as written on these files. This run is also the proof that DeQA-Score training learns quality
+from random weights (the settings are the learnability test's; SRCC 0.94-0.95 measured).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from iqa_cli import demo
-from tests.conftest import run_iqa
+from tests.conftest import REPO_ROOT, run_iqa
 
 TIMEOUT = 1500  # s: about 10x an idle 2-core machine's time, for a loaded CI machine
 
@@ -36,8 +40,8 @@ def test_demo_runs_the_whole_loop_prints_copyable_commands_and_learns(tmp_path):
     import pandas as pd
     from scipy.stats import spearmanr
 
-    root = tmp_path / "demo"
-    proc = run_iqa("demo", str(root), timeout=TIMEOUT, progress=lambda: _files_so_far(root))
+    root = tmp_path / "iqa-demo"  # README's paths: the default folder, given relative to the working directory
+    proc = run_iqa("demo", "iqa-demo", cwd=tmp_path, timeout=TIMEOUT, progress=lambda: _files_so_far(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
 
@@ -53,7 +57,7 @@ def test_demo_runs_the_whole_loop_prints_copyable_commands_and_learns(tmp_path):
 
     # The printed commands are the four steps, in order, and parse back to what the demo ran.
     printed = [line[2:] for line in out.splitlines() if line.startswith("$ ")]
-    expected = [demo.command_line(env, args) for env, args in demo.commands(demo.DemoPaths(root))]
+    expected = [demo.command_line(env, args) for env, args in demo.commands(demo.DemoPaths(Path("iqa-demo")))]
     assert printed == expected
     assert [shlex.split(line)[shlex.split(line).index("iqa") + 1] for line in printed] == [
         "prepare", "train", "score", "eval"]  # fmt: skip
@@ -80,11 +84,19 @@ def test_demo_runs_the_whole_loop_prints_copyable_commands_and_learns(tmp_path):
 
     # A second run in the same folder reuses it: no new data, the finished run and scores are kept.
     stamp = (root / "run" / "model.safetensors").stat().st_mtime_ns
-    again = run_iqa("demo", str(root), timeout=TIMEOUT)
+    again = run_iqa("demo", "iqa-demo", cwd=tmp_path, timeout=TIMEOUT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "holds an earlier demo" in again.stdout and "nothing to do" in again.stderr
     assert (root / "run" / "model.safetensors").stat().st_mtime_ns == stamp
     assert f"reaches SRCC {match.group(1)}" in again.stdout
+
+    # README shows this transcript and runs every example on these files: they must run as written.
+    readme = _readme_commands()
+    assert readme[0] == "iqa demo" and readme[1 : len(printed) + 1] == printed
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for line in readme[len(printed) + 1 :]:
+        done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, f"README command failed: {line}\n{done.stderr[-2000:]}"
 
 
 def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, iqa):
@@ -96,3 +108,9 @@ def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, iqa):
     (tmp_path / "file").write_text("")
     code, _, err = iqa("demo", tmp_path / "file")
     assert code == 2 and err.strip() == f"error: {tmp_path / 'file'} is a file; iqa demo needs a new or empty folder"
+
+
+def _readme_commands() -> list[str]:
+    """Every `$ ` line of README.md's console blocks, in order."""
+    blocks = re.findall(r"```console\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    return [line[2:] for block in blocks for line in block.splitlines() if line.startswith("$ ")]
