@@ -28,7 +28,7 @@ from iqa_cli.models.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
 from iqa_cli.scoring import Readout, level_moments, read_levels
 
-# The default prompt's ids as the released tokenizer gives them (shared/fixtures/README.md); the tiny model's
+# The default prompt's ids as the released tokenizer gives them (tests/fixtures/README.md); the tiny model's
 # vocabulary is smaller, so ids are folded into it there (timing does not depend on which ids they are).
 PROMPT_IDS = (1, 3148, 1001, 29901, 1128, 723, 366, 6554, 278, 11029, 310, 445, 1967, 29973, 13, -200, 29871,
               319, 1799, 9047, 13566, 29901, 450, 11029, 310, 278, 1967, 338)  # fmt: skip
