@@ -87,6 +87,13 @@ def run_iqa(
         )
 
 
+def last_train_record(run: Path) -> str:
+    """Where a training run is, for timeout reports: the last record of its train_log.jsonl (one per step)."""
+    log = run / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return lines[-1][:300] if lines else f"no step logged yet in {log}"
+
+
 @pytest.fixture
 def iqa(monkeypatch, capsys):
     """`iqa(*args) -> (exit code, stdout, stderr)`: the console-script entry point `iqa_cli.cli.main` run in

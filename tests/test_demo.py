@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from iqa_cli import demo
-from tests.conftest import REPO_ROOT, run_iqa
+from tests.conftest import REPO_ROOT, last_train_record, run_iqa
 
 TIMEOUT = 1500  # s: about 10x an idle 2-core machine's time, for a loaded CI machine
 
@@ -30,9 +30,7 @@ TIMEOUT = 1500  # s: about 10x an idle 2-core machine's time, for a loaded CI ma
 def _files_so_far(root: Path) -> str:
     done = [name for name in ("tiny-mplug-owl2", "iqa-data", "run", "predictions.parquet", "eval.json")
             if (root / name).exists()]  # fmt: skip
-    log = root / "run" / "train_log.jsonl"
-    steps = log.read_text().splitlines()[-1][:120] if log.exists() and log.read_text() else "no training step"
-    return f"written: {done or 'nothing'}; last training record: {steps}"
+    return f"written: {done or 'nothing'}; training: {last_train_record(root / 'run')}"
 
 
 @pytest.mark.slow
@@ -114,3 +112,10 @@ def _readme_commands() -> list[str]:
     """Every `$ ` line of README.md's console blocks, in order."""
     blocks = re.findall(r"```console\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
     return [line[2:] for block in blocks for line in block.splitlines() if line.startswith("$ ")]
+
+
+def test_a_command_that_overruns_fails_with_its_progress_instead_of_a_bare_timeout(tmp_path):
+    """run_iqa's timeout report, which the slow tests rely on: the stage reached and the stderr so far."""
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_iqa("demo", str(tmp_path / "d"), timeout=1, progress=lambda: "stage X")
+    assert str(failure.value).startswith("iqa demo did not finish in 1 s; reached: stage X\nstderr so far")

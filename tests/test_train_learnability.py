@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_iqa
+from tests.conftest import last_train_record, run_iqa
 from tests.test_train_data import prepare_synthetic, write_tiny_model
 
 N_IMAGES = 1200
@@ -62,13 +62,6 @@ def synthetic(tmp_path_factory) -> dict[str, Path]:
     return {"tmp": tmp, "data": data_dir, "images": tmp / "synth-src" / "images", "test": test_list, "model": model}
 
 
-def _last_log_line(run: Path) -> str:
-    """Where a training run is: the last record of its train_log.jsonl (one per step)."""
-    log = run / "train_log.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
-    return lines[-1][:300] if lines else f"no step logged yet in {log}"
-
-
 def _eval_srcc(synthetic: dict[str, Path], predictions: Path, column: str) -> float:
     report = synthetic["tmp"] / f"{predictions.stem}-{column}.json"
     proc = run_iqa("eval", str(predictions), "--gt", str(synthetic["data"] / "synth.parquet"), "--column", column,
@@ -87,7 +80,7 @@ def test_tiny_model_learns_quality_from_random_init(synthetic, method):
     run = synthetic["tmp"] / f"run-{method}"
     data = ("--datasets", "synth", "--data-dir", str(synthetic["data"]), "--model", str(synthetic["model"]))
     proc = run_iqa("train", *data, "--out", str(run), "--method", method, *COMMON, *METHODS[method],
-                   timeout=TIMEOUT, progress=lambda: _last_log_line(run))  # fmt: skip
+                   timeout=TIMEOUT, progress=lambda: last_train_record(run))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     predictions = synthetic["tmp"] / f"pred-{method}.parquet"
     proc = run_iqa("score", "--from", str(synthetic["test"]), "--root", str(synthetic["images"]), "--model", str(run),
