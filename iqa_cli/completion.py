@@ -6,9 +6,28 @@ so `iqa --help` stays light and a new value completes without touching this file
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 
-def _matching(values, incomplete: str) -> list[str]:
-    return [value for value in values if value.startswith(incomplete)]
+
+def _values_of(module: str, name: str) -> Callable[[str], list[str]]:
+    """A completer offering `module.name`'s values that start with what was typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [value for value in getattr(importlib.import_module(module), name) if value.startswith(incomplete)]
+
+    return complete
+
+
+densities = _values_of("iqa_cli.labels", "DENSITIES")
+label_rules = _values_of("iqa_cli.labels", "LABEL_RULES")
+methods = _values_of("iqa_cli.train", "METHODS")
+layouts = _values_of("iqa_cli.train", "LAYOUTS")
+strategies = _values_of("iqa_cli.train", "STRATEGIES")
+dtypes = _values_of("iqa_cli.score", "DTYPES")
+formats = _values_of("iqa_cli.score_store", "FORMATS")
+splits = _values_of("iqa_cli.evaluate", "SPLITS")
+prediction_columns = _values_of("iqa_cli.evaluate", "PREDICTION_COLUMNS")
 
 
 def dataset_presets(incomplete: str) -> list[tuple[str, str]]:
@@ -18,36 +37,6 @@ def dataset_presets(incomplete: str) -> list[tuple[str, str]]:
     return [(name, spec.title) for name, spec in DATASETS.items() if name.startswith(incomplete)]
 
 
-def densities(incomplete: str) -> list[str]:
-    from iqa_cli.labels import DENSITIES
-
-    return _matching(DENSITIES, incomplete)
-
-
-def label_rules(incomplete: str) -> list[str]:
-    from iqa_cli.labels import LABEL_RULES
-
-    return _matching(LABEL_RULES, incomplete)
-
-
-def methods(incomplete: str) -> list[str]:
-    from iqa_cli.train import METHODS
-
-    return _matching(METHODS, incomplete)
-
-
-def layouts(incomplete: str) -> list[str]:
-    from iqa_cli.train import LAYOUTS
-
-    return _matching(LAYOUTS, incomplete)
-
-
-def strategies(incomplete: str) -> list[str]:
-    from iqa_cli.train import STRATEGIES
-
-    return _matching(STRATEGIES, incomplete)
-
-
 def devices(incomplete: str) -> list[str]:
     """auto, cpu, and the CUDA devices this machine has (a CUDA name elsewhere is an error)."""
     import torch
@@ -55,28 +44,4 @@ def devices(incomplete: str) -> list[str]:
     names = ["auto", "cpu"]
     if torch.cuda.is_available():
         names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    return _matching(names, incomplete)
-
-
-def dtypes(incomplete: str) -> list[str]:
-    from iqa_cli.score import DTYPES
-
-    return _matching(DTYPES, incomplete)
-
-
-def formats(incomplete: str) -> list[str]:
-    from iqa_cli.score_store import FORMATS
-
-    return _matching(FORMATS, incomplete)
-
-
-def splits(incomplete: str) -> list[str]:
-    from iqa_cli.evaluate import SPLITS
-
-    return _matching(SPLITS, incomplete)
-
-
-def prediction_columns(incomplete: str) -> list[str]:
-    from iqa_cli.evaluate import PREDICTION_COLUMNS
-
-    return _matching(PREDICTION_COLUMNS, incomplete)
+    return [name for name in names if name.startswith(incomplete)]

@@ -35,41 +35,19 @@ TRAIN_ARGS = ("--method", "deqa", "--epochs", "8", "--batch-size", "8", "--lr", 
 THREAD_ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@dataclass
 class DemoPaths:
-    root: Path
+    """Where the demo keeps each file, under `root` (relative stays relative: the printed commands use it)."""
 
-    @property
-    def images(self) -> Path:
-        return self.root / "data" / "images"
-
-    @property
-    def scores_csv(self) -> Path:
-        return self.root / "data" / "scores.csv"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "tiny-mplug-owl2"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "iqa-data"
-
-    @property
-    def meta(self) -> Path:
-        return self.data_dir / f"{DATASET}.parquet"
-
-    @property
-    def run(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def predictions(self) -> Path:
-        return self.root / "predictions.parquet"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "eval.json"
+    def __init__(self, root: Path):
+        self.root = root
+        self.images = root / "data" / "images"
+        self.scores_csv = root / "data" / "scores.csv"
+        self.model = root / "tiny-mplug-owl2"
+        self.data_dir = root / "iqa-data"
+        self.meta = self.data_dir / f"{DATASET}.parquet"
+        self.run = root / "run"
+        self.predictions = root / "predictions.parquet"
+        self.report = root / "eval.json"
 
 
 @dataclass
