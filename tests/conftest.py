@@ -53,6 +53,12 @@ def tokenizer_fixture() -> Path:
     return TOKENIZER_FIXTURE
 
 
+# For long tiny-model runs: one OpenMP thread. The 64-wide test models gain nothing from intra-op threads, and
+# on a loaded 2-core machine two spinning threads made training 4x slower. Not the default: runs compared
+# bit for bit with runs made elsewhere in a test must use the same thread count.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def run_iqa(
     *args: str,
     cwd: Path | None = None,
@@ -62,12 +68,10 @@ def run_iqa(
 ):
     """Runs the real `iqa` console script in a subprocess; returns the CompletedProcess.
 
-    Child processes get one OpenMP thread unless `env` says otherwise: the tiny test models gain nothing from
-    intra-op threads, and on a loaded 2-core machine spinning OpenMP threads made training 4x slower. On a
-    timeout the test fails with what the run had done: `progress()` (e.g. the last line of a log it writes)
-    and the end of its stderr so far, instead of a bare TimeoutExpired.
+    On a timeout the test fails with what the run had done: `progress()` (e.g. `last_train_record`) and the end
+    of its stderr so far, instead of a bare TimeoutExpired. Long training runs pass `env=ONE_THREAD`.
     """
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         return subprocess.run(
             [sys.executable, "-m", "iqa_cli", *args],

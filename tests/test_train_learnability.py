@@ -23,7 +23,7 @@ fewer epochs (6 deqa, 8 qalign) went as low as 0.932 and 0.903.
 DeQA-Score's run is `tests/test_demo.py`: `iqa demo` trains on the same data with the same settings
 (`iqa_cli.demo.TRAIN_ARGS`) and must reach the same bar, so it is not trained a second time here.
 
-Cost: each training command runs with one OpenMP thread (`run_iqa`'s default); with the default two, the
+Cost: each training command runs with one OpenMP thread (`ONE_THREAD`); with the default two, the
 threads spin against the data-loader worker and the other tests on a 2-core machine and a run took 4x as
 long (qalign hit the old 600 s timeout on a loaded machine; one thread: 144 s wall with the machine shared).
 A run that still overruns fails with the last record of its train_log.jsonl and the end of its stderr.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import last_train_record, run_iqa
+from tests.conftest import ONE_THREAD, last_train_record, run_iqa
 from tests.test_train_data import prepare_synthetic, write_tiny_model
 
 N_IMAGES = 1200
@@ -80,11 +80,11 @@ def test_tiny_model_learns_quality_from_random_init(synthetic, method):
     run = synthetic["tmp"] / f"run-{method}"
     data = ("--datasets", "synth", "--data-dir", str(synthetic["data"]), "--model", str(synthetic["model"]))
     proc = run_iqa("train", *data, "--out", str(run), "--method", method, *COMMON, *METHODS[method],
-                   timeout=TIMEOUT, progress=lambda: last_train_record(run))  # fmt: skip
+                   env=ONE_THREAD, timeout=TIMEOUT, progress=lambda: last_train_record(run))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     predictions = synthetic["tmp"] / f"pred-{method}.parquet"
     proc = run_iqa("score", "--from", str(synthetic["test"]), "--root", str(synthetic["images"]), "--model", str(run),
-                   "--out", str(predictions), "--workers", "0", "--quiet", timeout=TIMEOUT)  # fmt: skip
+                   "--out", str(predictions), "--workers", "0", "--quiet", env=ONE_THREAD, timeout=TIMEOUT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     srcc = _eval_srcc(synthetic, predictions, "score")
     print(f"{method}: SRCC {srcc:.4f} in {time.perf_counter() - start:.1f} s")
