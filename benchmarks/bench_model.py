@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from iqa_cli.models.abstractor import abstractor_pos_embeds
-from iqa_cli.models.config import MPLUGOwl2Config
-from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
-from iqa_cli.scoring import Readout, level_moments, read_levels
+from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
+from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+from iqa_cli.scoring.scorer import Readout, level_moments, read_levels
 
 # The default prompt's ids as the released tokenizer gives them (tests/fixtures/README.md); the tiny model's
 # vocabulary is smaller, so ids are folded into it there (timing does not depend on which ids they are).

@@ -5,7 +5,7 @@
 
 - naive: what the reference `src/evaluate/scorer.py` does, one batch of 16 at a time in the main process:
   `Image.open(...).convert("RGB")` -> `expand2square` -> transformers' `CLIPImageProcessor` -> model;
-- ours: `iqa_cli.score.score_images` (DataLoader workers decoding and preprocessing, parts, merge, output).
+- ours: `iqa_cli.scoring.pipeline.score_images` (DataLoader workers decoding and preprocessing, parts, merge, output).
 
 It prints images/s and the peak memory (PSS of the process and its workers, sampled) of each, the scores'
 largest difference, and the decode + preprocess rate of one worker (one process, one thread). The tiny model
@@ -50,7 +50,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories, when run as a script
 
 from iqa_cli.images import ClipPreprocessor, load_image
-from iqa_cli.score import ScoreConfig, score_images
+from iqa_cli.scoring.pipeline import ScoreConfig, score_images
 
 # bf16 dense peak of the GPUs this is likely to meet (vendor data sheets, without sparsity), in TFLOP/s.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,
@@ -231,7 +231,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
     import transformers
     from transformers import CLIPImageProcessor
 
-    from iqa_cli.scoring import Scorer
+    from iqa_cli.scoring.scorer import Scorer
 
     transformers.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
@@ -324,8 +324,8 @@ class PaddedCalls:
 def bench_small(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
-    from iqa_cli.score import AUTO_BATCH
-    from iqa_cli.scoring import Scorer
+    from iqa_cli.scoring.pipeline import AUTO_BATCH
+    from iqa_cli.scoring.scorer import Scorer
 
     counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_small_"))
@@ -381,10 +381,10 @@ def bench_small(args: argparse.Namespace) -> None:
 
 def random_scorer(tiny: bool, device: torch.device, dtype: torch.dtype):
     """A `Scorer` around a randomly initialised model built directly on `device` (no checkpoint, no download)."""
-    from iqa_cli.models.config import MPLUGOwl2Config
-    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
-    from iqa_cli.scoring import Readout, Scorer
-    from iqa_cli.tokenizer import DEFAULT_PROMPT
+    from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+    from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_PROMPT
+    from iqa_cli.scoring.scorer import Readout, Scorer
 
     if tiny:
         config = MPLUGOwl2Config.from_name("mplug-owl2-tiny")

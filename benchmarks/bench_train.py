@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from iqa_cli import distributed, train_state  # noqa: E402
 from iqa_cli import train as train_module  # noqa: E402
-from iqa_cli.models.config import MPLUGOwl2Config  # noqa: E402
+from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config  # noqa: E402
 
 REAL_TOKENIZER = REPO / "tests" / "fixtures" / "mplug-owl2-tokenizer"
 
@@ -97,8 +97,8 @@ def tokenizer_dir(tmp: Path, real: bool) -> Path:
 def in_memory_checkpoint(config: MPLUGOwl2Config, device: torch.device, tok: Path, tmp: Path):
     """A LoadedCheckpoint of a model with random weights built directly on the device (no files)."""
     from iqa_cli.images import ClipPreprocessor
-    from iqa_cli.models.checkpoints import LoadedCheckpoint
-    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+    from iqa_cli.models.mplug_owl2.checkpoints import LoadedCheckpoint
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
     side = config.vision.image_size
     preprocessor = ClipPreprocessor(size=side, crop_size=(side, side)).save(tmp)

@@ -528,7 +528,7 @@ def score(
     """
     from pathlib import Path
 
-    from iqa_cli.score import ScoreConfig, ScoreInterrupted, score_images
+    from iqa_cli.scoring.pipeline import ScoreConfig, ScoreInterrupted, score_images
 
     config = ScoreConfig(
         out=Path(out),

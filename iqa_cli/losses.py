@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from iqa_cli.constants import IGNORE_INDEX
+
 # eps of the reference's fidelity loss; "eps=0 is unable to step" (DeQA-Score modeling_mplug_owl2.py).
 FIDELITY_EPS = 1e-8
 # The reference stops pushing probability onto the level tokens once they hold 99% of it.

@@ -221,7 +221,7 @@ def build_tiny_tokenizer(out_dir: str | Path, extra_words: Iterable[str] = ()) -
 def tiny_config(image_size: int = 28, **overrides: Any):
     """The tiny size ("mplug-owl2-tiny": ViT 32 wide, 6 queries, LLM 64 wide, vocab 512) at `image_size` px
     (a multiple of 14: the ViT sees (image_size / 14)^2 patches)."""
-    from iqa_cli.models.config import MPLUGOwl2Config
+    from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
 
     if image_size % 14:
         raise ValueError(f"image_size must be a multiple of 14, got {image_size}")
@@ -235,7 +235,7 @@ def tiny_model(seed: int = 0, config=None, **overrides: Any):
     and biases and all learned embeddings differ and matter."""
     import torch
 
-    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
     config = config if config is not None else tiny_config(**overrides)
     torch.manual_seed(seed)
@@ -275,7 +275,7 @@ def write_tiny_checkpoint(
     directory: str | Path, *, image_size: int = 28, seed: int = 0, extra_words: Iterable[str] = (), **overrides: Any
 ) -> Path:
     """A random-init tiny mPLUG-Owl2 written as a full released-layout checkpoint directory; returns it."""
-    from iqa_cli.models.checkpoints import save_mplug_owl2
+    from iqa_cli.models.mplug_owl2.checkpoints import save_mplug_owl2
 
     directory = Path(directory)
     save_mplug_owl2(tiny_model(seed=seed, config=tiny_config(image_size, **overrides)), directory)

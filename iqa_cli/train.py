@@ -313,7 +313,7 @@ class TrainForward(nn.Module):
         attention_mask: torch.Tensor,
         regressor_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from iqa_cli.models.mplug_owl2 import IMAGE_TOKEN_INDEX, expanded_positions, gather_rows
+        from iqa_cli.models.mplug_owl2.model import IMAGE_TOKEN_INDEX, expanded_positions, gather_rows
 
         t = input_ids.shape[1]
         slot = (input_ids == IMAGE_TOKEN_INDEX).long().argmax(1)
@@ -378,7 +378,13 @@ class Session:
 
 def _level_setup(config: TrainConfig, names: Sequence[str], tokenizer, core: nn.Module) -> Levels:
     """Level tokens (words, or added `<scoreK>` tokens with resized embeddings) and the scoring readout."""
-    from iqa_cli.tokenizer import DEFAULT_PROMPT, DEFAULT_QUESTION, EVAL_TEMPLATE, level_token_ids, tokenize_prompt
+    from iqa_cli.models.mplug_owl2.tokenizer import (
+        DEFAULT_PROMPT,
+        DEFAULT_QUESTION,
+        EVAL_TEMPLATE,
+        level_token_ids,
+        tokenize_prompt,
+    )
 
     k = len(names)
     if config.method == "qscorer":
@@ -411,7 +417,7 @@ def _level_setup(config: TrainConfig, names: Sequence[str], tokenizer, core: nn.
 
 def _add_regressor(config: TrainConfig, core: nn.Module) -> None:
     """Q-Scorer's MLP, Kaiming-normal (fan_in, ReLU) weights and zero biases as the reference initializes it."""
-    from iqa_cli.models.regressor import ScoreRegressor
+    from iqa_cli.models.mplug_owl2.regressor import ScoreRegressor
 
     if core.deepmlp is not None:
         return
@@ -494,8 +500,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
     is "resume". The process group (if any) is already initialized. `loaded` (a LoadedCheckpoint) replaces
     loading `config.model`, for benchmarks that build a full-size model with random weights in memory."""
     from iqa_cli.models.backbone import MPLUGOwl2Backbone
-    from iqa_cli.models.checkpoints import load_mplug_owl2
-    from iqa_cli.tokenizer import DEFAULT_QUESTION, EVAL_TEMPLATE, QUESTIONS, TRAIN_TEMPLATE
+    from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2
+    from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_QUESTION, EVAL_TEMPLATE, QUESTIONS, TRAIN_TEMPLATE
 
     env = distributed.env()
     device = distributed.resolve_device(config.device, env)
@@ -842,7 +848,7 @@ def _step_record(
 
 
 def readout(levels: Levels):
-    from iqa_cli.scoring import Readout
+    from iqa_cli.scoring.scorer import Readout
 
     return Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, levels.regressor)
 
@@ -854,7 +860,7 @@ def evaluate(session: Session) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from iqa_cli.metrics import plcc, srcc
-    from iqa_cli.scoring import read_levels
+    from iqa_cli.scoring.scorer import read_levels
 
     test = session.data.test
     env = session.env

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from iqa_cli.images import ClipPreprocessor
-    from iqa_cli.tokenizer import ChatTemplate, LlamaTokenizer
+    from iqa_cli.models.mplug_owl2.tokenizer import ChatTemplate, LlamaTokenizer
 
 META_SUFFIX = ".parquet"
 REQUIRED_COLUMNS = ("image", "dataset", "split", "mos_norm", "std_norm", "level", "soft_label")
@@ -330,7 +330,7 @@ def encode_conversations(
     ends with `{level}.</s>`). A level word whose first piece differs in context from its piece alone
     (what scoring reads) is a UserError: training would teach a token that scoring never looks at.
     """
-    from iqa_cli.tokenizer import IGNORE_INDEX, RESPONSE_TEMPLATE, build_training_ids
+    from iqa_cli.models.mplug_owl2.tokenizer import IGNORE_INDEX, RESPONSE_TEMPLATE, build_training_ids
 
     table: dict[tuple[int, int], Encoded] = {}
     for q, question in enumerate(questions):
@@ -525,7 +525,7 @@ class Collate:
     def __call__(self, items: list[tuple[dict, dict | None]]) -> TrainBatch | None:
         import torch
 
-        from iqa_cli.tokenizer import IGNORE_INDEX
+        from iqa_cli.models.mplug_owl2.tokenizer import IGNORE_INDEX
 
         skipped = [f"{side['error']}" for pair in items for side in pair if side is not None and side["pixels"] is None]
         kept = [(a, b) for a, b in items if a["pixels"] is not None and (b is None or b["pixels"] is not None)]

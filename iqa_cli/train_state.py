@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from iqa_cli import __version__, distributed
+from iqa_cli.constants import RUN_FILE
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_write, fsync_dir, fsync_tree
 from iqa_cli.run_lock import LOCK_NAME  # this run's own lock, taken before the plan
@@ -41,7 +42,6 @@ from iqa_cli.run_lock import LOCK_NAME  # this run's own lock, taken before the 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
-RUN_FILE = "iqa.json"  # same name as iqa_cli.scoring.RUN_FILE
 MERGED = "merged"
 TRAINER_FILE = "trainer.pt"
 STATE_DIR = "state"
@@ -357,8 +357,8 @@ def save_final(
 def save_full(core: torch.nn.Module, out: Path, *, state: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """config.json + safetensors under the released key names; `state` is a gathered full state dict
     (FSDP) to write instead of the module's own tensors."""
-    from iqa_cli.models.checkpoints import save_mplug_owl2
-    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+    from iqa_cli.models.mplug_owl2.checkpoints import save_mplug_owl2
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
     model = core
     if state is not None:
@@ -403,7 +403,7 @@ def _module_order(name: str) -> tuple:
 
 def merge_lora(run_dir: Path, merged: Path, record: RunRecord) -> Path:
     """The adapter merged onto its base by the same loader `iqa score` uses, written as a full checkpoint."""
-    from iqa_cli.models.checkpoints import load_mplug_owl2, save_mplug_owl2
+    from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2, save_mplug_owl2
 
     loaded = load_mplug_owl2(run_dir, base=record.base)
     save_mplug_owl2(loaded.model, merged, max_shard_bytes=5 * 1024**3)

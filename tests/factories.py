@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from iqa_cli.models.config import MPLUGOwl2Config
-from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 from iqa_cli.synthetic import released_preprocessor_config
 from iqa_cli.synthetic import tiny_config as tiny_config  # re-exported for the tests
 from iqa_cli.synthetic import tiny_model as tiny_model

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from iqa_cli.errors import UserError
-from iqa_cli.models.checkpoints import load_mplug_owl2, save_mplug_owl2
-from iqa_cli.models.mplug_owl2 import IMAGE_TOKEN_INDEX, MPLUGOwl2ForCausalLM
+from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2, save_mplug_owl2
+from iqa_cli.models.mplug_owl2.model import IMAGE_TOKEN_INDEX, MPLUGOwl2ForCausalLM
 from tests.conftest import REPO_ROOT
 from tests.factories import PEFT_PREFIX, random_pixels, tiny_model, write_checkpoint
 
@@ -200,7 +200,7 @@ def test_qscorer_backbone_adds_the_score_tokens_at_the_trained_ids(tmp_path):
     from iqa_cli.synthetic import build_tiny_tokenizer
 
     tokenizer_dir = build_tiny_tokenizer(tmp_path / "tok")
-    from iqa_cli.tokenizer import LlamaTokenizer
+    from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
 
     vocab = len(LlamaTokenizer.from_dir(tokenizer_dir))
     written = write_checkpoint(
@@ -346,7 +346,7 @@ def _run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_offline_repo_id_without_cache_is_one_clear_error(tmp_path):
     code = """
         from iqa_cli.errors import UserError
-        from iqa_cli.models.checkpoints import load_mplug_owl2
+        from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2
         try:
             load_mplug_owl2("zhiyuanyou/DeQA-Score-Mix3")
         except UserError as exc:
@@ -368,7 +368,7 @@ def test_repo_id_resolves_through_the_cache_and_records_the_commit(tmp_path, mod
     (repo / "refs" / "main").write_text(commit)
     code = f"""
         import torch
-        from iqa_cli.models.checkpoints import load_mplug_owl2
+        from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2
         a = load_mplug_owl2("tiny-org/tiny-owl")
         b = load_mplug_owl2({str(repo / "snapshots" / commit)!r})
         same = all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_cli.models.abstractor import VisualAbstractor, abstractor_pos_embeds
 from iqa_cli.models.backbone import Backbone, MPLUGOwl2Backbone
-from iqa_cli.models.language_model import (
+from iqa_cli.models.mplug_owl2.abstractor import VisualAbstractor, abstractor_pos_embeds
+from iqa_cli.models.mplug_owl2.language_model import (
     Attention,
     Modality,
     MultiwayLinear,
@@ -18,9 +18,9 @@ from iqa_cli.models.language_model import (
     attention_mask,
     rope_cos_sin,
 )
-from iqa_cli.models.mplug_owl2 import IMAGE_TOKEN_INDEX
-from iqa_cli.models.regressor import ScoreRegressor
-from iqa_cli.models.vision import VisionModel
+from iqa_cli.models.mplug_owl2.model import IMAGE_TOKEN_INDEX
+from iqa_cli.models.mplug_owl2.regressor import ScoreRegressor
+from iqa_cli.models.mplug_owl2.vision import VisionModel
 from tests.factories import random_pixels, tiny_config, tiny_model
 
 F64 = {"dtype": torch.float64}

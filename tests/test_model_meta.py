@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from iqa_cli.models.config import MPLUGOwl2Config
-from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 from tests.conftest import KEYS_FIXTURE
 
 # DeQA-Score / Q-Align / mPLUG-Owl2 7B: 8,197,859,328 learned parameters; the state dict also holds the

@@ -110,8 +110,8 @@ def test_existing_foreign_output_is_refused(tmp_path, photos):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """A DeQA-style full checkpoint, a second one with other weights, and a Q-Scorer LoRA checkpoint."""
+    from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
     from iqa_cli.synthetic import build_tiny_tokenizer
-    from iqa_cli.tokenizer import LlamaTokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -135,7 +135,7 @@ def mixed_folder(tmp_path_factory):
 
 def _api_scores(checkpoint, folder, names):
     """The Scorer API on the same files, one image per call (no batching at all)."""
-    from iqa_cli.scoring import Scorer
+    from iqa_cli.scoring.scorer import Scorer
 
     scorer = Scorer.from_pretrained(checkpoint.path, base=checkpoint.base, device="cpu", dtype="float32")
     return {name: scorer.score([folder / name], batch_size=1)[0] for name in names}
@@ -366,8 +366,8 @@ def test_a_run_with_fewer_images_than_the_batch_size_calls_the_model_with_that_m
     import torch
 
     from iqa_cli.images import load_image
-    from iqa_cli.score import ScoreConfig, score_images
-    from iqa_cli.scoring import Scorer
+    from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+    from iqa_cli.scoring.scorer import Scorer
 
     scorer = Scorer.from_pretrained(tiny_checkpoints["deqa"].path, device="cpu", dtype="float32")
     real, shapes = scorer.score_pixels, []

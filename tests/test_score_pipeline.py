@@ -34,8 +34,8 @@ from PIL import Image
 from iqa_cli import distributed
 from iqa_cli.errors import UserError
 from iqa_cli.images import ClipPreprocessor, load_image
-from iqa_cli.score import BatchRunner, ScoreConfig, score_images
-from iqa_cli.score_store import Sidecar, merge_parts, sidecar_path
+from iqa_cli.scoring.pipeline import BatchRunner, ScoreConfig, score_images
+from iqa_cli.scoring.store import Sidecar, merge_parts, sidecar_path
 from tests.conftest import REPO_ROOT
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
@@ -306,7 +306,7 @@ def test_resume_after_a_crash_scores_only_the_rest(folder, reference, tmp_path):
 
 
 def test_crash_before_the_merge_resumes_without_the_model(folder, reference, tmp_path, monkeypatch):
-    import iqa_cli.score
+    import iqa_cli.scoring.pipeline
 
     out = tmp_path / "scores.parquet"
 
@@ -316,7 +316,7 @@ def test_crash_before_the_merge_resumes_without_the_model(folder, reference, tmp
         raise Crash
 
     with monkeypatch.context() as patch:
-        patch.setattr(iqa_cli.score, "write_output", killed_mid_merge)
+        patch.setattr(iqa_cli.scoring.pipeline, "write_output", killed_mid_merge)
         with pytest.raises(Crash):
             run(folder[0], out)
     assert not out.exists() and len(_part_indices(out)) == len(reference)
@@ -601,7 +601,7 @@ def test_benchmark_of_small_runs_pads_only_the_old_way():
 
 def _main(argv: list[str]) -> None:
     """`run FOLDER OUT`: scores with the fake scorer (for the subprocess tests); exit 128+signal if stopped."""
-    from iqa_cli.score import ScoreInterrupted
+    from iqa_cli.scoring.pipeline import ScoreInterrupted
 
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["run"])

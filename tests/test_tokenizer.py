@@ -14,8 +14,7 @@ import time
 import pytest
 
 from iqa_cli.errors import UserError
-from iqa_cli.synthetic import LEVEL_WORDS, NUMBER_WORDS, PROMPT_WORDS, build_tiny_tokenizer
-from iqa_cli.tokenizer import (
+from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
     EVAL_TEMPLATE,
     IGNORE_INDEX,
@@ -29,6 +28,7 @@ from iqa_cli.tokenizer import (
     level_token_ids,
     tokenize_prompt,
 )
+from iqa_cli.synthetic import LEVEL_WORDS, NUMBER_WORDS, PROMPT_WORDS, build_tiny_tokenizer
 
 SCORE_TOKENS = ["<score1>", "<score2>", "<score3>", "<score4>", "<score5>"]
 

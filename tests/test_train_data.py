@@ -15,8 +15,7 @@ import torch
 
 from iqa_cli import train_data
 from iqa_cli.errors import UserError
-from iqa_cli.synthetic import build_tiny_tokenizer, make_synthetic_iqa, write_tiny_checkpoint
-from iqa_cli.tokenizer import (
+from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
     EVAL_TEMPLATE,
     IGNORE_INDEX,
@@ -27,6 +26,7 @@ from iqa_cli.tokenizer import (
     level_token_ids,
     tokenize_prompt,
 )
+from iqa_cli.synthetic import build_tiny_tokenizer, make_synthetic_iqa, write_tiny_checkpoint
 from tests.conftest import run_iqa
 
 # --- synthetic IQA data (shared with the other train tests) -----------------------------------------------

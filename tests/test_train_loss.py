@@ -16,9 +16,7 @@ from scipy.special import log_softmax, softmax
 from scipy.stats import norm
 
 from iqa_cli import train, train_data
-from iqa_cli.scoring import Readout, read_levels
-from iqa_cli.synthetic import build_tiny_tokenizer
-from iqa_cli.tokenizer import (
+from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_QUESTION,
     EVAL_TEMPLATE,
     IGNORE_INDEX,
@@ -28,6 +26,8 @@ from iqa_cli.tokenizer import (
     LlamaTokenizer,
     level_token_ids,
 )
+from iqa_cli.scoring.scorer import Readout, read_levels
+from iqa_cli.synthetic import build_tiny_tokenizer
 from tests.factories import random_pixels, tiny_model
 
 WORDS = ["bad", "poor", "fair", "good", "excellent"]

@@ -207,8 +207,8 @@ def test_interrupted_message_names_the_last_complete_checkpoint_or_says_there_is
 def test_lora_layout_and_merge_equal_the_unmerged_model(tiny):
     from peft import LoraConfig, PeftModel
 
-    from iqa_cli.models.checkpoints import load_mplug_owl2
-    from iqa_cli.scoring import Scorer
+    from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2
+    from iqa_cli.scoring.scorer import Scorer
     from tests.factories import random_pixels
 
     out = tiny["tmp"] / "lora"
@@ -444,7 +444,7 @@ def test_two_datasets_pair_within_each_and_undecodable_images_are_skipped(tiny, 
 
 @pytest.mark.parametrize("method", ["deqa", "qscorer"])
 def test_three_levels_named_by_the_meta_train_and_score(tiny, tmp_path, method):
-    from iqa_cli.scoring import Scorer
+    from iqa_cli.scoring.scorer import Scorer
     from tests.factories import random_pixels
 
     three = prepare_synthetic(tmp_path, "three", 24, size=(40, 32), extra=("--levels", "3"))

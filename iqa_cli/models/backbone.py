@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from iqa_cli.models.checkpoints import LoadedCheckpoint
-    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+    from iqa_cli.models.mplug_owl2.checkpoints import LoadedCheckpoint
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Backbone(Protocol):
 
     name: str  # e.g. "mplug_owl2"
     image_token: str  # the placeholder a prompt holds once, e.g. "<|image|>"
-    tokenizer: Any  # encode/decode/token_to_id/add_tokens, as iqa_cli.tokenizer.LlamaTokenizer
+    tokenizer: Any  # encode/decode/token_to_id/add_tokens, as iqa_cli.models.mplug_owl2.tokenizer.LlamaTokenizer
     preprocessor: Callable[[Any], torch.Tensor]  # PIL image -> pixels [3, S, S]; picklable
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -65,7 +65,7 @@ class MPLUGOwl2Backbone:
         """Tokenizer and preprocessing from the checkpoint's files (added Q-Scorer tokens included)."""
         from iqa_cli.errors import UserError
         from iqa_cli.images import ClipPreprocessor
-        from iqa_cli.tokenizer import LlamaTokenizer
+        from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
 
         if loaded.tokenizer_dir is None:
             raise UserError(f"{loaded.weights_dir}: no tokenizer.model in the checkpoint (or its base)")
@@ -85,7 +85,7 @@ class MPLUGOwl2Backbone:
         return cls(loaded.model, tokenizer, preprocessor)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        from iqa_cli.tokenizer import tokenize_prompt
+        from iqa_cli.models.mplug_owl2.tokenizer import tokenize_prompt
 
         return tokenize_prompt(self.tokenizer, prompt)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from iqa_cli.models.config import VisionConfig
+from iqa_cli.models.mplug_owl2.config import VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A part is a small Parquet file of finished rows, each carrying its input index, written to a temporary
 name, fsynced and renamed, so it is either complete or absent. `merge_parts` reads the parts of every
 writer (one rank of one run: increasing indices) as a k-way merge, so the final file is written in input
-order with one part per writer in memory. See `iqa_cli.score` for how a run uses them.
+order with one part per writer in memory. See `iqa_cli.scoring.pipeline` for how a run uses them.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from iqa_cli import __version__
+from iqa_cli.constants import DEFAULT_MODEL, RUN_FILE
 from iqa_cli.distributed import resolve_device
 from iqa_cli.errors import UserError
 
@@ -28,12 +29,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from iqa_cli.images import ClipPreprocessor
-    from iqa_cli.models.checkpoints import LoadedCheckpoint
-    from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
-    from iqa_cli.tokenizer import LlamaTokenizer
+    from iqa_cli.models.mplug_owl2.checkpoints import LoadedCheckpoint
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+    from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
 
-DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"
-RUN_FILE = "iqa.json"  # written by `iqa train` next to the weights; describes how to score the model
 DEFAULT_LEVEL_NAMES = ("bad", "poor", "fair", "good", "excellent")
 
 # Where the Q-Scorer MLP reads its hidden state (DESIGN.md, "Q-Scorer"):
@@ -182,7 +181,7 @@ def build_readout(
     loaded: LoadedCheckpoint, tokenizer: LlamaTokenizer, prompt: str | None, run: RunInfo | None
 ) -> Readout:
     """Decides prompt ids, level tokens and regressor readout for a checkpoint (see module docstring)."""
-    from iqa_cli.tokenizer import DEFAULT_PROMPT, QUICKSTART_PROMPT, level_token_ids, tokenize_prompt
+    from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_PROMPT, QUICKSTART_PROMPT, level_token_ids, tokenize_prompt
 
     regression = loaded.model.deepmlp is not None
     if run is not None and run.level_tokens:
@@ -220,7 +219,7 @@ def build_readout(
 
 def _single_token_id(tokenizer: LlamaTokenizer, token: str) -> int:
     """The id of a level token: an added token by name, else the word's first piece after a space."""
-    from iqa_cli.tokenizer import level_token_ids
+    from iqa_cli.models.mplug_owl2.tokenizer import level_token_ids
 
     added = tokenizer.added_tokens
     if token in added:
@@ -267,8 +266,8 @@ class Scorer:
             revision: branch, tag or commit of a Hub repo.
         """
         from iqa_cli.models.backbone import MPLUGOwl2Backbone
-        from iqa_cli.models.checkpoints import directory_fingerprint, load_mplug_owl2
-        from iqa_cli.tokenizer import IMAGE_TOKEN
+        from iqa_cli.models.mplug_owl2.checkpoints import directory_fingerprint, load_mplug_owl2
+        from iqa_cli.models.mplug_owl2.tokenizer import IMAGE_TOKEN
 
         if prompt is not None and prompt.count(IMAGE_TOKEN) != 1:
             raise UserError(f"--prompt must hold {IMAGE_TOKEN} exactly once: {prompt!r}")

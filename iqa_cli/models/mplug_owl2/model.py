@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from iqa_cli.models.abstractor import VisualAbstractor
-from iqa_cli.models.config import MPLUGOwl2Config
-from iqa_cli.models.language_model import KVCache, LlamaMultiwayModel, Modality
-from iqa_cli.models.regressor import ScoreRegressor
-from iqa_cli.models.vision import VisionModel
+from iqa_cli.models.mplug_owl2.abstractor import VisualAbstractor
+from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+from iqa_cli.models.mplug_owl2.language_model import KVCache, LlamaMultiwayModel, Modality
+from iqa_cli.models.mplug_owl2.regressor import ScoreRegressor
+from iqa_cli.models.mplug_owl2.vision import VisionModel
 
-IMAGE_TOKEN_INDEX = -200  # the image slot in prompt ids (same value as iqa_cli.tokenizer.IMAGE_TOKEN_INDEX)
+IMAGE_TOKEN_INDEX = (
+    -200
+)  # the image slot in prompt ids (same value as iqa_cli.models.mplug_owl2.tokenizer.IMAGE_TOKEN_INDEX)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from iqa_cli.models.config import AbstractorConfig
+from iqa_cli.models.mplug_owl2.config import AbstractorConfig
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:

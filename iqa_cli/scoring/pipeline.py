@@ -44,10 +44,11 @@ import numpy as np
 import torch
 
 from iqa_cli import __version__, distributed, interrupts, run_lock
+from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
 from iqa_cli.paths import check_output_file
-from iqa_cli.score_store import (
+from iqa_cli.scoring.store import (
     MANIFEST_VERSION,
     BatchResult,
     PartWriter,
@@ -61,7 +62,6 @@ from iqa_cli.score_store import (
     write_output,
 )
 
-DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"  # as iqa_cli.scoring.DEFAULT_MODEL (not imported: keeps this module light)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
 
@@ -359,7 +359,7 @@ def _to_numpy(result: Any, n: int) -> BatchResult:
 
 def _request(config: ScoreConfig) -> dict[str, str | None]:
     """The options that decide the scores (compared before loading a model to spot a finished output)."""
-    from iqa_cli.models.checkpoints import directory_fingerprint
+    from iqa_cli.models.mplug_owl2.checkpoints import directory_fingerprint
 
     return {
         "model": config.model,
@@ -586,7 +586,7 @@ def _score(
     def build() -> ScorerLike:
         if scorer_factory is not None:
             return scorer_factory(device)
-        from iqa_cli.scoring import Scorer
+        from iqa_cli.scoring.scorer import Scorer
 
         return Scorer.from_pretrained(
             config.model,

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from iqa_cli.errors import UserError
-from iqa_cli.models.abstractor import abstractor_pos_embeds
-from iqa_cli.models.config import CONFIG_NAME, MPLUGOwl2Config
-from iqa_cli.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
+from iqa_cli.models.mplug_owl2.config import CONFIG_NAME, MPLUGOwl2Config
+from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
 DEFAULT_BASE = "MAGAer13/mplug-owl2-llama2-7b"
 SCORE_TOKENS = ("<score1>", "<score2>", "<score3>", "<score4>", "<score5>")  # Q-Scorer, ascending quality

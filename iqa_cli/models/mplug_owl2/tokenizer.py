@@ -25,11 +25,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from iqa_cli.constants import IGNORE_INDEX
 from iqa_cli.errors import UserError
 
 IMAGE_TOKEN = "<|image|>"
 IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100  # label value the loss skips
 SPIECE_UNDERLINE = "▁"
 
 # The question and response of the papers' scoring prompt (DeQA-Score `src/evaluate/iqa_eval.py`).

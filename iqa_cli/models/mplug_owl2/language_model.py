@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from iqa_cli.models.config import LanguageModelConfig
+from iqa_cli.models.mplug_owl2.config import LanguageModelConfig
 
 
 @dataclass
