@@ -48,6 +48,7 @@ from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
 from iqa_cli.paths import check_output_file
+from iqa_cli.progress import NullBar, ProgressBar, progress_bar
 from iqa_cli.scoring.store import (
     MANIFEST_VERSION,
     BatchResult,
@@ -713,61 +714,6 @@ def _score_indices(
         del batches  # stops the workers now rather than when the traceback is dropped
 
 
-class _NullProgress:
-    def __enter__(self) -> _NullProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-
-class _Progress:
-    """A rich progress bar on stderr: done/total, images/s, elapsed, ETA."""
-
-    def __init__(self, console: Any, total: int, label: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task = self.progress.add_task(label, total=total, rate="")
-        self.start = time.monotonic()
-        self.done = 0
-
-    def __enter__(self) -> _Progress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        speed = self.progress.tasks[0].speed or self.done / elapsed
-        self.progress.update(self.task, advance=n, rate=f"{speed:.1f} img/s")
-
-
-def _progress(console: Any, total: int, environment: distributed.DistEnv) -> _Progress | _NullProgress:
-    if console is None:
-        return _NullProgress()
+def _progress(console: Any, total: int, environment: distributed.DistEnv) -> ProgressBar | NullBar:
     label = "scoring" if not environment.is_distributed else f"scoring (rank 0 of {environment.world_size})"
-    return _Progress(console, total, label)
+    return progress_bar(console, total, label)
