@@ -49,7 +49,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories, when run as a script
 
-from iqa_cli.images import ClipPreprocessor, load_image
+from iqa_cli.images import load_image
+from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
 from iqa_cli.scoring.pipeline import ScoreConfig, score_images
 
 # bf16 dense peak of the GPUs this is likely to meet (vendor data sheets, without sparsity), in TFLOP/s.
@@ -243,7 +244,8 @@ def bench_cpu(args: argparse.Namespace) -> None:
     processor = CLIPImageProcessor.from_pretrained(ckpt.path)
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.image_size} px; JPEGs {size_kb:.0f} kB mean"
+        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.preprocessor.image_size} px;"
+        f" JPEGs {size_kb:.0f} kB mean"
     )
     naive_loop(scorer, processor, paths[:16])  # warm caches and allocator
 
@@ -311,12 +313,13 @@ class PaddedCalls:
     def __getattr__(self, name: str):
         return getattr(self.scorer, name)
 
-    def score_pixels(self, pixels: torch.Tensor):
-        if pixels.shape[0] < self.rows:
-            pixels = torch.cat([pixels, pixels.new_zeros(self.rows - pixels.shape[0], *pixels.shape[1:])])
-        self.calls.append(pixels.shape[0])
+    def score_batch(self, visual: dict[str, torch.Tensor]):
+        from iqa_cli.scoring.pipeline import rows_padded
+
+        visual = {name: rows_padded(t, max(self.rows, t.shape[0])) for name, t in visual.items()}
+        self.calls.append(next(iter(visual.values())).shape[0])
         start = time.perf_counter()
-        result = self.scorer.score_pixels(pixels)  # the pipeline keeps the first rows only
+        result = self.scorer.score_batch(visual)  # the pipeline keeps the first rows only
         self.seconds += time.perf_counter() - start
         return result
 
@@ -335,7 +338,7 @@ def bench_small(args: argparse.Namespace) -> None:
     workers = "default (one per core, at most 8)" if args.workers is None else args.workers
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.image_size} px in "
+        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.preprocessor.image_size} px in "
         f"{(args.image_size // (args.patch_size or args.image_size // 2)) ** 2} patches; 1024x768 JPEGs; "
         f"--batch-size auto ({AUTO_BATCH['cpu']} on the CPU), --workers {workers}"
     )
@@ -381,6 +384,7 @@ def bench_small(args: argparse.Namespace) -> None:
 
 def random_scorer(tiny: bool, device: torch.device, dtype: torch.dtype):
     """A `Scorer` around a randomly initialised model built directly on `device` (no checkpoint, no download)."""
+    from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
     from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
     from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
     from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_PROMPT
@@ -409,7 +413,7 @@ def random_scorer(tiny: bool, device: torch.device, dtype: torch.dtype):
         "dtype": str(dtype),
         "level_names": str(names),
     }
-    return Scorer(model, None, preprocessor, readout, metadata), config
+    return Scorer(MPLUGOwl2Backbone(model, None, preprocessor), readout, metadata), config
 
 
 def flops_per_image(scorer, side: int, device: torch.device, dtype: torch.dtype) -> float:

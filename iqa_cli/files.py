@@ -4,6 +4,7 @@ kill -9 or a power loss."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -42,3 +43,19 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def directory_fingerprint(model: str | Path) -> str | None:
+    """A cheap identity of a local checkpoint directory's files (names, sizes, modification times).
+
+    None for a Hub repo id (its commit hash identifies it). Lets `iqa score` tell a finished output from one
+    written by an earlier checkpoint saved into the same directory, without loading any weights.
+    """
+    directory = Path(model)
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

@@ -196,7 +196,7 @@ def test_qscorer_rows_missing_from_non_lora_are_the_mean_of_the_base_rows(tmp_pa
 
 
 def test_qscorer_backbone_adds_the_score_tokens_at_the_trained_ids(tmp_path):
-    from iqa_cli.models.backbone import MPLUGOwl2Backbone
+    from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
     from iqa_cli.synthetic import build_tiny_tokenizer
 
     tokenizer_dir = build_tiny_tokenizer(tmp_path / "tok")
@@ -213,7 +213,7 @@ def test_qscorer_backbone_adds_the_score_tokens_at_the_trained_ids(tmp_path):
     ids = backbone.encode_prompt("USER: How would you rate the quality of this image?\n<|image|> ASSISTANT: The")
     assert ids.count(IMAGE_TOKEN_INDEX) == 1
     pixels = torch.stack([backbone.preprocessor(_image())])
-    out = backbone.forward(pixels, torch.tensor([ids]))
+    out = backbone.forward({"pixel_values": pixels}, torch.tensor([ids]))
     assert out.logits.shape == (1, 1, vocab + 5)
 
 

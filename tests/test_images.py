@@ -8,16 +8,8 @@ import pytest
 from PIL import Image
 
 from iqa_cli.errors import UserError
-from iqa_cli.images import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ClipPreprocessor,
-    ImageDecodeError,
-    describe_image,
-    expand_to_square,
-    load_image,
-    to_rgb,
-)
+from iqa_cli.images import ImageDecodeError, describe_image, load_image, to_rgb
+from iqa_cli.models.mplug_owl2.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocessor, expand_to_square
 
 MEAN = np.array(OPENAI_CLIP_MEAN)
 STD = np.array(OPENAI_CLIP_STD)

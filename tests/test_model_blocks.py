@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_cli.models.backbone import Backbone, MPLUGOwl2Backbone
+from iqa_cli.models.backbone import Backbone
 from iqa_cli.models.mplug_owl2.abstractor import VisualAbstractor, abstractor_pos_embeds
+from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
 from iqa_cli.models.mplug_owl2.language_model import (
     Attention,
     Modality,
@@ -464,7 +465,7 @@ def test_mplug_owl2_implements_the_backbone_interface(model):
     ids = torch.tensor([_prompt(3, 9, 17)])
     px = random_pixels(1, model.config, seed=18)
     with torch.no_grad():
-        out = backbone.forward(px, ids)
+        out = backbone.forward({"pixel_values": px}, ids)
         ref = model(ids, px, logits_at="last")
     torch.testing.assert_close(out.logits, ref.logits)
     assert out.last_index.tolist() == [9 - 1 + model.num_visual_tokens - 1]

@@ -370,13 +370,13 @@ def test_a_run_with_fewer_images_than_the_batch_size_calls_the_model_with_that_m
     from iqa_cli.scoring.scorer import Scorer
 
     scorer = Scorer.from_pretrained(tiny_checkpoints["deqa"].path, device="cpu", dtype="float32")
-    real, shapes = scorer.score_pixels, []
+    real, record, shapes = scorer.score_pixels, scorer.score_batch, []
 
-    def recording(pixels):
-        shapes.append(tuple(pixels.shape))
-        return real(pixels)
+    def recording(visual):
+        shapes.append(tuple(visual["pixel_values"].shape))
+        return record(visual)
 
-    scorer.score_pixels = recording
+    scorer.score_batch = recording
     files = [str(photos / "0.png"), str(photos / "1.png")]
     for batch_size in ("auto", 16):
         shapes.clear()

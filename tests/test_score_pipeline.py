@@ -33,7 +33,9 @@ from PIL import Image
 
 from iqa_cli import distributed
 from iqa_cli.errors import UserError
-from iqa_cli.images import ClipPreprocessor, load_image
+from iqa_cli.images import load_image
+from iqa_cli.models.mplug_owl2.backbone import ClipTransform, SquareCollate
+from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
 from iqa_cli.scoring.pipeline import BatchRunner, ScoreConfig, score_images
 from iqa_cli.scoring.store import Sidecar, merge_parts, sidecar_path
 from tests.conftest import REPO_ROOT
@@ -69,7 +71,7 @@ class FakeScorer:
     def __init__(self, device="cpu", *, delay=0.0, model="fake/deqa", levels=LEVELS, regressor=False, calls=None):
         self.device = torch.device(device)
         self.preprocessor = ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))
-        self.image_size = SIZE
+        self.transform, self.collate = ClipTransform(self.preprocessor), SquareCollate(SIZE)
         self.level_names = list(levels)
         self.has_regressor = regressor
         self.delay = delay
@@ -81,6 +83,9 @@ class FakeScorer:
             "prompt": "USER: <|image|> ASSISTANT: The quality of the image is",
             "level_names": json.dumps(self.level_names),
         }
+
+    def score_batch(self, visual: dict[str, torch.Tensor]) -> FakeBatch:
+        return self.score_pixels(visual["pixel_values"])
 
     def score_pixels(self, pixel_values: torch.Tensor) -> FakeBatch:
         if self.calls is not None:
@@ -472,12 +477,12 @@ def test_auto_batch_size_halves_on_out_of_memory():
 
     pixels = torch.randn(8, 3, SIZE, SIZE)
     runner = BatchRunner(Picky(), 8, auto=True)
-    result = runner(pixels)
+    result = runner({"pixel_values": pixels})
     assert runner.size == 2
     expected = FakeScorer().score_pixels(pixels)
     np.testing.assert_array_equal(result.score, expected.score.numpy())
     with pytest.raises(torch.OutOfMemoryError):
-        BatchRunner(Picky(), 8, auto=False)(pixels)
+        BatchRunner(Picky(), 8, auto=False)({"pixel_values": pixels})
 
 
 def test_distributed_environment_and_sharding(monkeypatch):

@@ -1,21 +1,34 @@
-"""The interface every backbone implements, and the mPLUG-Owl2 port behind it.
+"""The interface every model family implements, and the registry that picks a family from a checkpoint.
 
-A backbone turns (images, prompt token ids, optional response ids appended to them) into per-position
-logits and hidden states, and knows its own preprocessing, tokenizer and prompt. Scoring and training only
-talk to this interface, so later backbones (Qwen2.5-VL, LLaVA, ...) plug in beside mPLUG-Owl2.
+A backbone turns (visual inputs, prompt token ids, optional response ids appended to them) into per-position
+logits and hidden states, and knows its own image preprocessing, batching of visual inputs, tokenizer and
+prompt. Scoring talks only to this interface, so a new family (Qwen2-VL, LLaVA, ...) is one folder under
+`iqa_cli/models/` plus one line in `BUILTIN_FAMILIES` (or a `register_family` call).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:
-    from iqa_cli.models.mplug_owl2.checkpoints import LoadedCheckpoint
-    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+from iqa_cli.constants import RUN_FILE
+from iqa_cli.errors import UserError
+
+CONFIG_FILE = "config.json"  # Hugging Face layout: its `model_type` names the family
+ADAPTER_CONFIG = "adapter_config.json"  # a peft adapter: no config of its own, the base's family
+RUN_FAMILY_KEY = "family"  # `iqa.json` key naming the family of an `iqa train` run
+
+# model_type -> module whose `FAMILY` (a `Family`) loads that family's checkpoints; imported on first use.
+BUILTIN_FAMILIES = {"mplug_owl2": "iqa_cli.models.mplug_owl2.backbone"}
+DEFAULT_FAMILY = "mplug_owl2"  # the family of DEFAULT_MODEL and of every released checkpoint `iqa` scores
+
+VisualInputs = Mapping[str, torch.Tensor]  # one image's (or a batch's, rows first) visual tensors, by name
 
 
 @dataclass
@@ -24,80 +37,197 @@ class BackboneOutput:
     hidden_states: torch.Tensor  # B, L, C after the final norm, over the backbone's own (expanded) sequence
     text_positions: torch.Tensor  # B, T: where each input id landed in that sequence
     last_index: torch.Tensor  # B: each row's last real position in that sequence
+    past_key_values: Any = None  # the family's cache, when asked for (see Backbone.decode_step)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a loaded backbone's files came from (recorded with every score)."""
+
+    model: str  # Hugging Face repo id, or the resolved weights directory
+    revision: str = ""  # commit of a Hub snapshot
+    layout: str = ""  # the family's name for the on-disk layout (e.g. "full", "lora")
+    weights_dir: Path | None = None  # where `iqa.json` of an `iqa train` run sits
+    base_model: str = ""  # adapters: the model they were merged onto
+    base_revision: str = ""
+
+
+class VisualCollate(Protocol):
+    """Batches per-image visual inputs into tensors with the batch first; picklable (DataLoader workers run it).
+
+    `items` has `batch_size` entries or fewer; None (a failed image) and missing rows are padding that must not
+    change the other rows' results. Allocating with `iqa_cli.batch_buffer.batch_buffer` makes a worker build
+    the batch in shared memory, so handing it to the main process copies nothing.
+    """
+
+    def __call__(
+        self, items: list[VisualInputs | None], batch_size: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]: ...
 
 
 @runtime_checkable
 class Backbone(Protocol):
-    """What scoring and training need from a multimodal LLM."""
+    """What scoring needs from a multimodal LLM."""
 
-    name: str  # e.g. "mplug_owl2"
+    name: str  # the family, as BUILTIN_FAMILIES names it
     image_token: str  # the placeholder a prompt holds once, e.g. "<|image|>"
-    tokenizer: Any  # encode/decode/token_to_id/add_tokens, as iqa_cli.models.mplug_owl2.tokenizer.LlamaTokenizer
-    preprocessor: Callable[[Any], torch.Tensor]  # PIL image -> pixels [3, S, S]; picklable
+    tokenizer: Any  # the family's tokenizer
+    preprocessor: Any  # the family's image preprocessing settings (saved with a trained model)
+    transform: Callable[[Any], dict[str, torch.Tensor]]  # RGB PIL image -> visual inputs; picklable
+    collate: VisualCollate
+    provenance: Provenance
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def has_regressor(self) -> bool:
+        """Whether the checkpoint carries a regression head (`regress`)."""
+        ...
+
+    def default_scoring(self) -> tuple[str, list[int], str | None]:
+        """(prompt, level token ids or [] for the default level words, regressor readout) the checkpoint's
+        authors score it with, when no `iqa.json` says otherwise."""
+        ...
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt holding `image_token` once (the backbone's own image slot convention)."""
+        """Token ids of a prompt holding `image_token` once; the level is read after the last id."""
+        ...
+
+    def level_token_id(self, word: str) -> int:
+        """The id whose probability after the prompt is the level's: an added token by name, else the token the
+        word starts with after a space."""
         ...
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        visual: VisualInputs,
         input_ids: torch.Tensor,
         *,
         attention_mask: torch.Tensor | None = None,
         logits_at: str | torch.Tensor = "last",
+        use_cache: bool = False,
     ) -> BackboneOutput:
-        """pixels [B, 3, S, S] and ids [B, T] (prompt, then any response) -> logits and hidden states."""
+        """Visual inputs (a collated batch) and ids [B, T] (prompt, then any response) -> logits and hidden
+        states; `logits_at` is "last", "all", "none" or positions in the family's sequence."""
+        ...
+
+    def decode_step(self, input_ids: torch.Tensor, past_key_values: Any) -> BackboneOutput:
+        """One cached step: ids [B, 1] after a `forward(..., use_cache=True)` -> logits at that token."""
+        ...
+
+    def regress(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The regression head on hidden states [B, C] -> scores [B]."""
         ...
 
 
-class MPLUGOwl2Backbone:
-    """The mPLUG-Owl2 port as a `Backbone`."""
+# --- the registry -----------------------------------------------------------------------------------------
 
-    name = "mplug_owl2"
-    image_token = "<|image|>"
 
-    def __init__(self, model: MPLUGOwl2ForCausalLM, tokenizer: Any, preprocessor: Callable[[Any], torch.Tensor]):
-        self.model, self.tokenizer, self.preprocessor = model, tokenizer, preprocessor
+@dataclass(frozen=True)
+class Family:
+    """A model family as the registry knows it."""
 
-    @classmethod
-    def from_checkpoint(cls, loaded: LoadedCheckpoint) -> MPLUGOwl2Backbone:
-        """Tokenizer and preprocessing from the checkpoint's files (added Q-Scorer tokens included)."""
-        from iqa_cli.errors import UserError
-        from iqa_cli.images import ClipPreprocessor
-        from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
+    name: str  # the `model_type` of its config.json
+    image_token: str  # what a prompt holds once (checked before any weights are read)
+    load: Callable[..., Backbone]  # (model, *, base, revision, dtype, device) -> Backbone
+    wrap: Callable[[Any], Backbone] | None = None  # an already built torch model -> Backbone (forward passes only)
 
-        if loaded.tokenizer_dir is None:
-            raise UserError(f"{loaded.weights_dir}: no tokenizer.model in the checkpoint (or its base)")
-        tokenizer = LlamaTokenizer.from_dir(loaded.tokenizer_dir)
-        if loaded.added_tokens:
-            ids = tokenizer.add_tokens(loaded.added_tokens)
-            if ids != loaded.score_token_ids:
-                raise UserError(
-                    f"{loaded.tokenizer_dir}: adding {loaded.added_tokens} gives ids {ids}, the checkpoint"
-                    f" was trained with {loaded.score_token_ids}"
-                )
-        if loaded.preprocessor_config is not None:
-            preprocessor = ClipPreprocessor.from_config(loaded.preprocessor_config)
-        else:
-            side = loaded.config.vision.image_size
-            preprocessor = ClipPreprocessor(size=side, crop_size=(side, side))
-        return cls(loaded.model, tokenizer, preprocessor)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        from iqa_cli.models.mplug_owl2.tokenizer import tokenize_prompt
+_registered: dict[str, Family] = {}
 
-        return tokenize_prompt(self.tokenizer, prompt)
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        logits_at: str | torch.Tensor = "last",
-    ) -> BackboneOutput:
-        out = self.model(input_ids, pixel_values, attention_mask=attention_mask, logits_at=logits_at)
-        return BackboneOutput(out.logits, out.hidden_states, out.text_positions, out.last_index)
+def register_family(family: Family) -> None:
+    """Adds (or replaces) a family: checkpoints whose config says `family.name` load through it."""
+    _registered[family.name] = family
 
-    __call__ = forward
+
+def supported_families() -> list[str]:
+    return sorted({*BUILTIN_FAMILIES, *_registered})
+
+
+def get_family(model_type: str, source: str = "") -> Family:
+    """A family by name; an unknown one is a one-line UserError listing the supported families."""
+    if model_type in _registered:
+        return _registered[model_type]
+    if model_type in BUILTIN_FAMILIES:
+        return importlib.import_module(BUILTIN_FAMILIES[model_type]).FAMILY
+    where = f"{source}: " if source else ""
+    supported = ", ".join(supported_families())
+    raise UserError(f"{where}model_type {model_type!r} is not a supported model family (supported: {supported})")
+
+
+def family_of(model: str | Path, *, base: str | Path | None = None, revision: str | None = None) -> tuple[str, str]:
+    """(family, the file that said so) for a checkpoint directory or Hub repo id.
+
+    Read in order: the run directory's `iqa.json` `family`; `config.json` `model_type`; for a peft adapter
+    without a config, its base's family. A Hub repo is read from the local cache only (nothing is downloaded
+    here); a repo not in the cache, or a directory with none of these files, is the default family, whose
+    loader reports what is missing.
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        cached = _cached_hub_file(str(model), CONFIG_FILE, revision)
+        return (_model_type(cached), str(cached)) if cached is not None else (DEFAULT_FAMILY, "")
+    run_file = path / RUN_FILE
+    if run_file.is_file():
+        family = _read_json(run_file).get(RUN_FAMILY_KEY)
+        if isinstance(family, str):
+            return family, str(run_file)
+    if (path / CONFIG_FILE).is_file():
+        return _model_type(path / CONFIG_FILE), str(path / CONFIG_FILE)
+    if (path / ADAPTER_CONFIG).is_file() and base is not None:
+        return family_of(base)
+    return DEFAULT_FAMILY, ""
+
+
+def load_backbone(
+    model: str | Path,
+    *,
+    base: str | Path | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Backbone:
+    """Loads any supported checkpoint (directory or Hub repo id) as its family's `Backbone`."""
+    family = get_family(*family_of(model, base=base, revision=revision))
+    return family.load(model, base=base, revision=revision, dtype=dtype, device=device)
+
+
+def _model_type(path: Path) -> str:
+    model_type = _read_json(path).get("model_type")
+    if not isinstance(model_type, str):
+        raise UserError(f"{path}: no model_type (supported: {', '.join(supported_families())})")
+    return model_type
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _cached_hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """A file of a Hub repo if the local Hugging Face cache holds it; None otherwise (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except Exception:  # an invalid repo id: the family's loader gives the readable error
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def __getattr__(name: str) -> Any:
+    """`MPLUGOwl2Backbone` for the training files that still import it from here; remove once training loads
+    through `load_backbone` (issue 9)."""
+    if name == "MPLUGOwl2Backbone":
+        return importlib.import_module(BUILTIN_FAMILIES[DEFAULT_FAMILY]).MPLUGOwl2Backbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import time
@@ -70,14 +69,14 @@ AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`;
 class ScorerLike(Protocol):
     """What the pipeline needs from `iqa_cli.scoring.Scorer`."""
 
-    preprocessor: Callable[[Any], torch.Tensor]
-    image_size: int
+    transform: Callable[[Any], dict[str, torch.Tensor]]  # RGB image -> the backbone's visual inputs; picklable
+    collate: Callable[..., dict[str, torch.Tensor]]  # the backbone's VisualCollate; picklable
     device: torch.device
     level_names: list[str]
     metadata: dict[str, str]
     has_regressor: bool
 
-    def score_pixels(self, pixel_values: torch.Tensor) -> Any: ...
+    def score_batch(self, visual: dict[str, torch.Tensor]) -> Any: ...
 
 
 @dataclass
@@ -168,29 +167,30 @@ def default_workers(environment: distributed.DistEnv) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading: decode + preprocess in DataLoader workers, batches of one fixed shape
+# Loading: decode + the backbone's transform in DataLoader workers, batches of one fixed shape
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses one input; failures come back as an error string, never raised."""
+    """Decodes one input and runs the backbone's transform on it; failures come back as an error string, never
+    raised."""
 
-    def __init__(self, inputs: InputList, indices: np.ndarray, preprocess: Callable, load: Callable | None = None):
+    def __init__(self, inputs: InputList, indices: np.ndarray, transform: Callable, load: Callable | None = None):
         self.inputs = inputs
         self.indices = indices  # int64 [n]: positions in `inputs` this rank scores
-        self.preprocess = preprocess
+        self.transform = transform  # RGB image -> dict of tensors
         self.load = load
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, int, int, str | None]:
+    def __getitem__(self, position: int) -> tuple[int, dict[str, torch.Tensor] | None, int, int, str | None]:
         index = int(self.indices[position])
         width = height = -1
         try:
             load = self.load or _default_loader()
             image = load(self.inputs.path(index))
             width, height = image.size
-            return index, self.preprocess(image), width, height, None
+            return index, self.transform(image), width, height, None
         except Exception as exc:  # any decoder failure is a row with `error`, not a crashed run
             return index, None, width, height, _reason(exc)
 
@@ -216,45 +216,29 @@ def _reason(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class PadCollate:
-    """Stacks a batch into [batch_size, 3, S, S] whatever its length or failures (zero rows as padding).
+    """One batch of `batch_size` rows whatever its length or failures: the backbone's collate builds the visual
+    inputs (padding rows as it defines them), padded rows have index -1.
 
-    Fixed shapes keep CUDA kernels and allocator blocks reusable; padded rows have index -1. Pixels are cast
-    to the model's dtype here, in the worker, when it is a 16-bit one: half the bytes to pin and copy, and
-    the same rounding the model's own cast would do.
+    Fixed shapes keep CUDA kernels and allocator blocks reusable. Visual inputs are cast to the model's dtype
+    here, in the worker, when it is a 16-bit one: half the bytes to pin and copy, and the same rounding the
+    model's own cast would do. The backbone's collate allocates with `iqa_cli.batch_buffer.batch_buffer`, so a
+    worker builds the batch in shared memory and handing it over copies nothing.
     """
 
     batch_size: int
-    image_size: int
+    visual_collate: Callable[..., dict[str, torch.Tensor]]  # the backbone's VisualCollate
     dtype: torch.dtype = torch.float32
 
     def __call__(self, items: list[tuple]) -> dict[str, Any]:
-        b, s = self.batch_size, self.image_size
-        pixels = _batch_buffer((b, 3, s, s), self.dtype)
+        b = self.batch_size
         index = torch.full((b,), -1, dtype=torch.int64)
         width = torch.full((b,), -1, dtype=torch.int32)
         height = torch.full((b,), -1, dtype=torch.int32)
         errors: list[str | None] = [None] * b
-        filled = torch.zeros(b, dtype=torch.bool)
-        for row, (i, tensor, w, h, error) in enumerate(items):
+        for row, (i, _, w, h, error) in enumerate(items):
             index[row], width[row], height[row], errors[row] = i, w, h, error
-            if tensor is not None:
-                pixels[row] = tensor
-                filled[row] = True
-        pixels[~filled] = 0
-        return {"pixels": pixels, "index": index, "width": width, "height": height, "error": errors}
-
-
-def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker, allocated in shared memory right away.
-
-    A batch built in ordinary memory is copied into shared memory when the worker hands it over (as
-    `default_collate` avoids too): for 16 images at 448 px that is 38 MB more to write per batch.
-    """
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = math.prod(shape)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        visual = self.visual_collate([item[1] for item in items], b, self.dtype)
+        return {"visual": visual, "index": index, "width": width, "height": height, "error": errors}
 
 
 def _transfer_dtype(scorer: ScorerLike) -> torch.dtype:
@@ -270,29 +254,30 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def _device_batches(loader: Iterator[dict], device: torch.device) -> Iterator[tuple[dict, torch.Tensor]]:
-    """Yields (batch, pixels on device); on CUDA the next batch is copied on a side stream meanwhile."""
+def _device_batches(loader: Iterator[dict], device: torch.device) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
+    """Yields (batch, visual inputs on device); on CUDA the next batch is copied on a side stream meanwhile."""
     if device.type != "cuda":
         for batch in loader:
-            yield batch, batch["pixels"]
+            yield batch, batch["visual"]
         return
     copy_stream = torch.cuda.Stream(device)
 
-    def send(batch: dict) -> torch.Tensor:
+    def send(batch: dict) -> dict[str, torch.Tensor]:
         with torch.cuda.stream(copy_stream):
-            return batch["pixels"].to(device, non_blocking=True)
+            return {name: t.to(device, non_blocking=True) for name, t in batch["visual"].items()}
 
     it = iter(loader)
     upcoming = next(it, None)
     upcoming_gpu = send(upcoming) if upcoming is not None else None
     while upcoming is not None:
-        batch, pixels = upcoming, upcoming_gpu
+        batch, visual = upcoming, upcoming_gpu
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(copy_stream)
-        pixels.record_stream(compute)
+        for tensor in visual.values():
+            tensor.record_stream(compute)
         upcoming = next(it, None)
         upcoming_gpu = send(upcoming) if upcoming is not None else None
-        yield batch, pixels
+        yield batch, visual
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,7 +285,10 @@ def _device_batches(loader: Iterator[dict], device: torch.device) -> Iterator[tu
 
 
 class BatchRunner:
-    """Calls `score_pixels` in chunks of `size`; with `auto`, halves `size` on CUDA OOM and retries."""
+    """Calls `score_batch` in chunks of `size` rows; with `auto`, halves `size` on CUDA OOM and retries.
+
+    Every visual input of a batch has its rows first (the backbone's collate guarantees it).
+    """
 
     def __init__(self, scorer: ScorerLike, size: int, *, auto: bool):
         self.scorer = scorer
@@ -308,16 +296,14 @@ class BatchRunner:
         self.auto = auto
         self.first_size = size
 
-    def __call__(self, pixels: torch.Tensor) -> BatchResult:
+    def __call__(self, visual: dict[str, torch.Tensor]) -> BatchResult:
         parts: list[BatchResult] = []
-        start, total = 0, pixels.shape[0]
+        start, total = 0, next(iter(visual.values())).shape[0]
         while start < total:
             n = min(self.size, total - start)
-            chunk = pixels[start : start + n]
-            if n < self.size:  # keep one shape per call when the size does not divide the batch
-                chunk = torch.cat([chunk, chunk.new_zeros(self.size - n, *chunk.shape[1:])])
+            chunk = {name: rows_padded(t[start : start + n], self.size) for name, t in visual.items()}
             try:
-                result = self.scorer.score_pixels(chunk)
+                result = self.scorer.score_batch(chunk)
             except torch.OutOfMemoryError:
                 if not self.auto or self.size == 1:
                     raise
@@ -334,6 +320,13 @@ class BatchRunner:
             std=np.concatenate([p.std for p in parts]),
             score_reg=None if parts[0].score_reg is None else np.concatenate([p.score_reg for p in parts]),
         )
+
+
+def rows_padded(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` with zero rows appended up to `size`: one shape per call when the size does not divide the batch."""
+    if rows.shape[0] == size:
+        return rows
+    return torch.cat([rows, rows.new_zeros(size - rows.shape[0], *rows.shape[1:])])
 
 
 def _free_cuda_memory() -> None:
@@ -360,7 +353,7 @@ def _to_numpy(result: Any, n: int) -> BatchResult:
 
 def _request(config: ScoreConfig) -> dict[str, str | None]:
     """The options that decide the scores (compared before loading a model to spot a finished output)."""
-    from iqa_cli.models.mplug_owl2.checkpoints import directory_fingerprint
+    from iqa_cli.files import directory_fingerprint
 
     return {
         "model": config.model,
@@ -664,7 +657,7 @@ def _score_indices(
 ) -> None:
     """The hot loop of one rank: loader -> device -> model -> parts.
 
-    Every model call of a run has one shape, [size, 3, S, S] with the last batch padded, so an image's
+    Every model call of a run has one shape, `size` rows with the last batch padded, so an image's
     score never depends on its batch-mates (not even in bf16, where kernels for other shapes round
     differently). A run with fewer images than the batch size uses that many rows instead: 2 images cost
     a forward pass of 2, not 16.
@@ -672,12 +665,12 @@ def _score_indices(
     size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
     size = max(1, min(size, len(indices)))
     workers = default_workers(environment) if config.workers is None else config.workers
-    dataset = ImageDataset(inputs, indices, scorer.preprocessor, load_image)
+    dataset = ImageDataset(inputs, indices, scorer.transform, load_image)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=_batches(len(indices), size),
         num_workers=workers,
-        collate_fn=PadCollate(size, scorer.image_size, _transfer_dtype(scorer)),
+        collate_fn=PadCollate(size, scorer.collate, _transfer_dtype(scorer)),
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=2 if workers else None,
@@ -696,8 +689,8 @@ def _score_indices(
     progress = _progress(console, len(indices), environment)
     try:
         with _signals_raise(sidecar.dir), torch.inference_mode(), progress:
-            for batch, pixels in _device_batches(batches, device):
-                result = runner(pixels)
+            for batch, visual in _device_batches(batches, device):
+                result = runner(visual)
                 progress.advance(writer.add(batch, result))
         if console is not None and runner.size != runner.first_size:
             console.print(

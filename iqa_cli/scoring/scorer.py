@@ -28,10 +28,7 @@ from iqa_cli.errors import UserError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from iqa_cli.images import ClipPreprocessor
-    from iqa_cli.models.mplug_owl2.checkpoints import LoadedCheckpoint
-    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
-    from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
+    from iqa_cli.models.backbone import Backbone, VisualInputs
 
 DEFAULT_LEVEL_NAMES = ("bad", "poor", "fair", "good", "excellent")
 
@@ -47,7 +44,7 @@ REGRESSOR_READOUTS = ("appended", "last")
 class Readout:
     """What goes into the model and where the levels (and the regression score) are read."""
 
-    input_ids: tuple[int, ...]  # prompt ids with the image slot (-200) once
+    input_ids: tuple[int, ...]  # the backbone's prompt ids (its image slot once); the level is read after them
     level_token_ids: tuple[int, ...]  # ascending quality
     level_names: tuple[str, ...]  # ascending quality, same length
     prompt: str  # the text the ids came from (for provenance)
@@ -92,31 +89,36 @@ def level_moments(level_logits: torch.Tensor, centers: torch.Tensor) -> tuple[to
 
 
 @torch.inference_mode()
-def read_levels(model: MPLUGOwl2ForCausalLM, pixel_values: torch.Tensor, readout: Readout) -> ScoreBatch:
-    """One forward pass over a batch of images [B, 3, S, S] with the readout's prompt -> ScoreBatch.
+def read_levels(backbone: Backbone, visual: VisualInputs | torch.Tensor, readout: Readout) -> ScoreBatch:
+    """One forward pass over a collated batch of B images with the readout's prompt -> ScoreBatch.
 
     The LM head runs at the last position only. Every row has the same prompt, so no padding is involved
     and a row's result does not depend on the other rows of the batch.
     """
-    b = pixel_values.shape[0]
-    device = model.device
+    if isinstance(visual, torch.Tensor):
+        # Training's in-loop evaluation and bench_model still pass the bare model and its pixels; remove once
+        # training talks to `Backbone` only (issue 9).
+        from iqa_cli.models.backbone import DEFAULT_FAMILY, get_family
+
+        backbone, visual = get_family(DEFAULT_FAMILY).wrap(backbone), {"pixel_values": visual}
+    b = next(iter(visual.values())).shape[0]
+    device = backbone.device
     ids = torch.tensor(readout.input_ids, dtype=torch.long, device=device).expand(b, -1)
     level_ids = torch.tensor(readout.level_token_ids, dtype=torch.long, device=device)
     centers = readout.centers
-    pixel_values = pixel_values.to(device=device, dtype=model.dtype, non_blocking=True)
     appended = readout.regressor == "appended"
-    out = model(ids, pixel_values, logits_at="last", use_cache=appended)
+    out = backbone.forward(visual, ids, logits_at="last", use_cache=appended)
     first = out.logits[:, -1]  # B, V
     level_logits = first[:, level_ids]
     score_reg = None
     if readout.regressor == "last":
-        score_reg = model.deepmlp(out.hidden_states[:, -1])
+        score_reg = backbone.regress(out.hidden_states[:, -1])
     elif appended:
-        # The authors' Q-Scorer scoring: greedy next token, then the MLP at that token. One cached
+        # The authors' Q-Scorer scoring: greedy next token, then the regressor at that token. One cached
         # decoding step gives the numbers of their full recomputation.
         next_ids = first.argmax(-1, keepdim=True)  # B, 1
-        step = model(next_ids, past_key_values=out.past_key_values, logits_at="last")
-        score_reg = model.deepmlp(step.hidden_states[:, -1])
+        step = backbone.decode_step(next_ids, out.past_key_values)
+        score_reg = backbone.regress(step.hidden_states[:, -1])
         # The score token follows the appended one, unless the greedy token already was a score token.
         took_level = torch.isin(next_ids[:, 0], level_ids)
         level_logits = torch.where(took_level[:, None], level_logits, step.logits[:, -1][:, level_ids])
@@ -177,70 +179,38 @@ class RunInfo:
         return info
 
 
-def build_readout(
-    loaded: LoadedCheckpoint, tokenizer: LlamaTokenizer, prompt: str | None, run: RunInfo | None
-) -> Readout:
+def build_readout(backbone: Backbone, prompt: str | None, run: RunInfo | None) -> Readout:
     """Decides prompt ids, level tokens and regressor readout for a checkpoint (see module docstring)."""
-    from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_PROMPT, QUICKSTART_PROMPT, level_token_ids, tokenize_prompt
-
-    regression = loaded.model.deepmlp is not None
+    default_prompt, default_level_ids, default_regressor = backbone.default_scoring()
     if run is not None and run.level_tokens:
         names = run.level_names or list(run.level_tokens)
         if len(names) != len(run.level_tokens):
             raise UserError(f"{RUN_FILE}: {len(names)} level names for {len(run.level_tokens)} level tokens")
         tokens = list(run.level_tokens)
-        level_ids = [_single_token_id(tokenizer, t) for t in tokens]
+        level_ids = [backbone.level_token_id(t) for t in tokens]
         if len(set(level_ids)) != len(level_ids):
             raise UserError(f"{RUN_FILE}: level tokens {tokens} do not map to distinct ids")
         if prompt is None and run.input_ids:
             ids = tuple(int(i) for i in run.input_ids)
             return Readout(ids, tuple(level_ids), tuple(names), run.prompt or "", run.regressor)
-        text = prompt or run.prompt or DEFAULT_PROMPT
-        return Readout(tuple(tokenize_prompt(tokenizer, text)), tuple(level_ids), tuple(names), text, run.regressor)
-    if loaded.score_token_ids:  # the released Q-Scorer layout: <score1>..<score5>, scored like its authors do
-        text = prompt or QUICKSTART_PROMPT
-        ids = tuple(tokenize_prompt(tokenizer, text))
-        names = (
-            DEFAULT_LEVEL_NAMES
-            if len(loaded.score_token_ids) == 5
-            else tuple(f"score{i + 1}" for i in range(len(loaded.score_token_ids)))
-        )
-        return Readout(ids, tuple(loaded.score_token_ids), tuple(names), text, "appended" if regression else None)
-    text = prompt or DEFAULT_PROMPT
+        text = prompt or run.prompt or default_prompt
+        return Readout(tuple(backbone.encode_prompt(text)), tuple(level_ids), tuple(names), text, run.regressor)
+    text = prompt or default_prompt
+    ids = tuple(backbone.encode_prompt(text))
+    if default_level_ids:  # tokens the checkpoint was trained to answer with (Q-Scorer's <score1>..<score5>)
+        k = len(default_level_ids)
+        names = DEFAULT_LEVEL_NAMES if k == len(DEFAULT_LEVEL_NAMES) else tuple(f"score{i + 1}" for i in range(k))
+        return Readout(ids, tuple(default_level_ids), tuple(names), text, default_regressor)
     names = tuple(DEFAULT_LEVEL_NAMES)
-    return Readout(
-        tuple(tokenize_prompt(tokenizer, text)),
-        tuple(level_token_ids(tokenizer, names)),
-        names,
-        text,
-        "last" if regression else None,
-    )
-
-
-def _single_token_id(tokenizer: LlamaTokenizer, token: str) -> int:
-    """The id of a level token: an added token by name, else the word's first piece after a space."""
-    from iqa_cli.models.mplug_owl2.tokenizer import level_token_ids
-
-    added = tokenizer.added_tokens
-    if token in added:
-        return added[token]
-    return level_token_ids(tokenizer, [token])[0]
+    level_ids = [backbone.level_token_id(name) for name in names]
+    return Readout(ids, tuple(level_ids), names, text, default_regressor)
 
 
 class Scorer:
-    """A loaded model plus everything needed to turn images into quality scores."""
+    """A loaded backbone plus everything needed to turn images into quality scores."""
 
-    def __init__(
-        self,
-        model: MPLUGOwl2ForCausalLM,
-        tokenizer: LlamaTokenizer,
-        preprocessor: ClipPreprocessor,
-        readout: Readout,
-        metadata: dict[str, str] | None = None,
-    ):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.preprocessor = preprocessor
+    def __init__(self, backbone: Backbone, readout: Readout, metadata: dict[str, str] | None = None):
+        self.backbone = backbone
         self.readout = readout
         self.metadata = dict(metadata or {})
 
@@ -259,34 +229,35 @@ class Scorer:
 
         Args:
             model: Hugging Face repo id or local directory.
-            base: the full model a LoRA adapter is merged onto (default: the released mPLUG-Owl2 base).
+            base: the full model a LoRA adapter is merged onto (default: the family's released base).
             device: "auto", "cpu", "cuda", "cuda:1", ...
             dtype: "auto" (bf16 on CUDA with support, else float32), "float32", "bfloat16", "float16".
-            prompt: a full prompt holding `<|image|>` once; default: the one the checkpoint was evaluated with.
+            prompt: a full prompt holding the family's image token once; default: the one the checkpoint was
+                evaluated with.
             revision: branch, tag or commit of a Hub repo.
         """
-        from iqa_cli.models.backbone import MPLUGOwl2Backbone
-        from iqa_cli.models.mplug_owl2.checkpoints import directory_fingerprint, load_mplug_owl2
-        from iqa_cli.models.mplug_owl2.tokenizer import IMAGE_TOKEN
+        from iqa_cli.files import directory_fingerprint
+        from iqa_cli.models.backbone import family_of, get_family
 
-        if prompt is not None and prompt.count(IMAGE_TOKEN) != 1:
-            raise UserError(f"--prompt must hold {IMAGE_TOKEN} exactly once: {prompt!r}")
-        target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
-        torch_dtype = resolve_dtype(dtype, target)
         if base is None and Path(model).is_dir():  # an `iqa train` LoRA run names its own base
             local_run = RunInfo.read(Path(model))
             base = local_run.extra.get("base") if local_run else None
-        loaded = load_mplug_owl2(model, base=base, revision=revision, dtype=torch_dtype, device=target)
-        backbone = MPLUGOwl2Backbone.from_checkpoint(loaded)
-        run = RunInfo.read(loaded.weights_dir)
-        readout = build_readout(loaded, backbone.tokenizer, prompt, run)
+        family = get_family(*family_of(model, base=base, revision=revision))
+        if prompt is not None and prompt.count(family.image_token) != 1:
+            raise UserError(f"--prompt must hold {family.image_token} exactly once: {prompt!r}")
+        target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
+        torch_dtype = resolve_dtype(dtype, target)
+        backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target)
+        origin = backbone.provenance
+        run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
+        readout = build_readout(backbone, prompt, run)
         metadata = {
-            "model": loaded.repo_id or str(loaded.weights_dir.resolve()),
-            "model_revision": loaded.revision or "",
+            "model": origin.model,
+            "model_revision": origin.revision,
             "model_files": directory_fingerprint(model) or "",
-            "model_layout": loaded.layout,
-            "base_model": (loaded.base_repo_id or str(loaded.base_dir.resolve())) if loaded.base_dir else "",
-            "base_revision": loaded.base_revision or "",
+            "model_layout": origin.layout,
+            "base_model": origin.base_model,
+            "base_revision": origin.base_revision,
             "base_files": (directory_fingerprint(base) or "") if base is not None else "",
             "method": run.method if run and run.method else ("qscorer" if readout.regressor else "levels"),
             "dtype": str(torch_dtype).removeprefix("torch."),
@@ -298,19 +269,39 @@ class Scorer:
             "regressor_readout": readout.regressor or "",
             "iqa_version": __version__,
         }
-        return cls(loaded.model, backbone.tokenizer, backbone.preprocessor, readout, metadata)
+        return cls(backbone, readout, metadata)
+
+    @property
+    def model(self) -> Any:
+        """The family's torch module (for callers that want its weights)."""
+        return getattr(self.backbone, "model", None)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.backbone.tokenizer
+
+    @property
+    def preprocessor(self) -> Any:
+        """The family's image preprocessing (for mPLUG-Owl2: image -> pixels [3, S, S])."""
+        return self.backbone.preprocessor
+
+    @property
+    def transform(self) -> Any:
+        """RGB PIL image -> the backbone's visual inputs (a dict of tensors); picklable."""
+        return self.backbone.transform
+
+    @property
+    def collate(self) -> Any:
+        """The backbone's batching of visual inputs (`iqa_cli.models.backbone.VisualCollate`); picklable."""
+        return self.backbone.collate
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.backbone.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def image_size(self) -> int:
-        return self.preprocessor.image_size
+        return self.backbone.dtype
 
     @property
     def level_names(self) -> list[str]:
@@ -320,9 +311,13 @@ class Scorer:
     def has_regressor(self) -> bool:
         return self.readout.regressor is not None
 
+    def score_batch(self, visual: VisualInputs) -> ScoreBatch:
+        """A collated batch of visual inputs (the backbone's `collate`) -> ScoreBatch (CPU float32)."""
+        return read_levels(self.backbone, visual, self.readout)
+
     def score_pixels(self, pixel_values: torch.Tensor) -> ScoreBatch:
-        """Preprocessed pixels [B, 3, S, S] -> ScoreBatch (CPU float32)."""
-        return read_levels(self.model, pixel_values, self.readout)
+        """Preprocessed pixels [B, ...] of a family whose one visual input is `pixel_values` -> ScoreBatch."""
+        return self.score_batch({"pixel_values": pixel_values})
 
     def score(self, images: Sequence[Image.Image | str | Path], batch_size: int = 16) -> list[ImageScore]:
         """Scores PIL images or image paths, in order. Unreadable files raise `ImageDecodeError`."""
@@ -335,8 +330,8 @@ class Scorer:
             chunk = [
                 load_image(x) if isinstance(x, str | Path) else to_rgb(x) for x in images[start : start + batch_size]
             ]
-            pixels = torch.stack([self.preprocessor(img) for img in chunk])
-            batch = self.score_pixels(pixels)
+            visual = self.collate([self.transform(img) for img in chunk], len(chunk), torch.float32)
+            batch = self.score_batch(visual)
             for i, img in enumerate(chunk):
                 probs = batch.probs[i].tolist()
                 results.append(

@@ -20,7 +20,6 @@ remote code is ever run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
@@ -632,22 +631,6 @@ def _first_with(name: str, *dirs: Path) -> Path | None:
 def _file_in(name: str, *dirs: Path) -> Path | None:
     d = _first_with(name, *dirs)
     return d / name if d is not None else None
-
-
-def directory_fingerprint(model: str | Path) -> str | None:
-    """A cheap identity of a local checkpoint directory's files (names, sizes, modification times).
-
-    None for a Hub repo id (its commit hash identifies it). Lets `iqa score` tell a finished output from one
-    written by an earlier checkpoint saved into the same directory, without loading any weights.
-    """
-    directory = Path(model)
-    if not directory.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 # --- writing --------------------------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""CLIP preprocessing of mPLUG-Owl2 with the reference's pixel values.
+
+The reference pads to a square filled with the CLIP mean colour (`expand2square`, DeQA-Score `src/mm_utils.py`)
+and runs transformers' slow, PIL-based `CLIPImageProcessor` (bicubic shortest-edge resize, center crop,
+x/255, (x - mean)/std). `ClipPreprocessor` reproduces those numbers without transformers; torchvision-based
+fast processors resize differently and are not used. Decoding (`iqa_cli.images.load_image`) comes before.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from iqa_cli.errors import UserError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def expand_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
+    """Pads the short side to a square filled with `color`, the image centered with the reference's offset
+    `(long - short) // 2` (`expand2square`, DeQA-Score `src/mm_utils.py`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), color)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+@dataclass(frozen=True)
+class ClipPreprocessor:
+    """CLIP preprocessing as transformers' slow `CLIPImageProcessor` computes it, after the reference's padding.
+
+    The default is the released checkpoints' `preprocessor_config.json` (448 px, OpenAI CLIP mean/std).
+    Frozen and picklable, so DataLoader workers can carry it.
+    """
+
+    size: int | tuple[int, int] = 448  # int: shortest edge; (height, width): exact output of the resize
+    crop_size: tuple[int, int] = (448, 448)  # (height, width) of the center crop
+    resample: int = 3  # PIL resampling filter; 3 = bicubic
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    pad_to_square: bool = True  # the reference's `image_aspect_ratio="pad"`
+
+    def __post_init__(self) -> None:
+        if self.image_size is None:
+            raise ValueError("preprocessing must produce a square image (set a square crop_size)")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std need 3 values")
+
+    @classmethod
+    def from_config(cls, source: str | Path | dict[str, Any]) -> ClipPreprocessor:
+        """From a `preprocessor_config.json` (or the directory holding it, or its parsed dict), with
+        `CLIPImageProcessor`'s defaults for missing keys."""
+        if isinstance(source, dict):
+            config, where = source, "preprocessor config"
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / PREPROCESSOR_CONFIG
+            where = str(path)
+            if not path.is_file():
+                raise UserError(f"image preprocessor config not found: {path}")
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} is not valid JSON: {err}") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{path} must hold a JSON object")
+        try:
+            return cls(
+                size=_size_option(config.get("size", {"shortest_edge": 224})),
+                crop_size=_crop_option(config.get("crop_size", {"height": 224, "width": 224})),
+                resample=int(config.get("resample", 3)),
+                image_mean=_triple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+                image_std=_triple(config.get("image_std", OPENAI_CLIP_STD)),
+                do_resize=bool(config.get("do_resize", True)),
+                do_center_crop=bool(config.get("do_center_crop", True)),
+                do_rescale=bool(config.get("do_rescale", True)),
+                rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+                do_normalize=bool(config.get("do_normalize", True)),
+                pad_to_square=config.get("image_aspect_ratio", "pad") == "pad",
+            )
+        except (TypeError, ValueError, KeyError) as err:
+            raise UserError(f"{where}: unsupported image preprocessing settings: {err}") from None
+
+    def to_config(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` keys (CLIPImageProcessor's) for this preprocessing."""
+        if isinstance(self.size, int):
+            size = {"shortest_edge": self.size}
+        else:
+            size = {"height": self.size[0], "width": self.size[1]}
+        return {
+            "crop_size": {"height": self.crop_size[0], "width": self.crop_size[1]},
+            "do_center_crop": self.do_center_crop,
+            "do_convert_rgb": True,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_processor_type": "CLIPImageProcessor",
+            "image_std": list(self.image_std),
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "size": size,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / PREPROCESSOR_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_config(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @property
+    def image_size(self) -> int | None:
+        """Side S of the square pixel_values (None if the settings give a non-square output)."""
+        if self.do_center_crop:
+            height, width = self.crop_size
+            return height if height == width else None
+        if self.do_resize:
+            if isinstance(self.size, int):
+                return self.size if self.pad_to_square else None
+            height, width = self.size
+            return height if height == width else None
+        return None
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """The padding colour, `tuple(int(x * 255) for x in image_mean)` as in the reference: (122, 116, 104)."""
+        return tuple(int(x * 255) for x in self.image_mean)  # type: ignore[return-value]
+
+    def __call__(self, image: Image.Image):
+        """RGB PIL image -> FloatTensor[3, S, S]."""
+        import torch
+
+        return torch.from_numpy(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 array [3, S, S] (C, H, W)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if self.pad_to_square:
+            image = expand_to_square(image, self.pad_color)
+        if self.do_resize:
+            height, width = self.resize_shape(image.size)
+            # Pillow returns a copy when the size is unchanged, as transformers' call does.
+            image = image.resize((width, height), resample=Image.Resampling(self.resample))
+        hwc = np.asarray(image)  # H, W, 3 uint8
+        if self.do_center_crop:
+            hwc = _center_crop(hwc, self.crop_size)
+        lut = self._value_table()
+        out = np.empty((3, *hwc.shape[:2]), dtype=np.float32)
+        for c in range(3):
+            np.take(lut[c], hwc[..., c], out=out[c])
+        return out
+
+    def resize_shape(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) after the resize, rounded as transformers' `get_resize_output_image_size`:
+        the short side becomes `size`, the long side `int(size * long / short)`."""
+        if not isinstance(self.size, int):
+            return self.size
+        width, height = image_size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.size * long / short)
+        return (new_long, self.size) if width <= height else (self.size, new_long)
+
+    def _value_table(self) -> np.ndarray:
+        """[3, 256] float32: the output for each uint8 value, by transformers' arithmetic (x * factor in
+        float64 cast to float32, then (x - mean) / std in float32), so a table lookup is bit-identical."""
+        values = np.arange(256, dtype=np.uint8)
+        scaled = (values * self.rescale_factor).astype(np.float32) if self.do_rescale else values.astype(np.float32)
+        table = np.repeat(scaled[None, :], 3, axis=0)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+            table = (table - mean) / std
+        return table
+
+
+def _center_crop(hwc: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """transformers' `center_crop`: offset `(size - crop) // 2`, zero padding where the image is smaller."""
+    height, width = hwc.shape[:2]
+    crop_h, crop_w = crop
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return hwc[top : top + crop_h, left : left + crop_w]
+    new_h, new_w = max(crop_h, height), max(crop_w, width)
+    pad_top, pad_left = (new_h - height) // 2, (new_w - width) // 2
+    padded = np.zeros((new_h, new_w, hwc.shape[2]), dtype=hwc.dtype)
+    padded[pad_top : pad_top + height, pad_left : pad_left + width] = hwc
+    top, left = top + pad_top, left + pad_left
+    return padded[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
+
+
+def _size_option(value: Any) -> int | tuple[int, int]:
+    if isinstance(value, int):
+        return value  # a bare int is the shortest edge (CLIPImageProcessor, default_to_square=False)
+    if isinstance(value, dict) and "shortest_edge" in value:
+        return int(value["shortest_edge"])
+    if isinstance(value, dict) and {"height", "width"} <= value.keys():
+        return (int(value["height"]), int(value["width"]))
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"size {value!r} (expected an int, {{'shortest_edge'}} or {{'height', 'width'}})")
+
+
+def _crop_option(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, dict) and {"height", "width"} <= value.keys():
+        return (int(value["height"]), int(value["width"]))
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"crop_size {value!r} (expected an int or {{'height', 'width'}})")
+
+
+def _triple(value: Any) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"expected 3 values, got {list(value)}")
+    return values  # type: ignore[return-value]

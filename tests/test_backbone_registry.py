@@ -1,0 +1,83 @@
+"""The registry picks a checkpoint's family from its files; an unknown family is one line and exit 2; no
+mPLUG-Owl2 fact leaks out of its folder."""
+
+import json
+import subprocess
+
+import pytest
+from PIL import Image
+
+from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import DEFAULT_FAMILY, family_of, get_family, supported_families
+from tests.conftest import REPO_ROOT, run_iqa
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "foo"])
+def test_unknown_model_type_is_one_line_naming_the_supported_families(tmp_path, model_type):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 8}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    result = run_iqa(
+        "score", str(tmp_path / "a.png"), "--model", str(model), "--out", str(tmp_path / "s.parquet"),
+        "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"model_type {model_type!r} is not a supported model family" in lines[0]
+    assert str(model / "config.json") in lines[0] and "supported: mplug_owl2" in lines[0]
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_family_comes_from_the_run_file_then_config_then_the_adapters_base(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text(json.dumps({"model_type": "mplug_owl2"}))
+    assert family_of(full) == ("mplug_owl2", str(full / "config.json"))
+
+    run = tmp_path / "run"  # an `iqa train` LoRA run: adapter files and iqa.json, the base's config only
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    assert family_of(run, base=full)[0] == "mplug_owl2"
+    (run / "iqa.json").write_text(json.dumps({"family": "foo", "base": str(full)}))
+    assert family_of(run) == ("foo", str(run / "iqa.json"))
+    with pytest.raises(UserError, match=r"iqa\.json: model_type 'foo' is not a supported model family"):
+        get_family(*family_of(run))
+
+    assert family_of(tmp_path / "not-there")[0] == DEFAULT_FAMILY  # a repo id not in the cache: its loader says
+    assert supported_families() == sorted(supported_families()) and DEFAULT_FAMILY in supported_families()
+
+
+# The mPLUG-Owl2 facts the issue names must live in iqa_cli/models/mplug_owl2/ only. Files still pending:
+# the training side (being moved behind `Backbone` in issue 9) and modules that build or cite the tiny
+# mPLUG-Owl2 test model. Tighten this list as each is moved: once training talks only to `Backbone`, the only
+# allowed hits outside the family folder are the registry's two lines.
+PENDING = {
+    "iqa_cli/train.py",  # training, issue 9 item 3
+    "iqa_cli/training/",  # training, issue 9 item 3
+    "iqa_cli/distributed.py",  # shard_mplug_owl2: FSDP units belong to the family (training)
+    "iqa_cli/cli.py",  # `iqa train` help and default base model
+    "iqa_cli/losses.py",  # comments citing the reference's modeling_mplug_owl2.py
+    "iqa_cli/synthetic.py",  # builds the tiny mPLUG-Owl2 checkpoints of the tests and the demo
+    "iqa_cli/demo.py",  # the demo's tiny-mplug-owl2 folder
+}
+REGISTRY_LINES = ('BUILTIN_FAMILIES = {"mplug_owl2": ', 'DEFAULT_FAMILY = "mplug_owl2"')
+
+
+def test_no_mplug_owl2_fact_outside_its_folder():
+    found = subprocess.run(
+        ["grep", "-rn", r"IMAGE_TOKEN_INDEX\|-200\|mplug\|multiway\|deepmlp\|ClipPreprocessor", "iqa_cli",
+         "--include=*.py"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+    ).stdout.splitlines()  # fmt: skip
+    assert found, "grep found nothing at all: the pattern or the folder is wrong"
+    leaks = []
+    for hit in found:
+        path, _, text = hit.split(":", 2)
+        if path.startswith("iqa_cli/models/mplug_owl2/") or any(path.startswith(p) for p in PENDING):
+            continue
+        if path == "iqa_cli/models/backbone.py" and text.startswith(REGISTRY_LINES):
+            continue
+        leaks.append(hit)
+    assert not leaks, "\n".join(leaks)
