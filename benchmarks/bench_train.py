@@ -1,7 +1,7 @@
 """Training throughput (samples/s, images/s) and peak memory of `iqa train`'s loop on synthetic data.
 
 Default (CPU): a tiny mPLUG-Owl2 from random weights, written as a checkpoint directory and trained through
-`iqa_cli.train` exactly as `iqa train --model DIR` does.
+`iqa_cli.training` exactly as `iqa train --model DIR` does.
 
 `--gpu`: the full-size model (ViT-L/14 at 448 px, 6-layer abstractor, LLaMA-2-7B) with random weights built
 in memory on the device, on KonIQ-size JPEGs (1024x768) decoded by DataLoader workers, in two modes:
@@ -38,9 +38,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from iqa_cli import distributed, train_state  # noqa: E402
-from iqa_cli import train as train_module  # noqa: E402
+from iqa_cli import distributed  # noqa: E402
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config  # noqa: E402
+from iqa_cli.training import METHODS, TrainConfig  # noqa: E402
+from iqa_cli.training import loop as train_loop  # noqa: E402
+from iqa_cli.training import session as train_session  # noqa: E402
+from iqa_cli.training import state as train_state  # noqa: E402
 
 REAL_TOKENIZER = REPO / "tests" / "fixtures" / "mplug-owl2-tokenizer"
 
@@ -116,25 +119,25 @@ def in_memory_checkpoint(config: MPLUGOwl2Config, device: torch.device, tok: Pat
     )
 
 
-def run(config: train_module.TrainConfig, loaded=None, warmup: int = 2) -> dict:
-    """Trains `config.max_steps` steps without saving; throughput over the steps after `warmup`."""
-    device = distributed.resolve_device(config.device)
+def run(config: TrainConfig, loaded=None, warmup: int = 2) -> dict:
+    """Trains `config.optim.max_steps` steps without saving; throughput over the steps after `warmup`."""
+    device = distributed.resolve_device(config.control.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     save = train_state.save_checkpoint
     train_state.save_checkpoint = lambda *args, **kwargs: None  # timing only: no checkpoint files
     try:
         started = time.perf_counter()
-        session = train_module.setup(config, "fresh", loaded=loaded)
+        session = train_session.setup(config, "fresh", loaded=loaded)
         setup_s = time.perf_counter() - started
-        train_module.run_training(session)
+        train_loop.run_training(session)
     finally:
         train_state.save_checkpoint = save
         distributed.destroy()
     log = [json.loads(line) for line in (Path(config.out) / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r][warmup:]
-    seconds = sum(config.batch_size / r["samples_per_s"] for r in steps)
-    samples = config.batch_size * len(steps)
+    seconds = sum(config.optim.batch_size / r["samples_per_s"] for r in steps)
+    samples = config.optim.batch_size * len(steps)
     peak = (
         torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda"
@@ -166,7 +169,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="full-size model with random weights (LoRA and full)")
     parser.add_argument("--tiny", action="store_true", help="with --gpu: the tiny config (checks the code path)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--method", default="deqa", choices=train_module.METHODS)
+    parser.add_argument("--method", default="deqa", choices=METHODS)
     parser.add_argument("--modes", default="lora,full", help="--gpu: lora, full or both")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps timed (after 2 warmup steps)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -215,7 +218,7 @@ def main() -> None:
             write_checkpoint(tiny_model(config=config), tmp / "model", tokenizer_dir=tok)
             for lora in (False, True):
                 name = f"tiny {args.method} {'lora' if lora else 'full'} ({args.image_size} px, batch {batch})"
-                cfg = train_module.TrainConfig(
+                cfg = TrainConfig.from_options(
                     out=tmp / f"run-{lora}", model=str(tmp / "model"), lora=lora, lora_r=8, lora_alpha=16, **common
                 )
                 report(name, run(cfg), device)
@@ -231,7 +234,7 @@ def main() -> None:
                 layers = min(args.full_layers, base.language.num_hidden_layers)
                 config = base.replace(num_hidden_layers=layers)
             loaded = in_memory_checkpoint(config, device, tok, tmp / f"model-{mode}")
-            cfg = train_module.TrainConfig(
+            cfg = TrainConfig.from_options(
                 out=tmp / f"run-{mode}",
                 model=f"random {'tiny' if args.tiny else '7b'}",
                 lora=lora,

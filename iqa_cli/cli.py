@@ -373,65 +373,23 @@ def train(
     Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
     --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
     """
+    options = dict(locals())  # every parameter is a TrainConfig option of the same name
+
     from pathlib import Path
 
-    from iqa_cli.train import TrainConfig, TrainInterrupted, train
+    from iqa_cli.training import TrainConfig, TrainInterrupted, train
 
-    config = TrainConfig(
-        datasets=_csv_list(datasets, "--datasets") or [],
-        out=Path(out),
-        model=model,
-        base=base,
-        method=method,
-        data_dir=Path(data_dir) if data_dir else None,
-        images=Path(images) if images else None,
-        data_weights=_csv_list(data_weights, "--data-weights", int),
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        max_grad_norm=max_grad_norm,
-        seed=seed,
-        gradient_checkpointing=gradient_checkpointing,
-        lora=lora,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_targets=_csv_list(lora_targets, "--lora-targets"),
-        freeze_vision=freeze_vision,
-        freeze_abstractor=freeze_abstractor,
-        w_fid=w_fid,
-        w_tok=w_tok,
-        w_kl=w_kl,
-        w_in_level=w_in_level,
-        fid_std=fid_std,
-        detach_pred_std=detach_pred_std,
-        closed_set=closed_set,
-        w_mse=w_mse,
-        mse_clamp=mse_clamp,
-        w_nin=w_nin,
-        w_rank=w_rank,
-        rank_margin=rank_margin,
-        mlp_dims=_csv_list(mlp_dims, "--mlp-dims", int) or [],
-        layout=layout,
-        fixed_question=fixed_question,
-        eval_every=eval_every,
-        evaluate=evaluate,
-        eval_batch_size=eval_batch_size,
-        save_every=save_every,
-        save_minutes=save_minutes,
-        keep_checkpoints=keep_checkpoints,
-        merge=merge,
-        strategy=strategy,
-        device=device,
-        workers=workers,
-        resume=resume,
-        overwrite=overwrite,
-        wait=wait,
-        quiet=quiet,
+    config = TrainConfig.from_options(
+        **{
+            **options,
+            "datasets": _csv_list(datasets, "--datasets") or [],
+            "out": Path(out),
+            "data_dir": Path(data_dir) if data_dir else None,
+            "images": Path(images) if images else None,
+            "data_weights": _csv_list(data_weights, "--data-weights", int),
+            "lora_targets": _csv_list(lora_targets, "--lora-targets"),
+            "mlp_dims": _csv_list(mlp_dims, "--mlp-dims", int) or [],
+        }
     )
     try:
         result = train(config, console=err_console)

@@ -21,9 +21,9 @@ def _values_of(module: str, name: str) -> Callable[[str], list[str]]:
 
 densities = _values_of("iqa_cli.labels", "DENSITIES")
 label_rules = _values_of("iqa_cli.labels", "LABEL_RULES")
-methods = _values_of("iqa_cli.train", "METHODS")
-layouts = _values_of("iqa_cli.train", "LAYOUTS")
-strategies = _values_of("iqa_cli.train", "STRATEGIES")
+methods = _values_of("iqa_cli.training.objectives", "METHODS")
+layouts = _values_of("iqa_cli.training.config", "LAYOUTS")
+strategies = _values_of("iqa_cli.training.config", "STRATEGIES")
 dtypes = _values_of("iqa_cli.scoring.pipeline", "DTYPES")
 formats = _values_of("iqa_cli.scoring.store", "FORMATS")
 splits = _values_of("iqa_cli.evaluate", "SPLITS")

@@ -59,7 +59,7 @@ def test_completion_offers_each_options_values(iqa, monkeypatch):
     from iqa_cli.labels import DENSITIES, LABEL_RULES
     from iqa_cli.scoring.pipeline import DTYPES
     from iqa_cli.scoring.store import FORMATS
-    from iqa_cli.train import LAYOUTS, METHODS, STRATEGIES
+    from iqa_cli.training import LAYOUTS, METHODS, STRATEGIES
 
     expected = {
         "iqa train --method ": METHODS,

@@ -170,7 +170,7 @@ def test_many_missing_images_are_counted_and_a_few_named_and_none_found_is_an_er
 
 
 def test_image_root_is_stored_absolute_and_train_finds_images_from_another_directory(tmp_path, rng):
-    from iqa_cli import train_data
+    from iqa_cli.training import data as train_data
 
     source, expected = write_koniq(tmp_path, rng, n=12)
     (tmp_path / "imgs").mkdir()

@@ -1,4 +1,4 @@
-"""`iqa_cli.train_data`: metas -> rows, the epoch order, pairs, batches split over ranks, prompts, collate.
+"""`iqa_cli.training.data`: metas -> rows, the epoch order, pairs, batches split over ranks, prompts, collate.
 
 Also home of `prepare_synthetic`, which the other `test_train_*` modules import: `iqa_cli.synthetic`'s
 images (what `iqa demo` trains on) prepared with the real `iqa prepare custom`.
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_cli import train_data
 from iqa_cli.errors import UserError
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
@@ -27,6 +26,7 @@ from iqa_cli.models.mplug_owl2.tokenizer import (
     tokenize_prompt,
 )
 from iqa_cli.synthetic import build_tiny_tokenizer, make_synthetic_iqa, write_tiny_checkpoint
+from iqa_cli.training import data as train_data
 from tests.conftest import run_iqa
 
 # --- synthetic IQA data (shared with the other train tests) -----------------------------------------------

@@ -15,7 +15,6 @@ import torch
 from scipy.special import log_softmax, softmax
 from scipy.stats import norm
 
-from iqa_cli import train, train_data
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_QUESTION,
     EVAL_TEMPLATE,
@@ -28,6 +27,11 @@ from iqa_cli.models.mplug_owl2.tokenizer import (
 )
 from iqa_cli.scoring.scorer import Readout, read_levels
 from iqa_cli.synthetic import build_tiny_tokenizer
+from iqa_cli.training import data as train_data
+from iqa_cli.training.config import TrainConfig
+from iqa_cli.training.model import TrainForward, add_regressor, level_setup
+from iqa_cli.training.objectives import LossSpec, compute_loss
+from iqa_cli.training.optimizer import cosine_with_warmup, warmup_steps
 from tests.factories import random_pixels, tiny_model
 
 WORDS = ["bad", "poor", "fair", "good", "excellent"]
@@ -93,13 +97,13 @@ def test_deqa_loss_terms_equal_a_float64_hand_computation(tok):
     pixels = random_pixels(4, model.config, seed=1)
     batch = _batch(tok, rows, table, pixels, paired=True)
     assert batch.pairs == 2 and batch.attention_mask.min() == 0  # padding is exercised
-    forward = train.TrainForward(model, model)
+    forward = TrainForward(model, model)
     with torch.no_grad():
         logits, pred = forward(batch.input_ids, batch.pixel_values, batch.attention_mask)
     assert pred is None
-    spec = train.LossSpec("deqa", tuple(level_ids), {"w_fid": 1.0, "w_tok": 0.05, "w_kl": 1.0}, True, True, True,
+    spec = LossSpec("deqa", tuple(level_ids), {"w_fid": 1.0, "w_tok": 0.05, "w_kl": 1.0}, True, True, True,
                           0.0, 1.0, 0.0, 0.0, 0.0)  # fmt: skip
-    parts = train.compute_loss(spec, logits, None, batch)
+    parts = compute_loss(spec, logits, None, batch)
 
     c = np.linspace(1, 5, 5)
     sides = {"A": [0, 2], "B": [1, 3]}  # rows of the A and B images in the pair order (0, 1), (2, 3)
@@ -136,10 +140,10 @@ def test_qalign_loss_is_the_response_ce_with_the_level_token_included(tok):
     pixels = random_pixels(3, model.config, seed=2)
     batch = _batch(tok, rows, table, pixels, paired=False)
     with torch.no_grad():
-        logits, _ = train.TrainForward(model, model)(batch.input_ids, batch.pixel_values, batch.attention_mask)
-    spec = train.LossSpec("qalign", tuple(level_ids), {"w_fid": 0.0, "w_tok": 1.0, "w_kl": 0.0}, True, True, True,
+        logits, _ = TrainForward(model, model)(batch.input_ids, batch.pixel_values, batch.attention_mask)
+    spec = LossSpec("qalign", tuple(level_ids), {"w_fid": 0.0, "w_tok": 1.0, "w_kl": 0.0}, True, True, True,
                           0.0, 1.0, 0.0, 0.0, 0.0)  # fmt: skip
-    got = train.compute_loss(spec, logits, None, batch).log_dict()
+    got = compute_loss(spec, logits, None, batch).log_dict()
     total, count = 0.0, 0
     for row in range(3):
         enc = table[int(rows.question[row]), int(rows.level[row])]
@@ -153,10 +157,10 @@ def test_qscorer_regressor_and_levels_are_trained_where_scoring_reads_them(tok, 
     """With the scoring layout and question, training's regressor input and level logits are exactly the
     ones `read_levels` computes from the run's scoring ids (iqa.json `input_ids`, regressor "last")."""
     model = tiny_model(seed=6)
-    config = train.TrainConfig(datasets=["x"], out=tmp_path, method="qscorer", mlp_dims=[16, 16])
+    config = TrainConfig.from_options(datasets=["x"], out=tmp_path, method="qscorer", mlp_dims=[16, 16])
     tok = LlamaTokenizer.from_dir(tok.save(tmp_path / "tok"))
-    train._add_regressor(config, model)
-    levels = train._level_setup(config, WORDS, tok, model)
+    add_regressor(config, model)
+    levels = level_setup(config, WORDS, tok, model)
     assert levels.tokens == tuple(f"<score{i}>" for i in range(1, 6)) and levels.regressor == "last"
     assert tok.id_to_token(levels.input_ids[-1]) == "▁"  # the piece between "is" and an added score token
     table = train_data.encode_conversations(tok, [DEFAULT_QUESTION], levels.tokens, levels.ids, EVAL_TEMPLATE)
@@ -167,7 +171,7 @@ def test_qscorer_regressor_and_levels_are_trained_where_scoring_reads_them(tok, 
     assert all(list(batch.input_ids[i, : batch.level_pos[i]]) == list(levels.input_ids) for i in range(4))
     model.eval()
     with torch.no_grad():
-        logits, pred = train.TrainForward(model, model)(
+        logits, pred = TrainForward(model, model)(
             batch.input_ids, batch.pixel_values, batch.attention_mask, batch.level_pos - 1
         )
     scored = read_levels(model, pixels, Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, "last"))
@@ -175,17 +179,17 @@ def test_qscorer_regressor_and_levels_are_trained_where_scoring_reads_them(tok, 
     at = logits[torch.arange(4), batch.level_pos - 1][:, list(levels.ids)]
     torch.testing.assert_close(torch.softmax(at, -1), scored.probs, rtol=1e-5, atol=1e-6)
     # and the loss reads the regressor with the reference's [0, 5] clamp
-    spec = train.LossSpec("qscorer", levels.ids, {"w_fid": 0.0, "w_tok": 0.05, "w_kl": 0.0}, True, True, True,
+    spec = LossSpec("qscorer", levels.ids, {"w_fid": 0.0, "w_tok": 0.05, "w_kl": 0.0}, True, True, True,
                           0.0, 1.0, 0.0, 0.0, 0.0)  # fmt: skip
-    got = train.compute_loss(spec, logits, pred, batch).log_dict()
+    got = compute_loss(spec, logits, pred, batch).log_dict()
     expected_mse = float(((pred.clamp(0, 5) - batch.mos) ** 2).mean())
     np.testing.assert_allclose(got["mse"], expected_mse, rtol=1e-6)
 
 
 def test_cosine_schedule_with_warmup_matches_the_reference_formula():
-    total, warm = 200, train.warmup_steps(200, 0.03)
+    total, warm = 200, warmup_steps(200, 0.03)
     assert warm == 6  # ceil(200 * 0.03)
-    lrs = [train.cosine_with_warmup(s, total, warm) for s in range(total + 1)]
+    lrs = [cosine_with_warmup(s, total, warm) for s in range(total + 1)]
     assert lrs[0] == 0.0 and lrs[3] == pytest.approx(0.5) and lrs[6] == pytest.approx(1.0)
     assert lrs[6 + 97] == pytest.approx(0.5 * (1 + np.cos(np.pi * 97 / 194)))
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)

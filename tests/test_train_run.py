@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iqa_cli import train as train_module
-from iqa_cli.train import TrainConfig, train
-from iqa_cli.train_state import RunDirectory
+from iqa_cli.training import TrainConfig, TrainInterrupted, train
+from iqa_cli.training import loop as train_loop
+from iqa_cli.training.state import RunDirectory
 from tests.conftest import REPO_ROOT, run_iqa
 from tests.test_train_data import prepare_synthetic, write_tiny_model
 
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def _config(tiny, out: Path, **kwargs) -> TrainConfig:
     defaults = dict(datasets=["synth"], data_dir=tiny["data"], model=str(tiny["model"]), out=out, epochs=2,
                     batch_size=4, lr=1e-3, workers=0, quiet=True, mlp_dims=[16, 16])  # fmt: skip
-    return TrainConfig(**{**defaults, **kwargs})
+    return TrainConfig.from_options(**{**defaults, **kwargs})
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ class Crash(Exception):
 def _train_until_crash(monkeypatch, config: TrainConfig, step: int) -> None:
     """Runs `train(config)` and raises out of it right after optimizer step `step` is done and logged, before any
     checkpoint of that step is written."""
-    record = train_module._step_record
+    record = train_loop._step_record
 
     def crash(session, *args):
         out = record(session, *args)
@@ -77,10 +77,10 @@ def _train_until_crash(monkeypatch, config: TrainConfig, step: int) -> None:
             raise Crash
         return out
 
-    monkeypatch.setattr(train_module, "_step_record", crash)
+    monkeypatch.setattr(train_loop, "_step_record", crash)
     with pytest.raises(Crash):
         train(config)
-    monkeypatch.setattr(train_module, "_step_record", record)
+    monkeypatch.setattr(train_loop, "_step_record", record)
 
 
 @pytest.mark.parametrize(
@@ -191,12 +191,12 @@ def test_sigint_says_where_the_checkpoint_is_even_in_the_background_and_the_comm
 
 def test_interrupted_message_names_the_last_complete_checkpoint_or_says_there_is_none(tmp_path):
     run = RunDirectory(tmp_path / "run")
-    early = train_module.TrainInterrupted(signal.SIGTERM, run, is_main=True)
+    early = TrainInterrupted(signal.SIGTERM, run, is_main=True)
     assert early.exit_code == 143 and "before the first checkpoint" in str(early) and "same command" in str(early)
     (run.checkpoints / "step-00000004").mkdir(parents=True)
     (run.checkpoints / "step-00000004" / "trainer.pt").write_bytes(b"")
     (run.checkpoints / ".step-00000006.tmp").mkdir()  # a save cut short: not a checkpoint
-    late = train_module.TrainInterrupted(signal.SIGINT, run)
+    late = TrainInterrupted(signal.SIGINT, run)
     assert late.exit_code == 130 and isinstance(late, KeyboardInterrupt)
     assert str(late) == (
         f"interrupted by SIGINT; the last checkpoint is {run.checkpoints / 'step-00000004'} (step 4); run the same "

@@ -1,0 +1,95 @@
+"""In-loop evaluation: the test split of the metas scored the way `iqa score` will score the trained model,
+PLCC/SRCC per dataset, logged and printed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from iqa_cli import distributed
+from iqa_cli.training import data as train_data
+from iqa_cli.training.model import Levels
+from iqa_cli.training.session import Session, autocast, workers
+
+
+def readout(levels: Levels):
+    """The scoring readout (`scoring.scorer.Readout`) of the levels being trained."""
+    from iqa_cli.scoring.scorer import Readout
+
+    return Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, levels.regressor)
+
+
+def evaluate(session: Session) -> dict[str, Any]:
+    """Scores the test split with the scoring readout (`scoring.read_levels`) and reports PLCC/SRCC per
+    dataset against the published MOS. Every rank scores a strided share (the same number of batches on
+    every rank, as FSDP needs); rank 0 gets the numbers."""
+    from torch.utils.data import DataLoader
+
+    from iqa_cli.metrics import plcc, srcc
+    from iqa_cli.scoring.scorer import read_levels
+
+    test = session.data.test
+    env = session.env
+    per_rank = math.ceil(len(test) / env.world_size)
+    mine = np.arange(env.rank, per_rank * env.world_size, env.world_size) % len(test)
+    dataset = train_data.EvalImages([test.paths[i] for i in mine], session.preprocessor)
+    loader = DataLoader(
+        dataset,
+        batch_size=session.config.eval.batch_size,
+        collate_fn=train_data.collate_eval,
+        num_workers=workers(session),
+        generator=torch.Generator().manual_seed(0),
+    )
+    core, look = session.core, readout(session.levels)
+    was_training = core.training
+    core.eval()
+    results: dict[int, tuple[float, float]] = {}
+    try:
+        for pixels, index, ok in loader:
+            with autocast(session):
+                scores = read_levels(core, pixels, look)
+            reg = scores.score_reg if scores.score_reg is not None else torch.full_like(scores.score, math.nan)
+            for j in range(len(index)):
+                if ok[j]:
+                    results.setdefault(int(mine[int(index[j])]), (float(scores.score[j]), float(reg[j])))
+    finally:
+        core.train(was_training)
+    gathered: dict[int, tuple[float, float]] = {}
+    for part in distributed.all_gather_object(results):
+        gathered.update(part)
+    if not env.is_main:
+        return {}
+    report: dict[str, Any] = {}
+    rows = np.array(sorted(gathered), dtype=np.int64)
+    if not len(rows):
+        return report
+    score = np.array([gathered[i][0] for i in rows])
+    reg = np.array([gathered[i][1] for i in rows])
+    for g, meta in enumerate(session.data.metas):
+        pick = test.group[rows] == g
+        if pick.sum() < 2:
+            continue
+        mos = test.mos_raw[rows[pick]]
+        entry = {"n": int(pick.sum()), "plcc": plcc(score[pick], mos), "srcc": srcc(score[pick], mos)}
+        if session.levels.regressor:
+            entry["plcc_reg"] = plcc(reg[pick], mos)
+            entry["srcc_reg"] = srcc(reg[pick], mos)
+        report[meta.name] = entry
+    return report
+
+
+def evaluate_and_log(session: Session, say) -> dict[str, Any]:
+    """`evaluate`, then the report into the run's log and one line per dataset through `say`."""
+    report = evaluate(session)
+    session.history.append({"step": session.progress.global_step, "report": report})
+    if session.env.is_main and report:
+        session.run.append_log({"step": session.progress.global_step, "eval": report})
+        for name, entry in report.items():
+            line = f"eval step {session.progress.global_step}: {name} PLCC {entry['plcc']:.4f} SRCC {entry['srcc']:.4f}"
+            if "plcc_reg" in entry:
+                line += f" (regressor PLCC {entry['plcc_reg']:.4f} SRCC {entry['srcc_reg']:.4f})"
+            say(line)
+    return report
