@@ -36,7 +36,7 @@ from iqa_cli.errors import UserError
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.backbone import ClipTransform, SquareCollate
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
-from iqa_cli.scoring.pipeline import BatchRunner, ScoreConfig, score_images
+from iqa_cli.scoring.pipeline import BatchRunner, PadCollate, ScoreConfig, score_images
 from iqa_cli.scoring.store import Sidecar, merge_parts, sidecar_path
 from tests.conftest import REPO_ROOT
 
@@ -635,3 +635,24 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+def _shared_flags(items):
+    """Runs in the loader worker: was the family's batch built in shared memory (no copy at hand-over)?"""
+    batch = PadCollate(4, SquareCollate(SIZE), torch.bfloat16)(items)
+    return batch["visual"]["pixel_values"].is_shared(), batch["visual"]["pixel_values"].dtype, batch["index"]
+
+
+def test_workers_build_the_familys_batch_in_shared_memory(tmp_path):
+    from iqa_cli.inputs import find_inputs
+    from iqa_cli.scoring.pipeline import ImageDataset
+
+    for i in range(3):
+        Image.new("RGB", (20 + i, 16), (i * 40, 90, 200)).save(tmp_path / f"{i}.png")
+    inputs = find_inputs([str(tmp_path)])
+    dataset = ImageDataset(inputs, np.arange(3), ClipTransform(ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=_shared_flags)
+    shared, dtype, index = next(iter(loader))
+    assert shared and dtype == torch.bfloat16 and index.tolist() == [0, 1, 2, -1]
+    in_main = PadCollate(4, SquareCollate(SIZE))([dataset[0]])  # the main process: ordinary memory
+    assert not in_main["visual"]["pixel_values"].is_shared() and in_main["index"].tolist() == [0, -1, -1, -1]
