@@ -282,7 +282,7 @@ class Scorer:
 
     @property
     def preprocessor(self) -> Any:
-        """The family's image preprocessing (for mPLUG-Owl2: image -> pixels [3, S, S])."""
+        """The family's image preprocessing settings (saved next to a trained model's weights)."""
         return self.backbone.preprocessor
 
     @property
