@@ -36,7 +36,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build(
+def build_optimizer(
     module: nn.Module, lr: float, weight_decay: float, total: int, warmup_ratio: float
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (betas 0.9/0.999, eps 1e-8) over the trainable parameters and its cosine-with-warmup schedule."""

@@ -26,7 +26,6 @@ from iqa_cli import distributed
 from iqa_cli.errors import UserError
 from iqa_cli.paths import resolve_data_dir
 from iqa_cli.training import data as train_data
-from iqa_cli.training import optimizer as optim
 from iqa_cli.training import state as train_state
 from iqa_cli.training.config import TrainConfig
 from iqa_cli.training.model import (
@@ -38,6 +37,7 @@ from iqa_cli.training.model import (
     select_trainable,
 )
 from iqa_cli.training.objectives import OBJECTIVES, LossSpec
+from iqa_cli.training.optimizer import build_optimizer
 
 
 @dataclass
@@ -151,7 +151,7 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
     total = steps_per_epoch * config.optim.epochs
     if config.optim.max_steps:
         total = min(total, config.optim.max_steps)
-    optimizer, scheduler = optim.build(
+    optimizer, scheduler = build_optimizer(
         forward, config.optim.lr, config.optim.weight_decay, total, config.optim.warmup_ratio
     )
     loss = config.loss
