@@ -1,1 +1,1 @@
-"""The mPLUG-Owl2 backbone: a torch-only port and the loader of its released checkpoints."""
+"""Model families behind the `Backbone` interface (`backbone.py`), one folder each (`mplug_owl2/`)."""
