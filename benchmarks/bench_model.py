@@ -24,6 +24,7 @@ import time
 import torch
 
 from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
+from iqa_cli.models.mplug_owl2.backbone import wrap
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 from iqa_cli.scoring.scorer import Readout, level_moments, read_levels
@@ -116,6 +117,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     model = build_model(args.config, device, dtype)
+    backbone = wrap(model)
     config = model.config
     side = config.vision.image_size
     readout = readout_for(config)
@@ -134,7 +136,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         ours, ref = time_interleaved(
             [
-                lambda pixels=pixels: read_levels(model, pixels, readout),
+                lambda pixels=pixels: read_levels(backbone, {"pixel_values": pixels}, readout),
                 lambda pixels=pixels: reference_readout(model, pixels, readout),
             ],
             device,

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from iqa_cli import distributed  # noqa: E402
+from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone  # noqa: E402
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config  # noqa: E402
 from iqa_cli.training import METHODS, TrainConfig  # noqa: E402
 from iqa_cli.training import loop as train_loop  # noqa: E402
@@ -128,7 +129,8 @@ def run(config: TrainConfig, loaded=None, warmup: int = 2) -> dict:
     train_state.save_checkpoint = lambda *args, **kwargs: None  # timing only: no checkpoint files
     try:
         started = time.perf_counter()
-        session = train_session.setup(config, "fresh", loaded=loaded)
+        backbone = MPLUGOwl2Backbone.from_checkpoint(loaded) if loaded is not None else None
+        session = train_session.setup(config, "fresh", backbone=backbone)
         setup_s = time.perf_counter() - started
         train_loop.run_training(session)
     finally:

@@ -11,6 +11,9 @@ from rich.console import Console
 
 from iqa_cli import __version__, completion
 from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import family_package
+
+_TRAIN_FAMILY = family_package()  # the default family's package: `iqa train` defaults without importing torch
 
 app = typer.Typer(
     name="iqa",
@@ -232,7 +235,7 @@ def train(
         ..., "--out", "-o", metavar="DIR", help="Run directory: checkpoints, log, then the final model."
     ),
     model: str = typer.Option(
-        "MAGAer13/mplug-owl2-llama2-7b",
+        _TRAIN_FAMILY.DEFAULT_TRAIN_MODEL,
         "--model",
         metavar="MODEL",
         help="Model to fine-tune: Hugging Face repo id or directory.",
@@ -288,8 +291,9 @@ def train(
         None,
         "--lora-targets",
         metavar="NAMES",
-        help="Comma-separated module-name suffixes [default: self_attn.q_proj,"
-        "self_attn.v_proj.multiway.1, as the reference].",
+        help="Comma-separated module-name suffixes of the language model's linear layers [default: the model"
+        f" family's, as its reference trains; {_TRAIN_FAMILY.__name__.rpartition('.')[2]}:"
+        f" {','.join(_TRAIN_FAMILY.LORA_TARGETS)}].",
     ),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
     freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),

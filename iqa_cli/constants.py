@@ -7,3 +7,22 @@ the family's folder (`iqa_cli.models.<family>`).
 DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"  # what `iqa score` and `Scorer.from_pretrained()` load by default
 RUN_FILE = "iqa.json"  # written by `iqa train` next to the weights: how the model is to be scored
 IGNORE_INDEX = -100  # label value the token losses skip (the convention of torch's cross_entropy)
+
+# The question and response of the papers' scoring prompt (DeQA-Score `src/evaluate/iqa_eval.py`).
+DEFAULT_QUESTION = "How would you rate the quality of this image?"
+RESPONSE_PREFIX = "The quality of the image is"
+RESPONSE_TEMPLATE = RESPONSE_PREFIX + " {}."  # training answer; `{}` is the level name
+# Training questions: the reference draws one per image uniformly (`random.choice`, seed 131 per dataset) from
+# these ten phrasings (DeQA-Score `build_soft_labels/gen_soft_label.py`, `questions`).
+QUESTIONS: tuple[str, ...] = (
+    "What do you think about the quality of this image?",
+    "Can you rate the quality of this picture?",
+    "Can you judge the quality of this image?",
+    "How would you rate the quality of this image?",
+    "How would you judge the quality of this image?",
+    "What is your quality rating for this image?",
+    "What's your opinion on the quality of this picture?",
+    "Rate the quality of this image.",
+    "Could you evaluate the quality of this image?",
+    "How do you assess the quality of this image?",
+)

@@ -173,12 +173,18 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
 
 
-def shard_mplug_owl2(model: torch.nn.Module, device: torch.device, mixed_precision: torch.dtype | None = None) -> None:
-    """FSDP2 (`fully_shard`) in place: one unit per ViT, abstractor and decoder layer (and the Q-Scorer MLP),
-    the whole model as the root. Every rank must hold the same full weights before this call.
+def shard_units(
+    model: torch.nn.Module,
+    units: list[torch.nn.Module],
+    device: torch.device,
+    mixed_precision: torch.dtype | None = None,
+) -> None:
+    """FSDP2 (`fully_shard`) in place: one unit per module of `units` (the family's `fsdp_units()`: its
+    layers), the whole model as the root. Every rank must hold the same full weights before this call.
 
     Args:
-        model: an MPLUGOwl2ForCausalLM.
+        model: the backbone's model.
+        units: its submodules, each sharded as one unit, in order.
         device: this rank's device (its type picks the device mesh: cuda or cpu/gloo).
         mixed_precision: compute dtype of the gathered parameters (bf16 on CUDA); gradients are reduced and
             the sharded master weights kept in float32.
@@ -194,13 +200,6 @@ def shard_mplug_owl2(model: torch.nn.Module, device: torch.device, mixed_precisi
         if mixed_precision is not None
         else MixedPrecisionPolicy()
     )
-    units = [
-        *model.model.vision_model.encoder.layers,
-        *model.model.visual_abstractor.encoder.layers,
-        *model.model.layers,
-    ]
-    if getattr(model, "deepmlp", None) is not None:
-        units.append(model.deepmlp)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

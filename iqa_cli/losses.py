@@ -24,7 +24,7 @@ from torch import Tensor
 
 from iqa_cli.constants import IGNORE_INDEX
 
-# eps of the reference's fidelity loss; "eps=0 is unable to step" (DeQA-Score modeling_mplug_owl2.py).
+# eps of the reference's fidelity loss; "eps=0 is unable to step" (the DeQA-Score model's forward).
 FIDELITY_EPS = 1e-8
 # The reference stops pushing probability onto the level tokens once they hold 99% of it.
 IN_LEVEL_FLOOR = 0.01
@@ -129,7 +129,7 @@ def onehot_level_ce(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_I
     """Q-Align's loss: plain next-token CE on the whole response, one-hot level token included.
 
     The level token of the MOS interval sits in `labels` like any other response token; nothing is
-    excluded (Q-Align `modeling_mplug_owl2.py`, `CrossEntropyLoss()` over the shifted labels).
+    excluded (the Q-Align model's forward: `CrossEntropyLoss()` over the shifted labels).
     """
     return response_cross_entropy(logits, labels, ignore_index=ignore_index)
 

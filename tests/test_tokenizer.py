@@ -13,15 +13,14 @@ import time
 
 import pytest
 
+from iqa_cli.constants import QUESTIONS, RESPONSE_TEMPLATE
 from iqa_cli.errors import UserError
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
     EVAL_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
-    QUESTIONS,
     QUICKSTART_PROMPT,
-    RESPONSE_TEMPLATE,
     TRAIN_TEMPLATE,
     LlamaTokenizer,
     build_training_ids,

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from iqa_cli.constants import QUESTIONS
 from iqa_cli.errors import UserError
+from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
-    EVAL_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
-    QUESTIONS,
-    TRAIN_TEMPLATE,
     LlamaTokenizer,
     level_token_ids,
     tokenize_prompt,
@@ -210,10 +210,15 @@ def tiny_tok(tmp_path_factory) -> LlamaTokenizer:
     return LlamaTokenizer.from_dir(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
+def text_backbone(tok: LlamaTokenizer, image_size: int = 4) -> MPLUGOwl2Backbone:
+    """The family's prompt encoding and collate without a model."""
+    return MPLUGOwl2Backbone(None, tok, SimpleNamespace(image_size=image_size))
+
+
 def test_level_token_is_located_in_the_response_for_words_and_added_score_tokens(tiny_tok, tmp_path):
     words = ["bad", "poor", "fair", "good", "excellent"]
     ids = level_token_ids(tiny_tok, words)
-    table = train_data.encode_conversations(tiny_tok, QUESTIONS[:2], words, ids, TRAIN_TEMPLATE)
+    table = train_data.encode_conversations(text_backbone(tiny_tok), QUESTIONS[:2], words, ids, image_first=True)
     for (_, k), enc in table.items():
         assert enc.input_ids[enc.level_pos] == ids[k] == enc.labels[enc.level_pos]
         assert enc.input_ids[1:3] != (IMAGE_TOKEN_INDEX,) and IMAGE_TOKEN_INDEX in enc.input_ids
@@ -221,8 +226,8 @@ def test_level_token_is_located_in_the_response_for_words_and_added_score_tokens
     tok = LlamaTokenizer.from_dir(tiny_tok.save(tmp_path / "tok"))
     score = [f"<score{i}>" for i in range(1, 6)]
     score_ids = tok.add_tokens(score)
-    scoring = train_data.encode_conversations(tok, ["How would you rate the quality of this image?"], score, score_ids,
-                                              EVAL_TEMPLATE)  # fmt: skip
+    scoring = train_data.encode_conversations(text_backbone(tok), ["How would you rate the quality of this image?"],
+                                              score, score_ids, image_first=False)  # fmt: skip
     enc = scoring[0, 2]
     prompt = tokenize_prompt(tok, DEFAULT_PROMPT)
     # the response piece between "is" and an added token is a lone "▁", which scoring must feed too
@@ -233,7 +238,8 @@ def test_level_token_is_located_in_the_response_for_words_and_added_score_tokens
 def test_collate_pads_right_and_puts_partners_after_their_images(tiny_tok):
     words = ["bad", "good"]
     ids = level_token_ids(tiny_tok, words)
-    table = train_data.encode_conversations(tiny_tok, QUESTIONS[:2], words, ids, TRAIN_TEMPLATE)
+    backbone = text_backbone(tiny_tok)
+    table = train_data.encode_conversations(backbone, QUESTIONS[:2], words, ids, image_first=True)
     rows = train_data.Rows(
         paths=["a", "b", "c"],
         group=np.zeros(3, dtype=np.int64),
@@ -246,14 +252,15 @@ def test_collate_pads_right_and_puts_partners_after_their_images(tiny_tok):
     )
 
     def item(row: int) -> dict:
-        return {"row": row, "path": rows.paths[row], "pixels": np.full((3, 4, 4), row, np.float32), "error": None,
-                "enc": table[int(rows.question[row]), int(rows.level[row])]}  # fmt: skip
+        return {"row": row, "path": rows.paths[row], "visual": {"pixel_values": torch.full((3, 4, 4), float(row))},
+                "error": None, "enc": table[int(rows.question[row]), int(rows.level[row])]}  # fmt: skip
 
-    broken = {**item(2), "pixels": None, "error": "c: truncated"}
-    batch = train_data.Collate(tiny_tok.pad_id, rows, paired=True)([(item(0), item(1)), (item(1), broken)])
+    broken = {**item(2), "visual": None, "error": "c: truncated"}
+    collate = train_data.Collate(tiny_tok.pad_id, rows, paired=True, visual_collate=backbone.collate)
+    batch = collate([(item(0), item(1)), (item(1), broken)])
     assert batch.pairs == 1 and len(batch) == 2  # the pair with an undecodable image is dropped
     assert batch.skipped == ["c: truncated"]
-    assert batch.pixel_values[:, 0, 0, 0].tolist() == [0.0, 1.0]  # A first, then its partner B
+    assert batch.visual["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 1.0]  # A first, then its partner B
     a, b = table[0, 0], table[1, 1]
     assert batch.input_ids.shape[1] == max(len(a.input_ids), len(b.input_ids))
     short = 0 if len(a.input_ids) < len(b.input_ids) else 1

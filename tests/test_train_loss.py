@@ -15,13 +15,11 @@ import torch
 from scipy.special import log_softmax, softmax
 from scipy.stats import norm
 
+from iqa_cli.constants import DEFAULT_QUESTION, QUESTIONS
+from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
 from iqa_cli.models.mplug_owl2.tokenizer import (
-    DEFAULT_QUESTION,
-    EVAL_TEMPLATE,
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
-    QUESTIONS,
-    TRAIN_TEMPLATE,
     LlamaTokenizer,
     level_token_ids,
 )
@@ -58,14 +56,15 @@ def _rows(n: int) -> train_data.Rows:
     )
 
 
-def _batch(tok, rows, table, pixels, paired: bool):
+def _batch(backbone, rows, table, pixels, paired: bool):
     def item(row: int) -> dict:
         enc = table[int(rows.question[row]), int(rows.level[row])]
-        return {"row": row, "path": rows.paths[row], "pixels": pixels[row].numpy(), "error": None, "enc": enc}
+        visual = {"pixel_values": pixels[row]}
+        return {"row": row, "path": rows.paths[row], "visual": visual, "error": None, "enc": enc}
 
     keys = [(0, 1), (2, 3)] if paired else [(i, -1) for i in range(len(rows))]
     items = [(item(a), item(b) if b >= 0 else None) for a, b in keys]
-    return train_data.Collate(tok.pad_id, rows, paired=paired)(items)
+    return train_data.Collate(backbone.tokenizer.pad_id, rows, paired=paired, visual_collate=backbone.collate)(items)
 
 
 def _unpadded_logits(model, enc: train_data.Encoded, pixels: torch.Tensor) -> np.ndarray:
@@ -91,15 +90,16 @@ def _np_response_ce(logits: np.ndarray, labels: list[int], skip: int | None) -> 
 
 def test_deqa_loss_terms_equal_a_float64_hand_computation(tok):
     model = tiny_model(seed=2)
+    backbone = MPLUGOwl2Backbone(model, tok, None)
     level_ids = level_token_ids(tok, WORDS)
-    table = train_data.encode_conversations(tok, QUESTIONS, WORDS, level_ids, TRAIN_TEMPLATE)
+    table = train_data.encode_conversations(backbone, QUESTIONS, WORDS, level_ids, image_first=True)
     rows = _rows(4)
     pixels = random_pixels(4, model.config, seed=1)
-    batch = _batch(tok, rows, table, pixels, paired=True)
+    batch = _batch(backbone, rows, table, pixels, paired=True)
     assert batch.pairs == 2 and batch.attention_mask.min() == 0  # padding is exercised
-    forward = TrainForward(model, model)
+    forward = TrainForward(model, backbone)
     with torch.no_grad():
-        logits, pred = forward(batch.input_ids, batch.pixel_values, batch.attention_mask)
+        logits, pred = forward(batch.input_ids, batch.visual, batch.attention_mask)
     assert pred is None
     spec = LossSpec("deqa", tuple(level_ids), {"w_fid": 1.0, "w_tok": 0.05, "w_kl": 1.0}, True, True, True,
                           0.0, 1.0, 0.0, 0.0, 0.0)  # fmt: skip
@@ -134,13 +134,14 @@ def test_deqa_loss_terms_equal_a_float64_hand_computation(tok):
 
 def test_qalign_loss_is_the_response_ce_with_the_level_token_included(tok):
     model = tiny_model(seed=4)
+    backbone = MPLUGOwl2Backbone(model, tok, None)
     level_ids = level_token_ids(tok, WORDS)
-    table = train_data.encode_conversations(tok, QUESTIONS, WORDS, level_ids, TRAIN_TEMPLATE)
+    table = train_data.encode_conversations(backbone, QUESTIONS, WORDS, level_ids, image_first=True)
     rows = _rows(3)
     pixels = random_pixels(3, model.config, seed=2)
-    batch = _batch(tok, rows, table, pixels, paired=False)
+    batch = _batch(backbone, rows, table, pixels, paired=False)
     with torch.no_grad():
-        logits, _ = TrainForward(model, model)(batch.input_ids, batch.pixel_values, batch.attention_mask)
+        logits, _ = TrainForward(model, backbone)(batch.input_ids, batch.visual, batch.attention_mask)
     spec = LossSpec("qalign", tuple(level_ids), {"w_fid": 0.0, "w_tok": 1.0, "w_kl": 0.0}, True, True, True,
                           0.0, 1.0, 0.0, 0.0, 0.0)  # fmt: skip
     got = compute_loss(spec, logits, None, batch).log_dict()
@@ -159,22 +160,24 @@ def test_qscorer_regressor_and_levels_are_trained_where_scoring_reads_them(tok, 
     model = tiny_model(seed=6)
     config = TrainConfig.from_options(datasets=["x"], out=tmp_path, method="qscorer", mlp_dims=[16, 16])
     tok = LlamaTokenizer.from_dir(tok.save(tmp_path / "tok"))
-    add_regressor(config, model)
-    levels = level_setup(config, WORDS, tok, model)
+    backbone = MPLUGOwl2Backbone(model, tok, None)
+    add_regressor(config, backbone)
+    levels = level_setup(config, WORDS, backbone)
     assert levels.tokens == tuple(f"<score{i}>" for i in range(1, 6)) and levels.regressor == "last"
     assert tok.id_to_token(levels.input_ids[-1]) == "▁"  # the piece between "is" and an added score token
-    table = train_data.encode_conversations(tok, [DEFAULT_QUESTION], levels.tokens, levels.ids, EVAL_TEMPLATE)
+    table = train_data.encode_conversations(backbone, [DEFAULT_QUESTION], levels.tokens, levels.ids, image_first=False)
     rows = _rows(4)
     rows.question[:] = 0
     pixels = random_pixels(4, model.config, seed=3)
-    batch = _batch(tok, rows, table, pixels, paired=False)
+    batch = _batch(backbone, rows, table, pixels, paired=False)
     assert all(list(batch.input_ids[i, : batch.level_pos[i]]) == list(levels.input_ids) for i in range(4))
     model.eval()
     with torch.no_grad():
-        logits, pred = TrainForward(model, model)(
-            batch.input_ids, batch.pixel_values, batch.attention_mask, batch.level_pos - 1
+        logits, pred = TrainForward(model, backbone)(
+            batch.input_ids, batch.visual, batch.attention_mask, batch.level_pos - 1
         )
-    scored = read_levels(model, pixels, Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, "last"))
+    readout = Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, "last")
+    scored = read_levels(backbone, {"pixel_values": pixels}, readout)
     torch.testing.assert_close(pred, scored.score_reg, rtol=1e-5, atol=1e-5)
     at = logits[torch.arange(4), batch.level_pos - 1][:, list(levels.ids)]
     torch.testing.assert_close(torch.softmax(at, -1), scored.probs, rtol=1e-5, atol=1e-6)

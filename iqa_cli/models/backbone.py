@@ -13,12 +13,13 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from iqa_cli.constants import RUN_FILE
 from iqa_cli.errors import UserError
+
+if TYPE_CHECKING:  # importing the registry needs no torch (`iqa train --help` reads the default family's defaults)
+    import torch
 
 CONFIG_FILE = "config.json"  # Hugging Face layout: its `model_type` names the family
 ADAPTER_CONFIG = "adapter_config.json"  # a peft adapter: no config of its own, the base's family
@@ -28,7 +29,7 @@ RUN_FAMILY_KEY = "family"  # `iqa.json` key naming the family of an `iqa train` 
 BUILTIN_FAMILIES = {"mplug_owl2": "iqa_cli.models.mplug_owl2.backbone"}
 DEFAULT_FAMILY = "mplug_owl2"  # the family of DEFAULT_MODEL and of every released checkpoint `iqa` scores
 
-VisualInputs = Mapping[str, torch.Tensor]  # one image's (or a batch's, rows first) visual tensors, by name
+VisualInputs = Mapping[str, "torch.Tensor"]  # one image's (or a batch's, rows first) visual tensors, by name
 
 
 @dataclass
@@ -124,6 +125,78 @@ class Backbone(Protocol):
         ...
 
 
+@runtime_checkable
+class TrainableBackbone(Backbone, Protocol):
+    """What `iqa train` needs on top of scoring: all of it in input-id coordinates, the family mapping them to
+    its own sequence (image tokens expanded) itself."""
+
+    model: Any  # the torch module the optimizer trains (peft wraps it in place for LoRA)
+    default_prompt: str  # the scoring prompt of a trained model
+    lora_targets: tuple[str, ...]  # default LoRA target module-name suffixes
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def level_token_ids(self, words: list[str] | tuple[str, ...]) -> list[int]:
+        """The id each level word is read at; two words sharing one is a UserError."""
+        ...
+
+    def add_tokens(self, tokens: list[str] | tuple[str, ...]) -> list[int]:
+        """Adds special tokens (Q-Scorer's <scoreK>) and resizes the embeddings."""
+        ...
+
+    def record_score_tokens(self, ids: list[int] | tuple[int, ...]) -> None:
+        """Notes the added score token ids in the model's saved config."""
+        ...
+
+    def encode_training(
+        self, question: str, level_token: str, level_token_id: int, *, image_first: bool
+    ) -> tuple[list[int], list[int], int]:
+        """(input ids, labels, position of the level token) of one conversation, labels masked the family's way."""
+        ...
+
+    def add_regressor(self, dims: list[int]) -> None:
+        """A freshly initialized regression head with these hidden sizes (kept if the checkpoint has one)."""
+        ...
+
+    def lora_target_modules(self, suffixes: list[str] | tuple[str, ...]) -> list[str]:
+        """Full names of the language model's linear layers ending with one of `suffixes`."""
+        ...
+
+    def trainable_groups(self) -> dict[str, list[Any]]:
+        """Parameters by part: "vision", "projector", "output" (the LM head) and "regressor"."""
+        ...
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None: ...
+
+    def fsdp_units(self) -> list[Any]:
+        """Submodules that FSDP2 shards one by one (the model is the root)."""
+        ...
+
+    def training_forward(
+        self,
+        module: Any,
+        visual: VisualInputs,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden_at: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [N, T, V] at the input ids' positions and hidden states [N, C] at input-id positions
+        `hidden_at`, by calling `module` (the model, or a wrapper of it such as peft's)."""
+        ...
+
+    def save(self, out: Any, *, state: dict | None = None, dtype: Any = None, processing: bool = True) -> None:
+        """The full model in the family's own format (`state`: a gathered FSDP state dict to write instead),
+        and with `processing` its tokenizer and preprocessing files; the family's `load` reads it back."""
+        ...
+
+    def save_adapter(self, peft_model: Any, out: Any, base: str | None) -> None:
+        """A LoRA run in the family's adapter layout, with its tokenizer and preprocessing files."""
+        ...
+
+    processing_files: tuple[str, ...]  # what besides the weights makes a directory loadable
+
+
 # --- the registry -----------------------------------------------------------------------------------------
 
 
@@ -143,6 +216,11 @@ _registered: dict[str, Family] = {}
 def register_family(family: Family) -> None:
     """Adds (or replaces) a family: checkpoints whose config says `family.name` load through it."""
     _registered[family.name] = family
+
+
+def family_package(name: str = DEFAULT_FAMILY) -> Any:
+    """A built-in family's package: its constants (`DEFAULT_TRAIN_MODEL`, `LORA_TARGETS`) without torch."""
+    return importlib.import_module(BUILTIN_FAMILIES[name].rpartition(".")[0])
 
 
 def supported_families() -> list[str]:
@@ -223,11 +301,3 @@ def _cached_hub_file(repo_id: str, filename: str, revision: str | None) -> Path 
     except Exception:  # an invalid repo id: the family's loader gives the readable error
         return None
     return Path(found) if isinstance(found, str) else None
-
-
-def __getattr__(name: str) -> Any:
-    """`MPLUGOwl2Backbone` for the training files that still import it from here; remove once training loads
-    through `load_backbone` (issue 9)."""
-    if name == "MPLUGOwl2Backbone":
-        return importlib.import_module(BUILTIN_FAMILIES[DEFAULT_FAMILY]).MPLUGOwl2Backbone
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -89,18 +89,12 @@ def level_moments(level_logits: torch.Tensor, centers: torch.Tensor) -> tuple[to
 
 
 @torch.inference_mode()
-def read_levels(backbone: Backbone, visual: VisualInputs | torch.Tensor, readout: Readout) -> ScoreBatch:
+def read_levels(backbone: Backbone, visual: VisualInputs, readout: Readout) -> ScoreBatch:
     """One forward pass over a collated batch of B images with the readout's prompt -> ScoreBatch.
 
     The LM head runs at the last position only. Every row has the same prompt, so no padding is involved
     and a row's result does not depend on the other rows of the batch.
     """
-    if isinstance(visual, torch.Tensor):
-        # Training's in-loop evaluation and bench_model still pass the bare model and its pixels; remove once
-        # training talks to `Backbone` only (issue 9).
-        from iqa_cli.models.backbone import DEFAULT_FAMILY, get_family
-
-        backbone, visual = get_family(DEFAULT_FAMILY).wrap(backbone), {"pixel_values": visual}
     b = next(iter(visual.values())).shape[0]
     device = backbone.device
     ids = torch.tensor(readout.input_ids, dtype=torch.long, device=device).expand(b, -1)

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import family_package
 from iqa_cli.paths import check_output_dir
 from iqa_cli.training.objectives import METHODS, OBJECTIVES
 
 LAYOUTS = ("reference", "scoring")  # image first (what the released models trained on) | the scoring prompt's
 STRATEGIES = ("auto", "ddp", "fsdp")
-DEFAULT_TRAIN_MODEL = "MAGAer13/mplug-owl2-llama2-7b"
+DEFAULT_TRAIN_MODEL = family_package().DEFAULT_TRAIN_MODEL  # the default family's base model
 DEFAULT_MLP_DIMS = (2048, 1024)
 
 

@@ -7,7 +7,7 @@ What the reference does and what this module reproduces (DeQA-Score `src/dataset
 - DeQA-Score trains on pairs: every sample (image A) gets a partner B drawn uniformly from the *same
   dataset*, B != A, and both go through the model; the fidelity loss compares them. Q-Align and Q-Scorer
   train on single images.
-- Each image has one question, drawn once from the ten phrasings (`tokenizer.QUESTIONS`) when its meta is
+- Each image has one question, drawn once from the ten phrasings (`constants.QUESTIONS`) when its meta is
   built, not redrawn per epoch. Here it is drawn from a generator seeded by (seed, dataset name), so adding
   a dataset does not change the questions of the others.
 - The response is `"The quality of the image is {level}."`; augmentation is off (the reference has none).
@@ -33,8 +33,7 @@ from iqa_cli.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from iqa_cli.images import ClipPreprocessor
-    from iqa_cli.models.mplug_owl2.tokenizer import ChatTemplate, LlamaTokenizer
+    from iqa_cli.models.backbone import VisualCollate
 
 META_SUFFIX = ".parquet"
 REQUIRED_COLUMNS = ("image", "dataset", "split", "mos_norm", "std_norm", "level", "soft_label")
@@ -318,32 +317,20 @@ class Encoded:
 
 
 def encode_conversations(
-    tokenizer: LlamaTokenizer,
+    backbone: Any,
     questions: Sequence[str],
     level_tokens: Sequence[str],
     level_token_ids: Sequence[int],
-    template: ChatTemplate,
+    *,
+    image_first: bool,
 ) -> dict[tuple[int, int], Encoded]:
-    """Ids and labels of every (question, level) pair: the reference's masking, the level token located.
-
-    The level token is the last occurrence of the level's id among the supervised labels (the response
-    ends with `{level}.</s>`). A level word whose first piece differs in context from its piece alone
-    (what scoring reads) is a UserError: training would teach a token that scoring never looks at.
-    """
-    from iqa_cli.models.mplug_owl2.tokenizer import IGNORE_INDEX, RESPONSE_TEMPLATE, build_training_ids
-
+    """Ids, labels and the level position of every (question, level) pair, as the backbone encodes a training
+    conversation (`image_first`: the image before the question, the reference's training layout)."""
     table: dict[tuple[int, int], Encoded] = {}
     for q, question in enumerate(questions):
         for k, (token, token_id) in enumerate(zip(level_tokens, level_token_ids, strict=True)):
-            ids, labels = build_training_ids(tokenizer, question, RESPONSE_TEMPLATE.format(token), template)
-            hits = [t for t, label in enumerate(labels) if label == token_id]
-            if not hits or all(label == IGNORE_INDEX for label in labels):
-                pieces = [tokenizer.id_to_token(i) if i >= 0 else "<|image|>" for i in ids]
-                raise UserError(
-                    f"level {token!r}: its token (id {token_id}) is not among the supervised response tokens "
-                    f"of {pieces}; choose level names that tokenize the same inside a sentence"
-                )
-            table[q, k] = Encoded(tuple(ids), tuple(labels), hits[-1])
+            ids, labels, level_pos = backbone.encode_training(question, token, token_id, image_first=image_first)
+            table[q, k] = Encoded(tuple(ids), tuple(labels), level_pos)
     return table
 
 
@@ -447,9 +434,10 @@ class EpochSampler:
 
 
 class TrainImages:
-    """Map-style dataset over `(row, partner)` keys: decoded, preprocessed images and their prompt ids.
+    """Map-style dataset over `(row, partner)` keys: decoded images through the backbone's transform, and
+    their prompt ids.
 
-    Picklable (DataLoader workers). An image that cannot be decoded comes back with `pixels=None`, and the
+    Picklable (DataLoader workers). An image that cannot be decoded comes back with `visual=None`, and the
     collate function drops it (with its pair) and reports it.
     """
 
@@ -457,10 +445,10 @@ class TrainImages:
         self,
         rows: Rows,
         encodings: dict[tuple[int, int], Encoded],
-        preprocessor: ClipPreprocessor,
+        transform: Any,
         level_of: np.ndarray,
     ):
-        self.rows, self.encodings, self.preprocessor = rows, encodings, preprocessor
+        self.rows, self.encodings, self.transform = rows, encodings, transform
         self.level_of = level_of  # N: which level's response each row is trained with
 
     def __len__(self) -> int:
@@ -471,12 +459,12 @@ class TrainImages:
 
         path = self.rows.paths[row]
         try:
-            pixels = self.preprocessor.pixels(load_image(path))
+            visual = self.transform(load_image(path))
             error = None
         except ImageDecodeError as exc:
-            pixels, error = None, str(exc)
+            visual, error = None, str(exc)
         enc = self.encodings[int(self.rows.question[row]), int(self.level_of[row])]
-        return {"row": row, "path": path, "pixels": pixels, "error": error, "enc": enc}
+        return {"row": row, "path": path, "visual": visual, "error": error, "enc": enc}
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[dict, dict | None]:
         row, partner = key
@@ -490,7 +478,7 @@ class TrainBatch:
     Text tensors are right-padded: `input_ids` with the pad id, `labels` with IGNORE_INDEX.
     """
 
-    pixel_values: torch.Tensor  # N, 3, S, S
+    visual: dict[str, torch.Tensor]  # the backbone's collated visual inputs, N rows
     input_ids: torch.Tensor  # N, T
     attention_mask: torch.Tensor  # N, T
     labels: torch.Tensor  # N, T
@@ -511,24 +499,27 @@ class TrainBatch:
             name: value.to(device, non_blocking=True) if hasattr(value, "to") else value
             for name, value in self.__dict__.items()
         }
+        moved["visual"] = {name: value.to(device, non_blocking=True) for name, value in self.visual.items()}
         return TrainBatch(**moved)
 
 
 @dataclass(frozen=True)
 class Collate:
-    """Pads a list of items into a TrainBatch (picklable for workers)."""
+    """Pads a list of items into a TrainBatch, the visual inputs batched by the backbone's collate (picklable
+    for workers)."""
 
     pad_id: int
     rows: Rows
     paired: bool
+    visual_collate: VisualCollate
 
     def __call__(self, items: list[tuple[dict, dict | None]]) -> TrainBatch | None:
         import torch
 
-        from iqa_cli.models.mplug_owl2.tokenizer import IGNORE_INDEX
+        from iqa_cli.constants import IGNORE_INDEX
 
-        skipped = [f"{side['error']}" for pair in items for side in pair if side is not None and side["pixels"] is None]
-        kept = [(a, b) for a, b in items if a["pixels"] is not None and (b is None or b["pixels"] is not None)]
+        skipped = [f"{side['error']}" for pair in items for side in pair if side is not None and side["visual"] is None]
+        kept = [(a, b) for a, b in items if a["visual"] is not None and (b is None or b["visual"] is not None)]
         if not kept:
             return None
         sides = [a for a, _ in kept] + ([b for _, b in kept] if self.paired else [])
@@ -544,7 +535,7 @@ class Collate:
             mask[i, :t] = 1
         rows = np.array([s["row"] for s in sides], dtype=np.int64)
         return TrainBatch(
-            pixel_values=torch.from_numpy(np.stack([s["pixels"] for s in sides])),
+            visual=self.visual_collate([s["visual"] for s in sides], n, torch.float32),
             input_ids=input_ids,
             attention_mask=mask,
             labels=labels,
@@ -560,30 +551,36 @@ class Collate:
 
 
 class EvalImages:
-    """Test images for evaluation during training: (pixels, position, decoded?).
+    """Test images for evaluation during training: (visual inputs, position, decoded?).
 
-    An image that cannot be decoded gives zeros and `False`, so every rank runs the same number of full
-    batches (FSDP needs all ranks in every forward pass); its result is discarded.
+    An image that cannot be decoded gives None and `False` (the collate makes it a padding row), so every
+    rank runs the same number of full batches (FSDP needs all ranks in every forward pass); its result is
+    discarded.
     """
 
-    def __init__(self, paths: list[str], preprocessor: ClipPreprocessor):
-        self.paths, self.preprocessor = paths, preprocessor
+    def __init__(self, paths: list[str], transform: Any):
+        self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, bool]:
+    def __getitem__(self, i: int) -> tuple[dict | None, int, bool]:
         from iqa_cli.images import ImageDecodeError, load_image
 
         try:
-            return self.preprocessor.pixels(load_image(self.paths[i])), i, True
+            return self.transform(load_image(self.paths[i])), i, True
         except ImageDecodeError:
-            side = self.preprocessor.image_size
-            return np.zeros((3, side, side), dtype=np.float32), i, False
+            return None, i, False
 
 
-def collate_eval(items: list[tuple[np.ndarray, int, bool]]):
-    import torch
+@dataclass(frozen=True)
+class EvalCollate:
+    """(visual batch by the backbone's collate, positions, decoded flags); picklable for workers."""
 
-    pixels = torch.from_numpy(np.stack([p for p, _, _ in items]))
-    return pixels, torch.tensor([i for _, i, _ in items]), torch.tensor([ok for _, _, ok in items])
+    visual_collate: VisualCollate
+
+    def __call__(self, items: list[tuple[dict | None, int, bool]]):
+        import torch
+
+        visual = self.visual_collate([v for v, _, _ in items], len(items), torch.float32)
+        return visual, torch.tensor([i for _, i, _ in items]), torch.tensor([ok for _, _, ok in items])

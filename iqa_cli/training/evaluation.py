@@ -35,11 +35,12 @@ def evaluate(session: Session) -> dict[str, Any]:
     env = session.env
     per_rank = math.ceil(len(test) / env.world_size)
     mine = np.arange(env.rank, per_rank * env.world_size, env.world_size) % len(test)
-    dataset = train_data.EvalImages([test.paths[i] for i in mine], session.preprocessor)
+    backbone = session.backbone
+    dataset = train_data.EvalImages([test.paths[i] for i in mine], backbone.transform)
     loader = DataLoader(
         dataset,
         batch_size=session.config.eval.batch_size,
-        collate_fn=train_data.collate_eval,
+        collate_fn=train_data.EvalCollate(backbone.collate),
         num_workers=workers(session),
         generator=torch.Generator().manual_seed(0),
     )
@@ -48,9 +49,9 @@ def evaluate(session: Session) -> dict[str, Any]:
     core.eval()
     results: dict[int, tuple[float, float]] = {}
     try:
-        for pixels, index, ok in loader:
+        for visual, index, ok in loader:
             with autocast(session):
-                scores = read_levels(core, pixels, look)
+                scores = read_levels(backbone, visual, look)
             reg = scores.score_reg if scores.score_reg is not None else torch.full_like(scores.score, math.nan)
             for j in range(len(index)):
                 if ok[j]:

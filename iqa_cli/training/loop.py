@@ -47,10 +47,11 @@ def _loader(session: Session, epoch: int, start_step: int):
     order = train_data.epoch_order(session.pool, seed, epoch)
     partners = train_data.draw_partners(order, session.data.train.group, seed, epoch) if paired else None
     sampler = train_data.EpochSampler(order, partners, session.plan, session.env.rank, start_step)
+    backbone = session.backbone
     dataset = train_data.TrainImages(
-        session.data.train, session.encodings, session.preprocessor, session.data.train.level
+        session.data.train, session.encodings, backbone.transform, session.data.train.level
     )
-    collate = train_data.Collate(session.tokenizer.pad_id, session.data.train, paired)
+    collate = train_data.Collate(backbone.tokenizer.pad_id, session.data.train, paired, backbone.collate)
     n_workers = workers(session)
     return DataLoader(
         dataset,
@@ -69,7 +70,7 @@ def _micro_step(session: Session, batch: train_data.TrainBatch, scale: float) ->
     batch = batch.to(session.device)
     reg_pos = batch.level_pos - 1 if OBJECTIVES[session.config.method].regressor else None
     with autocast(session):
-        logits, pred = session.forward(batch.input_ids, batch.pixel_values, batch.attention_mask, reg_pos)
+        logits, pred = session.forward(batch.input_ids, batch.visual, batch.attention_mask, reg_pos)
     parts = compute_loss(session.spec, logits, pred, batch)
     (parts.total * scale).backward()
     return parts

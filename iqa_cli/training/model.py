@@ -5,52 +5,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from iqa_cli.constants import DEFAULT_QUESTION
 from iqa_cli.errors import UserError
 from iqa_cli.training import data as train_data
 from iqa_cli.training.config import TrainConfig
 from iqa_cli.training.objectives import OBJECTIVES
 
-# The reference's `find_all_lora_names`: every q_proj and the visual copy of v_proj in the LLM.
-LORA_TARGET_SUFFIXES = ("self_attn.q_proj", "self_attn.v_proj.multiway.1")
 SCORE_TOKEN = "<score{}>"
 
 
 class TrainForward(nn.Module):
-    """One forward pass for training: logits at the text positions and, for Q-Scorer, the regressor.
+    """One forward pass for training: logits at the input ids' positions and, for Q-Scorer, the regressor.
 
-    Logits are computed only where text tokens landed in the expanded sequence (the 65 visual positions
-    carry no labels), so `logits[:, t]` belongs to input token t and the losses' shift convention holds.
-    The regressor reads the final-norm hidden state of the token just before the score token, the one
-    that predicts it; scoring reads the same position (the last input id, `regressor="last"`).
+    `logits[:, t]` belongs to input token t (the backbone maps input ids to its own sequence), so the losses'
+    shift convention holds. The regressor reads the final-norm hidden state of the token just before the
+    score token, the one that predicts it; scoring reads the same position (the last input id,
+    `regressor="last"`).
     """
 
-    def __init__(self, model: nn.Module, core: nn.Module):
+    def __init__(self, model: nn.Module, backbone: Any):
         super().__init__()
-        self.model = model  # the MPLUGOwl2ForCausalLM, or the peft model wrapping it
-        object.__setattr__(self, "core", core)  # the MPLUGOwl2ForCausalLM itself, not registered twice
+        self.model = model  # the backbone's model, or the peft model wrapping it
+        object.__setattr__(self, "backbone", backbone)  # its model is `model` (or inside it), not registered twice
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
+        visual: dict[str, torch.Tensor],
         attention_mask: torch.Tensor,
         regressor_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from iqa_cli.models.mplug_owl2.model import IMAGE_TOKEN_INDEX, expanded_positions, gather_rows
-
-        t = input_ids.shape[1]
-        slot = (input_ids == IMAGE_TOKEN_INDEX).long().argmax(1)
-        text_pos = expanded_positions(slot, t, self.core.num_visual_tokens)  # N, T
-        out = self.model(input_ids, pixel_values, attention_mask=attention_mask, logits_at=text_pos)
-        pred = None
-        if regressor_pos is not None:
-            hidden = gather_rows(out.hidden_states, text_pos.gather(1, regressor_pos[:, None]))[:, 0]  # N, C
-            pred = self.core.deepmlp(hidden)
-        return out.logits, pred
+        logits, hidden = self.backbone.training_forward(self.model, visual, input_ids, attention_mask, regressor_pos)
+        pred = self.backbone.regress(hidden) if hidden is not None else None  # N
+        return logits, pred
 
 
 @dataclass
@@ -65,30 +57,19 @@ class Levels:
     regressor: str | None
 
 
-def level_setup(config: TrainConfig, names: Sequence[str], tokenizer, core: nn.Module) -> Levels:
+def level_setup(config: TrainConfig, names: Sequence[str], backbone: Any) -> Levels:
     """Level tokens (words, or added `<scoreK>` tokens with resized embeddings) and the scoring readout."""
-    from iqa_cli.models.mplug_owl2.tokenizer import (
-        DEFAULT_PROMPT,
-        DEFAULT_QUESTION,
-        EVAL_TEMPLATE,
-        level_token_ids,
-        tokenize_prompt,
-    )
-
     objective = OBJECTIVES[config.method]
     k = len(names)
     if objective.score_tokens:
         tokens = tuple(SCORE_TOKEN.format(i + 1) for i in range(k))
-        ids = tuple(tokenizer.add_tokens(tokens, special=True))
-        vocab = core.config.language.vocab_size
-        if len(tokenizer) > vocab:  # new rows start as the mean of the others (the reference's resize)
-            core.resize_token_embeddings(len(tokenizer))
+        ids = tuple(backbone.add_tokens(tokens))
     else:
         tokens = tuple(names)
-        ids = tuple(level_token_ids(tokenizer, tokens))
-    prompt = DEFAULT_PROMPT
-    prefix = tokenize_prompt(tokenizer, prompt)
-    scoring = train_data.encode_conversations(tokenizer, [DEFAULT_QUESTION], tokens, ids, EVAL_TEMPLATE)
+        ids = tuple(backbone.level_token_ids(tokens))
+    prompt = backbone.default_prompt
+    prefix = backbone.encode_prompt(prompt)
+    scoring = train_data.encode_conversations(backbone, [DEFAULT_QUESTION], tokens, ids, image_first=False)
     heads = {enc.input_ids[: enc.level_pos] for enc in scoring.values()}
     if len(heads) != 1:
         raise UserError(f"the level tokens {list(tokens)} are preceded by different response pieces")
@@ -105,42 +86,24 @@ def level_setup(config: TrainConfig, names: Sequence[str], tokenizer, core: nn.M
     )
 
 
-def add_regressor(config: TrainConfig, core: nn.Module) -> None:
-    """Q-Scorer's MLP, Kaiming-normal (fan_in, ReLU) weights and zero biases as the reference initializes it."""
-    from iqa_cli.models.mplug_owl2.regressor import ScoreRegressor
-
-    if core.deepmlp is not None:
-        return
-    dims = [int(d) for d in config.model.mlp_dims]
-    weight = core.lm_head.weight
-    mlp = ScoreRegressor(core.config.language.hidden_size, dims).to(device=weight.device, dtype=torch.float32)
-    for module in mlp.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-    core.deepmlp = mlp
-    core.config.deepmlp_hidden_dims = dims
+def add_regressor(config: TrainConfig, backbone: Any) -> None:
+    """The backbone's regression head (Q-Scorer's MLP) with --mlp-dims hidden sizes."""
+    backbone.add_regressor([int(d) for d in config.model.mlp_dims])
 
 
-def lora_target_names(core: nn.Module, suffixes: Sequence[str]) -> list[str]:
-    """Full names of the LLM Linear layers LoRA wraps (never inside the vision model or abstractor)."""
-    names = [
-        name
-        for name, module in core.named_modules()
-        if isinstance(module, nn.Linear)
-        and name.startswith("model.layers.")
-        and any(name == s or name.endswith("." + s) for s in suffixes)
-    ]
+def lora_target_names(backbone: Any, suffixes: Sequence[str]) -> list[str]:
+    """Full names of the LLM Linear layers LoRA wraps (never inside the vision model or projector)."""
+    names = backbone.lora_target_modules(tuple(suffixes))
     if not names:
         raise UserError(f"--lora-targets {list(suffixes)} match no linear layer of the language model")
     return names
 
 
-def apply_lora(config: TrainConfig, core: nn.Module) -> nn.Module:
-    """The peft model wrapping `core` with LoRA on the target layers."""
+def apply_lora(config: TrainConfig, backbone: Any) -> nn.Module:
+    """The peft model wrapping the backbone's model with LoRA on the target layers (by default the family's)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_target_names(core, config.lora.targets or LORA_TARGET_SUFFIXES)
+    targets = lora_target_names(backbone, config.lora.targets or backbone.lora_targets)
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
@@ -148,22 +111,22 @@ def apply_lora(config: TrainConfig, core: nn.Module) -> nn.Module:
         target_modules=targets,
         bias="none",
     )
-    return get_peft_model(core, lora)
+    return get_peft_model(backbone.model, lora)
 
 
-def select_trainable(config: TrainConfig, core: nn.Module, lora: bool) -> None:
+def select_trainable(config: TrainConfig, backbone: Any, lora: bool) -> None:
     """requires_grad as the reference sets it: LoRA weights (or the whole LLM), the vision model and the
-    abstractor unless frozen; Q-Scorer also trains lm_head and the regressor in LoRA runs."""
+    projector unless frozen; Q-Scorer also trains the output embeddings and the regressor in LoRA runs."""
     objective = OBJECTIVES[config.method]
-    for name, p in core.named_parameters():
+    for name, p in backbone.model.named_parameters():
         p.requires_grad = ("lora_" in name) if lora else True
+    groups = backbone.trainable_groups()
     if objective.score_tokens:
-        core.lm_head.weight.requires_grad = True
-    if core.deepmlp is not None:  # trained by Q-Scorer; kept as it is (and unused) by the other methods
-        for p in core.deepmlp.parameters():
-            p.requires_grad = objective.regressor
-    vision, abstractor = core.model.vision_model, core.model.visual_abstractor
-    for p in vision.parameters():
+        for p in groups["output"]:
+            p.requires_grad = True
+    for p in groups["regressor"]:  # trained by Q-Scorer; kept as it is (and unused) by the other methods
+        p.requires_grad = objective.regressor
+    for p in groups["vision"]:
         p.requires_grad = not config.model.freeze_vision
-    for p in abstractor.parameters():
+    for p in groups["projector"]:
         p.requires_grad = not config.model.freeze_abstractor

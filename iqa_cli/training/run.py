@@ -57,14 +57,13 @@ def finish(session: Session, result: TrainResult) -> TrainResult:
         train=config.to_json(),
         final_eval=result.final_eval,
         base_revision=session.base_revision,
+        family=session.backbone.name,
     )
     merged = train_state.save_final(
         session.run,
         info,
-        core=session.core,
+        backbone=session.backbone,
         peft_model=session.peft_model,
-        tokenizer=session.tokenizer,
-        preprocessor=session.preprocessor,
         strategy=session.strategy,
         merge=config.checkpoint.merge,
         keep_checkpoints=config.checkpoint.keep,

@@ -1,7 +1,7 @@
 """`setup`: everything a training run holds between setup and cleanup, built once.
 
-Reads the prepared metas (`training.data`), loads the model (`models.mplug_owl2.checkpoints`), adds the
-Q-Scorer score tokens and regressor, picks the trainable parts (LoRA through peft, or full tuning; vision
+Reads the prepared metas (`training.data`), loads the model as its family's `Backbone` (`models.backbone`),
+adds the Q-Scorer score tokens and regressor, picks the trainable parts (LoRA through peft, or full tuning; vision
 model and abstractor trainable unless frozen), wraps the model for the launch (one process, DDP for LoRA,
 FSDP2 for full tuning; `distributed`), builds AdamW + cosine-with-warmup, and restores a checkpoint of an
 interrupted run of the same configuration (`training.state`).
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from iqa_cli import distributed
+from iqa_cli.constants import DEFAULT_QUESTION, QUESTIONS
 from iqa_cli.errors import UserError
 from iqa_cli.paths import resolve_data_dir
 from iqa_cli.training import data as train_data
@@ -48,13 +49,12 @@ class Session:
     env: distributed.DistEnv
     device: torch.device
     data: train_data.TrainData
-    core: nn.Module  # MPLUGOwl2ForCausalLM
+    backbone: Any  # the family's Backbone; training calls its model only through it
+    core: nn.Module  # backbone.model
     peft_model: nn.Module | None
     forward: nn.Module  # TrainForward, wrapped in DDP when distributed with LoRA
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    tokenizer: Any
-    preprocessor: Any
     levels: Levels
     spec: LossSpec
     plan: train_data.BatchPlan
@@ -75,13 +75,11 @@ class Session:
     history: list[dict] = field(default_factory=list)
 
 
-def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loaded: Any = None) -> Session:
+def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, backbone: Any = None) -> Session:
     """Data, model, trainable parts, wrapping, optimizer, schedule; restores the checkpoint when `decision`
-    is "resume". The process group (if any) is already initialized. `loaded` (a LoadedCheckpoint) replaces
-    loading `config.model.name`, for benchmarks that build a full-size model with random weights in memory."""
-    from iqa_cli.models.backbone import MPLUGOwl2Backbone
-    from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2
-    from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_QUESTION, EVAL_TEMPLATE, QUESTIONS, TRAIN_TEMPLATE
+    is "resume". The process group (if any) is already initialized. `backbone` replaces loading
+    `config.model.name`, for benchmarks that build a full-size model with random weights in memory."""
+    from iqa_cli.models.backbone import load_backbone
 
     objective = OBJECTIVES[config.method]
     env = distributed.env()
@@ -110,20 +108,20 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {config.optim.batch_size} is larger than the {len(pool)} training samples")
     torch.manual_seed(config.optim.seed)  # the Q-Scorer MLP and LoRA initializations (the same on every rank)
-    if loaded is None:
-        loaded = load_mplug_owl2(config.model.name, base=config.model.base, dtype=torch.float32, device=device)
-    if lora and loaded.layout != "full":
+    if backbone is None:
+        backbone = load_backbone(config.model.name, base=config.model.base, dtype=torch.float32, device=device)
+    provenance = backbone.provenance
+    if lora and provenance.layout != "full":
         raise UserError(f"--model {config.model.name} is a LoRA adapter; train a LoRA on a full model (merge it first)")
-    backbone = MPLUGOwl2Backbone.from_checkpoint(loaded)
-    core, tokenizer, preprocessor = loaded.model, backbone.tokenizer, backbone.preprocessor
+    core = backbone.model
     if objective.regressor:
-        add_regressor(config, core)
-    levels = level_setup(config, data.level_names, tokenizer, core)
+        add_regressor(config, backbone)
+    levels = level_setup(config, data.level_names, backbone)
     if objective.score_tokens:
-        core.config.score_token_id = list(reversed(levels.ids))  # the reference stores <scoreK> first
-    template = TRAIN_TEMPLATE if config.data.layout == "reference" else EVAL_TEMPLATE
-    encodings = train_data.encode_conversations(tokenizer, questions, levels.tokens, levels.ids, template)
-    vocab = core.config.language.vocab_size
+        backbone.record_score_tokens(levels.ids)
+    image_first = config.data.layout == "reference"
+    encodings = train_data.encode_conversations(backbone, questions, levels.tokens, levels.ids, image_first=image_first)
+    vocab = backbone.vocab_size
     largest = max(max(enc.input_ids) for enc in encodings.values())
     if largest >= vocab:
         raise UserError(
@@ -132,19 +130,19 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
 
     core.train()
     if config.model.gradient_checkpointing:
-        core.set_gradient_checkpointing(True)
-    peft_model = apply_lora(config, core) if lora else None
-    select_trainable(config, core, lora=lora)
+        backbone.set_gradient_checkpointing(True)
+    peft_model = apply_lora(config, backbone) if lora else None
+    select_trainable(config, backbone, lora=lora)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     if autocast_dtype is not None and lora:  # frozen weights in bf16 (the reference casts the model)
         for p in core.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(autocast_dtype)
-    forward = TrainForward(peft_model if peft_model is not None else core, core)
+    forward = TrainForward(peft_model if peft_model is not None else core, backbone)
     if strategy == "ddp":
         forward = distributed.wrap_ddp(forward, device)
     elif strategy == "fsdp":
-        distributed.shard_mplug_owl2(core, device, mixed_precision=autocast_dtype)
+        distributed.shard_units(core, backbone.fsdp_units(), device, mixed_precision=autocast_dtype)
         # The decoder layers also return their (unused) key/value views; nothing modifies them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
@@ -169,21 +167,18 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
         margin=loss.rank_margin,
         mse_clamp=loss.mse_clamp,
     )
-    base = None
-    if lora:
-        base = loaded.repo_id or str(loaded.weights_dir.resolve())
+    base = provenance.model if lora else None  # repo id or absolute path
     session = Session(
         config=config,
         env=env,
         device=device,
         data=data,
+        backbone=backbone,
         core=core,
         peft_model=peft_model,
         forward=forward,
         optimizer=optimizer,
         scheduler=scheduler,
-        tokenizer=tokenizer,
-        preprocessor=preprocessor,
         levels=levels,
         spec=spec,
         plan=plan,
@@ -195,8 +190,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, loa
         progress=train_state.Progress(),
         strategy=strategy,
         base=base,
-        base_revision=loaded.revision if lora else None,
-        loaded_layout=loaded.layout,
+        base_revision=(provenance.revision or None) if lora else None,
+        loaded_layout=provenance.layout,
         console=console,
         autocast_dtype=autocast_dtype,
     )

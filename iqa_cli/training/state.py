@@ -22,7 +22,6 @@ most the steps since its last save. Only trainable tensors are saved (frozen one
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -47,7 +46,6 @@ TRAINER_FILE = "trainer.pt"
 STATE_DIR = "state"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NON_LORA = "non_lora_trainables.bin"
-PEFT_PREFIX = "base_model.model."
 # Files a finished run writes into --out; --overwrite removes exactly these (and nothing else of the folder).
 OUTPUT_FILES = (
     CONFIG_FILE,
@@ -310,6 +308,7 @@ class RunRecord:
     train: dict = field(default_factory=dict)
     final_eval: dict | None = None
     base_revision: str | None = None  # the Hub commit of `base`, for provenance
+    family: str = ""  # the model family (`models.backbone.RUN_FAMILY_KEY`): the registry loads the run through it
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -325,26 +324,22 @@ def save_final(
     run: RunDirectory,
     record: RunRecord,
     *,
-    core: torch.nn.Module,
+    backbone: Any,
     peft_model: torch.nn.Module | None,
-    tokenizer: Any,
-    preprocessor: Any,
     strategy: str,
     merge: bool,
     keep_checkpoints: bool,
     dtype: torch.dtype | None = None,
 ) -> Path | None:
     """Writes the final checkpoint directory (every rank calls this; rank 0 writes). Returns `merged/`."""
-    full_state = distributed.full_state_dict(core) if strategy == "fsdp" else None
+    full_state = distributed.full_state_dict(backbone.model) if strategy == "fsdp" else None
     merged = None
     if distributed.rank() == 0:
         out = run.out
         if peft_model is not None:
-            save_lora(peft_model, core, out, record.base)
+            backbone.save_adapter(peft_model, out, record.base)
         else:
-            save_full(core, out, state=full_state, dtype=dtype)
-        tokenizer.save(out)
-        preprocessor.save(out)
+            backbone.save(out, state=full_state, dtype=dtype)
         atomic_write(out / RUN_FILE, json.dumps(record.to_json(), indent=2) + "\n")
         if merge:
             merged = merge_lora(out, out / MERGED, record)
@@ -354,61 +349,13 @@ def save_final(
     return merged
 
 
-def save_full(core: torch.nn.Module, out: Path, *, state: dict | None = None, dtype: torch.dtype | None = None) -> None:
-    """config.json + safetensors under the released key names; `state` is a gathered full state dict
-    (FSDP) to write instead of the module's own tensors."""
-    from iqa_cli.models.mplug_owl2.checkpoints import save_mplug_owl2
-    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
-
-    model = core
-    if state is not None:
-        with torch.device("meta"):
-            model = MPLUGOwl2ForCausalLM(copy.deepcopy(core.config))
-        model.load_state_dict(state, assign=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    save_mplug_owl2(model, out, max_shard_bytes=5 * 1024**3)
-
-
-def save_lora(peft_model: torch.nn.Module, core: torch.nn.Module, out: Path, base: str | None) -> None:
-    """The released peft layout: adapter_config.json, adapter weights (keys `base_model.model.<module>.lora_A.weight`),
-    non_lora_trainables.bin (every trained non-LoRA tensor, keys prefixed `base_model.model.`; for Q-Scorer also the
-    resized embed_tokens and lm_head, as Q-Scorer's fixed reference saves them) and the run's config.json."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    adapter = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-    save_file(adapter, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    lora_config = copy.deepcopy(peft_model.peft_config["default"])
-    lora_config.base_model_name_or_path = base
-    lora_config.inference_mode = True
-    lora_config.task_type = "CAUSAL_LM"  # as the released adapters record it
-    lora_config.target_modules = sorted(lora_config.target_modules, key=_module_order)
-    lora_config.save_pretrained(str(out))
-    resized = ("model.embed_tokens.weight", "lm_head.weight") if core.deepmlp is not None else ()
-    non_lora = {
-        name: p.detach().cpu().clone()
-        for name, p in peft_model.named_parameters()
-        if "lora_" not in name and (p.requires_grad or name.removeprefix(PEFT_PREFIX) in resized)
-    }
-    torch.save(non_lora, out / NON_LORA)
-    core.config.save(out)
-
-
-def _module_order(name: str) -> tuple:
-    """model.layers.2.x before model.layers.10.x."""
-    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
-
-
 def merge_lora(run_dir: Path, merged: Path, record: RunRecord) -> Path:
     """The adapter merged onto its base by the same loader `iqa score` uses, written as a full checkpoint."""
-    from iqa_cli.models.mplug_owl2.checkpoints import load_mplug_owl2, save_mplug_owl2
+    from iqa_cli.models.backbone import load_backbone
 
-    loaded = load_mplug_owl2(run_dir, base=record.base)
-    save_mplug_owl2(loaded.model, merged, max_shard_bytes=5 * 1024**3)
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                 "preprocessor_config.json"):  # fmt: skip
+    backbone = load_backbone(run_dir, base=record.base)
+    backbone.save(merged, processing=False)
+    for name in backbone.processing_files:  # copied as written, not re-encoded
         if (run_dir / name).is_file():
             shutil.copy(run_dir / name, merged / name)
     info = record.to_json()

@@ -13,12 +13,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from iqa_cli.batch_buffer import batch_buffer
+from iqa_cli.constants import IGNORE_INDEX, RESPONSE_TEMPLATE
 from iqa_cli.errors import UserError
 from iqa_cli.models.backbone import BackboneOutput, Family, Provenance, VisualInputs
+from iqa_cli.models.mplug_owl2 import DEFAULT_TRAIN_MODEL, LORA_TARGETS
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
+    EVAL_TEMPLATE,
     IMAGE_TOKEN,
     QUICKSTART_PROMPT,
+    TRAIN_TEMPLATE,
+    build_training_ids,
     level_token_ids,
     tokenize_prompt,
 )
@@ -28,6 +33,18 @@ if TYPE_CHECKING:
     from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
 PIXELS = "pixel_values"  # the one visual input: CLIP-normalized squares [3, S, S] per image
+SAVE_SHARD_BYTES = 5 * 1024**3  # weights files of a trained model, as the released checkpoints are cut
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+NON_LORA = "non_lora_trainables.bin"  # the reference's trained non-LoRA tensors of a LoRA run
+# Files besides the weights that make a directory loadable: copied next to a LoRA run's merged weights.
+PROCESSING_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,9 @@ class MPLUGOwl2Backbone:
 
     name = "mplug_owl2"
     image_token = IMAGE_TOKEN
+    default_prompt = DEFAULT_PROMPT  # the scoring prompt of a trained model: DEFAULT_QUESTION in the eval layout
+    lora_targets = LORA_TARGETS
+    default_train_model = DEFAULT_TRAIN_MODEL
 
     def __init__(
         self,
@@ -171,6 +191,193 @@ class MPLUGOwl2Backbone:
 
     def regress(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.deepmlp(hidden)
+
+    # --- training ---------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.language.vocab_size
+
+    def level_token_ids(self, words: list[str] | tuple[str, ...]) -> list[int]:
+        """The id each level word is read at (its first token alone); two words sharing one is a UserError."""
+        return level_token_ids(self.tokenizer, words)
+
+    def add_tokens(self, tokens: list[str] | tuple[str, ...]) -> list[int]:
+        """Adds special tokens; new embedding rows start as the mean of the others (the reference's resize)."""
+        ids = self.tokenizer.add_tokens(tokens, special=True)
+        if len(self.tokenizer) > self.vocab_size:
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        return ids
+
+    def record_score_tokens(self, ids: list[int] | tuple[int, ...]) -> None:
+        """Q-Scorer's score token ids in config.json (the reference stores <scoreK> first)."""
+        self.model.config.score_token_id = list(reversed(ids))
+
+    def encode_training(
+        self, question: str, level_token: str, level_token_id: int, *, image_first: bool
+    ) -> tuple[list[int], list[int], int]:
+        """(input ids, labels, level position) of one conversation, masked as the reference masks it.
+
+        The level token is the last occurrence of its id among the supervised labels (the response ends with
+        `{level}.</s>`). A level word whose first piece differs in context from its piece alone (what scoring
+        reads) is a UserError: training would teach a token that scoring never looks at.
+        """
+        template = TRAIN_TEMPLATE if image_first else EVAL_TEMPLATE
+        ids, labels = build_training_ids(self.tokenizer, question, RESPONSE_TEMPLATE.format(level_token), template)
+        hits = [t for t, label in enumerate(labels) if label == level_token_id]
+        if not hits or all(label == IGNORE_INDEX for label in labels):
+            pieces = [self.tokenizer.id_to_token(i) if i >= 0 else IMAGE_TOKEN for i in ids]
+            raise UserError(
+                f"level {level_token!r}: its token (id {level_token_id}) is not among the supervised response tokens "
+                f"of {pieces}; choose level names that tokenize the same inside a sentence"
+            )
+        return ids, labels, hits[-1]
+
+    def add_regressor(self, dims: list[int]) -> None:
+        """Q-Scorer's MLP, Kaiming-normal (fan_in, ReLU) weights and zero biases as the reference initializes
+        it; a checkpoint that has one keeps it."""
+        from torch import nn
+
+        from iqa_cli.models.mplug_owl2.regressor import ScoreRegressor
+
+        core = self.model
+        if core.deepmlp is not None:
+            return
+        weight = core.lm_head.weight
+        mlp = ScoreRegressor(core.config.language.hidden_size, dims).to(device=weight.device, dtype=torch.float32)
+        for module in mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        core.deepmlp = mlp
+        core.config.deepmlp_hidden_dims = dims
+
+    def lora_target_modules(self, suffixes: list[str] | tuple[str, ...]) -> list[str]:
+        """Full names of the LLM Linear layers whose names end with a suffix (never in the vision model or
+        the abstractor)."""
+        from torch import nn
+
+        return [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Linear)
+            and name.startswith("model.layers.")
+            and any(name == s or name.endswith("." + s) for s in suffixes)
+        ]
+
+    def trainable_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters by part: "vision" (ViT), "projector" (abstractor), "output" (lm_head), "regressor"."""
+        core = self.model
+        return {
+            "output": [core.lm_head.weight],
+            "regressor": list(core.deepmlp.parameters()) if core.deepmlp is not None else [],
+            "vision": list(core.model.vision_model.parameters()),
+            "projector": list(core.model.visual_abstractor.parameters()),
+        }
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.model.set_gradient_checkpointing(enabled)
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """FSDP2 units: each ViT, abstractor and decoder layer, and the Q-Scorer MLP (the model is the root)."""
+        core = self.model
+        units = [*core.model.vision_model.encoder.layers, *core.model.visual_abstractor.encoder.layers]
+        units += [*core.model.layers]
+        if core.deepmlp is not None:
+            units.append(core.deepmlp)
+        return units
+
+    def training_forward(
+        self,
+        module: torch.nn.Module,
+        visual: VisualInputs,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden_at: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [N, T, V] at the input ids' own positions, and final-norm hidden states [N, C] at the input-id
+        positions `hidden_at` [N]. `module` is this backbone's model or a wrapper of it (peft).
+
+        Logits are computed only where text tokens landed in the expanded sequence (the 65 visual positions
+        carry no labels), so `logits[:, t]` belongs to input token t.
+        """
+        from iqa_cli.models.mplug_owl2.model import IMAGE_TOKEN_INDEX, expanded_positions, gather_rows
+
+        t = input_ids.shape[1]
+        slot = (input_ids == IMAGE_TOKEN_INDEX).long().argmax(1)
+        text_pos = expanded_positions(slot, t, self.model.num_visual_tokens)  # N, T
+        out = module(input_ids, visual[PIXELS], attention_mask=attention_mask, logits_at=text_pos)
+        hidden = None
+        if hidden_at is not None:
+            hidden = gather_rows(out.hidden_states, text_pos.gather(1, hidden_at[:, None]))[:, 0]  # N, C
+        return out.logits, hidden
+
+    def save(
+        self,
+        out: str | Path,
+        *,
+        state: dict | None = None,
+        dtype: torch.dtype | None = None,
+        processing: bool = True,
+    ) -> None:
+        """config.json + safetensors under the released key names, then (with `processing`) the tokenizer and
+        preprocessing files; `state` is a gathered full state dict (FSDP) to write instead of the model's own."""
+        import copy
+
+        from iqa_cli.models.mplug_owl2.checkpoints import save_mplug_owl2
+        from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+
+        model = self.model
+        if state is not None:
+            with torch.device("meta"):
+                model = MPLUGOwl2ForCausalLM(copy.deepcopy(self.model.config))
+            model.load_state_dict(state, assign=True)
+        if dtype is not None:
+            model = model.to(dtype)
+        save_mplug_owl2(model, out, max_shard_bytes=SAVE_SHARD_BYTES)
+        if processing:
+            self.save_processing(out)
+
+    def save_processing(self, out: str | Path) -> None:
+        self.tokenizer.save(Path(out))
+        self.preprocessor.save(Path(out))
+
+    def save_adapter(self, peft_model: torch.nn.Module, out: str | Path, base: str | None) -> None:
+        """The released peft layout: adapter_config.json, adapter weights (keys
+        `base_model.model.<module>.lora_A.weight`), non_lora_trainables.bin (every trained non-LoRA tensor, keys
+        prefixed `base_model.model.`; for Q-Scorer also the resized embed_tokens and lm_head, as Q-Scorer's
+        fixed reference saves them), the run's config.json, the tokenizer and preprocessing files."""
+        import copy
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        adapter = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        save_file(adapter, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        lora_config = copy.deepcopy(peft_model.peft_config["default"])
+        lora_config.base_model_name_or_path = base
+        lora_config.inference_mode = True
+        lora_config.task_type = "CAUSAL_LM"  # as the released adapters record it
+        lora_config.target_modules = sorted(lora_config.target_modules, key=_module_order)
+        lora_config.save_pretrained(str(out))
+        resized = ("model.embed_tokens.weight", "lm_head.weight") if self.model.deepmlp is not None else ()
+        non_lora = {
+            name: p.detach().cpu().clone()
+            for name, p in peft_model.named_parameters()
+            if "lora_" not in name and (p.requires_grad or name.removeprefix(PEFT_PREFIX) in resized)
+        }
+        torch.save(non_lora, out / NON_LORA)
+        self.model.config.save(out)
+        self.save_processing(out)
+
+    processing_files = PROCESSING_FILES
+
+
+def _module_order(name: str) -> tuple:
+    """model.layers.2.x before model.layers.10.x."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
 
 
 def load(

@@ -25,31 +25,13 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from iqa_cli.constants import IGNORE_INDEX
+from iqa_cli.constants import DEFAULT_QUESTION, IGNORE_INDEX, RESPONSE_PREFIX
 from iqa_cli.errors import UserError
 
 IMAGE_TOKEN = "<|image|>"
 IMAGE_TOKEN_INDEX = -200
 SPIECE_UNDERLINE = "▁"
 
-# The question and response of the papers' scoring prompt (DeQA-Score `src/evaluate/iqa_eval.py`).
-DEFAULT_QUESTION = "How would you rate the quality of this image?"
-RESPONSE_PREFIX = "The quality of the image is"
-RESPONSE_TEMPLATE = RESPONSE_PREFIX + " {}."  # training answer; `{}` is the level name
-# Training questions: the reference draws one per image uniformly (`random.choice`, seed 131 per dataset) from
-# these ten phrasings (DeQA-Score `build_soft_labels/gen_soft_label.py`, `questions`).
-QUESTIONS: tuple[str, ...] = (
-    "What do you think about the quality of this image?",
-    "Can you rate the quality of this picture?",
-    "Can you judge the quality of this image?",
-    "How would you rate the quality of this image?",
-    "How would you judge the quality of this image?",
-    "What is your quality rating for this image?",
-    "What's your opinion on the quality of this picture?",
-    "Rate the quality of this image.",
-    "Could you evaluate the quality of this image?",
-    "How do you assess the quality of this image?",
-)
 
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
