@@ -1,5 +1,5 @@
 """The `Backbone` door is real: a toy second family, defined here and registered from the test, is scored by
-`Scorer` and by `iqa score`'s pipeline without any change outside tests/.
+`Scorer` and by `iqa score`'s pipeline, and trained by `iqa train`'s `train`, without any change outside tests/.
 
 The toy has its own preprocessing with a per-image number of visual tokens (as Qwen2-VL's patch grids), its own
 collate (padded to a fixed row count, with a mask), its own character tokenizer and image slot.
@@ -18,7 +18,16 @@ from torch import nn
 
 import iqa_cli.models.backbone as backbone_registry
 from iqa_cli.batch_buffer import batch_buffer
-from iqa_cli.models.backbone import Backbone, BackboneOutput, Family, Provenance, register_family
+from iqa_cli.constants import DEFAULT_QUESTION, IGNORE_INDEX
+from iqa_cli.models.backbone import (
+    Backbone,
+    BackboneOutput,
+    Family,
+    Provenance,
+    TrainableBackbone,
+    load_backbone,
+    register_family,
+)
 from iqa_cli.scoring.pipeline import ScoreConfig, score_images
 from iqa_cli.scoring.scorer import Scorer
 
@@ -49,7 +58,9 @@ class ToyCollate:
 
 
 class ToyTokenizer:
-    """One id per character (4 + code point mod 60); the image slot is id 1."""
+    """One id per character (4 + code point mod 60); the image slot is id 1, padding id 0."""
+
+    pad_id = 0
 
     def encode(self, text):
         return [4 + ord(c) % 60 for c in text]
@@ -62,10 +73,16 @@ class ToyModel(nn.Module):
         self.embed, self.visual = nn.Embedding(vocab, width), nn.Linear(3, width)
         self.head, self.regressor = nn.Linear(width, vocab), nn.Linear(width, 1)
 
-    def forward(self, tokens, mask, ids):
-        """Mean of the image's tokens plus the mean text embedding -> one hidden state [B, 1, C]."""
+    def forward(self, tokens, mask, ids, per_position=False):
+        """Mean of the image's tokens plus the mean text embedding -> one hidden state [B, 1, C]; with
+        `per_position`, causal: position t sees the image and ids[: t + 1] -> [B, T, C]."""
         seen = (self.visual(tokens) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-        hidden = torch.tanh(seen + self.embed(ids.clamp_min(0)).mean(1))[:, None]
+        embedded = self.embed(ids.clamp_min(0))
+        if per_position:
+            counts = torch.arange(1, ids.shape[1] + 1, dtype=embedded.dtype)[:, None]
+            hidden = torch.tanh(seen[:, None] + embedded.cumsum(1) / counts)
+        else:
+            hidden = torch.tanh(seen + embedded.mean(1))[:, None]
         return hidden, self.head(hidden)
 
 
@@ -99,9 +116,70 @@ class ToyBackbone:
     def regress(self, hidden):
         return self.model.regressor(hidden)[:, 0]
 
+    # what training needs on top (TrainableBackbone)
+    lora_targets, processing_files, vocab_size = ("head",), (), 64
+
+    def prompt(self, question, image_first):
+        return f"<img> {question} quality:" if image_first else f"{question} <img> quality:"
+
+    @property
+    def default_prompt(self):
+        return self.prompt(DEFAULT_QUESTION, image_first=False)
+
+    def level_token_ids(self, words):
+        return [self.level_token_id(w) for w in words]
+
+    def add_tokens(self, tokens):
+        raise NotImplementedError
+
+    def record_score_tokens(self, ids):
+        raise NotImplementedError
+
+    def encode_training(self, question, level_token, level_token_id, *, image_first):
+        """The prompt, then the level's id and a full stop as the supervised response."""
+        prompt = self.encode_prompt(self.prompt(question, image_first))
+        response = [level_token_id, *self.tokenizer.encode(".")]
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response, len(prompt)
+
+    def add_regressor(self, dims):
+        pass  # the toy always has one
+
+    def lora_target_modules(self, suffixes):
+        return [name for name, m in self.model.named_modules() if isinstance(m, nn.Linear) and name in suffixes]
+
+    def trainable_groups(self):
+        m = self.model
+        return {"vision": list(m.visual.parameters()), "projector": [], "output": [m.head.weight],
+                "regressor": list(m.regressor.parameters())}  # fmt: skip
+
+    def set_gradient_checkpointing(self, enabled=True):
+        pass
+
+    def fsdp_units(self):
+        return []
+
+    def training_forward(self, module, visual, input_ids, attention_mask, hidden_at=None):
+        hidden, logits = module(visual["tokens"], visual["mask"], input_ids, per_position=True)
+        at = hidden[torch.arange(len(input_ids)), hidden_at] if hidden_at is not None else None
+        return logits, at
+
+    def save(self, out, *, state=None, dtype=None, processing=True):
+        out = Path(out)
+        (out / "config.json").write_text(json.dumps({"model_type": self.name}))
+        torch.save(state if state is not None else self.model.state_dict(), out / TOY_WEIGHTS)
+
+    def save_adapter(self, peft_model, out, base):
+        raise NotImplementedError
+
+
+TOY_WEIGHTS = "toy.pt"
+
 
 def load_toy(model, *, base=None, revision=None, dtype=None, device=None):
-    return ToyBackbone(ToyModel())
+    toy = ToyModel()
+    if (Path(model) / TOY_WEIGHTS).is_file():  # a run `iqa train` wrote
+        toy.load_state_dict(torch.load(Path(model) / TOY_WEIGHTS, weights_only=True))
+    return ToyBackbone(toy)
 
 
 @pytest.fixture
@@ -164,3 +242,25 @@ def test_a_toy_prompt_without_its_image_token_is_refused_before_loading(toy_chec
 
     with pytest.raises(UserError, match=r"--prompt must hold <img> exactly once"):
         Scorer.from_pretrained(toy_checkpoint, device="cpu", prompt="rate <|image|> quality:")
+
+
+def test_a_toy_family_trains_two_steps_through_iqa_train(toy_checkpoint, tmp_path):
+    from iqa_cli.training import TrainConfig, train
+    from tests.test_train_data import prepare_synthetic
+
+    data = prepare_synthetic(tmp_path, "synth", 12, size=(40, 32))
+    out = tmp_path / "run"
+    config = TrainConfig.from_options(datasets=["synth"], data_dir=data, model=str(toy_checkpoint), out=out,
+                                      method="qalign", epochs=1, max_steps=2, batch_size=2, lr=1e-2, workers=0,
+                                      quiet=True)  # fmt: skip
+    assert isinstance(load_toy(toy_checkpoint), TrainableBackbone)
+    result = train(config)
+    assert result.steps == 2 and result.final_eval  # the in-loop evaluation scored the test split through the toy
+    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "loss" in s]
+    assert [s["step"] for s in steps] == [1, 2] and all(np.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
+    run = json.loads((out / "iqa.json").read_text())
+    assert run["family"] == "toy_vlm" and run["prompt"] == f"{DEFAULT_QUESTION} <img> quality:"
+    trained, initial = load_backbone(out).model, ToyModel()  # the registry finds the family in iqa.json
+    assert not torch.equal(trained.head.weight, initial.head.weight)  # the steps changed the weights
+    assert torch.equal(trained.regressor.weight, initial.regressor.weight)  # qalign leaves the regressor alone
