@@ -470,3 +470,16 @@ def test_gradient_accumulation_follows_the_same_loss_path_as_one_big_batch(tiny,
         runs[accum] = [r["loss"] for r in _log(out) if "loss" in r]
     assert len(runs[1]) == 6
     np.testing.assert_allclose(runs[2], runs[1], rtol=1e-5)
+
+
+def test_overwrite_clears_the_run_and_the_family_model_files_and_nothing_else(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    written = ["train_config.json", "train_log.jsonl", "iqa.json", "config.json", "model-00001-of-00002.safetensors",
+               "model.safetensors.index.json", "non_lora_trainables.bin", "tokenizer.model",
+               "checkpoints/step-2/trainer.pt", "merged/model.safetensors"]  # fmt: skip
+    for name in [*written, "notes.txt", "images/a.png"]:
+        (run.out / name).parent.mkdir(parents=True, exist_ok=True)
+        (run.out / name).write_text("x")
+    run.clear()
+    left = sorted(str(p.relative_to(run.out)) for p in run.out.rglob("*") if p.is_file())
+    assert left == ["images/a.png", "notes.txt"]

@@ -208,6 +208,8 @@ class Family:
     image_token: str  # what a prompt holds once (checked before any weights are read)
     load: Callable[..., Backbone]  # (model, *, base, revision, dtype, device) -> Backbone
     wrap: Callable[[Any], Backbone] | None = None  # an already built torch model -> Backbone (forward passes only)
+    # what its `save`/`save_adapter` write into a run directory (glob patterns): `iqa train --overwrite` removes them
+    output_files: tuple[str, ...] = ()
 
 
 _registered: dict[str, Family] = {}
@@ -221,6 +223,11 @@ def register_family(family: Family) -> None:
 def family_package(name: str = DEFAULT_FAMILY) -> Any:
     """A built-in family's package: its constants (`DEFAULT_TRAIN_MODEL`, `LORA_TARGETS`) without torch."""
     return importlib.import_module(BUILTIN_FAMILIES[name].rpartition(".")[0])
+
+
+def family_output_files() -> list[str]:
+    """The files (glob patterns) any supported family writes into a run directory, each once."""
+    return sorted({pattern for name in supported_families() for pattern in get_family(name).output_files})
 
 
 def supported_families() -> list[str]:

@@ -9,9 +9,9 @@ Layout of `--out DIR`:
         trainer.pt           epoch/step position and the LR schedule
         rng-R.pt             each rank's torch RNG state (LoRA dropout)
     iqa.json                 how to score the model (written last: its presence means the run finished)
-    config.json + model.safetensors                 full tuning
-    config.json + adapter_config.json + adapter_model.safetensors + non_lora_trainables.bin   --lora
-    tokenizer.model, tokenizer_config.json, special_tokens_map.json (+ added_tokens.json), preprocessor_config.json
+    the model in its family's own format (`Backbone.save`, or `save_adapter` for --lora), with its tokenizer
+    and preprocessing files; for mPLUG-Owl2 the released layouts: config.json + model.safetensors, or
+    config.json + adapter_config.json + adapter_model.safetensors + non_lora_trainables.bin
     merged/                  --merge: the LoRA run as a full checkpoint
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and older ones are deleted
@@ -44,25 +44,9 @@ CONFIG_FILE = "train_config.json"
 MERGED = "merged"
 TRAINER_FILE = "trainer.pt"
 STATE_DIR = "state"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-NON_LORA = "non_lora_trainables.bin"
-# Files a finished run writes into --out; --overwrite removes exactly these (and nothing else of the folder).
-OUTPUT_FILES = (
-    CONFIG_FILE,
-    LOG_FILE,
-    RUN_FILE,
-    "config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "adapter_config.json",
-    ADAPTER_WEIGHTS,
-    NON_LORA,
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "preprocessor_config.json",
-)
+# Files of the run itself; --overwrite removes exactly these and the model files a family writes
+# (`models.backbone.family_output_files`), nothing else of the folder.
+RUN_FILES = (CONFIG_FILE, LOG_FILE, RUN_FILE)
 
 
 @dataclass
@@ -116,12 +100,16 @@ class RunDirectory:
 
     def clear(self) -> None:
         """Removes what a run writes (only those files and folders)."""
-        for name in OUTPUT_FILES:
+        from iqa_cli.models.backbone import family_output_files
+
+        for name in RUN_FILES:
             (self.out / name).unlink(missing_ok=True)
         for folder in (self.checkpoints, self.out / MERGED):
             shutil.rmtree(folder, ignore_errors=True)
-        for shard in self.out.glob("model-*-of-*.safetensors"):
-            shard.unlink()
+        for pattern in family_output_files():
+            for path in self.out.glob(pattern):
+                if path.is_file():
+                    path.unlink()
 
     def start(self, config: dict) -> None:
         """A fresh run: the configuration, an empty log."""

@@ -400,4 +400,14 @@ def wrap(model: MPLUGOwl2ForCausalLM) -> MPLUGOwl2Backbone:
     return MPLUGOwl2Backbone(model, tokenizer=None, preprocessor=None)
 
 
-FAMILY = Family(name=MPLUGOwl2Backbone.name, image_token=IMAGE_TOKEN, load=load, wrap=wrap)
+OUTPUT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "adapter_config.json",
+    ADAPTER_WEIGHTS,
+    NON_LORA,
+    *PROCESSING_FILES,
+)
+FAMILY = Family(name=MPLUGOwl2Backbone.name, image_token=IMAGE_TOKEN, load=load, wrap=wrap, output_files=OUTPUT_FILES)
