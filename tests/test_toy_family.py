@@ -117,7 +117,7 @@ class ToyBackbone:
         return self.model.regressor(hidden)[:, 0]
 
     # what training needs on top (TrainableBackbone)
-    lora_targets, processing_files, vocab_size = ("head",), (), 64
+    lora_targets, processing_files, vocab_size, pad_id = ("head",), (), 64, ToyTokenizer.pad_id
 
     def prompt(self, question, image_first):
         return f"<img> {question} quality:" if image_first else f"{question} <img> quality:"

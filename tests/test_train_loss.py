@@ -64,7 +64,7 @@ def _batch(backbone, rows, table, pixels, paired: bool):
 
     keys = [(0, 1), (2, 3)] if paired else [(i, -1) for i in range(len(rows))]
     items = [(item(a), item(b) if b >= 0 else None) for a, b in keys]
-    return train_data.Collate(backbone.tokenizer.pad_id, rows, paired=paired, visual_collate=backbone.collate)(items)
+    return train_data.Collate(backbone.pad_id, rows, paired=paired, visual_collate=backbone.collate)(items)
 
 
 def _unpadded_logits(model, enc: train_data.Encoded, pixels: torch.Tensor) -> np.ndarray:

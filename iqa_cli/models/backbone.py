@@ -2,8 +2,10 @@
 
 A backbone turns (visual inputs, prompt token ids, optional response ids appended to them) into per-position
 logits and hidden states, and knows its own image preprocessing, batching of visual inputs, tokenizer and
-prompt. Scoring talks only to this interface, so a new family (Qwen2-VL, LLaVA, ...) is one folder under
-`iqa_cli/models/` plus one line in `BUILTIN_FAMILIES` (or a `register_family` call).
+prompt. Scoring talks only to `Backbone`, and training to `TrainableBackbone` (the same plus conversation
+encoding, the regressor hook, LoRA targets, trainable groups, FSDP2 units and saving), so a new family
+(Qwen2-VL, LLaVA, ...) is one folder under `iqa_cli/models/` plus one line in `BUILTIN_FAMILIES` (or a
+`register_family` call).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ class TrainableBackbone(Backbone, Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int:
+        """The id training batches are right-padded with (masked out by the attention mask)."""
+        ...
 
     def level_token_ids(self, words: list[str] | tuple[str, ...]) -> list[int]:
         """The id each level word is read at; two words sharing one is a UserError."""

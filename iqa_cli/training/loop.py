@@ -51,7 +51,7 @@ def _loader(session: Session, epoch: int, start_step: int):
     dataset = train_data.TrainImages(
         session.data.train, session.encodings, backbone.transform, session.data.train.level
     )
-    collate = train_data.Collate(backbone.tokenizer.pad_id, session.data.train, paired, backbone.collate)
+    collate = train_data.Collate(backbone.pad_id, session.data.train, paired, backbone.collate)
     n_workers = workers(session)
     return DataLoader(
         dataset,

@@ -198,6 +198,10 @@ class MPLUGOwl2Backbone:
     def vocab_size(self) -> int:
         return self.model.config.language.vocab_size
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
     def level_token_ids(self, words: list[str] | tuple[str, ...]) -> list[int]:
         """The id each level word is read at (its first token alone); two words sharing one is a UserError."""
         return level_token_ids(self.tokenizer, words)
