@@ -1,1 +1,1 @@
-"""Model families behind the `Backbone` interface (`backbone.py`), one folder each (`mplug_owl2/`)."""
+"""Model families behind the `Backbone` interface (`backbone.py`), one folder each, picked by the registry."""
