@@ -401,3 +401,28 @@ def test_corrupt_safetensors_is_reported_as_unreadable(tmp_path, model):
     (written.path / "model-00002-of-00002.safetensors").write_bytes(b"garbage" * 10)
     with pytest.raises(UserError, match=r"model-00002-of-00002\.safetensors: not a readable safetensors file"):
         load_mplug_owl2(written.path)
+
+
+def test_skeleton_has_the_models_parameters_and_buffers_and_leaves_torch_dynamo_unimported(tmp_path):
+    """Loading builds the model on meta without initializers: same names, shapes and dtypes as a real build,
+    and (in a fresh process) no import of torch._dynamo, which torch's meta kernels pull in (~1 s)."""
+    code = """
+        import sys
+        import torch
+        from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+        from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM, build_skeleton
+        config = MPLUGOwl2Config.from_name("mplug-owl2-tiny", deepmlp_hidden_dims=[8, 4])
+        skeleton = build_skeleton(config)
+        print("dynamo" if "torch._dynamo" in sys.modules else "no-dynamo")
+        real = MPLUGOwl2ForCausalLM(config)
+        a = [(k, tuple(v.shape), v.dtype, v.device.type) for k, v in skeleton.state_dict().items()]
+        b = [(k, tuple(v.shape), v.dtype, "meta") for k, v in real.state_dict().items()]
+        print(a == b, len(a))
+        print(torch.nn.init.normal_(torch.zeros(3)).abs().sum() > 0)  # the initializers are back
+    """
+    result = _run_python(code, {})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0] == "no-dynamo"
+    assert lines[1].startswith("True ") and int(lines[1].split()[1]) > 50
+    assert lines[2] == "tensor(True)"

@@ -48,7 +48,17 @@ def sincos_2d_with_cls(dim: int, grid_size: int, device: torch.device | str | No
 def abstractor_pos_embeds(
     config: AbstractorConfig, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_pos_embed [Q, C], k_pos_embed [1 + G*G, C]) in float32."""
+    """(q_pos_embed [Q, C], k_pos_embed [1 + G*G, C]) in float32.
+
+    On the meta device only the shapes exist: the tables are not computed there, because torch's meta kernel
+    for `arange` imports torch._dynamo (about 1 s of `iqa score`'s start). Loading fills them on the real device.
+    """
+    where = torch.device(device) if device is not None else torch.get_default_device()
+    if where.type == "meta":
+        c = config.hidden_size
+        return torch.empty(config.num_learnable_queries, c, device=where), torch.empty(
+            1 + config.grid_size**2, c, device=where
+        )
     positions = torch.arange(config.num_learnable_queries, dtype=torch.float32, device=device)
     return sincos_1d(config.hidden_size, positions), sincos_2d_with_cls(config.hidden_size, config.grid_size, device)
 

@@ -329,12 +329,11 @@ class MPLUGOwl2Backbone:
         import copy
 
         from iqa_cli.models.mplug_owl2.checkpoints import save_mplug_owl2
-        from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+        from iqa_cli.models.mplug_owl2.model import build_skeleton
 
         model = self.model
         if state is not None:
-            with torch.device("meta"):
-                model = MPLUGOwl2ForCausalLM(copy.deepcopy(self.model.config))
+            model = build_skeleton(copy.deepcopy(self.model.config))
             model.load_state_dict(state, assign=True)
         if dtype is not None:
             model = model.to(dtype)

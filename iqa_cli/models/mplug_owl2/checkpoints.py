@@ -35,7 +35,7 @@ from torch import nn
 from iqa_cli.errors import UserError
 from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
 from iqa_cli.models.mplug_owl2.config import CONFIG_NAME, MPLUGOwl2Config
-from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM, build_skeleton
 
 DEFAULT_BASE = "MAGAer13/mplug-owl2-llama2-7b"
 SCORE_TOKENS = ("<score1>", "<score2>", "<score3>", "<score4>", "<score5>")  # Q-Scorer, ascending quality
@@ -340,11 +340,6 @@ class _StateBuilder:
         return self.model.eval()
 
 
-def _build_meta(config: MPLUGOwl2Config) -> MPLUGOwl2ForCausalLM:
-    with torch.device("meta"):
-        return MPLUGOwl2ForCausalLM(config)
-
-
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -497,7 +492,7 @@ def load_mplug_owl2(
     config = MPLUGOwl2Config.load(src.path)
     files = _weight_files(src.path, src)
     _infer_deepmlp(config, files.shapes)
-    meta = _build_meta(config)
+    meta = build_skeleton(config)
     builder = _StateBuilder(meta, want_dtype or files.stored_dtype, target_device)
     builder.check_unexpected(list(files.keys), str(src.path))
     for key, tensor in files.tensors():
@@ -537,7 +532,7 @@ def _load_lora(
     if embed is not None and embed.ndim == 2:  # Q-Scorer: the trained (resized) rows are the truth, as in
         config.language.vocab_size = embed.shape[0]  # the reference builder, which resizes to len(tokenizer)
     qscorer = config.deepmlp_hidden_dims is not None
-    meta = _build_meta(config)
+    meta = build_skeleton(config)
     builder = _StateBuilder(meta, dtype or base_files.stored_dtype, device)
     builder.check_unexpected(list(base_files.keys), f"base model {base_src.path}")
     builder.check_unexpected(list(non_lora), str(non_lora_path))

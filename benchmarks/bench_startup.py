@@ -1,0 +1,114 @@
+"""Fixed costs of `iqa score` and of the quick commands, each the old way against the current one in one run.
+
+Every measurement runs in fresh Python processes (what is imported, and what garbage exists at exit, depend
+on the process's history), old and new interleaved, `--repeats` times; it prints the median and the range.
+
+- build: the model skeleton the loader fills. old: `MPLUGOwl2ForCausalLM(config)` under `torch.device("meta")`
+  (initializers and the abstractor's position tables run on meta, whose kernels import torch._dynamo);
+  new: `build_skeleton(config)`. Seconds of the build alone (torch already imported), and whether
+  torch._dynamo got imported. The 7B config by default (`--size`), as `iqa score` builds it.
+- cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process.
+
+    .venv/bin/python benchmarks/bench_startup.py build [--repeats 5] [--size mplug-owl2-7b]
+    .venv/bin/python benchmarks/bench_startup.py cli [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python(code: str, env: dict[str, str] | None = None) -> str:
+    """Runs `code` in a fresh interpreter at the repository root; returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(result.stderr)
+    return result.stdout
+
+
+def wall(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, cwd=REPO, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def summary(values: list[float]) -> str:
+    return f"median {statistics.median(values):6.3f} s  (min {min(values):.3f}, max {max(values):.3f})"
+
+
+def header() -> None:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load[0]:.2f}")
+
+
+BUILD = """
+    import sys, time
+    import torch
+    from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
+    from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM, build_skeleton
+    config = MPLUGOwl2Config.from_name({size!r})
+    start = time.perf_counter()
+    if {old!r}:
+        with torch.device("meta"):
+            model = MPLUGOwl2ForCausalLM(config)
+    else:
+        model = build_skeleton(config)
+    print(time.perf_counter() - start, "torch._dynamo" in sys.modules)
+"""
+
+
+def bench_build(repeats: int, size: str) -> None:
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    dynamo: dict[str, set[str]] = {"old": set(), "new": set()}
+    for _ in range(repeats):
+        for way in ("old", "new"):
+            seconds, imported = python(BUILD.format(size=size, old=way == "old")).split()
+            times[way].append(float(seconds))
+            dynamo[way].add(imported)
+    for way in ("old", "new"):
+        print(f"build {size} {way}: {summary(times[way])}  torch._dynamo imported: {'/'.join(sorted(dynamo[way]))}")
+    print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
+
+
+def bench_cli(repeats: int) -> None:
+    commands = {"iqa --version": ["--version"], "iqa score --help": ["score", "--help"]}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, args in commands.items():
+            times[name].append(wall([sys.executable, "-m", "iqa_cli", *args]))
+    for name in commands:
+        print(f"{name}: {summary(times[name])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("build", "cli"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", default="mplug-owl2-7b")
+    args = parser.parse_args()
+    header()
+    if args.mode == "build":
+        bench_build(args.repeats, args.size)
+    else:
+        bench_cli(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
