@@ -7,7 +7,8 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
   (initializers and the abstractor's position tables run on meta, whose kernels import torch._dynamo);
   new: `build_skeleton(config)`. Seconds of the build alone (torch already imported), and whether
   torch._dynamo got imported. The 7B config by default (`--size`), as `iqa score` builds it.
-- cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process.
+- cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process. "old
+  --version" adds what `--version` did before: import torch and probe `--device auto`.
 
     .venv/bin/python benchmarks/bench_startup.py build [--repeats 5] [--size mplug-owl2-7b]
     .venv/bin/python benchmarks/bench_startup.py cli [--repeats 5]
@@ -88,13 +89,21 @@ def bench_build(repeats: int, size: str) -> None:
 
 
 def bench_cli(repeats: int) -> None:
-    commands = {"iqa --version": ["--version"], "iqa score --help": ["score", "--help"]}
+    old_version = (
+        "import sys, torch; from iqa_cli.distributed import resolve_device; resolve_device('auto');"
+        "from iqa_cli.cli import main; sys.argv = ['iqa', '--version']; main()"
+    )
+    commands = {
+        "old iqa --version": [sys.executable, "-c", old_version],
+        "iqa --version": [sys.executable, "-m", "iqa_cli", "--version"],
+        "iqa score --help": [sys.executable, "-m", "iqa_cli", "score", "--help"],
+    }
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, args in commands.items():
-            times[name].append(wall([sys.executable, "-m", "iqa_cli", *args]))
+            times[name].append(wall(args))
     for name in commands:
-        print(f"{name}: {summary(times[name])}")
+        print(f"{name:>18}: {summary(times[name])}")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from importlib import metadata
 
@@ -101,6 +102,19 @@ def test_version_names_torch_transformers_and_the_device():
     assert lines[0] == f"iqa {__version__}"
     versions = f"torch {torch.__version__}, transformers {metadata.version('transformers')}, Python "
     assert lines[1].startswith(versions) and lines[1].endswith(".".join(map(str, sys.version_info[:3])))
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    assert lines[2].startswith(f"device (--device auto): {device} (")
+    if torch.version.cuda or torch.version.hip:  # what torch itself says about its build
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}"
+        assert lines[2] == f"device (--device auto): cuda:0 when a GPU is visible, else cpu (torch built with {built})"
+    else:
+        assert lines[2] == "device (--device auto): cpu (this torch build has no CUDA)"
     assert len(lines) == 3
+
+
+def test_version_imports_neither_torch_nor_transformers():
+    """`iqa --version` stays well under half a second: torch alone takes 1-2 s to import."""
+    code = "import sys; from iqa_cli.cli import main; sys.argv = ['iqa', '--version']\n"
+    code += "try:\n    main()\nexcept SystemExit:\n    pass\n"
+    code += "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
