@@ -28,3 +28,8 @@ def test_bench_model_runs_on_the_tiny_model():
     out = _run("bench_model.py", "--batch-sizes", "1,2", "--repeat", "2", "--warmup", "1", "--json")
     rows = [line for line in out.splitlines() if line.startswith("{")]
     assert len(rows) == 2 and '"batch": 2' in rows[1]
+
+
+def test_bench_preprocess_resize_checks_identical_squares():
+    out = _run("bench_preprocess.py", "resize", "--images", "2", "--repeats", "1")
+    assert "squares identical: yes" in out and "split vs plain" in out

@@ -8,6 +8,7 @@ fast processors resize differently and are not used. Decoding (`iqa_cli.images.l
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,22 +151,52 @@ class ClipPreprocessor:
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 array [3, S, S] (C, H, W)."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if self.pad_to_square:
-            image = expand_to_square(image, self.pad_color)
-        if self.do_resize:
-            height, width = self.resize_shape(image.size)
-            # Pillow returns a copy when the size is unchanged, as transformers' call does.
-            image = image.resize((width, height), resample=Image.Resampling(self.resample))
-        hwc = np.asarray(image)  # H, W, 3 uint8
-        if self.do_center_crop:
-            hwc = _center_crop(hwc, self.crop_size)
-        lut = self._value_table()
+        hwc = self.uint8_pixels(image)
+        lut = self.value_table()
         out = np.empty((3, *hwc.shape[:2]), dtype=np.float32)
         for c in range(3):
             np.take(lut[c], hwc[..., c], out=out[c])
         return out
+
+    def uint8_pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 array [S, S, 3] (H, W, C), padded, resized and cropped: `pixels` before the
+        value table, a quarter of the bytes for a DataLoader worker to hand over."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        width, height = image.size
+        if self.do_resize and self.pad_to_square and width > height and self.resample != Image.Resampling.NEAREST:
+            hwc = self._resize_landscape_padded(image)
+        else:
+            if self.pad_to_square:
+                image = expand_to_square(image, self.pad_color)
+            if self.do_resize:
+                new_height, new_width = self.resize_shape(image.size)
+                # Pillow returns a copy when the size is unchanged, as transformers' call does.
+                image = image.resize((new_width, new_height), resample=Image.Resampling(self.resample))
+            hwc = np.asarray(image)  # H, W, 3 uint8
+        if self.do_center_crop:
+            hwc = _center_crop(hwc, self.crop_size)
+        return hwc if hwc.flags.writeable else hwc.copy()  # Pillow's arrays are read-only; torch wants writable
+
+    def _resize_landscape_padded(self, image: Image.Image) -> np.ndarray:
+        """The padded square's resize without the padding rows' share of the work, bit-identical.
+
+        Pillow's resize is separable: a horizontal pass (rows, rounded to uint8) then a vertical one, each with
+        coefficients that depend only on the sizes. A padding row is one constant colour, so its horizontal
+        pass is the same for every such row (`_padding_row`); the image's rows give what they give inside the
+        square. Only the vertical pass sees the whole square (tests/test_preprocess.py checks every case).
+        """
+        width, height = image.size  # width > height: the padding is rows above and below
+        new_height, new_width = self.resize_shape((width, width))
+        resample = Image.Resampling(self.resample)
+        rows = np.asarray(image.resize((new_width, height), resample=resample))  # horizontal pass only
+        square = np.empty((width, new_width, 3), dtype=np.uint8)
+        top = (width - height) // 2
+        padding = _padding_row(width, new_width, self.pad_color, self.resample)
+        square[:top] = padding
+        square[top : top + height] = rows
+        square[top + height :] = padding
+        return np.asarray(Image.fromarray(square).resize((new_width, new_height), resample=resample))  # vertical
 
     def resize_shape(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) after the resize, rounded as transformers' `get_resize_output_image_size`:
@@ -177,7 +208,7 @@ class ClipPreprocessor:
         new_long = int(self.size * long / short)
         return (new_long, self.size) if width <= height else (self.size, new_long)
 
-    def _value_table(self) -> np.ndarray:
+    def value_table(self) -> np.ndarray:
         """[3, 256] float32: the output for each uint8 value, by transformers' arithmetic (x * factor in
         float64 cast to float32, then (x - mean) / std in float32), so a table lookup is bit-identical."""
         values = np.arange(256, dtype=np.uint8)
@@ -188,6 +219,13 @@ class ClipPreprocessor:
             std = np.asarray(self.image_std, dtype=np.float32)[:, None]
             table = (table - mean) / std
         return table
+
+
+@functools.lru_cache(maxsize=16)
+def _padding_row(width: int, new_width: int, color: tuple[int, int, int], resample: int) -> np.ndarray:
+    """A padding row of the square after the horizontal pass: [new_width, 3] uint8."""
+    row = Image.new("RGB", (width, 1), color).resize((new_width, 1), resample=Image.Resampling(resample))
+    return np.asarray(row)[0]
 
 
 def _center_crop(hwc: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
