@@ -166,19 +166,27 @@ def _mos_outliers(mos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = mos.size
     if n < 4:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    order = np.argsort(mos, kind="stable")
-    ordered = mos[order]
-    q1, q3 = np.percentile(ordered, [25, 75])
+    q1, q3 = np.percentile(mos, [25, 75])
     iqr = q3 - q1
     if not iqr > 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     m = max(1, n // 100)
-    gaps = np.diff(ordered) > OUTLIER_GAP * iqr  # gaps[i]: between ordered[i] and ordered[i + 1]
-    low_cut = np.flatnonzero(gaps[:m])
-    high_cut = np.flatnonzero(gaps[n - 1 - m :])
-    low = order[: low_cut[-1] + 1] if low_cut.size else order[:0]
-    high = order[n - m + high_cut[0] :] if high_cut.size else order[:0]
+    lowest, highest = _sorted_end(mos, m + 1, low=True), _sorted_end(mos, m + 1, low=False)
+    low_cut = np.flatnonzero(np.diff(mos[lowest]) > OUTLIER_GAP * iqr)  # [i]: gap after the i-th lowest
+    high_cut = np.flatnonzero(np.diff(mos[highest]) > OUTLIER_GAP * iqr)
+    low = lowest[: low_cut[-1] + 1] if low_cut.size else lowest[:0]
+    high = highest[high_cut[0] + 1 :] if high_cut.size else highest[:0]
     return low, high
+
+
+def _sorted_end(values: np.ndarray, count: int, low: bool) -> np.ndarray:
+    """The first (low) or last `count` indices of `np.argsort(values, kind="stable")`, in that order, from a
+    partition and a sort of the values at or beyond the cut only (a stable sort of 1M rows costs 0.1 s)."""
+    n = values.size
+    cut = np.partition(values, count - 1 if low else n - count)[count - 1 if low else n - count]
+    candidates = np.flatnonzero(values <= cut if low else values >= cut)  # ascending rows: ties stay in row order
+    ordered = candidates[np.argsort(values[candidates], kind="stable")]
+    return ordered[:count] if low else ordered[len(ordered) - count :]
 
 
 def _outlier_note(frame: pd.DataFrame, source: str, column: str, mos: np.ndarray) -> str | None:
@@ -248,15 +256,47 @@ def _apply_split_file(frame: pd.DataFrame, path: Path) -> tuple[pd.Series, int]:
     return split, int(split.isna().sum())
 
 
-def _seeded_split(frame: pd.DataFrame, test_frac: float, seed: int) -> pd.Series:
-    """Train/test by a seeded permutation of the reference images (or of the images where there is none)."""
+def group_codes(values: pd.Series) -> tuple[np.ndarray, int]:
+    """Each row's group number, groups numbered in order of first appearance (`pd.unique`'s order), and the
+    number of groups: one hash pass shared by the duplicate check and the seeded split."""
     import pandas as pd
 
-    groups = frame["ref"].fillna(frame["image"]) if "ref" in frame else frame["image"]
-    unique = pd.unique(groups)
-    order = np.random.default_rng(seed).permutation(len(unique))
-    test = set(unique[order[: round(test_frac * len(unique))]])
-    return pd.Series(np.where(groups.isin(test), "test", "train"), index=frame.index)
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    return codes, len(uniques)
+
+
+def first_repeat(codes: np.ndarray) -> int | None:
+    """The first row whose group (numbered by first appearance, see group_codes) appeared in an earlier row."""
+    if codes.size < 2:
+        return None
+    newest = np.maximum.accumulate(codes)
+    repeats = np.flatnonzero(codes[1:] <= newest[:-1])
+    return int(repeats[0]) + 1 if repeats.size else None
+
+
+def seeded_test_rows(
+    frame: pd.DataFrame, test_frac: float, seed: int, image_groups: tuple[np.ndarray, int] | None = None
+) -> np.ndarray:
+    """Rows in the test split: a seeded permutation of the reference images (of the images where there is
+    none; `image_groups` is group_codes of the images when already at hand), numbered in order of first
+    appearance, the first round(test_frac * groups) of it to test. A boolean table indexed by group number
+    gives the rows a set of names and `isin` gave, at a fifth of the cost."""
+    if "ref" in frame:
+        codes, n_groups = group_codes(frame["ref"].fillna(frame["image"]))
+    else:
+        codes, n_groups = image_groups if image_groups is not None else group_codes(frame["image"])
+    order = np.random.default_rng(seed).permutation(n_groups)
+    in_test = np.zeros(n_groups, dtype=bool)
+    in_test[order[: round(test_frac * n_groups)]] = True
+    return in_test[codes]
+
+
+def _split_names(test: np.ndarray) -> pd.Series:
+    """'test'/'train' per row, taken from a two-string column (of the string type pandas infers, so the file
+    is as before) instead of made as a million Python strings (0.2 s)."""
+    import pandas as pd
+
+    return pd.Series(pd.Series(["train", "test"]).array.take(test.astype(np.intp)))
 
 
 def _resolve_images(images: pd.Series, root: Path) -> tuple[pd.Series, dict[str, int], list[int]]:
@@ -368,9 +408,10 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     frame, mos, std, dropped = _clean(table.frame, table.source, table.columns, config.strict, notes)
     if frame.empty:
         raise UserError(f"{table.source}: no row has a usable image name, MOS and std")
-    duplicates = int(frame["image"].duplicated().sum())
+    image_codes, n_images = group_codes(frame["image"])
+    duplicates = len(frame) - n_images
     if duplicates:
-        first = frame["image"][frame["image"].duplicated()].iloc[0]
+        first = frame["image"].iloc[first_repeat(image_codes)]
         notes.append(f"{table.source}: {duplicates} duplicate image name(s), e.g. {first!r}; all rows kept")
 
     outliers = _outlier_note(frame, table.source, table.columns.get("mos", "mos"), mos)
@@ -402,7 +443,7 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
             raise UserError(f"{config.split}: no image of the dataset is in the split file")
         split_source = str(config.split)
     else:
-        split = _seeded_split(frame, config.test_frac, config.seed)
+        split = _split_names(seeded_test_rows(frame, config.test_frac, config.seed, (image_codes, n_images)))
         split_source = f"seeded (test_frac={config.test_frac:g}, seed={config.seed})"
 
     image_report, image_root = None, ""
@@ -446,9 +487,9 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         [
             pd.DataFrame(
                 {
-                    "image": frame["image"].astype(str).to_numpy(),
+                    "image": frame["image"].astype(str).array,  # no round trip through Python strings
                     "dataset": name,
-                    "split": split.to_numpy(dtype=object),
+                    "split": split.astype(str).array,
                     "mos": mos,
                     "std": std,
                     "mos_norm": mos_n,

@@ -541,3 +541,118 @@ def test_byte_order_mark_and_duplicate_names(iqa, tmp_path, rng):
     assert code == 0, err
     assert f"1 duplicate image name(s), e.g. {expected['image'][0]!r}" in err
     assert json.loads(out)["rows"] == 41
+
+
+# ---- the fast paths give what the straightforward code gave -------------------------------------------------
+
+
+def reference_seeded_split(frame, test_frac, seed):
+    """The seeded split as first written (pd.unique, a Python set of the test groups, isin): the reference."""
+    groups = frame["ref"].fillna(frame["image"]) if "ref" in frame else frame["image"]
+    unique = pd.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    test = set(unique[order[: round(test_frac * len(unique))]])
+    return groups.isin(test).to_numpy()
+
+
+def split_frames(rng):
+    """Tables as the readers give them: by reference image, with missing references, duplicate names, text
+    that differs only in case or spaces, integer references, object and string columns."""
+    n = 600
+    refs = rng.integers(0, 37, n)
+    images = [f"d/{i % 450}.png" for i in rng.permutation(n)]  # 150 names twice
+    by_ref = pd.DataFrame({"image": images, "ref": [f"r{r}.png" for r in refs]})
+    some_missing = by_ref.assign(ref=by_ref["ref"].where(rng.random(n) > 0.3))
+    cased = pd.DataFrame({"image": [["a.png", "A.png", "a.png ", "b.png"][i % 4] + str(i % 7) for i in range(n)]})
+    return {
+        "by_ref": by_ref,
+        "ref_missing": some_missing,
+        "ref_object": some_missing.astype(object),
+        "ref_int": pd.DataFrame({"image": images, "ref": refs}),
+        "images_duplicated": by_ref[["image"]],
+        "images_object": by_ref[["image"]].astype(object),
+        "case_and_spaces": cased,
+        "one_row": by_ref.iloc[:1],
+    }
+
+
+def test_seeded_split_is_the_reference_split_for_every_seed_and_fraction(rng):
+    from iqa_cli.prepare import group_codes, seeded_test_rows
+
+    for name, frame in split_frames(rng).items():
+        image_groups = group_codes(frame["image"])
+        for seed in range(25):
+            for test_frac in (0.2, 1 / 3, 0.0, 1.0, float(rng.random())):
+                expected = reference_seeded_split(frame, test_frac, seed)
+                got = seeded_test_rows(frame, test_frac, seed)
+                assert np.array_equal(got, expected), (name, seed, test_frac)
+                assert np.array_equal(seeded_test_rows(frame, test_frac, seed, image_groups), expected)
+        if len(frame) > 1:
+            assert 0 < reference_seeded_split(frame, 0.5, 0).sum() < len(frame)  # both splits occur
+
+
+def test_split_written_by_prepare_is_the_reference_split(iqa, tmp_path, rng):
+    source, expected = write_kadid(tmp_path, rng, n_ref=30, per_ref=4)
+    names = [f"x/{i % 70}.png" for i in range(120)]  # duplicates, no reference column
+    custom = tmp_path / "custom.csv"
+    pd.DataFrame({"name": names, "score": rng.uniform(1, 5, 120)}).to_csv(custom, index=False)
+    frames = {"kadid": expected, "custom": pd.DataFrame({"image": names})}
+    for seed in (0, 3, 11):
+        for kind, args in (("kadid", ["kadid", "--csv", source]), ("custom", ["custom", "--csv", custom])):
+            if kind == "custom":
+                args = [*args, "--image-col", "name", "--mos-col", "score"]
+            out = tmp_path / f"{kind}{seed}.parquet"
+            summary_of(iqa("prepare", *args, "--out", out, "--seed", seed, "--test-frac", 0.3, "--json"))
+            written = np.array(pq.read_table(out).column("split").to_pylist()) == "test"
+            assert np.array_equal(written, reference_seeded_split(frames[kind], 0.3, seed)), (kind, seed)
+
+
+def test_duplicate_count_and_first_repeat_equal_pandas_duplicated(rng):
+    from iqa_cli.prepare import first_repeat, group_codes
+
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        names = pd.Series([f"i{v}" for v in rng.integers(0, max(1, n + int(rng.integers(-n, 5))), n)])
+        codes, groups = group_codes(names)
+        repeated = names.duplicated()
+        assert n - groups == repeated.sum()
+        first = first_repeat(codes)
+        assert (first is None) == (not repeated.any())
+        if first is not None:
+            assert first == int(np.flatnonzero(repeated.to_numpy())[0])
+
+
+def reference_mos_outliers(mos):
+    """_mos_outliers as first written, on a stable sort of every row: the reference."""
+    from iqa_cli.prepare import OUTLIER_GAP
+
+    n = mos.size
+    if n < 4:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    order = np.argsort(mos, kind="stable")
+    ordered = mos[order]
+    q1, q3 = np.percentile(ordered, [25, 75])
+    if not q3 - q1 > 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    m = max(1, n // 100)
+    gaps = np.diff(ordered) > OUTLIER_GAP * (q3 - q1)
+    low_cut, high_cut = np.flatnonzero(gaps[:m]), np.flatnonzero(gaps[n - 1 - m :])
+    low = order[: low_cut[-1] + 1] if low_cut.size else order[:0]
+    high = order[n - m + high_cut[0] :] if high_cut.size else order[:0]
+    return low, high
+
+
+def test_outliers_from_a_partial_sort_equal_the_full_stable_sort(rng):
+    from iqa_cli.prepare import _mos_outliers
+
+    flagged = 0
+    for trial in range(600):
+        n = int(rng.integers(1, 30)) if trial % 3 == 0 else int(rng.integers(30, 2500))
+        # ties everywhere (integer ratings, rounded scores) test the row order among equal extremes
+        mos = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(0, 1, n).round(trial % 3)
+        for _ in range(int(rng.integers(0, 4))):
+            mos[rng.integers(0, n)] = rng.choice([-50.0, -7.0, 9.0, 50.0])
+        expected, got = reference_mos_outliers(mos), _mos_outliers(mos)
+        assert all(np.array_equal(e, g) for e, g in zip(expected, got, strict=True)), trial
+        flagged += bool(expected[0].size or expected[1].size)
+    assert flagged > 100  # the cases above do flag rows
