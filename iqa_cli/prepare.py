@@ -454,12 +454,12 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         image_report = {"root": image_root, **image_report}
         frame = frame.assign(image=resolved)
         if missing:
-            names = ", ".join(repr(frame["image"].iloc[i]) for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
-            message = f"{len(missing)} of {len(frame)} image(s) not found under {config.images}: {names}"
+            shown = ", ".join(repr(frame["image"].iloc[i]) for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            message = f"{len(missing)} of {len(frame)} image(s) not found under {config.images}: {shown}"
             if config.strict:
                 raise UserError(message)
             if len(missing) == len(frame):
-                raise UserError(f"none of the {len(frame)} images found under {config.images}, e.g. {names}")
+                raise UserError(f"none of the {len(frame)} images found under {config.images}, e.g. {shown}")
             notes.append(f"{message}; their rows are dropped (--strict: an error)")
             keep = np.ones(len(frame), dtype=bool)
             keep[missing] = False

@@ -153,8 +153,9 @@ def test_many_missing_images_are_counted_and_a_few_named_and_none_found_is_an_er
     line = next(x for x in err.splitlines() if "not found" in x)
     assert "10 of 40 image(s) not found" in line and all(repr(n) in line for n in names[30:33])
     assert repr(names[33]) not in line and line.count("', '") == 2  # three named, then "..."
-    frame, _ = read_meta(tmp_path / "k.parquet")
+    frame, meta = read_meta(tmp_path / "k.parquet")
     assert frame["image"].tolist() == names[:30]
+    assert meta["level_names"] == ["bad", "poor", "fair", "good", "excellent"]  # not the missing names' list
     # the labels of the kept rows are those of the whole file (the range comes from every MOS)
     full = summary_of(iqa("prepare", "koniq", "--csv", source, "--out", tmp_path / "all.parquet", "--json"))
     every, _ = read_meta(tmp_path / "all.parquet")
