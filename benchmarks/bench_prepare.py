@@ -1,12 +1,19 @@
-"""Times the label pipeline of `iqa prepare` on synthetic rows against a per-row Python loop of the same equations.
+"""Times `iqa prepare` on 1M synthetic rows end to end, stage by stage, and its label pipeline against per-row loops.
 
-The pipeline: normalization to [1, 5], one-hot levels, Gaussian level probabilities, post-adjustment,
+End to end: `prepare_dataset` on a 1M-row CSV (custom preset: read, clean, duplicate check, outlier check,
+seeded split, normalization, soft labels, one-hot levels, Tables 1-2 statistics, Parquet write), each stage
+timed inside the same runs by wrapping the functions `prepare_dataset` calls (the rest is frame assembly).
+The seeded split, the duplicate check and the outlier check are also timed against the way they were
+first written (`pd.unique` + a Python set + `isin`; `duplicated` twice; a stable sort of every row),
+interleaved in the same run, and checked to give the same rows.
+
+The label pipeline: normalization to [1, 5], one-hot levels, Gaussian level probabilities, post-adjustment,
 clipping, fallback to two-point interpolation, recovery of mean/std, and the Tables 1-2 statistics
 (`iqa_cli.labels`), under the default `reference` label rule and under `renormalized`. Two per-row loops are
 timed on a subset and extrapolated to the full row count, as printed: one with `scipy.stats.norm` per level
 and numpy per row, the reference `gen_soft_label.py`'s rule written its way (checked against the vectorized
 `reference` rule), and one with `math.erf`/`math.exp`, the fastest plain-Python way (the `renormalized`
-rule, checked against it). One thread (OMP/MKL/OpenBLAS set to 1 below).
+rule, checked against it). One thread (OMP/MKL/OpenBLAS set to 1 below, Arrow's pools to 1).
 
     .venv/bin/python benchmarks/bench_prepare.py [--rows 1000000] [--loop-rows 20000] [--scipy-rows 2000]
 """
@@ -17,14 +24,41 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from iqa_cli import labels  # noqa: E402
+from iqa_cli import labels, prepare  # noqa: E402
+from iqa_cli.datasets import ReadOptions  # noqa: E402
+
+pa.set_cpu_count(1)
+pa.set_io_thread_count(1)
+
+# what prepare_dataset calls, timed inside its runs: (module, function name, stage name)
+STAGES = (
+    (None, "reader", "read the CSV"),
+    (prepare, "_clean", "clean (numeric MOS/std, drop rows)"),
+    (prepare, "group_codes", "hash the names (duplicates + split groups)"),
+    (prepare, "first_repeat", "first duplicate"),
+    (prepare, "_outlier_note", "MOS outlier check"),
+    (prepare, "seeded_test_rows", "seeded split"),
+    (prepare, "_split_names", "split column"),
+    (labels, "normalize_scores", "normalize to [1, 5]"),
+    (labels, "soft_labels", "soft labels"),
+    (labels, "gaussian_level_probs", "  of which Gaussian level probabilities"),
+    (labels, "one_hot_levels", "one-hot levels"),
+    (labels, "label_statistics", "label statistics (Tables 1-2)"),
+    (prepare, "write_meta", "write Parquet"),
+)
 
 
 def synthetic_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +190,154 @@ def loop_pipeline(mos: np.ndarray, std: np.ndarray, k: int, density: str, row_la
     return all_probs, summary
 
 
+def synthetic_csv(path: Path, n: int) -> Path:
+    """A custom-preset score table: unique image names, MOS 0..100, rating stds."""
+    mos, std = synthetic_rows(n)
+    names = pd.Series(np.arange(n)).map("images/{:07d}.jpg".format)
+    pd.DataFrame({"image": names, "mos": mos, "std": std}).to_csv(path, index=False)
+    return path
+
+
+def reference_seeded_split(frame: pd.DataFrame, test_frac: float, seed: int) -> np.ndarray:
+    """The seeded split as first written: pd.unique, a Python set of the test groups, isin."""
+    groups = frame["ref"].fillna(frame["image"]) if "ref" in frame else frame["image"]
+    unique = pd.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    test = set(unique[order[: round(test_frac * len(unique))]])
+    return groups.isin(test).to_numpy()
+
+
+def reference_duplicates(images: pd.Series) -> tuple[int, object]:
+    """The duplicate check as first written: `duplicated` for the count and again for the first name."""
+    count = int(images.duplicated().sum())
+    return count, images[images.duplicated()].iloc[0] if count else None
+
+
+def new_duplicates(images: pd.Series) -> tuple[int, object]:
+    codes, groups = prepare.group_codes(images)
+    first = prepare.first_repeat(codes)
+    return len(images) - groups, None if first is None else images.iloc[first]
+
+
+def reference_mos_outliers(mos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The outlier check as first written, on a stable sort of every row."""
+    n = mos.size
+    order = np.argsort(mos, kind="stable")
+    ordered = mos[order]
+    q1, q3 = np.percentile(ordered, [25, 75])
+    m = max(1, n // 100)
+    gaps = np.diff(ordered) > prepare.OUTLIER_GAP * (q3 - q1)
+    low_cut, high_cut = np.flatnonzero(gaps[:m]), np.flatnonzero(gaps[n - 1 - m :])
+    return order[: low_cut[-1] + 1] if low_cut.size else order[:0], order[
+        n - m + high_cut[0] :
+    ] if high_cut.size else order[:0]
+
+
+def timed_prepare(config: prepare.PrepareConfig) -> tuple[float, dict[str, float]]:
+    """One prepare_dataset run; its total and the time spent in each stage, measured inside the run."""
+    times: dict[str, float] = {}
+    originals = []
+    get_dataset = prepare.get_dataset
+    spec = get_dataset(config.dataset)
+    read = _timer(spec.reader, "read the CSV", times)
+    prepare.get_dataset = lambda name: dataclasses.replace(spec, reader=read)
+    for module, name, stage in STAGES[1:]:
+        originals.append((module, name, getattr(module, name)))
+        setattr(module, name, _timer(getattr(module, name), stage, times))
+    try:
+        start = time.perf_counter()
+        prepare.prepare_dataset(config)
+        total = time.perf_counter() - start
+    finally:
+        prepare.get_dataset = get_dataset
+        for module, name, original in originals:
+            setattr(module, name, original)
+    return total, times
+
+
+def _timer(function, stage: str, times: dict):
+    @functools.wraps(function)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            times[stage] = times.get(stage, 0.0) + time.perf_counter() - start
+
+    return timed
+
+
+def interleaved(rounds: int, old, new) -> tuple[float, float, bool]:
+    """Best times of old() and new(), alternated in `rounds` rounds, and whether they gave the same result."""
+    best_old = best_new = math.inf
+    same = True
+    for _ in range(rounds):
+        start = time.perf_counter()
+        a = old()
+        best_old = min(best_old, time.perf_counter() - start)
+        start = time.perf_counter()
+        b = new()
+        best_new = min(best_new, time.perf_counter() - start)
+        same &= (
+            all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+            if isinstance(a, tuple)
+            else bool(np.array_equal(a, b))
+        )
+    return best_old, best_new, same
+
+
+def end_to_end(rows: int, repeat: int) -> float:
+    """Prints prepare_dataset's time for `rows` rows and its stages, and the old vs new split; returns the best."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = synthetic_csv(Path(tmp) / "scores.csv", rows)
+        config = prepare.PrepareConfig(
+            dataset="custom",
+            source=source,
+            out=Path(tmp) / "out.parquet",
+            read_options=ReadOptions(image_col="image", mos_col="mos", std_col="std"),
+        )
+        runs = [timed_prepare(config) for _ in range(repeat)]
+        best, stage_times = min(runs, key=lambda run: run[0])
+        print(
+            f"iqa prepare end to end (prepare_dataset, custom preset, {rows:,}-row CSV -> Parquet): best of {repeat} "
+            f"{best:.3f} s (all: {', '.join(f'{t:.3f}' for t, _ in runs)})"
+        )
+        print("  stages of the best run:")
+        for _, _, stage in STAGES:
+            print(f"    {stage:45s} {stage_times.get(stage, 0.0):7.3f} s")
+        staged = sum(t for stage, t in stage_times.items() if not stage.startswith("  "))
+        print(f"    {'rest (frame assembly, checks)':45s} {best - staged:7.3f} s")
+
+        frame = pd.read_csv(source)
+        mos = frame["mos"].to_numpy()
+        checks = (
+            (
+                "seeded split (pd.unique + set + isin -> factorize + boolean table)",
+                reference_seeded_split,
+                lambda f, frac, seed: prepare.seeded_test_rows(f, frac, seed),
+                (frame, 0.2, 0),
+            ),
+            (
+                "duplicate check (duplicated -> the same factorize codes)",
+                reference_duplicates,
+                new_duplicates,
+                (frame["image"],),
+            ),
+            (
+                "MOS outlier check (stable sort -> partition of the extremes)",
+                reference_mos_outliers,
+                prepare._mos_outliers,
+                (mos,),
+            ),
+        )
+        for name, old, new, args in checks:
+            t_old, t_new, same = interleaved(
+                3, lambda old=old, args=args: old(*args), lambda new=new, args=args: new(*args)
+            )
+            print(f"  {name}: {t_old:.3f} s -> {t_new:.3f} s ({t_old / t_new:.1f}x), same result: {same}")
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -164,7 +346,14 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=5)
     parser.add_argument("--density", choices=labels.DENSITIES, default="cdf")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--prepare-repeat", type=int, default=3, help="end-to-end prepare_dataset runs")
     args = parser.parse_args()
+
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}, pyarrow "
+        f"{pa.__version__}, {platform.processor() or platform.machine()}, 1 thread"
+    )
+    prepare_best = end_to_end(args.rows, args.prepare_repeat)
 
     mos, std = synthetic_rows(args.rows)
     print(
@@ -206,6 +395,11 @@ def main() -> None:
     for (name, rate), rule in zip(rates.items(), ("renormalized", "reference"), strict=True):
         print(f"speed-up over the {name}: {args.rows / bests[rule] / rate:,.0f}x")
     print(f"1M rows in {best * 1_000_000 / args.rows:.2f} s (vectorized, default reference rule)")
+    reference_loop = args.rows / rates["per-row loop, scipy.stats.norm per level (the reference)"]
+    print(
+        f"iqa prepare end to end {prepare_best:.2f} s vs the reference-style per-row label loop alone "
+        f"{reference_loop:,.0f} s (extrapolated): {reference_loop / prepare_best:,.0f}x"
+    )
 
 
 if __name__ == "__main__":
