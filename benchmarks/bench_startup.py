@@ -7,10 +7,14 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
   (initializers and the abstractor's position tables run on meta, whose kernels import torch._dynamo);
   new: `build_skeleton(config)`. Seconds of the build alone (torch already imported), and whether
   torch._dynamo got imported. The 7B config by default (`--size`), as `iqa score` builds it.
+- parts: the first part table `iqa score` builds (4,096 rows) in a process with pyarrow imported. old: `pa.array`
+  over numpy, as the writer did (tests/test_score_store.py keeps that construction as the reference; it
+  imports pandas); new: `PartWriter._table` (Arrow buffers from numpy). Seconds, and whether pandas got imported.
 - cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process. "old
   --version" adds what `--version` did before: import torch and probe `--device auto`.
 
     .venv/bin/python benchmarks/bench_startup.py build [--repeats 5] [--size mplug-owl2-7b]
+    .venv/bin/python benchmarks/bench_startup.py parts [--repeats 5]
     .venv/bin/python benchmarks/bench_startup.py cli [--repeats 5]
 """
 
@@ -88,6 +92,38 @@ def bench_build(repeats: int, size: str) -> None:
     print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
 
 
+PARTS = """
+    import sys, time
+    from pathlib import Path
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
+    from tests.test_score_store import _batch, _reference_table, _result, _writer
+    writer = _writer(Path({folder!r}), False)
+    writer.inputs.names.__init__([f"img_{{i:05d}}.jpg" for i in range(4096)])
+    for start in range(0, 4096, 16):
+        index = list(range(start, start + 16))
+        writer.add(_batch(index, [1024] * 16, [None] * 16), _result(16, start, False))
+    start = time.perf_counter()
+    table = _reference_table(writer) if {old!r} else writer._table()
+    print(time.perf_counter() - start, "pandas" in sys.modules)
+"""
+
+
+def bench_parts(repeats: int) -> None:
+    import tempfile
+
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    pandas: dict[str, set[str]] = {"old": set(), "new": set()}
+    for _ in range(repeats):
+        for way in ("old", "new"):
+            with tempfile.TemporaryDirectory() as folder:
+                seconds, imported = python(PARTS.format(folder=folder, old=way == "old")).split()
+            times[way].append(float(seconds))
+            pandas[way].add(imported)
+    for way in ("old", "new"):
+        print(f"first part table {way}: {summary(times[way])}  pandas imported: {'/'.join(sorted(pandas[way]))}")
+    print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
+
+
 def bench_cli(repeats: int) -> None:
     old_version = (
         "import sys, torch; from iqa_cli.distributed import resolve_device; resolve_device('auto');"
@@ -108,13 +144,15 @@ def bench_cli(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("build", "cli"))
+    parser.add_argument("mode", choices=("build", "parts", "cli"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="mplug-owl2-7b")
     args = parser.parse_args()
     header()
     if args.mode == "build":
         bench_build(args.repeats, args.size)
+    elif args.mode == "parts":
+        bench_parts(args.repeats)
     else:
         bench_cli(args.repeats)
 

@@ -141,7 +141,7 @@ class Sidecar:
         chunks = [np.zeros(0, dtype=np.int64)]
         for path in self.part_paths():
             try:
-                chunks.append(pq.read_table(path, columns=["index"]).column(0).to_numpy())
+                chunks.append(_index_values(pq.ParquetFile(path).read(columns=["index"])))
             except Exception:
                 path.unlink(missing_ok=True)
         return np.unique(np.concatenate(chunks))
@@ -221,39 +221,68 @@ class PartWriter:
         self.pending, self.pending_rows = [], 0
 
     def _table(self) -> pa.Table:
+        """The pending rows as one table, from numpy without pyarrow's numpy path, which imports pandas
+        (0.14 s) to look for categoricals."""
         cat = {key: np.concatenate([p[key] for p in self.pending]) for key in ("index", "width", "height", "score")}
         errors = [e for p in self.pending for e in p["error"]]
         failed = np.array([e is not None for e in errors], dtype=bool)
         probs = np.concatenate([p["probs"] for p in self.pending]).astype(np.float32)
         n, k = probs.shape
+        levels = _numpy_array(probs.argmax(axis=1) if n else np.zeros(0, np.int64), pa.int64(), null=failed)
         columns = {
-            "index": pa.array(cat["index"], pa.int64()),
+            "index": _numpy_array(cat["index"], pa.int64()),
             "image": _string_array(self.inputs.names.take(cat["index"])),
-            "score": pa.array(cat["score"].astype(np.float32), pa.float32(), mask=failed),
-            "std": pa.array(
-                np.concatenate([p["std"] for p in self.pending]).astype(np.float32), pa.float32(), mask=failed
-            ),
+            "score": _numpy_array(cat["score"], pa.float32(), null=failed),
+            "std": _numpy_array(np.concatenate([p["std"] for p in self.pending]), pa.float32(), null=failed),
             "probs": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32)),
-                pa.array(probs.reshape(-1), pa.float32()),
-                mask=pa.array(failed),
+                _numpy_array(np.arange(0, (n + 1) * k, k), pa.int32()),
+                _numpy_array(probs.reshape(-1), pa.float32()),
+                mask=_bool_array(failed),
             ),
-            "level": pa.array(self.level_names[probs.argmax(axis=1)] if n else [], pa.string(), mask=failed),
-            "width": pa.array(cat["width"], pa.int32(), mask=cat["width"] < 0),
-            "height": pa.array(cat["height"], pa.int32(), mask=cat["height"] < 0),
-            "error": pa.array(errors, pa.string()),
+            "level": _string_array(self.level_names.tolist()).take(levels),
+            "width": _numpy_array(cat["width"], pa.int32(), null=cat["width"] < 0),
+            "height": _numpy_array(cat["height"], pa.int32(), null=cat["height"] < 0),
+            "error": _string_array(errors),
         }
         if self.has_regressor:
-            reg = np.concatenate([p["score_reg"] for p in self.pending]).astype(np.float32)
-            columns["score_reg"] = pa.array(reg, pa.float32(), mask=failed)
+            reg = np.concatenate([p["score_reg"] for p in self.pending])
+            columns["score_reg"] = _numpy_array(reg, pa.float32(), null=failed)
         return pa.table(columns, schema=self.schema)
 
 
-def _string_array(values: list[str]) -> pa.Array:
+_NUMPY_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64, pa.float32(): np.float32}
+
+
+def _numpy_array(values: np.ndarray, type: pa.DataType, *, null: np.ndarray | None = None) -> pa.Array:
+    """`pa.array(values.astype(...), type, mask=null)` built from the buffers: the same array."""
+    data = np.ascontiguousarray(values, dtype=_NUMPY_TYPES[type])
+    if null is None or not null.any():
+        return pa.Array.from_buffers(type, len(data), [None, pa.py_buffer(data)], null_count=0)
+    valid = pa.py_buffer(np.packbits(~null, bitorder="little"))
+    return pa.Array.from_buffers(type, len(data), [valid, pa.py_buffer(data)], null_count=int(null.sum()))
+
+
+def _bool_array(values: np.ndarray) -> pa.Array:
+    return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(np.packbits(values, bitorder="little"))])
+
+
+def _string_array(values: list[str | None]) -> pa.Array:
+    """Strings (None: null) from the buffers. File names with undecodable bytes (lone surrogates) get U+FFFD:
+    UTF-8 cannot hold them."""
+    data = [b"" if v is None else _utf8(v) for v in values]
+    offsets = np.zeros(len(data) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    null = np.array([v is None for v in values], dtype=bool)
+    valid = pa.py_buffer(np.packbits(~null, bitorder="little")) if null.any() else None
+    buffers = [valid, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]
+    return pa.Array.from_buffers(pa.string(), len(data), buffers, null_count=int(null.sum()))
+
+
+def _utf8(value: str) -> bytes:
     try:
-        return pa.array(values, pa.string())
-    except (UnicodeEncodeError, pa.ArrowInvalid):  # file names with undecodable bytes (lone surrogates)
-        return pa.array([v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in values])
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,11 +306,11 @@ def merge_parts(sidecar: Sidecar, num_inputs: int) -> Iterator[pa.Table]:
             if path is None:
                 buffers[r] = None
                 return
-            table = pq.read_table(path)
+            table = pq.ParquetFile(path).read()  # read_table goes through pyarrow.dataset, which imports pandas
             table = table.take(pc_sort_indices(table))
             # One writer scores increasing indices, so a lower one is a row flushed twice (a signal
             # between a part's rename and the bookkeeping after it): drop it.
-            table = table.filter(pa.array(table.column("index").to_numpy() > last_seen[r]))
+            table = table.filter(_bool_array(_index_values(table) > last_seen[r]))
             if table.num_rows:
                 last_seen[r] = table.column("index")[-1].as_py()
             buffers[r] = table
@@ -294,18 +323,18 @@ def merge_parts(sidecar: Sidecar, num_inputs: int) -> Iterator[pa.Table]:
         for r, b in enumerate(buffers):
             if b is None:
                 continue
-            cut = int(np.searchsorted(b.column("index").to_numpy(), limit, side="right"))
+            cut = int(np.searchsorted(_index_values(b), limit, side="right"))
             ready.append(b.slice(0, cut))
             buffers[r] = b.slice(cut)
             if buffers[r].num_rows == 0:
                 refill(r)
         chunk = pa.concat_tables(ready)
         chunk = chunk.take(pc_sort_indices(chunk))
-        index = chunk.column("index").to_numpy()
+        index = _index_values(chunk)
         keep = np.ones(len(index), dtype=bool)
         keep[1:] = index[1:] != index[:-1]  # the same index twice (two runs raced on one sidecar)
         keep &= index >= expected
-        chunk, index = chunk.filter(pa.array(keep)), index[keep]
+        chunk, index = chunk.filter(_bool_array(keep)), index[keep]
         if len(index) and not np.array_equal(index, np.arange(expected, expected + len(index))):
             missing = int(np.setdiff1d(np.arange(expected, index[-1] + 1), index)[0])
             raise RuntimeError(f"input {missing} has no row in {sidecar.dir}")
@@ -314,6 +343,14 @@ def merge_parts(sidecar: Sidecar, num_inputs: int) -> Iterator[pa.Table]:
             yield chunk
     if expected != num_inputs:
         raise RuntimeError(f"{sidecar.dir} holds {expected} of {num_inputs} rows")
+
+
+def _index_values(table: pa.Table) -> np.ndarray:
+    """The (null-free int64) index column as numpy, read from its buffer: pyarrow's to_numpy imports pandas."""
+    column = table.column("index").combine_chunks()
+    if not len(column):
+        return np.zeros(0, dtype=np.int64)
+    return np.frombuffer(column.buffers()[1], dtype=np.int64, count=len(column), offset=column.offset * 8)
 
 
 def pc_sort_indices(table: pa.Table) -> pa.Array:
