@@ -167,15 +167,25 @@ def gaussian_level_probs(mu: np.ndarray, s: np.ndarray, k: int = 5, density: str
     centers = level_centers(k)
     mu = np.asarray(mu, dtype=np.float64)[:, None]  # N, 1
     s = np.asarray(s, dtype=np.float64)[:, None]
+    # each step in place on one (N, K + 1) buffer: the same operations in the same order, without five
+    # fresh N x K arrays (their page faults cost as much as the arithmetic)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if density == "cdf":
             half = level_width(k) / 2
             edges = np.append(centers - half, centers[-1] + half)  # K + 1
-            cdf = special.ndtr((edges[None, :] - mu) / s)  # N, K + 1
-            raw = np.diff(cdf, axis=1)
+            cdf = np.subtract(edges[None, :], mu)  # N, K + 1
+            np.divide(cdf, s, out=cdf)
+            special.ndtr(cdf, out=cdf)
+            raw = np.subtract(cdf[:, 1:], cdf[:, :-1])  # np.diff
         else:
-            z = (centers[None, :] - mu) / s  # N, K
-            raw = np.exp(-(z**2) / 2.0) / _SQRT_2PI / s
+            raw = np.subtract(centers[None, :], mu)  # z, N x K
+            np.divide(raw, s, out=raw)
+            np.square(raw, out=raw)
+            np.negative(raw, out=raw)
+            np.divide(raw, 2.0, out=raw)
+            np.exp(raw, out=raw)
+            np.divide(raw, _SQRT_2PI, out=raw)
+            np.divide(raw, s, out=raw)  # exp(-(z**2) / 2) / sqrt(2 pi) / s
     raw[~(s[:, 0] > 0)] = np.nan
     return raw
 
@@ -185,9 +195,10 @@ def level_sums(probs: np.ndarray, values: np.ndarray | None = None) -> np.ndarra
     which numpy's `sum` and `inner` add the reference's excellent-first 5-element lists."""
     probs = np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
-    total = probs[:, k - 1] if values is None else probs[:, k - 1] * values[k - 1]
+    total = probs[:, k - 1].copy() if values is None else probs[:, k - 1] * values[k - 1]
+    scratch = np.empty_like(total)  # the same additions, in place
     for i in range(k - 2, -1, -1):
-        total = total + (probs[:, i] if values is None else probs[:, i] * values[i])
+        total += probs[:, i] if values is None else np.multiply(probs[:, i], values[i], out=scratch)
     return total
 
 
@@ -228,7 +239,9 @@ def recover_moments(probs: np.ndarray, k: int | None = None) -> tuple[np.ndarray
     probs = np.asarray(probs, dtype=np.float64)
     centers = level_centers(probs.shape[1] if k is None else k)
     mean = probs @ centers
-    var = (probs * (centers[None, :] - mean[:, None]) ** 2).sum(axis=1)
+    spread = np.subtract(centers[None, :], mean[:, None])  # (c - mean)^2 p, in place
+    np.square(spread, out=spread)
+    var = np.multiply(probs, spread, out=spread).sum(axis=1)
     return mean, np.sqrt(np.maximum(var, 0.0))
 
 
@@ -333,9 +346,10 @@ def _reference_labels(
         moment = level_sums(raw, centers)  # B
         alpha = (mu - mid) / (moment - mid * total + _ALPHA_EPS)
         beta = (1.0 - alpha * total) / k
-        adjusted = raw * alpha[:, None] + beta[:, None]
+        adjusted = np.multiply(raw, alpha[:, None])
+        adjusted += beta[:, None]
         clipped = (adjusted < -_ROUNDING).any(axis=1)
-        probs = np.maximum(adjusted, 0.0)  # no renormalization: the sum may exceed 1
+        probs = np.maximum(adjusted, 0.0, out=adjusted)  # no renormalization: the sum may exceed 1
         diff = np.abs(level_sums(probs, centers) - mu)
     # NaN diff does not trigger the reference's test; such rows (s <= 0) are caught by the finiteness check
     fallback = (s < std_threshold) | (diff > mean_threshold) | ~np.isfinite(probs).all(axis=1)
@@ -374,16 +388,33 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     return _finite(min(max(r, -1.0), 1.0))
 
 
+def _level_ranks(level: np.ndarray, k: int) -> np.ndarray:
+    """average_ranks of the one-hot means centers[level], from the level counts instead of a sort: the
+    centers increase with the level, so the rows of a level share ranks start + (count + 1) / 2."""
+    level = np.asarray(level) % k  # centers[-1] is centers[k - 1]
+    counts = np.bincount(level, minlength=k)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts + 1) / 2.0)[level]
+
+
 def _recovery_stats(
-    mu: np.ndarray, s: np.ndarray, mean: np.ndarray, std: np.ndarray, mu_ranks: np.ndarray
+    mu: np.ndarray,
+    s: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    mu_ranks: np.ndarray,
+    mean_ranks: np.ndarray | None = None,
 ) -> dict[str, float | None]:
     err = mean - mu
     plcc = _pearson(mean, mu)
-    srcc = _pearson(average_ranks(mean), mu_ranks) if plcc is not None else None  # spearmanr: exact ranks
+    if mean_ranks is None and plcc is not None:
+        mean_ranks = average_ranks(mean)
+    srcc = _pearson(mean_ranks, mu_ranks) if plcc is not None else None  # spearmanr: exact ranks
     known = np.isfinite(s)  # rows without a std have no ground-truth Gaussian to compare with
-    s_known, std_known = np.maximum(s[known], _SIGMA_FLOOR), np.maximum(std[known], _SIGMA_FLOOR)
-    js = np.maximum(gaussian_js_moment(mu[known], s_known, mean[known], std_known), 0.0)
-    w2 = gaussian_w2(mu[known], s[known], mean[known], std[known])
+    if not known.all():
+        mu, s, mean, std = mu[known], s[known], mean[known], std[known]
+    js = np.maximum(gaussian_js_moment(mu, np.maximum(s, _SIGMA_FLOOR), mean, np.maximum(std, _SIGMA_FLOOR)), 0.0)
+    w2 = gaussian_w2(mu, s, mean, std)
     return {
         "l1": _finite(np.mean(np.abs(err))),
         "rmse": _finite(np.sqrt(np.mean(err**2))),
@@ -425,7 +456,7 @@ def label_statistics(mu: np.ndarray, s: np.ndarray, labels: SoftLabels, level: n
     return {
         "rows": int(mu.size),
         "std_rows": int(np.isfinite(s).sum()),
-        "one_hot": _recovery_stats(mu, s, one_hot_mean, np.zeros_like(mu), mu_ranks),
+        "one_hot": _recovery_stats(mu, s, one_hot_mean, np.zeros_like(mu), mu_ranks, _level_ranks(level, k)),
         "soft": _recovery_stats(mu, s, soft_mean, soft_std, mu_ranks),
         "raw": {
             "l1": _finite(np.mean(np.abs(raw_err[raw_ok]))) if raw_ok.any() else None,

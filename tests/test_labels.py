@@ -510,3 +510,15 @@ def test_renormalized_rule_departs_where_documented(seeded):
     assert not np.array_equal(ref.probs[-2:], np.eye(5)[[0, 4]])
     with pytest.raises(UserError, match="label rule must be one of reference, renormalized"):
         labels.soft_labels(mu, s, rule="paper")
+
+
+def test_one_hot_ranks_from_level_counts_equal_the_ranks_of_the_sorted_means(seeded):
+    from scipy import stats
+
+    rng = np.random.default_rng(seeded)
+    for k in (2, 5, 12):
+        level = rng.integers(0, k, 3000)
+        level[:50] = k - 1  # ties everywhere, and a level nobody has when k is large
+        means = labels.level_centers(k)[level]
+        np.testing.assert_array_equal(labels._level_ranks(level, k), labels.average_ranks(means))
+        np.testing.assert_array_equal(labels._level_ranks(level, k), stats.rankdata(means))
