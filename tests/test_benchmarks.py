@@ -33,3 +33,8 @@ def test_bench_model_runs_on_the_tiny_model():
 def test_bench_preprocess_resize_checks_identical_squares():
     out = _run("bench_preprocess.py", "resize", "--images", "2", "--repeats", "1")
     assert "squares identical: yes" in out and "split vs plain" in out
+
+
+def test_bench_preprocess_collate_checks_identical_batches():
+    out = _run("bench_preprocess.py", "collate", "--batches", "1", "--repeats", "1")
+    assert "batches identical bit for bit: yes" in out and "torch.bfloat16" in out

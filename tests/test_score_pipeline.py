@@ -71,7 +71,7 @@ class FakeScorer:
     def __init__(self, device="cpu", *, delay=0.0, model="fake/deqa", levels=LEVELS, regressor=False, calls=None):
         self.device = torch.device(device)
         self.preprocessor = ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))
-        self.transform, self.collate = ClipTransform(self.preprocessor), SquareCollate(SIZE)
+        self.transform, self.collate = ClipTransform(self.preprocessor), SquareCollate(SIZE, self.preprocessor)
         self.level_names = list(levels)
         self.has_regressor = regressor
         self.delay = delay
@@ -637,9 +637,12 @@ if __name__ == "__main__":
     _main(sys.argv[1:])
 
 
+PREPROCESS = ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))
+
+
 def _shared_flags(items):
     """Runs in the loader worker: was the family's batch built in shared memory (no copy at hand-over)?"""
-    batch = PadCollate(4, SquareCollate(SIZE), torch.bfloat16)(items)
+    batch = PadCollate(4, SquareCollate(SIZE, PREPROCESS), torch.bfloat16)(items)
     return batch["visual"]["pixel_values"].is_shared(), batch["visual"]["pixel_values"].dtype, batch["index"]
 
 
@@ -650,9 +653,40 @@ def test_workers_build_the_familys_batch_in_shared_memory(tmp_path):
     for i in range(3):
         Image.new("RGB", (20 + i, 16), (i * 40, 90, 200)).save(tmp_path / f"{i}.png")
     inputs = find_inputs([str(tmp_path)])
-    dataset = ImageDataset(inputs, np.arange(3), ClipTransform(ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))))
+    dataset = ImageDataset(inputs, np.arange(3), ClipTransform(PREPROCESS))
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=_shared_flags)
     shared, dtype, index = next(iter(loader))
     assert shared and dtype == torch.bfloat16 and index.tolist() == [0, 1, 2, -1]
-    in_main = PadCollate(4, SquareCollate(SIZE))([dataset[0]])  # the main process: ordinary memory
+    in_main = PadCollate(4, SquareCollate(SIZE, PREPROCESS))([dataset[0]])  # the main process: ordinary memory
     assert not in_main["visual"]["pixel_values"].is_shared() and in_main["index"].tolist() == [0, -1, -1, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uint8_items_give_the_float_paths_batch_bit_for_bit(tmp_path, dtype):
+    """Workers hand over uint8 squares and the collate applies the value table into the batch: the batch is
+    the float pixels (`ClipPreprocessor.pixels`, then the cast to the batch dtype) bit for bit, so the scores
+    are the same. Through the loader's real path: files, ImageDataset, PadCollate, the 448 px preprocessing."""
+    from iqa_cli.inputs import find_inputs
+    from iqa_cli.scoring.pipeline import ImageDataset
+
+    rng = np.random.default_rng(3)
+    for i, size in enumerate([(64, 48), (31, 77), (5, 5)]):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"not an image")
+    pre = ClipPreprocessor()  # the released 448 px settings
+    inputs = find_inputs([str(tmp_path)])
+    dataset = ImageDataset(inputs, np.arange(4), ClipTransform(pre))
+    items = [dataset[i] for i in range(4)]
+    assert items[0][1]["pixel_values"].dtype == torch.uint8 and items[3][1] is None
+    batch = PadCollate(5, SquareCollate(448, pre), dtype)(items)["visual"]["pixel_values"]
+    floats = torch.stack([torch.from_numpy(pre.pixels(load_image(tmp_path / f"{i}.png"))) for i in range(3)])
+    expected = torch.zeros((5, 3, 448, 448), dtype=dtype)
+    expected[:3] = floats.to(dtype)
+    bits = torch.int16 if dtype.itemsize == 2 else torch.int32  # bit patterns: -0.0 and 0.0 differ too
+    assert batch.dtype == dtype and torch.equal(batch.view(bits), expected.view(bits))
+
+
+def test_uint8_items_without_the_value_table_are_refused():
+    item = {"pixel_values": torch.zeros((SIZE, SIZE, 3), dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="value table"):
+        SquareCollate(SIZE)([item], 1, torch.float32)

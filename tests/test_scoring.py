@@ -188,3 +188,18 @@ def test_lora_run_directory_names_its_own_base(tmp_path, tiny_tokenizer, images)
     pixels = torch.stack([explicit.preprocessor(im) for im in images])
     torch.testing.assert_close(implicit.score_pixels(pixels).probs, explicit.score_pixels(pixels).probs)
     assert implicit.metadata["base_model"] == str(ckpt.base.resolve())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_uint8_hand_over_gives_the_float_pixels_scores(tmp_path, tiny_tokenizer, images, dtype):
+    """The transform's uint8 squares, normalized by the collate into the batch, score exactly as the float
+    pixels (`preprocessor(image)`, cast to the model's dtype) do."""
+    ckpt = write_checkpoint(tiny_model(seed=2), tmp_path / "m", tokenizer_dir=tiny_tokenizer)
+    scorer = Scorer.from_pretrained(ckpt.path, device="cpu", dtype=dtype)
+    items = [scorer.transform(im) for im in images]
+    assert all(item["pixel_values"].dtype == torch.uint8 for item in items)
+    ours = scorer.score_batch(scorer.collate(items, len(items), getattr(torch, dtype)))
+    floats = torch.stack([scorer.preprocessor(im) for im in images]).to(getattr(torch, dtype))
+    expected = scorer.score_pixels(floats)
+    assert torch.equal(ours.probs, expected.probs) and torch.equal(ours.score, expected.score)
+    assert torch.equal(ours.std, expected.std)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from iqa_cli.batch_buffer import batch_buffer
@@ -49,21 +50,36 @@ PROCESSING_FILES = (
 
 @dataclass(frozen=True)
 class ClipTransform:
-    """RGB PIL image -> {"pixel_values": [3, S, S]}; picklable for DataLoader workers."""
+    """RGB PIL image -> {"pixel_values": ...}; picklable for DataLoader workers.
+
+    With a `ClipPreprocessor` the item is the uint8 square [S, S, 3] before the value table, which
+    `SquareCollate` applies straight into the batch: no float copy per image. Any other image -> [3, S, S]
+    callable gives its float tensor as it is.
+    """
 
     preprocessor: Any  # ClipPreprocessor, or any image -> [3, S, S] callable
 
     def __call__(self, image: Any) -> dict[str, torch.Tensor]:
+        uint8_pixels = getattr(self.preprocessor, "uint8_pixels", None)
+        if uint8_pixels is not None:
+            return {PIXELS: torch.from_numpy(uint8_pixels(image))}
         return {PIXELS: self.preprocessor(image)}
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
 class SquareCollate:
     """Stacks per-image pixels into one [batch_size, 3, S, S] buffer (shared memory in a worker); rows without
     an image are zeros. Pixels are cast to `dtype` here, in the worker: the same rounding the model's own cast
-    would do, and half the bytes to pin and copy for 16-bit models."""
+    would do, and half the bytes to pin and copy for 16-bit models.
+
+    uint8 items [S, S, 3] (from `ClipTransform`) go through `preprocessor`'s value table cast to `dtype`, looked
+    up into the batch's rows: the float values, then the cast, of `ClipPreprocessor.pixels`, bit for bit."""
 
     image_size: int
+    preprocessor: Any = None  # the ClipPreprocessor whose value table normalizes uint8 items
 
     def __call__(
         self, items: list[VisualInputs | None], batch_size: int, dtype: torch.dtype
@@ -71,12 +87,30 @@ class SquareCollate:
         s = self.image_size
         pixels = batch_buffer((batch_size, 3, s, s), dtype)
         filled = torch.zeros(batch_size, dtype=torch.bool)
+        table = rows = None
         for row, item in enumerate(items):
-            if item is not None:
-                pixels[row] = item[PIXELS]
-                filled[row] = True
+            if item is None:
+                continue
+            values = item[PIXELS]
+            if values.dtype == torch.uint8:
+                if table is None:
+                    table, rows = self._table_and_rows(pixels, dtype)
+                for c in range(3):
+                    np.take(table[c], values[..., c].numpy(), out=rows[row, c])
+            else:
+                pixels[row] = values
+            filled[row] = True
         pixels[~filled] = 0
         return {PIXELS: pixels}
+
+    def _table_and_rows(self, pixels: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """The value table in `dtype` and the batch, both as numpy integers of the same width (numpy has no
+        bfloat16; a lookup copies bit patterns, so this is exact for every dtype)."""
+        if self.preprocessor is None:
+            raise ValueError("uint8 pixels need the ClipPreprocessor whose value table normalizes them")
+        as_int = _SAME_WIDTH_INT[dtype.itemsize]
+        table = torch.from_numpy(self.preprocessor.value_table()).to(dtype)
+        return table.view(as_int).numpy(), pixels.view(as_int).numpy()
 
 
 class MPLUGOwl2Backbone:
@@ -104,7 +138,7 @@ class MPLUGOwl2Backbone:
         self.checkpoint = checkpoint  # the loaded files (training reads layout, tokenizer and base from it)
         self.transform = ClipTransform(preprocessor)
         side = getattr(preprocessor, "image_size", None) or model.config.vision.image_size
-        self.collate = SquareCollate(side)
+        self.collate = SquareCollate(side, preprocessor)
 
     @classmethod
     def from_checkpoint(cls, loaded: LoadedCheckpoint) -> MPLUGOwl2Backbone:
