@@ -15,7 +15,11 @@ and numpy per row, the reference `gen_soft_label.py`'s rule written its way (che
 `reference` rule), and one with `math.erf`/`math.exp`, the fastest plain-Python way (the `renormalized`
 rule, checked against it). One thread (OMP/MKL/OpenBLAS set to 1 below, Arrow's pools to 1).
 
+With --baseline DIR, prepare_dataset of another version of iqa_cli is timed in turns with this checkout's,
+each run in a fresh process.
+
     .venv/bin/python benchmarks/bench_prepare.py [--rows 1000000] [--loop-rows 20000] [--scipy-rows 2000]
+        [--baseline DIR]
 """
 
 import os
@@ -286,7 +290,47 @@ def interleaved(rounds: int, old, new) -> tuple[float, float, bool]:
     return best_old, best_new, same
 
 
-def end_to_end(rows: int, repeat: int) -> float:
+CHILD = """
+import os, sys, time
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[var] = "1"
+from pathlib import Path
+import pyarrow as pa
+pa.set_cpu_count(1)
+pa.set_io_thread_count(1)
+from iqa_cli.datasets import ReadOptions
+from iqa_cli.prepare import PrepareConfig, prepare_dataset
+config = PrepareConfig(dataset="custom", source=Path(sys.argv[1]), out=Path(sys.argv[2]),
+                       read_options=ReadOptions(image_col="image", mos_col="mos", std_col="std"))
+start = time.perf_counter()
+prepare_dataset(config)
+print(time.perf_counter() - start)
+"""
+
+
+def versus_baseline(baseline: Path, source: Path, out: Path, rounds: int) -> None:
+    """prepare_dataset of another checkout's iqa_cli and of this one, each in a fresh process, in turns."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parents[1]
+    best = {"baseline": math.inf, "this checkout": math.inf}
+    for _ in range(rounds):
+        for name, root in (("baseline", baseline), ("this checkout", here)):
+            env = {**os.environ, "PYTHONPATH": str(root)}
+            result = subprocess.run(
+                [sys.executable, "-c", CHILD, str(source), str(out)], env=env, cwd=root, capture_output=True, text=True
+            )
+            if result.returncode:
+                raise SystemExit(f"{name} ({root}) failed: {result.stderr.strip()[-2000:]}")
+            best[name] = min(best[name], float(result.stdout.strip().splitlines()[-1]))
+    print(
+        f"  end to end in fresh processes, best of {rounds} in turns: baseline {baseline} {best['baseline']:.3f} s, "
+        f"this checkout {best['this checkout']:.3f} s ({best['baseline'] / best['this checkout']:.2f}x)"
+    )
+
+
+def end_to_end(rows: int, repeat: int, baseline: Path | None = None) -> float:
     """Prints prepare_dataset's time for `rows` rows and its stages, and the old vs new split; returns the best."""
     with tempfile.TemporaryDirectory() as tmp:
         source = synthetic_csv(Path(tmp) / "scores.csv", rows)
@@ -308,6 +352,8 @@ def end_to_end(rows: int, repeat: int) -> float:
         staged = sum(t for stage, t in stage_times.items() if not stage.startswith("  "))
         print(f"    {'rest (frame assembly, checks)':45s} {best - staged:7.3f} s")
 
+        if baseline is not None:
+            versus_baseline(baseline, source, Path(tmp) / "baseline.parquet", repeat)
         frame = pd.read_csv(source)
         mos = frame["mos"].to_numpy()
         checks = (
@@ -347,13 +393,19 @@ def main() -> None:
     parser.add_argument("--density", choices=labels.DENSITIES, default="cdf")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--prepare-repeat", type=int, default=3, help="end-to-end prepare_dataset runs")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a folder holding another version's iqa_cli (`git archive REV iqa_cli | tar -x -C DIR`): its "
+        "prepare_dataset and this checkout's are timed in turns, each in a fresh process",
+    )
     args = parser.parse_args()
 
     print(
         f"python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}, pyarrow "
         f"{pa.__version__}, {platform.processor() or platform.machine()}, 1 thread"
     )
-    prepare_best = end_to_end(args.rows, args.prepare_repeat)
+    prepare_best = end_to_end(args.rows, args.prepare_repeat, args.baseline)
 
     mos, std = synthetic_rows(args.rows)
     print(
