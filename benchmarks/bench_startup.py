@@ -10,11 +10,15 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
 - parts: the first part table `iqa score` builds (4,096 rows) in a process with pyarrow imported. old: `pa.array`
   over numpy, as the writer did (tests/test_score_store.py keeps that construction as the reference; it
   imports pandas); new: `PartWriter._table` (Arrow buffers from numpy). Seconds, and whether pandas got imported.
+- exit: `iqa score` on 8 small images with a tiny released-layout checkpoint, run by `iqa_cli.cli.main()` in a
+  fresh process; the time from the moment main() returns to the end of the process. old: without the
+  `gc.freeze()` that main() registers to run at exit (unregistered again); new: as `iqa` runs.
 - cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process. "old
   --version" adds what `--version` did before: import torch and probe `--device auto`.
 
     .venv/bin/python benchmarks/bench_startup.py build [--repeats 5] [--size mplug-owl2-7b]
     .venv/bin/python benchmarks/bench_startup.py parts [--repeats 5]
+    .venv/bin/python benchmarks/bench_startup.py exit [--repeats 5]
     .venv/bin/python benchmarks/bench_startup.py cli [--repeats 5]
 """
 
@@ -124,6 +128,55 @@ def bench_parts(repeats: int) -> None:
     print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
 
 
+EXIT = """
+    import atexit, gc, sys, time
+    from iqa_cli.cli import main
+    sys.argv = ["iqa", "score", {images!r}, "--model", {model!r}, "--out", {out!r}, "--overwrite", "--quiet"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+    if {old!r}:
+        atexit.unregister(gc.freeze)
+    print(len(gc.get_objects()), time.time(), flush=True)
+"""
+
+
+def tiny_run_files(folder: Path, images: int = 8) -> tuple[Path, Path]:
+    """A tiny released-layout checkpoint (with its tokenizer) and a folder of small JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from iqa_cli.synthetic import build_tiny_tokenizer
+    from tests.factories import tiny_model, write_checkpoint
+
+    model = write_checkpoint(tiny_model(seed=0), folder / "ckpt", tokenizer_dir=build_tiny_tokenizer(folder / "tok"))
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.jpg")
+    return model.path, folder / "images"
+
+
+def bench_exit(repeats: int) -> None:
+    import tempfile
+
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    with tempfile.TemporaryDirectory() as folder:
+        model, images = tiny_run_files(Path(folder))
+        out = str(Path(folder) / "scores.parquet")
+        for _ in range(repeats):
+            for way in ("old", "new"):
+                code = EXIT.format(images=str(images), model=str(model), out=out, old=way == "old")
+                objects, returned = python(code).split()
+                times[way].append(time.time() - float(returned))
+    print(f"objects alive when main() returns: {objects}")
+    for way in ("old", "new"):
+        print(f"exit after main() {way}: {summary(times[way])}")
+    print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
+
+
 def bench_cli(repeats: int) -> None:
     old_version = (
         "import sys, torch; from iqa_cli.distributed import resolve_device; resolve_device('auto');"
@@ -144,7 +197,7 @@ def bench_cli(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("build", "parts", "cli"))
+    parser.add_argument("mode", choices=("build", "parts", "exit", "cli"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="mplug-owl2-7b")
     args = parser.parse_args()
@@ -153,6 +206,8 @@ def main() -> None:
         bench_build(args.repeats, args.size)
     elif args.mode == "parts":
         bench_parts(args.repeats)
+    elif args.mode == "exit":
+        bench_exit(args.repeats)
     else:
         bench_cli(args.repeats)
 

@@ -620,6 +620,9 @@ def demo(
 
 def main() -> None:
     """Console-script entry point: user mistakes become one line on stderr and exit code 2."""
+    from iqa_cli.process import configure_process
+
+    configure_process()  # before any command imports torch
     try:
         # Fixed names so `python -m iqa_cli` and the installed script complete the same way.
         app(prog_name="iqa", complete_var="_IQA_COMPLETE")
