@@ -280,7 +280,7 @@ def seeded_test_rows(
     """Rows in the test split: a seeded permutation of the reference images (of the images where there is
     none; `image_groups` is group_codes of the images when already at hand), numbered in order of first
     appearance, the first round(test_frac * groups) of it to test. A boolean table indexed by group number
-    gives the rows a set of names and `isin` gave, at a fifth of the cost."""
+    gives the rows a set of names and `isin` gave, at a sixth of the cost (benchmarks/bench_prepare.py)."""
     if "ref" in frame:
         codes, n_groups = group_codes(frame["ref"].fillna(frame["image"]))
     else:
