@@ -13,12 +13,18 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
 - exit: `iqa score` on 8 small images with a tiny released-layout checkpoint, run by `iqa_cli.cli.main()` in a
   fresh process; the time from the moment main() returns to the end of the process. old: without the
   `gc.freeze()` that main() registers to run at exit (unregistered again); new: as `iqa` runs.
+- threads: `score_images` on `--images` generated 1024x768 JPEGs (default 96: 6 batches of 16, 2 workers) with
+  the tiny model reading 448 px in the real 32x32 patch grid, on the CPU, in fresh processes. old: OpenMP's
+  default wait policy and torch's default thread count; new: as `iqa score` runs (OMP_WAIT_POLICY=PASSIVE set
+  before torch is imported, the model on the cores the workers leave). The main process's CPU time per
+  batch and the loop's wall time (model loading excluded), and the largest score difference.
 - cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process. "old
   --version" adds what `--version` did before: import torch and probe `--device auto`.
 
     .venv/bin/python benchmarks/bench_startup.py build [--repeats 5] [--size mplug-owl2-7b]
     .venv/bin/python benchmarks/bench_startup.py parts [--repeats 5]
     .venv/bin/python benchmarks/bench_startup.py exit [--repeats 5]
+    .venv/bin/python benchmarks/bench_startup.py threads [--repeats 5] [--images 96]
     .venv/bin/python benchmarks/bench_startup.py cli [--repeats 5]
 """
 
@@ -177,6 +183,72 @@ def bench_exit(repeats: int) -> None:
     print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
 
 
+THREADS = """
+    import json, resource, sys, time
+    if not {old!r}:
+        from iqa_cli.process import configure_process
+        configure_process()
+    import torch
+    import pyarrow.parquet as pq
+    from iqa_cli.scoring import pipeline
+    if {old!r}:
+        pipeline.model_threads = lambda *args: None
+    loop = {{}}
+    inner = pipeline._score_indices
+
+    def timed(*args, **kwargs):
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        inner(*args, **kwargs)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        loop["wall"] = time.perf_counter() - start
+        loop["cpu"] = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+
+    pipeline._score_indices = timed
+    planned = pipeline.model_threads(torch.device("cpu"), 2, pipeline.distributed.env())
+    loop["threads"] = torch.get_num_threads() if planned is None else planned
+    config = pipeline.ScoreConfig(out={out!r}, inputs=[{images!r}], model={model!r}, workers=2, batch_size=16,
+                                  dtype="float32", overwrite=True, quiet=True)
+    pipeline.score_images(config)
+    loop["scores"] = pq.read_table({out!r}).column("score").to_pylist()
+    print(json.dumps(loop))
+"""
+
+
+def bench_threads(repeats: int, images: int) -> None:
+    import json
+    import math
+    import tempfile
+
+    from bench_score import make_jpegs, tiny_checkpoint
+
+    cpu: dict[str, list[float]] = {"old": [], "new": []}
+    walls: dict[str, list[float]] = {"old": [], "new": []}
+    scores: dict[str, list[float]] = {}
+    batches = math.ceil(images / 16)
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        model = tiny_checkpoint(work, 448, 14).path
+        make_jpegs(work / "images", images)
+        for _ in range(repeats):
+            for way in ("old", "new"):
+                code = THREADS.format(old=way == "old", out=str(work / f"{way}.parquet"), images=str(work / "images"),
+                                      model=str(model))  # fmt: skip
+                loop = json.loads(python(code).splitlines()[-1])
+                cpu[way].append(1000 * loop["cpu"] / batches)
+                walls[way].append(loop["wall"])
+                scores[way] = loop["scores"]
+                print(f"  {way}: {loop['threads']} torch threads in the loop, main CPU {cpu[way][-1]:.0f} ms/batch, "
+                      f"loop {loop['wall']:.2f} s", flush=True)  # fmt: skip
+    for way in ("old", "new"):
+        print(f"{way}: main-process CPU per batch median {statistics.median(cpu[way]):.0f} ms "
+              f"({min(cpu[way]):.0f}-{max(cpu[way]):.0f}); loop wall {summary(walls[way])}")  # fmt: skip
+    diff = max(abs(a - b) for a, b in zip(scores["old"], scores["new"], strict=True))
+    print(f"CPU ratio old/new (medians): {statistics.median(cpu['old']) / statistics.median(cpu['new']):.2f}x; "
+          f"wall ratio {statistics.median(walls['old']) / statistics.median(walls['new']):.2f}x; "
+          f"largest score difference {diff:.2e}")  # fmt: skip
+
+
 def bench_cli(repeats: int) -> None:
     old_version = (
         "import sys, torch; from iqa_cli.distributed import resolve_device; resolve_device('auto');"
@@ -197,9 +269,10 @@ def bench_cli(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("build", "parts", "exit", "cli"))
+    parser.add_argument("mode", choices=("build", "parts", "exit", "threads", "cli"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="mplug-owl2-7b")
+    parser.add_argument("--images", type=int, default=96)
     args = parser.parse_args()
     header()
     if args.mode == "build":
@@ -208,6 +281,8 @@ def main() -> None:
         bench_parts(args.repeats)
     elif args.mode == "exit":
         bench_exit(args.repeats)
+    elif args.mode == "threads":
+        bench_threads(args.repeats, args.images)
     else:
         bench_cli(args.repeats)
 

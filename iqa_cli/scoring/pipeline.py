@@ -162,8 +162,33 @@ def parse_batch_size(value: int | str) -> int | None:
 
 
 def default_workers(environment: distributed.DistEnv) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // environment.local_world_size))
+    return max(1, min(8, _cores() // environment.local_world_size))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def model_threads(device: torch.device, workers: int, environment: distributed.DistEnv) -> int | None:
+    """torch's intra-op threads for a CPU model while `workers` processes decode: the cores they leave
+    (at least one). None (leave torch's setting) on a GPU or when the user set OMP_NUM_THREADS: torch's
+    default of one thread per core makes the model's threads and the workers fight over the same cores."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, _cores() // environment.local_world_size - workers)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch.set_num_threads(threads) for the loop, the caller's setting back afterwards."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -688,7 +713,8 @@ def _score_indices(
     batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
     progress = _progress(console, len(indices), environment)
     try:
-        with _signals_raise(sidecar.dir), torch.inference_mode(), progress:
+        threads = model_threads(device, workers, environment)
+        with _signals_raise(sidecar.dir), torch.inference_mode(), progress, _intra_op_threads(threads):
             for batch, visual in _device_batches(batches, device):
                 result = runner(visual)
                 progress.advance(writer.add(batch, result))
