@@ -18,6 +18,10 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
   default wait policy and torch's default thread count; new: as `iqa score` runs (OMP_WAIT_POLICY=PASSIVE set
   before torch is imported, the model on the cores the workers leave). The main process's CPU time per
   batch and the loop's wall time (model loading excluded), and the largest score difference.
+- fixed: where one `iqa score` run's time goes (current code only; each item's old way is in its own mode):
+  `main()` in a fresh process on `--images` 1024x768 JPEGs (2 workers, batch 16), the tiny model at 448 px
+  in the 32x32 patch grid: interpreter start + imports (torch, the pipeline), model load, first batch
+  (loop start to the first rows written), the other batches, merge + output, exit after main() returns.
 - cli: wall time of `iqa --version` and `iqa score --help` (`python -m iqa_cli`), the whole process. "old
   --version" adds what `--version` did before: import torch and probe `--device auto`.
 
@@ -25,6 +29,7 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
     .venv/bin/python benchmarks/bench_startup.py parts [--repeats 5]
     .venv/bin/python benchmarks/bench_startup.py exit [--repeats 5]
     .venv/bin/python benchmarks/bench_startup.py threads [--repeats 5] [--images 96]
+    .venv/bin/python benchmarks/bench_startup.py fixed [--repeats 5] [--images 96]
     .venv/bin/python benchmarks/bench_startup.py cli [--repeats 5]
 """
 
@@ -249,6 +254,78 @@ def bench_threads(repeats: int, images: int) -> None:
           f"largest score difference {diff:.2e}")  # fmt: skip
 
 
+FIXED = """
+    import json, sys, time
+    marks = {{"started": time.time()}}
+    from iqa_cli.cli import main
+    import torch
+    from iqa_cli.scoring import pipeline, scorer, store
+    marks["imported"] = time.time()
+    load, score_indices, add = scorer.Scorer.from_pretrained.__func__, pipeline._score_indices, store.PartWriter.add
+
+    def timed_load(cls, *args, **kwargs):
+        marks["load_start"] = time.time()
+        try:
+            return load(cls, *args, **kwargs)
+        finally:
+            marks["loaded"] = time.time()
+
+    def timed_loop(*args, **kwargs):
+        marks["loop_start"] = time.time()
+        score_indices(*args, **kwargs)
+        marks["loop_end"] = time.time()
+
+    def timed_add(self, batch, result):
+        marks.setdefault("first_batch", time.time())
+        return add(self, batch, result)
+
+    scorer.Scorer.from_pretrained = classmethod(timed_load)
+    pipeline._score_indices, store.PartWriter.add = timed_loop, timed_add
+    sys.argv = ["iqa", "score", {images!r}, "--model", {model!r}, "--out", {out!r}, "--overwrite", "--quiet",
+                "--workers", "2", "--batch-size", "16", "--dtype", "float32"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+    marks["returned"] = time.time()
+    print(json.dumps(marks), flush=True)
+"""
+
+
+def bench_fixed(repeats: int, images: int) -> None:
+    import json
+    import tempfile
+
+    from bench_score import make_jpegs, tiny_checkpoint
+
+    steps = {
+        "start + imports": ("launched", "imported"),
+        "model load": ("load_start", "loaded"),
+        "first batch": ("loop_start", "first_batch"),
+        "other batches": ("first_batch", "loop_end"),
+        "merge + output": ("loop_end", "returned"),
+        "exit": ("returned", "ended"),
+        "total": ("launched", "ended"),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in [*steps, "rest (inputs, plan)"]}
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        model = tiny_checkpoint(work, 448, 14).path
+        make_jpegs(work / "images", images)
+        code = FIXED.format(images=str(work / "images"), model=str(model), out=str(work / "scores.parquet"))
+        for _ in range(repeats):
+            launched = time.time()
+            marks = json.loads(python(code).splitlines()[-1])
+            marks.update(launched=launched, ended=time.time())
+            for name, (a, b) in steps.items():
+                seconds[name].append(marks[b] - marks[a])
+            parts = sum(seconds[name][-1] for name in steps if name != "total")
+            seconds["rest (inputs, plan)"].append(seconds["total"][-1] - parts)
+    print(f"iqa score, {images} JPEGs 1024x768, 2 workers, batch 16, tiny model at 448 px; {repeats} runs")
+    for name in seconds:
+        print(f"{name:>19}: {summary(seconds[name])}")
+
+
 def bench_cli(repeats: int) -> None:
     old_version = (
         "import sys, torch; from iqa_cli.distributed import resolve_device; resolve_device('auto');"
@@ -269,7 +346,7 @@ def bench_cli(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("build", "parts", "exit", "threads", "cli"))
+    parser.add_argument("mode", choices=("build", "parts", "exit", "threads", "fixed", "cli"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="mplug-owl2-7b")
     parser.add_argument("--images", type=int, default=96)
@@ -283,6 +360,8 @@ def main() -> None:
         bench_exit(args.repeats)
     elif args.mode == "threads":
         bench_threads(args.repeats, args.images)
+    elif args.mode == "fixed":
+        bench_fixed(args.repeats, args.images)
     else:
         bench_cli(args.repeats)
 
