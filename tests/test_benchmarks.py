@@ -38,3 +38,10 @@ def test_bench_preprocess_resize_checks_identical_squares():
 def test_bench_preprocess_collate_checks_identical_batches():
     out = _run("bench_preprocess.py", "collate", "--batches", "1", "--repeats", "1")
     assert "batches identical bit for bit: yes" in out and "torch.bfloat16" in out
+
+
+def test_bench_startup_runs_and_reports_old_and_new():
+    out = _run("bench_startup.py", "build", "--repeats", "1", "--size", "mplug-owl2-tiny")
+    assert "build mplug-owl2-tiny new:" in out and "torch._dynamo imported: False" in out
+    out = _run("bench_startup.py", "parts", "--repeats", "1")
+    assert "first part table new:" in out and "pandas imported: False" in out
