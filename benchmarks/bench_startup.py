@@ -210,7 +210,7 @@ THREADS = """
         loop["cpu"] = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
 
     pipeline._score_indices = timed
-    planned = pipeline.model_threads(torch.device("cpu"), 2, pipeline.distributed.env())
+    planned = pipeline.model_threads(torch.device("cpu"), 2, pipeline.distributed.env(), torch.get_num_threads())
     loop["threads"] = torch.get_num_threads() if planned is None else planned
     config = pipeline.ScoreConfig(out={out!r}, inputs=[{images!r}], model={model!r}, workers=2, batch_size=16,
                                   dtype="float32", overwrite=True, quiet=True)

@@ -27,14 +27,15 @@ def test_the_cpu_model_gets_the_cores_the_workers_leave(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(pipeline, "_cores", lambda: 16)
     cpu = torch.device("cpu")
-    assert model_threads(cpu, 8, ALONE) == 8
-    assert model_threads(cpu, 0, ALONE) == 16
-    assert model_threads(cpu, 20, ALONE) == 1
+    assert model_threads(cpu, 8, ALONE, 16) == 8
+    assert model_threads(cpu, 0, ALONE, 16) == 16
+    assert model_threads(cpu, 0, ALONE, 8) == 8  # never more than torch's own count (physical cores)
+    assert model_threads(cpu, 20, ALONE, 16) == 1
     two_ranks = distributed.DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
-    assert model_threads(cpu, 4, two_ranks) == 4
-    assert model_threads(torch.device("cuda", 0), 8, ALONE) is None  # a GPU model: torch's setting stays
+    assert model_threads(cpu, 4, two_ranks, 16) == 4
+    assert model_threads(torch.device("cuda", 0), 8, ALONE, 16) is None  # a GPU model: torch's setting stays
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert model_threads(cpu, 8, ALONE) is None  # the user's choice stays
+    assert model_threads(cpu, 8, ALONE, 16) is None  # the user's choice stays
 
 
 def test_the_loop_runs_on_those_threads_and_gives_the_callers_setting_back(tmp_path, monkeypatch):

@@ -169,13 +169,14 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def model_threads(device: torch.device, workers: int, environment: distributed.DistEnv) -> int | None:
-    """torch's intra-op threads for a CPU model while `workers` processes decode: the cores they leave
-    (at least one). None (leave torch's setting) on a GPU or when the user set OMP_NUM_THREADS: torch's
-    default of one thread per core makes the model's threads and the workers fight over the same cores."""
+def model_threads(device: torch.device, workers: int, environment: distributed.DistEnv, current: int) -> int | None:
+    """torch's intra-op threads for a CPU model while `workers` processes decode: the cores they leave (at
+    least one, at most torch's `current` setting, which counts physical cores). None (leave torch's setting)
+    on a GPU or when the user set OMP_NUM_THREADS: torch's default of one thread per core makes the model's
+    threads and the workers fight over the same cores."""
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, _cores() // environment.local_world_size - workers)
+    return min(current, max(1, _cores() // environment.local_world_size - workers))
 
 
 @contextlib.contextmanager
@@ -713,7 +714,7 @@ def _score_indices(
     batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
     progress = _progress(console, len(indices), environment)
     try:
-        threads = model_threads(device, workers, environment)
+        threads = model_threads(device, workers, environment, torch.get_num_threads())
         with _signals_raise(sidecar.dir), torch.inference_mode(), progress, _intra_op_threads(threads):
             for batch, visual in _device_batches(batches, device):
                 result = runner(visual)
