@@ -1,15 +1,19 @@
 """Throughput of `iqa score`: the streaming pipeline against the reference's naive loop, and the model on a GPU.
 
-`cpu` (default): a tiny random mPLUG-Owl2 (written as a released-layout checkpoint, loaded with
-`Scorer.from_pretrained`) scores generated 1024x768 JPEGs on the CPU, in one run, two ways:
+`cpu` (default): a tiny random mPLUG-Owl2 (written as a released-layout checkpoint) scores generated 1024x768
+JPEGs on the CPU, 160 and 1,000 of them by default (`--counts`), two ways, alternating:
 
-- naive: what the reference `src/evaluate/scorer.py` does, one batch of 16 at a time in the main process:
-  `Image.open(...).convert("RGB")` -> `expand2square` -> transformers' `CLIPImageProcessor` -> model;
-- ours: `iqa_cli.scoring.pipeline.score_images` (DataLoader workers decoding and preprocessing, parts, merge, output).
+- reference: what the reference `src/evaluate/scorer.py` does, one batch of 16 at a time in this process, the
+  model already loaded (the loop's time only): `Image.open(...).convert("RGB")` -> `expand2square` ->
+  transformers' `CLIPImageProcessor` -> model. Its own start-up (import torch + transformers, load) is
+  measured once in a fresh process and shown apart;
+- iqa score: the CLI itself in a fresh process (benchmarks/score_process.py), launch to exit, split into
+  phases: start-up (interpreter, imports, input listing), model load, first batch (workers starting, first
+  decodes and forward), steady state (first to last batch: images/s), output (merge, file) and exit.
 
-It prints images/s and the peak memory (PSS of the process and its workers, sampled) of each, the scores'
-largest difference, and the decode + preprocess rate of one worker (one process, one thread). The tiny model
-reads 448 px images like the real one (`--image-size`), so the per-image CPU work is the real workload's.
+It prints seconds and images/s of each, the phases and fixed costs of `iqa score`, the speed-up end to end and
+at steady state, and the scores' largest difference. The tiny model reads 448 px images like the real one
+(`--image-size`), so the per-image CPU work is the real workload's.
 
 `gpu`: the full-size mPLUG-Owl2 7B with random weights in bf16 (`Scorer` around an in-memory model: nothing
 is downloaded), `score_pixels` on 448 px inputs at batch sizes 1..256: images/s, latency per call, peak GPU
@@ -25,7 +29,7 @@ reproduced by a scorer wrapper that pads each call to that size; "sized" is the 
 the same process, interleaved, best of `--repeats`; it prints the rows per model call, seconds end to end
 and inside model calls, and the largest score difference between the two.
 
-    .venv/bin/python benchmarks/bench_score.py cpu [--images 256] [--workers 2] [--batch-size 16]
+    .venv/bin/python benchmarks/bench_score.py cpu [--counts 160,1000] [--repeats 2] [--workers 2] [--batch-size 16]
     .venv/bin/python benchmarks/bench_score.py gpu [--batch-sizes 1,2,4,8,16,32,64,128,256] [--pipeline-images 4096]
     .venv/bin/python benchmarks/bench_score.py gpu --dry-run
     .venv/bin/python benchmarks/bench_score.py small [--counts 2,16] [--repeats 5] [--patch-size 14]
@@ -36,9 +40,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,59 +85,6 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (1024, 768), seed: 
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)
     return paths
-
-
-class PeakMemory:
-    """Samples the memory of this process and its children; `peak_mib` is the largest sum seen.
-
-    PSS (proportional set size) where psutil can read it, so pages shared between the main process and the
-    DataLoader workers count once; RSS otherwise.
-    """
-
-    def __init__(self, interval: float = 0.25):
-        self.interval = interval
-        self.peak = 0
-        self.kind = "RSS"
-        self._stop = threading.Event()
-
-    def _sample(self) -> int:
-        import psutil
-
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                info = proc.memory_full_info()
-                total += getattr(info, "pss", None) or info.rss
-                self.kind = "PSS" if hasattr(info, "pss") else "RSS"
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        try:
-            import psutil  # noqa: F401
-        except ImportError:
-            self.kind = "unavailable (pip install psutil)"
-            return self
-        self.peak = self._sample()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if hasattr(self, "_thread"):
-            self._thread.join()
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak / 2**20
 
 
 @contextmanager
@@ -186,30 +137,6 @@ def decode_rate(paths: list[Path], preprocess, n: int) -> float:
         torch.set_num_threads(threads)
 
 
-def _decode_worker(job: tuple[list[Path], ClipPreprocessor]) -> float:
-    paths, preprocess = job
-    return decode_rate(paths, preprocess, len(paths))
-
-
-def parallel_decode_rate(paths: list[Path], preprocess, processes: int, n: int) -> float:
-    """Total images/s of `processes` processes decoding at once: the ceiling of the pipeline on this machine."""
-    import multiprocessing
-
-    jobs = [(paths[i:n:processes], preprocess) for i in range(processes)]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        start = time.perf_counter()
-        pool.map(_decode_worker, jobs)
-        return n / (time.perf_counter() - start)
-
-
-def hf_rate(paths: list[Path], processor, n: int) -> float:
-    background = tuple(int(x * 255) for x in processor.image_mean)
-    start = time.perf_counter()
-    for path in paths[:n]:
-        processor.preprocess([expand2square(Image.open(path).convert("RGB"), background)], return_tensors="pt")
-    return n / (time.perf_counter() - start)
-
-
 # ---------------------------------------------------------------------------------------------------
 # cpu
 
@@ -228,74 +155,121 @@ def tiny_checkpoint(directory: Path, image_size: int, patch_size: int | None = N
     return write_checkpoint(tiny_model(seed=0, **overrides), directory / "model", tokenizer_dir=tokenizer)
 
 
+PHASES = ("start-up", "load", "first batch", "steady", "output", "exit")
+
+
+def iqa_score_run(folder: Path, model: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """`iqa score` in a fresh process (benchmarks/score_process.py) -> seconds per phase, launch to exit.
+
+    start-up: launch to the model load (interpreter, imports, input listing); load; first batch: load end to
+    the first batch scored (workers starting, first decodes, first forward); steady: first to last batch;
+    output: last batch to `score_images`' return (merge, output file); exit: to the process's end (garbage
+    collection, worker shutdown)."""
+    marks = out.with_suffix(".marks")
+    script = Path(__file__).resolve().with_name("score_process.py")
+    command = [sys.executable, str(script), "--folder", str(folder), "--model", str(model), "--out", str(out),
+               "--marks", str(marks), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]  # fmt: skip
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    end = time.time()
+    if result.returncode != 0:
+        raise SystemExit(f"iqa score failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    times: dict[str, list[float]] = {}
+    for line in marks.read_text().splitlines():
+        name, value = line.split()
+        times.setdefault(name, []).append(float(value))
+    batches = times["batch"]
+    return {
+        "start-up": times["load_start"][0] - start,
+        "load": times["load_end"][0] - times["load_start"][0],
+        "first batch": batches[0] - times["load_end"][0],
+        "steady": batches[-1] - batches[0],
+        "output": times["output_end"][0] - batches[-1],
+        "exit": end - times["output_end"][0],
+        "total": end - start,
+    }
+
+
+def reference_start_up(model: Path) -> float:
+    """Seconds of a fresh process that imports what the reference loop needs and loads the model and its
+    `CLIPImageProcessor` (the loop's own fixed cost; its exit is left out)."""
+    code = (
+        "import sys, transformers; transformers.logging.set_verbosity_error(); from transformers import"
+        " CLIPImageProcessor; from iqa_cli.scoring.scorer import Scorer;"
+        " Scorer.from_pretrained(sys.argv[1], device='cpu', dtype='float32');"
+        " CLIPImageProcessor.from_pretrained(sys.argv[1]); import time; print(time.time())"
+    )
+    start = time.time()
+    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], check=True)  # fmt: skip
+    return float(result.stdout.split()[-1]) - start
+
+
 def bench_cpu(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
     import transformers
     from transformers import CLIPImageProcessor
 
     from iqa_cli.scoring.scorer import Scorer
 
     transformers.logging.set_verbosity_error()
+    counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
-    print(f"generating {args.images} JPEGs 1024x768 in {work} ...", flush=True)
-    paths = make_jpegs(work / "images", args.images)
+    print(f"generating {max(counts)} JPEGs 1024x768 in {work} ...", flush=True)
+    paths = make_jpegs(work / "images", max(counts))
+    folders = {}
+    for n in counts:  # hard links: the same files, one folder per run size
+        folders[n] = work / f"images_{n}"
+        folders[n].mkdir()
+        for path in paths[:n]:
+            os.link(path, folders[n] / path.name)
     size_kb = np.mean([p.stat().st_size for p in paths]) / 1024
     ckpt = tiny_checkpoint(work, args.image_size)
     scorer = Scorer.from_pretrained(ckpt.path, device="cpu", dtype="float32")
     processor = CLIPImageProcessor.from_pretrained(ckpt.path)
+    load = os.getloadavg()
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; tiny model at {scorer.preprocessor.image_size} px;"
-        f" JPEGs {size_kb:.0f} kB mean"
+        f"{torch.get_num_threads()} torch threads in this process; tiny model at {args.image_size} px; JPEGs "
+        f"{size_kb:.0f} kB mean; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        "reference: the reference scorer's loop in this process, model already loaded (loop time only); iqa score: "
+        f"the CLI in a fresh process (--device cpu --dtype float32 --batch-size {args.batch_size} --workers "
+        f"{args.workers} -q), launch to exit; the two alternate, fastest of {args.repeats} each"
     )
     naive_loop(scorer, processor, paths[:16])  # warm caches and allocator
-
-    results = {}
-    for repeat in range(args.repeats):
-        with PeakMemory() as memory, timed() as t:
-            naive_scores = naive_loop(scorer, processor, paths)
-        results.setdefault("naive", []).append((t["seconds"], memory.peak_mib, memory.kind))
-        out = work / f"ours_{repeat}.parquet"
-        config = ScoreConfig(
-            out=out,
-            inputs=[str(work / "images")],
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device="cpu",
-            dtype="float32",
-            quiet=True,
-        )
-        with PeakMemory() as memory, timed() as t:
-            summary = score_images(config, scorer_factory=lambda device: scorer)
-        results.setdefault("ours", []).append((t["seconds"], memory.peak_mib, memory.kind, summary.seconds))
-
-    import pyarrow.parquet as pq
-
-    ours_scores = pq.read_table(out, columns=["score"]).column(0).to_numpy()
-    diff = float(np.abs(ours_scores - naive_scores).max())
-    n = len(paths)
-    best_naive = min(results["naive"])
-    best_ours = min(results["ours"])
-    print(f"\n{n} images, batch size {args.batch_size}, best of {args.repeats}")
-    print(f"{'':44s} {'images/s':>9s} {'seconds':>8s} {'peak MiB':>9s}")
-    print(f"{'naive loop (reference scorer.py way)':44s} {n / best_naive[0]:9.1f} {best_naive[0]:8.2f} "
-          f"{best_naive[1]:9.0f}")  # fmt: skip
-    label = f"ours: score_images, {args.workers} workers (end to end)"
-    print(f"{label:44s} {n / best_ours[0]:9.1f} {best_ours[0]:8.2f} {best_ours[1]:9.0f}")
-    print(f"{'ours: scoring loop only (no merge/output)':44s} {n / best_ours[3]:9.1f} {best_ours[3]:8.2f}")
-    print(f"speed-up end to end: {best_naive[0] / best_ours[0]:.2f}x   (memory: {best_ours[2]}, sampled)")
-    print(f"largest |score difference| naive vs ours: {diff:.2e}")
-    k = min(n, 64)
-    print(
-        f"decode + preprocess, one process one thread: ours {decode_rate(paths, scorer.preprocessor, k):.1f} "
-        f"images/s per worker; reference (PIL open + expand2square + CLIPImageProcessor) "
-        f"{hf_rate(paths, processor, k):.1f} images/s"
-    )
-    if args.workers > 1:
-        total = parallel_decode_rate(paths, scorer.preprocessor, args.workers, min(n, 128))
-        print(
-            f"decode + preprocess, {args.workers} processes at once: {total:.1f} images/s in total "
-            "(the pipeline's ceiling on this machine, model excluded)"
-        )
+    ref_fixed = reference_start_up(ckpt.path)
+    print(f"reference start-up in a fresh process (import torch + transformers, load model and processor): "
+          f"{ref_fixed:.2f} s")  # fmt: skip
+    for n in counts:
+        reference, ours = [], []
+        for repeat in range(args.repeats):
+            for kind in ["reference", "iqa score"] if repeat % 2 == 0 else ["iqa score", "reference"]:
+                if kind == "reference":
+                    with timed() as t:
+                        naive_scores = naive_loop(scorer, processor, sorted(folders[n].glob("*.jpg")))
+                    reference.append(t["seconds"])
+                else:
+                    out = work / f"ours_{n}_{repeat}.parquet"
+                    ours.append(iqa_score_run(folders[n], ckpt.path, out, args))
+        ours_scores = pq.read_table(out, columns=["score"]).column(0).to_numpy()
+        diff = float(np.abs(ours_scores - naive_scores).max())
+        ref_s = min(reference)
+        best = min(ours, key=lambda r: r["total"])
+        steady_rate = (n - args.batch_size) / best["steady"] if best["steady"] > 0 else float("nan")
+        fixed = best["total"] - best["steady"]
+        print(f"\n{n} images, batch size {args.batch_size}")
+        print(f"  reference loop  {ref_s:7.2f} s  {n / ref_s:6.1f} images/s   (every run: "
+              f"{', '.join(f'{s:.2f}' for s in reference)})")  # fmt: skip
+        totals = ", ".join(f"{r['total']:.2f}" for r in ours)
+        print(f"  iqa score       {best['total']:7.2f} s  {n / best['total']:6.1f} images/s   (every run: {totals})")
+        print("  iqa score phases (s): " + ", ".join(f"{p} {best[p]:.3f}" for p in PHASES))
+        print(f"  iqa score fixed costs {fixed:.2f} s (all but steady); steady state {steady_rate:.1f} images/s "
+              f"(first to last batch)")  # fmt: skip
+        print(f"  speed-up end to end: {ref_s / best['total']:.2f}x vs the reference loop alone, "
+              f"{(ref_s + ref_fixed) / best['total']:.2f}x vs the loop plus its start-up; steady state vs the "
+              f"reference loop: {steady_rate / (n / ref_s):.2f}x; largest |score difference|: {diff:.2e}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,7 +487,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode")
     cpu = sub.add_parser("cpu")
-    cpu.add_argument("--images", type=int, default=256)
+    cpu.add_argument("--counts", default="160,1000", help="images per run, one table each")
     cpu.add_argument("--workers", type=int, default=2)
     cpu.add_argument("--batch-size", type=int, default=16)
     cpu.add_argument("--image-size", type=int, default=448, help="input side of the tiny model (28 or 448)")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 
@@ -38,6 +40,15 @@ def test_bench_preprocess_resize_checks_identical_squares():
 def test_bench_preprocess_collate_checks_identical_batches():
     out = _run("bench_preprocess.py", "collate", "--batches", "1", "--repeats", "1")
     assert "batches identical bit for bit: yes" in out and "torch.bfloat16" in out
+
+
+@pytest.mark.slow
+def test_bench_score_cpu_reports_phases_and_both_ratios():
+    out = _run("bench_score.py", "cpu", "--counts", "17", "--repeats", "1", "--image-size", "28")
+    assert "iqa score phases (s): start-up" in out and "exit" in out
+    assert "vs the reference loop alone" in out and "vs the loop plus its start-up" in out
+    difference = float(out.rsplit("largest |score difference|: ", 1)[1].split()[0])
+    assert difference < 1e-4  # the same model and pixels both ways
 
 
 def test_bench_startup_runs_and_reports_old_and_new():
