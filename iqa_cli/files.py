@@ -1,12 +1,16 @@
 """Durable writes shared by scoring runs and training runs: a file is either complete or absent, even after a
-kill -9 or a power loss."""
+kill -9 or a power loss. Also the one reader of the small JSON files checkpoints and runs carry."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from iqa_cli.errors import UserError
 
 
 def fsync_file(path: Path) -> None:
@@ -59,3 +63,17 @@ def directory_fingerprint(model: str | Path) -> str | None:
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object (config.json, iqa.json, tokenizer files); anything else is a one-line
+    UserError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data

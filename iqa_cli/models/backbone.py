@@ -11,7 +11,6 @@ encoding, the regressor hook, LoRA targets, trainable groups, FSDP2 units and sa
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from iqa_cli.constants import RUN_FILE
 from iqa_cli.errors import UserError
+from iqa_cli.files import read_json_object
 
 if TYPE_CHECKING:  # importing the registry needs no torch (`iqa train --help` reads the default family's defaults)
     import torch
@@ -266,7 +266,7 @@ def family_of(model: str | Path, *, base: str | Path | None = None, revision: st
         return (_model_type(cached), str(cached)) if cached is not None else (DEFAULT_FAMILY, "")
     run_file = path / RUN_FILE
     if run_file.is_file():
-        family = _read_json(run_file).get(RUN_FAMILY_KEY)
+        family = read_json_object(run_file).get(RUN_FAMILY_KEY)
         if isinstance(family, str):
             return family, str(run_file)
     if (path / CONFIG_FILE).is_file():
@@ -290,20 +290,10 @@ def load_backbone(
 
 
 def _model_type(path: Path) -> str:
-    model_type = _read_json(path).get("model_type")
+    model_type = read_json_object(path).get("model_type")
     if not isinstance(model_type, str):
         raise UserError(f"{path}: no model_type (supported: {', '.join(supported_families())})")
     return model_type
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _cached_hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:

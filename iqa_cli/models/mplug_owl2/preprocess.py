@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from iqa_cli.errors import UserError
+from iqa_cli.files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,12 +76,7 @@ class ClipPreprocessor:
             where = str(path)
             if not path.is_file():
                 raise UserError(f"image preprocessor config not found: {path}")
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"{path} is not valid JSON: {err}") from None
-            if not isinstance(config, dict):
-                raise UserError(f"{path} must hold a JSON object")
+            config = read_json_object(path)
         try:
             return cls(
                 size=_size_option(config.get("size", {"shortest_edge": 224})),

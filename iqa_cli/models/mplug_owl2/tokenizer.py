@@ -27,6 +27,7 @@ import sentencepiece as spm
 
 from iqa_cli.constants import DEFAULT_QUESTION, IGNORE_INDEX, RESPONSE_PREFIX
 from iqa_cli.errors import UserError
+from iqa_cli.files import read_json_object
 
 IMAGE_TOKEN = "<|image|>"
 IMAGE_TOKEN_INDEX = -200
@@ -536,15 +537,8 @@ def _load_sp(proto: bytes) -> spm.SentencePieceProcessor:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return data
+    """An optional tokenizer file: {} when absent."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _write_json(path: Path, data: dict) -> None:
