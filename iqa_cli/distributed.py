@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from iqa_cli import process
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 _object_group: Any = None  # gloo group for object collectives when the default group is NCCL
@@ -101,6 +103,7 @@ def init(
         torch.cuda.set_device(device)
     kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    process.keep_final_collection()
     _owns_group = True
     _object_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     return environment

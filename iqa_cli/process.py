@@ -22,3 +22,13 @@ def configure_process() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     atexit.unregister(gc.freeze)  # once, however often main() runs in one process
     atexit.register(gc.freeze)
+
+
+def keep_final_collection() -> None:
+    """Undoes the exit-time `gc.freeze()` for a process that joined a torch.distributed group.
+
+    Objects that hold a process group in reference cycles (FSDP2 state, a module that failed mid-run) must be
+    freed, and gloo's threads joined by their destructors, before the interpreter goes; a frozen heap leaks
+    them into shutdown, where a rank can abort. Distributed runs are long, so the second it costs is noise.
+    """
+    atexit.unregister(gc.freeze)

@@ -43,3 +43,28 @@ def test_the_final_garbage_collection_is_skipped_only_when_the_process_ends():
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("exit", "frozen"))]
     assert lines == ["exit code: 0", "exit code: 2", "frozen before exit: False", "frozen at exit: True"]
+
+
+def test_a_process_in_a_distributed_group_keeps_the_final_garbage_collection():
+    """`distributed.init` undoes the exit-time freeze: objects holding a gloo group in cycles (FSDP2 state)
+    must be freed and the group's threads joined before shutdown, or a rank can abort at exit."""
+    code = """
+        import atexit, gc, sys
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
+        from iqa_cli.cli import main
+        from iqa_cli import process
+        sys.argv = ["iqa", "--version"]
+        try:
+            main()
+        except SystemExit:
+            pass
+        process.keep_final_collection()  # what distributed.init calls after joining a group
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "frozen at exit: False"
+    source = (REPO_ROOT / "iqa_cli" / "distributed.py").read_text()
+    init_body = source.split("def init(", 1)[1].split("\ndef ", 1)[0]
+    assert "process.keep_final_collection()" in init_body

@@ -3,6 +3,7 @@ cleanup. `finish` writes the checkpoint directory that `iqa score --model DIR` l
 
 from __future__ import annotations
 
+import gc
 import signal
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,15 @@ def finish(session: Session, result: TrainResult) -> TrainResult:
     return result
 
 
-def cleanup(session: Session | None) -> None:
+def cleanup() -> None:
+    """Leaves the process group after the model that used it is gone.
+
+    FSDP2's state keeps the group in reference cycles with the module, so the run's objects are freed by a
+    collection here, while the interpreter is whole: left to exit, gloo's worker threads were still alive
+    during shutdown and a rank could abort ("terminate called without an active exception").
+    """
+    if distributed.is_initialized():
+        gc.collect()
     distributed.destroy()
 
 
@@ -130,4 +139,5 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         restore_signals()
         if lock is not None:
             lock.release()
-        cleanup(session)
+        session = None  # the last reference outside cycles: `cleanup` collects the rest
+        cleanup()
