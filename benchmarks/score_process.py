@@ -3,7 +3,7 @@
 
 Nothing heavy is imported before the command imports it: the start-up measured is the command's own.
 
-    .venv/bin/python benchmarks/score_process.py --folder F --model M --out O --marks FILE [--workers 2]
+    .venv/bin/python benchmarks/score_process.py --folder F --model M --out O --marks FILE [--workers 2] [--fast-decode]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def child_iqa_score(args: argparse.Namespace) -> None:
 
     sys.argv = ["iqa", "score", args.folder, "--model", args.model, "--out", args.out, "--device", "cpu"]
     sys.argv += ["--dtype", "float32", "--batch-size", str(args.batch_size), "--workers", str(args.workers), "-q"]
+    sys.argv += ["--fast-decode"] if args.fast_decode else []
     main()
 
 
@@ -98,6 +99,7 @@ def main() -> None:
         parser.add_argument(option, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fast-decode", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # iqa_cli from this checkout
     child_iqa_score(args)

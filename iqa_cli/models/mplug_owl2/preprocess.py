@@ -228,6 +228,20 @@ class ClipPreprocessor:
         square[:, columns:] = _padding_columns(side, new_width, new_height, columns, self.pad_color, self.resample)
         return square
 
+    def draft_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The smallest (width, height) an image of `image_size` may be decoded at for `--fast-decode`: the
+        padded square's side stays >= the side it is resized to, so the resize still only shrinks (the long side
+        >= that side, the short side free). Without padding the short side must stay >= `size`. None when the
+        pixels' exact size matters (no resize)."""
+        if not self.do_resize:
+            return None
+        width, height = image_size
+        if self.pad_to_square:
+            side = max(self.resize_shape((1, 1)))  # the square's side after the resize
+            return (side, 1) if width >= height else (1, side)
+        target = self.size if isinstance(self.size, int) else max(self.size)
+        return (target, target)
+
     def resize_shape(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) after the resize, rounded as transformers' `get_resize_output_image_size`:
         the short side becomes `size`, the long side `int(size * long / short)`."""
