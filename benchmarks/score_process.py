@@ -85,12 +85,12 @@ def child_iqa_score(args: argparse.Namespace) -> None:
         module.score_images = timed
 
     _instrument_on_import({"iqa_cli.scoring.scorer": scorer_hooks, "iqa_cli.scoring.pipeline": pipeline_hooks})
-    from iqa_cli.cli import main
+    from iqa_cli.cli import entry
 
     sys.argv = ["iqa", "score", args.folder, "--model", args.model, "--out", args.out, "--device", "cpu"]
     sys.argv += ["--dtype", "float32", "--batch-size", str(args.batch_size), "--workers", str(args.workers), "-q"]
     sys.argv += ["--fast-decode"] if args.fast_decode else []
-    main()
+    entry()  # as the `iqa` script: main, then the process's own exit
 
 
 def main() -> None:

@@ -625,8 +625,16 @@ def demo(
     run_demo(Path(directory), say=lambda line: out_console.print(line, markup=False, soft_wrap=True))
 
 
+def entry() -> None:
+    """The `iqa` console script and `python -m iqa_cli`: `main`, then the process ends without the interpreter's
+    teardown (`iqa_cli.process.run_then_exit`)."""
+    from iqa_cli.process import run_then_exit
+
+    run_then_exit(main)
+
+
 def main() -> None:
-    """Console-script entry point: user mistakes become one line on stderr and exit code 2."""
+    """Entry point: user mistakes become one line on stderr and exit code 2."""
     from iqa_cli.process import configure_process
 
     configure_process()  # before any command imports torch
