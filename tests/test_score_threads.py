@@ -63,12 +63,12 @@ def test_the_loop_runs_on_those_threads_and_gives_the_callers_setting_back(tmp_p
 def test_the_thread_count_moves_scores_less_than_float32_rounding_does(tmp_path):
     """Why not bit-identical across thread counts: iqa's own code splits no reduction by threads, but torch's CPU
     kernels do. The first value that differs is the abstractor's attention: the flash kernel's per-block products
-    are MKL sgemm calls, made inline on one thread and inside an OpenMP region on more, and MKL's small-matrix code
-    rounds differently there (head size 8, 11 keys: this model); with the 7B model's shapes 1, 2 and 4 threads
-    agree and 3 differ in a vision MLP product. MKL's reproducibility modes (MKL_CBWR, strict) do not remove it on
-    the CPUs we ran; only single-thread math would. So this asserts what holds: the same thread count gives the
-    same bits (what resuming relies on), and other counts move scores and probabilities by less than float32 itself
-    errs from a float64 run of the same model (measured 4.8e-7 vs 2.6e-6; BENCHMARKS.md, issue 13)."""
+    are MKL sgemm calls into per-thread scratch buffers, and MKL rounds by their alignment (head size 8, 11 keys:
+    this model); MKL's split of a matmul over threads changes its rounding too (the 7B model's shapes: 1, 2 and 4
+    threads agree, 3 differ in a vision MLP product). MKL's reproducibility modes (MKL_CBWR, strict) do not remove
+    the second on the CPUs we ran; only single-thread math would. So this asserts what holds: the same thread count
+    gives the same bits (what resuming relies on), and other counts move scores and probabilities by less than
+    float32 itself errs from a float64 run of the same model (measured 4.8e-7 vs 2.6e-6; BENCHMARKS.md, issue 13)."""
     overrides = {"vision": {"image_size": 448, "patch_size": 224}, "abstractor": {"grid_size": 2}}  # the bench's
     model = tiny_model(seed=5, **overrides)
     ckpt = write_checkpoint(model, tmp_path / "m", tokenizer_dir=build_tiny_tokenizer(tmp_path / "tok"))
