@@ -2,9 +2,11 @@
 run, interleaved (round-robin over the images, best of `--repeats`), one thread:
 
 `resize`: JPEG decode (`load_image`) + pad + bicubic resize + crop to the 448 px uint8 square. plain: the padded
-square through one `Image.resize` (the reference's order); split (`ClipPreprocessor.uint8_pixels`): the
-horizontal pass on the image's rows only, the padding rows' pass precomputed, then the vertical pass. Checks
-the squares are identical.
+square through one `Image.resize` (the reference's order); split (`ClipPreprocessor.uint8_pixels`): for
+landscape images the horizontal pass on the image's rows only, the padding rows' pass precomputed, then the
+vertical pass; for portrait ones (`--size 768x1024`) the square's left part through `box`, the right-hand
+padding columns from a cache. Checks the squares are identical. `--fast-decode` adds `iqa score --fast-decode`'s
+way (the JPEG decoded at a 1/2-1/8 DCT scale, then the split resize) and its pixel differences.
 
 `collate`: a worker's items and collate for 16 images (after the resize): float items (the value table into
 a float32 [3, S, S] per image, then copied and cast into the batch) vs uint8 items (the value table looked up
@@ -12,7 +14,7 @@ straight into the batch), for float32 and bfloat16 batches, in a DataLoader work
 memory as `iqa score` builds it. CPU time, so the other processes on a busy machine count less. The hand-over
 of the finished batch (a shared-memory handle) is the same both ways. Checks the batches are identical.
 
-    .venv/bin/python benchmarks/bench_preprocess.py resize [--images 64] [--repeats 3]
+    .venv/bin/python benchmarks/bench_preprocess.py resize [--images 64] [--repeats 3] [--size 1024x768] [--fast-decode]
     .venv/bin/python benchmarks/bench_preprocess.py collate [--batches 20] [--repeats 3]
 """
 
@@ -49,8 +51,15 @@ def bench_resize(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     pre = ClipPreprocessor()
     work = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
-    paths = make_jpegs(work, args.images)
-    ways = {"plain": lambda image: plain_square(pre, image), "split": pre.uint8_pixels}
+    size = tuple(int(v) for v in args.size.split("x"))
+    paths = make_jpegs(work, args.images, size=size)
+    ways = {
+        "plain": lambda path: plain_square(pre, load_image(path)),
+        "split": lambda path: pre.uint8_pixels(load_image(path)),
+    }
+    if args.fast_decode:
+        ways["fast"] = lambda path: pre.uint8_pixels(load_image(path, draft=pre.draft_size))
+    differences = []
     best = {name: float("inf") for name in ways}
     for repeat in range(args.repeats):
         seconds = dict.fromkeys(ways, 0.0)
@@ -59,17 +68,23 @@ def bench_resize(args: argparse.Namespace) -> None:
             out = {}
             for name in order:
                 start = time.perf_counter()
-                out[name] = ways[name](load_image(path))
+                out[name] = ways[name](path)
                 seconds[name] += time.perf_counter() - start
             assert np.array_equal(out["plain"], out["split"]), path
+            if args.fast_decode and repeat == 0:
+                differences.append(np.abs(out["fast"].astype(np.int16) - out["split"]))
         for name in ways:
             best[name] = min(best[name], seconds[name])
     n = len(paths)
-    print(f"{n} generated 1024x768 JPEGs, decode + pad + resize + crop to 448 px uint8, one thread, best of "
+    print(f"{n} generated {args.size} JPEGs, decode + pad + resize + crop to 448 px uint8, one thread, best of "
           f"{args.repeats}; squares identical: yes")  # fmt: skip
     for name in ways:
         print(f"  {name:6s} {1000 * best[name] / n:6.2f} ms/image")
     print(f"  split vs plain: {best['plain'] / best['split']:.3f}x")
+    if args.fast_decode:
+        d = np.stack(differences)
+        print(f"  fast vs plain: {best['plain'] / best['fast']:.3f}x; fast vs exact pixels: mean |difference| "
+              f"{d.mean():.2f} grey levels, 99th percentile {np.percentile(d, 99):.0f}, max {d.max()}")  # fmt: skip
 
 
 def float_item(pre: ClipPreprocessor, hwc: np.ndarray) -> dict[str, torch.Tensor]:
@@ -135,6 +150,8 @@ def main() -> None:
     resize = sub.add_parser("resize")
     resize.add_argument("--images", type=int, default=64)
     resize.add_argument("--repeats", type=int, default=3)
+    resize.add_argument("--size", default="1024x768", help="WIDTHxHEIGHT of the generated JPEGs")
+    resize.add_argument("--fast-decode", action="store_true", help="also time --fast-decode's decoding")
     collate = sub.add_parser("collate")
     collate.add_argument("--batches", type=int, default=20)
     collate.add_argument("--repeats", type=int, default=3)

@@ -13,7 +13,9 @@ JPEGs on the CPU, 160 and 1,000 of them by default (`--counts`), two ways, alter
 
 It prints seconds and images/s of each, the phases and fixed costs of `iqa score`, the speed-up end to end and
 at steady state, and the scores' largest difference. The tiny model reads 448 px images like the real one
-(`--image-size`), so the per-image CPU work is the real workload's.
+(`--image-size`), so the per-image CPU work is the real workload's. `--fast-decode` adds `iqa score
+--fast-decode` to the alternation (JPEGs decoded at a smaller DCT scale): its speed-up and its scores' difference
+from exact decoding.
 
 `gpu`: the full-size mPLUG-Owl2 7B with random weights in bf16 (`Scorer` around an in-memory model: nothing
 is downloaded), `score_pixels` on 448 px inputs at batch sizes 1..256: images/s, latency per call, peak GPU
@@ -30,6 +32,7 @@ the same process, interleaved, best of `--repeats`; it prints the rows per model
 and inside model calls, and the largest score difference between the two.
 
     .venv/bin/python benchmarks/bench_score.py cpu [--counts 160,1000] [--repeats 2] [--workers 2] [--batch-size 16]
+        [--fast-decode]
     .venv/bin/python benchmarks/bench_score.py gpu [--batch-sizes 1,2,4,8,16,32,64,128,256] [--pipeline-images 4096]
     .venv/bin/python benchmarks/bench_score.py gpu --dry-run
     .venv/bin/python benchmarks/bench_score.py small [--counts 2,16] [--repeats 5] [--patch-size 14]
@@ -158,7 +161,9 @@ def tiny_checkpoint(directory: Path, image_size: int, patch_size: int | None = N
 PHASES = ("start-up", "load", "first batch", "steady", "output", "exit")
 
 
-def iqa_score_run(folder: Path, model: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+def iqa_score_run(
+    folder: Path, model: Path, out: Path, args: argparse.Namespace, fast: bool = False
+) -> dict[str, float]:
     """`iqa score` in a fresh process (benchmarks/score_process.py) -> seconds per phase, launch to exit.
 
     start-up: launch to the model load (interpreter, imports, input listing); load; first batch: load end to
@@ -169,6 +174,7 @@ def iqa_score_run(folder: Path, model: Path, out: Path, args: argparse.Namespace
     script = Path(__file__).resolve().with_name("score_process.py")
     command = [sys.executable, str(script), "--folder", str(folder), "--model", str(model), "--out", str(out),
                "--marks", str(marks), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]  # fmt: skip
+    command += ["--fast-decode"] if fast else []
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True)
     end = time.time()
@@ -194,8 +200,9 @@ def reference_start_up(model: Path) -> float:
     """Seconds of a fresh process that imports what the reference loop needs and loads the model and its
     `CLIPImageProcessor` (the loop's own fixed cost; its exit is left out)."""
     code = (
-        "import sys, transformers; transformers.logging.set_verbosity_error(); from transformers import"
-        " CLIPImageProcessor; from iqa_cli.scoring.scorer import Scorer;"
+        "import sys, transformers; transformers.logging.set_verbosity_error();"
+        " CLIPImageProcessor = getattr(transformers, 'CLIPImageProcessorPil', None) or transformers.CLIPImageProcessor;"
+        " from iqa_cli.scoring.scorer import Scorer;"
         " Scorer.from_pretrained(sys.argv[1], device='cpu', dtype='float32');"
         " CLIPImageProcessor.from_pretrained(sys.argv[1]); import time; print(time.time())"
     )
@@ -208,11 +215,13 @@ def reference_start_up(model: Path) -> float:
 def bench_cpu(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
     import transformers
-    from transformers import CLIPImageProcessor
 
     from iqa_cli.scoring.scorer import Scorer
 
     transformers.logging.set_verbosity_error()
+    # The reference's slow PIL path: CLIPImageProcessorPil in transformers 5.x (CLIPImageProcessor is torchvision's
+    # there, other pixels), CLIPImageProcessor itself in 4.x.
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     counts = [int(c) for c in args.counts.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
     print(f"generating {max(counts)} JPEGs 1024x768 in {work} ...", flush=True)
@@ -243,13 +252,17 @@ def bench_cpu(args: argparse.Namespace) -> None:
     print(f"reference start-up in a fresh process (import torch + transformers, load model and processor): "
           f"{ref_fixed:.2f} s")  # fmt: skip
     for n in counts:
-        reference, ours = [], []
+        reference, ours, fast = [], [], []
+        kinds = ["reference", "iqa score"] + (["fast"] if args.fast_decode else [])
         for repeat in range(args.repeats):
-            for kind in ["reference", "iqa score"] if repeat % 2 == 0 else ["iqa score", "reference"]:
+            for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
                 if kind == "reference":
                     with timed() as t:
                         naive_scores = naive_loop(scorer, processor, sorted(folders[n].glob("*.jpg")))
                     reference.append(t["seconds"])
+                elif kind == "fast":
+                    fast_out = work / f"fast_{n}_{repeat}.parquet"
+                    fast.append(iqa_score_run(folders[n], ckpt.path, fast_out, args, fast=True))
                 else:
                     out = work / f"ours_{n}_{repeat}.parquet"
                     ours.append(iqa_score_run(folders[n], ckpt.path, out, args))
@@ -270,6 +283,16 @@ def bench_cpu(args: argparse.Namespace) -> None:
         print(f"  speed-up end to end: {ref_s / best['total']:.2f}x vs the reference loop alone, "
               f"{(ref_s + ref_fixed) / best['total']:.2f}x vs the loop plus its start-up; steady state vs the "
               f"reference loop: {steady_rate / (n / ref_s):.2f}x; largest |score difference|: {diff:.2e}")  # fmt: skip
+        if fast:
+            fast_best = min(fast, key=lambda r: r["total"])
+            fast_scores = pq.read_table(fast_out, columns=["score"]).column(0).to_numpy()
+            moved = np.abs(fast_scores - ours_scores)
+            fast_rate = (n - args.batch_size) / fast_best["steady"] if fast_best["steady"] > 0 else float("nan")
+            every = ", ".join(f"{r['total']:.2f}" for r in fast)
+            speed_up = f"{ref_s / fast_best['total']:.2f}x, steady state {fast_rate / (n / ref_s):.2f}x"
+            print(f"  iqa score --fast-decode {fast_best['total']:7.2f} s (every run: {every}); steady state "
+                  f"{fast_rate:.1f} images/s; speed-up end to end vs the reference loop {speed_up}; scores vs exact "
+                  f"decoding: max |difference| {moved.max():.4f}, mean {moved.mean():.4f}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -492,6 +515,7 @@ def main() -> None:
     cpu.add_argument("--batch-size", type=int, default=16)
     cpu.add_argument("--image-size", type=int, default=448, help="input side of the tiny model (28 or 448)")
     cpu.add_argument("--repeats", type=int, default=2)
+    cpu.add_argument("--fast-decode", action="store_true", help="also time iqa score --fast-decode")
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256")
     gpu.add_argument("--iters", type=int, default=10)

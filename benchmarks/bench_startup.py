@@ -11,8 +11,10 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
   over numpy, as the writer did (tests/test_score_store.py keeps that construction as the reference; it
   imports pandas); new: `PartWriter._table` (Arrow buffers from numpy). Seconds, and whether pandas got imported.
 - exit: `iqa score` on 8 small images with a tiny released-layout checkpoint, run by `iqa_cli.cli.main()` in a
-  fresh process; the time from the moment main() returns to the end of the process. old: without the
-  `gc.freeze()` that main() registers to run at exit (unregistered again); new: as `iqa` runs.
+  fresh process; the time from the moment main() returns to the end of the process. "no freeze": without the
+  `gc.freeze()` that main() registers to run at exit (unregistered again); "freeze": main() alone, a normal
+  interpreter exit; "os._exit": as the `iqa` script runs (`iqa_cli.process.run_then_exit`: atexit handlers,
+  flush, `os._exit`).
 - threads: `score_images` on `--images` generated 1024x768 JPEGs (default 96: 6 batches of 16, 2 workers) with
   the tiny model reading 448 px in the real 32x32 patch grid, on the CPU, in fresh processes. old: OpenMP's
   default wait policy and torch's default thread count; new: as `iqa score` runs (OMP_WAIT_POLICY=PASSIVE set
@@ -142,14 +144,19 @@ def bench_parts(repeats: int) -> None:
 EXIT = """
     import atexit, gc, sys, time
     from iqa_cli.cli import main
+    from iqa_cli.process import run_then_exit
     sys.argv = ["iqa", "score", {images!r}, "--model", {model!r}, "--out", {out!r}, "--overwrite", "--quiet"]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code, exc.code
-    if {old!r}:
-        atexit.unregister(gc.freeze)
-    print(len(gc.get_objects()), time.time(), flush=True)
+
+    def measured():
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+        if {way!r} == "no freeze":
+            atexit.unregister(gc.freeze)
+        print(len(gc.get_objects()), time.time(), flush=True)
+
+    run_then_exit(measured) if {way!r} == "os._exit" else measured()
 """
 
 
@@ -173,19 +180,21 @@ def tiny_run_files(folder: Path, images: int = 8) -> tuple[Path, Path]:
 def bench_exit(repeats: int) -> None:
     import tempfile
 
-    times: dict[str, list[float]] = {"old": [], "new": []}
+    times: dict[str, list[float]] = {"no freeze": [], "freeze": [], "os._exit": []}
     with tempfile.TemporaryDirectory() as folder:
         model, images = tiny_run_files(Path(folder))
         out = str(Path(folder) / "scores.parquet")
-        for _ in range(repeats):
-            for way in ("old", "new"):
-                code = EXIT.format(images=str(images), model=str(model), out=out, old=way == "old")
+        for repeat in range(repeats):
+            for way in list(times) if repeat % 2 == 0 else list(times)[::-1]:
+                code = EXIT.format(images=str(images), model=str(model), out=out, way=way)
                 objects, returned = python(code).split()
                 times[way].append(time.time() - float(returned))
     print(f"objects alive when main() returns: {objects}")
-    for way in ("old", "new"):
+    for way in times:
         print(f"exit after main() {way}: {summary(times[way])}")
-    print(f"ratio old/new (medians): {statistics.median(times['old']) / statistics.median(times['new']):.1f}x")
+    medians = {way: statistics.median(values) for way, values in times.items()}
+    print(f"ratios (medians): no freeze / freeze {medians['no freeze'] / medians['freeze']:.1f}x, "
+          f"freeze / os._exit {medians['freeze'] / medians['os._exit']:.1f}x")  # fmt: skip
 
 
 THREADS = """
@@ -258,6 +267,7 @@ FIXED = """
     import json, sys, time
     marks = {{"started": time.time()}}
     from iqa_cli.cli import main
+    from iqa_cli.process import run_then_exit
     import torch
     from iqa_cli.scoring import pipeline, scorer, store
     marks["imported"] = time.time()
@@ -283,12 +293,16 @@ FIXED = """
     pipeline._score_indices, store.PartWriter.add = timed_loop, timed_add
     sys.argv = ["iqa", "score", {images!r}, "--model", {model!r}, "--out", {out!r}, "--overwrite", "--quiet",
                 "--workers", "2", "--batch-size", "16", "--dtype", "float32"]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code, exc.code
-    marks["returned"] = time.time()
-    print(json.dumps(marks), flush=True)
+
+    def measured():
+        try:
+            main()
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+        marks["returned"] = time.time()
+        print(json.dumps(marks), flush=True)
+
+    run_then_exit(measured)  # and the process ends as the `iqa` script ends it
 """
 
 

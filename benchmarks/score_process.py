@@ -3,7 +3,7 @@
 
 Nothing heavy is imported before the command imports it: the start-up measured is the command's own.
 
-    .venv/bin/python benchmarks/score_process.py --folder F --model M --out O --marks FILE [--workers 2]
+    .venv/bin/python benchmarks/score_process.py --folder F --model M --out O --marks FILE [--workers 2] [--fast-decode]
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def child_iqa_score(args: argparse.Namespace) -> None:
         module.score_images = timed
 
     _instrument_on_import({"iqa_cli.scoring.scorer": scorer_hooks, "iqa_cli.scoring.pipeline": pipeline_hooks})
-    from iqa_cli.cli import main
+    from iqa_cli.cli import entry
 
     sys.argv = ["iqa", "score", args.folder, "--model", args.model, "--out", args.out, "--device", "cpu"]
     sys.argv += ["--dtype", "float32", "--batch-size", str(args.batch_size), "--workers", str(args.workers), "-q"]
-    main()
+    sys.argv += ["--fast-decode"] if args.fast_decode else []
+    entry()  # as the `iqa` script: main, then the process's own exit
 
 
 def main() -> None:
@@ -98,6 +99,7 @@ def main() -> None:
         parser.add_argument(option, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fast-decode", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # iqa_cli from this checkout
     child_iqa_score(args)

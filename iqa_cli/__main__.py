@@ -1,3 +1,3 @@
-from iqa_cli.cli import main
+from iqa_cli.cli import entry
 
-main()
+entry()

@@ -10,6 +10,7 @@ clips them, turning almost every 16-bit image white). Truncated files are errors
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -33,7 +34,12 @@ class ImageDecodeError(Exception):
         return f"{self.path}: {self.reason}" if self.path else self.reason
 
 
-def load_image(source: str | Path | IO[bytes], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: str | Path | IO[bytes],
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
+) -> Image.Image:
     """Decodes an image fully and returns it as RGB, upright.
 
     RGB conversion is Pillow's `convert("RGB")` as in the reference (palette, L, LA, 1-bit, CMYK; alpha is
@@ -47,6 +53,10 @@ def load_image(source: str | Path | IO[bytes], *, max_pixels: int | None = DEFAU
         max_pixels: width x height above which the file is refused as a decompression bomb, checked from the
             header before decoding; None for no limit of ours. Pillow refuses above twice
             `PIL.Image.MAX_IMAGE_PIXELS` on its own, whatever this says.
+        draft: JPEG only, opt-in (`iqa score --fast-decode`): (width, height) as stored -> the smallest size
+            to decode at, or None; the JPEG decoder then scales by 1/2, 1/4 or 1/8 in the DCT domain while
+            staying at least that large (Pillow's `Image.draft`): other pixels than a full decode gives.
+            `image.info["decoded_from"]` keeps the upright full size.
 
     Raises:
         ImageDecodeError: a missing, empty, truncated, non-image or oversized file.
@@ -73,15 +83,22 @@ def load_image(source: str | Path | IO[bytes], *, max_pixels: int | None = DEFAU
                 f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
                 name,
             )
+        full_size = image.size
+        if draft is not None and image.format == "JPEG" and (request := draft(full_size)) is not None:
+            image.draft(image.mode, request)
         try:
             image.load()  # full decode now, so truncation is caught here and not in the model's batch
         except Exception as err:
             raise ImageDecodeError(f"cannot decode ({image.format}): {type(err).__name__}: {err}", name) from None
+        drafted = image.size
         with contextlib.suppress(Exception):  # a broken EXIF block is no reason to lose the pixels
             ImageOps.exif_transpose(image, in_place=True)
         try:
             # Leaving `with` closes only the file; the decoded pixels stay usable.
-            return to_rgb(image)
+            rgb = to_rgb(image)
+            if drafted != full_size:
+                rgb.info["decoded_from"] = full_size if image.size == drafted else full_size[::-1]
+            return rgb
         except (ValueError, OSError) as err:
             raise ImageDecodeError(f"cannot convert mode {image.mode} to RGB: {err}", name) from None
 
@@ -98,5 +115,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def describe_image(image: Image.Image) -> tuple[int, int]:
-    """(width, height) for the output rows: the image as loaded (upright), before padding and resizing."""
-    return image.size
+    """(width, height) for the output rows: the image as stored, upright, before padding and resizing (a JPEG
+    decoded at a smaller DCT scale reports its full size)."""
+    return image.info.get("decoded_from", image.size)

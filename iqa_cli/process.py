@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import NoReturn
 
 
 def configure_process() -> None:
@@ -30,5 +35,37 @@ def keep_final_collection() -> None:
     Objects that hold a process group in reference cycles (FSDP2 state, a module that failed mid-run) must be
     freed, and gloo's threads joined by their destructors, before the interpreter goes; a frozen heap leaks
     them into shutdown, where a rank can abort. Distributed runs are long, so the second it costs is noise.
+    (The console script's `run_then_exit` skips the teardown altogether; this is for `main()` called in a
+    process that then exits normally, and for that function's normal-exit fallback.)
     """
     atexit.unregister(gc.freeze)
+
+
+def run_then_exit(main: Callable[[], object]) -> NoReturn:
+    """The console script: runs `main`, then ends the process without the interpreter's teardown.
+
+    Python's finalization frees every module and object one by one, which after `iqa score` (torch, the model, ~200k
+    objects) took 0.43 s of a 0.55 s exit on a loaded 2-core box even with the final collection skipped; the
+    operating system takes the memory back at once. So, after `main` returns or exits: the atexit handlers run
+    (multiprocessing joins or ends its children, logging flushes; every output file is already closed), stdout and
+    stderr are flushed, and `os._exit` ends the process with the exit code Python would have used. A non-daemon
+    thread still running (which the interpreter would wait for) or an exception other than SystemExit gets the
+    normal exit. In-process callers use `main` itself.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)  # as the interpreter reports a non-integer exit code
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more can be said there
+            stream.flush()
+    os._exit(code)

@@ -1,11 +1,12 @@
-"""The landscape resize that skips the padding rows' horizontal pass gives the plain padded resize, bit for bit."""
+"""The split resizes give the plain padded resize, bit for bit: landscape (the padding rows' horizontal pass
+skipped) and portrait (the right-hand padding columns taken from a cache)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from iqa_cli.images import load_image
-from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor, expand_to_square
+from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor, _portrait_columns, expand_to_square
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -26,8 +27,9 @@ def _plain(pre: ClipPreprocessor, image: Image.Image) -> np.ndarray:
     return resized[top : top + crop_h, left : left + crop_w]
 
 
-SIZES = [(1024, 768), (768, 1024), (1001, 667), (667, 1001), (449, 448), (448, 447), (300, 299), (1, 1),
-         (2, 1), (2000, 100), (100, 2000), (4480, 224), (21, 1), (5, 3), (447, 1)]  # fmt: skip
+SIZES = [(1024, 768), (768, 1024), (1001, 667), (667, 1001), (449, 448), (448, 447), (447, 448), (300, 299), (1, 1),
+         (2, 1), (1, 2), (2000, 100), (100, 2000), (4480, 224), (224, 4480), (21, 1), (1, 21), (5, 3), (3, 5),
+         (447, 1), (1, 447), (600, 800), (1080, 1920), (997, 1999), (3024, 4032)]  # fmt: skip
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -43,9 +45,30 @@ def test_split_resize_equals_the_plain_padded_resize(size):
 @pytest.mark.parametrize("side", [224, 37])
 def test_every_separable_filter_and_small_outputs(resample, side):
     pre = ClipPreprocessor(size=side, crop_size=(side, side), resample=resample)
-    for size in [(640, 479), (3, 2), (999, 50)]:
+    for size in [(640, 479), (479, 640), (3, 2), (2, 3), (999, 50), (50, 999), (333, 1001)]:
         image = _photo(*size, seed=resample)
         np.testing.assert_array_equal(pre.uint8_pixels(image), _plain(pre, image), err_msg=str(size))
+
+
+def test_a_resize_to_a_rectangle_then_a_crop():
+    pre = ClipPreprocessor(size=(300, 320), crop_size=(224, 224))  # an explicit (height, width) resize
+    for size in [(640, 479), (479, 640), (21, 1), (1, 21)]:
+        image = _photo(*size, seed=3)
+        np.testing.assert_array_equal(pre.uint8_pixels(image), _plain(pre, image), err_msg=str(size))
+
+
+@pytest.mark.parametrize("size", [(768, 1024), (667, 1001), (3024, 4032), (1080, 1920), (100, 2000), (1, 21)])
+def test_portrait_photos_take_the_split_path(size):
+    """The portrait split is used (not only correct when used): fewer columns than the output's, and its result
+    alone equals the plain resize."""
+    pre = ClipPreprocessor()
+    width, height = size
+    columns, box_right, _ = _portrait_columns(height, 448, (height - width) // 2 + width, pre.resample)
+    assert columns < 448 and box_right * 448 == columns * height  # a whole-pixel box edge
+    image = _photo(*size, seed=width)
+    square = pre._resize_portrait_padded(image)
+    assert square is not None and square.shape == (448, 448, 3)
+    np.testing.assert_array_equal(square, _plain(pre, image))
 
 
 def test_nearest_and_unpadded_take_the_plain_path():

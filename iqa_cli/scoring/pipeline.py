@@ -96,6 +96,7 @@ class ScoreConfig:
     dtype: str = "auto"
     batch_size: int | str = "auto"  # positive int or "auto"
     workers: int | None = None  # DataLoader processes; None = one per core (at most 8) per local rank
+    fast_decode: bool = False  # JPEGs decoded at a smaller DCT scale (not the reference's pixels; opt-in)
     format: str | None = None  # parquet|csv|jsonl; None = from the suffix of `out`, else parquet
     overwrite: bool = False
     wait: bool = False  # another run on the same --out: wait for it instead of refusing
@@ -215,7 +216,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             load = self.load or _default_loader()
             image = load(self.inputs.path(index))
-            width, height = image.size
+            width, height = image.info.get("decoded_from", image.size)  # the full size of a drafted JPEG
             return index, self.transform(image), width, height, None
         except Exception as exc:  # any decoder failure is a row with `error`, not a crashed run
             return index, None, width, height, _reason(exc)
@@ -225,6 +226,19 @@ def _default_loader() -> Callable:
     from iqa_cli.images import load_image
 
     return load_image
+
+
+def _fast_loader(scorer: ScorerLike) -> Callable:
+    """`load_image` with JPEG DCT-domain downscaling to the smallest scale the model's preprocessing still only
+    shrinks (`--fast-decode`); picklable for the workers."""
+    import functools
+
+    from iqa_cli.images import load_image
+
+    draft = getattr(getattr(scorer, "preprocessor", None), "draft_size", None)
+    if draft is None:
+        raise UserError("--fast-decode: this model's image preprocessing does not say which decode size it needs")
+    return functools.partial(load_image, draft=draft)
 
 
 def _reason(exc: BaseException) -> str:
@@ -389,6 +403,7 @@ def _request(config: ScoreConfig) -> dict[str, str | None]:
         "revision": config.revision,
         "prompt": config.prompt,
         "dtype": config.dtype,
+        "decode": "fast" if config.fast_decode else "exact",
     }
 
 
@@ -418,6 +433,9 @@ def _describe_difference(
     recorded: dict[str, Any], *, fingerprint: str, num_inputs: int, request: dict, scorer: _LazyScorer
 ) -> str | None:
     """None when a recorded run (manifest or output metadata) matches this one, else what differs."""
+    then, now = (recorded.get("request") or {}).get("decode", "exact"), request.get("decode", "exact")
+    if then != now:  # not in the scorer's metadata: the same model, other pixels
+        return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
     if recorded.get("inputs_fingerprint") != fingerprint:
         then = recorded.get("num_inputs", "?")
         return f"a different list of inputs ({then} images then, {num_inputs} now)"
@@ -500,6 +518,7 @@ def output_metadata(plan: _Plan, request: dict, fingerprint: str, num_inputs: in
         "num_inputs": str(num_inputs),
         "request": json.dumps(request, sort_keys=True),
         "scorer_metadata": json.dumps(plan.metadata, sort_keys=True),
+        "decode": request.get("decode", "exact"),  # "fast": JPEGs decoded at a smaller DCT scale (--fast-decode)
     }
 
 
@@ -608,7 +627,7 @@ def _score(
             return scorer_factory(device)
         from iqa_cli.scoring.scorer import Scorer
 
-        return Scorer.from_pretrained(
+        built = Scorer.from_pretrained(
             config.model,
             base=config.base,
             device=device,
@@ -616,6 +635,9 @@ def _score(
             prompt=config.prompt,
             revision=config.revision,
         )
+        if config.fast_decode:
+            _fast_loader(built)  # refused before any sidecar exists
+        return built
 
     scorer = _LazyScorer(build)
     plan = _decide_on_main(lambda: _plan(config, fmt, inputs, fingerprint, scorer), environment)
@@ -691,6 +713,8 @@ def _score_indices(
     size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
     size = max(1, min(size, len(indices)))
     workers = default_workers(environment) if config.workers is None else config.workers
+    if load_image is None and config.fast_decode:
+        load_image = _fast_loader(scorer)
     dataset = ImageDataset(inputs, indices, scorer.transform, load_image)
     loader = torch.utils.data.DataLoader(
         dataset,

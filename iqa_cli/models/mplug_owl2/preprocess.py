@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,13 @@ class ClipPreprocessor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = image.size
-        if self.do_resize and self.pad_to_square and width > height and self.resample != Image.Resampling.NEAREST:
-            hwc = self._resize_landscape_padded(image)
-        else:
+        hwc = None
+        if self.do_resize and self.pad_to_square and self.resample != Image.Resampling.NEAREST:
+            if width > height:
+                hwc = self._resize_landscape_padded(image)
+            elif height > width:
+                hwc = self._resize_portrait_padded(image)
+        if hwc is None:
             if self.pad_to_square:
                 image = expand_to_square(image, self.pad_color)
             if self.do_resize:
@@ -194,6 +199,49 @@ class ClipPreprocessor:
         square[top + height :] = padding
         return np.asarray(Image.fromarray(square).resize((new_width, new_height), resample=resample))  # vertical
 
+    def _resize_portrait_padded(self, image: Image.Image) -> np.ndarray | None:
+        """The padded square's resize without the right-hand padding columns' work, bit-identical; None when no
+        column can be skipped.
+
+        The padding is columns here, which every row's horizontal pass reads, so the image is not resized alone.
+        An output column whose filter window holds only padding is the padding row's value in every row after
+        the horizontal pass, and the vertical pass of such a column depends on that value alone
+        (`_padding_columns`, cached per size). Pillow computes the others when asked for the square's left part
+        through `box`: its coefficients come from the box's float32 edges and width / output width in float64,
+        so they are the square's when the box starts at 0 and its right edge `columns * side / new_width` is a
+        whole pixel (`_portrait_columns`). A box starting inside the square would move the filter centers by a
+        rounding, so the left-hand padding columns are computed, not skipped.
+        """
+        width, height = image.size  # height > width: the padding is columns left and right
+        side = height
+        new_height, new_width = self.resize_shape((side, side))
+        left = (side - width) // 2
+        columns, box_right, reach = _portrait_columns(side, new_width, left + width, self.resample)
+        if columns >= new_width or side == new_width:
+            return None
+        resample = Image.Resampling(self.resample)
+        canvas = Image.new("RGB", (max(box_right, min(side, reach)), side), self.pad_color)  # what the columns read
+        canvas.paste(image, (left, 0))
+        part = canvas.resize((columns, new_height), resample=resample, box=(0, 0, box_right, side))
+        square = np.empty((new_height, new_width, 3), dtype=np.uint8)
+        square[:, :columns] = np.asarray(part)
+        square[:, columns:] = _padding_columns(side, new_width, new_height, columns, self.pad_color, self.resample)
+        return square
+
+    def draft_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The smallest (width, height) an image of `image_size` may be decoded at for `--fast-decode`: the
+        padded square's side stays >= the side it is resized to, so the resize still only shrinks (the long side
+        >= that side, the short side free). Without padding the short side must stay >= `size`. None when the
+        pixels' exact size matters (no resize)."""
+        if not self.do_resize:
+            return None
+        width, height = image_size
+        if self.pad_to_square:
+            side = max(self.resize_shape((1, 1)))  # the square's side after the resize
+            return (side, 1) if width >= height else (1, side)
+        target = self.size if isinstance(self.size, int) else max(self.size)
+        return (target, target)
+
     def resize_shape(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(height, width) after the resize, rounded as transformers' `get_resize_output_image_size`:
         the short side becomes `size`, the long side `int(size * long / short)`."""
@@ -222,6 +270,39 @@ def _padding_row(width: int, new_width: int, color: tuple[int, int, int], resamp
     """A padding row of the square after the horizontal pass: [new_width, 3] uint8."""
     row = Image.new("RGB", (width, 1), color).resize((new_width, 1), resample=Image.Resampling(resample))
     return np.asarray(row)[0]
+
+
+# Pillow's filter supports (src/libImaging/Resample.c), by resampling filter number.
+_FILTER_SUPPORT = {1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5, 5: 1.0}  # lanczos, bilinear, bicubic, box, hamming
+
+
+@functools.lru_cache(maxsize=64)
+def _portrait_columns(side: int, new_width: int, image_end: int, resample: int) -> tuple[int, int, int]:
+    """(columns, box_right, reach) for the horizontal resize of a padded square `side` wide to `new_width`:
+    output columns from `columns` on read only padding (input columns >= `image_end`, with one column to
+    spare), `columns` is a multiple of new_width / gcd, so that `box_right = columns * side / new_width` is a
+    whole pixel, and the first `columns` outputs read input columns below `reach`. Pillow's window arithmetic
+    (`precompute_coeffs`): center = (x + 0.5) * scale, first column int(center - support + 0.5), end column
+    int(center + support + 0.5), support = filter support * max(scale, 1)."""
+    scale = side / new_width
+    support = _FILTER_SUPPORT[resample] * max(scale, 1.0)
+    first = next((x for x in range(new_width) if int((x + 0.5) * scale - support + 0.5) > image_end), new_width)
+    step = new_width // math.gcd(side, new_width)
+    columns = min(new_width, -(-first // step) * step)
+    reach = int((columns - 0.5) * scale + support + 0.5) + 1
+    return columns, columns // step * (side // math.gcd(side, new_width)), reach
+
+
+@functools.lru_cache(maxsize=16)
+def _padding_columns(
+    side: int, new_width: int, new_height: int, columns: int, color: tuple[int, int, int], resample: int
+) -> np.ndarray:
+    """Output columns `columns:` of the resized padded square when their filter windows hold only padding:
+    the padding row's horizontal pass, the same in every row, through the vertical pass. [new_height, n, 3]."""
+    row = _padding_row(side, new_width, color, resample)[columns:]
+    block = np.ascontiguousarray(np.broadcast_to(row, (side, *row.shape)))
+    resized = Image.fromarray(block).resize((row.shape[0], new_height), resample=Image.Resampling(resample))
+    return np.asarray(resized)  # vertical pass only: the width is unchanged
 
 
 def _center_crop(hwc: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
