@@ -229,6 +229,36 @@ def test_brace_patterns_globs_and_list_files(dataset, tmp_path):
     assert parquet.rows.tolist() == [2, 2, 1, 3, 2] and parquet.known_rows() == 10  # units = row groups
 
 
+def test_the_cli_on_the_tiny_checkpoint_scores_shards_and_parquet_as_files(dataset, tmp_path_factory, tmp_path):
+    """The real model end to end: `iqa score` on shards, on Parquet and on the same images as files."""
+    from typer.testing import CliRunner
+
+    from iqa_cli.cli import app
+    from iqa_cli.synthetic import build_tiny_tokenizer
+    from tests.factories import tiny_model, write_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    model = write_checkpoint(tiny_model(seed=3), root / "m", tokenizer_dir=build_tiny_tokenizer(root / "tok")).path
+    common = ["--model", str(model), "--device", "cpu", "--dtype", "float32", "--batch-size", "3", "--quiet"]
+    outputs = {}
+    for name, inputs in {
+        "files": [str(dataset["files"])],
+        "shards": [f"{dataset['shards']}/0000[0-2].tar"],
+        "tables": [f"{dataset['tables']}/train-0.parquet"],
+    }.items():
+        out = tmp_path / f"{name}.parquet"
+        result = CliRunner().invoke(app, ["score", *inputs, "--out", str(out), *common])
+        assert result.exit_code == 0, result.output
+        outputs[name] = pd.read_parquet(out)
+    files = outputs["files"]
+    files.index = [name.split(".")[0] for name in files["image"]]
+    shards = outputs["shards"][outputs["shards"]["error"].isna()]
+    _assert_scores_equal_files(shards, files, shards["image"].tolist())
+    tables = outputs["tables"]
+    _assert_scores_equal_files(tables, files, [name.split(".")[0] for name in tables["image"]])
+    assert len(shards) == 7 and len(tables) == 5
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, dataset) -> Path:
     root = tmp_path_factory.mktemp("bad")
