@@ -123,7 +123,7 @@ class Sidecar:
         if not self.dir.is_dir():
             return
         (self.dir / MANIFEST).unlink(missing_ok=True)
-        for pattern in ("part-*.parquet", "unit-*", "*.tmp"):
+        for pattern in ("part-*.parquet", "unit-*", "rank-*.json", "*.tmp"):
             for path in self.dir.glob(pattern):
                 path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # a file that is not ours stays, and so does the folder

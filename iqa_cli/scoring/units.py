@@ -308,6 +308,9 @@ def _score_units(config, fmt, directory, batch_size, device, environment, scorer
         return summary
 
     sidecar = Sidecar(out)
+    if environment.is_main:  # reports of an earlier launch's ranks; the gather below keeps ranks in step
+        for stale in sidecar.dir.glob("rank-*.json"):
+            stale.unlink(missing_ok=True)
     done = done_units(sidecar, len(units))
     if len(set(distributed.all_gather_object(len(done)))) != 1:
         raise UserError(f"the ranks see different files in {sidecar.dir}; --out must be on a shared file system")
@@ -338,7 +341,7 @@ def _score_units(config, fmt, directory, batch_size, device, environment, scorer
             directory,
         )
     seconds = time.monotonic() - start
-    gathered = distributed.all_gather_object((processed, seconds))
+    gathered = _wait_for_ranks(sidecar, environment, processed, seconds)
     summary.processed_by_rank = [n for n, _ in gathered]
     summary.processed = sum(summary.processed_by_rank)
     summary.seconds = max(s for _, s in gathered)
@@ -359,6 +362,26 @@ def _score_units(config, fmt, directory, batch_size, device, environment, scorer
     summary.total, summary.failed, summary.first_errors = rows, failed, first
     summary.unit_errors = errors
     return summary
+
+
+def _wait_for_ranks(sidecar: Sidecar, environment, processed: int, seconds: float) -> list[tuple[int, float]]:
+    """(images, seconds) of every rank, rank 0 waiting for the others through the shared file system.
+
+    Not a collective: with static assignment a rank may finish hours before the slowest one, longer than any
+    process-group timeout. Each rank writes `rank-<r>.json` when its units are written and exits; rank 0
+    polls for all of them (torchrun ends the launch if a rank dies, so the wait is bounded by the launch).
+    """
+    if not environment.is_distributed:
+        return [(processed, seconds)]
+    report = sidecar.dir / f"rank-{environment.rank:05d}.json"
+    atomic_write(report, json.dumps({"processed": processed, "seconds": seconds}).encode())
+    if not environment.is_main:
+        return [(processed, seconds)]
+    paths = [sidecar.dir / f"rank-{r:05d}.json" for r in range(environment.world_size)]
+    while not all(path.exists() for path in paths):
+        time.sleep(0.5)
+    reports = [json.loads(path.read_text()) for path in paths]
+    return [(r["processed"], r["seconds"]) for r in reports]
 
 
 def _run(scorer, units, mine, sidecar, plan, metadata, config, batch_size, environment, load_image, console, directory):
