@@ -4,11 +4,10 @@ scores: the tiny random mPLUG-Owl2 checkpoint of the tests (seed 3) scores `--im
 float32 and with `quantize="int8"`: largest |score difference|, mean difference, SRCC and PLCC of the two.
 
 memory: a wider random checkpoint (LLM `--width` wide, `--layers` layers: most weights in its Linears, as in
-the 7B) is loaded in a fresh process per mode; the peak resident memory of the process (ru_maxrss) after the
-imports and after `Scorer.from_pretrained`, and the bytes of the model's parameters as stored (torchao's int8
-tensors count their int8 data and scales). On the CPU the float weights are loaded first and quantized layer
-by layer, so the peak of loading is the float model's; the steady state is the int8 model's. (On a GPU the
-same order keeps the GPU's peak at the int8 model plus one float layer.)
+the 7B) is loaded in a fresh process per mode; the peak resident memory of the process (VmHWM) after the
+imports, after `Scorer.from_pretrained` and after scoring one image, and the bytes of the model's parameters
+(torchao's int8 tensors count their int8 data and scales). The float32 weights are memory-mapped from the
+safetensors file and read when first used; quantizing reads all of them first, one layer at a time.
 
 int4 needs CUDA and bfloat16 (`iqa_cli/scoring/quantize.py` says why): not measured on the CPU.
 
@@ -33,18 +32,26 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories, when run as a script
 
 MEASURE = """
-import json, resource, sys, warnings
+import json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, torchao
 from iqa_cli.scoring.scorer import Scorer
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from PIL import Image
+def status(key="VmHWM"):  # VmHWM: this process's own peak (ru_maxrss survives exec: it would report the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+before = status()
 scorer = Scorer.from_pretrained(sys.argv[1], device="cpu", dtype="float32", quantize=sys.argv[2] or None)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak, rss = status(), status("VmRSS")
+scorer.score([Image.new("RGB", (40, 30), (90, 120, 150))], batch_size=1)
+scored = status()
 def nbytes(t):
     inner = [getattr(t, n) for n in getattr(t, "tensor_data_names", [])] or [t]
     return sum(x.numel() * x.element_size() for x in inner)
 params = sum(nbytes(p) for p in scorer.model.parameters())
-print(json.dumps({"imports_kib": before, "peak_kib": peak, "param_bytes": params}))
+figures = {"imports_kib": before, "peak_kib": peak, "rss_kib": rss, "scored_kib": scored}
+print(json.dumps({**figures, "param_bytes": params}))
 """
 
 
@@ -107,10 +114,11 @@ def bench_memory(args: argparse.Namespace) -> None:
                 cwd=Path(__file__).resolve().parents[1],
             )
             figures = json.loads(out.stdout.strip().splitlines()[-1])
-            grown = (figures["peak_kib"] - figures["imports_kib"]) / 1024
+            mib = {k: v / 1024 for k, v in figures.items() if k.endswith("_kib")}
             print(
-                f"  {mode or 'float32':8s} peak RSS {figures['peak_kib'] / 1024:7.0f} MiB "
-                f"(+{grown:5.0f} MiB over the imports), parameters {figures['param_bytes'] / 2**20:6.0f} MiB"
+                f"  {mode or 'float32':8s} after imports {mib['imports_kib']:5.0f} MiB; loading: peak "
+                f"{mib['peak_kib']:5.0f} MiB, then {mib['rss_kib']:5.0f} MiB resident; peak after scoring one image "
+                f"{mib['scored_kib']:5.0f} MiB; parameters {figures['param_bytes'] / 2**20:4.0f} MiB"
             )
 
 
