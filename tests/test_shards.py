@@ -312,6 +312,12 @@ def test_user_errors_are_checked_before_the_model_loads(dataset, tmp_path):
     assert calls == []
 
 
+def test_directory_output_is_for_shard_inputs(iqa, dataset, tmp_path):
+    code, _, err = iqa("score", dataset["files"], "--out", f"{tmp_path}/scores/", "--model", tmp_path / "none")
+    assert code == 2 and "one Parquet file per input shard" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "scores").exists()
+
+
 # --- kill -9 and two ranks ---------------------------------------------------------------------------
 
 
