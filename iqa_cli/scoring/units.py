@@ -52,8 +52,6 @@ from iqa_cli.scoring.store import (
 from iqa_cli.sources import UnitList, find_units
 from iqa_cli.sources.webdataset import ShardError
 
-MAX_REPORTED_UNIT_ERRORS = 20
-
 
 def _part(sidecar: Sidecar, u: int, suffix: str) -> Path:
     return sidecar.dir / f"unit-{u:08d}.{suffix}"
@@ -124,8 +122,6 @@ class UnitWriter:
         self.schema = unit_schema(len(plan.level_names), plan.has_regressor, units.keep_types)
         self.schema_with_metadata = self.schema.with_metadata(metadata)
         self.pending: dict[int, dict[str, list]] = {}
-        self.finished = 0
-        self.errors: list[tuple[str, str]] = []
 
     def _rows(self, u: int) -> dict[str, list]:
         if u not in self.pending:
@@ -161,16 +157,14 @@ class UnitWriter:
     def finish(self, u: int, error: str | None) -> None:
         table = unit_table(self.pending.pop(u, None) or self._empty(), self.level_names, self.schema)
         table = table.replace_schema_metadata(self.schema_with_metadata.metadata)
-        if error is not None:
+        if error is not None:  # reported at the end of this run or of the one that resumes it
             atomic_write(_part(self.sidecar, u, "error"), error.encode())
-            self.errors.append((self.units.label(u), error))
         f = int(self.units.file_of[u])
         if self.directory and len(self.units.units_of_file(f)) == 1:
             write_table_atomic(table, self.out / f"{self.units.files[f].stem}.parquet")
             atomic_write(_part(self.sidecar, u, "done"), b"")
         else:
             write_table_atomic(table, _part(self.sidecar, u, "parquet"))
-        self.finished += 1
 
     def _empty(self) -> dict[str, list]:
         rows = self._rows(-1)
