@@ -6,8 +6,10 @@ float32 and with `quantize="int8"`: largest |score difference|, mean difference,
 memory: a wider random checkpoint (LLM `--width` wide, `--layers` layers: most weights in its Linears, as in
 the 7B) is loaded in a fresh process per mode; the peak resident memory of the process (VmHWM) after the
 imports, after `Scorer.from_pretrained` and after scoring one image, and the bytes of the model's parameters
-(torchao's int8 tensors count their int8 data and scales). The float32 weights are memory-mapped from the
-safetensors file and read when first used; quantizing reads all of them first, one layer at a time.
+(torchao's int8 tensors count their int8 data and scales); at the end, resident memory split into anonymous
+(the process's own) and file-backed pages. The float32 weights are memory-mapped from the safetensors file
+and read when first used; quantizing reads all of them, and the pages read stay mapped while any tensor of the
+file lives (clean file pages: the kernel can drop them under pressure, but they count as resident).
 
 int4 needs CUDA and bfloat16 (`iqa_cli/scoring/quantize.py` says why): not measured on the CPU.
 
@@ -45,12 +47,13 @@ before = status()
 scorer = Scorer.from_pretrained(sys.argv[1], device="cpu", dtype="float32", quantize=sys.argv[2] or None)
 peak, rss = status(), status("VmRSS")
 scorer.score([Image.new("RGB", (40, 30), (90, 120, 150))], batch_size=1)
-scored = status()
+scored, anon, file = status(), status("RssAnon"), status("RssFile")
 def nbytes(t):
     inner = [getattr(t, n) for n in getattr(t, "tensor_data_names", [])] or [t]
     return sum(x.numel() * x.element_size() for x in inner)
 params = sum(nbytes(p) for p in scorer.model.parameters())
-figures = {"imports_kib": before, "peak_kib": peak, "rss_kib": rss, "scored_kib": scored}
+figures = {"imports_kib": before, "peak_kib": peak, "rss_kib": rss, "scored_kib": scored, "anon_kib": anon}
+figures["file_kib"] = file
 print(json.dumps({**figures, "param_bytes": params}))
 """
 
@@ -118,7 +121,8 @@ def bench_memory(args: argparse.Namespace) -> None:
             print(
                 f"  {mode or 'float32':8s} after imports {mib['imports_kib']:5.0f} MiB; loading: peak "
                 f"{mib['peak_kib']:5.0f} MiB, then {mib['rss_kib']:5.0f} MiB resident; peak after scoring one image "
-                f"{mib['scored_kib']:5.0f} MiB; parameters {figures['param_bytes'] / 2**20:4.0f} MiB"
+                f"{mib['scored_kib']:5.0f} MiB (anonymous {mib['anon_kib']:5.0f}, file-backed {mib['file_kib']:5.0f}); "
+                f"parameters {figures['param_bytes'] / 2**20:4.0f} MiB"
             )
 
 

@@ -70,5 +70,17 @@ def quantize_model(model: torch.nn.Module, mode: str, device: torch.device) -> l
             config = Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
         module.to(device)
         quantize_(module, config, filter_fn=lambda m, _, target=module: m is target)
+        if device.type == "cpu":
+            _release_freed_memory()
     model.to(device)
     return skipped
+
+
+def _release_freed_memory() -> None:
+    """Hands the heap freed by quantizing's temporaries back to the system (glibc keeps it otherwise)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
