@@ -424,10 +424,17 @@ def score(
     inputs: list[str] | None = typer.Argument(
         None,
         metavar="PATH",
-        help="Image folders (searched recursively, hidden files skipped) and image files.",
+        help="Image folders (searched recursively, hidden files skipped) and image files; or WebDataset .tar "
+        "shards and Parquet files (globs, {00000..00999} ranges).",
         show_default=False,
     ),
-    out: str = typer.Option(..., "--out", "-o", metavar="FILE", help="Output file (.parquet, .csv or .jsonl)."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        metavar="FILE",
+        help="Output file (.parquet, .csv or .jsonl), or DIR/ for one Parquet file per input shard.",
+    ),
     from_file: str | None = typer.Option(
         None,
         "--from",
@@ -488,6 +495,23 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
     wait: bool = typer.Option(False, "--wait", help="If another run writes the same --out, wait for it to end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    image_col: str | None = typer.Option(
+        None,
+        "--image-col",
+        metavar="COLUMN",
+        help="Image column of Parquet inputs: bytes or {bytes, path} [default: image].",
+        show_default=False,
+    ),
+    keep: str | None = typer.Option(
+        None,
+        "--keep",
+        metavar="COL,...",
+        help="Input columns (Parquet, shard metadata, json members) copied into the rows.",
+        show_default=False,
+    ),
+    quantize: str | None = typer.Option(
+        None, "--quantize", metavar="BITS", help="Weight-only quantization through torchao: int8 or int4."
+    ),
 ) -> None:
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
 
@@ -500,6 +524,10 @@ def score(
 
     config = ScoreConfig(
         out=Path(out),
+        out_dir=out.endswith(("/", "\\")),  # --out scores/: one Parquet file per input shard
+        image_col=image_col,
+        keep=[c.strip() for c in (keep or "").split(",") if c.strip()],
+        quantize=quantize,
         inputs=list(inputs or []),
         from_file=Path(from_file) if from_file else None,
         from_column=from_column,
@@ -540,6 +568,10 @@ def score(
         )
         for image, reason in summary.first_errors:
             _say(f"  failed: {image}: {reason}")
+        if summary.unit_errors:
+            _say(f"{len(summary.unit_errors)} shard(s) could not be read to the end (their rows before it are kept):")
+            for unit, reason in summary.unit_errors[:20]:
+                _say(f"  broken shard: {unit}: {reason}")
     if summary.total and summary.failed == summary.total:
         _say(f"error: none of the {summary.total} images could be read")
         raise typer.Exit(1)

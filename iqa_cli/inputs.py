@@ -28,6 +28,11 @@ input (finding out would cost an lstat per entry); a hard link is another file.
 The list is kept as one packed UTF-8 buffer plus offsets (not a Python list of strings): DataLoader
 workers fork from the main process, and ten million Python strings would be copied into every worker page
 by page as their reference counts change.
+
+Images packed in WebDataset `.tar` shards or Parquet image columns are the other kind of input: there the
+unit of work is a shard or a row group, listed without reading any image by `iqa_cli.sources`
+(`find_units`); `is_dataset_input` tells which kind a command's inputs are. Both kinds are scored by the
+same loop (`iqa_cli.scoring.pipeline`; the units' bookkeeping in `iqa_cli.scoring.units`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from iqa_cli.errors import UserError
+from iqa_cli.sources import find_units, is_dataset_input  # noqa: F401 - the other kind of input, re-exported
 
 # Extensions (lower case) that folder walks pick up. Files given by name or listed with `--from` are read
 # whatever their extension. Formats Pillow cannot decode here (e.g. HEIC without a plugin) become rows

@@ -61,6 +61,7 @@ from iqa_cli.scoring.store import (
     suffix_mismatch,
     write_output,
 )
+from iqa_cli.sources import is_dataset_input
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
@@ -103,6 +104,11 @@ class ScoreConfig:
     quiet: bool = False
     flush_rows: int = 4096  # write a part after this many images ...
     flush_seconds: float = 30.0  # ... or after this many seconds, whichever comes first
+    # Shard and Parquet inputs (iqa_cli.sources, run by iqa_cli.scoring.units):
+    image_col: str | None = None  # --image-col: the image column of Parquet inputs (default "image")
+    keep: list[str] = field(default_factory=list)  # --keep: input columns copied into the output rows
+    out_dir: bool = False  # --out DIR/: one Parquet file per input shard
+    quantize: str | None = None  # --quantize int8|int4: weight-only, through torchao
 
 
 @dataclass
@@ -119,6 +125,7 @@ class ScoreSummary:
     already_complete: bool = False  # the output existed and matched; nothing was done
     is_main: bool = True  # False on ranks > 0, which do not write the output
     first_errors: list[tuple[str, str]] = field(default_factory=list)  # (image, error) of a few failures
+    unit_errors: list[tuple[str, str]] = field(default_factory=list)  # (shard, error) of units that broke off
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -404,6 +411,8 @@ def _request(config: ScoreConfig) -> dict[str, str | None]:
         "prompt": config.prompt,
         "dtype": config.dtype,
         "decode": "fast" if config.fast_decode else "exact",
+        **({"quantize": config.quantize} if config.quantize else {}),
+        **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
     }
 
 
@@ -570,6 +579,10 @@ def score_images(
         UserError: bad options, missing inputs, an unwritable or conflicting output.
         ScoreInterrupted: SIGINT/SIGTERM; finished rows are saved and the same command resumes.
     """
+    if config.out_dir or is_dataset_input(config.inputs, config.from_file, config.image_col):
+        from iqa_cli.scoring.units import score_units  # shards and Parquet: units of work, same loop
+
+        return score_units(config, scorer_factory=scorer_factory, load_image=load_image, console=console)
     out = Path(config.out)
     if out.is_dir():  # said by check_output_file below, before the (missing) suffix would be
         check_output_file(out, "--out", example="scores.parquet")
@@ -602,6 +615,28 @@ def score_images(
         distributed.destroy()
 
 
+def build_scorer(
+    config: ScoreConfig, device: torch.device, scorer_factory: Callable[[torch.device], ScorerLike] | None
+) -> ScorerLike:
+    """The scorer of a run: `scorer_factory(device)` (tests), else `Scorer.from_pretrained` with its options."""
+    if scorer_factory is not None:
+        return scorer_factory(device)
+    from iqa_cli.scoring.scorer import Scorer
+
+    built = Scorer.from_pretrained(
+        config.model,
+        base=config.base,
+        device=device,
+        dtype=config.dtype,
+        prompt=config.prompt,
+        revision=config.revision,
+        **({"quantize": config.quantize} if config.quantize else {}),
+    )
+    if config.fast_decode:
+        _fast_loader(built)  # a family without a draft size is refused before any sidecar exists
+    return built
+
+
 def _score(
     config: ScoreConfig,
     fmt: str,
@@ -622,24 +657,7 @@ def _score(
     if config.format is not None and (note := suffix_mismatch(out, fmt)):
         summary.warnings.insert(0, note)
 
-    def build() -> ScorerLike:
-        if scorer_factory is not None:
-            return scorer_factory(device)
-        from iqa_cli.scoring.scorer import Scorer
-
-        built = Scorer.from_pretrained(
-            config.model,
-            base=config.base,
-            device=device,
-            dtype=config.dtype,
-            prompt=config.prompt,
-            revision=config.revision,
-        )
-        if config.fast_decode:
-            _fast_loader(built)  # refused before any sidecar exists
-        return built
-
-    scorer = _LazyScorer(build)
+    scorer = _LazyScorer(lambda: build_scorer(config, device, scorer_factory))
     plan = _decide_on_main(lambda: _plan(config, fmt, inputs, fingerprint, scorer), environment)
     if plan.status == "complete":
         summary.already_complete = True
@@ -758,6 +776,6 @@ def _score_indices(
         del batches  # stops the workers now rather than when the traceback is dropped
 
 
-def _progress(console: Any, total: int, environment: distributed.DistEnv) -> ProgressBar | NullBar:
+def _progress(console: Any, total: int | None, environment: distributed.DistEnv) -> ProgressBar | NullBar:
     label = "scoring" if not environment.is_distributed else f"scoring (rank 0 of {environment.world_size})"
     return progress_bar(console, total, label)

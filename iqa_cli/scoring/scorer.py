@@ -218,6 +218,7 @@ class Scorer:
         dtype: str | torch.dtype = "auto",
         prompt: str | None = None,
         revision: str | None = None,
+        quantize: str | None = None,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
 
@@ -229,6 +230,7 @@ class Scorer:
             prompt: a full prompt holding the family's image token once; default: the one the checkpoint was
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
+            quantize: "int8" or "int4": weight-only through torchao (`iqa_cli.scoring.quantize`); None: as stored.
         """
         from iqa_cli.files import directory_fingerprint
         from iqa_cli.models.backbone import family_of, get_family
@@ -241,7 +243,17 @@ class Scorer:
             raise UserError(f"--prompt must hold {family.image_token} exactly once: {prompt!r}")
         target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
-        backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target)
+        if quantize is not None:  # checked before loading; the float weights load on the CPU, then go over
+            from iqa_cli.scoring import quantize as quantization
+
+            quantization.check(quantize, target, torch_dtype)
+            load_to = quantization.load_device(quantize, target)
+            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=load_to)
+            if getattr(backbone, "model", None) is None:
+                raise UserError(f"--quantize: the {family.name} family does not expose its weights to quantize")
+            quantization.quantize_model(backbone.model, quantize, target)
+        else:
+            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
         readout = build_readout(backbone, prompt, run)
@@ -263,6 +275,8 @@ class Scorer:
             "regressor_readout": readout.regressor or "",
             "iqa_version": __version__,
         }
+        if quantize is not None:
+            metadata["quantize"] = quantize
         return cls(backbone, readout, metadata)
 
     @property

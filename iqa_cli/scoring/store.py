@@ -31,6 +31,7 @@ SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 OUTPUT_ROW_GROUP = 65536
+DIRECTORY_METADATA = "_iqa.json"  # --out DIR/: what a single-file output keeps in its footer (readers skip `_*`)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Sidecar:
         if not self.dir.is_dir():
             return
         (self.dir / MANIFEST).unlink(missing_ok=True)
-        for pattern in ("part-*.parquet", "*.tmp"):
+        for pattern in ("part-*.parquet", "unit-*", "rank-*.json", "*.tmp"):
             for path in self.dir.glob(pattern):
                 path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # a file that is not ours stays, and so does the folder
@@ -372,7 +373,9 @@ def write_output(
     try:
         with _OutputWriter(tmp, fmt, schema) as writer:
             for chunk in chunks:
-                chunk = chunk.drop_columns(["index"]).cast(schema)
+                if "index" in chunk.column_names:
+                    chunk = chunk.drop_columns(["index"])
+                chunk = chunk.cast(schema)
                 rows += chunk.num_rows
                 errors = chunk.column("error")
                 failed += chunk.num_rows - errors.null_count
@@ -490,7 +493,9 @@ def _jsonl(table: pa.Table) -> str:
 def read_output_metadata(out: Path, fmt: str) -> dict[str, str] | None:
     """The key-value metadata of an existing output, or None when it was not written by `iqa score`."""
     try:
-        if fmt == "parquet":
+        if out.is_dir():  # --out DIR/: the run's metadata is in DIR/_iqa.json
+            metadata = json.loads((out / DIRECTORY_METADATA).read_text())
+        elif fmt == "parquet":
             raw = pq.read_schema(out).metadata or {}
             metadata = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW:")}
         else:
@@ -498,3 +503,72 @@ def read_output_metadata(out: Path, fmt: str) -> dict[str, str] | None:
     except (OSError, ValueError, pa.ArrowException):
         return None
     return metadata if "inputs_fingerprint" in metadata else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units (WebDataset shards, Parquet row groups): one part per finished unit, rows in the unit's own order
+
+
+def unit_schema(num_levels: int, has_regressor: bool, keep_types: dict[str, Any]) -> pa.Schema:
+    """The output columns of shard and Parquet inputs: the usual ones, `shard` (the input file), --keep columns.
+
+    A --keep column whose type is not known from a Parquet schema (a WebDataset json member) is a string.
+    """
+    schema = part_schema(num_levels, has_regressor, with_index=False)
+    extra = [("shard", pa.string())] + [(c, t if t is not None else pa.string()) for c, t in keep_types.items()]
+    return pa.schema(list(schema) + [pa.field(name, kind) for name, kind in extra])
+
+
+def unit_table(rows: dict[str, list], level_names: list[str], schema: pa.Schema) -> pa.Table:
+    """One unit's rows as a table of `schema`: rows["probs"] holds float32 [K] arrays or None (failed)."""
+    errors = rows["error"]
+    failed = np.array([e is not None for e in errors], dtype=bool)
+    n, k = len(errors), len(level_names)
+    probs = np.zeros((n, k), dtype=np.float32)
+    for i, p in enumerate(rows["probs"]):
+        if p is not None:
+            probs[i] = p
+    levels = _numpy_array(probs.argmax(axis=1) if n else np.zeros(0, np.int64), pa.int64(), null=failed)
+    width, height = np.asarray(rows["width"], dtype=np.int32), np.asarray(rows["height"], dtype=np.int32)
+    columns = {
+        "image": _string_array(rows["image"]),
+        "score": _numpy_array(np.asarray(rows["score"], dtype=np.float32), pa.float32(), null=failed),
+        "std": _numpy_array(np.asarray(rows["std"], dtype=np.float32), pa.float32(), null=failed),
+        "probs": pa.ListArray.from_arrays(
+            _numpy_array(np.arange(0, (n + 1) * k, k), pa.int32()),
+            _numpy_array(probs.reshape(-1), pa.float32()),
+            mask=_bool_array(failed),
+        ),
+        "level": _string_array(list(level_names)).take(levels),
+        "width": _numpy_array(width, pa.int32(), null=width < 0),
+        "height": _numpy_array(height, pa.int32(), null=height < 0),
+        "error": _string_array(errors),
+    }
+    if "score_reg" in schema.names:
+        columns["score_reg"] = _numpy_array(np.asarray(rows["score_reg"], dtype=np.float32), pa.float32(), null=failed)
+    columns["shard"] = _string_array(rows["shard"])
+    for name in schema.names[len(columns) :]:
+        columns[name] = _kept_array(rows["keep"][name], schema.field(name).type)
+    return pa.table(columns, schema=schema)
+
+
+def _kept_array(values: list[Any], kind: pa.DataType) -> pa.Array:
+    """A --keep column; values a string column cannot hold as they are (numbers, lists from json) become JSON."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        values = [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values]
+    try:
+        return pa.array(values, type=kind)
+    except (pa.ArrowException, TypeError, ValueError):  # a shard whose json disagrees with the first shard's
+        return pa.array([None] * len(values), type=kind)
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """`table` to `path` as Parquet (zstd): temporary name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=OUTPUT_ROW_GROUP)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)

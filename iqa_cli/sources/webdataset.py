@@ -1,0 +1,203 @@
+"""WebDataset shards (`.tar`), as img2dataset writes them, streamed with the standard library's `tarfile`.
+
+A shard is a tar of consecutive members that share a key: `00000123.jpg`, `00000123.txt`, `00000123.json`.
+The key (`__key__`) is the member's path up to the first dot of its file name, as in the `webdataset`
+library; a sample's image is its first jpg/jpeg/png/webp/bmp member. img2dataset writes a metadata table
+per shard next to it (`00000.parquet` beside `00000.tar`, one row per sample, column `key`).
+
+Why `tarfile` and not the `webdataset` library: one tar read front to back in stream mode (`r|`, no seeks,
+nothing extracted to disk) is all scoring needs, and reading it ourselves decides per member what a broken
+sample is (an error row) and what a broken shard is (an error for the unit, the rows read so far kept),
+where the library's handlers skip or raise whole samples; and it adds no dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from iqa_cli.errors import UserError
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")
+# Members whose values --keep can copy (besides the shard's metadata parquet): JSON objects and plain text.
+TEXT_SUFFIXES = ("txt",)
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to its end: an error for its unit; the rows read before it are kept."""
+
+
+def check_tar(path: str) -> None:
+    """Refuses a file whose first 512 bytes are not a tar header (one small read; no image is read).
+
+    An empty tar (its end-of-archive block first) is a shard with no samples.
+    """
+    try:
+        with open(path, "rb") as f:
+            block = f.read(tarfile.BLOCKSIZE)
+    except OSError as exc:
+        raise UserError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+    if len(block) == tarfile.BLOCKSIZE and block == tarfile.NUL * tarfile.BLOCKSIZE:
+        return
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise UserError(f"{path}: not a tar file ({exc or 'bad header'})") from None
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """`dir/00001.seg.jpg` -> (`dir/00001`, `seg.jpg`): the key up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, suffix = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), suffix.lower() if dot else ""
+
+
+def metadata_path(shard: str) -> Path:
+    """img2dataset's per-shard metadata table: `00000.parquet` next to `00000.tar`."""
+    return Path(shard).with_suffix(".parquet")
+
+
+def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any]]]:
+    """Yields (key, image bytes or None, error or None, {kept column: value}) per sample, in tar order.
+
+    Kept values come from the shard's metadata parquet (joined on `key`) when it has the column, else from
+    the sample's `.json` member, else from a member with that suffix (`txt`). A sample without an image member
+    is an error row naming what it has.
+
+    Raises:
+        ShardError: the tar breaks off or is corrupt; the sample being read when it broke is yielded first
+            as an error row.
+    """
+    table = _metadata_rows(path, keep)
+    key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, suffix = split_key(member.name)
+                if member_key != key and key is not None:
+                    yield _sample(key, members, table, keep)
+                    members = {}
+                key = member_key
+                try:
+                    data = tar.extractfile(member).read()
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    members = {"__broken__": str(exc) or type(exc).__name__}
+                    raise
+                if suffix not in members:
+                    members[suffix] = data
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        if key is not None:
+            broken = members.pop("__broken__", None)
+            if broken is not None:
+                yield key, None, f"shard broke off in this sample: {broken}", {c: None for c in keep}
+            else:
+                yield _sample(key, members, table, keep)
+        raise ShardError(f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'unreadable'}") from None
+    if key is not None:
+        yield _sample(key, members, table, keep)
+
+
+def _sample(key: str, members: dict[str, bytes], table: dict[str, dict], keep: list[str]):
+    kept = _kept(key, members, table, keep)
+    for suffix in IMAGE_SUFFIXES:
+        if suffix in members:
+            return key, members[suffix], None, kept
+    has = ", ".join(sorted(members)) or "nothing"
+    return key, None, f"no image member (jpg, jpeg, png, webp or bmp); the sample has: {has}", kept
+
+
+def _kept(key: str, members: dict[str, bytes], table: dict[str, dict], keep: list[str]) -> dict[str, Any]:
+    if not keep:
+        return {}
+    row = table.get(key, {})
+    parsed = None
+    values = {}
+    for column in keep:
+        if column in row:
+            values[column] = row[column]
+            continue
+        if parsed is None:
+            parsed = _json_member(members.get("json"))
+        if column in parsed:
+            values[column] = parsed[column]
+        elif column in members:
+            values[column] = members[column].decode("utf-8", "replace")
+        else:
+            values[column] = None
+    return values
+
+
+def _json_member(data: bytes | None) -> dict:
+    if not data:
+        return {}
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _metadata_rows(path: str, keep: list[str]) -> dict[str, dict]:
+    """{key: {column: value}} of the --keep columns the shard's metadata parquet holds ({} without one)."""
+    table_path = metadata_path(path)
+    if not keep or not table_path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(table_path).names
+        wanted = [c for c in keep if c in names]
+        if "key" not in names or not wanted:
+            return {}
+        table = pq.ParquetFile(table_path).read(columns=["key", *wanted])
+    except Exception as exc:  # a broken metadata table loses the kept columns, not the scores
+        raise ShardError(f"metadata table {table_path}: {exc}") from None
+    keys = table.column("key").to_pylist()
+    columns = {c: table.column(c).to_pylist() for c in wanted}
+    return {str(k): {c: columns[c][i] for c in wanted} for i, k in enumerate(keys)}
+
+
+def keep_columns(path: str) -> tuple[dict[str, Any], str]:
+    """The columns --keep can name for a shard, with their arrow types where known (None: a string), and where
+    they were looked for.
+
+    The first sample's `.json` keys and text members (read from the tar's first members, stopping at the second
+    sample), and the columns of the shard's metadata parquet, whose schema gives their types.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    found: dict[str, Any] = {}
+    key = None
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, suffix = split_key(member.name)
+                if key is not None and member_key != key:
+                    break
+                key = member_key
+                if suffix == "json":
+                    found.update({c: None for c in _json_member(tar.extractfile(member).read())})
+                elif suffix in TEXT_SUFFIXES:
+                    found[suffix] = pa.string()
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        pass
+    where = f"the first sample of {path}"
+    table_path = metadata_path(path)
+    if table_path.is_file():
+        try:
+            schema = pq.read_schema(table_path)
+        except Exception as exc:
+            raise UserError(f"{table_path}: cannot read the shard's metadata table ({exc})") from None
+        found.update({f.name: f.type for f in schema})
+        where += f" and {os.fspath(table_path)}"
+    return found, where
