@@ -139,3 +139,30 @@ def test_cli_scores_stay_within_the_stated_tolerance(tmp_path):
     again = run_iqa("score", str(folder), "--out", str(tmp_path / "exact.parquet"), *common, "--fast-decode")
     assert again.returncode == 2 and "different decode mode" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+
+
+def test_shards_decode_like_files_in_fast_mode(jpegs, tmp_path, monkeypatch):
+    """The shard/Parquet loader takes the same `--fast-decode` loader as files: equal scores, other than exact."""
+    import io
+    import tarfile
+
+    calls = _drafts(monkeypatch)
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for path in sorted(jpegs.glob("*.jpg")):
+            data = path.read_bytes()
+            info = tarfile.TarInfo(path.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    frames = {}
+    for name, inputs, fast in (("files", jpegs, True), ("shard", shard, True), ("exact", shard, False)):
+        out = tmp_path / f"{name}.parquet"
+        config = ScoreConfig(out=out, inputs=[str(inputs)], batch_size=3, workers=0, quiet=True, fast_decode=fast)
+        score_images(config, scorer_factory=lambda device: FakeScorer(device))
+        frame = pq.read_table(out).to_pandas()
+        frames[name] = frame[frame["image"].str.endswith(".jpg") | ~frame["image"].str.contains(r"\.")]
+    assert len(calls) == 12  # six JPEGs drafted as files, six as shard members; none in exact mode
+    files = frames["files"].set_index(frames["files"]["image"].str.removesuffix(".jpg"))["score"]
+    shard_scores = frames["shard"].set_index("image")["score"]
+    assert len(shard_scores) == 6 and (files.loc[shard_scores.index] == shard_scores).all()
+    assert (frames["exact"].set_index("image")["score"] != shard_scores).any()
