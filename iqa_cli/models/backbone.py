@@ -29,6 +29,11 @@ RUN_FAMILY_KEY = "family"  # `iqa.json` key naming the family of an `iqa train` 
 
 # model_type -> module whose `FAMILY` (a `Family`) loads that family's checkpoints; imported on first use.
 BUILTIN_FAMILIES = {"mplug_owl2": "iqa_cli.models.mplug_owl2.backbone"}
+# transformers' own vision-language models: every model_type below loads through one module (its `FAMILIES`)
+HF_VLM_MODULE = "iqa_cli.models.hf_vlm.backbone"
+BUILTIN_FAMILIES |= dict.fromkeys(
+    ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "idefics3"), HF_VLM_MODULE
+)
 DEFAULT_FAMILY = "mplug_owl2"  # the family of DEFAULT_MODEL and of every released checkpoint `iqa` scores
 
 VisualInputs = Mapping[str, "torch.Tensor"]  # one image's (or a batch's, rows first) visual tensors, by name
@@ -246,7 +251,8 @@ def get_family(model_type: str, source: str = "") -> Family:
     if model_type in _registered:
         return _registered[model_type]
     if model_type in BUILTIN_FAMILIES:
-        return importlib.import_module(BUILTIN_FAMILIES[model_type]).FAMILY
+        module = importlib.import_module(BUILTIN_FAMILIES[model_type])
+        return getattr(module, "FAMILIES", {}).get(model_type) or module.FAMILY
     where = f"{source}: " if source else ""
     supported = ", ".join(supported_families())
     raise UserError(f"{where}model_type {model_type!r} is not a supported model family (supported: {supported})")

@@ -1,0 +1,476 @@
+"""A transformers vision-language model as a `Backbone`: the registry's `load`, the processor-based transform and
+collate, the chat-template prompt and the level-token check.
+
+The image slot: the prompt holds the processor's image token once; the transform runs the family's own processor
+on that token alone with the image, which gives the image's pixel tensors and the ids the token expands to (e.g.
+256 `<|image_pad|>` for a 448x448 Qwen2-VL input, or Idefics3's crop grid with its row/column tokens). `forward`
+splices those ids into the prompt, so the model sees exactly what `processor(text=prompt, images=[image])` gives.
+Rows of a batch with different expansions are right-padded: causal attention keeps a row's real tokens from ever
+seeing the padding after them and their positions do not move, so a score does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iqa_cli.batch_buffer import batch_buffer
+from iqa_cli.constants import DEFAULT_QUESTION, IGNORE_INDEX, RESPONSE_PREFIX, RESPONSE_TEMPLATE, RUN_FILE
+from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import BackboneOutput, Family, Provenance, VisualInputs
+from iqa_cli.models.hf_vlm import (
+    DEFAULT_PIXELS,
+    DEFAULT_TRAIN_MODEL,
+    IMAGE_TOKENS,
+    LORA_TARGETS,
+    PATCH_GRID_FAMILIES,
+)
+
+IMAGE_IDS = "image_ids"  # B, N: the ids the image token expands to, right-padded with -1
+HAS_IMAGE = "has_image"  # B: 1 for a row holding an image (padding rows are 0)
+TOKEN_TYPES = "mm_token_type_ids"  # Qwen-VL: 0 text, 1 image, per position (M-RoPE needs it)
+TEXT_KEYS = ("input_ids", "attention_mask", TOKEN_TYPES, "token_type_ids")  # processor outputs over the text
+FLAT_PIXELS = "pixel_values"  # Qwen-VL: [patches, D] per image, concatenated over images in the model call
+GRID = "image_grid_thw"
+REGRESSOR_FILE = "regressor.safetensors"  # Q-Scorer's MLP next to a trained model's weights
+
+
+@dataclass(frozen=True)
+class ProcessorTransform:
+    """RGB PIL image -> the family processor's pixel tensors for it and the ids of its expanded image token;
+    picklable for DataLoader workers."""
+
+    processor: Any
+    image_token: str
+    flat: bool  # Qwen-VL: pixel_values without an image dimension
+    images_kwargs: dict = field(default_factory=dict)  # e.g. {"min_pixels": ..., "max_pixels": ...}
+
+    def __call__(self, image: Any) -> dict[str, torch.Tensor]:
+        out = self.processor(
+            text=[self.image_token],
+            images=[image],
+            add_special_tokens=False,
+            return_tensors="pt",
+            **self.images_kwargs,
+        )
+        item = {IMAGE_IDS: out["input_ids"][0]}
+        if TOKEN_TYPES in out:
+            item[TOKEN_TYPES] = torch.as_tensor(out[TOKEN_TYPES][0])
+        for name, value in out.items():
+            if name in TEXT_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            item[name] = value if (self.flat and name == FLAT_PIXELS) else value[0]
+        return item
+
+
+@dataclass(frozen=True)
+class PaddedCollate:
+    """Per-image tensors -> batch-first tensors zero-padded to the largest in every dimension (image ids padded
+    with -1), plus `has_image`; every key keeps its rows first, as the scoring pipeline slices batches by row."""
+
+    def __call__(
+        self, items: list[VisualInputs | None], batch_size: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        present = [item for item in items if item is not None]
+        if not present:  # a batch of failed images only: one empty row shape the forward never reaches
+            return {
+                IMAGE_IDS: torch.full((batch_size, 1), -1, dtype=torch.long),
+                HAS_IMAGE: torch.zeros(batch_size, dtype=torch.int8),
+            }
+        out: dict[str, torch.Tensor] = {}
+        for name, first in present[0].items():
+            shape = [max(item[name].shape[d] for item in present) for d in range(first.dim())]
+            cast = dtype if first.is_floating_point() else first.dtype
+            batch = batch_buffer((batch_size, *shape), cast)
+            batch.fill_(-1 if name == IMAGE_IDS else 0)
+            for row, item in enumerate(items):
+                if item is not None:
+                    value = item[name]
+                    batch[(row, *(slice(0, s) for s in value.shape))] = value
+            out[name] = batch
+        out[HAS_IMAGE] = torch.tensor(
+            [item is not None for item in items] + [False] * (batch_size - len(items)), dtype=torch.int8
+        )
+        return out
+
+
+class HFVisionLanguageBackbone:
+    """A transformers `*ForConditionalGeneration` vision-language model and its processor as a `Backbone`."""
+
+    lora_targets = LORA_TARGETS
+    default_train_model = DEFAULT_TRAIN_MODEL
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        provenance: Provenance | None = None,
+        images_kwargs: dict | None = None,
+        source: str = "",
+    ):
+        self.model, self.processor = model, processor
+        self.name = model.config.model_type
+        self.tokenizer = processor.tokenizer
+        self.preprocessor = processor.image_processor
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.provenance = provenance or Provenance(model=source)
+        self.source = source or self.provenance.model
+        self.flat = self.name in PATCH_GRID_FAMILIES
+        self.images_kwargs = dict(images_kwargs or {})
+        self.transform = ProcessorTransform(processor, self.image_token, self.flat, self.images_kwargs)
+        self.collate = PaddedCollate()
+        self.score_token_ids: list[int] = list(getattr(model.config, "score_token_ids", None) or [])
+        self.regressor: torch.nn.Module | None = None
+        _check_processor(processor, self.source)
+        self.default_prompt = self.render_prompt(DEFAULT_QUESTION)
+
+    # --- prompt and levels -------------------------------------------------------------------------------
+
+    def render_prompt(self, question: str, response: str = RESPONSE_PREFIX) -> str:
+        """The family's chat template over [image, question] and the assistant's answer continued from
+        `response` (no end-of-turn after it): the level is the next token."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": response}]},
+        ]
+        text = self.processor.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        if text.count(self.image_token) != 1:
+            raise UserError(
+                f"{self.source}: the chat template renders {text.count(self.image_token)} image tokens"
+                f" {self.image_token!r} for one image: {text!r}"
+            )
+        return text
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Ids of the rendered text as the processor tokenizes it (a template that starts with the BOS token
+        gets no second one)."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos is not None and prompt.startswith(bos))
+        return list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+
+    def default_scoring(self) -> tuple[str, list[int], str | None]:
+        return self.default_prompt, [], "last" if self.has_regressor else None
+
+    def level_tokens(self, word: str, prompt: str | None = None) -> list[str]:
+        """The tokens `word` becomes where it stands after the prompt (after a space, as in the response)."""
+        prompt = self.default_prompt if prompt is None else prompt
+        before = self.encode_prompt(prompt)
+        after = self.encode_prompt(f"{prompt} {word}")
+        if after[: len(before)] != before:  # the word merged with the prompt's last token
+            return self.tokenizer.convert_ids_to_tokens(after[len(before) - 1 :])
+        return self.tokenizer.convert_ids_to_tokens(after[len(before) :])
+
+    def level_token_id(self, word: str) -> int:
+        """An added token by name (Q-Scorer's <scoreK>), else the one token of " word" after the prompt; a word
+        that is not one token there is a one-line UserError naming its tokens and one-token alternatives."""
+        added = self.tokenizer.get_added_vocab()
+        if word in added:
+            return added[word]
+        tokens = self.level_tokens(word)
+        if len(tokens) != 1:
+            raise UserError(
+                f"level word {word!r} is {len(tokens)} tokens {tokens} after the prompt of {self.source}, not one;"
+                f" {self._alternatives(word)}"
+            )
+        return int(self.tokenizer.convert_tokens_to_ids(tokens[0]))
+
+    def _alternatives(self, word: str) -> str:
+        variants = dict.fromkeys([word.lower(), word.capitalize(), word.upper()])
+        single = [v for v in variants if len(self.level_tokens(v)) == 1 and v != word]
+        if single:
+            return f"one-token alternatives: {', '.join(single)}"
+        return "no case variant is one token; choose another word (or Q-Scorer's --method qscorer score tokens)"
+
+    def level_token_ids(self, words: list[str] | tuple[str, ...]) -> list[int]:
+        ids = [self.level_token_id(w) for w in words]
+        if len(set(ids)) != len(ids):
+            raise UserError(f"level words {list(words)} do not map to distinct tokens: {ids}")
+        return ids
+
+    # --- forward -----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def has_regressor(self) -> bool:
+        return self.regressor is not None
+
+    def _splice(
+        self, visual: VisualInputs, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Model inputs with each row's image ids in place of the image token, right-padded; and where each
+        input id landed [B, T] and each row's last real position [B]."""
+        device = self.device
+        b, t = input_ids.shape
+        image_ids = visual[IMAGE_IDS].to(device)
+        lengths = (image_ids >= 0).sum(1)  # B
+        mask_in = attention_mask.to(device).bool() if attention_mask is not None else torch.ones_like(input_ids).bool()
+        is_slot = input_ids == self.image_token_id
+        if not bool((is_slot.sum(1) == 1).all()):
+            raise UserError(f"the prompt must hold the image token {self.image_token!r} exactly once")
+        slot = is_slot.long().argmax(1)  # B
+        idx = torch.arange(t, device=device)[None]
+        text_pos = torch.where(idx > slot[:, None], idx + lengths[:, None] - 1, idx)  # B, T
+        total = int((t - 1 + lengths).max())
+        ids = torch.full((b, total), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(b, total, dtype=torch.long, device=device)
+        kept = ~is_slot
+        rows = torch.arange(b, device=device)[:, None].expand(b, t)
+        ids[rows[kept], text_pos[kept]] = input_ids[kept]
+        mask[rows[kept], text_pos[kept]] = mask_in[kept].long()
+        n = image_ids.shape[1]
+        image_pos = slot[:, None] + torch.arange(n, device=device)[None]  # B, N
+        real = image_ids >= 0
+        brows = torch.arange(b, device=device)[:, None].expand(b, n)
+        ids[brows[real], image_pos[real]] = image_ids[real]
+        mask[brows[real], image_pos[real]] = 1
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+        if TOKEN_TYPES in visual:
+            types = torch.zeros(b, total, dtype=visual[TOKEN_TYPES].dtype, device=device)
+            types[brows[real], image_pos[real]] = visual[TOKEN_TYPES].to(device)[real]
+            inputs[TOKEN_TYPES] = types
+        for name, value in visual.items():
+            if name in (IMAGE_IDS, HAS_IMAGE, TOKEN_TYPES):
+                continue
+            value = value.to(device)
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            inputs[name] = value
+        if self.flat:  # the patches of each image, concatenated in row order
+            counts = inputs[GRID].prod(-1)
+            inputs[FLAT_PIXELS] = torch.cat([inputs[FLAT_PIXELS][i, : int(c)] for i, c in enumerate(counts)])
+        last_input = (mask_in.long() * idx).argmax(1)  # each row's last real input id
+        last_index = text_pos.gather(1, last_input[:, None])[:, 0]
+        return inputs, text_pos, last_index
+
+    def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final-norm hidden states [B, L, C] of the model's decoder (peft's LoRA layers sit inside it)."""
+        return self.model.model(**inputs, use_cache=False).last_hidden_state
+
+    def forward(
+        self,
+        visual: VisualInputs,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        logits_at: str | torch.Tensor = "last",
+        use_cache: bool = False,
+    ) -> BackboneOutput:
+        """Logits only where asked: "last" runs the LM head at each row's last real position alone."""
+        if use_cache:
+            raise UserError(
+                f"{self.name}: the appended-token regressor readout is for released mPLUG-Owl2 Q-Scorer"
+                " checkpoints only"
+            )
+        b = input_ids.shape[0]
+        input_ids = input_ids.to(self.device)
+        has = visual[HAS_IMAGE].bool().to(self.device) if HAS_IMAGE in visual else torch.ones(b, dtype=torch.bool)
+        rows = has.nonzero()[:, 0]
+        if len(rows) < b:  # padding rows: the model runs on the real rows only, the others stay zero
+            sub = {name: value.to(self.device)[rows] for name, value in visual.items()}
+            mask = attention_mask.to(self.device)[rows] if attention_mask is not None else None
+            part = self.forward(sub, input_ids[rows], attention_mask=mask, logits_at=logits_at)
+            return _scatter_rows(part, rows, b)
+        inputs, text_pos, last_index = self._splice(visual, input_ids, attention_mask)
+        hidden = self._hidden(inputs)
+        head = self.model.lm_head
+        if isinstance(logits_at, torch.Tensor):
+            logits = head(hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1])))
+        elif logits_at == "last":
+            logits = head(hidden[torch.arange(b, device=hidden.device), last_index][:, None])
+        elif logits_at == "all":
+            logits = head(hidden)
+        else:
+            logits = None
+        # hidden_states[:, -1] is what the regressor reads: each row's last real position goes last
+        last = hidden[torch.arange(b, device=hidden.device), last_index][:, None]
+        return BackboneOutput(logits, torch.cat([hidden, last], 1) if hidden.shape[1] else last, text_pos, last_index)
+
+    __call__ = forward
+
+    def decode_step(self, input_ids: torch.Tensor, past_key_values: Any) -> BackboneOutput:
+        raise UserError(f"{self.name}: cached decoding is not used by this family's readouts")
+
+    def regress(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.regressor is None:
+            raise UserError(f"{self.source}: no regression head")
+        return self.regressor(hidden.float())
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+def _scatter_rows(part: BackboneOutput, rows: torch.Tensor, b: int) -> BackboneOutput:
+    def spread(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        full = x.new_zeros((b, *x.shape[1:]))
+        full[rows] = x
+        return full
+
+    return BackboneOutput(
+        spread(part.logits), spread(part.hidden_states), spread(part.text_positions), spread(part.last_index)
+    )
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def _check_config(model: str | Path, revision: str | None) -> None:
+    """A checkpoint whose config or processor points at remote code is refused (iqa never runs it)."""
+    import json
+
+    from iqa_cli.models.backbone import CONFIG_FILE, _cached_hub_file
+
+    path = Path(model).expanduser()
+    for name in (CONFIG_FILE, "processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        file = path / name if path.is_dir() else _cached_hub_file(str(model), name, revision)
+        if file is None or not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{file}: not readable JSON ({exc})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise UserError(
+                f"{file}: the checkpoint needs remote code (auto_map {sorted(data['auto_map'])});"
+                " iqa loads only transformers' own classes"
+            )
+
+
+def _check_processor(processor: Any, source: str) -> None:
+    if getattr(processor, "chat_template", None) is None:
+        raise UserError(
+            f"{source}: the processor has no chat template (chat_template.jinja or chat_template in"
+            " processor_config.json); iqa renders its prompt with it"
+        )
+    if not hasattr(processor, "image_token") or not hasattr(processor, "image_processor"):
+        raise UserError(f"{source}: {type(processor).__name__} is not an image-and-text processor")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from transformers while loading: stderr keeps iqa's one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def pixel_options(model_type: str, min_pixels: int | None, max_pixels: int | None, patch: int) -> dict:
+    """Qwen-VL's pixel budget: default the papers' fixed 448x448, else the user's bounds (at least one merged
+    patch, min <= max)."""
+    if model_type not in PATCH_GRID_FAMILIES:
+        if min_pixels is not None or max_pixels is not None:
+            raise UserError(f"--min-pixels / --max-pixels apply to {', '.join(PATCH_GRID_FAMILIES)}, not {model_type}")
+        return {}
+    if min_pixels is None and max_pixels is None:
+        min_pixels = max_pixels = DEFAULT_PIXELS
+    smallest = patch * patch
+    for flag, value in (("--min-pixels", min_pixels), ("--max-pixels", max_pixels)):
+        if value is not None and value < smallest:
+            raise UserError(f"{flag} {value} is below one {patch}x{patch} patch of {model_type} ({smallest} pixels)")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise UserError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
+    bounds = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
+    return {"size": bounds}  # Qwen2VLImageProcessor's pixel-count bounds
+
+
+def load(
+    model: str | Path,
+    *,
+    base: str | Path | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> HFVisionLanguageBackbone:
+    """The registry's entry point: a Hub repo id or directory holding a transformers checkpoint and processor
+    (an `iqa train` run directory is one, with its `iqa.json`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _check_config(model, revision)
+    source = str(model)
+    try:
+        with _quiet_transformers():
+            processor = AutoProcessor.from_pretrained(str(model), revision=revision, trust_remote_code=False)
+            _check_processor(processor, source)  # before any weights are read
+            loaded = AutoModelForImageTextToText.from_pretrained(
+                str(model), revision=revision, dtype=dtype or torch.float32, trust_remote_code=False
+            )
+    except OSError as exc:
+        raise UserError(f"{source}: cannot load the model or processor ({' '.join(str(exc).split())[:300]})") from None
+    loaded = loaded.to(device or "cpu").eval()
+    model_type = loaded.config.model_type
+    patch = int(getattr(processor.image_processor, "patch_size", 14) or 14)
+    merge = int(getattr(processor.image_processor, "merge_size", 1) or 1)
+    kwargs = pixel_options(model_type, min_pixels, max_pixels, patch * merge)
+    path = Path(model).expanduser()
+    weights_dir = path if path.is_dir() else None
+    commit = getattr(loaded.config, "_commit_hash", None) or ""
+    provenance = Provenance(
+        model=str(path.resolve()) if weights_dir else source,
+        revision=commit or "",
+        layout="transformers",
+        weights_dir=weights_dir,
+    )
+    backbone = HFVisionLanguageBackbone(loaded, processor, provenance=provenance, images_kwargs=kwargs, source=source)
+    if weights_dir is not None and (weights_dir / REGRESSOR_FILE).is_file() and (weights_dir / RUN_FILE).is_file():
+        backbone.load_regressor(weights_dir)
+    return backbone
+
+
+FAMILY_NAME = "hf_vlm"
+OUTPUT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    REGRESSOR_FILE,
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+FAMILIES = {
+    model_type: Family(name=model_type, image_token=token, load=load, output_files=OUTPUT_FILES)
+    for model_type, token in IMAGE_TOKENS.items()
+}
+FAMILY = FAMILIES["qwen2_5_vl"]
+_ = (IGNORE_INDEX, RESPONSE_TEMPLATE)  # used by the training half below
