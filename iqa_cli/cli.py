@@ -482,6 +482,12 @@ def score(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
     wait: bool = typer.Option(False, "--wait", help="If another run writes the same --out, wait for it to end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    min_pixels: int | None = typer.Option(
+        None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
+    ),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
+    ),
 ) -> None:
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
 
@@ -510,6 +516,8 @@ def score(
         overwrite=overwrite,
         wait=wait,
         quiet=quiet,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
     )
     if not config.inputs and config.from_file is None:
         raise UserError("no inputs: give image folders or files, or --from FILE")

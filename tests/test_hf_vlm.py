@@ -76,11 +76,8 @@ def test_scores_equal_transformers_own_forward_at_the_level_ids(tiny, family):
 )
 def test_a_score_does_not_depend_on_its_batch_mates(tiny, family, pixels):
     """Images of different visual-token counts in one batch (right-padded rows) score as they do alone."""
-    backbone = load_backbone(tiny[family], dtype=torch.float32, device="cpu")
-    if pixels is not None:  # native resolution up to a small budget: a different grid per aspect ratio
-        from iqa_cli.models.hf_vlm.backbone import load
-
-        backbone = load(tiny[family], dtype=torch.float32, device="cpu", min_pixels=28 * 28, max_pixels=pixels)
+    options = {"min_pixels": 28 * 28, "max_pixels": pixels} if pixels else {}  # Qwen: a grid per aspect ratio
+    backbone = Scorer.from_pretrained(tiny[family], device="cpu", dtype="float32", **options).backbone
     images = _images()
     items = [backbone.transform(image) for image in images]
     counts = {int((item["image_ids"] >= 0).sum()) for item in items}
@@ -122,40 +119,38 @@ def test_a_level_word_of_several_tokens_is_one_line_with_its_tokens_and_alternat
 
 
 def test_iqa_score_writes_rows_for_a_folder_with_a_qwen2_vl_model(tiny, tmp_path):
+    """Mixed sizes at native resolution, two per batch, a broken file among them: rows equal each image alone."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, image in enumerate(_images()):
         image.save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "scores.parquet"
-    result = run_iqa(
-        "score",
-        str(folder),
-        "--model",
-        str(tiny["qwen2_vl"]),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--quiet",
-    )
+    model = str(tiny["qwen2_vl"])
+    pixels = {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 6}
+    flags = ["--min-pixels", str(pixels["min_pixels"]), "--max-pixels", str(pixels["max_pixels"])]
+    common = ["--device", "cpu", "--batch-size", "2", "--workers", "1", "--quiet"]
+    result = run_iqa("score", str(folder), "--model", model, "--out", str(out), *common, *flags)
     assert result.returncode == 0, result.stderr
     frame = pd.read_parquet(out).sort_values("image")
     assert len(frame) == 4 and frame["error"].notna().sum() == 1
     good = frame[frame["error"].isna()]
-    scorer = Scorer.from_pretrained(tiny["qwen2_vl"], device="cpu", dtype="float32")
-    expected = scorer.score([folder / name for name in good["image"]], batch_size=1)
+    scorer = Scorer.from_pretrained(model, device="cpu", dtype="float32", **pixels)
+    expected = scorer.score([folder / name for name in good["image"]], batch_size=1)  # each alone
     np.testing.assert_allclose(good["score"].to_numpy(float), [r.score for r in expected], rtol=0, atol=1e-5)
     import pyarrow.parquet as pq
 
     metadata = {k.decode(): v.decode() for k, v in pq.read_schema(out).metadata.items()}
-    assert "<|image_pad|>" in metadata["prompt"] and json.loads(metadata["level_token_ids"]) == list(
-        scorer.readout.level_token_ids
-    )
+    assert "<|image_pad|>" in metadata["prompt"]
+    assert json.loads(metadata["level_token_ids"]) == list(scorer.readout.level_token_ids)
+    assert json.loads(metadata["image_processing"]) == {"size": {"shortest_edge": 784, "longest_edge": 4704}}
+
+    too_small = run_iqa("score", str(folder), "--model", model, "--out", str(tmp_path / "x.parquet"), *common,
+                        "--max-pixels", "100")  # fmt: skip
+    assert too_small.returncode == 2, too_small.stderr
+    assert too_small.stderr.strip().splitlines() == [
+        "error: --max-pixels 100 is below one 28x28 patch of qwen2_vl (784 pixels)"
+    ]
 
 
 def _copy(source, target, edit=None, remove=()):

@@ -102,6 +102,8 @@ class ScoreConfig:
     quiet: bool = False
     flush_rows: int = 4096  # write a part after this many images ...
     flush_seconds: float = 30.0  # ... or after this many seconds, whichever comes first
+    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of the resized image (None: the family's)
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -389,6 +391,7 @@ def _request(config: ScoreConfig) -> dict[str, str | None]:
         "revision": config.revision,
         "prompt": config.prompt,
         "dtype": config.dtype,
+        **{k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None},
     }
 
 
@@ -615,6 +618,8 @@ def _score(
             dtype=config.dtype,
             prompt=config.prompt,
             revision=config.revision,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
         )
 
     scorer = _LazyScorer(build)

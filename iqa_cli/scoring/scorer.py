@@ -12,6 +12,7 @@ trained (the run directory's `iqa.json` records it).
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,8 @@ class Scorer:
         dtype: str | torch.dtype = "auto",
         prompt: str | None = None,
         revision: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
 
@@ -229,6 +232,7 @@ class Scorer:
             prompt: a full prompt holding the family's image token once; default: the one the checkpoint was
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
+            min_pixels, max_pixels: pixel-count bounds of resized images, for families that take them (Qwen-VL).
         """
         from iqa_cli.files import directory_fingerprint
         from iqa_cli.models.backbone import family_of, get_family
@@ -241,7 +245,10 @@ class Scorer:
             raise UserError(f"--prompt must hold {family.image_token} exactly once: {prompt!r}")
         target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
-        backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target)
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if pixels and "max_pixels" not in inspect.signature(family.load).parameters:
+            raise UserError(f"--min-pixels / --max-pixels do not apply to {family.name} models")
+        backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **pixels)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
         readout = build_readout(backbone, prompt, run)
@@ -261,6 +268,9 @@ class Scorer:
             "level_token_ids": json.dumps(list(readout.level_token_ids)),
             "level_centers": json.dumps([round(float(c), 6) for c in readout.centers]),
             "regressor_readout": readout.regressor or "",
+            **(
+                {"image_processing": json.dumps(options)} if (options := getattr(backbone, "images_kwargs", {})) else {}
+            ),
             "iqa_version": __version__,
         }
         return cls(backbone, readout, metadata)
