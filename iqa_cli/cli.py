@@ -35,7 +35,7 @@ def _version_callback(value: bool) -> None:
     if value:
         from iqa_cli.about import describe_runtime
 
-        out_console.print(f"iqa {__version__}\n{describe_runtime()}", markup=False)
+        out_console.print(f"iqa {__version__}\n{describe_runtime()}", markup=False, soft_wrap=True)
         raise typer.Exit()
 
 
