@@ -26,7 +26,8 @@ def test_unknown_model_type_is_one_line_naming_the_supported_families(tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert f"model_type {model_type!r} is not a supported model family" in lines[0]
-    assert str(model / "config.json") in lines[0] and "supported: idefics3, llava_onevision, mplug_owl2, qwen2_5_vl" in lines[0]
+    assert str(model / "config.json") in lines[0]
+    assert "supported: idefics3, llava_onevision, mplug_owl2, qwen2_5_vl, qwen2_vl, qwen3_vl)" in lines[0]
     assert not (tmp_path / "s.parquet").exists()
 
 

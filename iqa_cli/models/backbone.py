@@ -31,9 +31,7 @@ RUN_FAMILY_KEY = "family"  # `iqa.json` key naming the family of an `iqa train` 
 BUILTIN_FAMILIES = {"mplug_owl2": "iqa_cli.models.mplug_owl2.backbone"}
 # transformers' own vision-language models: every model_type below loads through one module (its `FAMILIES`)
 HF_VLM_MODULE = "iqa_cli.models.hf_vlm.backbone"
-BUILTIN_FAMILIES |= dict.fromkeys(
-    ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "idefics3"), HF_VLM_MODULE
-)
+BUILTIN_FAMILIES |= dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "idefics3"), HF_VLM_MODULE)
 DEFAULT_FAMILY = "mplug_owl2"  # the family of DEFAULT_MODEL and of every released checkpoint `iqa` scores
 
 VisualInputs = Mapping[str, "torch.Tensor"]  # one image's (or a batch's, rows first) visual tensors, by name

@@ -11,6 +11,8 @@ seeing the padding after them and their positions do not move, so a score does n
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +40,9 @@ TEXT_KEYS = ("input_ids", "attention_mask", TOKEN_TYPES, "token_type_ids")  # pr
 FLAT_PIXELS = "pixel_values"  # Qwen-VL: [patches, D] per image, concatenated over images in the model call
 GRID = "image_grid_thw"
 REGRESSOR_FILE = "regressor.safetensors"  # Q-Scorer's MLP next to a trained model's weights
+REGRESSOR_ATTR = "iqa_regressor"  # its attribute on the model
+NON_LORA = "non_lora_trainables.safetensors"  # a LoRA run's trained tensors outside the adapter (vision, lm_head)
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,6 @@ class HFVisionLanguageBackbone:
         self.transform = ProcessorTransform(processor, self.image_token, self.flat, self.images_kwargs)
         self.collate = PaddedCollate()
         self.score_token_ids: list[int] = list(getattr(model.config, "score_token_ids", None) or [])
-        self.regressor: torch.nn.Module | None = None
         _check_processor(processor, self.source)
         self.default_prompt = self.render_prompt(DEFAULT_QUESTION)
 
@@ -203,6 +207,11 @@ class HFVisionLanguageBackbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def regressor(self) -> torch.nn.Module | None:
+        """Q-Scorer's MLP, a submodule of the model (so the optimizer, DDP and peft see it)."""
+        return getattr(self.model, REGRESSOR_ATTR, None)
 
     @property
     def has_regressor(self) -> bool:
@@ -318,6 +327,223 @@ class HFVisionLanguageBackbone:
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
+    # --- training -------------------------------------------------------------------------------------
+
+    def add_tokens(self, tokens: list[str] | tuple[str, ...]) -> list[int]:
+        """Adds special tokens; the embeddings grow only when the tokenizer outgrows them (Qwen's have spare rows)."""
+        self.tokenizer.add_tokens(list(tokens), special_tokens=True)
+        ids = [int(self.tokenizer.convert_tokens_to_ids(t)) for t in tokens]
+        if len(self.tokenizer) > self.vocab_size:
+            with _quiet_transformers():
+                self.model.resize_token_embeddings(len(self.tokenizer))
+        return ids
+
+    def record_score_tokens(self, ids: list[int] | tuple[int, ...]) -> None:
+        self.model.config.score_token_ids = list(ids)
+
+    def encode_training(
+        self, question: str, level_token: str, level_token_id: int, *, image_first: bool
+    ) -> tuple[list[int], list[int], int]:
+        """(input ids, labels, level position) of [image, question] -> "The quality of the image is {level}." in
+        the family's chat template; the assistant's turn (through its end-of-turn) is supervised. The image comes
+        first in either layout (`image_first` is an mPLUG-Owl2 choice; these templates place the image where
+        the message puts it)."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": RESPONSE_TEMPLATE.format(level_token)}]},
+        ]
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        ids = self.encode_prompt(text)
+        asked = self.processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        prefix = self.encode_prompt(asked)
+        start = next((t for t, (a, b) in enumerate(zip(ids, prefix, strict=False)) if a != b), len(prefix))
+        labels = [IGNORE_INDEX] * start + ids[start:]
+        hits = [t for t in range(start, len(ids)) if ids[t] == level_token_id]
+        if not hits:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids[start:])
+            raise UserError(
+                f"level {level_token!r}: its token (id {level_token_id}) is not among the response tokens {pieces};"
+                " choose level names that tokenize the same inside a sentence"
+            )
+        return ids, labels, hits[-1]
+
+    def add_regressor(self, dims: list[int]) -> None:
+        """Q-Scorer's MLP, Kaiming-normal (fan_in, ReLU) weights and zero biases; kept if there is one."""
+        from torch import nn
+
+        from iqa_cli.models.hf_vlm.regressor import Regressor
+
+        if self.regressor is not None:
+            return
+        width = self.model.get_output_embeddings().weight.shape[1]
+        mlp = Regressor(width, dims).to(device=self.device, dtype=torch.float32)
+        for module in mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        setattr(self.model, REGRESSOR_ATTR, mlp)
+
+    def _language_model(self) -> torch.nn.Module:
+        return (
+            self.model.model.language_model
+            if hasattr(self.model.model, "language_model")
+            else (self.model.model.text_model)
+        )
+
+    def _vision_parts(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """(vision encoder, projector) parameters: Qwen-VL's merger sits inside `visual`."""
+        inner = self.model.model
+        if hasattr(inner, "visual"):
+            projector = [*inner.visual.merger.parameters()]
+            if hasattr(inner.visual, "deepstack_merger_list"):
+                projector += [*inner.visual.deepstack_merger_list.parameters()]
+            ids = {id(p) for p in projector}
+            return [p for p in inner.visual.parameters() if id(p) not in ids], projector
+        vision = inner.vision_tower if hasattr(inner, "vision_tower") else inner.vision_model
+        projector = inner.multi_modal_projector if hasattr(inner, "multi_modal_projector") else inner.connector
+        extra = [inner.image_newline] if isinstance(getattr(inner, "image_newline", None), torch.nn.Parameter) else []
+        return list(vision.parameters()), [*projector.parameters(), *extra]
+
+    def lora_target_modules(self, suffixes: list[str] | tuple[str, ...]) -> list[str]:
+        """Full names of the language model's Linear layers ending with a suffix (never vision or projector)."""
+        from torch import nn
+
+        language = {id(m) for m in self._language_model().modules()}
+        return [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Linear)
+            and id(module) in language
+            and any(name == s or name.endswith("." + s) for s in suffixes)
+        ]
+
+    def trainable_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        vision, projector = self._vision_parts()
+        regressor = self.regressor
+        return {
+            "output": [self.model.get_output_embeddings().weight],
+            "regressor": list(regressor.parameters()) if regressor is not None else [],
+            "vision": vision,
+            "projector": projector,
+        }
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        model = self.model
+        with _quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renamed it activation checkpointing
+            if not enabled:
+                model.gradient_checkpointing_disable()
+            elif hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """FSDP2 units: the language model's decoder layers and the Q-Scorer MLP."""
+        units = [*self._language_model().layers]
+        if self.regressor is not None:
+            units.append(self.regressor)
+        return units
+
+    def training_forward(
+        self,
+        module: torch.nn.Module,
+        visual: VisualInputs,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden_at: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [N, T, V] at the input ids' own positions (none at the image's), final-norm hidden states [N, C]
+        at input positions `hidden_at`. peft's LoRA layers sit inside `self.model`, which is what runs."""
+        inputs, text_pos, _ = self._splice(visual, input_ids, attention_mask)
+        hidden = self._hidden(inputs)
+        c = hidden.shape[-1]
+        at_text = hidden.gather(1, text_pos[..., None].expand(-1, -1, c))  # N, T, C
+        logits = self.model.get_output_embeddings()(at_text)
+        picked = at_text.gather(1, hidden_at[:, None, None].expand(-1, 1, c))[:, 0] if hidden_at is not None else None
+        return logits, picked
+
+    def save(self, out: Any, *, state: dict | None = None, dtype: Any = None, processing: bool = True) -> None:
+        """A standard transformers checkpoint (`save_pretrained`, so `AutoModelForImageTextToText` loads it
+        anywhere), the processor, and Q-Scorer's MLP as its own file."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        model = self.model
+        regressor = self.regressor
+        if dtype is not None:
+            model.to(dtype)  # the end of training: written in the dtype it was trained in
+        if regressor is not None:
+            delattr(model, REGRESSOR_ATTR)
+        try:
+            if state is not None:
+                state = {k: v for k, v in state.items() if not k.startswith(REGRESSOR_ATTR + ".")}
+            with _quiet_transformers():
+                model.save_pretrained(out, state_dict=state)
+        finally:
+            if regressor is not None:
+                setattr(model, REGRESSOR_ATTR, regressor)
+        if processing:
+            self.processor.save_pretrained(out)
+        if regressor is not None:
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in regressor.state_dict().items()}
+            save_file(
+                tensors, str(out / REGRESSOR_FILE), metadata={"hidden_dims": ",".join(map(str, regressor.hidden_dims))}
+            )
+
+    def save_adapter(self, peft_model: Any, out: Any, base: str | None) -> None:
+        """peft's own adapter layout, the trained tensors outside it (vision, projector, resized embeddings), the
+        processor and Q-Scorer's MLP."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        peft_model.save_pretrained(str(out))
+        config = json.loads((out / ADAPTER_CONFIG).read_text())
+        config["base_model_name_or_path"] = base
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        resized = getattr(self.model.config, "score_token_ids", None)
+        embeddings = {id(self.model.get_output_embeddings().weight), id(self.model.get_input_embeddings().weight)}
+        prefix = "base_model.model."
+        non_lora = {
+            name.removeprefix(prefix): p.detach().cpu().contiguous()
+            for name, p in peft_model.named_parameters()
+            if "lora_" not in name
+            and not name.removeprefix(prefix).startswith(REGRESSOR_ATTR + ".")
+            and (p.requires_grad or (resized and id(p) in embeddings))
+        }
+        save_file(non_lora, str(out / NON_LORA), metadata={"format": "pt"})
+        self.model.config.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        regressor = self.regressor
+        if regressor is not None:
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in regressor.state_dict().items()}
+            save_file(
+                tensors, str(out / REGRESSOR_FILE), metadata={"hidden_dims": ",".join(map(str, regressor.hidden_dims))}
+            )
+
+    def load_regressor(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(directory / REGRESSOR_FILE), framework="pt") as f:
+            dims = [int(d) for d in (f.metadata() or {}).get("hidden_dims", "").split(",") if d]
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        self.add_regressor(dims)
+        self.regressor.load_state_dict(tensors)
+
+    processing_files = (
+        "processor_config.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        REGRESSOR_FILE,
+    )
+
 
 def _scatter_rows(part: BackboneOutput, rows: torch.Tensor, b: int) -> BackboneOutput:
     def spread(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -418,13 +644,23 @@ def load(
 
     _check_config(model, revision)
     source = str(model)
+    path = Path(model).expanduser()
+    weights_dir = path if path.is_dir() else None
+    adapter = weights_dir is not None and (weights_dir / ADAPTER_CONFIG).is_file()
+    if adapter:
+        base = base or _adapter_base(weights_dir)
     try:
         with _quiet_transformers():
             processor = AutoProcessor.from_pretrained(str(model), revision=revision, trust_remote_code=False)
             _check_processor(processor, source)  # before any weights are read
             loaded = AutoModelForImageTextToText.from_pretrained(
-                str(model), revision=revision, dtype=dtype or torch.float32, trust_remote_code=False
+                str(base if adapter else model),
+                revision=None if adapter else revision,
+                dtype=dtype or torch.float32,
+                trust_remote_code=False,
             )
+            if adapter:
+                loaded = _merge_adapter(loaded, processor, weights_dir)
     except OSError as exc:
         raise UserError(f"{source}: cannot load the model or processor ({' '.join(str(exc).split())[:300]})") from None
     loaded = loaded.to(device or "cpu").eval()
@@ -432,19 +668,47 @@ def load(
     patch = int(getattr(processor.image_processor, "patch_size", 14) or 14)
     merge = int(getattr(processor.image_processor, "merge_size", 1) or 1)
     kwargs = pixel_options(model_type, min_pixels, max_pixels, patch * merge)
-    path = Path(model).expanduser()
-    weights_dir = path if path.is_dir() else None
     commit = getattr(loaded.config, "_commit_hash", None) or ""
     provenance = Provenance(
         model=str(path.resolve()) if weights_dir else source,
         revision=commit or "",
-        layout="transformers",
+        layout="lora" if adapter else "full",
         weights_dir=weights_dir,
+        base_model=str(base) if adapter else "",
     )
     backbone = HFVisionLanguageBackbone(loaded, processor, provenance=provenance, images_kwargs=kwargs, source=source)
-    if weights_dir is not None and (weights_dir / REGRESSOR_FILE).is_file() and (weights_dir / RUN_FILE).is_file():
+    if weights_dir is not None and (weights_dir / REGRESSOR_FILE).is_file():
         backbone.load_regressor(weights_dir)
     return backbone
+
+
+def _adapter_base(run_dir: Path) -> str:
+    """The full model a LoRA run applies to: its iqa.json `base`, else the adapter config's."""
+    for name, key in ((RUN_FILE, "base"), (ADAPTER_CONFIG, "base_model_name_or_path")):
+        file = run_dir / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get(key)
+            if value:
+                return str(value)
+    raise UserError(f"{run_dir}: a LoRA adapter that names no base model; pass --base")
+
+
+def _merge_adapter(model: Any, processor: Any, run_dir: Path) -> Any:
+    """The base with the run's LoRA merged in and its trained non-LoRA tensors (vision, projector, resized
+    embeddings) loaded: the same weights the run ended with."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    if len(processor.tokenizer) > model.get_output_embeddings().weight.shape[0]:  # Q-Scorer's added tokens
+        model.resize_token_embeddings(len(processor.tokenizer))
+    with _quiet_transformers():
+        model = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
+    if (run_dir / NON_LORA).is_file():
+        missing = set(load_file(str(run_dir / NON_LORA))) - set(model.state_dict())
+        if missing:
+            raise UserError(f"{run_dir / NON_LORA}: tensors the model does not have: {sorted(missing)[:3]}")
+        model.load_state_dict(load_file(str(run_dir / NON_LORA)), strict=False)
+    return model
 
 
 FAMILY_NAME = "hf_vlm"
@@ -456,6 +720,8 @@ OUTPUT_FILES = (
     "model-*-of-*.safetensors",
     "adapter_config.json",
     "adapter_model.safetensors",
+    "README.md",  # peft's model card of an adapter
+    NON_LORA,
     REGRESSOR_FILE,
     "processor_config.json",
     "preprocessor_config.json",

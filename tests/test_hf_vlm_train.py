@@ -1,0 +1,128 @@
+"""Training transformers vision-language models through `iqa train`'s interface (iqa_cli/models/hf_vlm): each
+method lowers its loss, the run directory is a standard transformers checkpoint that scores as the trained model
+did, a LoRA run merges to the same scores, and our response CE equals transformers' own `labels=` loss.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iqa_cli.constants import DEFAULT_QUESTION, IGNORE_INDEX
+from iqa_cli.losses import response_cross_entropy
+from iqa_cli.models.backbone import TrainableBackbone, load_backbone
+from iqa_cli.models.hf_vlm.tiny import tiny_checkpoint
+from iqa_cli.scoring.scorer import Scorer
+from tests.test_train_data import prepare_synthetic
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Qwen2-VL and Idefics3, and 6 synthetic images (5 train, 1 test) prepared by `iqa prepare custom`."""
+    root = tmp_path_factory.mktemp("hf_vlm_train")
+    models = {family: tiny_checkpoint(family, root / family) for family in ("qwen2_vl", "idefics3")}
+    return models, prepare_synthetic(root, "synth", 6, size=(40, 32))
+
+
+def _train(setup, tmp_path, method, *, family="qwen2_vl", steps=6, **options):
+    from iqa_cli.training import TrainConfig, train
+
+    models, data = setup
+    out = tmp_path / f"run-{method}"
+    config = TrainConfig.from_options(
+        datasets=["synth"], data_dir=data, model=str(models[family]), out=out, method=method, epochs=steps,
+        max_steps=steps, batch_size=5, lr=2e-3, workers=0, quiet=True, fixed_question=True, **options,
+    )  # fmt: skip
+    result = train(config)
+    losses = [json.loads(line).get("loss") for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return out, result, [x for x in losses if x is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "lora"), [("deqa", False), ("qalign", True), ("qscorer", True)])
+def test_each_method_lowers_its_loss_and_the_run_scores_as_trained(setup, tmp_path, method, lora):
+    options = {"lora": True, "lora_r": 8, "lora_alpha": 16, "merge": True} if lora else {}
+    if method == "qscorer":  # unclamped MSE: a tiny random model's first outputs may fall below the clamp's 0
+        options |= {"mlp_dims": [16, 16], "mse_clamp": False}
+    out, result, losses = _train(setup, tmp_path, method, **options)
+    assert result.steps == 6 and len(losses) == 6 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < losses[0], losses  # all five training images every step: the loss goes down
+    run = json.loads((out / "iqa.json").read_text())
+    assert run["family"] == "qwen2_vl" and run["method"] == method
+    if lora:
+        assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+        assert run["base"] == str(setup[0]["qwen2_vl"].resolve())
+    else:  # a standard transformers checkpoint: transformers' own Auto classes load it
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        AutoModelForImageTextToText.from_pretrained(out)
+        AutoProcessor.from_pretrained(out)
+    images = [Image.open(p).convert("RGB") for p in sorted((setup[1].parent / "synth-src" / "images").glob("*"))[:3]]
+    scored = Scorer.from_pretrained(out, device="cpu", dtype="float32")
+    if method == "qscorer":
+        assert scored.readout.level_names == ("bad", "poor", "fair", "good", "excellent")
+        assert scored.backbone.tokenizer.convert_ids_to_tokens(list(scored.readout.level_token_ids))[0] == "<score1>"
+        assert scored.has_regressor
+    results = scored.score(images)
+    if lora:  # --merge wrote a full checkpoint that scores the same
+        merged = Scorer.from_pretrained(out / "merged", device="cpu", dtype="float32").score(images)
+        np.testing.assert_allclose([r.probs for r in merged], [r.probs for r in results], rtol=0, atol=1e-5)
+        if method == "qscorer":
+            np.testing.assert_allclose([r.score_reg for r in merged], [r.score_reg for r in results], atol=1e-5)
+    else:  # the trained weights moved away from the base's scores
+        base = Scorer.from_pretrained(setup[0]["qwen2_vl"], device="cpu", dtype="float32").score(images)
+        assert not np.allclose([r.probs for r in base], [r.probs for r in results], atol=1e-4)
+
+
+def test_save_load_round_trip_keeps_scores_and_the_regressor(setup, tmp_path):
+    backbone = load_backbone(setup[0]["qwen2_vl"], dtype=torch.float32, device="cpu")
+    assert isinstance(backbone, TrainableBackbone)
+    ids = backbone.add_tokens(["<score1>", "<score2>"])
+    backbone.record_score_tokens(ids)
+    backbone.add_regressor([16, 16])
+    with torch.no_grad():
+        backbone.model.get_output_embeddings().weight[ids] += 1.0  # rows the resize added, now trained
+    (tmp_path / "iqa.json").write_text("{}")
+    backbone.save(tmp_path)
+    (tmp_path / "iqa.json").write_text(json.dumps({"level_tokens": ["<score1>", "<score2>"], "regressor": "last"}))
+    again = load_backbone(tmp_path, dtype=torch.float32, device="cpu")
+    item = backbone.transform(Image.new("RGB", (50, 30), (200, 40, 10)))
+    prompt = torch.tensor([backbone.encode_prompt(backbone.default_prompt)])
+    for b in (backbone, again):
+        assert b.level_token_ids(["<score1>", "<score2>"]) == ids
+    first = backbone.forward(backbone.collate([item], 1, torch.float32), prompt)
+    second = again.forward(again.collate([item], 1, torch.float32), prompt)
+    torch.testing.assert_close(second.logits, first.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        again.regress(second.hidden_states[:, -1]), backbone.regress(first.hidden_states[:, -1]), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_response_ce_equals_transformers_own_labels_loss(setup, family):
+    """One conversation: our CE over the response (level token included, as Q-Align trains) equals
+    `model(**processor(text=conversation, images=[image]), labels=...).loss` with the same tokens supervised."""
+    backbone = load_backbone(setup[0][family], dtype=torch.float32, device="cpu")
+    level_id = backbone.level_token_id("good")
+    ids, labels, level_pos = backbone.encode_training(DEFAULT_QUESTION, "good", level_id, image_first=False)
+    assert ids[level_pos] == level_id and labels[level_pos] == level_id
+    assert ids[:level_pos] == backbone.encode_prompt(backbone.default_prompt)  # scoring reads where training taught
+    image = Image.new("RGB", (60, 40), (30, 120, 200))
+    visual = backbone.collate([backbone.transform(image)], 1, torch.float32)
+    ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])
+    with torch.no_grad():
+        logits, _ = backbone.training_forward(backbone.model, visual, ids_t, torch.ones_like(ids_t))
+    ours = response_cross_entropy(logits, labels_t)
+
+    text = backbone.tokenizer.decode(ids)
+    inputs = backbone.processor(text=[text], images=[image], return_tensors="pt", **backbone.images_kwargs)
+    _, text_pos, _ = backbone._splice(visual, ids_t, None)
+    is_text = ids_t[0] != backbone.image_token_id
+    assert torch.equal(inputs["input_ids"][0, text_pos[0][is_text]], ids_t[0][is_text])  # our splice = the processor's
+    full = torch.full_like(inputs["input_ids"], IGNORE_INDEX)
+    full[0, text_pos[0]] = labels_t[0]
+    with torch.no_grad():
+        theirs = backbone.model(**inputs, labels=full).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
