@@ -126,3 +126,40 @@ def test_response_ce_equals_transformers_own_labels_loss(setup, family):
     with torch.no_grad():
         theirs = backbone.model(**inputs, labels=full).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_and_fsdp2_equal_the_plain_run(setup, tmp_path, monkeypatch):
+    """Full tuning, 4 steps: a run that crashes after step 3 (last save at step 2) resumes to the uninterrupted
+    run's weights and log; FSDP2 (decoder layers as units, one process) gives the same losses and weights."""
+    from safetensors.torch import load_file
+
+    from iqa_cli.training import TrainConfig, train
+    from tests.test_train_run import _log, _train_until_crash
+
+    models, data = setup
+
+    def config(name, **extra):
+        return TrainConfig.from_options(
+            datasets=["synth"], data_dir=data, model=str(models["qwen2_vl"]), out=tmp_path / name, method="deqa",
+            epochs=4, max_steps=4, batch_size=5, lr=1e-3, workers=0, quiet=True, save_every=2, evaluate=False, **extra,
+        )  # fmt: skip
+
+    whole = config("whole")
+    train(whole)
+    broken = config("broken")
+    _train_until_crash(monkeypatch, broken, step=3)
+    resumed = train(broken)
+    assert resumed.resumed_from == 2
+    assert _log(whole.out) == _log(broken.out)
+    a, b = load_file(str(whole.out / "model.safetensors")), load_file(str(broken.out / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    sharded = config("fsdp", strategy="fsdp")
+    train(sharded)
+    losses = [[r["loss"] for r in _log(run.out) if "loss" in r] for run in (whole, sharded)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    c = load_file(str(sharded.out / "model.safetensors"))
+    assert sorted(c) == sorted(a)
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

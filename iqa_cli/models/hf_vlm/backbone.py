@@ -266,7 +266,14 @@ class HFVisionLanguageBackbone:
         return inputs, text_pos, last_index
 
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final-norm hidden states [B, L, C] of the model's decoder (peft's LoRA layers sit inside it)."""
+        """Final-norm hidden states [B, L, C] of the model's decoder (peft's LoRA layers sit inside it). An
+        FSDP2-sharded model (evaluation inside `iqa train`) runs through its root, whose hooks gather the
+        parameters; otherwise the decoder alone runs, without the other layers' hidden states."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            return out.hidden_states[-1]
         return self.model.model(**inputs, use_cache=False).last_hidden_state
 
     def forward(
@@ -454,9 +461,11 @@ class HFVisionLanguageBackbone:
         hidden_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [N, T, V] at the input ids' own positions (none at the image's), final-norm hidden states [N, C]
-        at input positions `hidden_at`. peft's LoRA layers sit inside `self.model`, which is what runs."""
+        at input positions `hidden_at`. `module` (the model, or peft's wrapper of it) runs as a whole, so FSDP2's
+        root hooks and peft's see the call; its own LM head runs at one position only, ours at the text's."""
         inputs, text_pos, _ = self._splice(visual, input_ids, attention_mask)
-        hidden = self._hidden(inputs)
+        out = module(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1]  # after the final norm, as `last_hidden_state`
         c = hidden.shape[-1]
         at_text = hidden.gather(1, text_pos[..., None].expand(-1, -1, c))  # N, T, C
         logits = self.model.get_output_embeddings()(at_text)
