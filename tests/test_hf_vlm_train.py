@@ -13,8 +13,9 @@ from PIL import Image
 from iqa_cli.constants import DEFAULT_QUESTION, IGNORE_INDEX
 from iqa_cli.losses import response_cross_entropy
 from iqa_cli.models.backbone import TrainableBackbone, load_backbone
-from iqa_cli.models.hf_vlm.tiny import tiny_checkpoint
+from iqa_cli.models.hf_vlm.tiny import TINY_FAMILIES, tiny_checkpoint
 from iqa_cli.scoring.scorer import Scorer
+from tests.conftest import run_iqa
 from tests.test_train_data import prepare_synthetic
 
 
@@ -163,3 +164,40 @@ def test_resume_after_a_crash_and_fsdp2_equal_the_plain_run(setup, tmp_path, mon
     assert sorted(c) == sorted(a)
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_qscorer_score_tokens_work_on_every_family(tmp_path_factory, family):
+    """Added <scoreN> tokens are one id each, read after the scoring prompt, and trained at their position."""
+    directory = tiny_checkpoint(family, tmp_path_factory.mktemp("qscorer") / family)
+    backbone = load_backbone(directory, dtype=torch.float32, device="cpu")
+    tokens = [f"<score{i}>" for i in range(1, 6)]
+    ids = backbone.add_tokens(tokens)
+    assert len(set(ids)) == 5 and backbone.level_token_ids(tokens) == ids and max(ids) < backbone.vocab_size
+    enc_ids, labels, pos = backbone.encode_training(DEFAULT_QUESTION, "<score3>", ids[2], image_first=False)
+    assert enc_ids[pos] == labels[pos] == ids[2]
+    prompt = backbone.encode_prompt(backbone.default_prompt)  # before a special token, " " is a token of its own:
+    assert enc_ids[: len(prompt)] == prompt and pos - len(prompt) <= 1  # scoring reads after enc_ids[:pos] (iqa.json)
+    visual = backbone.collate([backbone.transform(Image.new("RGB", (40, 30)))], 1, torch.float32)
+    ids_t = torch.tensor([enc_ids])
+    logits, hidden = backbone.training_forward(
+        backbone.model, visual, ids_t, torch.ones_like(ids_t), torch.tensor([pos - 1])
+    )
+    assert logits.shape == (1, len(enc_ids), backbone.vocab_size) and hidden.shape == (
+        1,
+        backbone.model.config.get_text_config().hidden_size,
+    )
+    ours = backbone.forward(visual, torch.tensor([enc_ids[:pos]])).logits[0, -1]
+    torch.testing.assert_close(logits[0, pos - 1], ours, rtol=0, atol=1e-5)  # training reads where scoring does
+
+
+def test_iqa_train_refuses_a_level_word_of_several_tokens(setup, tmp_path):
+    models, _ = setup
+    data = prepare_synthetic(tmp_path, "words", 6, size=(40, 32), extra=("--level-names", "bad,poor,fair,good,superb"))
+    model, out = str(models["qwen2_vl"]), str(tmp_path / "run")
+    result = run_iqa("train", "--datasets", "words", "--data-dir", str(data), "--model", model, "--out", out,
+                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "-q")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "level word 'superb' is" in lines[0] and "tokens" in lines[0], result.stderr
+    assert not (tmp_path / "run" / "iqa.json").exists()
