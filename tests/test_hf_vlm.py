@@ -200,3 +200,20 @@ def test_bad_checkpoints_are_one_line_and_exit_2(tiny, tmp_path, case, expected)
 
     assert re.search(expected, lines[0]), lines[0]
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_bench_families_runs_on_a_tiny_family():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_families.py"), "--families", "mplug_owl2,idefics3",
+         "--batch-sizes", "1,2", "--repeat", "1", "--size", "64x48", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    assert [r["batch"] for r in rows["idefics3"]] == [1, 2] and rows["mplug_owl2"][0]["visual_tokens"] > 0
+    assert all(r["model_images_per_s"] > 0 for r in rows["idefics3"])

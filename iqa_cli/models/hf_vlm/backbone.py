@@ -577,7 +577,7 @@ def _check_config(model: str | Path, revision: str | None) -> None:
     from iqa_cli.models.backbone import CONFIG_FILE, _cached_hub_file
 
     path = Path(model).expanduser()
-    for name in (CONFIG_FILE, "processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+    for name in (CONFIG_FILE, "processor_config.json", "preprocessor_config.json"):
         file = path / name if path.is_dir() else _cached_hub_file(str(model), name, revision)
         if file is None or not file.is_file():
             continue
