@@ -201,3 +201,28 @@ def test_iqa_train_refuses_a_level_word_of_several_tokens(setup, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "level word 'superb' is" in lines[0] and "tokens" in lines[0], result.stderr
     assert not (tmp_path / "run" / "iqa.json").exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_what_one_process_trains(setup, tmp_path):
+    """DDP with LoRA over two ranks: the global batch split in two gives one process's losses and adapter (all
+    images one size and a fixed question, so every rank's token-mean CE averages the same number of tokens)."""
+    from safetensors.torch import load_file
+
+    from tests.test_train_run import _log, _torchrun
+
+    models, data = setup
+    flags = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--fixed-question", "--no-eval",
+             "-q", "--datasets", "synth", "--data-dir", str(data), "--model", str(models["qwen2_vl"]), "--lora",
+             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]  # fmt: skip
+    single = run_iqa("train", *flags, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = _torchrun("train", *flags, "--out", str(tmp_path / "two"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    losses = [[r["loss"] for r in _log(tmp_path / run) if "loss" in r] for run in ("one", "two")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        one, two = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        assert sorted(one) == sorted(two)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
