@@ -131,8 +131,9 @@ def test_response_ce_equals_transformers_own_labels_loss(setup, family):
 
 @pytest.mark.slow
 def test_resume_after_a_crash_and_fsdp2_equal_the_plain_run(setup, tmp_path, monkeypatch):
-    """Full tuning, 4 steps: a run that crashes after step 3 (last save at step 2) resumes to the uninterrupted
-    run's weights and log; FSDP2 (decoder layers as units, one process) gives the same losses and weights."""
+    """Full tuning (Q-Align: no pairs, half the images of DeQA's), 4 steps: a run that crashes after step 3 (last
+    save at step 2) resumes to the uninterrupted run's weights and log; FSDP2 (decoder layers as units, one
+    process) gives the same losses and weights."""
     from safetensors.torch import load_file
 
     from iqa_cli.training import TrainConfig, train
@@ -142,7 +143,7 @@ def test_resume_after_a_crash_and_fsdp2_equal_the_plain_run(setup, tmp_path, mon
 
     def config(name, **extra):
         return TrainConfig.from_options(
-            datasets=["synth"], data_dir=data, model=str(models["qwen2_vl"]), out=tmp_path / name, method="deqa",
+            datasets=["synth"], data_dir=data, model=str(models["qwen2_vl"]), out=tmp_path / name, method="qalign",
             epochs=4, max_steps=4, batch_size=5, lr=1e-3, workers=0, quiet=True, save_every=2, evaluate=False, **extra,
         )  # fmt: skip
 
