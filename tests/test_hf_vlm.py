@@ -85,6 +85,8 @@ def test_a_score_does_not_depend_on_its_batch_mates(tiny, family, pixels):
     ids = torch.tensor([backbone.encode_prompt(backbone.default_prompt)])
     together = backbone.forward(backbone.collate(items, 4, torch.float32), ids.expand(4, -1)).logits[:, -1]
     assert torch.equal(together[3], torch.zeros_like(together[3]))  # the padding row is never computed
+    failed = backbone.forward(backbone.collate([None, None], 2, torch.float32), ids.expand(2, -1)).logits
+    assert failed.shape[0] == 2 and not failed.any()  # a batch of failed images only: nothing runs
     for row, item in enumerate(items):
         alone = backbone.forward(backbone.collate([item], 1, torch.float32), ids).logits[0, -1]
         torch.testing.assert_close(together[row], alone, rtol=0, atol=1e-5)
@@ -119,12 +121,13 @@ def test_a_level_word_of_several_tokens_is_one_line_with_its_tokens_and_alternat
 
 
 def test_iqa_score_writes_rows_for_a_folder_with_a_qwen2_vl_model(tiny, tmp_path):
-    """Mixed sizes at native resolution, two per batch, a broken file among them: rows equal each image alone."""
+    """Mixed sizes at native resolution, two per batch, broken files among them: rows equal each image alone."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i, image in enumerate(_images()):
         image.save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "broken2.jpg").write_bytes(b"not an image either")  # a last batch of failed images only
     out = tmp_path / "scores.parquet"
     model = str(tiny["qwen2_vl"])
     pixels = {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 6}
@@ -133,7 +136,7 @@ def test_iqa_score_writes_rows_for_a_folder_with_a_qwen2_vl_model(tiny, tmp_path
     result = run_iqa("score", str(folder), "--model", model, "--out", str(out), *common, *flags)
     assert result.returncode == 0, result.stderr
     frame = pd.read_parquet(out).sort_values("image")
-    assert len(frame) == 4 and frame["error"].notna().sum() == 1
+    assert len(frame) == 5 and frame["error"].notna().sum() == 2
     good = frame[frame["error"].isna()]
     scorer = Scorer.from_pretrained(model, device="cpu", dtype="float32", **pixels)
     expected = scorer.score([folder / name for name in good["image"]], batch_size=1)  # each alone

@@ -285,7 +285,12 @@ class HFVisionLanguageBackbone:
         logits_at: str | torch.Tensor = "last",
         use_cache: bool = False,
     ) -> BackboneOutput:
-        """Logits only where asked: "last" runs the LM head at each row's last real position alone."""
+        """Logits only where asked: "last" runs the LM head at each row's last real position alone.
+
+        Rows are right-padded to the longest expansion, so `hidden_states` is the padded sequence [B, L, C] with
+        each row's last real position appended once more at the end: `hidden_states[:, -1]` is the state that
+        predicts the level, as it is for families without padding. Rows without an image (`has_image` 0) are
+        never computed and come back as zeros."""
         if use_cache:
             raise UserError(
                 f"{self.name}: the appended-token regressor readout is for released mPLUG-Owl2 Q-Scorer"
@@ -295,6 +300,12 @@ class HFVisionLanguageBackbone:
         input_ids = input_ids.to(self.device)
         has = visual[HAS_IMAGE].bool().to(self.device) if HAS_IMAGE in visual else torch.ones(b, dtype=torch.bool)
         rows = has.nonzero()[:, 0]
+        if len(rows) == 0:  # a batch of failed images only
+            zeros = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            logits = torch.zeros(b, 1, self.vocab_size, dtype=self.dtype, device=self.device)
+            hidden = torch.zeros(b, 1, self.model.config.get_text_config().hidden_size, dtype=self.dtype,
+                                 device=self.device)  # fmt: skip
+            return BackboneOutput(logits if logits_at != "none" else None, hidden, zeros, zeros[:, 0])
         if len(rows) < b:  # padding rows: the model runs on the real rows only, the others stay zero
             sub = {name: value.to(self.device)[rows] for name, value in visual.items()}
             mask = attention_mask.to(self.device)[rows] if attention_mask is not None else None
@@ -302,7 +313,7 @@ class HFVisionLanguageBackbone:
             return _scatter_rows(part, rows, b)
         inputs, text_pos, last_index = self._splice(visual, input_ids, attention_mask)
         hidden = self._hidden(inputs)
-        head = self.model.lm_head
+        head = self.model.get_output_embeddings()
         if isinstance(logits_at, torch.Tensor):
             logits = head(hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1])))
         elif logits_at == "last":
@@ -748,4 +759,3 @@ FAMILIES = {
     for model_type, token in IMAGE_TOKENS.items()
 }
 FAMILY = FAMILIES["qwen2_5_vl"]
-_ = (IGNORE_INDEX, RESPONSE_TEMPLATE)  # used by the training half below
