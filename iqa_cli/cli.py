@@ -297,6 +297,12 @@ def train(
     ),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
     freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),
+    min_pixels: int | None = typer.Option(
+        None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
+    ),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
+    ),
     w_fid: float | None = typer.Option(None, "--w-fid", metavar="W", help="Fidelity loss weight [deqa 1, qscorer 0]."),
     w_tok: float | None = typer.Option(
         None, "--w-tok", metavar="W", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."

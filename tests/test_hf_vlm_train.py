@@ -47,6 +47,7 @@ def test_each_method_lowers_its_loss_and_the_run_scores_as_trained(setup, tmp_pa
     options = {"lora": True, "lora_r": 8, "lora_alpha": 16, "merge": True} if lora else {}
     if method == "qscorer":  # unclamped MSE: a tiny random model's first outputs may fall below the clamp's 0
         options |= {"mlp_dims": [16, 16], "mse_clamp": False}
+    options |= {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 4}  # native resolution, small: 1 to 4 tokens
     out, result, losses = _train(setup, tmp_path, method, **options)
     assert result.steps == 6 and len(losses) == 6 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < losses[0], losses  # all five training images every step: the loss goes down
@@ -62,18 +63,25 @@ def test_each_method_lowers_its_loss_and_the_run_scores_as_trained(setup, tmp_pa
         AutoProcessor.from_pretrained(out)
     images = [Image.open(p).convert("RGB") for p in sorted((setup[1].parent / "synth-src" / "images").glob("*"))[:3]]
     scored = Scorer.from_pretrained(out, device="cpu", dtype="float32")
+    trained_size = {"size": {"shortest_edge": 784, "longest_edge": 3136}}
+    assert scored.backbone.images_kwargs == trained_size  # scored at the pixel budget it was trained with
     if method == "qscorer":
         assert scored.readout.level_names == ("bad", "poor", "fair", "good", "excellent")
         assert scored.backbone.tokenizer.convert_ids_to_tokens(list(scored.readout.level_token_ids))[0] == "<score1>"
         assert scored.has_regressor
     results = scored.score(images)
     if lora:  # --merge wrote a full checkpoint that scores the same
-        merged = Scorer.from_pretrained(out / "merged", device="cpu", dtype="float32").score(images)
+        merged_scorer = Scorer.from_pretrained(out / "merged", device="cpu", dtype="float32")
+        assert merged_scorer.backbone.images_kwargs == trained_size
+        merged = merged_scorer.score(images)
         np.testing.assert_allclose([r.probs for r in merged], [r.probs for r in results], rtol=0, atol=1e-5)
         if method == "qscorer":
             np.testing.assert_allclose([r.score_reg for r in merged], [r.score_reg for r in results], atol=1e-5)
     else:  # the trained weights moved away from the base's scores
-        base = Scorer.from_pretrained(setup[0]["qwen2_vl"], device="cpu", dtype="float32").score(images)
+        base = Scorer.from_pretrained(
+            setup[0]["qwen2_vl"], device="cpu", dtype="float32", min_pixels=784, max_pixels=3136
+        )
+        base = base.score(images)
         assert not np.allclose([r.probs for r in base], [r.probs for r in results], atol=1e-4)
 
 
@@ -144,7 +152,8 @@ def test_resume_after_a_crash_and_fsdp2_equal_the_plain_run(setup, tmp_path, mon
     def config(name, **extra):
         return TrainConfig.from_options(
             datasets=["synth"], data_dir=data, model=str(models["qwen2_vl"]), out=tmp_path / name, method="qalign",
-            epochs=4, max_steps=4, batch_size=5, lr=1e-3, workers=0, quiet=True, save_every=2, evaluate=False, **extra,
+            epochs=4, max_steps=4, batch_size=5, lr=1e-3, workers=0, quiet=True, save_every=2, evaluate=False,
+            min_pixels=784, max_pixels=3136, **extra,
         )  # fmt: skip
 
     whole = config("whole")
@@ -215,7 +224,8 @@ def test_two_gloo_processes_train_what_one_process_trains(setup, tmp_path):
     models, data = setup
     flags = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--workers", "0", "--fixed-question", "--no-eval",
              "-q", "--datasets", "synth", "--data-dir", str(data), "--model", str(models["qwen2_vl"]), "--lora",
-             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]  # fmt: skip
+             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--min-pixels", "784",
+             "--max-pixels", "3136"]  # fmt: skip
     single = run_iqa("train", *flags, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     double = _torchrun("train", *flags, "--out", str(tmp_path / "two"))
@@ -227,3 +237,12 @@ def test_two_gloo_processes_train_what_one_process_trains(setup, tmp_path):
         assert sorted(one) == sorted(two)
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_pixel_bounds_are_refused_for_a_family_without_them(tmp_path):
+    from iqa_cli.errors import UserError
+    from iqa_cli.synthetic import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "mplug", image_size=28)
+    with pytest.raises(UserError, match=r"^--max-pixels does not apply to mplug_owl2 models$"):
+        load_backbone(model, device="cpu", max_pixels=448 * 448)

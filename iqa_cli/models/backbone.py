@@ -11,6 +11,7 @@ encoding, the regressor hook, LoRA targets, trainable groups, FSDP2 units and sa
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,10 +288,17 @@ def load_backbone(
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    **options: Any,
 ) -> Backbone:
-    """Loads any supported checkpoint (directory or Hub repo id) as its family's `Backbone`."""
+    """Loads any supported checkpoint (directory or Hub repo id) as its family's `Backbone`; `options` set to
+    other than None (e.g. Qwen-VL's `max_pixels`) go to families whose loader takes them, else a UserError."""
     family = get_family(*family_of(model, base=base, revision=revision))
-    return family.load(model, base=base, revision=revision, dtype=dtype, device=device)
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(family.load).parameters
+    for name in given:
+        if name not in accepted:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to {family.name} models")
+    return family.load(model, base=base, revision=revision, dtype=dtype, device=device, **given)
 
 
 def _model_type(path: Path) -> str:

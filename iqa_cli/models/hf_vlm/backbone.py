@@ -687,6 +687,8 @@ def load(
     model_type = loaded.config.model_type
     patch = int(getattr(processor.image_processor, "patch_size", 14) or 14)
     merge = int(getattr(processor.image_processor, "merge_size", 1) or 1)
+    if min_pixels is None and max_pixels is None and weights_dir is not None:  # a run: scored as it was trained
+        min_pixels, max_pixels = _trained_pixels(weights_dir)
     kwargs = pixel_options(model_type, min_pixels, max_pixels, patch * merge)
     commit = getattr(loaded.config, "_commit_hash", None) or ""
     provenance = Provenance(
@@ -700,6 +702,15 @@ def load(
     if weights_dir is not None and (weights_dir / REGRESSOR_FILE).is_file():
         backbone.load_regressor(weights_dir)
     return backbone
+
+
+def _trained_pixels(run_dir: Path) -> tuple[int | None, int | None]:
+    """The --min-pixels / --max-pixels an `iqa train` run was trained with (its iqa.json), if any."""
+    file = run_dir / RUN_FILE
+    if not file.is_file():
+        return None, None
+    train = json.loads(file.read_text()).get("train") or {}
+    return train.get("min_pixels"), train.get("max_pixels")
 
 
 def _adapter_base(run_dir: Path) -> str:
