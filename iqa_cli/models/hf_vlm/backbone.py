@@ -53,7 +53,7 @@ class ProcessorTransform:
     processor: Any
     image_token: str
     flat: bool  # Qwen-VL: pixel_values without an image dimension
-    images_kwargs: dict = field(default_factory=dict)  # e.g. {"min_pixels": ..., "max_pixels": ...}
+    images_kwargs: dict = field(default_factory=dict)  # Qwen-VL: {"size": {"shortest_edge": min, "longest_edge": max}}
 
     def __call__(self, image: Any) -> dict[str, torch.Tensor]:
         out = self.processor(
