@@ -45,8 +45,11 @@ def _torch_build() -> tuple[str, str | None]:
         text = dist.locate_file("torch/version.py").read_text(encoding="utf-8")
     except OSError:
         text = ""
+    # torch.__version__ as torch prints it: a wheel's metadata may omit the local build tag ("+cu130")
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    version = found.group(1) if found else dist.version
     for name, label in (("cuda", "CUDA"), ("hip", "ROCm")):  # torch.cuda drives ROCm GPUs too
         match = re.search(rf"^{name}(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", text, re.M)
         if match:
-            return dist.version, f"{label} {match.group(1)}"
-    return dist.version, None
+            return version, f"{label} {match.group(1)}"
+    return version, None

@@ -35,7 +35,7 @@ def _version_callback(value: bool) -> None:
     if value:
         from iqa_cli.about import describe_runtime
 
-        out_console.print(f"iqa {__version__}\n{describe_runtime()}", markup=False)
+        out_console.print(f"iqa {__version__}\n{describe_runtime()}", markup=False, soft_wrap=True)
         raise typer.Exit()
 
 
@@ -297,6 +297,12 @@ def train(
     ),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
     freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),
+    min_pixels: int | None = typer.Option(
+        None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
+    ),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
+    ),
     w_fid: float | None = typer.Option(None, "--w-fid", metavar="W", help="Fidelity loss weight [deqa 1, qscorer 0]."),
     w_tok: float | None = typer.Option(
         None, "--w-tok", metavar="W", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."
@@ -512,6 +518,12 @@ def score(
     quantize: str | None = typer.Option(
         None, "--quantize", metavar="BITS", help="Weight-only quantization through torchao: int8 or int4."
     ),
+    min_pixels: int | None = typer.Option(
+        None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
+    ),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
+    ),
 ) -> None:
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
 
@@ -545,6 +557,8 @@ def score(
         overwrite=overwrite,
         wait=wait,
         quiet=quiet,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
     )
     if not config.inputs and config.from_file is None:
         raise UserError("no inputs: give image folders or files, or --from FILE")

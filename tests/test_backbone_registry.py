@@ -12,7 +12,7 @@ from iqa_cli.models.backbone import DEFAULT_FAMILY, family_of, get_family, suppo
 from tests.conftest import REPO_ROOT, run_iqa
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "foo"])
+@pytest.mark.parametrize("model_type", ["qwen2_audio", "foo"])
 def test_unknown_model_type_is_one_line_naming_the_supported_families(tmp_path, model_type):
     model = tmp_path / "model"
     model.mkdir()
@@ -26,7 +26,8 @@ def test_unknown_model_type_is_one_line_naming_the_supported_families(tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert f"model_type {model_type!r} is not a supported model family" in lines[0]
-    assert str(model / "config.json") in lines[0] and "supported: mplug_owl2" in lines[0]
+    assert str(model / "config.json") in lines[0]
+    assert "supported: idefics3, llava_onevision, mplug_owl2, qwen2_5_vl, qwen2_vl, qwen3_vl)" in lines[0]
     assert not (tmp_path / "s.parquet").exists()
 
 

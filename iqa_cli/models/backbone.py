@@ -11,6 +11,7 @@ encoding, the regressor hook, LoRA targets, trainable groups, FSDP2 units and sa
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ RUN_FAMILY_KEY = "family"  # `iqa.json` key naming the family of an `iqa train` 
 
 # model_type -> module whose `FAMILY` (a `Family`) loads that family's checkpoints; imported on first use.
 BUILTIN_FAMILIES = {"mplug_owl2": "iqa_cli.models.mplug_owl2.backbone"}
+# transformers' own vision-language models: every model_type below loads through one module (its `FAMILIES`)
+HF_VLM_MODULE = "iqa_cli.models.hf_vlm.backbone"
+BUILTIN_FAMILIES |= dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "idefics3"), HF_VLM_MODULE)
 DEFAULT_FAMILY = "mplug_owl2"  # the family of DEFAULT_MODEL and of every released checkpoint `iqa` scores
 
 VisualInputs = Mapping[str, "torch.Tensor"]  # one image's (or a batch's, rows first) visual tensors, by name
@@ -246,7 +250,8 @@ def get_family(model_type: str, source: str = "") -> Family:
     if model_type in _registered:
         return _registered[model_type]
     if model_type in BUILTIN_FAMILIES:
-        return importlib.import_module(BUILTIN_FAMILIES[model_type]).FAMILY
+        module = importlib.import_module(BUILTIN_FAMILIES[model_type])
+        return getattr(module, "FAMILIES", {}).get(model_type) or module.FAMILY
     where = f"{source}: " if source else ""
     supported = ", ".join(supported_families())
     raise UserError(f"{where}model_type {model_type!r} is not a supported model family (supported: {supported})")
@@ -283,10 +288,17 @@ def load_backbone(
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    **options: Any,
 ) -> Backbone:
-    """Loads any supported checkpoint (directory or Hub repo id) as its family's `Backbone`."""
+    """Loads any supported checkpoint (directory or Hub repo id) as its family's `Backbone`; `options` set to
+    other than None (e.g. Qwen-VL's `max_pixels`) go to families whose loader takes them, else a UserError."""
     family = get_family(*family_of(model, base=base, revision=revision))
-    return family.load(model, base=base, revision=revision, dtype=dtype, device=device)
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(family.load).parameters
+    for name in given:
+        if name not in accepted:
+            raise UserError(f"--{name.replace('_', '-')} does not apply to {family.name} models")
+    return family.load(model, base=base, revision=revision, dtype=dtype, device=device, **given)
 
 
 def _model_type(path: Path) -> str:

@@ -109,6 +109,8 @@ class ScoreConfig:
     keep: list[str] = field(default_factory=list)  # --keep: input columns copied into the output rows
     out_dir: bool = False  # --out DIR/: one Parquet file per input shard
     quantize: str | None = None  # --quantize int8|int4: weight-only, through torchao
+    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of the resized image (None: the family's)
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -413,6 +415,7 @@ def _request(config: ScoreConfig) -> dict[str, str | None]:
         "decode": "fast" if config.fast_decode else "exact",
         **({"quantize": config.quantize} if config.quantize else {}),
         **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
+        **{k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None},
     }
 
 
@@ -630,6 +633,8 @@ def build_scorer(
         dtype=config.dtype,
         prompt=config.prompt,
         revision=config.revision,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
         **({"quantize": config.quantize} if config.quantize else {}),
     )
     if config.fast_decode:

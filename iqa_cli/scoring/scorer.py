@@ -12,6 +12,7 @@ trained (the run directory's `iqa.json` records it).
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -219,6 +220,8 @@ class Scorer:
         prompt: str | None = None,
         revision: str | None = None,
         quantize: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
 
@@ -231,6 +234,7 @@ class Scorer:
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
             quantize: "int8" or "int4": weight-only through torchao (`iqa_cli.scoring.quantize`); None: as stored.
+            min_pixels, max_pixels: pixel-count bounds of resized images, for families that take them (Qwen-VL).
         """
         from iqa_cli.files import directory_fingerprint
         from iqa_cli.models.backbone import family_of, get_family
@@ -243,17 +247,20 @@ class Scorer:
             raise UserError(f"--prompt must hold {family.image_token} exactly once: {prompt!r}")
         target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
+        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if pixels and "max_pixels" not in inspect.signature(family.load).parameters:
+            raise UserError(f"--min-pixels / --max-pixels do not apply to {family.name} models")
         if quantize is not None:  # checked before loading; the float weights load on the CPU, then go over
             from iqa_cli.scoring import quantize as quantization
 
             quantization.check(quantize, target, torch_dtype)
             load_to = quantization.load_device(quantize, target)
-            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=load_to)
+            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=load_to, **pixels)
             if getattr(backbone, "model", None) is None:
                 raise UserError(f"--quantize: the {family.name} family does not expose its weights to quantize")
             quantization.quantize_model(backbone.model, quantize, target)
         else:
-            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target)
+            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **pixels)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
         readout = build_readout(backbone, prompt, run)
@@ -273,6 +280,9 @@ class Scorer:
             "level_token_ids": json.dumps(list(readout.level_token_ids)),
             "level_centers": json.dumps([round(float(c), 6) for c in readout.centers]),
             "regressor_readout": readout.regressor or "",
+            **(
+                {"image_processing": json.dumps(options)} if (options := getattr(backbone, "images_kwargs", {})) else {}
+            ),
             "iqa_version": __version__,
         }
         if quantize is not None:

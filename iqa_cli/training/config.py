@@ -58,6 +58,8 @@ class ModelConfig:
     freeze_vision: bool = False  # keep the vision encoder as it is
     freeze_abstractor: bool = False  # keep the visual abstractor as it is
     mlp_dims: list[int] = field(default_factory=lambda: list(DEFAULT_MLP_DIMS))  # Q-Scorer regressor
+    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of resized images (None: 448x448)
+    max_pixels: int | None = None
 
 
 @dataclass

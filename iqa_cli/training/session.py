@@ -109,7 +109,10 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, bac
         raise UserError(f"--batch-size {config.optim.batch_size} is larger than the {len(pool)} training samples")
     torch.manual_seed(config.optim.seed)  # the Q-Scorer MLP and LoRA initializations (the same on every rank)
     if backbone is None:
-        backbone = load_backbone(config.model.name, base=config.model.base, dtype=torch.float32, device=device)
+        pixels = {"min_pixels": config.model.min_pixels, "max_pixels": config.model.max_pixels}
+        backbone = load_backbone(
+            config.model.name, base=config.model.base, dtype=torch.float32, device=device, **pixels
+        )
     provenance = backbone.provenance
     if lora and provenance.layout != "full":
         raise UserError(f"--model {config.model.name} is a LoRA adapter; train a LoRA on a full model (merge it first)")

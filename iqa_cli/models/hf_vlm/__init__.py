@@ -1,0 +1,22 @@
+"""Any transformers vision-language model (Qwen2/2.5/3-VL, LLaVA-OneVision, Idefics3) as a `Backbone`.
+
+Only transformers' own classes are used (`AutoModelForImageTextToText`, `AutoProcessor`), never remote code;
+the family's processor makes the visual inputs and its chat template renders the prompt. Constants here are
+importable without torch.
+"""
+
+# config.json model_type -> the placeholder a prompt holds once (the processor's `image_token`)
+IMAGE_TOKENS = {
+    "qwen2_vl": "<|image_pad|>",
+    "qwen2_5_vl": "<|image_pad|>",
+    "qwen3_vl": "<|image_pad|>",
+    "llava_onevision": "<image>",
+    "idefics3": "<image>",
+}
+# Families whose processor concatenates the patches of all images into one [sum of patches, D] tensor and
+# describes each image by a (t, h, w) grid; `--max-pixels` / `--min-pixels` apply to them.
+PATCH_GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DEFAULT_PIXELS = 448 * 448  # Qwen-VL: a fixed budget like the papers' 448x448 input (min = max = this)
+# The language model's linear layers LoRA adapts by default (attention and MLP projections of every decoder layer).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TRAIN_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
