@@ -99,3 +99,31 @@ def test_bad_tensors_are_refused(scorer):
         scorer.score_tensors([torch.zeros(3, 28, 28), torch.zeros(4, 28, 28)])
     with pytest.raises(ValueError, match="images\\[0\\]"):
         scorer.score_tensors([torch.zeros(3, 28, 28, dtype=torch.uint8)])
+
+
+def test_pyiqa_style_metric_has_pyiqa_attributes_and_scores_like_the_scorer(scorer, arrays, tmp_path):
+    from iqa_cli.pyiqa import create_metric, list_models
+
+    assert list_models() == ["deqa", "qalign", "qscorer"]
+    with pytest.raises(KeyError, match="Unknown metric: niqe"):
+        create_metric("niqe")
+    checkpoint = scorer.backbone.provenance.weights_dir
+    metric = create_metric("deqa", device="cpu", model=checkpoint, dtype="float32")
+    assert (metric.score_range, metric.lower_better, metric.metric_mode) == ("1, 5", False, "NR")
+
+    batch = torch.stack([as_tensor(arrays[2])] * 2)  # 28x28: a batch [B, 3, H, W]
+    values = metric(batch)
+    assert values.shape == (2,) and not values.requires_grad
+    assert torch.equal(values, scorer.score_tensors(batch).score)
+    path = tmp_path / "a.png"
+    Image.fromarray(arrays[0]).save(path)
+    assert metric(str(path)).tolist() == pytest.approx([scorer.score([path])[0].score], abs=1e-6)  # PIL pixels
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        metric(batch * 2)
+
+    loss = create_metric("deqa", as_loss=True, device="cpu", model=checkpoint, dtype="float32", loss_weight=0.5)
+    pixels = batch.clone().requires_grad_(True)
+    value = loss(pixels)
+    assert value.dim() == 0 and value.item() == pytest.approx(0.5 * float(values.mean()), abs=1e-6)
+    value.backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
