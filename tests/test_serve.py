@@ -325,3 +325,20 @@ def test_serve_refuses_bad_options_in_one_line_before_starting(iqa, checkpoint, 
             assert fragment in lines[0], (args, err)
     code, _, err = iqa("serve", "--model", tmp_path / "missing", "--devices", "cpu", "--prompt", "x <|image|>")
     assert code == 2 and "missing" in err, err
+
+
+@pytest.mark.slow
+def test_bench_serve_runs_and_reports_both_sides():
+    from tests.conftest import REPO_ROOT
+
+    args = ["--clients", "1,3", "--requests-per-client", "1", "--max-images", "4", "--min-seconds", "0.2"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_serve.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in-process Scorer" in result.stdout and "serve,   3 clients:" in result.stdout
+    assert "0 failed" in result.stdout and "server exit code after SIGTERM: 0" in result.stdout
