@@ -5,6 +5,7 @@ batch invariance, and one-line JSON refusals of bad requests while it keeps serv
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import pickle
@@ -42,6 +43,7 @@ def start_server(model: Path, *args: str, env: dict | None = None) -> tuple[subp
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,  # its own process group: a failed test can kill the workers too
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -54,7 +56,7 @@ def start_server(model: Path, *args: str, env: dict | None = None) -> tuple[subp
         except requests.ConnectionError:
             pass
         time.sleep(0.2)
-    proc.kill()
+    kill_group(proc)
     pytest.fail(f"iqa serve did not answer /health in 180 s: {proc.communicate()[1][-3000:]}", pytrace=False)
 
 
@@ -63,10 +65,16 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        _, stderr = proc.communicate()
+        kill_group(proc)
+        _, stderr = proc.communicate(timeout=30)
         pytest.fail(f"iqa serve did not exit within {timeout} s of SIGTERM: {stderr[-3000:]}", pytrace=False)
     return proc.returncode, stderr
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the server and its workers (its process group, from start_new_session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def b64(data: bytes) -> str:
@@ -342,3 +350,45 @@ def test_bench_serve_runs_and_reports_both_sides():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "in-process Scorer" in result.stdout and "serve,   3 clients:" in result.stdout
     assert "0 failed" in result.stdout and "server exit code after SIGTERM: 0" in result.stdout
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_reason(checkpoint, tmp_path):
+    from tests.conftest import run_iqa
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoint / "config.json").read_text())  # no weights, no tokenizer
+    result = run_iqa("serve", "--model", str(broken), "--devices", "cpu", "--port", str(free_port()), timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert "error: worker on cpu:" in result.stderr and str(broken) in result.stderr, result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: a worker could not start (its reason is above); the server stopped"
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_public_address_without_a_token_is_warned_about(iqa, checkpoint, monkeypatch):
+    import uvicorn.supervisors
+
+    started = []
+
+    class NoWorkers:  # uvicorn's supervisor, stopped before it spawns anything
+        def __init__(self, config, sockets):
+            started.append((config.host, config.workers))
+            self.processes = []
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", NoWorkers)
+    monkeypatch.setenv("IQA_SERVE_CONFIG", "")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    port = str(free_port())
+    code, _, err = iqa("serve", "--model", checkpoint, "--devices", "cpu", "--host", "0.0.0.0", "--port", port)
+    assert code == 0 and started == [("0.0.0.0", 1)], err
+    assert "warning: listening on 0.0.0.0 without --token: anyone who can reach this address" in err
+    code, _, err = iqa(
+        "serve", "--model", checkpoint, "--devices", "cpu", "--host", "0.0.0.0", "--port", port, "--token", "t"
+    )
+    assert code == 0 and "warning" not in err, err

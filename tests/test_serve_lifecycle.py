@@ -7,6 +7,7 @@ import base64
 import io
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -17,7 +18,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra (pip install 'iqa-cli[serve]') is not installed")
 requests = pytest.importorskip("requests")
 
-from tests.test_serve import assert_json_error, start_server  # noqa: E402
+from tests.test_serve import assert_json_error, kill_group, start_server  # noqa: E402
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -95,13 +96,16 @@ def test_token_overload_worker_restart_and_sigterm_drain(tmp_path):
             pass  # the listening socket is closed: refused
         else:
             assert_json_error(late, 503, "shutting down")
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            pytest.fail(f"no exit within 60 s of SIGTERM: {proc.communicate(timeout=30)[1][-3000:]}", pytrace=False)
         assert proc.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr, stderr[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)  # the server and any worker left, whatever happened above
+        proc.communicate(timeout=30)
 
 
 class _Request(threading.Thread):

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from iqa_cli.images import ImageDecodeError
 from iqa_cli.serving.batcher import Batcher, Overloaded
 from iqa_cli.serving.config import ServeConfig
-from iqa_cli.serving.metrics import Metrics
+from iqa_cli.serving.metrics import Metrics, forget_dead_processes
 from iqa_cli.serving.requests import BadRequest, ScoreRequest, decode_image, parse_json, parse_pickle
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start: its supervisor stops then
@@ -74,7 +74,9 @@ class Worker:
 
         from iqa_cli.scoring.scorer import Scorer
 
+        _exit_with_parent()
         self.device, self._lock_handle = claim_device(self.config)
+        forget_dead_processes()
         if self.device == "cpu":
             # Several intra-op threads split a GEMM's rows between them, so a row's rounding would depend on its
             # position in the batch (1 ulp, measured); one thread keeps a score independent of its neighbours.
@@ -259,6 +261,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise BadRequest(413, too_big)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _exit_with_parent() -> None:
+    """Linux: SIGTERM this worker when its supervisor dies, even by SIGKILL, so no orphan keeps the device."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _drain_on_signals(worker: Worker) -> None:

@@ -4,7 +4,8 @@ Flow-GRPO's reward client (`flow_grpo/rewards.py::deqa_score_remote`) POSTs `pic
 bytes, ...]})`. Unpickling runs whatever callables a payload names, so this reader refuses every global
 lookup (`find_class`) and persistent id: the only objects it can build are the ones pickle encodes with its own
 opcodes. The result is then checked to hold nothing but dict, list, tuple, bytes, str, int, float, bool and
-None (sets, bytearrays and the like, which also have opcodes, are refused there).
+None (sets, bytearrays and the like, which also have opcodes, are refused there). Protocols 0-2 encode bytes
+through a global (`_codecs.encode`), so they are refused too; Python's default protocol (4 or 5) is not.
 """
 
 from __future__ import annotations
