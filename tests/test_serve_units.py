@@ -129,3 +129,18 @@ def test_a_full_queue_refuses_and_a_timed_out_request_is_dropped():
     assert batcher.pending == 0  # cancelled images released their places
     assert len(scorer.calls) < 3  # and were not all scored
     batcher.stop()
+
+
+def test_each_worker_claims_a_device_no_other_live_worker_holds(tmp_path):
+    from iqa_cli.serving.app import claim_device
+    from iqa_cli.serving.config import ServeConfig
+
+    config = ServeConfig(devices=["cuda:0", "cuda:1"], lock_dir=str(tmp_path))
+    first, first_lock = claim_device(config)
+    second, second_lock = claim_device(config)
+    assert (first, second) == ("cuda:0", "cuda:1")
+    with pytest.raises(RuntimeError, match="held by another worker"):
+        claim_device(config)
+    first_lock.close()  # the worker on cuda:0 died: its replacement gets cuda:0
+    assert claim_device(config)[0] == "cuda:0"
+    second_lock.close()

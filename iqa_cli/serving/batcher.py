@@ -108,15 +108,15 @@ class Batcher:
             try:
                 rows = self._score(batch)
             except Exception as err:  # a failed call fails its requests, never the worker
+                self._release(len(batch))
                 for item in batch:
                     item.future.set_exception(err)
-            else:
-                for item, row in zip(batch, rows, strict=True):
-                    item.future.set_result(row)
-            finally:
-                self._release(len(batch))
-            if self.on_batch is not None:
+                continue
+            if self.on_batch is not None:  # before the answers, so a client that reads /metrics next sees it
                 self.on_batch(len(batch), time.perf_counter() - start)
+            self._release(len(batch))
+            for item, row in zip(batch, rows, strict=True):
+                item.future.set_result(row)
 
     def _score(self, batch: list[_Item]) -> list[Row]:
         visual = self.scorer.collate([item.visual for item in batch], self.max_batch, torch.float32)
