@@ -39,7 +39,7 @@ class MetricSpec:
 METRICS = {
     "deqa": MetricSpec(DEFAULT_MODEL),
     "qalign": MetricSpec("q-future/one-align"),
-    "qscorer": MetricSpec("2kxx/Qscorer_lora_5_1", base="MAGAer13/mplug-owl2-llama2-7b"),
+    "qscorer": MetricSpec("2kxx/Qscorer_lora_5_1"),  # a LoRA adapter: merged onto its family's released base
 }
 
 
