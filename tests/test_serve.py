@@ -306,12 +306,17 @@ def test_health_and_metrics(server):
     health = requests.get(f"{server}/health", timeout=10).json()
     assert health["status"] == "ok" and health["devices"] == ["cpu"] and health["device"] == "cpu"
     assert health["queue"] == 0 and health["max_batch"] == 4 and health["model"].endswith("deqa")
+    requests.get(f"{server}/nowhere", timeout=10)
+    requests.post(f"{server}/", data=b"not a pickle", timeout=10)
+    requests.post(f"{server}/score", json={"images": [b64(b"not an image")]}, timeout=10)
     metrics = requests.get(f"{server}/metrics", timeout=10)
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     for name in ("iqa_requests_total", "iqa_images_total", "iqa_batch_size_bucket", "iqa_request_seconds_bucket"):
         assert name in text, name
-    assert _metric(text, "iqa_images_total") > 0
+    assert _metric(text, "iqa_images_total") > 0 and _metric(text, "iqa_image_errors_total") > 0
+    assert 'iqa_requests_total{route="other",status="404"}' in text  # refusals counted, paths not used as labels
+    assert 'iqa_requests_total{route="/",status="400"}' in text
 
 
 def test_serve_refuses_bad_options_in_one_line_before_starting(iqa, checkpoint, tmp_path):

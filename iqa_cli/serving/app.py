@@ -34,6 +34,7 @@ STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start: it
 SCORE_RANGE = (1, 5)  # level centers span [1, 5] (DESIGN.md, "Levels")
 REWARD_SCALE = 5.0  # reward-server's `compute_deqascore` answers score / 5; `POST /` does the same
 RETRY_AFTER_S = "1"
+ROUTES = ("/score", "/", "/health", "/metrics")
 OPEN_ROUTES = ("/health",)  # answered without the token (load balancers' probes)
 
 
@@ -137,6 +138,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        response = await _guarded(request, call_next)
+        route = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    async def _guarded(request: Request, call_next):
         route = request.url.path
         if config.token is not None and route not in OPEN_ROUTES:
             given = request.headers.get("authorization", "")
@@ -184,7 +191,6 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             response = await _score(request, route, parse, answer)
         finally:
             worker.in_flight -= 1
-        metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
 

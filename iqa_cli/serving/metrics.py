@@ -19,7 +19,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "iqa_requests", "Requests answered, by route and HTTP status.", ["route", "status"], registry=r
+            "iqa_requests", "Requests answered, by route (or other) and HTTP status.", ["route", "status"], registry=r
         )
         self.images = Counter("iqa_images", "Images received in scoring requests, by route.", ["route"], registry=r)
         self.image_errors = Counter("iqa_image_errors", "Images that could not be decoded.", registry=r)
