@@ -332,6 +332,9 @@ def test_serve_refuses_bad_options_in_one_line_before_starting(iqa, checkpoint, 
         (["--port", taken], f"--port {taken}: cannot listen"),
         (["--prompt", "no image token"], "--prompt"),
         (["--token", " "], "--token is empty"),
+        (["--dtype", "int4"], "--dtype int4"),
+        (["--max-wait-ms", "-1"], "--max-wait-ms -1"),
+        (["--timeout", "0"], "--timeout 0"),
         (["--max-images", "10", "--max-queue", "5"], "--max-queue 5"),
     ]
     with busy:

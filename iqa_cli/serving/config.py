@@ -12,6 +12,7 @@ from iqa_cli.errors import UserError
 from iqa_cli.images import DEFAULT_MAX_PIXELS
 
 CONFIG_ENV = "IQA_SERVE_CONFIG"  # how the supervisor hands the config to the worker processes it spawns
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")  # Scorer's names
 DEFAULT_PORT = 18086  # Flow-GRPO's `deqa_score_remote` posts to http://127.0.0.1:18086
 
 
@@ -70,6 +71,8 @@ class ServeConfig:
                 raise UserError(f"{flag} {number}: must not be negative")
         if not self.timeout_s > 0:
             raise UserError(f"--timeout {self.timeout_s}: must be positive")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: choose auto, float32, bfloat16 or float16")
         if self.token is not None and not self.token.strip():
             raise UserError("--token is empty")
         self.devices = resolve_devices(self.devices)
