@@ -78,10 +78,11 @@ class Worker:
         _exit_with_parent()
         self.device, self._lock_handle = claim_device(self.config)
         forget_dead_processes()
-        if self.device == "cpu":
-            # Several intra-op threads split a GEMM's rows between them, so a row's rounding would depend on its
-            # position in the batch (1 ulp, measured); one thread keeps a score independent of its neighbours.
-            torch.set_num_threads(1)
+        # On the CPU several intra-op threads split a GEMM's rows between them, so a row's rounding would depend
+        # on its position in the batch (1 ulp, measured); one thread keeps a score independent of its neighbours.
+        threads = 1 if self.device == "cpu" else None
+        if threads is not None:
+            torch.set_num_threads(threads)
         c = self.config
         self.scorer = Scorer.from_pretrained(
             c.model, base=c.base, device=self.device, dtype=c.dtype, prompt=c.prompt, revision=c.revision
@@ -92,6 +93,7 @@ class Worker:
             max_wait_s=c.max_wait_ms / 1000,
             queue_limit=c.queue_limit,
             on_batch=self.metrics.observe_batch,
+            threads=threads,
         )
         self.batcher.start()
         print(f"iqa serve: worker {os.getpid()} ready on {self.device}", file=sys.stderr, flush=True)

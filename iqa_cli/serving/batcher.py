@@ -41,8 +41,11 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, scorer: Any, *, max_batch: int, max_wait_s: float, queue_limit: int, on_batch=None):
+    def __init__(
+        self, scorer: Any, *, max_batch: int, max_wait_s: float, queue_limit: int, on_batch=None, threads=None
+    ):
         self.scorer = scorer
+        self.threads = threads  # torch intra-op threads of the model thread (None: torch's default)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
@@ -100,6 +103,8 @@ class Batcher:
         return live
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # in this thread: OpenMP's thread count is per calling thread
         while not (self._stop.is_set() and self._queue.empty()):
             batch = self._take()
             if not batch:
