@@ -679,6 +679,76 @@ def entry() -> None:
     run_then_exit(main)
 
 
+# --- serve ---------------------------------------------------------------------------------------
+# `iqa serve`: the work lives in iqa_cli/serving/.
+@app.command()
+def serve(
+    model: str = typer.Option(
+        "zhiyuanyou/DeQA-Score-Mix3", "--model", metavar="MODEL", help="Hugging Face repo id or directory."
+    ),
+    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="Base model of a LoRA adapter."),
+    revision: str | None = typer.Option(None, "--revision", metavar="REV", help="Model revision."),
+    prompt: str | None = typer.Option(
+        None, "--prompt", metavar="TEXT", help="Full scoring prompt containing <|image|>."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", metavar="DTYPE", autocompletion=completion.dtypes, help="auto, float32, bfloat16, float16."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on."),
+    port: int = typer.Option(18086, "--port", metavar="PORT", help="Port (Flow-GRPO's reward client uses 18086)."),
+    devices: str = typer.Option(
+        "auto", "--devices", metavar="LIST", help="auto (every GPU, else the CPU), cpu, or GPU indices: 0,1,..."
+    ),
+    max_batch: int = typer.Option(64, "--max-batch", metavar="N", help="Images per model call (always N rows)."),
+    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", metavar="MS", help="Wait for more images to batch."),
+    token: str | None = typer.Option(
+        None, "--token", metavar="TOKEN", envvar="IQA_SERVE_TOKEN", help="Require Authorization: Bearer TOKEN."
+    ),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", metavar="MB", help="Request body limit."),
+    max_images: int = typer.Option(256, "--max-images", metavar="N", help="Images per request limit."),
+    max_queue: int | None = typer.Option(
+        None, "--max-queue", metavar="N", help="Images waiting per worker before 503 [default: max(4 x batch, images)]."
+    ),
+    timeout: float = typer.Option(120.0, "--timeout", metavar="S", help="Per-request time limit in seconds."),
+) -> None:
+    """Serve a model over HTTP: POST /score (JSON), POST / (Flow-GRPO's pickle protocol), GET /health, /metrics.
+
+    One worker process per device holds one model; images of concurrent requests are batched together and a
+    score never depends on which requests shared its batch. SIGTERM drains in-flight requests, then exits 0.
+    """
+    from iqa_cli.serving.config import ServeConfig, parse_devices
+
+    try:
+        from iqa_cli.serving.server import ServeError
+        from iqa_cli.serving.server import serve as run_server
+    except ImportError as err:
+        raise UserError(
+            f"iqa serve needs the serve extra ({err.name} is missing): pip install 'iqa-cli[serve]'"
+        ) from None
+    config = ServeConfig(
+        model=model,
+        base=base,
+        revision=revision,
+        prompt=prompt,
+        dtype=dtype,
+        host=host,
+        port=port,
+        devices=parse_devices(devices),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        token=token,
+        max_body_mb=max_body_mb,
+        max_images=max_images,
+        max_queue=max_queue,
+        timeout_s=timeout,
+    )
+    try:
+        run_server(config, say=_say)
+    except ServeError as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(exc.exit_code) from None
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     from iqa_cli.process import configure_process

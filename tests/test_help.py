@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_iqa
 
-COMMANDS = ("prepare", "train", "score", "eval", "demo")
+COMMANDS = ("prepare", "train", "score", "eval", "demo", "serve")
 
 
 def test_root_help_lists_commands_in_the_order_a_user_meets_them(iqa):

@@ -132,6 +132,16 @@ class Backbone(Protocol):
 
 
 @runtime_checkable
+class TensorInputs(Protocol):
+    """Optional for a family: its preprocessing in torch, for `Scorer.score_tensors` (rewards in training loops)."""
+
+    def tensor_inputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One image [3, H, W] float RGB in [0, 1], on any device -> its visual inputs (as `transform` gives them,
+        before `collate`), computed in torch with autograd kept."""
+        ...
+
+
+@runtime_checkable
 class TrainableBackbone(Backbone, Protocol):
     """What `iqa train` needs on top of scoring: all of it in input-id coordinates, the family mapping them to
     its own sequence (image tokens expanded) itself."""

@@ -96,6 +96,17 @@ def read_levels(backbone: Backbone, visual: VisualInputs, readout: Readout) -> S
     The LM head runs at the last position only. Every row has the same prompt, so no padding is involved
     and a row's result does not depend on the other rows of the batch.
     """
+    batch = level_readout(backbone, visual, readout)
+    return ScoreBatch(
+        probs=batch.probs.cpu(),
+        score=batch.score.cpu(),
+        std=batch.std.cpu(),
+        score_reg=batch.score_reg.float().cpu() if batch.score_reg is not None else None,
+    )
+
+
+def level_readout(backbone: Backbone, visual: VisualInputs, readout: Readout) -> ScoreBatch:
+    """`read_levels` on the backbone's device and with autograd as the caller has it (`Scorer.score_tensors`)."""
     b = next(iter(visual.values())).shape[0]
     device = backbone.device
     ids = torch.tensor(readout.input_ids, dtype=torch.long, device=device).expand(b, -1)
@@ -118,12 +129,7 @@ def read_levels(backbone: Backbone, visual: VisualInputs, readout: Readout) -> S
         took_level = torch.isin(next_ids[:, 0], level_ids)
         level_logits = torch.where(took_level[:, None], level_logits, step.logits[:, -1][:, level_ids])
     probs, mean, std = level_moments(level_logits, centers)
-    return ScoreBatch(
-        probs=probs.cpu(),
-        score=mean.cpu(),
-        std=std.cpu(),
-        score_reg=score_reg.float().cpu() if score_reg is not None else None,
-    )
+    return ScoreBatch(probs=probs, score=mean, std=std, score_reg=score_reg)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -364,3 +370,63 @@ class Scorer:
                     )
                 )
         return results
+
+    def score_tensors(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        differentiable: bool = False,
+        batch_size: int = 16,
+    ) -> ScoreBatch:
+        """Scores RGB float tensors in [0, 1] (a batch [B, 3, H, W] or a list of [3, H, W] of any sizes) without
+        leaving torch: the family's preprocessing runs on the tensors' device (`TensorInputs`), no PIL round trip.
+
+        Every model call has exactly `batch_size` rows (zero rows pad the last one), so an image's score does
+        not depend on the other images it is scored with. With `differentiable=True` autograd is kept, so the
+        gradient of a reward built on the scores reaches the pixels (and the model's weights that require it).
+
+        Returns:
+            ScoreBatch with float32 tensors on the model's device (probs [B, K], score [B], std [B]).
+        """
+        import contextlib
+
+        tensor_inputs = getattr(self.backbone, "tensor_inputs", None)
+        if tensor_inputs is None:
+            raise UserError(f"the {self.backbone.name} family has no torch preprocessing, so no score_tensors")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+            images = list(images.unbind(0))
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+                raise ValueError(
+                    f"images[{i}]: expected a float RGB tensor [3, H, W], got {image.dtype} {tuple(image.shape)}"
+                )
+        parts: list[ScoreBatch] = []
+        with contextlib.nullcontext() if differentiable else torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                rows = [tensor_inputs(image.to(self.device)) for image in images[start : start + batch_size]]
+                n = len(rows)
+                visual = {
+                    key: torch.cat(
+                        [
+                            torch.stack([r[key] for r in rows]),
+                            rows[0][key].new_zeros(batch_size - n, *rows[0][key].shape),
+                        ]
+                    )
+                    for key in rows[0]
+                }
+                out = level_readout(self.backbone, visual, self.readout)
+                reg = out.score_reg[:n].float() if out.score_reg is not None else None
+                parts.append(ScoreBatch(out.probs[:n], out.score[:n], out.std[:n], reg))
+        if not parts:
+            raise ValueError("no images to score")
+        regs = [p.score_reg for p in parts]
+        return ScoreBatch(
+            probs=torch.cat([p.probs for p in parts]),
+            score=torch.cat([p.score for p in parts]),
+            std=torch.cat([p.std for p in parts]),
+            score_reg=torch.cat(regs) if all(r is not None for r in regs) else None,
+        )

@@ -226,6 +226,12 @@ class MPLUGOwl2Backbone:
     def regress(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.deepmlp(hidden)
 
+    def tensor_inputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        tensor_pixels = getattr(self.preprocessor, "tensor_pixels", None)
+        if tensor_pixels is None:
+            raise UserError(f"{type(self.preprocessor).__name__} has no torch preprocessing (score_tensors)")
+        return {PIXELS: tensor_pixels(image)}
+
     # --- training ---------------------------------------------------------------------------------------
 
     @property

@@ -252,6 +252,45 @@ class ClipPreprocessor:
         new_long = int(self.size * long / short)
         return (new_long, self.size) if width <= height else (self.size, new_long)
 
+    def tensor_pixels(self, image):
+        """[3, H, W] float RGB in [0, 1] (any device, autograd kept) -> [3, S, S]: `pixels` in torch, no PIL.
+
+        The same steps (pad to a square of the mean colour, shortest-edge resize, center crop, rescale,
+        normalize) with two departures: nothing is rounded to uint8 (so gradients flow), and the resize is
+        torch's antialiased bicubic, which follows Pillow's filter but not its two uint8 roundings
+        (tests/test_score_tensors.py measures the difference in scores).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
+        x = image.float()
+        _, height, width = x.shape
+        if self.pad_to_square and height != width:
+            side = max(height, width)
+            top, left = (side - height) // 2, (side - width) // 2
+            color = torch.tensor(self.pad_color, dtype=x.dtype, device=x.device).view(3, 1, 1) / 255
+            x = F.pad(x - color, (left, side - width - left, top, side - height - top)) + color
+        if self.do_resize:
+            new_height, new_width = self.resize_shape((x.shape[2], x.shape[1]))
+            if (new_height, new_width) != tuple(x.shape[1:]):
+                x = F.interpolate(x[None], size=(new_height, new_width), mode="bicubic", antialias=True)[0]
+            x = x.clamp(0, 1)  # Pillow's result is uint8
+        if self.do_center_crop:
+            crop_h, crop_w = self.crop_size
+            height, width = x.shape[1:]
+            pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)  # zeros where the image is smaller
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+            top, left = (x.shape[1] - crop_h) // 2, (x.shape[2] - crop_w) // 2
+            x = x[:, top : top + crop_h, left : left + crop_w]
+        x = x * (255 * self.rescale_factor) if self.do_rescale else x * 255
+        if self.do_normalize:
+            mean = torch.tensor(self.image_mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+            std = torch.tensor(self.image_std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+            x = (x - mean) / std
+        return x
+
     def value_table(self) -> np.ndarray:
         """[3, 256] float32: the output for each uint8 value, by transformers' arithmetic (x * factor in
         float64 cast to float32, then (x - mean) / std in float32), so a table lookup is bit-identical."""

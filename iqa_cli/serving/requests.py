@@ -1,0 +1,97 @@
+"""Request bodies -> image bytes -> decoded images, with one-line reasons for every refusal.
+
+Two protocols carry the same thing:
+- `POST /score`: JSON `{"images": ["<base64 PNG/JPEG/WebP>", ...], "probs": true}`; a `data:image/...;base64,`
+  prefix is accepted.
+- `POST /`: the reward-server protocol of Flow-GRPO, a pickled `{"images": [<JPEG bytes>, ...]}`, read by
+  `safe_pickle.loads_data` (plain data only; nothing a payload names is ever called).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from iqa_cli.images import ImageDecodeError, load_image
+from iqa_cli.serving.safe_pickle import UnsafePickleError, loads_data
+
+
+class BadRequest(Exception):
+    """A request refused as a whole: HTTP `status` and a one-line `reason` for the client."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = " ".join(reason.split())
+
+
+@dataclass
+class ScoreRequest:
+    images: list[bytes]  # encoded files, in request order
+    probs: bool = False  # whether the answer carries the level probabilities
+
+
+def parse_json(body: bytes, max_images: int) -> ScoreRequest:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadRequest(400, f"body is not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, 'body must be a JSON object {"images": [base64, ...]}')
+    images = _image_list(data, max_images)
+    probs = data.get("probs", False)
+    if not isinstance(probs, bool):
+        raise BadRequest(400, f'"probs" must be true or false, got {probs!r}')
+    decoded = []
+    for i, item in enumerate(images):
+        if not isinstance(item, str):
+            raise BadRequest(400, f"images[{i}]: expected a base64 string, got {type(item).__name__}")
+        decoded.append(_b64decode(item, i))
+    return ScoreRequest(decoded, probs)
+
+
+def parse_pickle(body: bytes, max_images: int) -> ScoreRequest:
+    try:
+        data = loads_data(body)
+    except UnsafePickleError as err:
+        raise BadRequest(400, f"refused pickle: {err}") from None
+    except ValueError as err:
+        raise BadRequest(400, f"body is {err}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "pickle must hold a dict {'images': [bytes, ...]}")
+    images = _image_list(data, max_images)
+    for i, item in enumerate(images):
+        if not isinstance(item, bytes):
+            raise BadRequest(400, f"images[{i}]: expected encoded image bytes, got {type(item).__name__}")
+    return ScoreRequest(list(images))
+
+
+def decode_image(data: bytes, max_pixels: int) -> Any:
+    """Encoded bytes -> RGB PIL image, or ImageDecodeError (a non-image, a truncated file, a bomb)."""
+    if not data:
+        raise ImageDecodeError("empty image (0 bytes)")
+    return load_image(io.BytesIO(data), max_pixels=max_pixels)
+
+
+def _image_list(data: dict, max_images: int) -> list:
+    images = data.get("images")
+    if not isinstance(images, list | tuple):
+        raise BadRequest(400, '"images" must be a list of images')
+    if len(images) > max_images:
+        raise BadRequest(413, f"{len(images)} images in one request; the limit is {max_images} (--max-images)")
+    return list(images)
+
+
+def _b64decode(text: str, index: int) -> bytes:
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise BadRequest(400, f"images[{index}]: a data URL must be base64 (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadRequest(400, f"images[{index}]: malformed base64 ({err})") from None

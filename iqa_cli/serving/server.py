@@ -1,0 +1,108 @@
+"""`serve`: one uvicorn worker process per device under uvicorn's own supervisor.
+
+Why FastAPI + uvicorn and not LitServe (0.2.19, read before choosing): LitServe parses every request body as
+JSON or a form in its HTTP process, so the reward-server protocol (a raw pickle at `POST /`) would need its
+internals bypassed, and each of its routes (`LitAPI`) gets its own inference workers, so two routes would load
+two copies of the model per device; it has no bounded queue either. uvicorn's supervisor (`workers=N`) already
+spawns, health-checks and restarts worker processes and forwards SIGTERM to them for a graceful drain; each
+worker claims one device (a lock file per device) and holds one model, and FastAPI gives routes, raw bodies and
+error handlers. Dynamic batching (`batcher.py`) and the limits are ours, a few dozen lines each.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from iqa_cli.errors import UserError
+from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
+
+APP = "iqa_cli.serving.app:create_app"
+DRAIN_MARGIN_S = 5.0  # uvicorn's graceful-shutdown wait: the request timeout plus this
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # Hugging Face's owner/name
+
+
+class ServeError(Exception):
+    """The server stopped because a worker could not start (its own message is on stderr above)."""
+
+    exit_code = 1
+
+
+def check_model(config: ServeConfig) -> None:
+    """What can be known about --model/--prompt without loading weights (a UserError naming the problem)."""
+    from iqa_cli.models.backbone import family_of, get_family, supported_families
+
+    for flag, name in (("--model", config.model), ("--base", config.base)):
+        path = Path(name).expanduser() if name else None
+        if path is not None and not path.is_dir() and (path.exists() or not _REPO_ID.match(name)):
+            raise UserError(f"{flag} {name!r}: not a directory and not a Hugging Face repo id (owner/name)")
+    model_type, source = family_of(config.model, base=config.base, revision=config.revision)
+    if model_type not in supported_families():
+        get_family(model_type, source)  # its one-line error
+    if config.prompt is None:
+        return  # the family module (and torch) is imported by the workers only
+    family = get_family(model_type, source)
+    if config.prompt.count(family.image_token) != 1:
+        raise UserError(f"--prompt must hold {family.image_token} exactly once: {config.prompt!r}")
+
+
+def check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+
+
+def serve(config: ServeConfig, say: Callable[[str], None] = print) -> None:
+    """Checks the options, then serves until SIGTERM/SIGINT (in-flight requests finish first)."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    config.check()
+    check_model(config)
+    check_port(config.host, config.port)
+    if not config.loopback and config.token is None:
+        say(
+            f"warning: listening on {config.host} without --token: anyone who can reach this address can use "
+            f"the {'GPUs' if config.devices != ['cpu'] else 'CPU'} of this machine"
+        )
+    work = Path(tempfile.mkdtemp(prefix="iqa-serve-"))
+    metrics_dir = work / "prometheus"
+    metrics_dir.mkdir()
+    config.lock_dir = str(work)
+    os.environ[CONFIG_ENV] = config.to_env()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # read by prometheus_client in each worker
+    server_config = uvicorn.Config(
+        APP,
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=len(config.devices),
+        timeout_graceful_shutdown=int(config.timeout_s + DRAIN_MARGIN_S),
+        log_level="warning",
+        access_log=False,
+    )
+    supervisor = None
+    try:
+        sock = server_config.bind_socket()
+        say(
+            f"iqa serve: http://{config.host}:{config.port} model {config.model} on {', '.join(config.devices)}, "
+            f"max batch {config.max_batch}, max wait {config.max_wait_ms:g} ms"
+        )
+        supervisor = Multiprocess(server_config, sockets=[sock])
+        supervisor.run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if supervisor is not None and any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise ServeError("a worker could not start (its reason is above); the server stopped")
+    sys.stderr.flush()

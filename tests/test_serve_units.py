@@ -1,0 +1,146 @@
+"""The serving pieces without a server: the data-only unpickler, request parsing, the batcher's fixed-shape
+calls, its bounded queue and timed-out requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import pickle
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra (pip install 'iqa-cli[serve]') is not installed")
+
+from iqa_cli.serving.batcher import Batcher, Overloaded
+from iqa_cli.serving.requests import BadRequest, parse_json, parse_pickle
+from iqa_cli.serving.safe_pickle import UnsafePickleError, loads_data
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_data_round_trips_in_every_protocol(protocol):
+    value = {"images": [b"\xff\xd8jpeg", b""], "n": 3, "x": 1.5, "ok": True, "none": None, "t": (1, "a"), "s": "é"}
+    if protocol < 3:  # bytes need a global (_codecs.encode) before protocol 3: refused, which is the point
+        with pytest.raises(UnsafePickleError, match="_codecs"):
+            loads_data(pickle.dumps(value, protocol=protocol))
+        value.pop("images")
+    assert loads_data(pickle.dumps(value, protocol=protocol)) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ({1, 2}, "set"),
+        (frozenset([1]), "frozenset"),
+        (bytearray(b"x"), "bytearray"),
+        (collections.OrderedDict(a=1), "collections.OrderedDict"),
+        (torch.zeros(1), "torch"),
+        (print, "builtins.print"),
+    ],
+)
+def test_anything_but_plain_data_is_refused(value, fragment):
+    with pytest.raises(UnsafePickleError, match=fragment):
+        loads_data(pickle.dumps(value, protocol=5))
+
+
+def test_deep_nesting_and_garbage_are_refused():
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(UnsafePickleError, match="deeper"):
+        loads_data(pickle.dumps(deep))
+    for garbage in (b"", b"\x80\x05", b"not a pickle", pickle.dumps({"a": 1})[:-3]):
+        with pytest.raises(ValueError, match="not a readable pickle"):
+            loads_data(garbage)
+
+
+def test_request_parsing():
+    png = b"\x89PNG fake"
+    request = parse_json(b'{"images": ["%s", "data:image/png;base64,%s"]}' % ((base64.b64encode(png),) * 2), 8)
+    assert request.images == [png, png] and request.probs is False
+    assert parse_pickle(pickle.dumps({"images": [png], "extra": 1}), 8).images == [png]
+    for body, status, fragment in [
+        (b'{"images": [1]}', 400, "images[0]: expected a base64 string"),
+        (b'{"images": ["data:image/png,abc"]}', 400, "must be base64"),
+        (b'{"images": ["a", "b", "c"]}', 413, "3 images"),
+        (b"\xff", 400, "not JSON"),
+    ]:
+        with pytest.raises(BadRequest, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
+            parse_json(body, 2)
+        assert info.value.status == status
+    with pytest.raises(BadRequest, match="expected encoded image bytes"):
+        parse_pickle(pickle.dumps({"images": ["a string"]}), 8)
+
+
+class FakeScorer:
+    """Records the batch size of each model call; a row's score is its pixel value."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[int, int]] = []  # (rows in the call, images in it)
+        self.delay = delay
+
+    def collate(self, items, batch_size, dtype):
+        pixels = torch.zeros(batch_size, dtype=dtype)
+        for i, item in enumerate(items):
+            pixels[i] = item
+        self.calls.append((batch_size, len(items)))
+        return {"pixel_values": pixels}
+
+    def score_batch(self, visual):
+        time.sleep(self.delay)
+        x = visual["pixel_values"]
+        return type("Out", (), {"score": x, "std": x * 0, "probs": x[:, None], "score_reg": None})()
+
+
+def test_every_model_call_has_max_batch_rows_and_requests_share_calls():
+    scorer = FakeScorer(delay=0.05)
+    batcher = Batcher(scorer, max_batch=4, max_wait_s=0.05, queue_limit=64)
+    batcher.start()
+
+    async def main():
+        return await asyncio.gather(*(batcher.score([float(i), float(10 + i)]) for i in range(5)))
+
+    results = asyncio.run(main())
+    batcher.stop()
+    assert [[r.score for r in rows] for rows in results] == [[float(i), float(10 + i)] for i in range(5)]
+    assert {rows for rows, _ in scorer.calls} == {4}  # always 4 rows
+    assert sum(n for _, n in scorer.calls) == 10 and max(n for _, n in scorer.calls) > 2  # requests shared calls
+
+
+def test_a_full_queue_refuses_and_a_timed_out_request_is_dropped():
+    scorer = FakeScorer(delay=0.3)
+    batcher = Batcher(scorer, max_batch=1, max_wait_s=0, queue_limit=3)
+    batcher.start()
+
+    async def main():
+        first = asyncio.ensure_future(batcher.score([1.0, 2.0, 3.0]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await batcher.score([4.0])
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first, timeout=0.1)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while batcher.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert batcher.pending == 0  # cancelled images released their places
+    assert len(scorer.calls) < 3  # and were not all scored
+    batcher.stop()
+
+
+def test_each_worker_claims_a_device_no_other_live_worker_holds(tmp_path):
+    from iqa_cli.serving.app import claim_device
+    from iqa_cli.serving.config import ServeConfig
+
+    config = ServeConfig(devices=["cuda:0", "cuda:1"], lock_dir=str(tmp_path))
+    first, first_lock = claim_device(config)
+    second, second_lock = claim_device(config)
+    assert (first, second) == ("cuda:0", "cuda:1")
+    with pytest.raises(RuntimeError, match="held by another worker"):
+        claim_device(config)
+    first_lock.close()  # the worker on cuda:0 died: its replacement gets cuda:0
+    assert claim_device(config)[0] == "cuda:0"
+    second_lock.close()
