@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import logging
 import os
 import sys
 import threading
@@ -25,8 +26,18 @@ def configure_process() -> None:
     `main()` in a test process changes nothing until that process exits.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("torch.utils._pytree").addFilter(_not_the_enum_registration_notice)  # once: a set
     atexit.unregister(gc.freeze)  # once, however often main() runs in one process
     atexit.register(gc.freeze)
+
+
+def _not_the_enum_registration_notice(record: logging.LogRecord) -> bool:
+    """Drops torch 2.14's notice that torchao 0.18 registers its enums with pytree (two lines per process).
+
+    transformers imports torchao whenever it is installed (the `quantize` and `test` extras install it), so
+    every model load printed them on stderr, under the one-line errors too. Other pytree messages pass.
+    """
+    return "is an Enum subclass and is now natively supported" not in record.getMessage()
 
 
 def keep_final_collection() -> None:
