@@ -50,6 +50,29 @@ def test_family_comes_from_the_run_file_then_config_then_the_adapters_base(tmp_p
     assert supported_families() == sorted(supported_families()) and DEFAULT_FAMILY in supported_families()
 
 
+def test_an_uncached_hub_repo_is_told_by_its_downloaded_config_alone(tmp_path, monkeypatch):
+    """`--model Qwen/...` on a fresh machine: only config.json is fetched to pick the family (the weights come
+    through that family's loader); without it (offline, an adapter repo) the default family's loader reports."""
+    import huggingface_hub
+
+    fetched = []
+
+    def fake_download(repo_id, filename, revision=None, **kwargs):
+        fetched.append((repo_id, filename, revision))
+        if repo_id != "org/qwen-like":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+        path = tmp_path / "hub" / "config.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"model_type": "qwen2_vl"}))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached
+    assert family_of("org/qwen-like", revision="abc") == ("qwen2_vl", str(tmp_path / "hub" / "config.json"))
+    assert family_of("org/unreachable") == (DEFAULT_FAMILY, "")
+    assert fetched == [("org/qwen-like", "config.json", "abc"), ("org/unreachable", "config.json", None)]
+
+
 # The mPLUG-Owl2 facts the issue names must live in iqa_cli/models/mplug_owl2/ only; outside it, only the
 # registry's family name and the modules that build the tiny mPLUG-Owl2 test model (tests and demo) name it.
 PENDING = {

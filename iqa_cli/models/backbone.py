@@ -271,14 +271,15 @@ def family_of(model: str | Path, *, base: str | Path | None = None, revision: st
     """(family, the file that said so) for a checkpoint directory or Hub repo id.
 
     Read in order: the run directory's `iqa.json` `family`; `config.json` `model_type`; for a peft adapter
-    without a config, its base's family. A Hub repo is read from the local cache only (nothing is downloaded
-    here); a repo not in the cache, or a directory with none of these files, is the default family, whose
-    loader reports what is missing.
+    without a config, its base's family. A Hub repo's `config.json` comes from the local cache, else it alone
+    is downloaded (a few KB), so `--model Qwen/Qwen2.5-VL-7B-Instruct` picks its family before the weights
+    come; a repo without one (a LoRA adapter), an unreachable Hub, or a directory with none of these files is
+    the default family, whose loader reports what is missing.
     """
     path = Path(model).expanduser()
     if not path.is_dir():
-        cached = _cached_hub_file(str(model), CONFIG_FILE, revision)
-        return (_model_type(cached), str(cached)) if cached is not None else (DEFAULT_FAMILY, "")
+        config = _hub_config(str(model), revision)
+        return (_model_type(config), str(config)) if config is not None else (DEFAULT_FAMILY, "")
     run_file = path / RUN_FILE
     if run_file.is_file():
         family = read_json_object(run_file).get(RUN_FAMILY_KEY)
@@ -316,6 +317,19 @@ def _model_type(path: Path) -> str:
     if not isinstance(model_type, str):
         raise UserError(f"{path}: no model_type (supported: {', '.join(supported_families())})")
     return model_type
+
+
+def _hub_config(repo_id: str, revision: str | None) -> Path | None:
+    """A Hub repo's config.json: the cached copy, else downloaded alone; None when neither works."""
+    cached = _cached_hub_file(repo_id, CONFIG_FILE, revision)
+    if cached is not None:
+        return cached
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision))
+    except Exception:  # offline, no such repo or file, an invalid id: the default family's loader says which
+        return None
 
 
 def _cached_hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
