@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Nothing in the tests may reach the network: an uncached repo id would otherwise cost huggingface_hub's
+# retries (~23 s here) before the offline error the test expects. Set before huggingface_hub is imported;
+# subprocesses inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # origin and license: fixtures/README.md
 TOKENIZER_FIXTURE = FIXTURES / "mplug-owl2-tokenizer"
