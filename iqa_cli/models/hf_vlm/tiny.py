@@ -190,7 +190,7 @@ def tiny_checkpoint(model_type: str, out: str | Path, *, seed: int = 0) -> Path:
         for p in model.parameters():
             p.normal_(0, 0.2)
     out = Path(out)
-    from iqa_cli.models.hf_vlm.backbone import _quiet_transformers
+    from iqa_cli.models.hf_vlm.checkpoints import _quiet_transformers
 
     with _quiet_transformers():
         model.save_pretrained(out)

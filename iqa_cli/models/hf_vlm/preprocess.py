@@ -1,0 +1,101 @@
+"""The family processor's visual inputs of one image and their batching: the transform runs the processor on the
+image token alone with the image (its pixel tensors and the ids the token expands to), the collate right-pads
+rows; and Qwen-VL's pixel budget options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from iqa_cli.batch_buffer import batch_buffer
+from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import VisualInputs
+from iqa_cli.models.hf_vlm import DEFAULT_PIXELS, PATCH_GRID_FAMILIES
+
+IMAGE_IDS = "image_ids"  # B, N: the ids the image token expands to, right-padded with -1
+HAS_IMAGE = "has_image"  # B: 1 for a row holding an image (padding rows are 0)
+TOKEN_TYPES = "mm_token_type_ids"  # Qwen-VL: 0 text, 1 image, per position (M-RoPE needs it)
+TEXT_KEYS = ("input_ids", "attention_mask", TOKEN_TYPES, "token_type_ids")  # processor outputs over the text
+FLAT_PIXELS = "pixel_values"  # Qwen-VL: [patches, D] per image, concatenated over images in the model call
+GRID = "image_grid_thw"
+
+
+@dataclass(frozen=True)
+class ProcessorTransform:
+    """RGB PIL image -> the family processor's pixel tensors for it and the ids of its expanded image token;
+    picklable for DataLoader workers."""
+
+    processor: Any
+    image_token: str
+    flat: bool  # Qwen-VL: pixel_values without an image dimension
+    images_kwargs: dict = field(default_factory=dict)  # Qwen-VL: {"size": {"shortest_edge": min, "longest_edge": max}}
+
+    def __call__(self, image: Any) -> dict[str, torch.Tensor]:
+        out = self.processor(
+            text=[self.image_token],
+            images=[image],
+            add_special_tokens=False,
+            return_tensors="pt",
+            **self.images_kwargs,
+        )
+        item = {IMAGE_IDS: out["input_ids"][0]}
+        if TOKEN_TYPES in out:
+            item[TOKEN_TYPES] = torch.as_tensor(out[TOKEN_TYPES][0])
+        for name, value in out.items():
+            if name in TEXT_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            item[name] = value if (self.flat and name == FLAT_PIXELS) else value[0]
+        return item
+
+
+@dataclass(frozen=True)
+class PaddedCollate:
+    """Per-image tensors -> batch-first tensors zero-padded to the largest in every dimension (image ids padded
+    with -1), plus `has_image`; every key keeps its rows first, as the scoring pipeline slices batches by row."""
+
+    def __call__(
+        self, items: list[VisualInputs | None], batch_size: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        present = [item for item in items if item is not None]
+        if not present:  # a batch of failed images only: one empty row shape the forward never reaches
+            return {
+                IMAGE_IDS: torch.full((batch_size, 1), -1, dtype=torch.long),
+                HAS_IMAGE: torch.zeros(batch_size, dtype=torch.int8),
+            }
+        out: dict[str, torch.Tensor] = {}
+        for name, first in present[0].items():
+            shape = [max(item[name].shape[d] for item in present) for d in range(first.dim())]
+            cast = dtype if first.is_floating_point() else first.dtype
+            batch = batch_buffer((batch_size, *shape), cast)
+            batch.fill_(-1 if name == IMAGE_IDS else 0)
+            for row, item in enumerate(items):
+                if item is not None:
+                    value = item[name]
+                    batch[(row, *(slice(0, s) for s in value.shape))] = value
+            out[name] = batch
+        out[HAS_IMAGE] = torch.tensor(
+            [item is not None for item in items] + [False] * (batch_size - len(items)), dtype=torch.int8
+        )
+        return out
+
+
+def pixel_options(model_type: str, min_pixels: int | None, max_pixels: int | None, patch: int) -> dict:
+    """Qwen-VL's pixel budget: default the papers' fixed 448x448, else the user's bounds (at least one merged
+    patch, min <= max)."""
+    if model_type not in PATCH_GRID_FAMILIES:
+        if min_pixels is not None or max_pixels is not None:
+            raise UserError(f"--min-pixels / --max-pixels apply to {', '.join(PATCH_GRID_FAMILIES)}, not {model_type}")
+        return {}
+    if min_pixels is None and max_pixels is None:
+        min_pixels = max_pixels = DEFAULT_PIXELS
+    smallest = patch * patch
+    for flag, value in (("--min-pixels", min_pixels), ("--max-pixels", max_pixels)):
+        if value is not None and value < smallest:
+            raise UserError(f"{flag} {value} is below one {patch}x{patch} patch of {model_type} ({smallest} pixels)")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise UserError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
+    bounds = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
+    return {"size": bounds}  # Qwen2VLImageProcessor's pixel-count bounds
