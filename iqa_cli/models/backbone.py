@@ -140,6 +140,9 @@ class TensorInputs(Protocol):
         before `collate`), computed in torch with autograd kept."""
         ...
 
+    # Optional too: `tensor_collate(rows, batch_size) -> VisualInputs` for a family whose rows differ in shape
+    # (Qwen-VL's patch grids); without it `score_tensors` stacks the rows and pads with zero rows.
+
 
 @runtime_checkable
 class TrainableBackbone(Backbone, Protocol):

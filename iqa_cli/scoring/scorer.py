@@ -409,15 +409,20 @@ class Scorer:
             for start in range(0, len(images), batch_size):
                 rows = [tensor_inputs(image.to(self.device)) for image in images[start : start + batch_size]]
                 n = len(rows)
-                visual = {
-                    key: torch.cat(
-                        [
-                            torch.stack([r[key] for r in rows]),
-                            rows[0][key].new_zeros(batch_size - n, *rows[0][key].shape),
-                        ]
-                    )
-                    for key in rows[0]
-                }
+                tensor_collate = getattr(self.backbone, "tensor_collate", None)  # rows of different shapes
+                visual = (
+                    tensor_collate(rows, batch_size)
+                    if tensor_collate is not None
+                    else {
+                        key: torch.cat(
+                            [
+                                torch.stack([r[key] for r in rows]),
+                                rows[0][key].new_zeros(batch_size - n, *rows[0][key].shape),
+                            ]
+                        )
+                        for key in rows[0]
+                    }
+                )
                 out = level_readout(self.backbone, visual, self.readout)
                 reg = out.score_reg[:n].float() if out.score_reg is not None else None
                 parts.append(ScoreBatch(out.probs[:n], out.score[:n], out.std[:n], reg))

@@ -43,7 +43,9 @@ from iqa_cli.models.hf_vlm.preprocess import (
     TOKEN_TYPES,
     PaddedCollate,
     ProcessorTransform,
+    patch_grid_tensor_inputs,
     pixel_options,
+    tensor_collate,
 )
 from iqa_cli.models.hf_vlm.prompt import PromptMixin
 from iqa_cli.models.hf_vlm.training import TrainingMixin
@@ -217,6 +219,21 @@ class HFVisionLanguageBackbone(PromptMixin, TrainingMixin, CheckpointMixin):
         if self.regressor is None:
             raise UserError(f"{self.source}: no regression head")
         return self.regressor(hidden.float())
+
+    def tensor_inputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`TensorInputs` (Scorer.score_tensors): Qwen-VL's preprocessing in torch; LLaVA-OneVision's anyres
+        and Idefics3's image splitting have none here."""
+        if not self.flat:
+            raise UserError(
+                f"{self.name}: score_tensors supports the Qwen-VL families ({', '.join(PATCH_GRID_FAMILIES)}) only;"
+                f" {self.name}'s image splitting has no torch preprocessing"
+            )
+        token_types = TOKEN_TYPES in self.processor.model_input_names
+        return patch_grid_tensor_inputs(image, self.preprocessor, self.images_kwargs, self.image_token_id, token_types)
+
+    def tensor_collate(self, rows: list[dict[str, torch.Tensor]], batch_size: int) -> dict[str, torch.Tensor]:
+        """`tensor_inputs` rows of different sizes -> one padded batch of `batch_size` rows (autograd kept)."""
+        return tensor_collate(rows, batch_size)
 
     @property
     def pad_id(self) -> int:

@@ -99,3 +99,76 @@ def pixel_options(model_type: str, min_pixels: int | None, max_pixels: int | Non
         raise UserError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
     bounds = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
     return {"size": bounds}  # Qwen2VLImageProcessor's pixel-count bounds
+
+
+def patch_grid_tensor_inputs(
+    image: torch.Tensor, image_processor: Any, images_kwargs: dict, image_token_id: int, token_types: bool
+) -> dict[str, torch.Tensor]:
+    """Qwen-VL's image processor in torch: one [3, H, W] float RGB image in [0, 1] (any device, autograd kept) ->
+    the same keys and layout `ProcessorTransform` gives (`pixel_values` [patches, C * T * P * P], `image_grid_thw`,
+    the expanded image ids), plus `has_image`.
+
+    The same steps: transformers' own `smart_resize` picks the size (pixel budget, multiple of patch * merge),
+    bicubic antialiased resize, rescale, normalize, then the patch flattening of `Qwen2VLImageProcessor.patchify`
+    (merge-window order, each patch repeated over the temporal axis). One departure: the resize runs in float
+    (nothing rounded to uint8, so gradients flow); at the target size no resize runs and the pixels are the
+    processor's (tests/test_hf_vlm_tensors.py measures both)."""
+    import torch.nn.functional as F
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
+    ip = image_processor
+    patch, merge, temporal = int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size)
+    x = image.float()
+    height, width = x.shape[1:]
+    if ip.do_resize:
+        bounds = dict(images_kwargs.get("size") or {})
+        low = bounds.get("shortest_edge", ip.size.shortest_edge)
+        high = bounds.get("longest_edge", ip.size.longest_edge)
+        height, width = smart_resize(height, width, factor=patch * merge, min_pixels=low, max_pixels=high)
+        # torchvision's uint8 resize runs the width pass, then the height pass, clamping in between: so here
+        # (a single 2-D pass differs by up to ~17 uint8 steps on upscaled noise, these two by about 1)
+        for size in ((x.shape[1], width), (height, width)):
+            if size != tuple(x.shape[1:]):
+                x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
+    x = x * 255
+    if ip.do_rescale:
+        x = x * ip.rescale_factor
+    if ip.do_normalize:
+        mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        x = (x - mean) / std
+    gh, gw = height // patch, width // patch
+    patches = x.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+    flat = patches.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1).reshape(gh * gw, -1)
+    n = gh * gw // (merge * merge)
+    device = x.device
+    out = {
+        IMAGE_IDS: torch.full((n,), image_token_id, dtype=torch.long, device=device),
+        FLAT_PIXELS: flat,
+        GRID: torch.tensor([1, gh, gw], dtype=torch.long, device=device),
+        HAS_IMAGE: torch.ones((), dtype=torch.int8, device=device),
+    }
+    if token_types:
+        out[TOKEN_TYPES] = torch.ones(n, dtype=torch.long, device=device)
+    return out
+
+
+def tensor_collate(rows: list[dict[str, torch.Tensor]], batch_size: int) -> dict[str, torch.Tensor]:
+    """`PaddedCollate` for `score_tensors`: rows zero-padded to the largest in every dimension (image ids with -1)
+    and `batch_size - len(rows)` rows without an image, by `F.pad` and `torch.cat`, so autograd is kept."""
+    import torch.nn.functional as F
+
+    out: dict[str, torch.Tensor] = {}
+    for name, first in rows[0].items():
+        shape = [max(row[name].shape[d] for row in rows) for d in range(first.dim())]
+        fill = -1 if name == IMAGE_IDS else 0
+        padded = []
+        for row in rows:
+            value = row[name]
+            widths = [w for d in reversed(range(value.dim())) for w in (0, shape[d] - value.shape[d])]
+            padded.append(F.pad(value, widths, value=fill) if any(widths) else value)
+        extra = first.new_full((batch_size - len(rows), *shape), fill)
+        out[name] = torch.cat([torch.stack(padded), extra])
+    return out
