@@ -43,6 +43,7 @@ from iqa_cli.models.hf_vlm.preprocess import (
     TOKEN_TYPES,
     PaddedCollate,
     ProcessorTransform,
+    anyres_tensor_inputs,
     patch_grid_tensor_inputs,
     pixel_options,
     tensor_collate,
@@ -221,11 +222,13 @@ class HFVisionLanguageBackbone(PromptMixin, TrainingMixin, CheckpointMixin):
         return self.regressor(hidden.float())
 
     def tensor_inputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`TensorInputs` (Scorer.score_tensors): Qwen-VL's preprocessing in torch; LLaVA-OneVision's anyres
-        and Idefics3's image splitting have none here."""
+        """`TensorInputs` (Scorer.score_tensors): Qwen-VL's and LLaVA-OneVision's preprocessing in torch;
+        Idefics3's image splitting has none here."""
+        if self.name == "llava_onevision":
+            return anyres_tensor_inputs(image, self.processor, self.image_token_id)
         if not self.flat:
             raise UserError(
-                f"{self.name}: score_tensors supports the Qwen-VL families ({', '.join(PATCH_GRID_FAMILIES)}) only;"
+                f"{self.name}: score_tensors supports {', '.join((*PATCH_GRID_FAMILIES, 'llava_onevision'))} only;"
                 f" {self.name}'s image splitting has no torch preprocessing"
             )
         token_types = TOKEN_TYPES in self.processor.model_input_names

@@ -113,7 +113,6 @@ def patch_grid_tensor_inputs(
     (merge-window order, each patch repeated over the temporal axis). One departure: the resize runs in float
     (nothing rounded to uint8, so gradients flow); at the target size no resize runs and the pixels are the
     processor's (tests/test_hf_vlm_tensors.py measures both)."""
-    import torch.nn.functional as F
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     if image.dim() != 3 or image.shape[0] != 3:
@@ -127,11 +126,7 @@ def patch_grid_tensor_inputs(
         low = bounds.get("shortest_edge", ip.size.shortest_edge)
         high = bounds.get("longest_edge", ip.size.longest_edge)
         height, width = smart_resize(height, width, factor=patch * merge, min_pixels=low, max_pixels=high)
-        # torchvision's uint8 resize runs the width pass, then the height pass, clamping in between: so here
-        # (a single 2-D pass differs by up to ~17 uint8 steps on upscaled noise, these two by about 1)
-        for size in ((x.shape[1], width), (height, width)):
-            if size != tuple(x.shape[1:]):
-                x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
+        x = _resize(x, (height, width))
     x = x * 255
     if ip.do_rescale:
         x = x * ip.rescale_factor
@@ -153,6 +148,65 @@ def patch_grid_tensor_inputs(
     if token_types:
         out[TOKEN_TYPES] = torch.ones(n, dtype=torch.long, device=device)
     return out
+
+
+def anyres_tensor_inputs(image: torch.Tensor, processor: Any, image_token_id: int) -> dict[str, torch.Tensor]:
+    """LLaVA-OneVision's anyres image processor in torch: one [3, H, W] float RGB image in [0, 1] -> the keys
+    `ProcessorTransform` gives (`pixel_values` [1 + crops, 3, S, S], `image_sizes`, `batch_num_images`, the
+    expanded image ids), plus `has_image`.
+
+    The same steps: transformers' `select_best_resolution` over the grid pinpoints, an aspect-keeping resize
+    (`get_patch_output_size`) and centred zero padding to it, crops of the crop size in row order after the
+    whole image resized to the base size, rescale, normalize; the token count is the processor's own
+    `_get_number_of_features`. The resize runs in float, as in `patch_grid_tensor_inputs`."""
+    import torch.nn.functional as F
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_utils import ChannelDimension
+
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
+    ip = processor.image_processor
+    x = image.float()
+    height, width = x.shape[1:]
+    size = (ip.size.height, ip.size.width) if ip.size.height else (ip.size.shortest_edge, ip.size.shortest_edge)
+    crop = ip.crop_size.height if ip.crop_size and ip.crop_size.height else size[0]
+    best = select_best_resolution((height, width), ip.image_grid_pinpoints)
+    new_h, new_w = get_patch_output_size(x, best, ChannelDimension.FIRST)
+    padded = _resize(x, (new_h, new_w))
+    left, top = (best[1] - new_w) // 2, (best[0] - new_h) // 2
+    padded = F.pad(padded, (left, best[1] - new_w - left, top, best[0] - new_h - top))
+    crops = [padded[:, i : i + crop, j : j + crop] for i in range(0, best[0], crop) for j in range(0, best[1], crop)]
+    pixels = torch.stack([_resize(view, size) for view in [_resize(x, size), *crops]])
+    pixels = pixels * 255
+    if ip.do_rescale:
+        pixels = pixels * ip.rescale_factor
+    if ip.do_normalize:
+        mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        pixels = (pixels - mean) / std
+    n = processor._get_number_of_features(height, width, *size)
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    device = x.device
+    return {
+        IMAGE_IDS: torch.full((n,), image_token_id, dtype=torch.long, device=device),
+        FLAT_PIXELS: pixels,
+        "image_sizes": torch.tensor([height, width], dtype=torch.long, device=device),
+        "batch_num_images": torch.ones((), dtype=torch.long, device=device),
+        HAS_IMAGE: torch.ones((), dtype=torch.int8, device=device),
+    }
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> [3, *size], bicubic antialiased as torchvision's uint8 kernel runs it: the width pass,
+    then the height pass, clamping in between (one 2-D pass differs by up to ~17 uint8 steps on upscaled noise,
+    these two by about 1); a pass whose side does not change is skipped, so a no-op resize changes nothing."""
+    import torch.nn.functional as F
+
+    for step in ((x.shape[1], size[1]), tuple(size)):
+        if tuple(step) != tuple(x.shape[1:]):
+            x = F.interpolate(x[None], size=step, mode="bicubic", antialias=True)[0].clamp(0, 1)
+    return x
 
 
 def tensor_collate(rows: list[dict[str, torch.Tensor]], batch_size: int) -> dict[str, torch.Tensor]:
