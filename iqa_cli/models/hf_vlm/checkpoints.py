@@ -26,7 +26,6 @@ class CheckpointMixin:
     def save(self, out: Any, *, state: dict | None = None, dtype: Any = None, processing: bool = True) -> None:
         """A standard transformers checkpoint (`save_pretrained`, so `AutoModelForImageTextToText` loads it
         anywhere), the processor, and Q-Scorer's MLP as its own file."""
-        from safetensors.torch import save_file
 
         out = Path(out)
         model = self.model
@@ -46,10 +45,7 @@ class CheckpointMixin:
         if processing:
             self.processor.save_pretrained(out)
         if regressor is not None:
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in regressor.state_dict().items()}
-            save_file(
-                tensors, str(out / REGRESSOR_FILE), metadata={"hidden_dims": ",".join(map(str, regressor.hidden_dims))}
-            )
+            _save_regressor(regressor, out)
 
     def save_adapter(self, peft_model: Any, out: Any, base: str | None) -> None:
         """peft's own adapter layout, the trained tensors outside it (vision, projector, resized embeddings), the
@@ -76,10 +72,7 @@ class CheckpointMixin:
         self.processor.save_pretrained(out)
         regressor = self.regressor
         if regressor is not None:
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in regressor.state_dict().items()}
-            save_file(
-                tensors, str(out / REGRESSOR_FILE), metadata={"hidden_dims": ",".join(map(str, regressor.hidden_dims))}
-            )
+            _save_regressor(regressor, out)
 
     def load_regressor(self, directory: Path) -> None:
         from safetensors import safe_open
@@ -213,3 +206,11 @@ OUTPUT_FILES = (
     "vocab.json",
     "merges.txt",
 )
+
+
+def _save_regressor(regressor: Any, out: Path) -> None:
+    """Q-Scorer's MLP as `regressor.safetensors` (float32), its widths in the metadata for `load_regressor`."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in regressor.state_dict().items()}
+    save_file(tensors, str(out / REGRESSOR_FILE), metadata={"hidden_dims": ",".join(map(str, regressor.hidden_dims))})

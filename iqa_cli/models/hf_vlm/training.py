@@ -59,12 +59,12 @@ class TrainingMixin:
         """Q-Scorer's MLP, Kaiming-normal (fan_in, ReLU) weights and zero biases; kept if there is one."""
         from torch import nn
 
-        from iqa_cli.models.hf_vlm.regressor import Regressor
+        from iqa_cli.models.score_regressor import ScoreRegressor
 
         if self.regressor is not None:
             return
         width = self.model.get_output_embeddings().weight.shape[1]
-        mlp = Regressor(width, dims).to(device=self.device, dtype=torch.float32)
+        mlp = ScoreRegressor(width, dims).to(device=self.device, dtype=torch.float32)
         for module in mlp.modules():
             if isinstance(module, nn.Linear):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
