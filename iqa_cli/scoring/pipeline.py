@@ -596,11 +596,24 @@ def score_images(
     if config.dtype not in DTYPES:
         raise UserError(f"--dtype {config.dtype}: use one of {', '.join(DTYPES)}")
     check_output_file(out, "--out", example="scores.parquet")
+    return locked_run(
+        config,
+        console,
+        lambda device, environment, console: _score(
+            config, fmt, batch_size, device, environment, scorer_factory, load_image, console
+        ),
+    )
+
+
+def locked_run(config: ScoreConfig, console: Any, run: Callable[..., ScoreSummary]) -> ScoreSummary:
+    """What every scoring run does once its arguments are checked: a console, this rank's device, the process
+    group, and the run lock of `--out` held around `run(device, environment, console)` (the files' loop here,
+    the units' loop in `units.py`)."""
     if console is None:
         from rich.console import Console
 
         console = Console(stderr=True, highlight=False)
-
+    out = Path(config.out)
     environment = distributed.env()
     device = distributed.resolve_device(config.device, environment)
     distributed.init(device)
@@ -613,7 +626,7 @@ def score_images(
             remove_folder=True,
             say=None if config.quiet else lambda line: console.print(line, markup=False),
         ):
-            return _score(config, fmt, batch_size, device, environment, scorer_factory, load_image, console)
+            return run(device, environment, console)
     finally:
         distributed.destroy()
 

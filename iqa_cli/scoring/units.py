@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from iqa_cli import distributed, run_lock
+from iqa_cli import distributed
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_write, fsync_dir
 from iqa_cli.paths import check_output_dir, check_output_file
@@ -42,7 +42,6 @@ from iqa_cli.scoring.store import (
     DIRECTORY_METADATA,
     Sidecar,
     output_format,
-    sidecar_path,
     suffix_mismatch,
     unit_schema,
     unit_table,
@@ -225,28 +224,13 @@ def score_units(
         raise UserError(f"--dtype {config.dtype}: use one of {', '.join(pipeline.DTYPES)}")
     if not pipeline.is_dataset_input(config.inputs, config.from_file, config.image_col):
         raise UserError(f"--out {out}/ writes one Parquet file per input shard; loose images go to one file")
-    if console is None:
-        from rich.console import Console
-
-        console = Console(stderr=True, highlight=False)
-
-    environment = distributed.env()
-    device = distributed.resolve_device(config.device, environment)
-    distributed.init(device)
-    try:
-        with run_lock.hold(
-            sidecar_path(out) / run_lock.LOCK_NAME,
-            command="iqa score",
-            target=f"--out {out}",
-            wait=config.wait,
-            remove_folder=True,
-            say=None if config.quiet else lambda line: console.print(line, markup=False),
-        ):
-            return _score_units(
-                config, fmt, directory, batch_size, device, environment, scorer_factory, load_image, console
-            )
-    finally:
-        distributed.destroy()
+    return pipeline.locked_run(
+        config,
+        console,
+        lambda device, environment, console: _score_units(
+            config, fmt, directory, batch_size, device, environment, scorer_factory, load_image, console
+        ),
+    )
 
 
 def _plan_units(config, fmt, directory, units, fingerprint, scorer) -> pipeline._Plan:
