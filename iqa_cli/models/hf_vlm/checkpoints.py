@@ -16,6 +16,19 @@ from iqa_cli.errors import UserError
 
 REGRESSOR_FILE = "regressor.safetensors"  # Q-Scorer's MLP next to a trained model's weights
 REGRESSOR_ATTR = "iqa_regressor"  # its attribute on the model
+# What `processor.save_pretrained` writes (processor, image processor, chat template, tokenizer)
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 NON_LORA = "non_lora_trainables.safetensors"  # a LoRA run's trained tensors outside the adapter (vision, lm_head)
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -83,19 +96,7 @@ class CheckpointMixin:
         self.add_regressor(dims)
         self.regressor.load_state_dict(tensors)
 
-    processing_files = (
-        "processor_config.json",
-        "preprocessor_config.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        REGRESSOR_FILE,
-    )
+    processing_files = (*PROCESSOR_FILES, REGRESSOR_FILE)
 
 
 def _check_config(model: str | Path, revision: str | None) -> None:
@@ -195,16 +196,7 @@ OUTPUT_FILES = (
     "README.md",  # peft's model card of an adapter
     NON_LORA,
     REGRESSOR_FILE,
-    "processor_config.json",
-    "preprocessor_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
+    *PROCESSOR_FILES,
 )
 
 
