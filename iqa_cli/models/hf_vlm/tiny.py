@@ -86,6 +86,20 @@ def build_tokenizer(specials: tuple[str, ...], chat_template: str, *, vocab_size
     return fast
 
 
+def _tiny_text(vocab_size: int, pad_token_id: int, **extra: Any) -> dict[str, Any]:
+    """The language model of every tiny config: 2 layers, HIDDEN wide, 4 query and 2 key/value heads."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": pad_token_id,
+        **extra,
+    }
+
+
 def _qwen(model_type: str) -> tuple[Any, Any]:
     from transformers import AutoConfig, Qwen2VLImageProcessor
 
@@ -93,18 +107,13 @@ def _qwen(model_type: str) -> tuple[Any, Any]:
     tokenizer = build_tokenizer(_QWEN_SPECIALS, template, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
     patch = 16 if model_type == "qwen3_vl" else 14
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    text = _tiny_text(
+        len(tokenizer),
+        ids["<|endoftext|>"],
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
     vision: dict[str, Any] = {
         "depth": 2,
         "num_heads": 2,
@@ -206,16 +215,7 @@ def _llava_onevision() -> tuple[Any, Any]:
     side = 28
     config = AutoConfig.for_model(
         "llava_onevision",
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "pad_token_id": ids["<|endoftext|>"],
-        },
+        text_config=_tiny_text(len(tokenizer), ids["<|endoftext|>"], model_type="qwen2"),
         vision_config={
             "model_type": "siglip_vision_model",
             "hidden_size": 16,
@@ -261,16 +261,7 @@ def _idefics3() -> tuple[Any, Any]:
     side, patch, scale = 32, 8, 2
     config = AutoConfig.for_model(
         "idefics3",
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "pad_token_id": ids["<|end_of_text|>"],
-        },
+        text_config=_tiny_text(len(tokenizer), ids["<|end_of_text|>"], model_type="llama"),
         vision_config={
             "hidden_size": 16,
             "intermediate_size": 32,
