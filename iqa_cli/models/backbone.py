@@ -307,12 +307,19 @@ def load_backbone(
     """Loads any supported checkpoint (directory or Hub repo id) as its family's `Backbone`; `options` set to
     other than None (e.g. Qwen-VL's `max_pixels`) go to families whose loader takes them, else a UserError."""
     family = get_family(*family_of(model, base=base, revision=revision))
+    given = family_options(family, options)
+    return family.load(model, base=base, revision=revision, dtype=dtype, device=device, **given)
+
+
+def family_options(family: Family, options: dict[str, Any]) -> dict[str, Any]:
+    """The `options` set to other than None, each one the family's loader takes (e.g. Qwen-VL's `max_pixels`);
+    one it does not take is a UserError naming its flag, before anything loads."""
     given = {k: v for k, v in options.items() if v is not None}
     accepted = inspect.signature(family.load).parameters
     for name in given:
         if name not in accepted:
             raise UserError(f"--{name.replace('_', '-')} does not apply to {family.name} models")
-    return family.load(model, base=base, revision=revision, dtype=dtype, device=device, **given)
+    return given
 
 
 def _model_type(path: Path) -> str:

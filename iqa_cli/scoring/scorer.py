@@ -12,7 +12,6 @@ trained (the run directory's `iqa.json` records it).
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -243,7 +242,7 @@ class Scorer:
             min_pixels, max_pixels: pixel-count bounds of resized images, for families that take them (Qwen-VL).
         """
         from iqa_cli.files import directory_fingerprint
-        from iqa_cli.models.backbone import family_of, get_family
+        from iqa_cli.models.backbone import family_of, family_options, get_family
 
         if base is None and Path(model).is_dir():  # an `iqa train` LoRA run names its own base
             local_run = RunInfo.read(Path(model))
@@ -253,9 +252,7 @@ class Scorer:
             raise UserError(f"--prompt must hold {family.image_token} exactly once: {prompt!r}")
         target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
-        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        if pixels and "max_pixels" not in inspect.signature(family.load).parameters:
-            raise UserError(f"--min-pixels / --max-pixels do not apply to {family.name} models")
+        pixels = family_options(family, {"min_pixels": min_pixels, "max_pixels": max_pixels})
         if quantize is not None:  # checked before loading; the float weights load on the CPU, then go over
             from iqa_cli.scoring import quantize as quantization
 
