@@ -127,13 +127,7 @@ def patch_grid_tensor_inputs(
         high = bounds.get("longest_edge", ip.size.longest_edge)
         height, width = smart_resize(height, width, factor=patch * merge, min_pixels=low, max_pixels=high)
         x = _resize(x, (height, width))
-    x = x * 255
-    if ip.do_rescale:
-        x = x * ip.rescale_factor
-    if ip.do_normalize:
-        mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        x = (x - mean) / std
+    x = _rescale_normalize(x, ip)
     gh, gw = height // patch, width // patch
     patches = x.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
     flat = patches.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1).reshape(gh * gw, -1)
@@ -177,13 +171,7 @@ def anyres_tensor_inputs(image: torch.Tensor, processor: Any, image_token_id: in
     padded = F.pad(padded, (left, best[1] - new_w - left, top, best[0] - new_h - top))
     crops = [padded[:, i : i + crop, j : j + crop] for i in range(0, best[0], crop) for j in range(0, best[1], crop)]
     pixels = torch.stack([_resize(view, size) for view in [_resize(x, size), *crops]])
-    pixels = pixels * 255
-    if ip.do_rescale:
-        pixels = pixels * ip.rescale_factor
-    if ip.do_normalize:
-        mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        pixels = (pixels - mean) / std
+    pixels = _rescale_normalize(pixels, ip)
     n = processor._get_number_of_features(height, width, *size)
     if processor.vision_feature_select_strategy == "default":
         n -= 1
@@ -195,6 +183,19 @@ def anyres_tensor_inputs(image: torch.Tensor, processor: Any, image_token_id: in
         "batch_num_images": torch.ones((), dtype=torch.long, device=device),
         HAS_IMAGE: torch.ones((), dtype=torch.int8, device=device),
     }
+
+
+def _rescale_normalize(x: torch.Tensor, ip: Any) -> torch.Tensor:
+    """Floats in [0, 1] [..., 3, H, W] -> what the image processor feeds the model: its rescale and its
+    mean/std, applied to the 0-255 values as the processor applies them."""
+    x = x * 255
+    if ip.do_rescale:
+        x = x * ip.rescale_factor
+    if ip.do_normalize:
+        mean = torch.tensor(ip.image_mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(ip.image_std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        x = (x - mean) / std
+    return x
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
