@@ -64,7 +64,8 @@ class VisualCollate(Protocol):
 
     `items` has `batch_size` entries or fewer; None (a failed image) and missing rows are padding that must not
     change the other rows' results. Allocating with `iqa_cli.batch_buffer.batch_buffer` makes a worker build
-    the batch in shared memory, so handing it to the main process copies nothing.
+    the batch in shared memory, so handing it to the main process copies nothing; such a block may be reused
+    from an earlier batch (`iqa_cli.batch_buffer.BatchPool`), so the collate writes every element it allocates.
     """
 
     def __call__(

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from iqa_cli import __version__, distributed, interrupts, run_lock
+from iqa_cli.batch_buffer import BatchPool
 from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
 from iqa_cli.inputs import InputList, find_inputs
@@ -65,6 +66,7 @@ from iqa_cli.sources import is_dataset_input
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
+PREFETCH = 2  # batches each DataLoader worker builds ahead
 
 
 class ScorerLike(Protocol):
@@ -271,12 +273,14 @@ class PadCollate:
     Fixed shapes keep CUDA kernels and allocator blocks reusable. Visual inputs are cast to the model's dtype
     here, in the worker, when it is a 16-bit one: half the bytes to pin and copy, and the same rounding the
     model's own cast would do. The backbone's collate allocates with `iqa_cli.batch_buffer.batch_buffer`, so a
-    worker builds the batch in shared memory and handing it over copies nothing.
+    worker builds the batch in shared memory and handing it over copies nothing; with a `pool`, in blocks the
+    worker reuses once the main process has released the batch (`BatchPool.release`).
     """
 
     batch_size: int
     visual_collate: Callable[..., dict[str, torch.Tensor]]  # the backbone's VisualCollate
     dtype: torch.dtype = torch.float32
+    pool: BatchPool | None = None
 
     def __call__(self, items: list[tuple]) -> dict[str, Any]:
         b = self.batch_size
@@ -286,8 +290,17 @@ class PadCollate:
         errors: list[str | None] = [None] * b
         for row, (i, _, w, h, error) in enumerate(items):
             index[row], width[row], height[row], errors[row] = i, w, h, error
-        visual = self.visual_collate([item[1] for item in items], b, self.dtype)
-        return {"visual": visual, "index": index, "width": width, "height": height, "error": errors}
+        with self.pool.filling() if self.pool is not None else contextlib.nullcontext() as filling:
+            visual = self.visual_collate([item[1] for item in items], b, self.dtype)
+        batch = {"visual": visual, "index": index, "width": width, "height": height, "error": errors}
+        if filling is not None:
+            batch[BatchPool.STAMP] = filling.stamp()
+        return batch
+
+
+def batch_pool(workers: int, prefetch_factor: int) -> BatchPool | None:
+    """The workers' reusable batch blocks; None when the main process loads (nothing is shared)."""
+    return BatchPool(workers, depth=prefetch_factor + 1) if workers else None
 
 
 def _transfer_dtype(scorer: ScorerLike) -> torch.dtype:
@@ -752,14 +765,15 @@ def _score_indices(
     if load_image is None and config.fast_decode:
         load_image = _fast_loader(scorer)
     dataset = ImageDataset(inputs, indices, scorer.transform, load_image)
+    pool = batch_pool(workers, PREFETCH)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=_batches(len(indices), size),
         num_workers=workers,
-        collate_fn=PadCollate(size, scorer.collate, _transfer_dtype(scorer)),
+        collate_fn=PadCollate(size, scorer.collate, _transfer_dtype(scorer), pool),
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=PREFETCH if workers else None,
     )
     runner = BatchRunner(scorer, size, auto=batch_size is None and device.type == "cuda")
     writer = PartWriter(
@@ -779,6 +793,8 @@ def _score_indices(
             for batch, visual in _device_batches(batches, device):
                 result = runner(visual)
                 progress.advance(writer.add(batch, result))
+                if pool is not None:
+                    pool.release(batch)
         if console is not None and runner.size != runner.first_size:
             console.print(
                 f"--batch-size auto: out of GPU memory at {runner.first_size}, scored with {runner.size}",

@@ -371,7 +371,8 @@ def _run(scorer, units, mine, sidecar, plan, metadata, config, batch_size, envir
         size = max(1, min(size, int(known.sum())))
     workers = pipeline.default_workers(environment) if config.workers is None else config.workers
     workers = min(workers, len(mine))
-    collate = pipeline.PadCollate(size, scorer.collate, pipeline._transfer_dtype(scorer))
+    pool = pipeline.batch_pool(workers, pipeline.PREFETCH)
+    collate = pipeline.PadCollate(size, scorer.collate, pipeline._transfer_dtype(scorer), pool)
     if load_image is None and config.fast_decode:
         load_image = pipeline._fast_loader(scorer)
     dataset = UnitBatches(units, mine, scorer.transform, collate, load_image)
@@ -381,7 +382,7 @@ def _run(scorer, units, mine, sidecar, plan, metadata, config, batch_size, envir
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=pipeline._worker_init if workers else None,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=pipeline.PREFETCH if workers else None,
     )
     runner = pipeline.BatchRunner(scorer, size, auto=batch_size is None and device.type == "cuda")
     writer = UnitWriter(units, sidecar, Path(config.out), directory, plan, metadata)
@@ -402,6 +403,8 @@ def _run(scorer, units, mine, sidecar, plan, metadata, config, batch_size, envir
                 ok = real & torch.tensor([e is None for e in batch["error"]])
                 result = runner(visual) if bool(ok.any()) else None
                 n = writer.add(batch, result)
+                if pool is not None:
+                    pool.release(batch)
                 processed += n
                 progress.advance(n)
     except torch.OutOfMemoryError:
