@@ -14,13 +14,20 @@ straight into the batch), for float32 and bfloat16 batches, in a DataLoader work
 memory as `iqa score` builds it. CPU time, so the other processes on a busy machine count less. The hand-over
 of the finished batch (a shared-memory handle) is the same both ways. Checks the batches are identical.
 
+`pool`: the hand-over itself, as `iqa score` runs it: 2 DataLoader workers build float32 batches of 16 448 px
+squares (from memory, so no decoding) and the main process reads each one; fresh: a new shared-memory block per
+batch (before); pooled: the workers reuse their blocks once the main process released the batch (`BatchPool`).
+The two alternate; CPU time of the workers and the main process per image, wall time, and the blocks allocated.
+
     .venv/bin/python benchmarks/bench_preprocess.py resize [--images 64] [--repeats 3] [--size 1024x768] [--fast-decode]
     .venv/bin/python benchmarks/bench_preprocess.py collate [--batches 20] [--repeats 3]
+    .venv/bin/python benchmarks/bench_preprocess.py pool [--images 1600] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -36,6 +43,7 @@ from benchmarks.bench_score import make_jpegs
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.backbone import PIXELS, SquareCollate
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor, expand_to_square
+from iqa_cli.scoring.pipeline import PREFETCH, PadCollate, _batches, _worker_init, batch_pool
 
 
 def plain_square(pre: ClipPreprocessor, image: Image.Image) -> np.ndarray:
@@ -144,6 +152,68 @@ def bench_collate(args: argparse.Namespace) -> None:
               f"{old / new:.2f}x")  # fmt: skip
 
 
+class Squares(torch.utils.data.Dataset):
+    """`n` items as `ImageDataset` gives them after the transform: uint8 squares (16 distinct ones, from memory)."""
+
+    def __init__(self, n: int):
+        rng = np.random.default_rng(0)
+        self.n, self.squares = n, [rng.integers(0, 256, (448, 448, 3), dtype=np.uint8) for _ in range(16)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple:
+        return i, {PIXELS: torch.from_numpy(self.squares[i % 16])}, 448, 448, None
+
+
+def _pool_run(images: int, pooled: bool) -> dict[str, float]:
+    pool = batch_pool(2, PREFETCH) if pooled else None
+    loader = torch.utils.data.DataLoader(
+        Squares(images),
+        batch_sampler=_batches(images, 16),
+        num_workers=2,
+        collate_fn=PadCollate(16, SquareCollate(448, ClipPreprocessor()), torch.float32, pool),
+        worker_init_fn=_worker_init,
+        prefetch_factor=PREFETCH,
+    )
+    own, children, start = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+        time.perf_counter(),
+    )
+    blocks = 0
+    batches = iter(loader)
+    for batch in batches:
+        float(batch["visual"][PIXELS].sum())  # the main process reads the batch, as the model does
+        blocks += batch["pool_stamp"][2] if pooled else 1
+        if pool is not None:
+            pool.release(batch)
+    del batches  # joins the workers, so their CPU time is counted
+    wall = time.perf_counter() - start
+    own_end, children_end = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def ms(a, b):
+        return 1000 * (b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime) / images
+
+    return {"workers": ms(children, children_end), "main": ms(own, own_end), "wall": wall, "blocks": blocks}
+
+
+def bench_pool(args: argparse.Namespace) -> None:
+    runs: dict[str, list[dict[str, float]]] = {"fresh": [], "pooled": []}
+    for repeat in range(args.repeats):
+        for name in ("fresh", "pooled") if repeat % 2 == 0 else ("pooled", "fresh"):
+            runs[name].append(_pool_run(args.images, name == "pooled"))
+    print(f"{args.images} images in float32 batches of 16 (448 px), 2 workers, the main process reading each batch; "
+          f"fresh and pooled alternating, best of {args.repeats} (by workers' CPU)")  # fmt: skip
+    best = {name: min(r, key=lambda x: x["workers"]) for name, r in runs.items()}
+    for name, r in best.items():
+        print(f"  {name:7s} workers {r['workers']:5.2f} ms/image CPU, main {r['main']:5.2f} ms/image CPU, "
+              f"wall {r['wall']:5.2f} s, blocks allocated {r['blocks']}")  # fmt: skip
+    f, p = best["fresh"], best["pooled"]
+    print(f"  pooled vs fresh: workers {f['workers'] / p['workers']:.2f}x, main {f['main'] / p['main']:.2f}x, "
+          f"wall {f['wall'] / p['wall']:.2f}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -155,8 +225,11 @@ def main() -> None:
     collate = sub.add_parser("collate")
     collate.add_argument("--batches", type=int, default=20)
     collate.add_argument("--repeats", type=int, default=3)
+    pool = sub.add_parser("pool")
+    pool.add_argument("--images", type=int, default=1600)
+    pool.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    bench_resize(args) if args.mode == "resize" else bench_collate(args)
+    {"resize": bench_resize, "collate": bench_collate, "pool": bench_pool}[args.mode](args)
 
 
 if __name__ == "__main__":
