@@ -6,7 +6,7 @@ square through one `Image.resize` (the reference's order); split (`ClipPreproces
 landscape images the horizontal pass on the image's rows only, the padding rows' pass precomputed, then the
 vertical pass; for portrait ones (`--size 768x1024`) the square's left part through `box`, the right-hand
 padding columns from a cache. Checks the squares are identical. `--fast-decode` adds `iqa score --fast-decode`'s
-way (the JPEG decoded at a 1/2-1/8 DCT scale, then the split resize) and its pixel differences.
+way (the JPEG decoded at a 1/2-1/8 DCT scale, then torch's resize) and its pixel differences.
 
 `collate`: a worker's items and collate for 16 images (after the resize): float items (the value table into
 a float32 [3, S, S] per image, then copied and cast into the batch) vs uint8 items (the value table looked up
@@ -66,7 +66,7 @@ def bench_resize(args: argparse.Namespace) -> None:
         "split": lambda path: pre.uint8_pixels(load_image(path)),
     }
     if args.fast_decode:
-        ways["fast"] = lambda path: pre.uint8_pixels(load_image(path, draft=pre.draft_size))
+        ways["fast"] = lambda path: pre.uint8_pixels(load_image(path, draft=pre.draft_size), fast=True)
     differences = []
     best = {name: float("inf") for name in ways}
     for repeat in range(args.repeats):

@@ -488,8 +488,8 @@ def score(
     fast_decode: bool = typer.Option(
         False,
         "--fast-decode",
-        help="Decode JPEGs at a 1/2-1/8 DCT scale still larger than the model's input: faster, not the "
-        "reference's pixels (scores move slightly; see README).",
+        help="Decode JPEGs at a 1/2-1/8 DCT scale still larger than the model's input and resize with torch's "
+        "vectorized filter: faster, not the reference's pixels (scores move slightly; see README).",
     ),
     fmt: str | None = typer.Option(
         None,

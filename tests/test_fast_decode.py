@@ -166,3 +166,36 @@ def test_shards_decode_like_files_in_fast_mode(jpegs, tmp_path, monkeypatch):
     shard_scores = frames["shard"].set_index("image")["score"]
     assert len(shard_scores) == 6 and (files.loc[shard_scores.index] == shard_scores).all()
     assert (frames["exact"].set_index("image")["score"] != shard_scores).any()
+
+
+@pytest.mark.parametrize(
+    "size", [(1024, 768), (768, 1024), (513, 385), (385, 513), (448, 448), (1, 1), (4000, 200), (60, 40)]
+)
+@pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
+def test_the_fast_resize_is_within_one_grey_level_of_pillows(size, resample):
+    """`--fast-decode` resizes with torch's vectorized uint8 filter: the same padded square, center crop and sizes
+    as the exact path, values at most 1 apart, and only a small share of them differ."""
+    rng = np.random.default_rng(sum(size))
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    noisy = np.clip(np.asarray(coarse, dtype=np.int16) + rng.normal(0, 12, (size[1], size[0], 3)), 0, 255)
+    image = Image.fromarray(noisy.astype(np.uint8))
+    pre = ClipPreprocessor(resample=resample)
+    exact, fast = pre.uint8_pixels(image), pre.uint8_pixels(image, fast=True)
+    assert fast.shape == exact.shape == (448, 448, 3) and fast.dtype == np.uint8 and fast.flags.writeable
+    difference = np.abs(fast.astype(np.int16) - exact)
+    assert difference.max() <= 1
+    assert (difference > 0).mean() < 0.02
+    if size[0] > size[1]:  # the padding rows far from the image are the mean colour in both
+        assert (fast[:5] == pre.pad_color).all()
+
+
+def test_the_fast_resize_is_only_in_the_fast_transform():
+    from iqa_cli.models.mplug_owl2.backbone import ClipTransform
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    transform = ClipTransform(ClipPreprocessor())
+    exact = transform(image)["pixel_values"].numpy()
+    assert np.array_equal(exact, ClipPreprocessor().uint8_pixels(image))
+    fast = transform.fast_variant()(image)["pixel_values"].numpy()
+    assert np.array_equal(fast, ClipPreprocessor().uint8_pixels(image, fast=True)) and not np.array_equal(fast, exact)
+    assert not transform.fast  # the scorer's own transform is untouched

@@ -99,7 +99,7 @@ class ScoreConfig:
     dtype: str = "auto"
     batch_size: int | str = "auto"  # positive int or "auto"
     workers: int | None = None  # DataLoader processes; None = one per core (at most 8) per local rank
-    fast_decode: bool = False  # JPEGs decoded at a smaller DCT scale (not the reference's pixels; opt-in)
+    fast_decode: bool = False  # JPEGs decoded at a smaller DCT scale, torch's resize (not the reference's pixels)
     format: str | None = None  # parquet|csv|jsonl; None = from the suffix of `out`, else parquet
     overwrite: bool = False
     wait: bool = False  # another run on the same --out: wait for it instead of refusing
@@ -250,6 +250,13 @@ def _fast_loader(scorer: ScorerLike) -> Callable:
     if draft is None:
         raise UserError("--fast-decode: this model's image preprocessing does not say which decode size it needs")
     return functools.partial(load_image, draft=draft)
+
+
+def _fast_transform(scorer: ScorerLike) -> Callable:
+    """The scorer's transform for `--fast-decode`: its `fast_variant()` where the family has one (a faster resize,
+    other pixels), else the transform itself."""
+    fast = getattr(scorer.transform, "fast_variant", None)
+    return fast() if fast is not None else scorer.transform
 
 
 def _reason(exc: BaseException) -> str:
@@ -762,9 +769,10 @@ def _score_indices(
     size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
     size = max(1, min(size, len(indices)))
     workers = default_workers(environment) if config.workers is None else config.workers
+    transform = _fast_transform(scorer) if config.fast_decode else scorer.transform
     if load_image is None and config.fast_decode:
         load_image = _fast_loader(scorer)
-    dataset = ImageDataset(inputs, indices, scorer.transform, load_image)
+    dataset = ImageDataset(inputs, indices, transform, load_image)
     pool = batch_pool(workers, PREFETCH)
     loader = torch.utils.data.DataLoader(
         dataset,

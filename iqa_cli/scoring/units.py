@@ -373,9 +373,10 @@ def _run(scorer, units, mine, sidecar, plan, metadata, config, batch_size, envir
     workers = min(workers, len(mine))
     pool = pipeline.batch_pool(workers, pipeline.PREFETCH)
     collate = pipeline.PadCollate(size, scorer.collate, pipeline._transfer_dtype(scorer), pool)
+    transform = pipeline._fast_transform(scorer) if config.fast_decode else scorer.transform
     if load_image is None and config.fast_decode:
         load_image = pipeline._fast_loader(scorer)
-    dataset = UnitBatches(units, mine, scorer.transform, collate, load_image)
+    dataset = UnitBatches(units, mine, transform, collate, load_image)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,

@@ -6,6 +6,7 @@ conventions (Q-Scorer's appended-token readout, the evaluation prompt) are decid
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,12 +59,17 @@ class ClipTransform:
     """
 
     preprocessor: Any  # ClipPreprocessor, or any image -> [3, S, S] callable
+    fast: bool = False  # `--fast-decode`: the ClipPreprocessor's fast resize (not the reference's pixels)
 
     def __call__(self, image: Any) -> dict[str, torch.Tensor]:
         uint8_pixels = getattr(self.preprocessor, "uint8_pixels", None)
         if uint8_pixels is not None:
-            return {PIXELS: torch.from_numpy(uint8_pixels(image))}
+            return {PIXELS: torch.from_numpy(uint8_pixels(image, fast=self.fast))}
         return {PIXELS: self.preprocessor(image)}
+
+    def fast_variant(self) -> ClipTransform:
+        """This transform for `--fast-decode`."""
+        return dataclasses.replace(self, fast=True)
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -155,14 +155,17 @@ class ClipPreprocessor:
             np.take(lut[c], hwc[..., c], out=out[c])
         return out
 
-    def uint8_pixels(self, image: Image.Image) -> np.ndarray:
+    def uint8_pixels(self, image: Image.Image, *, fast: bool = False) -> np.ndarray:
         """RGB PIL image -> uint8 array [S, S, 3] (H, W, C), padded, resized and cropped: `pixels` before the
-        value table, a quarter of the bytes for a DataLoader worker to hand over."""
+        value table, a quarter of the bytes for a DataLoader worker to hand over. `fast` (`--fast-decode`):
+        the resize is torch's (`_fast_resize`), not Pillow's pixels."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = image.size
         hwc = None
-        if self.do_resize and self.pad_to_square and self.resample != Image.Resampling.NEAREST:
+        if fast and self.do_resize and self.resample in _TORCH_FILTERS:
+            hwc = self._fast_resize(image, _TORCH_FILTERS[self.resample])
+        elif self.do_resize and self.pad_to_square and self.resample != Image.Resampling.NEAREST:
             if width > height:
                 hwc = self._resize_landscape_padded(image)
             elif height > width:
@@ -178,6 +181,29 @@ class ClipPreprocessor:
         if self.do_center_crop:
             hwc = _center_crop(hwc, self.crop_size)
         return hwc if hwc.flags.writeable else hwc.copy()  # Pillow's arrays are read-only; torch wants writable
+
+    def _fast_resize(self, image: Image.Image, mode: str) -> np.ndarray:
+        """Pad and resize through torch's antialiased uint8 filter (vectorized; ~6x Pillow's on a 1024 px square).
+        It follows Pillow's filter but rounds its fixed-point coefficients otherwise: on the same input, 1 grey
+        level apart at about 0.3% of the values, never more (tests/test_fast_decode.py)."""
+        import torch
+        import torch.nn.functional as F
+
+        width, height = image.size
+        if self.pad_to_square and width != height:
+            side = max(width, height)
+            hwc = np.empty((side, side, 3), dtype=np.uint8)
+            hwc.reshape(side, side * 3)[...] = np.tile(np.asarray(self.pad_color, dtype=np.uint8), side)  # by rows
+            top, left = (side - height) // 2, (side - width) // 2  # expand_to_square's offsets
+            hwc[top : top + height, left : left + width] = np.asarray(image)
+        else:
+            hwc = np.array(image)
+        new_height, new_width = self.resize_shape((hwc.shape[1], hwc.shape[0]))
+        if (new_height, new_width) == hwc.shape[:2]:
+            return hwc
+        nchw = torch.from_numpy(hwc).permute(2, 0, 1)[None]  # channels-last strides: the vectorized kernel
+        resized = F.interpolate(nchw, size=(new_height, new_width), mode=mode, antialias=True)
+        return resized[0].permute(1, 2, 0).numpy()
 
     def _resize_landscape_padded(self, image: Image.Image) -> np.ndarray:
         """The padded square's resize without the padding rows' share of the work, bit-identical.
@@ -302,6 +328,9 @@ class ClipPreprocessor:
             std = np.asarray(self.image_std, dtype=np.float32)[:, None]
             table = (table - mean) / std
         return table
+
+
+_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 
 
 @functools.lru_cache(maxsize=16)
