@@ -24,6 +24,10 @@ peak bf16 dense FLOP/s from the device name or `--peak-tflops`). Then the whole 
 workers -> model -> Parquet) at the best batch size, to show whether decoding keeps up.
 `gpu --dry-run` runs the same code on the CPU with the tiny config (a smoke test of this script).
 
+`stages`: the CPU cost per image of each step, one thread (decode, exact and fast resize, the value table,
+the model at batch 16; the reference's open/pad/CLIPImageProcessor), and the ceiling they put on `iqa score`'s
+steady state: with every core busy, images/s <= cores / (CPU per image), whatever the pipeline does.
+
 `small`: short runs (default 2 and 16 images) end to end through `score_images` with `--batch-size auto`,
 as a user's `iqa score` (the checkpoint loaded once, outside the timing). "padded" is what `iqa score` did
 before it sized the batch from the run: every model call padded to the full batch (16 rows on the CPU),
@@ -36,6 +40,7 @@ and inside model calls, and the largest score difference between the two.
     .venv/bin/python benchmarks/bench_score.py gpu [--batch-sizes 1,2,4,8,16,32,64,128,256] [--pipeline-images 4096]
     .venv/bin/python benchmarks/bench_score.py gpu --dry-run
     .venv/bin/python benchmarks/bench_score.py small [--counts 2,16] [--repeats 5] [--patch-size 14]
+    .venv/bin/python benchmarks/bench_score.py stages [--images 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -296,6 +301,95 @@ def bench_cpu(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# stages: what one image costs, and the bound it sets on a machine's cores
+
+
+def _per_image_ms(function, items: list, repeats: int) -> float:
+    """Best of `repeats` passes over `items`, ms per item, on this process's current thread count."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            function(item)
+        best = min(best, (time.perf_counter() - start) / len(items))
+    return 1000 * best
+
+
+def bench_stages(args: argparse.Namespace) -> None:
+    """Per-image CPU cost of each step `iqa score` and the reference loop take, one thread, and the ceiling it
+    puts on `iqa score`'s steady state: with every core busy, images/s <= cores / (CPU ms per image)."""
+    import transformers
+
+    from iqa_cli.scoring.scorer import Scorer
+
+    transformers.logging.set_verbosity_error()
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    work = Path(tempfile.mkdtemp(prefix="bench_stages_"))
+    paths = make_jpegs(work / "images", args.images)
+    ckpt = tiny_checkpoint(work, args.image_size)
+    scorer = Scorer.from_pretrained(ckpt.path, device="cpu", dtype="float32")
+    processor = CLIPImageProcessor.from_pretrained(ckpt.path)
+    pre = scorer.preprocessor
+    background = tuple(int(x * 255) for x in processor.image_mean)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    decoded = [load_image(p) for p in paths]
+    drafted = [load_image(p, draft=pre.draft_size) for p in paths]
+    squares = [pre.uint8_pixels(image) for image in decoded]
+    table = pre.value_table()
+    rows = np.empty((3, *squares[0].shape[:2]), dtype=np.float32)
+    padded = [expand2square(image, background) for image in decoded]
+
+    def lookup(square):
+        for c in range(3):
+            np.take(table[c], square[..., c], out=rows[c])
+
+    batch = torch.randn(16, 3, args.image_size, args.image_size)
+    r = args.repeats
+    ms = {
+        "decode (load_image)": _per_image_ms(load_image, paths, r),
+        "exact pad + resize + crop (split, Pillow)": _per_image_ms(pre.uint8_pixels, decoded, r),
+        "value table into the batch": _per_image_ms(lookup, squares, r),
+        "fast decode (DCT 1/2)": _per_image_ms(lambda p: load_image(p, draft=pre.draft_size), paths, r),
+        "fast pad + resize + crop (torch)": _per_image_ms(lambda i: pre.uint8_pixels(i, fast=True), drafted, r),
+        "reference: open + convert": _per_image_ms(lambda p: Image.open(p).convert("RGB"), paths, r),
+        "reference: expand2square": _per_image_ms(lambda i: expand2square(i, background), decoded, r),
+        "reference: CLIPImageProcessor (batches of 16)": _per_image_ms(
+            lambda b: processor.preprocess(b, return_tensors="pt"),
+            [padded[i : i + 16] for i in range(0, len(padded), 16)],
+            r,
+        )
+        / 16,
+    }
+    with torch.inference_mode():
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            scorer.score_pixels(batch)
+            ms[f"model, batch of 16, {n} thread(s)"] = _per_image_ms(scorer.score_pixels, [batch] * 3, r) / 16
+    torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0))
+    print(f"{args.images} generated 1024x768 JPEGs, tiny model at {args.image_size} px; one thread unless said, "
+          f"best of {r}; load average {os.getloadavg()[0]:.2f}; {cores} cores")  # fmt: skip
+    for name, value in ms.items():
+        print(f"  {name:48s} {value:6.2f} ms/image")
+    model_1 = ms["model, batch of 16, 1 thread(s)"]
+    reference = sum(value for name, value in ms.items() if name.startswith("reference"))
+    reference += ms[f"model, batch of 16, {threads} thread(s)"]
+    exact_io = ms["decode (load_image)"] + ms["exact pad + resize + crop (split, Pillow)"]
+    fast_io = ms["fast decode (DCT 1/2)"] + ms["fast pad + resize + crop (torch)"]
+    lut = ms["value table into the batch"]
+    print(f"  reference loop, one image after another (its model on {threads} threads): {reference:.2f} ms/image "
+          f"= {1000 / reference:.1f} images/s")  # fmt: skip
+    for name, work_ms in (("exact", exact_io), ("--fast-decode", fast_io)):
+        bound = cores * 1000 / (work_ms + lut + model_1)
+        free_model = cores * 1000 / work_ms
+        print(f"  iqa score {name}: decode + resize {work_ms:.2f} ms, + lookup + model {work_ms + lut + model_1:.2f} "
+              f"ms of CPU per image -> at most {bound:.0f} images/s on {cores} cores ({bound * reference / 1000:.2f}x "
+              f"the reference loop); with a free model and lookup {free_model:.0f} images/s "
+              f"({free_model * reference / 1000:.2f}x)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
 # small runs
 
 
@@ -516,6 +610,10 @@ def main() -> None:
     cpu.add_argument("--image-size", type=int, default=448, help="input side of the tiny model (28 or 448)")
     cpu.add_argument("--repeats", type=int, default=2)
     cpu.add_argument("--fast-decode", action="store_true", help="also time iqa score --fast-decode")
+    stages = sub.add_parser("stages")
+    stages.add_argument("--images", type=int, default=64)
+    stages.add_argument("--image-size", type=int, default=448, help="input side of the tiny model (28 or 448)")
+    stages.add_argument("--repeats", type=int, default=3)
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256")
     gpu.add_argument("--iters", type=int, default=10)
@@ -538,6 +636,8 @@ def main() -> None:
         bench_gpu(args)
     elif args.mode == "small":
         bench_small(args)
+    elif args.mode == "stages":
+        bench_stages(args)
     else:
         bench_cpu(args)
 

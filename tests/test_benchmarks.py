@@ -51,6 +51,19 @@ def test_bench_score_cpu_reports_phases_and_both_ratios():
     assert difference < 1e-4  # the same model and pixels both ways
 
 
+def test_bench_preprocess_pool_reuses_blocks():
+    out = _run("bench_preprocess.py", "pool", "--images", "160", "--repeats", "1")
+    fresh = int(out.split("fresh ")[1].split("blocks allocated ")[1].split()[0])
+    pooled = int(out.split("pooled ")[1].split("blocks allocated ")[1].split()[0])
+    assert fresh == 10 and pooled == 6  # a block per batch before; now a ring of 3 per worker
+
+
+def test_bench_score_stages_reports_the_ceiling():
+    out = _run("bench_score.py", "stages", "--images", "4", "--repeats", "1", "--image-size", "28")
+    assert "reference loop, one image after another" in out
+    assert out.count("images/s on") == 2 and "fast pad + resize + crop (torch)" in out
+
+
 def test_bench_startup_runs_and_reports_old_and_new():
     out = _run("bench_startup.py", "build", "--repeats", "1", "--size", "mplug-owl2-tiny")
     assert "build mplug-owl2-tiny new:" in out and "torch._dynamo imported: False" in out
