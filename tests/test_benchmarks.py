@@ -53,8 +53,8 @@ def test_bench_score_cpu_reports_phases_and_both_ratios():
 
 def test_bench_preprocess_pool_reuses_blocks():
     out = _run("bench_preprocess.py", "pool", "--images", "160", "--repeats", "1")
-    fresh = int(out.split("fresh ")[1].split("blocks allocated ")[1].split()[0])
-    pooled = int(out.split("pooled ")[1].split("blocks allocated ")[1].split()[0])
+    blocks = {line.split()[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "blocks allocated" in line}
+    fresh, pooled = blocks["fresh"], blocks["pooled"]
     assert fresh == 10 and pooled == 6  # a block per batch before; now a ring of 3 per worker
 
 
