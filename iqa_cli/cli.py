@@ -424,6 +424,32 @@ def train(
         _say(f"merged full checkpoint -> {result.merged}")
 
 
+# --- options of score and serve ------------------------------------------------------------------
+# The model a command loads and how: one definition (and one help text) for `iqa score` and `iqa serve`.
+MODEL = typer.Option(
+    "zhiyuanyou/DeQA-Score-Mix3", "--model", metavar="MODEL", help="Hugging Face repo id or directory."
+)
+BASE = typer.Option(None, "--base", metavar="MODEL", help="Base model of a LoRA adapter.")
+REVISION = typer.Option(None, "--revision", metavar="REV", help="Model revision (branch, tag or commit).")
+PROMPT = typer.Option(None, "--prompt", metavar="TEXT", help="Full scoring prompt containing <|image|>.")
+DTYPE = typer.Option(
+    "auto",
+    "--dtype",
+    metavar="DTYPE",
+    autocompletion=completion.dtypes,
+    help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16.",
+)
+QUANTIZE = typer.Option(
+    None, "--quantize", metavar="BITS", help="Weight-only quantization through torchao: int8 or int4."
+)
+MIN_PIXELS = typer.Option(
+    None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
+)
+MAX_PIXELS = typer.Option(
+    None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
+)
+
+
 # --- score ---------------------------------------------------------------------------------------
 @app.command()
 def score(
@@ -456,26 +482,14 @@ def score(
         metavar="DIR",
         help="Folder that relative --from paths are under; images are named relative to it.",
     ),
-    model: str = typer.Option(
-        "zhiyuanyou/DeQA-Score-Mix3", "--model", metavar="MODEL", help="Hugging Face repo id or directory."
-    ),
-    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="Base model of a LoRA adapter."),
-    revision: str | None = typer.Option(
-        None, "--revision", metavar="REV", help="Model revision (branch, tag or commit)."
-    ),
-    prompt: str | None = typer.Option(
-        None, "--prompt", metavar="TEXT", help="Full scoring prompt containing <|image|>."
-    ),
+    model: str = MODEL,
+    base: str | None = BASE,
+    revision: str | None = REVISION,
+    prompt: str | None = PROMPT,
     device: str = typer.Option(
         "auto", "--device", metavar="DEVICE", autocompletion=completion.devices, help="auto, cpu, cuda or cuda:N."
     ),
-    dtype: str = typer.Option(
-        "auto",
-        "--dtype",
-        metavar="DTYPE",
-        autocompletion=completion.dtypes,
-        help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16.",
-    ),
+    dtype: str = DTYPE,
     batch_size: str = typer.Option(
         "auto", "--batch-size", metavar="N", help="Images per model call, or auto (halves on CUDA OOM)."
     ),
@@ -515,15 +529,9 @@ def score(
         help="Input columns (Parquet, shard metadata, json members) copied into the rows.",
         show_default=False,
     ),
-    quantize: str | None = typer.Option(
-        None, "--quantize", metavar="BITS", help="Weight-only quantization through torchao: int8 or int4."
-    ),
-    min_pixels: int | None = typer.Option(
-        None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
-    ),
-    max_pixels: int | None = typer.Option(
-        None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
-    ),
+    quantize: str | None = QUANTIZE,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> None:
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
 
@@ -683,17 +691,14 @@ def entry() -> None:
 # `iqa serve`: the work lives in iqa_cli/serving/.
 @app.command()
 def serve(
-    model: str = typer.Option(
-        "zhiyuanyou/DeQA-Score-Mix3", "--model", metavar="MODEL", help="Hugging Face repo id or directory."
-    ),
-    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="Base model of a LoRA adapter."),
-    revision: str | None = typer.Option(None, "--revision", metavar="REV", help="Model revision."),
-    prompt: str | None = typer.Option(
-        None, "--prompt", metavar="TEXT", help="Full scoring prompt containing <|image|>."
-    ),
-    dtype: str = typer.Option(
-        "auto", "--dtype", metavar="DTYPE", autocompletion=completion.dtypes, help="auto, float32, bfloat16, float16."
-    ),
+    model: str = MODEL,
+    base: str | None = BASE,
+    revision: str | None = REVISION,
+    prompt: str | None = PROMPT,
+    dtype: str = DTYPE,
+    quantize: str | None = QUANTIZE,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int | None = MAX_PIXELS,
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on."),
     port: int = typer.Option(18086, "--port", metavar="PORT", help="Port (Flow-GRPO's reward client uses 18086)."),
     devices: str = typer.Option(
@@ -731,6 +736,9 @@ def serve(
         revision=revision,
         prompt=prompt,
         dtype=dtype,
+        quantize=quantize,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         host=host,
         port=port,
         devices=parse_devices(devices),

@@ -336,6 +336,11 @@ def test_serve_refuses_bad_options_in_one_line_before_starting(iqa, checkpoint, 
         (["--max-wait-ms", "-1"], "--max-wait-ms -1"),
         (["--timeout", "0"], "--timeout 0"),
         (["--max-images", "10", "--max-queue", "5"], "--max-queue 5"),
+        (["--quantize", "int3"], "--quantize int3"),
+        (["--quantize", "int4"], "--quantize int4 needs a CUDA device"),
+        (["--min-pixels", "1000"], "--min-pixels does not apply to mplug_owl2 models"),
+        (["--min-pixels", "2000", "--max-pixels", "1000"], "--min-pixels 2000 is above --max-pixels 1000"),
+        (["--max-pixels", "0"], "--max-pixels 0"),
     ]
     with busy:
         for args, fragment in cases:

@@ -144,3 +144,36 @@ def test_each_worker_claims_a_device_no_other_live_worker_holds(tmp_path):
     first_lock.close()  # the worker on cuda:0 died: its replacement gets cuda:0
     assert claim_device(config)[0] == "cuda:0"
     second_lock.close()
+
+
+def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monkeypatch, tmp_path):
+    """`iqa serve --quantize/--min-pixels/--max-pixels` reach `Scorer.from_pretrained` in the worker process,
+    through the config the supervisor hands over in the environment."""
+    from iqa_cli.scoring.scorer import Scorer
+    from iqa_cli.serving import app
+    from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
+
+    sent = ServeConfig(model="m", base="b", revision="r", prompt="p", dtype="float32", quantize="int8",
+                       min_pixels=784, max_pixels=3136, devices=["cpu"])  # fmt: skip
+    monkeypatch.setenv(CONFIG_ENV, sent.to_env())
+    received = ServeConfig.from_env()
+    assert received == sent
+    calls = []
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(model, **options):
+        calls.append((model, options))
+        raise Loaded
+
+    monkeypatch.setattr(Scorer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(app, "_exit_with_parent", lambda: None)
+    threads = torch.get_num_threads()  # a CPU worker sets one thread: give this process its own back
+    try:
+        with pytest.raises(Loaded):
+            app.Worker(received, metrics=None).start()
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [("m", {"base": "b", "device": "cpu", "dtype": "float32", "prompt": "p", "revision": "r",
+                            "quantize": "int8", "min_pixels": 784, "max_pixels": 3136})]  # fmt: skip

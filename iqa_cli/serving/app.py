@@ -85,7 +85,15 @@ class Worker:
             torch.set_num_threads(threads)
         c = self.config
         self.scorer = Scorer.from_pretrained(
-            c.model, base=c.base, device=self.device, dtype=c.dtype, prompt=c.prompt, revision=c.revision
+            c.model,
+            base=c.base,
+            device=self.device,
+            dtype=c.dtype,
+            prompt=c.prompt,
+            revision=c.revision,
+            quantize=c.quantize,
+            min_pixels=c.min_pixels,
+            max_pixels=c.max_pixels,
         )
         self.batcher = Batcher(
             self.scorer,
@@ -107,7 +115,7 @@ class Worker:
         visuals, reasons = [], []
         for i, data in enumerate(request.images):
             try:
-                image = decode_image(data, self.config.max_pixels)
+                image = decode_image(data, self.config.image_pixel_limit)
             except ImageDecodeError as err:
                 visuals.append(None)
                 reasons.append(f"images[{i}]: {err.reason}")

@@ -13,6 +13,7 @@ from iqa_cli.images import DEFAULT_MAX_PIXELS
 
 CONFIG_ENV = "IQA_SERVE_CONFIG"  # how the supervisor hands the config to the worker processes it spawns
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")  # Scorer's names
+QUANTIZE_MODES = ("int8", "int4")  # iqa_cli.scoring.quantize.MODES, without importing torch here
 DEFAULT_PORT = 18086  # Flow-GRPO's `deqa_score_remote` posts to http://127.0.0.1:18086
 
 
@@ -23,6 +24,9 @@ class ServeConfig:
     revision: str | None = None
     prompt: str | None = None
     dtype: str = "auto"
+    quantize: str | None = None  # int8 | int4: weight-only, through torchao (as `iqa score --quantize`)
+    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of the resized image (None: the family's)
+    max_pixels: int | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     devices: list[str] = field(default_factory=lambda: ["auto"])  # resolved by `resolve_devices`
@@ -31,7 +35,7 @@ class ServeConfig:
     token: str | None = None  # requests need `Authorization: Bearer <token>` when set
     max_body_mb: float = 64.0  # request body limit
     max_images: int = 256  # images per request
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image (width x height)
+    image_pixel_limit: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image (width x height)
     timeout_s: float = 120.0  # per request, from arrival to answer
     max_queue: int | None = None  # images waiting per worker before 503 [default: max(4 x max_batch, max_images)]
     lock_dir: str = ""  # set by `serve`: where workers claim their device (one lock file per device)
@@ -60,10 +64,15 @@ class ServeConfig:
         for flag, value, low in (
             ("--max-batch", self.max_batch, 1),
             ("--max-images", self.max_images, 1),
+            ("--min-pixels", self.min_pixels, 1),
             ("--max-pixels", self.max_pixels, 1),
         ):
-            if value < low:
+            if value is not None and value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise UserError(f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise UserError(f"--quantize {self.quantize}: use one of {', '.join(QUANTIZE_MODES)}")
         if self.max_queue is not None and self.max_queue < self.max_images:
             raise UserError(f"--max-queue {self.max_queue}: must be at least --max-images ({self.max_images})")
         for flag, number in (("--max-wait-ms", self.max_wait_ms), ("--max-body-mb", self.max_body_mb)):

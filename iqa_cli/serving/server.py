@@ -36,7 +36,7 @@ class ServeError(Exception):
 
 def check_model(config: ServeConfig) -> None:
     """What can be known about --model/--prompt without loading weights (a UserError naming the problem)."""
-    from iqa_cli.models.backbone import family_of, get_family, supported_families
+    from iqa_cli.models.backbone import family_of, family_options, get_family, supported_families
 
     for flag, name in (("--model", config.model), ("--base", config.base)):
         path = Path(name).expanduser() if name else None
@@ -45,11 +45,27 @@ def check_model(config: ServeConfig) -> None:
     model_type, source = family_of(config.model, base=config.base, revision=config.revision)
     if model_type not in supported_families():
         get_family(model_type, source)  # its one-line error
-    if config.prompt is None:
+    if config.quantize is not None:
+        check_quantize(config)
+    if config.prompt is None and config.min_pixels is None and config.max_pixels is None:
         return  # the family module (and torch) is imported by the workers only
     family = get_family(model_type, source)
-    if config.prompt.count(family.image_token) != 1:
+    family_options(family, {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels})
+    if config.prompt is not None and config.prompt.count(family.image_token) != 1:
         raise UserError(f"--prompt must hold {family.image_token} exactly once: {config.prompt!r}")
+
+
+def check_quantize(config: ServeConfig) -> None:
+    """`--quantize` against each device and the dtype it would run in (int4: CUDA and bfloat16 only), as
+    `Scorer.from_pretrained` checks it, but here, before any worker starts."""
+    import torch
+
+    from iqa_cli.scoring import quantize
+    from iqa_cli.scoring.scorer import resolve_dtype
+
+    for name in config.devices:
+        device = torch.device(name)
+        quantize.check(config.quantize, device, resolve_dtype(config.dtype, device))
 
 
 def check_port(host: str, port: int) -> None:
