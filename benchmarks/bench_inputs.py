@@ -40,8 +40,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories, when run as a script
 
+from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.pipeline import ScoreConfig, score_images
 from iqa_cli.sources import find_units
+
+quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
 
 def _machine() -> str:

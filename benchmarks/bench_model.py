@@ -27,7 +27,10 @@ from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
 from iqa_cli.models.mplug_owl2.backbone import wrap
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.scorer import Readout, level_moments, read_levels
+
+quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
 # The default prompt's ids as the released tokenizer gives them (tests/fixtures/README.md); the tiny model's
 # vocabulary is smaller, so ids are folded into it there (timing does not depend on which ids they are).

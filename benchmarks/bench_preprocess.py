@@ -43,7 +43,10 @@ from benchmarks.bench_score import make_jpegs
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.backbone import PIXELS, SquareCollate
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor, expand_to_square
+from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.pipeline import PREFETCH, PadCollate, _batches, _worker_init, batch_pool
+
+quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
 
 def plain_square(pre: ClipPreprocessor, image: Image.Image) -> np.ndarray:

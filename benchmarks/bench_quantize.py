@@ -37,7 +37,10 @@ MEASURE = """
 import json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, torchao
+from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.scorer import Scorer
+
+quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 from PIL import Image
 def status(key="VmHWM"):  # VmHWM: this process's own peak (ru_maxrss survives exec: it would report the parent's)
     for line in open("/proc/self/status"):

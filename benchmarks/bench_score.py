@@ -63,7 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories,
 
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
+from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+
+quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
 # bf16 dense peak of the GPUs this is likely to meet (vendor data sheets, without sparsity), in TFLOP/s.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4,

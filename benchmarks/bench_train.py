@@ -41,10 +41,13 @@ sys.path.insert(0, str(REPO))
 from iqa_cli import distributed  # noqa: E402
 from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone  # noqa: E402
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config  # noqa: E402
+from iqa_cli.process import quiet_torchao_notice  # noqa: E402
 from iqa_cli.training import METHODS, TrainConfig  # noqa: E402
 from iqa_cli.training import loop as train_loop  # noqa: E402
 from iqa_cli.training import session as train_session  # noqa: E402
 from iqa_cli.training import state as train_state  # noqa: E402
+
+quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
 REAL_TOKENIZER = REPO / "tests" / "fixtures" / "mplug-owl2-tokenizer"
 

@@ -26,9 +26,14 @@ def configure_process() -> None:
     `main()` in a test process changes nothing until that process exits.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.getLogger("torch.utils._pytree").addFilter(_not_the_enum_registration_notice)  # once: a set
+    quiet_torchao_notice()
     atexit.unregister(gc.freeze)  # once, however often main() runs in one process
     atexit.register(gc.freeze)
+
+
+def quiet_torchao_notice() -> None:
+    """Filters `_not_the_enum_registration_notice` (for the console script and the benchmark scripts)."""
+    logging.getLogger("torch.utils._pytree").addFilter(_not_the_enum_registration_notice)  # once: a set
 
 
 def _not_the_enum_registration_notice(record: logging.LogRecord) -> bool:
