@@ -312,6 +312,33 @@ def test_user_errors_are_checked_before_the_model_loads(dataset, tmp_path):
     assert calls == []
 
 
+def test_a_folder_output_for_fewer_shards_holds_only_their_files(dataset, tmp_path):
+    """Files of an earlier run over other shards would be read as rows of the new output: refused, removed with
+    --overwrite; a Parquet file iqa did not write is never deleted."""
+    out = tmp_path / "scores"
+    run([f"{dataset['shards']}/*.tar"], out, out_dir=True)
+    assert len(pd.read_parquet(out)) == 11
+    fewer = [f"{dataset['shards']}/{{00000..00001}}.tar"]
+    with pytest.raises(UserError, match=r"scores exists and was written with a different list of inputs"):
+        run(fewer, out, out_dir=True)
+    summary = run(fewer, out, out_dir=True, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    assert len(pd.read_parquet(out)) == summary.total
+    # a folder without a finished run (no _iqa.json) holding another run's file: refused without --overwrite
+    other = tmp_path / "other"
+    run([f"{dataset['shards']}/00002.tar"], other, out_dir=True)
+    (other / "_iqa.json").unlink()
+    with pytest.raises(UserError, match=r"holds 00002.parquet \(of 1 Parquet file\(s\) for other inputs\)"):
+        run(fewer, other, out_dir=True)
+    run(fewer, other, out_dir=True, overwrite=True)
+    assert sorted(p.name for p in other.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    # a Parquet file of the user's: refused, even with --overwrite, and kept
+    pd.DataFrame({"a": [1]}).to_parquet(out / "mine.parquet")
+    with pytest.raises(UserError, match=r"holds mine.parquet, which `iqa score` did not write"):
+        run(fewer, out, out_dir=True, overwrite=True)
+    assert (out / "mine.parquet").exists()
+
+
 def test_directory_output_is_for_shard_inputs(iqa, dataset, tmp_path):
     code, _, err = iqa("score", dataset["files"], "--out", f"{tmp_path}/scores/", "--model", tmp_path / "none")
     assert code == 2 and "one Parquet file per input shard" in err and len(err.strip().splitlines()) == 1, err

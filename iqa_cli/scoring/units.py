@@ -236,17 +236,24 @@ def score_units(
 def _plan_units(config, fmt, directory, units, fingerprint, scorer) -> pipeline._Plan:
     """`pipeline._plan` (resume, complete, refuse, start), with a directory output's `_iqa.json` as its footer."""
     out = Path(config.out)
-    if not directory or Sidecar(out).exists():
+    if not directory:
         return pipeline._plan(config, fmt, units, fingerprint, scorer)
-    if config.overwrite:
+    if config.overwrite:  # the folder's footer and an interrupted run's sidecar go; its files are handled below
         (out / DIRECTORY_METADATA).unlink(missing_ok=True)
-    if (out / DIRECTORY_METADATA).exists():
-        return pipeline._plan(config, fmt, units, fingerprint, scorer)  # complete, or written by another run
+        Sidecar(out).remove()
+    if Sidecar(out).read_manifest() is not None or (out / DIRECTORY_METADATA).exists():
+        return pipeline._plan(config, fmt, units, fingerprint, scorer)  # resume, complete, or refuse
     ours = [out / f"{f.stem}.parquet" for f in units.files]
     clash = [p for p in ours if p.exists()]
     if clash and not config.overwrite:
         raise UserError(f"{out} already holds {clash[0].name} and was not finished by `iqa score`; pass --overwrite")
-    for path in clash:
+    others = _other_parquet_files(out, set(ours))
+    if others and not config.overwrite:
+        raise UserError(
+            f"{out} holds {others[0].name} (of {len(others)} Parquet file(s) for other inputs), which a reader of "
+            "the folder would take as rows of this output; pass --overwrite to remove them, or choose another folder"
+        )
+    for path in clash + others:
         path.unlink()
     model = scorer.get()
     Sidecar(out).create(
@@ -264,6 +271,26 @@ def _plan_units(config, fmt, directory, units, fingerprint, scorer) -> pipeline.
     return pipeline._Plan(
         "run", metadata=dict(model.metadata), level_names=list(model.level_names), has_regressor=model.has_regressor
     )
+
+
+def _other_parquet_files(out: Path, ours: set[Path]) -> list[Path]:
+    """The Parquet files in the output folder that this run will not write; `iqa score` files of an earlier run
+    over other shards. A file `iqa score` did not write is refused in one line, even with --overwrite (it may
+    be data of the user's: not ours to delete)."""
+    if not out.is_dir():
+        return []
+    others = sorted(p for p in out.glob("*.parquet") if p not in ours)
+    for path in others:
+        try:
+            written_by_us = b"inputs_fingerprint" in (pq.read_schema(path).metadata or {})
+        except Exception:
+            written_by_us = False
+        if not written_by_us:
+            raise UserError(
+                f"{out} holds {path.name}, which `iqa score` did not write: a folder output holds only the files "
+                "of its inputs; choose another folder or move it"
+            )
+    return others
 
 
 def _score_units(config, fmt, directory, batch_size, device, environment, scorer_factory, load_image, console):
