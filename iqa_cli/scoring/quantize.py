@@ -34,7 +34,7 @@ def check(mode: str, device: torch.device, dtype: torch.dtype) -> None:
         raise UserError("--quantize needs torchao: pip install torchao (or pip install -e '.[quantize]')") from None
     if mode == "int4" and device.type != "cuda":
         raise UserError(
-            f"--quantize int4 needs a CUDA device (torchao's packed int4 kernels; --device is {device.type}); "
+            f"--quantize int4 needs a CUDA device (torchao's packed int4 kernels; the device is {device.type}); "
             "use --quantize int8 on the CPU"
         )
     if mode == "int4" and dtype != torch.bfloat16:
