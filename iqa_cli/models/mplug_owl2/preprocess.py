@@ -216,14 +216,13 @@ class ClipPreprocessor:
         width, height = image.size  # width > height: the padding is rows above and below
         new_height, new_width = self.resize_shape((width, width))
         resample = Image.Resampling(self.resample)
-        rows = np.asarray(image.resize((new_width, height), resample=resample))  # horizontal pass only
-        square = np.empty((width, new_width, 3), dtype=np.uint8)
-        top = (width - height) // 2
-        padding = _padding_row(width, new_width, self.pad_color, self.resample)
-        square[:top] = padding
-        square[top : top + height] = rows
-        square[top + height :] = padding
-        return np.asarray(Image.fromarray(square).resize((new_width, new_height), resample=resample))  # vertical
+        square = Image.new("RGB", (new_width, width))  # assembled in Pillow: no round trip through numpy
+        top, bottom = (width - height) // 2, width - height - (width - height) // 2
+        for y, rows in ((0, top), (top + height, bottom)):
+            if rows:
+                square.paste(_padding_block(width, new_width, rows, self.pad_color, self.resample), (0, y))
+        square.paste(image.resize((new_width, height), resample=resample), (0, top))  # horizontal pass only
+        return np.asarray(square.resize((new_width, new_height), resample=resample))  # vertical
 
     def _resize_portrait_padded(self, image: Image.Image) -> np.ndarray | None:
         """The padded square's resize without the right-hand padding columns' work, bit-identical; None when no
@@ -338,6 +337,13 @@ def _padding_row(width: int, new_width: int, color: tuple[int, int, int], resamp
     """A padding row of the square after the horizontal pass: [new_width, 3] uint8."""
     row = Image.new("RGB", (width, 1), color).resize((new_width, 1), resample=Image.Resampling(resample))
     return np.asarray(row)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _padding_block(width: int, new_width: int, rows: int, color: tuple[int, int, int], resample: int) -> Image.Image:
+    """`rows` padding rows after the horizontal pass, as a Pillow image to paste (only ever read)."""
+    row = _padding_row(width, new_width, color, resample)
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(row, (rows, new_width, 3))))
 
 
 # Pillow's filter supports (src/libImaging/Resample.c), by resampling filter number.
