@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,7 +47,12 @@ class BatchPool:
 
     With `depth = prefetch_factor + 1` and the DataLoader's round-robin order, a worker starting its batch `s`
     finds batch `s - depth` released whenever the main process releases each batch before taking the next.
-    The release counters sit in shared memory behind a lock (a memory barrier on every architecture).
+
+    The release counters are a shared-memory tensor, not a multiprocessing lock, so the pool works with any
+    DataLoader start method (a lock made in one context cannot be sent to workers of another). A counter only
+    grows: a worker that reads a stale value allocates a new block, nothing worse. Between its last read of a
+    batch and the store that releases it, the main process has run torch operators, which release and retake
+    the GIL (a mutex, so the reads are complete before the store is seen, on weakly ordered CPUs too).
     """
 
     STAMP = "pool_stamp"
@@ -56,7 +60,6 @@ class BatchPool:
     def __init__(self, workers: int, depth: int):
         self.depth = depth
         self.released = torch.zeros(max(1, workers), dtype=torch.int64).share_memory_()
-        self.lock = multiprocessing.get_context().Lock()
         self._slots: list[list[torch.UntypedStorage]] = []  # per worker process, after the fork
         self._sequence = 0  # this worker's batches so far
 
@@ -72,8 +75,7 @@ class BatchPool:
         sequence, self._sequence = self._sequence, self._sequence + 1
         if not self._slots:
             self._slots = [[] for _ in range(self.depth)]
-        with self.lock:
-            done = int(self.released[info.id])
+        done = int(self.released[info.id])
         reusable = done >= sequence - self.depth + 1  # the slot's previous batch, sequence - depth, is released
         _filling = _Filling(self._slots[sequence % self.depth], reusable, info.id, sequence)
         try:
@@ -86,8 +88,7 @@ class BatchPool:
         stamp = batch.get(self.STAMP)
         if stamp is not None:
             worker, sequence, _ = stamp
-            with self.lock:
-                self.released[worker] = max(int(self.released[worker]), sequence + 1)
+            self.released[worker] = max(int(self.released[worker]), sequence + 1)  # the main process's alone
 
 
 class _Filling:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from iqa_cli.batch_buffer import BatchPool, batch_buffer
@@ -33,13 +34,14 @@ class RowCollate:
         return {"x": x}
 
 
-def _loader(pool: BatchPool | None, workers: int = 2, batch_size: int = 4):
+def _loader(pool: BatchPool | None, workers: int = 2, batch_size: int = 4, context: str | None = None):
     return torch.utils.data.DataLoader(
         Rows(),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=PadCollate(batch_size, RowCollate(), torch.float32, pool),
         prefetch_factor=PREFETCH if workers else None,
+        multiprocessing_context=context,
     )
 
 
@@ -47,10 +49,11 @@ def _expected(batch: dict) -> torch.Tensor:
     return batch["index"].float()[:, None].expand(-1, ROW)
 
 
-def test_released_batches_are_rebuilt_in_the_same_blocks_with_the_right_values():
+@pytest.mark.parametrize("context", [None, "spawn"])  # Linux's fork, and macOS's (and Python 3.14's) default
+def test_released_batches_are_rebuilt_in_the_same_blocks_with_the_right_values(context):
     pool = batch_pool(2, PREFETCH)
     new_blocks = []
-    for batch in _loader(pool):
+    for batch in _loader(pool, context=context):
         assert torch.equal(batch["visual"]["x"], _expected(batch))
         assert batch["visual"]["x"].is_shared()
         new_blocks.append(batch[BatchPool.STAMP][2])
