@@ -60,7 +60,7 @@ class BatchPool:
     def __init__(self, workers: int, depth: int):
         self.depth = depth
         self.released = torch.zeros(max(1, workers), dtype=torch.int64).share_memory_()
-        self._slots: list[list[torch.UntypedStorage]] = []  # per worker process, after the fork
+        self._slots: list[list[torch.UntypedStorage]] = []  # filled in each worker process, its own
         self._sequence = 0  # this worker's batches so far
 
     @contextlib.contextmanager
