@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_iqa
-from tests.test_serve import TOL, b64, requests, start_server, stop_server
+from tests.test_serve import TOL, b64, requests, serving
 
 # (w, h, format): under Qwen's default budget of about 448x448 pixels each aspect ratio gets its own grid
 PHOTOS = [(40, 30, "png"), (30, 40, "jpg"), (33, 33, "webp"), (96, 20, "png"), (600, 500, "jpg")]
@@ -40,11 +40,8 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     """Model calls of 4 rows: the 5 photos of one request take two calls, the second one padded."""
-    proc, url = start_server(checkpoint, "--max-batch", "4", "--max-wait-ms", "50")
-    yield url
-    code, stderr = stop_server(proc)
-    assert code == 0, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    with serving(checkpoint, "--max-batch", "4", "--max-wait-ms", "50") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,17 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
     return proc.returncode, stderr
 
 
+@contextlib.contextmanager
+def serving(model: Path, *args: str) -> Iterator[str]:
+    """A server for a `with` block (a module fixture's life); yields its URL and asserts it then drains on
+    SIGTERM: exit 0, no traceback."""
+    proc, url = start_server(model, *args)
+    yield url
+    code, stderr = stop_server(proc)
+    assert code == 0, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL to the server and its workers (its process group, from start_new_session)."""
     with contextlib.suppress(ProcessLookupError):
@@ -111,12 +123,9 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    """One server for the module: batches of 4 images, up to 8 per request, 1 MiB bodies."""
-    proc, url = start_server(checkpoint, "--max-batch", "4", "--max-wait-ms", "50", "--max-images", "80")
-    yield url
-    code, stderr = stop_server(proc)
-    assert code == 0, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    """One server for the module: model calls of 4 images, up to 80 images per request."""
+    with serving(checkpoint, "--max-batch", "4", "--max-wait-ms", "50", "--max-images", "80") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
