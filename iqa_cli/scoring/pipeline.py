@@ -252,11 +252,13 @@ def _fast_loader(scorer: ScorerLike) -> Callable:
     return functools.partial(load_image, draft=draft)
 
 
-def _fast_transform(scorer: ScorerLike) -> Callable:
-    """The scorer's transform for `--fast-decode`: its `fast_variant()` where the family has one (a faster resize,
-    other pixels), else the transform itself."""
+def decoding(scorer: ScorerLike, config: ScoreConfig, load_image: Callable | None) -> tuple[Callable, Callable | None]:
+    """(transform, loader) of a run's workers. With `--fast-decode`: the transform's `fast_variant()` where the
+    family has one (a faster resize, other pixels) and the DCT-scaled JPEG loader, unless a loader was given."""
+    if not config.fast_decode:
+        return scorer.transform, load_image
     fast = getattr(scorer.transform, "fast_variant", None)
-    return fast() if fast is not None else scorer.transform
+    return (fast() if fast is not None else scorer.transform), load_image or _fast_loader(scorer)
 
 
 def _reason(exc: BaseException) -> str:
@@ -516,6 +518,11 @@ def _plan(config: ScoreConfig, fmt: str, inputs: InputList, fingerprint: str, sc
         if difference is None:
             return _Plan("complete")
         raise UserError(f"{out} exists and was written with {difference}; pass --overwrite to replace it")
+    return start_run(sidecar, request, fingerprint, len(inputs), scorer)
+
+
+def start_run(sidecar: Sidecar, request: dict, fingerprint: str, num_inputs: int, scorer: _LazyScorer) -> _Plan:
+    """A new run: its manifest (what a resume must match) written before any part, and its plan."""
     model = scorer.get()
     sidecar.create(
         {
@@ -526,7 +533,7 @@ def _plan(config: ScoreConfig, fmt: str, inputs: InputList, fingerprint: str, sc
             "level_names": list(model.level_names),
             "has_regressor": bool(model.has_regressor),
             "inputs_fingerprint": fingerprint,
-            "num_inputs": len(inputs),
+            "num_inputs": num_inputs,
         }
     )
     return _Plan(
@@ -769,9 +776,7 @@ def _score_indices(
     size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
     size = max(1, min(size, len(indices)))
     workers = default_workers(environment) if config.workers is None else config.workers
-    transform = _fast_transform(scorer) if config.fast_decode else scorer.transform
-    if load_image is None and config.fast_decode:
-        load_image = _fast_loader(scorer)
+    transform, load_image = decoding(scorer, config, load_image)
     dataset = ImageDataset(inputs, indices, transform, load_image)
     pool = batch_pool(workers, PREFETCH)
     loader = torch.utils.data.DataLoader(

@@ -255,22 +255,7 @@ def _plan_units(config, fmt, directory, units, fingerprint, scorer) -> pipeline.
         )
     for path in clash + others:
         path.unlink()
-    model = scorer.get()
-    Sidecar(out).create(
-        {
-            "manifest_version": pipeline.MANIFEST_VERSION,
-            "iqa_version": pipeline.__version__,
-            "request": pipeline._request(config),
-            "metadata": dict(model.metadata),
-            "level_names": list(model.level_names),
-            "has_regressor": bool(model.has_regressor),
-            "inputs_fingerprint": fingerprint,
-            "num_inputs": len(units),
-        }
-    )
-    return pipeline._Plan(
-        "run", metadata=dict(model.metadata), level_names=list(model.level_names), has_regressor=model.has_regressor
-    )
+    return pipeline.start_run(Sidecar(out), pipeline._request(config), fingerprint, len(units), scorer)
 
 
 def _other_parquet_files(out: Path, ours: set[Path]) -> list[Path]:
@@ -400,9 +385,7 @@ def _run(scorer, units, mine, sidecar, plan, metadata, config, batch_size, envir
     workers = min(workers, len(mine))
     pool = pipeline.batch_pool(workers, pipeline.PREFETCH)
     collate = pipeline.PadCollate(size, scorer.collate, pipeline._transfer_dtype(scorer), pool)
-    transform = pipeline._fast_transform(scorer) if config.fast_decode else scorer.transform
-    if load_image is None and config.fast_decode:
-        load_image = pipeline._fast_loader(scorer)
+    transform, load_image = pipeline.decoding(scorer, config, load_image)
     dataset = UnitBatches(units, mine, transform, collate, load_image)
     loader = torch.utils.data.DataLoader(
         dataset,
