@@ -11,7 +11,7 @@ all three give the same scores.
 `score --loader-only`: the input side alone (decode, CLIP preprocessing at 448 px, batching) in this process
 without a model, the three inputs alternating over `--rounds`: what shards and Parquet cost over files.
 
-`list`: writes `--shards` small tars (default 1,000) and times `find_units` on the brace pattern, the glob and
+`list`: writes `--shards` small tars (default 1,000) and times `open_inputs` on the brace pattern, the glob and
 a list file (best of `--repeats`), then the same with `--keep` (which reads the first shard's first sample).
 
     .venv/bin/python benchmarks/bench_inputs.py score [--images 480] [--rounds 5] [--workers 2]
@@ -41,8 +41,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories, when run as a script
 
 from iqa_cli.process import quiet_torchao_notice
-from iqa_cli.scoring.pipeline import ScoreConfig, score_images
-from iqa_cli.sources import find_units
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
+from iqa_cli.sources import SourceOptions, open_inputs
 
 quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
@@ -142,34 +143,25 @@ def bench_score(args: argparse.Namespace) -> None:
 
 def bench_loader(args: argparse.Namespace) -> None:
     """The input side alone: decode + CLIP preprocessing at 448 px + batching, in this process, no model."""
-    import torch
 
-    from iqa_cli.inputs import find_inputs
+    from iqa_cli.images import load_image
     from iqa_cli.models.mplug_owl2.backbone import ClipTransform, SquareCollate
     from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
-    from iqa_cli.scoring.pipeline import ImageDataset, PadCollate
-    from iqa_cli.scoring.units import UnitBatches
+    from iqa_cli.scoring.loader import Decoder, PadCollate, UnitStream
 
     preprocessor = ClipPreprocessor(size=args.image_size, crop_size=(args.image_size, args.image_size))
-    transform = ClipTransform(preprocessor)
+    decode = Decoder(ClipTransform(preprocessor), load_image)
     collate = PadCollate(args.batch_size, SquareCollate(args.image_size, preprocessor))
     with tempfile.TemporaryDirectory(prefix="bench-inputs-") as tmp:
         inputs = write_inputs(Path(tmp), _jpegs(args.images, args.width, args.height), args.per_shard, args.row_group)
 
-        def folder() -> int:
-            found = find_inputs(inputs["folder"])
-            dataset = ImageDataset(found, np.arange(len(found)), transform)
-            batches = [range(i, min(i + args.batch_size, len(found))) for i in range(0, len(found), args.batch_size)]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
-            return sum(int((b["index"] >= 0).sum()) for b in loader)
+        def units(name: str) -> int:
+            source = open_inputs(inputs[name], SourceOptions())
+            every = np.arange(len(source))
+            stream = UnitStream(source, every, np.zeros_like(every), decode, collate)
+            return sum(int((b["unit"] >= 0).sum()) for b in stream)
 
-        def units(name: str, **kwargs) -> int:
-            found = find_units(inputs[name], **kwargs)
-            return sum(
-                int((b["unit"] >= 0).sum()) for b in UnitBatches(found, np.arange(len(found)), transform, collate)
-            )
-
-        cases = {"folder": folder, "shards": lambda: units("shards"), "parquet": lambda: units("parquet")}
+        cases = {name: (lambda name=name: units(name)) for name in ("folder", "shards", "parquet")}
         rates: dict[str, list[float]] = {}
         print(
             f"loader only: {args.images} JPEGs {args.width}x{args.height} -> {args.image_size} px batches of "
@@ -211,9 +203,8 @@ def bench_list(args: argparse.Namespace) -> None:
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                units = find_units(
-                    kwargs.get("paths", ()), from_file=kwargs.get("from_file"), keep=kwargs.get("keep", ())
-                )
+                options = SourceOptions(from_file=kwargs.get("from_file"), keep=kwargs.get("keep", []))
+                units = open_inputs(kwargs.get("paths", ()), options)
                 times.append(time.perf_counter() - start)
             assert len(units) == args.shards
             print(f"  {name:14s} best {min(times) * 1e3:7.1f} ms  median {np.median(times) * 1e3:7.1f} ms")

@@ -44,7 +44,8 @@ from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.backbone import PIXELS, SquareCollate
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor, expand_to_square
 from iqa_cli.process import quiet_torchao_notice
-from iqa_cli.scoring.pipeline import PREFETCH, PadCollate, _batches, _worker_init, batch_pool
+from iqa_cli.scoring.loader import PREFETCH, PadCollate, batch_pool, worker_init
+from iqa_cli.sources import Sample
 
 quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
@@ -156,7 +157,7 @@ def bench_collate(args: argparse.Namespace) -> None:
 
 
 class Squares(torch.utils.data.Dataset):
-    """`n` items as `ImageDataset` gives them after the transform: uint8 squares (16 distinct ones, from memory)."""
+    """`n` items as the loader's `Decoder` gives them: uint8 squares (16 distinct ones, from memory)."""
 
     def __init__(self, n: int):
         rng = np.random.default_rng(0)
@@ -166,17 +167,27 @@ class Squares(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> tuple:
-        return i, {PIXELS: torch.from_numpy(self.squares[i % 16])}, 448, 448, None
+        return 0, i, Sample(str(i)), ({PIXELS: torch.from_numpy(self.squares[i % 16])}, 448, 448, None)
+
+
+class UnitCollate:
+    """`PadCollate` over items that came one by one (the loader's `UnitStream` builds whole batches itself)."""
+
+    def __init__(self, collate: PadCollate):
+        self.collate = collate
+
+    def __call__(self, items: list[tuple]) -> dict:
+        return self.collate(items, [])
 
 
 def _pool_run(images: int, pooled: bool) -> dict[str, float]:
     pool = batch_pool(2, PREFETCH) if pooled else None
     loader = torch.utils.data.DataLoader(
         Squares(images),
-        batch_sampler=_batches(images, 16),
+        batch_size=16,
         num_workers=2,
-        collate_fn=PadCollate(16, SquareCollate(448, ClipPreprocessor()), torch.float32, pool),
-        worker_init_fn=_worker_init,
+        collate_fn=UnitCollate(PadCollate(16, SquareCollate(448, ClipPreprocessor()), torch.float32, pool)),
+        worker_init_fn=worker_init,
         prefetch_factor=PREFETCH,
     )
     own, children, start = (

@@ -64,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories,
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
 from iqa_cli.process import quiet_torchao_notice
-from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
 
 quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
@@ -408,7 +409,7 @@ class PaddedCalls:
         return getattr(self.scorer, name)
 
     def score_batch(self, visual: dict[str, torch.Tensor]):
-        from iqa_cli.scoring.pipeline import rows_padded
+        from iqa_cli.scoring.runner import rows_padded
 
         visual = {name: rows_padded(t, max(self.rows, t.shape[0])) for name, t in visual.items()}
         self.calls.append(next(iter(visual.values())).shape[0])
@@ -421,7 +422,7 @@ class PaddedCalls:
 def bench_small(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
-    from iqa_cli.scoring.pipeline import AUTO_BATCH
+    from iqa_cli.scoring.config import AUTO_BATCH
     from iqa_cli.scoring.scorer import Scorer
 
     counts = [int(c) for c in args.counts.split(",")]

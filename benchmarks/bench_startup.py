@@ -7,9 +7,9 @@ on the process's history), old and new interleaved, `--repeats` times; it prints
   (initializers and the abstractor's position tables run on meta, whose kernels import torch._dynamo);
   new: `build_skeleton(config)`. Seconds of the build alone (torch already imported), and whether
   torch._dynamo got imported. The 7B config by default (`--size`), as `iqa score` builds it.
-- parts: the first part table `iqa score` builds (4,096 rows) in a process with pyarrow imported. old: `pa.array`
+- parts: a unit's table as `iqa score` builds it (4,096 rows) in a process with pyarrow imported. old: `pa.array`
   over numpy, as the writer did (tests/test_score_store.py keeps that construction as the reference; it
-  imports pandas); new: `PartWriter._table` (Arrow buffers from numpy). Seconds, and whether pandas got imported.
+  imports pandas); new: `UnitWriter._table` (Arrow buffers from numpy). Seconds, and whether pandas got imported.
 - exit: `iqa score` on 8 small images with a tiny released-layout checkpoint, run by `iqa_cli.cli.main()` in a
   fresh process; the time from the moment main() returns to the end of the process. "no freeze": without the
   `gc.freeze()` that main() registers to run at exit (unregistered again); "freeze": main() alone, a normal
@@ -114,13 +114,14 @@ PARTS = """
     from pathlib import Path
     import numpy as np, pyarrow as pa, pyarrow.parquet as pq, torch
     from tests.test_score_store import _batch, _reference_table, _result, _writer
-    writer = _writer(Path({folder!r}), False)
-    writer.inputs.names.__init__([f"img_{{i:05d}}.jpg" for i in range(4096)])
+    writer = _writer(Path({folder!r}), False, {{"shard": None, "meta": None}})
+    batches = []
     for start in range(0, 4096, 16):
-        index = list(range(start, start + 16))
-        writer.add(_batch(index, [1024] * 16, [None] * 16), _result(16, start, False))
+        batch = _batch([0] * 16, list(range(start, start + 16)), [1024] * 16, [None] * 16)
+        batches.append((batch, _result(16, start, False)))
+        writer.add(*batches[-1])
     start = time.perf_counter()
-    table = _reference_table(writer) if {old!r} else writer._table()
+    table = _reference_table(batches, writer.schema) if {old!r} else writer._table(writer.pending[0].chunks)
     print(time.perf_counter() - start, "pandas" in sys.modules)
 """
 
@@ -204,26 +205,27 @@ THREADS = """
         configure_process()
     import torch
     import pyarrow.parquet as pq
-    from iqa_cli.scoring import pipeline
+    from iqa_cli.scoring import config, driver, local
     if {old!r}:
-        pipeline.model_threads = lambda *args: None
+        local.model_threads = lambda *args: None
     loop = {{}}
-    inner = pipeline._score_indices
+    inner = driver.score_units
 
     def timed(*args, **kwargs):
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        inner(*args, **kwargs)
+        processed = inner(*args, **kwargs)
         after = resource.getrusage(resource.RUSAGE_SELF)
         loop["wall"] = time.perf_counter() - start
         loop["cpu"] = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+        return processed
 
-    pipeline._score_indices = timed
-    planned = pipeline.model_threads(torch.device("cpu"), 2, pipeline.distributed.env(), torch.get_num_threads())
+    driver.score_units = timed
+    planned = local.model_threads(torch.device("cpu"), 2, 1, torch.get_num_threads())
     loop["threads"] = torch.get_num_threads() if planned is None else planned
-    config = pipeline.ScoreConfig(out={out!r}, inputs=[{images!r}], model={model!r}, workers=2, batch_size=16,
-                                  dtype="float32", overwrite=True, quiet=True)
-    pipeline.score_images(config)
+    options = config.ScoreConfig(out={out!r}, inputs=[{images!r}], model={model!r}, workers=2, batch_size=16,
+                                 dtype="float32", overwrite=True, quiet=True)
+    driver.score_images(options)
     loop["scores"] = pq.read_table({out!r}).column("score").to_pylist()
     print(json.dumps(loop))
 """
@@ -269,9 +271,9 @@ FIXED = """
     from iqa_cli.cli import main
     from iqa_cli.process import run_then_exit
     import torch
-    from iqa_cli.scoring import pipeline, scorer, store
+    from iqa_cli.scoring import driver, scorer, store
     marks["imported"] = time.time()
-    load, score_indices, add = scorer.Scorer.from_pretrained.__func__, pipeline._score_indices, store.PartWriter.add
+    load, score_units, add = scorer.Scorer.from_pretrained.__func__, driver.score_units, store.UnitWriter.add
 
     def timed_load(cls, *args, **kwargs):
         marks["load_start"] = time.time()
@@ -282,15 +284,16 @@ FIXED = """
 
     def timed_loop(*args, **kwargs):
         marks["loop_start"] = time.time()
-        score_indices(*args, **kwargs)
+        processed = score_units(*args, **kwargs)
         marks["loop_end"] = time.time()
+        return processed
 
     def timed_add(self, batch, result):
         marks.setdefault("first_batch", time.time())
         return add(self, batch, result)
 
     scorer.Scorer.from_pretrained = classmethod(timed_load)
-    pipeline._score_indices, store.PartWriter.add = timed_loop, timed_add
+    driver.score_units, store.UnitWriter.add = timed_loop, timed_add
     sys.argv = ["iqa", "score", {images!r}, "--model", {model!r}, "--out", {out!r}, "--overwrite", "--quiet",
                 "--workers", "2", "--batch-size", "16", "--dtype", "float32"]
 

@@ -84,7 +84,7 @@ def child_iqa_score(args: argparse.Namespace) -> None:
 
         module.score_images = timed
 
-    _instrument_on_import({"iqa_cli.scoring.scorer": scorer_hooks, "iqa_cli.scoring.pipeline": pipeline_hooks})
+    _instrument_on_import({"iqa_cli.scoring.scorer": scorer_hooks, "iqa_cli.scoring.driver": pipeline_hooks})
     from iqa_cli.cli import entry
 
     sys.argv = ["iqa", "score", args.folder, "--model", args.model, "--out", args.out, "--device", "cpu"]

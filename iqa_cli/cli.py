@@ -540,7 +540,8 @@ def score(
     """
     from pathlib import Path
 
-    from iqa_cli.scoring.pipeline import ScoreConfig, ScoreInterrupted, score_images
+    from iqa_cli.scoring.config import ScoreConfig, ScoreInterrupted
+    from iqa_cli.scoring.driver import score_images
 
     config = ScoreConfig(
         out=Path(out),

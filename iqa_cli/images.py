@@ -10,6 +10,7 @@ clips them, turning almost every 16-bit image white). Truncated files are errors
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -17,6 +18,13 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
+# Extensions (lower case) of the images a folder walk picks up and a WebDataset sample's image member may have,
+# in order of preference when a sample has two. Files given by name or listed with `--from` are read whatever
+# their extension; formats Pillow cannot decode here (HEIC without a plugin) become rows with `error` set.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".jfif", ".dib", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
+)  # fmt: skip
 # Pillow's default decompression-bomb limit (89,478,485 pixels, about 0.25 GB as 24-bit RGB).
 DEFAULT_MAX_PIXELS = 89_478_485
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -62,12 +70,8 @@ def load_image(
         ImageDecodeError: a missing, empty, truncated, non-image or oversized file.
     """
     name = str(source) if isinstance(source, (str, Path)) else getattr(source, "name", None)
-    if isinstance(source, (str, Path)):
-        try:
-            if Path(source).stat().st_size == 0:
-                raise ImageDecodeError("empty file (0 bytes)", name)
-        except OSError as err:
-            raise ImageDecodeError(f"cannot read file: {err.strerror or err}", name) from None
+    if _is_empty(source):  # the same error for an empty file and an empty shard member or Parquet cell
+        raise ImageDecodeError("empty file (0 bytes)", name)
     try:
         image = Image.open(source)
     except Image.DecompressionBombError as err:
@@ -101,6 +105,17 @@ def load_image(
             return rgb
         except (ValueError, OSError) as err:
             raise ImageDecodeError(f"cannot convert mode {image.mode} to RGB: {err}", name) from None
+
+
+def _is_empty(source: str | Path | IO[bytes]) -> bool:
+    if isinstance(source, (str, Path)):
+        try:
+            return Path(source).stat().st_size == 0
+        except OSError as err:
+            raise ImageDecodeError(f"cannot read file: {err.strerror or err}", str(source)) from None
+    if isinstance(source, io.BytesIO):
+        return source.getbuffer().nbytes == 0
+    return False
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -14,7 +14,7 @@ from typing import Any
 class ProgressBar:
     """label, bar, done/total, a text field, elapsed, eta; messages printed above it while it runs."""
 
-    def __init__(self, console: Any, total: int, label: str, completed: int = 0):
+    def __init__(self, console: Any, total: int | None, label: str, completed: int = 0):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -60,6 +60,10 @@ class ProgressBar:
         """`completed` of the total done, with the caller's text."""
         self.progress.update(self.task, completed=completed, info=info)
 
+    def set_total(self, total: int) -> None:
+        """The total once it is known (shards are counted while the run goes on); safe from another thread."""
+        self.progress.update(self.task, total=total)
+
     def print(self, line: str) -> None:
         self.progress.console.print(line, markup=False, soft_wrap=True)
 
@@ -85,13 +89,16 @@ class NullBar:
     def update(self, completed: int, info: str) -> None:
         pass
 
+    def set_total(self, total: int) -> None:
+        pass
+
     def print(self, line: str) -> None:
         if self.say is not None:
             self.say(line)
 
 
 def progress_bar(
-    console: Any, total: int, label: str, *, show: bool = True, completed: int = 0, say: Any = None
+    console: Any, total: int | None, label: str, *, show: bool = True, completed: int = 0, say: Any = None
 ) -> ProgressBar | NullBar:
     """A `ProgressBar` on `console`, or a `NullBar` when there is none or `show` is false (--quiet, rank > 0)."""
     if console is None or not show:

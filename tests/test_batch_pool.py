@@ -5,21 +5,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
 from iqa_cli.batch_buffer import BatchPool, batch_buffer
-from iqa_cli.scoring.pipeline import PREFETCH, PadCollate, batch_pool
+from iqa_cli.scoring.loader import PREFETCH, PadCollate, UnitStream, batch_pool
+from iqa_cli.sources import Sample
 
 ROW = 4096  # floats per row: 16 kB, several pages per block
 
 
-class Rows(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 64
+@dataclass
+class Rows:
+    """A source of 16 units of 4 samples; sample `i` is named by its number."""
 
-    def __getitem__(self, i: int):
-        return i, {"x": torch.full((ROW,), float(i))}, 1, 1, None
+    def samples(self, u: int, start: int = 0):
+        for i in range(4 * u + start, 4 * u + 4):
+            yield Sample(str(i))
+
+    def rows(self, u: int) -> int:
+        return 4
+
+
+@dataclass(frozen=True)
+class Decode:
+    """A row of `ROW` copies of the sample's number."""
+
+    def __call__(self, sample: Sample):
+        return {"x": torch.full((ROW,), float(sample.name))}, 1, 1, None
 
 
 @dataclass(frozen=True)
@@ -34,19 +48,20 @@ class RowCollate:
         return {"x": x}
 
 
-def _loader(pool: BatchPool | None, workers: int = 2, batch_size: int = 4, context: str | None = None):
+def _loader(pool: BatchPool | None, workers: int = 2, context: str | None = None, visual=None):
+    units = np.arange(16)
+    collate = PadCollate(4, visual or RowCollate(), torch.float32, pool)
     return torch.utils.data.DataLoader(
-        Rows(),
-        batch_size=batch_size,
+        UnitStream(Rows(), units, np.zeros_like(units), Decode(), collate),
+        batch_size=None,
         num_workers=workers,
-        collate_fn=PadCollate(batch_size, RowCollate(), torch.float32, pool),
         prefetch_factor=PREFETCH if workers else None,
         multiprocessing_context=context,
     )
 
 
 def _expected(batch: dict) -> torch.Tensor:
-    return batch["index"].float()[:, None].expand(-1, ROW)
+    return (4 * batch["unit"] + batch["row"]).float()[:, None].expand(-1, ROW)
 
 
 @pytest.mark.parametrize("context", [None, "spawn"])  # Linux's fork, and macOS's (and Python 3.14's) default
@@ -98,10 +113,7 @@ def test_a_larger_batch_than_the_block_gets_a_new_block():
             return {"x": x}
 
     pool = batch_pool(1, PREFETCH)
-    loader = torch.utils.data.DataLoader(
-        Rows(), batch_size=4, num_workers=1, collate_fn=PadCollate(4, Growing(), torch.float32, pool)
-    )
-    for batch in loader:
+    for batch in _loader(pool, workers=1, visual=Growing()):
         x = batch["visual"]["x"]
         assert torch.equal(x, torch.full_like(x, float(x.shape[1])))
         assert batch[BatchPool.STAMP][2] == 1  # every batch is wider than any block before it

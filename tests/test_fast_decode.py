@@ -13,7 +13,8 @@ from PIL import Image, JpegImagePlugin
 from iqa_cli.errors import UserError
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
-from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
 from tests.conftest import run_iqa
 from tests.test_score_pipeline import Crash, CrashingScorer, FakeScorer
 
@@ -96,6 +97,40 @@ def test_used_only_when_asked_and_recorded_in_the_output(jpegs, tmp_path, monkey
     a, b = pq.read_table(exact).to_pandas(), pq.read_table(fast).to_pandas()
     assert (a["width"] == b["width"]).all() and (a["height"] == b["height"]).all()  # full sizes in both
     assert (a["score"] != b["score"]).any()  # other pixels (the fake model reads them all)
+
+
+def test_every_source_reports_the_full_size_and_the_same_scores(jpegs, tmp_path):
+    """The same JPEGs as files, in a WebDataset shard and in a Parquet column, under --fast-decode: width and height
+    are the stored size (not the DCT-scaled one the model saw), and the scores are the files' scores."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    names = sorted(p.name for p in jpegs.iterdir())
+    with tarfile.open(tmp_path / "photos.tar", "w") as tar:
+        for name in names:
+            data = (jpegs / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    column = pa.array([{"bytes": (jpegs / n).read_bytes(), "path": n} for n in names])
+    pq.write_table(pa.table({"image": column}), tmp_path / "photos.parquet", row_group_size=4)
+    frames = {}
+    for kind, inputs in {
+        "files": jpegs,
+        "shard": tmp_path / "photos.tar",
+        "parquet": tmp_path / "photos.parquet",
+    }.items():
+        out = tmp_path / f"{kind}.parquet"
+        config = ScoreConfig(out=out, inputs=[str(inputs)], batch_size=3, workers=1, quiet=True, fast_decode=True)
+        score_images(config, scorer_factory=lambda device: FakeScorer(device))
+        frames[kind] = pq.read_table(out).to_pandas()
+    sizes = [Image.open(jpegs / n).size for n in names]
+    for kind, frame in frames.items():
+        assert list(zip(frame["width"], frame["height"], strict=True)) == sizes, kind
+        assert frame["score"].tolist() == frames["files"]["score"].tolist(), kind
+    assert sizes[0] == (320, 240)  # drafted to 40x30 for the fake model's 24 px input
 
 
 def test_resume_and_finished_outputs_refuse_the_other_mode(jpegs, tmp_path):

@@ -58,8 +58,8 @@ def test_completion_offers_each_options_values(iqa, monkeypatch):
     from iqa_cli.datasets import DATASETS
     from iqa_cli.evaluate import PREDICTION_COLUMNS, SPLITS
     from iqa_cli.labels import DENSITIES, LABEL_RULES
-    from iqa_cli.scoring.pipeline import DTYPES
-    from iqa_cli.scoring.store import FORMATS
+    from iqa_cli.scoring.config import DTYPES
+    from iqa_cli.scoring.output import FORMATS
     from iqa_cli.training import LAYOUTS, METHODS, STRATEGIES
 
     expected = {

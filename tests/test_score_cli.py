@@ -54,7 +54,8 @@ BAD_INPUTS = [
     ),
     (["{photos}", "--out", "{tmp}/scores"], ["--out", "scores: no suffix to tell the format", "--format"]),
     (["{photos}", "--out", "{tmp}/file.txt/s.parquet"], ["cannot create folder", "file.txt"]),
-    (["{photos}", "--out", "{tmp}"], ["is a directory"]),
+    (["{photos}", "--out", "{tmp}", "--format", "csv"], ["--format csv", "one Parquet file per unit"]),
+    (["{photos}", "--out", "{tmp}/file.txt/"], ["--out", "file.txt", "is a file, not a folder"]),
     (["--out", "{tmp}/s.parquet"], ["no inputs"]),
     (["--from", "{tmp}/list.csv", "--out", "{tmp}/s.parquet"], ["--from", "list.csv", "not found"]),
     (["{photos}", "--out", "{tmp}/s.parquet", "--dtype", "int4"], ["--dtype int4"]),
@@ -366,7 +367,8 @@ def test_a_run_with_fewer_images_than_the_batch_size_calls_the_model_with_that_m
     import torch
 
     from iqa_cli.images import load_image
-    from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+    from iqa_cli.scoring.config import ScoreConfig
+    from iqa_cli.scoring.driver import score_images
     from iqa_cli.scoring.scorer import Scorer
 
     scorer = Scorer.from_pretrained(tiny_checkpoints["deqa"].path, device="cpu", dtype="float32")

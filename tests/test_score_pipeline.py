@@ -36,8 +36,12 @@ from iqa_cli.errors import UserError
 from iqa_cli.images import load_image
 from iqa_cli.models.mplug_owl2.backbone import ClipTransform, SquareCollate
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
-from iqa_cli.scoring.pipeline import BatchRunner, PadCollate, ScoreConfig, score_images
-from iqa_cli.scoring.store import Sidecar, merge_parts, sidecar_path
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
+from iqa_cli.scoring.loader import Decoder, PadCollate, UnitStream
+from iqa_cli.scoring.runner import BatchRunner
+from iqa_cli.scoring.store import sidecar_path
+from iqa_cli.sources import SourceOptions, open_inputs
 from tests.conftest import REPO_ROOT
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
@@ -288,9 +292,9 @@ class CrashingScorer(FakeScorer):
         return super().score_pixels(pixel_values)
 
 
-def _part_indices(out: Path) -> np.ndarray:
-    parts = Sidecar(out).part_paths()
-    return np.concatenate([pq.read_table(p, columns=["index"]).column(0).to_numpy() for p in parts])
+def _saved_rows(out: Path) -> int:
+    """Rows an interrupted run left in its sidecar: finished units and pieces of unfinished ones."""
+    return sum(pq.read_metadata(p).num_rows for p in sidecar_path(out).glob("unit-*.parquet"))
 
 
 def test_resume_after_a_crash_scores_only_the_rest(folder, reference, tmp_path):
@@ -299,32 +303,33 @@ def test_resume_after_a_crash_scores_only_the_rest(folder, reference, tmp_path):
     with pytest.raises(Crash):
         score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=5))
     assert not out.exists()
-    done = _part_indices(out)
-    assert len(done) == 10 and len(np.unique(done)) == 10  # 5 batches of 2 flushed, in parts of >= 3
+    # 5 model calls of 2 rows, and 2 batches of broken files that need no call: pieces of >= 3 rows as it went,
+    # the rest on the way out
+    assert _saved_rows(out) == 14
 
     calls: list[int] = []
     summary = score_images(config, scorer_factory=lambda d: FakeScorer(d, calls=calls))
-    assert summary.resumed == 10 and summary.processed == len(reference) - 10
-    assert sum(calls) == 2 * -(-(len(reference) - 10) // 2)
+    assert summary.resumed == 14 and summary.processed == len(reference) - 14
+    assert sum(calls) == 2 * -(-(len(reference) - 14) // 2)
     assert_same_rows(pd.read_parquet(out), reference)
     assert not sidecar_path(out).exists()
 
 
-def test_crash_before_the_merge_resumes_without_the_model(folder, reference, tmp_path, monkeypatch):
-    import iqa_cli.scoring.pipeline
+def test_crash_before_the_output_is_assembled_resumes_without_the_model(folder, reference, tmp_path, monkeypatch):
+    import iqa_cli.scoring.driver
 
     out = tmp_path / "scores.parquet"
 
-    def killed_mid_merge(out_path, fmt, chunks, schema, metadata):
-        next(chunks)
+    def killed_mid_assembly(out_path, fmt, unit_files, schema, metadata):
+        next(iter(unit_files))
         out_path.with_name(f".{out_path.name}.tmp-99999").write_bytes(b"half a file")
         raise Crash
 
     with monkeypatch.context() as patch:
-        patch.setattr(iqa_cli.scoring.pipeline, "write_output", killed_mid_merge)
+        patch.setattr(iqa_cli.scoring.driver, "assemble_file", killed_mid_assembly)
         with pytest.raises(Crash):
             run(folder[0], out)
-    assert not out.exists() and len(_part_indices(out)) == len(reference)
+    assert not out.exists() and _saved_rows(out) == len(reference)
 
     def refuse(device):
         raise AssertionError("every image is in the parts: the model must not be loaded")
@@ -425,7 +430,7 @@ def test_wait_resumes_an_interrupted_run_once_its_holder_lets_go(folder, referen
     config = ScoreConfig(out=out, inputs=[str(folder[0])], batch_size=2, workers=0, quiet=True, flush_rows=2)
     with pytest.raises(Crash):
         score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=3))
-    done = len(_part_indices(out))
+    done = _saved_rows(out)
     holder = _holder(sidecar_path(out) / ".iqa-lock")
     released: list[float] = []
 
@@ -441,31 +446,9 @@ def test_wait_resumes_an_interrupted_run_once_its_holder_lets_go(folder, referen
     finished = time.monotonic()
     thread.join()
     assert released and finished > released[0]  # it went on only after the holder let go
-    assert summary.resumed == done == 6 and summary.processed == len(reference) - done
+    assert summary.resumed == done == 10 and summary.processed == len(reference) - done  # 3 calls, 2 without
     assert_same_rows(pd.read_parquet(out), reference)
     assert not sidecar_path(out).exists()
-
-
-def test_merge_interleaved_writers_dedupes_and_detects_gaps(tmp_path):
-    sidecar = Sidecar(tmp_path / "out.parquet")
-    sidecar.dir.mkdir()
-
-    def part(name, indices):
-        table = pa.table({"index": pa.array(indices, pa.int64()), "image": [f"i{i}" for i in indices]})
-        pq.write_table(table, sidecar.dir / f"part-{name}.parquet")
-
-    # Two ranks of one run (strided) and a later resumed run; rank 1 flushed index 3 twice.
-    part("aa-r00000-00000000", [0, 2, 4])
-    part("aa-r00000-00000001", [6, 8])
-    part("aa-r00001-00000000", [1, 3])
-    part("aa-r00001-00000001", [3, 5])
-    part("bb-r00000-00000000", [7, 9, 10])
-    merged = pa.concat_tables(list(merge_parts(sidecar, 11)))
-    assert merged.column("index").to_pylist() == list(range(11))
-    assert merged.column("image").to_pylist() == [f"i{i}" for i in range(11)]
-    (sidecar.dir / "part-bb-r00000-00000000.parquet").unlink()
-    with pytest.raises(RuntimeError, match="input 7 has no row"):
-        list(merge_parts(sidecar, 11))
 
 
 def test_auto_batch_size_halves_on_out_of_memory():
@@ -524,16 +507,16 @@ def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_
     process = _launch(args)
     try:
         deadline = time.monotonic() + 120
-        while not (sidecar_path(out).is_dir() and Sidecar(out).part_paths()):
+        while not list(sidecar_path(out).glob("unit-*.parquet")):
             assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "no part was written"
+            assert time.monotonic() < deadline, "no piece was written"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         process.kill()
     assert process.returncode == -signal.SIGKILL and not out.exists()
-    done = len(_part_indices(out))
+    done = _saved_rows(out)
     assert 0 < done < len(reference)
 
     summary = run(folder[0], out)
@@ -544,7 +527,7 @@ def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_
 def test_sigterm_flushes_finished_rows_and_exits(folder, reference, tmp_path):
     out = tmp_path / "scores.parquet"
     args = ["-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out), "--delay", "0.3"]
-    process = _launch(args)  # one part per 4096 rows: nothing is flushed before the signal
+    process = _launch(args)  # pieces every 30 s: nothing is written before the signal
     try:
         deadline = time.monotonic() + 120
         while not (sidecar_path(out) / "manifest.json").exists():
@@ -558,7 +541,7 @@ def test_sigterm_flushes_finished_rows_and_exits(folder, reference, tmp_path):
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, output
     assert not out.exists() and not list(sidecar_path(out).glob("*.tmp"))
-    done = len(_part_indices(out))
+    done = _saved_rows(out)
     assert done >= 2  # the rows finished before SIGTERM were written on the way out
     summary = run(folder[0], out)
     assert summary.resumed == done
@@ -577,7 +560,7 @@ def test_two_process_gloo_run_equals_single_process(folder, reference, tmp_path)
     table = pq.read_table(out)
     assert_same_rows(table.to_pandas(), reference)
     assert not sidecar_path(out).exists()
-    assert "ranks=2 processed=[13, 12] total=25" in output  # each rank scored its own half
+    assert "ranks=2 processed=[16, 9] total=25" in output  # each rank scored its own unit of the two
 
 
 @pytest.mark.slow
@@ -606,14 +589,14 @@ def test_benchmark_of_small_runs_pads_only_the_old_way():
 
 def _main(argv: list[str]) -> None:
     """`run FOLDER OUT`: scores with the fake scorer (for the subprocess tests); exit 128+signal if stopped."""
-    from iqa_cli.scoring.pipeline import ScoreInterrupted
+    from iqa_cli.scoring.config import ScoreInterrupted
 
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["run"])
     parser.add_argument("folder")
     parser.add_argument("out")
     parser.add_argument("--delay", type=float, default=0.0)
-    parser.add_argument("--flush-rows", type=int, default=4096)
+    parser.add_argument("--flush-rows", type=int, default=65536)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args(argv)
     config = ScoreConfig(
@@ -640,45 +623,42 @@ if __name__ == "__main__":
 PREPROCESS = ClipPreprocessor(size=SIZE, crop_size=(SIZE, SIZE))
 
 
-def _shared_flags(items):
-    """Runs in the loader worker: was the family's batch built in shared memory (no copy at hand-over)?"""
-    batch = PadCollate(4, SquareCollate(SIZE, PREPROCESS), torch.bfloat16)(items)
-    return batch["visual"]["pixel_values"].is_shared(), batch["visual"]["pixel_values"].dtype, batch["index"]
+def _files(folder: Path):
+    return open_inputs([str(folder)], SourceOptions())
 
 
 def test_workers_build_the_familys_batch_in_shared_memory(tmp_path):
-    from iqa_cli.inputs import find_inputs
-    from iqa_cli.scoring.pipeline import ImageDataset
-
     for i in range(3):
         Image.new("RGB", (20 + i, 16), (i * 40, 90, 200)).save(tmp_path / f"{i}.png")
-    inputs = find_inputs([str(tmp_path)])
-    dataset = ImageDataset(inputs, np.arange(3), ClipTransform(PREPROCESS))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=_shared_flags)
-    shared, dtype, index = next(iter(loader))
-    assert shared and dtype == torch.bfloat16 and index.tolist() == [0, 1, 2, -1]
-    in_main = PadCollate(4, SquareCollate(SIZE, PREPROCESS))([dataset[0]])  # the main process: ordinary memory
-    assert not in_main["visual"]["pixel_values"].is_shared() and in_main["index"].tolist() == [0, -1, -1, -1]
+    source = _files(tmp_path)
+    decode = Decoder(ClipTransform(PREPROCESS), load_image)
+    collate = PadCollate(4, SquareCollate(SIZE, PREPROCESS), torch.bfloat16)
+    stream = UnitStream(source, np.array([0]), np.array([0]), decode, collate)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)
+    batch = next(iter(loader))
+    pixels = batch["visual"]["pixel_values"]
+    assert pixels.is_shared() and pixels.dtype == torch.bfloat16
+    assert batch["unit"].tolist() == [0, 0, 0, -1] and batch["row"].tolist() == [0, 1, 2, -1]
+    assert batch["name"] == ["0.png", "1.png", "2.png"] and [tuple(d) for d in batch["done"]] == [(0, None)]
+    sample = next(source.samples(0))
+    in_main = PadCollate(4, SquareCollate(SIZE, PREPROCESS))([(0, 0, sample, decode(sample))], [])
+    assert not in_main["visual"]["pixel_values"].is_shared() and in_main["unit"].tolist() == [0, -1, -1, -1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_uint8_items_give_the_float_paths_batch_bit_for_bit(tmp_path, dtype):
     """Workers hand over uint8 squares and the collate applies the value table into the batch: the batch is
     the float pixels (`ClipPreprocessor.pixels`, then the cast to the batch dtype) bit for bit, so the scores
-    are the same. Through the loader's real path: files, ImageDataset, PadCollate, the 448 px preprocessing."""
-    from iqa_cli.inputs import find_inputs
-    from iqa_cli.scoring.pipeline import ImageDataset
-
+    are the same. Through the loader's real path: files, Decoder, PadCollate, the 448 px preprocessing."""
     rng = np.random.default_rng(3)
     for i, size in enumerate([(64, 48), (31, 77), (5, 5)]):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "3.png").write_bytes(b"not an image")
     pre = ClipPreprocessor()  # the released 448 px settings
-    inputs = find_inputs([str(tmp_path)])
-    dataset = ImageDataset(inputs, np.arange(4), ClipTransform(pre))
-    items = [dataset[i] for i in range(4)]
-    assert items[0][1]["pixel_values"].dtype == torch.uint8 and items[3][1] is None
-    batch = PadCollate(5, SquareCollate(448, pre), dtype)(items)["visual"]["pixel_values"]
+    decode = Decoder(ClipTransform(pre), load_image)
+    items = [(0, i, sample, decode(sample)) for i, sample in enumerate(_files(tmp_path).samples(0))]
+    assert items[0][3][0]["pixel_values"].dtype == torch.uint8 and items[3][3][0] is None
+    batch = PadCollate(5, SquareCollate(448, pre), dtype)(items, [])["visual"]["pixel_values"]
     floats = torch.stack([torch.from_numpy(pre.pixels(load_image(tmp_path / f"{i}.png"))) for i in range(3)])
     expected = torch.zeros((5, 3, 448, 448), dtype=dtype)
     expected[:3] = floats.to(dtype)

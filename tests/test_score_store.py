@@ -1,5 +1,6 @@
-"""Parts and the merged output are built from numpy buffers, without pyarrow's numpy path (which imports pandas):
-the tables are the ones `pa.array` gives, and a Parquet run never imports pandas."""
+"""The sidecar of a scoring run and the writer of its units: rows become the tables `pa.array` gives (built from
+numpy buffers, never importing pandas), a slow unit is written in pieces that a rerun resumes after, and files a
+power loss left unreadable, or pieces after a gap, are dropped and scored again."""
 
 from __future__ import annotations
 
@@ -10,124 +11,188 @@ import textwrap
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from iqa_cli.inputs import InputList, PackedStrings
-from iqa_cli.scoring.store import BatchResult, PartWriter, Sidecar, merge_parts
+from iqa_cli.scoring.output import output_schema, write_table_atomic
+from iqa_cli.scoring.runner import BatchResult
+from iqa_cli.scoring.store import Sidecar, UnitWriter
 from tests.conftest import REPO_ROOT
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 NAMES = ["a.jpg", "dir/b.png", "caf\u00e9.jpg", "bad-\udcff-byte.jpg", "", "\u65e5\u672c.webp", "g.jpg", "h.jpg"]
+EXTRA = {"shard": None, "label": pa.int64(), "meta": None}  # a json --keep column (no type known): a string
 
 
-def _batch(index: list[int], width: list[int], error: list[str | None]) -> dict:
-    return {  # two padded rows (index -1), which the writer drops
-        "index": torch.tensor([*index, -1, -1]),
+class Source:
+    """The two things the writer asks a source: its extra columns and a unit's output stem."""
+
+    def __init__(self, columns: dict = EXTRA):
+        self.columns = columns
+
+    def output_stem(self, u: int) -> str:
+        return f"s{u}"
+
+
+def _batch(unit: list[int], row: list[int], width: list[int], error: list[str | None], done=()) -> dict:
+    n = len(unit)
+    return {  # two padded rows (unit -1), which the writer drops
+        "unit": torch.tensor([*unit, -1, -1]),
+        "row": torch.tensor([*row, -1, -1]),
         "width": torch.tensor([*width, 0, 0], dtype=torch.int32),
         "height": torch.tensor([*(w // 2 if w > 0 else -1 for w in width), 0, 0], dtype=torch.int32),
         "error": [*error, None, None],
+        "name": [NAMES[(u * 3 + r) % len(NAMES)] for u, r in zip(unit, row, strict=True)],
+        "kept": [
+            {"shard": f"s{u}.tar", "label": r, "meta": {"r": r} if r % 2 else None}
+            for u, r in zip(unit, row, strict=True)
+        ],
+        "done": list(done),
+        "n": n,
     }
 
 
 def _result(n: int, seed: int, regressor: bool) -> BatchResult:
     rng = np.random.default_rng(seed)
-    probs = rng.dirichlet(np.ones(5), n + 2).astype(np.float32)
-    score = rng.normal(3, 1, n + 2)  # float64, as a scorer may give; the part holds float32
-    return BatchResult(probs, score, rng.random(n + 2).astype(np.float32), score.copy() if regressor else None)
+    probs = rng.dirichlet(np.ones(len(LEVELS)), n + 2).astype(np.float32)
+    centers = np.arange(1, 6, dtype=np.float32)
+    score = (probs @ centers).astype(np.float32)
+    return BatchResult(
+        probs=probs,
+        score=score,
+        std=rng.random(n + 2).astype(np.float32),
+        score_reg=rng.random(n + 2).astype(np.float32) if regressor else None,
+    )
 
 
-def _reference_table(writer: PartWriter) -> pa.Table:
-    """What the writer built before: pa.array over numpy (pandas imported) and lists."""
-    pending = writer.pending
-    cat = {key: np.concatenate([p[key] for p in pending]) for key in ("index", "width", "height", "score")}
-    errors = [e for p in pending for e in p["error"]]
-    failed = np.array([e is not None for e in errors], dtype=bool)
-    probs = np.concatenate([p["probs"] for p in pending]).astype(np.float32)
-    n, k = probs.shape
-    names = writer.inputs.names.take(cat["index"])
-    names = [v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for v in names]
-    columns = {
-        "index": pa.array(cat["index"], pa.int64()),
-        "image": pa.array(names, pa.string()),
-        "score": pa.array(cat["score"].astype(np.float32), pa.float32(), mask=failed),
-        "std": pa.array(np.concatenate([p["std"] for p in pending]).astype(np.float32), pa.float32(), mask=failed),
-        "probs": pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32)),
-            pa.array(probs.reshape(-1), pa.float32()),
-            mask=pa.array(failed),
-        ),
-        "level": pa.array(np.array(LEVELS, dtype=object)[probs.argmax(axis=1)], pa.string(), mask=failed),
-        "width": pa.array(cat["width"], pa.int32(), mask=cat["width"] < 0),
-        "height": pa.array(cat["height"], pa.int32(), mask=cat["height"] < 0),
-        "error": pa.array(errors, pa.string()),
-    }
-    if writer.has_regressor:
-        reg = np.concatenate([p["score_reg"] for p in pending]).astype(np.float32)
-        columns["score_reg"] = pa.array(reg, pa.float32(), mask=failed)
-    return pa.table(columns, schema=writer.schema)
+def _reference_table(batches: list[tuple[dict, BatchResult | None]], schema: pa.Schema) -> pa.Table:
+    """The same rows built the plain way: Python lists through `pa.array`."""
+    rows: dict[str, list] = {name: [] for name in schema.names}
+    for batch, result in batches:
+        for i in range(batch["n"]):
+            failed = batch["error"][i] is not None
+            rows["image"].append(batch["name"][i])
+            for key in ("score", "std"):
+                rows[key].append(None if failed else float(getattr(result, key)[i]))
+            probs = None if failed else result.probs[i]
+            rows["probs"].append(None if failed else probs.tolist())
+            rows["level"].append(None if failed else LEVELS[int(np.argmax(probs))])
+            for key in ("width", "height"):
+                value = int(batch[key][i])
+                rows[key].append(None if value < 0 else value)
+            rows["error"].append(batch["error"][i])
+            if "score_reg" in rows:
+                rows["score_reg"].append(None if failed else float(result.score_reg[i]))
+            kept = batch["kept"][i]
+            rows["shard"].append(kept["shard"])
+            rows["meta"].append(None if kept["meta"] is None else '{"r": ' + str(kept["meta"]["r"]) + "}")
+            if "label" in rows:
+                rows["label"].append(kept["label"])
+    rows["image"] = [n.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for n in rows["image"]]
+    return pa.table({name: pa.array(values, schema.field(name).type) for name, values in rows.items()}, schema=schema)
 
 
-def _writer(tmp_path, regressor: bool) -> PartWriter:
+def _writer(tmp_path, regressor: bool = False, extra: dict = EXTRA, **options) -> UnitWriter:
     sidecar = Sidecar(tmp_path / "out.parquet")
     sidecar.create({})
-    inputs = InputList(names=PackedStrings(NAMES), base_ids=np.zeros(len(NAMES), np.int32), bases=[""])
-    return PartWriter(sidecar, inputs, LEVELS, regressor, rank=0, flush_rows=10**6, flush_seconds=10**6)
+    schema = output_schema(len(LEVELS), regressor, extra)
+    return UnitWriter(Source(extra), sidecar, schema, LEVELS, **{"flush_seconds": 1e9, **options})
 
 
-def test_part_table_and_parquet_bytes_equal_the_pandas_built_ones(tmp_path):
-    for regressor in (False, True):
-        writer = _writer(tmp_path / str(regressor), regressor)
-        writer.add(_batch([0, 1, 2], [400, -1, 30], [None, "cannot read: truncated", None]), _result(3, 0, regressor))
-        writer.add(_batch([3, 4], [5, 6], [None, None]), _result(2, 1, regressor))
-        writer.add(_batch([5, 6, 7], [1, 2, 3], ["x", "y", None]), _result(3, 2, regressor))
-        ours, reference = writer._table(), _reference_table(writer)
-        assert ours.equals(reference)
-        assert ours.column("image")[3].as_py() == "bad-\ufffd-byte.jpg"
-        assert ours.column("level").null_count == 3 and ours.column("width").null_count == 1
-        for name, table in (("ours", ours), ("reference", reference)):
-            pq.write_table(table, tmp_path / f"{name}.parquet", compression="zstd")
-        assert (tmp_path / "ours.parquet").read_bytes() == (tmp_path / "reference.parquet").read_bytes()
+@pytest.mark.parametrize("regressor", [False, True])
+def test_a_units_table_and_parquet_bytes_equal_the_plainly_built_ones(tmp_path, regressor):
+    writer = _writer(tmp_path, regressor)
+    batches = [
+        (_batch([0, 0, 0], [0, 1, 2], [400, -1, 30], [None, "cannot read: truncated", None]), _result(3, 0, regressor)),
+        (_batch([0, 0], [3, 4], [5, 6], [None, None]), _result(2, 1, regressor)),
+        (_batch([0, 0, 0], [5, 6, 7], [1, 2, 3], ["x", "y", None], done=[(0, None)]), _result(3, 2, regressor)),
+    ]
+    for batch, result in batches:
+        writer.add(batch, result)
+    ours = pq.read_table(writer.sidecar.unit(0))
+    reference = _reference_table(batches, writer.schema)
+    assert ours.equals(reference)
+    assert ours.column("image")[3].as_py() == "bad-\ufffd-byte.jpg"
+    assert ours.column("level").null_count == 3 and ours.column("width").null_count == 1
+    write_table_atomic(reference, tmp_path / "reference.parquet")  # as the writer writes a unit
+    assert writer.sidecar.unit(0).read_bytes() == (tmp_path / "reference.parquet").read_bytes()
 
 
-def test_a_batch_of_only_failures_and_one_without_any(tmp_path):
-    writer = _writer(tmp_path, False)
-    writer.add(_batch([0, 1], [-1, -1], ["a", "b"]), _result(2, 3, False))
-    assert writer._table().equals(_reference_table(writer))
-    writer.pending = []
-    writer.add(_batch([2], [7], [None]), _result(1, 4, False))
-    assert writer._table().equals(_reference_table(writer))
+def test_a_batch_of_only_failures_needs_no_scores(tmp_path):
+    writer = _writer(tmp_path)
+    batch = _batch([3, 3], [0, 1], [-1, 7], ["a", "b"], done=[(3, None)])
+    writer.add(batch, None)
+    table = pq.read_table(writer.sidecar.unit(3))
+    assert table.equals(_reference_table([(batch, None)], writer.schema))
 
 
-def test_writing_and_merging_parts_imports_no_pandas(tmp_path):
+def test_a_slow_unit_is_written_in_pieces_that_a_rerun_goes_on_after(tmp_path):
+    writer = _writer(tmp_path, flush_rows=3)
+    writer.add(_batch([5, 5], [0, 1], [1, 2], [None, None]), _result(2, 0, False))
+    assert not writer.sidecar.pieces(5)  # 2 rows held
+    writer.add(_batch([5, 5], [2, 3], [3, 4], [None, None]), _result(2, 1, False))
+    assert [p.name for p in writer.sidecar.pieces(5)] == ["unit-00000005.from-0000000000.parquet"]
+    writer.add(_batch([5], [4], [5], [None]), _result(1, 2, False))
+    writer.flush()  # what a stopped run does on its way out
+    state = writer.sidecar.scan(10, clean=False)
+    assert state.finished.tolist() == [] and state.starts == {5: 5} and state.rows == 5
+
+    again = UnitWriter(Source(), writer.sidecar, writer.schema, LEVELS, starts=state.starts, flush_seconds=1e9)
+    with pytest.raises(RuntimeError, match="unit 5: row 4 arrived, 5 expected"):
+        again.add(_batch([5], [4], [5], [None]), _result(1, 3, False))
+    again.pending.clear()
+    again.add(_batch([5, 5], [5, 6], [6, 7], [None, None], done=[(5, None)]), _result(2, 4, False))
+    assert writer.sidecar.pieces(5) == []  # the unit's one file replaces its pieces
+    table = pq.read_table(writer.sidecar.unit(5))
+    assert table.column("width").to_pylist() == [1, 2, 3, 4, 5, 6, 7] and table.num_rows == 7
+    state = writer.sidecar.scan(10, clean=False)
+    assert state.finished.tolist() == [5] and state.starts == {} and state.rows == 7
+
+
+def test_unreadable_files_and_pieces_after_a_gap_are_dropped(tmp_path):
+    writer = _writer(tmp_path, flush_rows=1)
+    for r in range(3):  # three pieces of one row
+        writer.add(_batch([1], [r], [r + 1], [None]), _result(1, r, False))
+    writer.add(_batch([2], [0], [9], [None], done=[(2, "ShardError: truncated")]), _result(1, 9, False))
+    sidecar = writer.sidecar
+    pieces = sidecar.pieces(1)
+    assert len(pieces) == 3 and sidecar.scan(4, clean=False).starts == {1: 3}
+    pieces[1].write_bytes(b"half a parquet file")  # what a power loss before the data reached the disk leaves
+    (sidecar.dir / ".unit-00000002.parquet.123.tmp").write_bytes(b"partial")
+    state = sidecar.scan(4, clean=True)
+    assert state.starts == {1: 1} and state.finished.tolist() == [2]
+    assert [p.name for p in sidecar.pieces(1)] == [pieces[0].name]  # the unreadable piece and the one after it
+    assert not list(sidecar.dir.glob("*.tmp"))
+    assert sidecar.errors(lambda u: f"shard {u}", 4) == [("shard 2", "ShardError: truncated")]
+    sidecar.unit(2).write_bytes(b"garbage")
+    assert sidecar.scan(4, clean=True).finished.tolist() == [] and not sidecar.unit(2).exists()
+
+
+def test_a_unit_that_reads_to_its_end_now_drops_an_earlier_error(tmp_path):
+    writer = _writer(tmp_path)
+    writer.add(_batch([0], [0], [1], [None], done=[(0, "ShardError: truncated")]), _result(1, 0, False))
+    assert writer.sidecar.unit(0, "error").exists()
+    writer.add(_batch([0], [0], [1], [None], done=[(0, None)]), _result(1, 0, False))
+    assert not writer.sidecar.unit(0, "error").exists()
+
+
+def test_writing_units_and_the_output_imports_no_pandas(tmp_path):
     code = f"""
         import sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
         from pathlib import Path
         from tests.test_score_store import _batch, _result, _writer
-        from iqa_cli.scoring.store import merge_parts, part_schema, write_output
-        writer = _writer(Path({str(tmp_path)!r}), True)
-        writer.add(_batch([0, 1, 2, 3], [4, 5, 6, 7], [None, "x", None, None]), _result(4, 0, True))
-        writer.flush()
-        writer.add(_batch([4, 5, 6, 7], [4, 5, 6, 7], [None] * 4), _result(4, 1, True))
-        writer.flush()
+        from iqa_cli.scoring.output import assemble_file
+        writer = _writer(Path({str(tmp_path)!r}), True, {{"shard": None, "meta": None}}, flush_rows=2)
+        writer.add(_batch([0, 0, 1], [0, 1, 0], [4, 5, 6], [None, "x", None], done=[(0, None)]), _result(3, 0, True))
+        writer.add(_batch([1, 1], [1, 2], [4, 5], [None] * 2, done=[(1, None)]), _result(2, 1, True))
         out = Path({str(tmp_path)!r}) / "out.parquet"
-        schema = part_schema(5, True, with_index=False)
-        rows, failed, _ = write_output(out, "parquet", merge_parts(writer.sidecar, 8), schema, {{"k": "v"}})
+        units = [writer.sidecar.unit(u) for u in (0, 1)]
+        rows, failed, _ = assemble_file(out, "parquet", units, writer.schema, {{"k": "v"}})
         print(rows, failed, "pandas" in sys.modules)
     """
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["8", "1", "False"]
-
-
-def test_merge_drops_a_part_row_written_twice(tmp_path):
-    writer = _writer(tmp_path, False)
-    writer.add(_batch([0, 1], [4, 5], [None, None]), _result(2, 0, False))
-    writer.flush()
-    writer.add(_batch([1, 2, 3, 4, 5, 6, 7], [5, 6, 7, 8, 9, 1, 2], [None] * 7), _result(7, 1, False))
-    writer.flush()
-    merged = pa.concat_tables(list(merge_parts(writer.sidecar, 8)))
-    assert merged.column("index").to_pylist() == list(range(8))
-    assert merged.column("width").to_pylist()[:3] == [4, 5, 6]  # index 1 from the first part
+    assert result.stdout.split() == ["5", "1", "False"]

@@ -11,36 +11,34 @@ import numpy as np
 import pytest
 import torch
 
-from iqa_cli import distributed
-from iqa_cli.scoring import pipeline
-from iqa_cli.scoring.pipeline import ScoreConfig, model_threads, score_images
+from iqa_cli.scoring import loader
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
+from iqa_cli.scoring.loader import model_threads
 from iqa_cli.scoring.scorer import Scorer
 from iqa_cli.synthetic import build_tiny_tokenizer
 from tests.conftest import REPO_ROOT
 from tests.factories import tiny_model, write_checkpoint
 from tests.test_score_pipeline import FakeScorer, make_image_folder
 
-ALONE = distributed.DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1)
-
 
 def test_the_cpu_model_gets_the_cores_the_workers_leave(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(pipeline, "_cores", lambda: 16)
+    monkeypatch.setattr(loader, "cores", lambda: 16)
     cpu = torch.device("cpu")
-    assert model_threads(cpu, 8, ALONE, 16) == 8
-    assert model_threads(cpu, 0, ALONE, 16) == 16
-    assert model_threads(cpu, 0, ALONE, 8) == 8  # never more than torch's own count (physical cores)
-    assert model_threads(cpu, 20, ALONE, 16) == 1
-    two_ranks = distributed.DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2)
-    assert model_threads(cpu, 4, two_ranks, 16) == 4
-    assert model_threads(torch.device("cuda", 0), 8, ALONE, 16) is None  # a GPU model: torch's setting stays
+    assert model_threads(cpu, 8, 1, 16) == 8
+    assert model_threads(cpu, 0, 1, 16) == 16
+    assert model_threads(cpu, 0, 1, 8) == 8  # never more than torch's own count (physical cores)
+    assert model_threads(cpu, 20, 1, 16) == 1
+    assert model_threads(cpu, 4, 2, 16) == 4  # two ranks on the machine: 8 cores each
+    assert model_threads(torch.device("cuda", 0), 8, 1, 16) is None  # a GPU model: torch's setting stays
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert model_threads(cpu, 8, ALONE, 16) is None  # the user's choice stays
+    assert model_threads(cpu, 8, 1, 16) is None  # the user's choice stays
 
 
 def test_the_loop_runs_on_those_threads_and_gives_the_callers_setting_back(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(pipeline, "_cores", lambda: 3)
+    monkeypatch.setattr(loader, "cores", lambda: 3)
     seen = []
 
     class CountingScorer(FakeScorer):

@@ -30,9 +30,10 @@ import pytest
 from PIL import Image
 
 from iqa_cli.errors import UserError
-from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.store import sidecar_path
-from iqa_cli.sources import expand_braces, find_units
+from iqa_cli.sources import SourceOptions, expand_braces, open_inputs
 from tests.conftest import REPO_ROOT
 from tests.test_score_pipeline import FakeScorer, assert_same_rows
 
@@ -222,11 +223,13 @@ def test_brace_patterns_globs_and_list_files(dataset, tmp_path):
     shards = dataset["shards"]
     listing = tmp_path / "shards.txt"
     listing.write_text(f"{shards}/00002.tar\n{shards}/00000.tar\n")
-    units = find_units(from_file=listing)
-    assert [Path(f.path).name for f in units.files] == ["00002.tar", "00000.tar"]
-    assert [Path(f.path).name for f in find_units([f"{shards}/*.tar"]).files] == [f"{s:05d}.tar" for s in range(4)]
-    parquet = find_units([f"{dataset['tables']}/train-*.parquet"], image_col="image")
-    assert parquet.rows.tolist() == [2, 2, 1, 3, 2] and parquet.known_rows() == 10  # units = row groups
+    units = open_inputs([], SourceOptions(from_file=listing))
+    assert [Path(p).name for p in units.paths] == ["00002.tar", "00000.tar"]
+    globbed = open_inputs([f"{shards}/*.tar"], SourceOptions())
+    assert [Path(p).name for p in globbed.paths] == [f"{s:05d}.tar" for s in range(4)]
+    assert [globbed.count_rows(u) for u in range(4)] == [3, 4, 2, 2]  # from the headers: samples, not members
+    parquet = open_inputs([f"{dataset['tables']}/train-*.parquet"], SourceOptions(image_col="image"))
+    assert [parquet.rows(u) for u in range(len(parquet))] == [2, 2, 1, 3, 2]  # units = row groups
 
 
 def test_the_cli_on_the_tiny_checkpoint_scores_shards_and_parquet_as_files(dataset, tmp_path_factory, tmp_path):
@@ -281,7 +284,9 @@ BAD = [
         ["--keep nope", "first sample of", "00001.tar", "columns: txt, url, width"],
     ),
     (["{shards}/00000.tar", "{files}"], [], ["is a folder"]),
-    (["{shards}/00000.tar", "{tables}/train-0.parquet"], [], ["mix .tar shards and .parquet"]),
+    (["{shards}/00000.tar", "{tables}/train-0.parquet"], [], ["inputs mix .tar files", "and .parquet files"]),
+    (["{files}"], ["--keep", "url"], ["--keep url", "not of files"]),
+    (["{tables}/train-0.parquet"], ["--keep", "image"], ["--keep image", "has a column 'image' of its own"]),
 ]
 
 
@@ -298,7 +303,7 @@ def test_bad_input_is_a_one_line_error(iqa, dataset, bad_files, tmp_path, inputs
 
 def test_a_shard_that_breaks_off_is_reported_and_the_run_goes_on(iqa, dataset, tmp_path, monkeypatch):
     # the real CLI in this process, with the fake scorer in place of the model it would load
-    monkeypatch.setattr("iqa_cli.scoring.pipeline.build_scorer", lambda config, device, factory: FakeScorer(device))
+    monkeypatch.setattr("iqa_cli.scoring.driver.build_scorer", lambda config, device, factory: FakeScorer(device))
     code, _, err = iqa("score", f"{dataset['shards']}/*.tar", "--out", tmp_path / "s.parquet", "--workers", "0")
     assert code == 0, err
     assert "1 shard(s) could not be read to the end" in err and "00003.tar" in err
@@ -339,10 +344,20 @@ def test_a_folder_output_for_fewer_shards_holds_only_their_files(dataset, tmp_pa
     assert (out / "mine.parquet").exists()
 
 
-def test_directory_output_is_for_shard_inputs(iqa, dataset, tmp_path):
-    code, _, err = iqa("score", dataset["files"], "--out", f"{tmp_path}/scores/", "--model", tmp_path / "none")
-    assert code == 2 and "one Parquet file per input shard" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "scores").exists()
+def test_directory_output_of_a_folder_reads_as_the_single_file(iqa, dataset, file_scores, tmp_path, monkeypatch):
+    """`--out DIR/` for image files: one Parquet file per unit (a run of consecutive images), read back equal."""
+    monkeypatch.setattr("iqa_cli.sources.files.UNITS_PER_RUN", 3)  # 9 images: units of the minimum size
+    monkeypatch.setattr("iqa_cli.sources.files.MIN_FILES_PER_UNIT", 4)
+    monkeypatch.setattr("iqa_cli.scoring.driver.build_scorer", lambda config, device, factory: FakeScorer(device))
+    code, _, err = iqa("score", dataset["files"], "--out", f"{tmp_path}/scores/", "--batch-size", "3")
+    assert code == 0, err
+    out = tmp_path / "scores"
+    assert sorted(p.name for p in out.iterdir()) == ["_iqa.json", "part-00000.parquet", "part-00001.parquet",
+                                                    "part-00002.parquet"]  # fmt: skip
+    frame = pd.read_parquet(out)
+    frame.index = [name.split(".")[0] for name in frame["image"]]
+    assert frame["image"].tolist() == sorted(p.name for p in dataset["files"].iterdir())
+    _assert_scores_equal_files(frame, file_scores, frame.index.tolist())
 
 
 # --- kill -9 and two ranks ---------------------------------------------------------------------------
@@ -392,7 +407,7 @@ def test_sigkill_midway_then_rerun_scores_each_image_once(many, tmp_path):
     done = len(list(sidecar_path(out).glob("unit-*.done")))
     assert process.returncode == -signal.SIGKILL and 2 <= done < 8
     summary = run([f"{shards}/*.tar"], out, out_dir=True)
-    assert summary.resumed == done and summary.processed == 2 * (8 - done)  # finished units were not redone
+    assert summary.resumed == 2 * done and summary.processed == 2 * (8 - done)  # finished units were not redone
     assert_same_rows(pd.read_parquet(out), reference)  # every image once, the same scores
 
 
@@ -413,7 +428,7 @@ def test_two_process_gloo_run_equals_single_process(many, tmp_path):
 
 def _main(argv: list[str]) -> None:
     """`run PATTERN OUT`: scores shards with the fake scorer (subprocess tests); OUT ending in / is a directory."""
-    from iqa_cli.scoring.pipeline import ScoreInterrupted
+    from iqa_cli.scoring.config import ScoreInterrupted
 
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["run"])

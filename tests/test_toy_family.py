@@ -28,7 +28,8 @@ from iqa_cli.models.backbone import (
     load_backbone,
     register_family,
 )
-from iqa_cli.scoring.pipeline import ScoreConfig, score_images
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.scorer import Scorer
 
 MAX_TOKENS = 12  # visual tokens per image at most: 2 rows x up to 6 columns of mean colours

@@ -1,113 +1,187 @@
-"""Datasets of images packed in files: WebDataset shards and Parquet image columns, as units of work.
+"""What `iqa score` reads: every kind of input is a `Source` of units, and a unit yields its samples in a fixed order.
 
-`iqa score` reads loose images through `iqa_cli.inputs` (one work item per image). A dataset of tens of
-millions of images comes packed instead: img2dataset's WebDataset `.tar` shards, Hugging Face datasets'
-Parquet files. There the unit of work is a shard or a Parquet row group: listing the dataset reads tar
-headers and Parquet footers, never an image, and a run records finished units, not image indices.
+A unit is what a run scores, writes and resumes as one piece: a WebDataset shard, a Parquet row group, or a run
+of consecutive images of a folder, file arguments and a `--from` list. Listing finds the units without reading
+an image (folder entries, tar headers, Parquet footers), so a dataset of 100M images lists in seconds and a run's
+record of progress holds units, not image indices.
 
-Inputs name shards as paths, globs (`shards/*.tar`), brace ranges and lists (`shards/{00000..00999}.tar`,
-`{train,test}-*.parquet`), or a `--from` list file of shard paths. Units are in a fixed order: inputs in the
-order given, each pattern's matches sorted, the row groups of a file in file order.
+Which source reads an input is decided by its suffix through `SOURCES`, as Hugging Face `datasets` maps file kinds
+to its packaged modules: `.tar` -> `webdataset`, `.parquet`/`.pq` -> `parquet`; everything else (folders, image
+files, a `--from` list of images) -> `files`. A source module has one function, `open_source(names, options) ->
+Source`; adding an input kind is adding one module and one line here (or `register_source` at run time, as
+`tests/test_toy_source.py` does).
+
+Inputs of the table's kinds may be paths, globs (`shards/*.tar`) and brace ranges or lists
+(`shards/{00000..00999}.tar`, `{train,test}-*.parquet`), or a plain-text `--from` list of such paths. Units are
+in a fixed order: inputs in the order given, each pattern's matches sorted, a file's units in file order.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
+import importlib
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Protocol
 
 from iqa_cli.errors import UserError
-from iqa_cli.sources import parquet, webdataset
 
-SHARD_SUFFIXES = (".tar",)
-PARQUET_SUFFIXES = (".parquet", ".pq")
+# suffix (lower case) -> the module that reads inputs of that kind; any other input is read by FILES
+SOURCES: dict[str, str] = {
+    ".tar": "iqa_cli.sources.webdataset",
+    ".parquet": "iqa_cli.sources.parquet",
+    ".pq": "iqa_cli.sources.parquet",
+}
+FILES = "iqa_cli.sources.files"
+# Table files `--from` reads a column of paths from (never an input kind of their own there).
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".parquet": None, ".pq": None}
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-@dataclass
-class SourceFile:
-    path: str  # as given or matched
-    kind: str  # "tar" | "parquet"
-    stem: str  # output name in directory mode: `<stem>.parquet`
+@dataclass(frozen=True)
+class Sample:
+    """One thing to score: `name` goes to the output's `image` column; the image is a file to open (`path`) or its
+    encoded bytes (`data`); `error` says why a sample cannot be scored (no image member, null bytes)."""
+
+    name: str
+    path: str | None = None
+    data: bytes | None = None
+    error: str | None = None
+    kept: dict[str, Any] = field(default_factory=dict)  # values of the source's extra columns (`Source.columns`)
+
+
+class SourceError(Exception):
+    """A unit that cannot be read to its end (a truncated or corrupt shard): an error of its unit, reported at the
+    end of the run; the samples read before it stand."""
 
 
 @dataclass
-class UnitList:
-    """The units of one run: unit u is row group `row_group[u]` of `files[file_of[u]]` (-1: the whole tar)."""
+class SourceOptions:
+    """The options of `iqa score` that say how to read its inputs; a source refuses one that does not apply."""
 
-    files: list[SourceFile]
-    file_of: np.ndarray  # int32 [U]
-    row_group: np.ndarray  # int32 [U]
-    first_row: np.ndarray  # int64 [U]: row number in its file of the unit's first row (Parquet)
-    rows: np.ndarray  # int64 [U]: rows of the unit, -1 where unknown until read (tars)
+    from_file: Path | None = None  # --from: a list of inputs (one per line), or a table with a column of paths
+    from_column: str | None = None
+    root: Path | None = None
     image_col: str | None = None
     keep: list[str] = field(default_factory=list)
-    keep_types: dict[str, Any] = field(default_factory=dict)  # arrow type of each --keep column
-    warnings: list[str] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.file_of)
+
+class Source(Protocol):
+    """An ordered list of units. Picklable: DataLoader workers call `samples` on their copy."""
+
+    kind: str  # the module's short name, recorded in the run's manifest
+    noun: str  # what a unit is, for messages ("shards", "row groups", "images")
+    warnings: list[str]  # inputs given twice, unreadable folders, ...
+    columns: dict[str, Any]  # output columns beyond the standard ones, in order -> arrow type (None: string)
+
+    def __len__(self) -> int: ...
 
     def label(self, u: int) -> str:
-        """How messages name unit u: the shard, or the file and row group."""
-        source = self.files[int(self.file_of[u])]
-        return source.path if self.row_group[u] < 0 else f"{source.path} row group {int(self.row_group[u])}"
+        """How messages name unit u (the shard; the file and row group; the first image of a run of files)."""
+        ...
 
-    def units_of_file(self, f: int) -> np.ndarray:
-        return np.flatnonzero(self.file_of == f)
+    def rows(self, u: int) -> int:
+        """Samples in unit u; -1 where unknown until read (a tar), then `count_rows` can say."""
+        ...
 
-    def known_rows(self) -> int | None:
-        """Images in the whole list when every unit says (Parquet), else None (tars are counted by reading)."""
-        return None if (self.rows < 0).any() else int(self.rows.sum())
+    def count_rows(self, u: int) -> int:
+        """Samples in unit u, reading what it takes (a tar's headers): for the progress bar, off the hot path."""
+        ...
+
+    def output_stem(self, u: int) -> str:
+        """The file unit u goes to under `--out DIR/` (`DIR/<stem>.parquet`); units with one stem share a file."""
+        ...
+
+    def num_inputs(self) -> int:
+        """How many things `noun` counts, for messages and the output's metadata."""
+        ...
 
     def fingerprint(self) -> str:
-        """sha256 over the unit labels in order: identifies the list of units across runs and machines."""
-        digest = hashlib.sha256()
-        digest.update(f"{self.image_col}\0{','.join(self.keep)}\0".encode())
-        for u in range(len(self)):
-            digest.update(self.label(u).encode("utf-8", "surrogateescape") + b"\0")
-        return digest.hexdigest()
+        """Identifies the list of units (and what they hold) across runs and machines."""
+        ...
 
-    def samples(self, u: int) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any]]]:
-        """(name, image bytes or None, error or None, kept values) per sample of unit u, in order.
+    def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
+        """The samples of unit u from its `start`-th on, in order.
 
         Raises:
-            webdataset.ShardError: a tar that breaks off or cannot be read (rows yielded so far stand).
+            SourceError: the unit breaks off; the samples yielded so far stand.
         """
-        source = self.files[int(self.file_of[u])]
-        if source.kind == "tar":
-            return webdataset.samples(source.path, self.keep)
-        return parquet.samples(source.path, int(self.row_group[u]), int(self.first_row[u]), self.image_col, self.keep)
+        ...
 
 
-def is_dataset_input(paths: Sequence[str | Path], from_file: str | Path | None, image_col: str | None) -> bool:
-    """Whether the inputs name shards or Parquet image tables (else: loose images, `iqa_cli.inputs`)."""
-    names = [os.fspath(p) for p in paths]
-    if image_col is not None or any(_dataset_name(n) or _BRACE.search(n) for n in names):
-        return True
-    return from_file is not None and _list_of_shards(Path(from_file)) is not None
+def register_source(suffix: str, module: str) -> None:
+    """Makes inputs ending in `suffix` (".zip") read by `module`'s `open_source`."""
+    SOURCES[suffix.lower()] = module
 
 
-def _dataset_name(name: str) -> bool:
-    return name.lower().endswith(SHARD_SUFFIXES + PARQUET_SUFFIXES)
+def open_inputs(inputs: Sequence[str | Path], options: SourceOptions) -> Source:
+    """The source of a command's inputs: the module `SOURCES` names for their suffix, else `files`.
+
+    Raises:
+        UserError: inputs of two kinds, a pattern that matches nothing, an option that does not apply, or what
+            the source refuses (a missing file, a tar that is not one, a Parquet file without the image column).
+    """
+    names = [os.fspath(p) for p in inputs]
+    listed = _listed_inputs(options.from_file)
+    if listed is not None:
+        names += listed
+        options = SourceOptions(None, options.from_column, options.root, options.image_col, options.keep)
+    kinds = {name: _kind(name) for name in names}
+    chosen = set(kinds.values()) or {FILES}
+    if len(chosen) > 1:
+        raise UserError(_mix_message(kinds))
+    module = chosen.pop()
+    if module == FILES and options.image_col is not None:
+        raise UserError(f"--image-col {options.image_col}: names the image column of Parquet inputs, not of files")
+    if module == FILES and options.keep:
+        raise UserError(f"--keep {','.join(options.keep)}: copies columns of shard and Parquet inputs, not of files")
+    if module != FILES:
+        if options.root is not None or options.from_column is not None:
+            flag = "--root" if options.root is not None else "--from-column"
+            raise UserError(f"{flag}: applies to image files and --from tables of paths, not to {names[0]}")
+        names = [path for name in names for path in expand(name)]
+    return importlib.import_module(module).open_source(names, options)
 
 
-def _list_of_shards(path: Path) -> list[str] | None:
-    """The entries of a plain-text --from list when every one is a shard or Parquet file, else None."""
-    if path.suffix.lower() in (".csv", ".tsv", *PARQUET_SUFFIXES) or not path.is_file():
+def _kind(name: str) -> str:
+    lowered = name.lower()
+    for suffix, module in SOURCES.items():
+        if lowered.endswith(suffix):
+            return module
+    return FILES
+
+
+def _mix_message(kinds: dict[str, str]) -> str:
+    by_kind: dict[str, str] = {}
+    for name, module in kinds.items():
+        by_kind.setdefault(module, name)
+    if FILES in by_kind:
+        other = next(n for m, n in by_kind.items() if m != FILES)
+        what = "is a folder" if os.path.isdir(by_kind[FILES]) else "is not a shard or Parquet file"
+        return (
+            f"{by_kind[FILES]} {what}: shard and Parquet inputs ({other}) cannot be mixed with image files and "
+            "folders; score them in two runs"
+        )
+    described = " and ".join(f"{Path(n).suffix} files ({n})" for n in by_kind.values())
+    return f"inputs mix {described}; score them in two runs"
+
+
+def _listed_inputs(from_file: Path | None) -> list[str] | None:
+    """The entries of a plain-text --from list when every one is an input of a `SOURCES` kind, else None (a list
+    of images, or a table of paths: the files source reads it)."""
+    if from_file is None:
+        return None
+    path = Path(from_file)
+    if path.suffix.lower() in TABLE_SUFFIXES or not path.is_file():
         return None
     try:
         entries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError):
         return None
-    return entries if entries and all(_dataset_name(e) or _BRACE.search(e) for e in entries) else None
+    return entries if entries and all(_kind(e) != FILES for e in entries) else None
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -144,111 +218,30 @@ def expand(pattern: str) -> list[str]:
             raise UserError(f"input not found: {name} (from the pattern {pattern})")
     if not found:
         raise UserError(f"no files match {pattern}")
+    for path in found:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder: shard and Parquet inputs cannot be mixed with image folders")
     return found
 
 
-def find_units(
-    paths: Sequence[str | Path] = (),
-    *,
-    from_file: str | Path | None = None,
-    image_col: str | None = None,
-    keep: Sequence[str] = (),
-) -> UnitList:
-    """Expands shard and Parquet inputs into the ordered list of units; reads tar headers and Parquet footers.
+def unique_files(paths: list[str], warnings: list[str]) -> list[tuple[str, str]]:
+    """(path, output stem) of each file once, in order; the same file given twice is scored once (a warning).
 
     Raises:
-        UserError: a pattern that matches nothing, a file that is not a tar or not a Parquet file with the
-            image column, a --keep column the first shard does not have, a mix with loose images, two inputs
-            with the same file name (their directory outputs would collide).
+        UserError: two different files with one stem (their `--out DIR/` files would collide).
     """
-    names = [os.fspath(p) for p in paths]
-    if from_file is not None:
-        listed = _list_of_shards(Path(from_file))
-        if listed is None:
-            raise UserError(f"--from {from_file}: shard inputs take a list of .tar or .parquet paths, one per line")
-        names += listed
-    matched: list[str] = []
-    for name in names:
-        for path in expand(name):
-            if os.path.isdir(path):
-                raise UserError(f"{path} is a folder: shard and Parquet inputs cannot be mixed with image folders")
-            if not _dataset_name(path):
-                raise UserError(f"{path}: shard inputs must all be .tar or .parquet files, not loose images")
-            matched.append(path)
     seen: set[str] = set()
-    files: list[SourceFile] = []
     stems: dict[str, str] = {}
-    warnings = []
-    for path in matched:
+    unique = []
+    for path in paths:
         real = os.path.realpath(path)
         if real in seen:
             warnings.append(f"{path} was given twice; scored once")
             continue
         seen.add(real)
-        kind = "tar" if path.lower().endswith(SHARD_SUFFIXES) else "parquet"
         stem = Path(path).name.rsplit(".", 1)[0]
         if stem in stems:
             raise UserError(f"two inputs are both named {stem} ({stems[stem]} and {path}); rename one")
         stems[stem] = path
-        files.append(SourceFile(path, kind, stem))
-    kinds = {f.kind for f in files}
-    if len(kinds) > 1:
-        raise UserError("inputs mix .tar shards and .parquet files; score them in two runs")
-    keep = [c for c in keep if c]
-    if "tar" in kinds:
-        return _tar_units(files, keep, image_col, warnings)
-    return _parquet_units(files, keep, image_col or "image", warnings)
-
-
-def _tar_units(files: list[SourceFile], keep: list[str], image_col: str | None, warnings: list[str]) -> UnitList:
-    if image_col is not None:
-        raise UserError(f"--image-col {image_col}: WebDataset shards name their image by suffix, not by column")
-    for f in files:
-        webdataset.check_tar(f.path)
-    keep_types: dict[str, Any] = {}
-    if keep:
-        available, where = webdataset.keep_columns(files[0].path)
-        missing = [c for c in keep if c not in available]
-        if missing:
-            have = ", ".join(available) or "none"
-            raise UserError(f"--keep {','.join(missing)}: not found in {where} (columns: {have})")
-        keep_types = {c: available[c] for c in keep}
-    n = len(files)
-    return UnitList(
-        files=files,
-        file_of=np.arange(n, dtype=np.int32),
-        row_group=np.full(n, -1, dtype=np.int32),
-        first_row=np.zeros(n, dtype=np.int64),
-        rows=np.full(n, -1, dtype=np.int64),
-        keep=keep,
-        keep_types=keep_types,
-        warnings=warnings,
-    )
-
-
-def _parquet_units(files: list[SourceFile], keep: list[str], image_col: str, warnings: list[str]) -> UnitList:
-    file_of, row_group, first_row, rows = [], [], [], []
-    keep_types: dict[str, Any] = {}
-    for i, f in enumerate(files):
-        counts, types = parquet.describe(f.path, image_col, keep)
-        keep_types = keep_types or types
-        for c, t in types.items():
-            if t != keep_types[c]:
-                raise UserError(f"--keep {c}: {f.path} holds {t}, {files[0].path} holds {keep_types[c]}")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts else []
-        for g, (count, start) in enumerate(zip(counts, starts, strict=True)):
-            file_of.append(i)
-            row_group.append(g)
-            first_row.append(int(start))
-            rows.append(count)
-    return UnitList(
-        files=files,
-        file_of=np.asarray(file_of, dtype=np.int32),
-        row_group=np.asarray(row_group, dtype=np.int32),
-        first_row=np.asarray(first_row, dtype=np.int64),
-        rows=np.asarray(rows, dtype=np.int64),
-        image_col=image_col,
-        keep=keep,
-        keep_types=keep_types,
-        warnings=warnings,
-    )
+        unique.append((path, stem))
+    return unique

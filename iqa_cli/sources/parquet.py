@@ -8,10 +8,100 @@ its file.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from iqa_cli.errors import UserError
+from iqa_cli.sources import Sample, SourceOptions, unique_files
+
+DEFAULT_IMAGE_COLUMN = "image"  # Hugging Face `datasets`' name for an Image feature
+
+
+@dataclass
+class ParquetSource:
+    """Parquet image tables as a `Source`: unit u is row group `row_group[u]` of file `file_of[u]`; rows carry
+    `shard` (the file) and the --keep columns."""
+
+    paths: list[str]
+    stems: list[str]
+    file_of: np.ndarray  # int32 [U]
+    row_group: np.ndarray  # int32 [U]
+    first_row: np.ndarray  # int64 [U]: the unit's first row's number in its file
+    row_count: np.ndarray  # int64 [U]
+    image_col: str = DEFAULT_IMAGE_COLUMN
+    keep: list[str] = field(default_factory=list)
+    columns: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    kind: str = "parquet"
+    noun: str = "row groups"
+
+    def __len__(self) -> int:
+        return len(self.file_of)
+
+    def label(self, u: int) -> str:
+        return f"{self.paths[int(self.file_of[u])]} row group {int(self.row_group[u])}"
+
+    def rows(self, u: int) -> int:
+        return int(self.row_count[u])
+
+    count_rows = rows
+
+    def output_stem(self, u: int) -> str:
+        return self.stems[int(self.file_of[u])]
+
+    def num_inputs(self) -> int:
+        return len(self)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"{self.image_col}\0{','.join(self.keep)}\0".encode())
+        for u in range(len(self)):
+            digest.update(self.label(u).encode("utf-8", "surrogateescape") + b"\0")
+        return digest.hexdigest()
+
+    def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
+        path = self.paths[int(self.file_of[u])]
+        rows = samples(path, int(self.row_group[u]), int(self.first_row[u]), self.image_col, self.keep, start)
+        for name, data, error, kept in rows:
+            yield Sample(name, data=data, error=error, kept={"shard": path, **kept})
+
+
+def open_source(names: list[str], options: SourceOptions) -> ParquetSource:
+    """`iqa_cli.sources`' entry: the row groups of the Parquet files `names` (already expanded), from footers."""
+    image_col = options.image_col or DEFAULT_IMAGE_COLUMN
+    keep = [c for c in options.keep if c]
+    warnings: list[str] = []
+    files = unique_files(names, warnings)
+    file_of, row_group, first_row, rows = [], [], [], []
+    keep_types: dict[str, Any] = {}
+    for i, (path, _) in enumerate(files):
+        counts, types = describe(path, image_col, keep)
+        keep_types = keep_types or types
+        for c, t in types.items():
+            if t != keep_types[c]:
+                raise UserError(f"--keep {c}: {path} holds {t}, {files[0][0]} holds {keep_types[c]}")
+        start = 0
+        for g, count in enumerate(counts):
+            file_of.append(i)
+            row_group.append(g)
+            first_row.append(start)
+            rows.append(count)
+            start += count
+    return ParquetSource(
+        paths=[p for p, _ in files],
+        stems=[s for _, s in files],
+        file_of=np.asarray(file_of, dtype=np.int32),
+        row_group=np.asarray(row_group, dtype=np.int32),
+        first_row=np.asarray(first_row, dtype=np.int64),
+        row_count=np.asarray(rows, dtype=np.int64),
+        image_col=image_col,
+        keep=keep,
+        columns={"shard": None, **keep_types},
+        warnings=warnings,
+    )
 
 
 def describe(path: str, image_col: str, keep: list[str]) -> tuple[list[int], dict[str, Any]]:
@@ -60,16 +150,18 @@ def _is_image_type(kind: Any) -> bool:
 
 
 def samples(
-    path: str, row_group: int, first_row: int, image_col: str, keep: list[str]
+    path: str, row_group: int, first_row: int, image_col: str, keep: list[str], start: int = 0
 ) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any]]]:
-    """Yields (name, image bytes or None, error or None, {kept column: value}) per row of one row group."""
+    """Yields (name, image bytes or None, error or None, {kept column: value}) per row of one row group, from its
+    `start`-th row on."""
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path).read_row_group(row_group, columns=[image_col, *[c for c in keep if c != image_col]])
+    table = table.slice(start)
     images = table.column(image_col).to_pylist()
     kept = {c: table.column(c).to_pylist() for c in keep}
     for i, value in enumerate(images):
-        name, data = str(first_row + i), value
+        name, data = str(first_row + start + i), value
         if isinstance(value, dict):
             data = value.get("bytes")
             if value.get("path"):

@@ -2,7 +2,8 @@
 
 A shard is a tar of consecutive members that share a key: `00000123.jpg`, `00000123.txt`, `00000123.json`.
 The key (`__key__`) is the member's path up to the first dot of its file name, as in the `webdataset`
-library; a sample's image is its first jpg/jpeg/png/webp/bmp member. img2dataset writes a metadata table
+library; a sample's image is its first member with an image suffix (those a folder walk takes: jpg, png, webp,
+gif, tif, ...). img2dataset writes a metadata table
 per shard next to it (`00000.parquet` beside `00000.tar`, one row per sample, column `key`).
 
 Why `tarfile` and not the `webdataset` library: one tar read front to back in stream mode (`r|`, no seeks,
@@ -13,22 +14,110 @@ where the library's handlers skip or raise whole samples; and it adds no depende
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from iqa_cli.errors import UserError
+from iqa_cli.images import IMAGE_EXTENSIONS
+from iqa_cli.sources import Sample, SourceError, SourceOptions, unique_files
 
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a sample's image member, first found in this order
 # Members whose values --keep can copy (besides the shard's metadata parquet): JSON objects and plain text.
 TEXT_SUFFIXES = ("txt",)
 
 
-class ShardError(Exception):
+@dataclass
+class ShardSource:
+    """WebDataset shards as a `Source`: unit u is shard `paths[u]`; rows carry `shard` and the --keep columns."""
+
+    paths: list[str]  # as given or matched
+    stems: list[str]  # `--out DIR/` file names: `<stem>.parquet`
+    keep: list[str] = field(default_factory=list)
+    columns: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    kind: str = "webdataset"
+    noun: str = "shards"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, u: int) -> str:
+        return self.paths[u]
+
+    def rows(self, u: int) -> int:
+        return -1  # known only by reading the headers: `count_rows`
+
+    def count_rows(self, u: int) -> int:
+        return count_samples(self.paths[u])
+
+    def output_stem(self, u: int) -> str:
+        return self.stems[u]
+
+    def num_inputs(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"None\0{','.join(self.keep)}\0".encode())
+        for path in self.paths:
+            digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+        return digest.hexdigest()
+
+    def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
+        path = self.paths[u]
+        for i, (key, data, error, kept) in enumerate(samples(path, self.keep)):
+            if i >= start:
+                yield Sample(key, data=data, error=error, kept={"shard": path, **kept})
+
+
+def open_source(names: list[str], options: SourceOptions) -> ShardSource:
+    """`iqa_cli.sources`' entry: the shards `names` (already expanded), each checked to start with a tar header."""
+    if options.image_col is not None:
+        raise UserError(f"--image-col {options.image_col}: WebDataset shards name their image by suffix, not by column")
+    warnings: list[str] = []
+    files = unique_files(names, warnings)
+    for path, _ in files:
+        check_tar(path)
+    keep = [c for c in options.keep if c]
+    keep_types: dict[str, Any] = {}
+    if keep:
+        available, where = keep_columns(files[0][0])
+        missing = [c for c in keep if c not in available]
+        if missing:
+            have = ", ".join(available) or "none"
+            raise UserError(f"--keep {','.join(missing)}: not found in {where} (columns: {have})")
+        keep_types = {c: available[c] for c in keep}
+    return ShardSource(
+        paths=[p for p, _ in files],
+        stems=[s for _, s in files],
+        keep=keep,
+        columns={"shard": None, **keep_types},
+        warnings=warnings,
+    )
+
+
+def count_samples(path: str) -> int:
+    """Samples in a shard from its headers alone (the data is skipped, not read); 0 for one that cannot be read."""
+    count, key = 0, None
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    member_key, _ = split_key(member.name)
+                    count += member_key != key
+                    key = member_key
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return count
+
+
+class ShardError(SourceError):
     """A shard that cannot be read to its end: an error for its unit; the rows read before it are kept."""
 
 
@@ -110,7 +199,7 @@ def _sample(key: str, members: dict[str, bytes], table: dict[str, dict], keep: l
         if suffix in members:
             return key, members[suffix], None, kept
     has = ", ".join(sorted(members)) or "nothing"
-    return key, None, f"no image member (jpg, jpeg, png, webp or bmp); the sample has: {has}", kept
+    return key, None, f"no image member (a suffix such as jpg, png or webp); the sample has: {has}", kept
 
 
 def _kept(key: str, members: dict[str, bytes], table: dict[str, dict], keep: list[str]) -> dict[str, Any]:

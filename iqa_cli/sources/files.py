@@ -29,10 +29,8 @@ The list is kept as one packed UTF-8 buffer plus offsets (not a Python list of s
 workers fork from the main process, and ten million Python strings would be copied into every worker page
 by page as their reference counts change.
 
-Images packed in WebDataset `.tar` shards or Parquet image columns are the other kind of input: there the
-unit of work is a shard or a row group, listed without reading any image by `iqa_cli.sources`
-(`find_units`); `is_dataset_input` tells which kind a command's inputs are. Both kinds are scored by the
-same loop (`iqa_cli.scoring.pipeline`; the units' bookkeeping in `iqa_cli.scoring.units`).
+The source's units are runs of consecutive images (`files_per_unit`): few enough files to write, small enough
+that a short run still gives every DataLoader worker a unit and a long one writes its rows as it goes.
 """
 
 from __future__ import annotations
@@ -49,22 +47,14 @@ from pathlib import Path
 import numpy as np
 
 from iqa_cli.errors import UserError
-from iqa_cli.sources import find_units, is_dataset_input  # noqa: F401 - the other kind of input, re-exported
-
-# Extensions (lower case) that folder walks pick up. Files given by name or listed with `--from` are read
-# whatever their extension. Formats Pillow cannot decode here (e.g. HEIC without a plugin) become rows
-# with `error` set rather than being skipped silently.
-IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-        ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
-    }
-)  # fmt: skip
+from iqa_cli.images import IMAGE_EXTENSIONS
+from iqa_cli.sources import TABLE_SUFFIXES, Sample, SourceOptions
 
 # Column names tried, in order, when a `--from` table does not name its path column.
 PATH_COLUMNS = ("image", "path", "file")
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-PARQUET_SUFFIXES = (".parquet", ".pq")
+# A unit is a run of consecutive images: about UNITS_PER_RUN of them per run, each of MIN..MAX images.
+MIN_FILES_PER_UNIT, MAX_FILES_PER_UNIT, UNITS_PER_RUN = 16, 4096, 64
+_WALKED = frozenset(IMAGE_EXTENSIONS)
 
 
 class PackedStrings:
@@ -125,6 +115,67 @@ class InputList:
         return digest.hexdigest()
 
 
+def files_per_unit(n: int) -> int:
+    """Images per unit of a run of n: about UNITS_PER_RUN units, each of MIN_FILES_PER_UNIT..MAX_FILES_PER_UNIT.
+
+    A function of n alone, so the same inputs give the same units on any machine and with any worker count
+    (resume matches units by number). 64 units keep up to 64 DataLoader workers busy; 16 images make a unit
+    worth its own file; 4096 keep a 10M-image run at ~2,500 files. A slow model writes a long unit in pieces.
+    """
+    return min(MAX_FILES_PER_UNIT, max(MIN_FILES_PER_UNIT, -(-n // UNITS_PER_RUN)))
+
+
+@dataclass
+class FileSource:
+    """Images of folders, file arguments and a --from list as a `Source`: unit u is images
+    `[u * per_unit, (u + 1) * per_unit)` of the `InputList`."""
+
+    inputs: InputList
+    per_unit: int
+    kind: str = "files"
+    noun: str = "images"
+    columns: dict = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.inputs.warnings
+
+    def __len__(self) -> int:
+        return -(-len(self.inputs) // self.per_unit)
+
+    def _range(self, u: int) -> range:
+        return range(u * self.per_unit, min((u + 1) * self.per_unit, len(self.inputs)))
+
+    def label(self, u: int) -> str:
+        span = self._range(u)
+        return f"images {span.start + 1}-{span.stop} ({self.inputs.name(span.start)}, ...)"
+
+    def rows(self, u: int) -> int:
+        return len(self._range(u))
+
+    count_rows = rows
+
+    def output_stem(self, u: int) -> str:
+        return f"part-{u:0{max(5, len(str(len(self) - 1)))}d}"
+
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.inputs.fingerprint()}\0{self.per_unit}".encode()).hexdigest()
+
+    def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
+        span = self._range(u)
+        for i in range(span.start + start, span.stop):
+            yield Sample(self.inputs.name(i), path=self.inputs.path(i))
+
+
+def open_source(names: list[str], options: SourceOptions) -> FileSource:
+    """`iqa_cli.sources`' entry: the images of `names` and `options.from_file`, in units."""
+    inputs = find_inputs(names, from_file=options.from_file, from_column=options.from_column, root=options.root)
+    return FileSource(inputs, files_per_unit(len(inputs)))
+
+
 def find_inputs(
     paths: Sequence[str | Path] = (),
     *,
@@ -178,7 +229,7 @@ def read_path_list(path: str | Path, *, column: str | None = None) -> list[str]:
     if not path.is_file():
         raise UserError(f"--from {path}: file not found")
     suffix = path.suffix.lower()
-    if suffix in TABLE_SUFFIXES or suffix in PARQUET_SUFFIXES:
+    if suffix in TABLE_SUFFIXES:
         return _read_table_column(path, column)
     if column is not None:
         raise UserError(f"--from-column {column}: {path} is a plain list (one path per line), not a CSV or Parquet")
@@ -193,7 +244,7 @@ def _read_table_column(path: Path, column: str | None) -> list[str]:
     import pandas as pd
 
     try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
+        if TABLE_SUFFIXES[path.suffix.lower()] is None:  # Parquet
             import pyarrow.parquet as pq
 
             names = pq.read_schema(path).names
@@ -411,7 +462,7 @@ def _walk(folder: str, warnings: list[str] | None) -> Iterator[tuple[str, bool]]
                 continue
             seen.add(key)
             stack.append((relative + "/", under_link or is_link, iter(_sorted_entries(folder, relative, warnings))))
-        elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        elif os.path.splitext(name)[1].lower() in _WALKED:
             yield relative, under_link or is_link
 
 

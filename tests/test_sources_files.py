@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from iqa_cli.errors import UserError
-from iqa_cli.inputs import PackedStrings, find_inputs, read_path_list, walk_images
+from iqa_cli.sources.files import PackedStrings, find_inputs, read_path_list, walk_images
 
 
 def _touch(root, *names):
@@ -136,7 +136,7 @@ def test_one_file_reached_twice_is_kept_once_under_its_first_name(tmp_path, monk
 
 def test_files_that_differ_only_by_hash_are_not_dropped(tmp_path, monkeypatch):
     """Entries are grouped by a hash of the resolved path; equal hashes of different paths keep both."""
-    import iqa_cli.inputs as inputs_module
+    import iqa_cli.sources.files as inputs_module
 
     _touch(tmp_path, "a.png", "b.png")
     monkeypatch.setattr(inputs_module, "hash", lambda value: 7, raising=False)  # every key collides

@@ -1,0 +1,106 @@
+"""Scoring a list of units in this process: loader -> device -> model -> one atomic file per finished unit.
+
+The hot loop of a rank (and of any engine's worker): the driver deals it units, and it hands every row to the
+`UnitWriter`, which writes each unit as soon as its last row is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from iqa_cli.errors import UserError
+from iqa_cli.progress import NullBar, ProgressBar
+from iqa_cli.scoring.config import AUTO_BATCH, interruptible
+from iqa_cli.scoring.loader import (
+    Decoder,
+    PadCollate,
+    UnitStream,
+    batch_pool,
+    data_loader,
+    decoding,
+    default_workers,
+    device_batches,
+    intra_op_threads,
+    model_threads,
+    transfer_dtype,
+)
+from iqa_cli.scoring.runner import BatchRunner
+from iqa_cli.scoring.store import UnitWriter
+from iqa_cli.sources import Source
+
+
+def call_size(
+    batch_size: int | None, device: torch.device, source: Source, units: np.ndarray, starts: np.ndarray
+) -> int:
+    """Rows of every model call: the batch size (`auto`: 64 on CUDA, 16 on the CPU), or the run's number of images
+    when it is smaller and known (2 images cost a forward pass of 2, not 16)."""
+    size = batch_size or AUTO_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    known = [source.rows(u) for u in units.tolist()]
+    if all(k >= 0 for k in known):
+        size = max(1, min(size, sum(known) - int(starts.sum())))
+    return size
+
+
+def score_units(
+    scorer: Any,
+    source: Source,
+    units: np.ndarray,
+    starts: np.ndarray,
+    writer: UnitWriter,
+    *,
+    batch_size: int | None,
+    workers: int | None,
+    fast_decode: bool = False,
+    load_image: Callable | None = None,
+    local_world_size: int = 1,
+    progress: ProgressBar | NullBar | None = None,
+    sidecar: Path,
+) -> int:
+    """Scores `units` (unit `units[i]` from its row `starts[i]`) and returns how many rows it wrote.
+
+    Every model call has one shape, so an image's score never depends on its batch-mates (not even in bf16,
+    where kernels for other shapes round differently). A SIGINT/SIGTERM, an error or the end of the work writes
+    the rows of unfinished units as pieces before returning or raising (`iqa_cli.scoring.config.ScoreInterrupted`).
+
+    Raises:
+        UserError: out of GPU memory at a fixed --batch-size.
+    """
+    progress = progress or NullBar()
+    device = torch.device(scorer.device)
+    size = call_size(batch_size, device, source, units, starts)
+    workers = default_workers(local_world_size) if workers is None else workers
+    workers = min(workers, len(units))
+    pool = batch_pool(workers)
+    transform, load = decoding(scorer, fast_decode, load_image)
+    collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool)
+    loader = data_loader(UnitStream(source, units, starts, Decoder(transform, load), collate), workers, device)
+    runner = BatchRunner(scorer, size, auto=batch_size is None and device.type == "cuda")
+    batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
+    processed = 0
+    try:
+        threads = model_threads(device, workers, local_world_size, torch.get_num_threads())
+        with interruptible(sidecar), torch.inference_mode(), intra_op_threads(threads):
+            for batch, visual in device_batches(batches, device):
+                ok = (batch["unit"] >= 0) & torch.tensor([e is None for e in batch["error"]])
+                result = runner(visual) if bool(ok.any()) else None
+                n = writer.add(batch, result)
+                if pool is not None:
+                    pool.release(batch)
+                processed += n
+                progress.advance(n)
+        if runner.size != runner.first_size:
+            progress.print(f"--batch-size auto: out of GPU memory at {runner.first_size}, scored with {runner.size}")
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory at --batch-size {runner.size}; use a smaller size or --batch-size auto"
+        ) from None
+    finally:
+        with interruptible(sidecar, defer=True):  # a second Ctrl-C must not cut the last piece short
+            writer.flush()
+        del batches  # stops the workers now rather than when the traceback is dropped
+    return processed

@@ -1,0 +1,230 @@
+"""Before a run scores anything, rank 0 decides: resume the sidecar, report a finished output, refuse, or start.
+
+A run is identified by its request (the options that decide the scores) and its inputs' fingerprint. The
+manifest in the sidecar and the metadata of a finished output record both; a run whose request differs is
+compared by what the loaded model says (a local checkpoint re-saved with the same scores is not a difference),
+and a difference is refused in one line unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from iqa_cli import __version__, distributed
+from iqa_cli.errors import UserError
+from iqa_cli.files import directory_fingerprint
+from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.scoring.output import DIRECTORY_METADATA, read_output_metadata
+from iqa_cli.scoring.store import MANIFEST_VERSION, Sidecar
+from iqa_cli.sources import Source
+
+
+def request(config: ScoreConfig) -> dict[str, Any]:
+    """The options that decide the scores (compared before loading a model to spot a finished output)."""
+    return {
+        "model": config.model,
+        "model_files": directory_fingerprint(config.model),  # a checkpoint re-saved into the same directory
+        "base": config.base,
+        "base_files": directory_fingerprint(config.base) if config.base else None,
+        "revision": config.revision,
+        "prompt": config.prompt,
+        "dtype": config.dtype,
+        "decode": "fast" if config.fast_decode else "exact",
+        **({"quantize": config.quantize} if config.quantize else {}),
+        **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
+        **{k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None},
+    }
+
+
+@dataclass
+class Plan:
+    status: str  # "run" | "complete" | "error"
+    message: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)  # the scorer's metadata of the run
+    level_names: list[str] = field(default_factory=list)
+    has_regressor: bool = False
+
+
+class LazyScorer:
+    """Loads the model only when a decision or the work needs it."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.factory = factory
+        self.scorer: Any = None
+
+    def get(self) -> Any:
+        if self.scorer is None:
+            self.scorer = self.factory()
+        return self.scorer
+
+
+def describe_difference(
+    recorded: dict[str, Any], *, fingerprint: str, inputs: int, noun: str, request: dict, scorer: LazyScorer
+) -> str | None:
+    """None when a recorded run (manifest or output metadata) matches this one, else what differs."""
+    then, now = (recorded.get("request") or {}).get("decode", "exact"), request.get("decode", "exact")
+    if then != now:  # not in the scorer's metadata: the same model, other pixels
+        return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
+    if recorded.get("inputs_fingerprint") != fingerprint:
+        return f"a different list of inputs ({recorded.get('num_inputs', '?')} {noun} then, {inputs} now)"
+    if recorded.get("request") == request:
+        return None
+    current = scorer.get().metadata
+    previous = recorded.get("metadata", {})
+    for key in sorted(set(current) | set(previous)):
+        if key in ("iqa_version",):
+            continue
+        if current.get(key) != previous.get(key):
+            return f"a different {key} ({previous.get(key)!r}, now {current.get(key)!r})"
+    return None
+
+
+def decide(
+    config: ScoreConfig, fmt: str, directory: bool, source: Source, fingerprint: str, scorer: LazyScorer
+) -> Plan:
+    """Rank 0's decision: resume, complete, or a new run (its manifest written); a conflict is a UserError."""
+    out = Path(config.out)
+    wanted = request(config)
+    sidecar = Sidecar(out)
+    compare = {
+        "fingerprint": fingerprint,
+        "inputs": source.num_inputs(),
+        "noun": source.noun,
+        "request": wanted,
+        "scorer": scorer,
+    }
+    if directory and config.overwrite:  # the folder's footer goes; its files are handled below
+        (out / DIRECTORY_METADATA).unlink(missing_ok=True)
+    if sidecar.exists():
+        manifest = sidecar.read_manifest()
+        version = (manifest or {}).get("manifest_version")
+        if manifest is not None and version != MANIFEST_VERSION and not config.overwrite:
+            raise UserError(
+                f"{sidecar.dir} holds an interrupted run of another iqa version (format {version}); finish it with "
+                "that version, or pass --overwrite to discard it"
+            )
+        if manifest is not None and version == MANIFEST_VERSION:
+            difference = describe_difference(manifest, **compare)
+            if difference is None:
+                return Plan(
+                    "run",
+                    metadata=manifest["metadata"],
+                    level_names=manifest["level_names"],
+                    has_regressor=manifest["has_regressor"],
+                )
+            if not config.overwrite:
+                raise UserError(
+                    f"{sidecar.dir} holds an interrupted run with {difference}; "
+                    "re-run with its options to resume, or pass --overwrite to discard it"
+                )
+        sidecar.remove()  # no manifest = a crash while creating it; nothing in it is usable
+    finished = (out / DIRECTORY_METADATA).exists() if directory else out.exists()
+    if finished and not config.overwrite:
+        recorded = read_output_metadata(out, fmt)
+        if recorded is None:
+            raise UserError(f"{out} exists and was not written by `iqa score`; pass --overwrite to replace it")
+        recorded = {**recorded, "request": _json_or_none(recorded.get("request"))}
+        recorded["metadata"] = _json_or_none(recorded.get("scorer_metadata")) or {}
+        difference = describe_difference(recorded, **compare)
+        if difference is None:
+            return Plan("complete")
+        raise UserError(f"{out} exists and was written with {difference}; pass --overwrite to replace it")
+    if directory:
+        _clear_directory(out, source, config.overwrite)
+    return start_run(sidecar, wanted, fingerprint, source, scorer)
+
+
+def _clear_directory(out: Path, source: Source, overwrite: bool) -> None:
+    """A new `--out DIR/` run: the folder must hold no Parquet file a reader would take as rows of this output.
+    Files of an earlier `iqa score` run go with --overwrite; a file `iqa score` did not write is refused in one
+    line, even with --overwrite (it may be data of the user's: not ours to delete)."""
+    if not out.is_dir():
+        return
+    ours = {out / f"{source.output_stem(u)}.parquet" for u in range(len(source))}
+    found = sorted(out.glob("*.parquet"))
+    for path in found:
+        try:
+            written_by_us = b"inputs_fingerprint" in (pq.read_schema(path).metadata or {})
+        except Exception:
+            written_by_us = False
+        if not written_by_us:
+            raise UserError(
+                f"{out} holds {path.name}, which `iqa score` did not write: a folder output holds only the files "
+                "of its inputs; choose another folder or move it"
+            )
+    clash = [p for p in found if p in ours]
+    others = [p for p in found if p not in ours]
+    if clash and not overwrite:
+        raise UserError(f"{out} already holds {clash[0].name} and was not finished by `iqa score`; pass --overwrite")
+    if others and not overwrite:
+        raise UserError(
+            f"{out} holds {others[0].name} (of {len(others)} Parquet file(s) for other inputs), which a reader of "
+            "the folder would take as rows of this output; pass --overwrite to remove them, or choose another folder"
+        )
+    for path in found:
+        path.unlink()
+
+
+def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, scorer: LazyScorer) -> Plan:
+    """A new run: its manifest (what a resume must match) written before any unit, and its plan."""
+    model = scorer.get()
+    sidecar.create(
+        {
+            "manifest_version": MANIFEST_VERSION,
+            "iqa_version": __version__,
+            "request": wanted,
+            "metadata": dict(model.metadata),
+            "level_names": list(model.level_names),
+            "has_regressor": bool(model.has_regressor),
+            "source": source.kind,
+            "inputs_fingerprint": fingerprint,
+            "num_inputs": source.num_inputs(),
+            "num_units": len(source),
+        }
+    )
+    return Plan(
+        "run", metadata=dict(model.metadata), level_names=list(model.level_names), has_regressor=model.has_regressor
+    )
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def output_metadata(plan: Plan, wanted: dict, fingerprint: str, num_inputs: int) -> dict[str, str]:
+    """The scorer's metadata plus what identifies this output (version, input list, request)."""
+    return {
+        **plan.metadata,
+        "iqa_version": __version__,
+        "inputs_fingerprint": fingerprint,
+        "num_inputs": str(num_inputs),
+        "request": json.dumps(wanted, sort_keys=True),
+        "scorer_metadata": json.dumps(plan.metadata, sort_keys=True),
+        "decode": wanted.get("decode", "exact"),  # "fast": JPEGs decoded at a smaller DCT scale (--fast-decode)
+    }
+
+
+def decide_on_main(fn: Callable[[], Plan], environment: distributed.DistEnv) -> Plan:
+    """Runs `fn` on rank 0 and hands its plan (or its user error) to every rank."""
+    plan: Plan | None = None
+    if environment.is_main:
+        try:
+            plan = fn()
+        except UserError as exc:
+            plan = Plan("error", message=str(exc))
+        except BaseException as exc:
+            distributed.broadcast_object(Plan("error", message=f"rank 0 failed: {exc!r}"))
+            raise
+    plan = distributed.broadcast_object(plan)
+    if plan.status == "error":
+        raise UserError(plan.message)
+    return plan

@@ -1,0 +1,91 @@
+"""The model side of the loop: `score_batch` over a collated batch, in calls of one shape, with the OOM back-off of
+`--batch-size auto`."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class BatchResult:
+    """numpy results for B rows: probs [B, K] float32, score/std [B], score_reg [B] or None."""
+
+    probs: np.ndarray
+    score: np.ndarray
+    std: np.ndarray
+    score_reg: np.ndarray | None
+
+
+class BatchRunner:
+    """Calls `score_batch` in chunks of `size` rows, each padded to `size`; with `auto`, halves `size` on a CUDA
+    out-of-memory error (in the call, or while moving or padding its rows) and retries.
+
+    After a halving every later call has the new shape. An image's score never depends on its batch-mates within
+    one shape; across the two shapes of a run that halved, bf16 kernels on a GPU may round the last digits
+    differently (mPLUG-Owl2's float32 CPU path does not). The run says the size it settled on: pass it as
+    `--batch-size` for reruns that give identical scores.
+
+    Every visual input of a batch has its rows first (the backbone's collate guarantees it); tensors may still
+    be on the CPU (a prefetch copy that ran out of memory) and are moved per chunk.
+    """
+
+    def __init__(self, scorer: Any, size: int, *, auto: bool):
+        self.scorer = scorer
+        self.size = size
+        self.auto = auto
+        self.first_size = size
+
+    def __call__(self, visual: dict[str, torch.Tensor]) -> BatchResult:
+        parts: list[BatchResult] = []
+        device = torch.device(self.scorer.device)
+        start, total = 0, next(iter(visual.values())).shape[0]
+        while start < total:
+            n = min(self.size, total - start)
+            try:
+                chunk = {name: rows_padded(t[start : start + n].to(device), self.size) for name, t in visual.items()}
+                result = self.scorer.score_batch(chunk)
+            except torch.OutOfMemoryError:
+                if not self.auto or self.size == 1:
+                    raise
+                result = None
+            if result is None:  # outside `except`, so the failed call's activations are already freed
+                chunk = None
+                self.size //= 2
+                free_cuda_memory()
+                continue
+            parts.append(to_numpy(result, n))
+            start += n
+        return BatchResult(
+            probs=np.concatenate([p.probs for p in parts]),
+            score=np.concatenate([p.score for p in parts]),
+            std=np.concatenate([p.std for p in parts]),
+            score_reg=None if parts[0].score_reg is None else np.concatenate([p.score_reg for p in parts]),
+        )
+
+
+def rows_padded(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """`rows` with zero rows appended up to `size`: one shape per call when the size does not divide the batch."""
+    if rows.shape[0] == size:
+        return rows
+    return torch.cat([rows, rows.new_zeros(size - rows.shape[0], *rows.shape[1:])])
+
+
+def free_cuda_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def to_numpy(result: Any, n: int) -> BatchResult:
+    reg = getattr(result, "score_reg", None)
+    return BatchResult(
+        probs=result.probs[:n].float().cpu().numpy(),
+        score=result.score[:n].float().cpu().numpy(),
+        std=result.std[:n].float().cpu().numpy(),
+        score_reg=None if reg is None else reg[:n].float().cpu().numpy(),
+    )
