@@ -1,5 +1,7 @@
 """The console script itself: version, help, and the one-line error contract."""
 
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -46,25 +48,44 @@ def test_the_final_garbage_collection_is_skipped_only_when_the_process_ends():
 
 
 def test_a_process_in_a_distributed_group_keeps_the_final_garbage_collection():
-    """`distributed.init` undoes the exit-time freeze: objects holding a gloo group in cycles (FSDP2 state)
-    must be freed and the group's threads joined before shutdown, or a rank can abort at exit."""
+    """Two ranks that run main() and then join a gloo group through `distributed.init` collect garbage at exit:
+    objects holding the group in cycles (FSDP2 state) must be freed and its threads joined before shutdown, or
+    a rank can abort at exit."""
     code = """
         import atexit, gc, sys
-        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))
         from iqa_cli.cli import main
-        from iqa_cli import process
         sys.argv = ["iqa", "--version"]
         try:
             main()
         except SystemExit:
             pass
-        process.keep_final_collection()  # what distributed.init calls after joining a group
+        import torch
+        from iqa_cli import distributed
+        distributed.init(torch.device("cpu"))
+        print("joined:", distributed.rank(), "of", distributed.world_size(), flush=True)
     """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "frozen at exit: False"
-    source = (REPO_ROOT / "iqa_cli" / "distributed.py").read_text()
-    init_body = source.split("def init(", 1)[1].split("\ndef ", 1)[0]
-    assert "process.keep_final_collection()" in init_body
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    torchrun = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=REPO_ROOT,
+            env={**os.environ, **torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    for rank, (process, (stdout, stderr)) in enumerate(zip(ranks, outputs, strict=True)):
+        assert process.returncode == 0, stderr
+        assert f"joined: {rank} of 2" in stdout, stdout
+        assert stdout.splitlines()[-1] == "frozen at exit: False", stdout

@@ -81,6 +81,29 @@ def test_cli_quantize_int8_writes_what_the_api_scores(checkpoint, photos, tmp_pa
     np.testing.assert_allclose(table.column("score").to_numpy(), _scores(api, photos), atol=1e-5)
 
 
+def test_served_int8_scores_equal_iqa_score_quantize_int8(checkpoint, photos, tmp_path):
+    """`iqa serve --quantize int8` (the real server, its worker loading the model) answers what `iqa score
+    --quantize int8` writes, and not the float32 scores."""
+    pytest.importorskip("fastapi", reason="the serve extra (pip install 'iqa-cli[serve]') is not installed")
+    requests = pytest.importorskip("requests")
+    from tests.test_serve import b64, serving
+
+    out = tmp_path / "s.parquet"
+    args = ["score", str(photos), "--out", str(out), "--model", str(checkpoint.path), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--dtype", "float32", "--quantize", "int8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pandas().set_index("image")
+    names = sorted(p.name for p in photos.glob("*.png"))
+    with serving(checkpoint.path, "--quantize", "int8", "--max-batch", "4") as url:
+        images = [b64((photos / name).read_bytes()) for name in names]
+        response = requests.post(f"{url}/score", json={"images": images}, timeout=120)
+    assert response.status_code == 200, response.text
+    served = np.asarray(response.json()["scores"])
+    np.testing.assert_allclose(served, table.loc[names, "score"].to_numpy(), atol=1e-5, rtol=0)
+    float32 = _scores(Scorer.from_pretrained(checkpoint.path, device="cpu", dtype="float32"), photos)
+    assert np.abs(served - float32).max() > 1e-4
+
+
 @pytest.mark.parametrize(
     ("mode", "device", "dtype", "fragments"),
     [

@@ -17,7 +17,7 @@ import pytest
 from iqa_cli import run_lock
 from iqa_cli.errors import UserError
 from iqa_cli.run_lock import LOCK_NAME, RunLock, hold
-from tests.conftest import REPO_ROOT, run_iqa
+from tests.conftest import REPO_ROOT
 
 HOLDER = """
 import os, sys, time
@@ -224,47 +224,50 @@ def test_under_torchrun_only_rank_0_locks_and_the_others_follow_it(tmp_path, mon
 # --- `iqa train`: the run directory is locked before anything is loaded ---------------------------------
 
 
-@pytest.mark.slow
-def test_train_refuses_a_run_directory_in_use_and_trains_after_waiting_with_wait(tmp_path):
-    from tests.test_train_data import prepare_synthetic, write_tiny_model
+def test_train_refuses_a_run_directory_in_use_and_trains_after_waiting_with_wait(tmp_path, iqa, monkeypatch):
+    """The real command line in this process (another process holds the lock): refused in one line before
+    anything is written; with --wait it says so once, does no work while it waits, then trains."""
+    import types
 
-    data = prepare_synthetic(tmp_path, "synth", 12, size=(40, 32))
-    model = write_tiny_model(tmp_path / "model", image_size=28)
+    from iqa_cli.synthetic import make_synthetic_iqa, write_tiny_checkpoint
+
+    csv_path = make_synthetic_iqa(tmp_path / "src", 8, size=(40, 32))
+    data = tmp_path / "data"
+    code, _, err = iqa("prepare", "custom", "--csv", csv_path, "--images", csv_path.parent / "images",
+                       "--image-col", "image", "--mos-col", "mos", "--std-col", "std", "--name", "synth",
+                       "--data-dir", data, "--test-frac", "0.25")  # fmt: skip
+    assert code == 0, err
+    model = write_tiny_checkpoint(tmp_path / "model", image_size=28)
     out = tmp_path / "run"
     path = out / LOCK_NAME
-    args = ["train", "--datasets", "synth", "--data-dir", str(data), "--model", str(model), "--out", str(out)]
-    args += ["--max-steps", "1", "--batch-size", "4", "--no-eval", "--workers", "0", "--device", "cpu"]
+    args = ["train", "--datasets", "synth", "--data-dir", data, "--model", model, "--out", out]
+    args += ["--max-steps", "1", "--batch-size", "2", "--no-eval", "--workers", "0", "--device", "cpu"]
     holder = _holder(path)
     try:
-        result = run_iqa(*args, timeout=120)
+        code, _, err = iqa(*args)
     finally:
         holder.communicate("go\n", timeout=30)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: --out {out} is in use by another iqa test run (pid {holder.pid} ")
     assert not out.exists()  # the holder made the folder and removed it; the refused run wrote nothing
 
     holder = _holder(path)
-    log = tmp_path / "wait.log"
-    with log.open("w") as stderr:
-        waiter = subprocess.Popen([sys.executable, "-m", "iqa_cli", *args, "--wait"], cwd=REPO_ROOT, stderr=stderr)
+    seen: list[bool] = []
+
+    def first_poll(seconds: float) -> None:  # the waiting run's first pause: let the holder go now
+        if not seen:
+            seen.append((out / "train_config.json").exists())
+            holder.communicate("go\n", timeout=30)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(run_lock, "time", types.SimpleNamespace(sleep=first_poll))
     try:
-        _wait_for_text(log, "waiting for another iqa test run", waiter)
-        assert not (out / "train_config.json").exists() and waiter.poll() is None  # it waits before any work
-        holder.communicate("go\n", timeout=30)
-        assert waiter.wait(timeout=300) == 0, log.read_text()
+        code, _, err = iqa(*args, "--wait")
     finally:
         holder.kill()
-        waiter.kill()
-    text = log.read_text()
-    assert text.count("waiting for another iqa test run") == 1
-    assert "trained deqa: 1 steps" in text and (out / "iqa.json").is_file()
+    assert code == 0, err
+    assert seen == [False]  # it waited, before any work
+    assert err.count("waiting for another iqa test run") == 1
+    assert "trained deqa: 1 steps" in err and (out / "iqa.json").is_file()
     assert not path.exists()
-
-
-def _wait_for_text(log: Path, text: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from iqa_cli.models.mplug_owl2 import language_model
 from iqa_cli.training import TrainConfig, TrainInterrupted, train
 from iqa_cli.training import loop as train_loop
 from iqa_cli.training.state import RunDirectory
@@ -90,7 +92,13 @@ def _train_until_crash(monkeypatch, config: TrainConfig, step: int) -> None:
 )
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch, method, extra):
     """Crash right after step 5 (last save at step 4): the same command resumes from step 4, and weights,
-    optimizer path and log end exactly where the uninterrupted run ends (LoRA dropout included: RNG restored)."""
+    optimizer path and log end exactly where the uninterrupted run ends, random draws included: the RNG is
+    restored. Full tuning draws nothing at random by itself, so there dropout in the LLM's MLP (training mode
+    only) draws as the LoRA dropout of the second case does."""
+    if method == "deqa":
+        mlp_forward = language_model.MLP.forward
+        with_dropout = lambda self, x: F.dropout(mlp_forward(self, x), p=0.2, training=self.training)  # noqa: E731
+        monkeypatch.setattr(language_model.MLP, "forward", with_dropout)
     whole = _config(tiny, tiny["tmp"] / f"whole-{method}", method=method, save_every=4, eval_every=8, **extra)
     result = train(whole)
     assert result.steps == 2 * (48 // 4) and result.final_eval["synth"]["n"] == 12
