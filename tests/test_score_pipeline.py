@@ -501,15 +501,16 @@ def _launch(args: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
-def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_path):
+@pytest.mark.parametrize("per_unit", [64, 4])  # the whole folder one unit; 7 units of 4 images
+def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_path, monkeypatch, per_unit):
     out = tmp_path / "scores.parquet"
     args = ["-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out), "--delay", "0.3", "--flush-rows", "2"]
-    process = _launch(args)
+    process = _launch([*args, "--per-unit", str(per_unit)])
     try:
         deadline = time.monotonic() + 120
-        while not list(sidecar_path(out).glob("unit-*.parquet")):
+        while _saved_rows(out) < 6:  # pieces of 2 rows as the unit goes (and finished units)
             assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "no piece was written"
+            assert time.monotonic() < deadline, "nothing was written"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -517,11 +518,21 @@ def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_
         process.kill()
     assert process.returncode == -signal.SIGKILL and not out.exists()
     done = _saved_rows(out)
-    assert 0 < done < len(reference)
+    assert 6 <= done < len(reference)
+    pieces = list(sidecar_path(out).glob("unit-*.from-*.parquet"))
+    assert pieces or per_unit == 4  # one unit: only pieces stand for the work done
 
-    summary = run(folder[0], out)
+    _fixed_unit_size(monkeypatch, per_unit)
+    calls: list[int] = []
+    summary = run(folder[0], out, batch_size=2, workers=1, scorer_kwargs={"calls": calls})
     assert summary.resumed == done and summary.processed == len(reference) - done
+    assert sum(calls) <= len(reference) - done + 1  # only the rest (batches stream across units; one padded)
     assert_same_rows(pd.read_parquet(out), reference)
+
+
+def _fixed_unit_size(patch, per_unit: int) -> None:
+    patch.setattr("iqa_cli.sources.files.MIN_FILES_PER_UNIT", per_unit)
+    patch.setattr("iqa_cli.sources.files.MAX_FILES_PER_UNIT", per_unit)
 
 
 def test_sigterm_flushes_finished_rows_and_exits(folder, reference, tmp_path):
@@ -598,7 +609,10 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--flush-rows", type=int, default=65536)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--per-unit", type=int, default=None, help="images per unit (default: the run's own)")
     args = parser.parse_args(argv)
+    if args.per_unit is not None:
+        _fixed_unit_size(pytest.MonkeyPatch(), args.per_unit)
     config = ScoreConfig(
         out=Path(args.out),
         inputs=[args.folder],
