@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from iqa_cli import __version__
 from tests.conftest import REPO_ROOT, run_iqa
 
@@ -89,3 +91,23 @@ def test_a_process_in_a_distributed_group_keeps_the_final_garbage_collection():
         assert process.returncode == 0, stderr
         assert f"joined: {rank} of 2" in stdout, stdout
         assert stdout.splitlines()[-1] == "frozen at exit: False", stdout
+
+
+def test_the_public_api_is_one_import_and_loads_torch_only_when_used():
+    code = (
+        "import sys, iqa_cli\n"
+        "print('torch' in sys.modules)\n"
+        "from iqa_cli import Scorer, ScoreConfig, score_images, create_metric\n"
+        "from iqa_cli.scoring.scorer import Scorer as Real\n"
+        "print(Scorer is Real, callable(score_images), callable(create_metric), 'torch' in sys.modules)\n"
+        "print(sorted(iqa_cli.__all__))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "False" and lines[1] == "True True True True"
+    assert "Scorer" in lines[2] and "create_metric" in lines[2]
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        import iqa_cli
+
+        iqa_cli.Nope  # noqa: B018
