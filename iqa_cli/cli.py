@@ -645,7 +645,8 @@ def eval_(
     """Compare predicted scores with human opinion scores: PLCC, SRCC, KRCC, RMSE, KL/JS/W2."""
     from pathlib import Path
 
-    from iqa_cli.evaluate import check_outputs, evaluate, plot_report, report_messages, report_tables
+    from iqa_cli.eval_report import check_outputs, plot_report, report_messages, report_tables
+    from iqa_cli.evaluate import evaluate
 
     plot_path = check_outputs(json_out, plot)  # before any work, so no table precedes an error
     report = evaluate(Path(predictions), Path(gt) if gt else None, split=split, column=column)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from iqa_cli.constants import RUN_FILE
 from iqa_cli.errors import UserError
 from iqa_cli.files import read_json_object
+from iqa_cli.models import hub
 
 if TYPE_CHECKING:  # importing the registry needs no torch (`iqa train --help` reads the default family's defaults)
     import torch
@@ -282,7 +283,7 @@ def family_of(model: str | Path, *, base: str | Path | None = None, revision: st
     """
     path = Path(model).expanduser()
     if not path.is_dir():
-        config = _hub_config(str(model), revision)
+        config = hub.hub_file(str(model), CONFIG_FILE, revision)
         return (_model_type(config), str(config)) if config is not None else (DEFAULT_FAMILY, "")
     run_file = path / RUN_FILE
     if run_file.is_file():
@@ -328,27 +329,3 @@ def _model_type(path: Path) -> str:
     if not isinstance(model_type, str):
         raise UserError(f"{path}: no model_type (supported: {', '.join(supported_families())})")
     return model_type
-
-
-def _hub_config(repo_id: str, revision: str | None) -> Path | None:
-    """A Hub repo's config.json: the cached copy, else downloaded alone; None when neither works."""
-    cached = _cached_hub_file(repo_id, CONFIG_FILE, revision)
-    if cached is not None:
-        return cached
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id, CONFIG_FILE, revision=revision))
-    except Exception:  # offline, no such repo or file, an invalid id: the default family's loader says which
-        return None
-
-
-def _cached_hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
-    """A file of a Hub repo if the local Hugging Face cache holds it; None otherwise (no network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, filename, revision=revision)
-    except Exception:  # an invalid repo id: the family's loader gives the readable error
-        return None
-    return Path(found) if isinstance(found, str) else None

@@ -103,11 +103,12 @@ def _check_config(model: str | Path, revision: str | None) -> None:
     """A checkpoint whose config or processor points at remote code is refused (iqa never runs it)."""
     import json
 
-    from iqa_cli.models.backbone import CONFIG_FILE, _cached_hub_file
+    from iqa_cli.models.backbone import CONFIG_FILE
+    from iqa_cli.models.hub import cached_file
 
     path = Path(model).expanduser()
     for name in (CONFIG_FILE, "processor_config.json", "preprocessor_config.json"):
-        file = path / name if path.is_dir() else _cached_hub_file(str(model), name, revision)
+        file = path / name if path.is_dir() else cached_file(str(model), name, revision)
         if file is None or not file.is_file():
             continue
         try:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from iqa_cli.errors import UserError
+from iqa_cli.models import hub
 from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
 from iqa_cli.models.mplug_owl2.config import CONFIG_NAME, MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM, build_skeleton
@@ -75,83 +76,6 @@ class LoadedCheckpoint:
     base_dir: Path | None = None  # LoRA layouts: the base model's directory
     base_repo_id: str | None = None
     base_revision: str | None = None
-
-
-# --- resolving a model name to a directory --------------------------------------------------------
-
-
-@dataclass
-class _Source:
-    path: Path
-    repo_id: str | None
-    revision: str | None
-    remote: bool = False  # resolved from a repo id: missing files may be fetched (same commit)
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _resolve(model: str | Path, revision: str | None, *, what: str = "model") -> _Source:
-    """A local directory as is; a repo id through the Hugging Face cache (configs and tokenizer only)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        repo_id, rev = _provenance_from_cache_path(path.resolve())
-        return _Source(path, repo_id, rev)
-    text = str(model)
-    if path.exists() or text.startswith((".", "/", "~")) or not _REPO_ID.match(text):
-        raise UserError(f"{what} {text!r}: not a directory and not a Hugging Face repo id (owner/name)")
-    snapshot = _snapshot(text, revision, _META_PATTERNS)
-    return _Source(snapshot, text, snapshot.name, remote=True)
-
-
-def _provenance_from_cache_path(path: Path) -> tuple[str | None, str | None]:
-    """(repo id, commit) when `path` is a snapshot folder of the Hugging Face cache."""
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        return path.parent.parent.name[len("models--") :].replace("--", "/"), path.name
-    return None, None
-
-
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    """snapshot_download with readable errors; honours HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    name = repo_id.split("/")[-1]
-    local_hint = f"download it where the Hub is reachable, or pass a local directory instead (--model /path/to/{name})"
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError as exc:
-        raise UserError(
-            f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline or no network);"
-            f" {local_hint}"
-        ) from exc
-    except GatedRepoError as exc:
-        raise UserError(
-            f"{repo_id}: gated repository on the Hugging Face Hub; log in (hf auth login) or {local_hint}"
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise UserError(f"{repo_id}: revision {revision!r} not found on the Hugging Face Hub") from exc
-    except RepositoryNotFoundError as exc:
-        raise UserError(f"{repo_id}: no such model repository on the Hugging Face Hub (or it is private)") from exc
-    except HFValidationError as exc:
-        raise UserError(f"{repo_id!r}: not a valid Hugging Face repo id") from exc
-    except OSError as exc:  # HTTP errors, disk full, permissions
-        raise UserError(f"{repo_id}: download failed ({exc}); {local_hint}") from exc
-
-
-def _fetch(source: _Source, names: list[str]) -> None:
-    """Downloads the named files of a Hub snapshot (same commit) if they are not there yet."""
-    if not source.remote or all((source.path / n).exists() for n in names):
-        return
-    fetched = _snapshot(source.repo_id, source.revision, names)
-    if fetched != source.path:  # the same commit lands in the same folder
-        source.path = fetched
 
 
 # --- reading tensors --------------------------------------------------------------------------------
@@ -241,7 +165,7 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def _weight_files(directory: Path, source: _Source | None = None) -> _TensorFiles:
+def _weight_files(directory: Path, source: hub.ModelFiles | None = None) -> _TensorFiles:
     """The full-model weights of `directory` (safetensors preferred over .bin)."""
     for index_name, fmt in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
         index = directory / index_name
@@ -252,7 +176,7 @@ def _weight_files(directory: Path, source: _Source | None = None) -> _TensorFile
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise UserError(f"{index}: not a valid shard index ({exc})") from exc
             if source is not None:
-                _fetch(source, names)
+                hub.fetch(source, names)
                 directory = source.path
             missing = [n for n in names if not (directory / n).is_file()]
             if missing:
@@ -260,7 +184,7 @@ def _weight_files(directory: Path, source: _Source | None = None) -> _TensorFile
             return _TensorFiles([directory / n for n in names], fmt)
     for name, fmt in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
         if source is not None:
-            _fetch(source, [name])
+            hub.fetch(source, [name])
             directory = source.path
         if (directory / name).is_file():
             return _TensorFiles([directory / name], fmt)
@@ -486,7 +410,7 @@ def load_mplug_owl2(
     """
     target_device = torch.device(device) if device is not None else torch.device("cpu")
     want_dtype = _parse_dtype(dtype)
-    src = _resolve(model, revision)
+    src = hub.resolve(model, revision, _META_PATTERNS)
     if (src.path / ADAPTER_CONFIG).is_file():
         return _load_lora(src, base, want_dtype, target_device)
     config = MPLUGOwl2Config.load(src.path)
@@ -513,11 +437,11 @@ def load_mplug_owl2(
 
 
 def _load_lora(
-    src: _Source, base: str | Path | None, dtype: torch.dtype | None, device: torch.device
+    src: hub.ModelFiles, base: str | Path | None, dtype: torch.dtype | None, device: torch.device
 ) -> LoadedCheckpoint:
-    _fetch(src, ["adapter_model.safetensors", "adapter_model.bin", NON_LORA])
+    hub.fetch(src, ["adapter_model.safetensors", "adapter_model.bin", NON_LORA])
     lora_cfg = _LoraConfig.read(src.path / ADAPTER_CONFIG)
-    base_src = _resolve(base if base is not None else DEFAULT_BASE, None, what="base model")
+    base_src = hub.resolve(base if base is not None else DEFAULT_BASE, None, _META_PATTERNS, what="base model")
     if (base_src.path / ADAPTER_CONFIG).is_file():
         raise UserError(f"base model {base_src.path}: is itself a LoRA adapter; the base must be a full model")
     config_path = src.path / CONFIG_NAME
