@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from iqa_cli.models.hf_vlm.tiny import TINY_FAMILIES, tiny_checkpoint
+from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.scorer import Scorer
-from iqa_cli.synthetic import write_tiny_checkpoint
 
 quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 

@@ -97,8 +97,8 @@ def write_inputs(root: Path, images: list[bytes], per_shard: int, row_group: int
 def bench_score(args: argparse.Namespace) -> None:
     import torch
 
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from iqa_cli.scoring.scorer import Scorer
-    from iqa_cli.synthetic import build_tiny_tokenizer
     from tests.factories import tiny_config, tiny_model, write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-inputs-") as tmp:

@@ -67,7 +67,7 @@ def _machine() -> str:
 
 
 def _checkpoint(root: Path, **overrides):
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_config, tiny_model, write_checkpoint
 
     model = tiny_model(seed=3, config=tiny_config(**overrides)) if overrides else tiny_model(seed=3)

@@ -155,7 +155,7 @@ def decode_rate(paths: list[Path], preprocess, n: int) -> float:
 
 def tiny_checkpoint(directory: Path, image_size: int, patch_size: int | None = None):
     """The tiny test model reading `image_size` px; 2x2 patches unless `patch_size` (14: the real 32x32 grid)."""
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     overrides = {}

@@ -183,7 +183,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     model = args.model
     if model is None:
-        from iqa_cli.synthetic import write_tiny_checkpoint
+        from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 
         model = str(write_tiny_checkpoint(Path(tmp.name) / "tiny", image_size=args.model_image_size, seed=0))
     pool = encoded_pool(args.max_images, (args.image_size, args.image_size * 3 // 4), seed=0)

@@ -167,7 +167,7 @@ def tiny_run_files(folder: Path, images: int = 8) -> tuple[Path, Path]:
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     model = write_checkpoint(tiny_model(seed=0), folder / "ckpt", tokenizer_dir=build_tiny_tokenizer(folder / "tok"))

@@ -96,7 +96,7 @@ def tokenizer_dir(tmp: Path, real: bool) -> Path:
     """The LLaMA-2 tokenizer for the 7B model when the shared fixture is there; else the tests' tiny one."""
     if real and (REAL_TOKENIZER / "tokenizer.model").is_file():
         return REAL_TOKENIZER
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer(tmp / "tokenizer")
 

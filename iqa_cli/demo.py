@@ -1,9 +1,9 @@
 """`iqa demo`: the whole loop (prepare -> train -> score -> eval) on a CPU in a few minutes, with no download.
 
 It writes a synthetic IQA dataset and a tiny random-init mPLUG-Owl2 checkpoint in the released layout
-(`iqa_cli.synthetic`), then runs the four commands a user would type, each in its own process, printing
-each command line before its output so it can be copied. The training settings are those the
-learnability tests use for DeQA-Score; the model starts from random weights, so the SRCC it reaches on
+(`iqa_cli.synthetic`, `iqa_cli.models.mplug_owl2.tiny`), then runs the four commands a user would type, each
+in its own process, printing each command line before its output so it can be copied. The training settings are
+those the learnability tests use for DeQA-Score; the model starts from random weights, so the SRCC it reaches on
 the held-out images is learned, not loaded.
 """
 
@@ -91,7 +91,8 @@ def _check_folder(root: Path) -> bool:
 
 def write_inputs(paths: DemoPaths, say: Callable[[str], None]) -> None:
     """The synthetic dataset and the tiny random-init checkpoint."""
-    from iqa_cli.synthetic import STRENGTHS, make_synthetic_iqa, write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
+    from iqa_cli.synthetic import STRENGTHS, make_synthetic_iqa
 
     paths.root.mkdir(parents=True, exist_ok=True)
     make_synthetic_iqa(paths.scores_csv.parent, N_IMAGES, size=IMAGE_SIZE)

@@ -8,7 +8,7 @@
 
 The files are written with safetensors/torch directly (not through iqa_cli's loader or saver), under the
 key names and file names the released checkpoints use. `tiny_config` and `tiny_model` are
-`iqa_cli.synthetic`'s (what `iqa demo` trains).
+`iqa_cli.models.mplug_owl2.tiny`'s (what `iqa demo` trains).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
-from iqa_cli.synthetic import released_preprocessor_config
-from iqa_cli.synthetic import tiny_config as tiny_config  # re-exported for the tests
-from iqa_cli.synthetic import tiny_model as tiny_model
+from iqa_cli.models.mplug_owl2.tiny import released_preprocessor_config
+from iqa_cli.models.mplug_owl2.tiny import tiny_config as tiny_config  # re-exported for the tests
+from iqa_cli.models.mplug_owl2.tiny import tiny_model as tiny_model
 
 PEFT_PREFIX = "base_model.model."
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj.multiway.1")  # the reference's find_all_lora_names

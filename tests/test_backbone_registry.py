@@ -74,11 +74,8 @@ def test_an_uncached_hub_repo_is_told_by_its_downloaded_config_alone(tmp_path, m
 
 
 # The mPLUG-Owl2 facts the issue names must live in iqa_cli/models/mplug_owl2/ only; outside it, only the
-# registry's family name and the modules that build the tiny mPLUG-Owl2 test model (tests and demo) name it.
-PENDING = {
-    "iqa_cli/synthetic.py",  # builds the tiny mPLUG-Owl2 checkpoints of the tests and the demo
-    "iqa_cli/demo.py",  # the demo's tiny-mplug-owl2 folder (a path users see)
-}
+# registry's family name and the demo (its tiny-mplug-owl2 folder is a path users see) name it.
+PENDING = {"iqa_cli/demo.py"}
 REGISTRY_LINES = ('BUILTIN_FAMILIES = {"mplug_owl2": ', 'DEFAULT_FAMILY = "mplug_owl2"')
 
 

@@ -197,7 +197,7 @@ def test_qscorer_rows_missing_from_non_lora_are_the_mean_of_the_base_rows(tmp_pa
 
 def test_qscorer_backbone_adds_the_score_tokens_at_the_trained_ids(tmp_path):
     from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
 
     tokenizer_dir = build_tiny_tokenizer(tmp_path / "tok")
     from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer

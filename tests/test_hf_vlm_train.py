@@ -241,7 +241,7 @@ def test_two_gloo_processes_train_what_one_process_trains(setup, tmp_path):
 
 def test_pixel_bounds_are_refused_for_a_family_without_them(tmp_path):
     from iqa_cli.errors import UserError
-    from iqa_cli.synthetic import write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "mplug", image_size=28)
     with pytest.raises(UserError, match=r"^--max-pixels does not apply to mplug_owl2 models$"):

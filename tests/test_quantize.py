@@ -27,7 +27,7 @@ from iqa_cli.scoring.scorer import Scorer
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")

@@ -229,7 +229,8 @@ def test_train_refuses_a_run_directory_in_use_and_trains_after_waiting_with_wait
     anything is written; with --wait it says so once, does no work while it waits, then trains."""
     import types
 
-    from iqa_cli.synthetic import make_synthetic_iqa, write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
+    from iqa_cli.synthetic import make_synthetic_iqa
 
     csv_path = make_synthetic_iqa(tmp_path / "src", 8, size=(40, 32))
     data = tmp_path / "data"

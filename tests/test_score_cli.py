@@ -111,8 +111,8 @@ def test_existing_foreign_output_is_refused(tmp_path, photos):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """A DeQA-style full checkpoint, a second one with other weights, and a Q-Scorer LoRA checkpoint."""
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
-    from iqa_cli.synthetic import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -268,7 +268,7 @@ def test_torchrun_two_processes_equal_one(tiny_checkpoints, mixed_folder, tmp_pa
 
 
 def test_checkpoint_resaved_into_the_same_directory_is_not_taken_as_finished(tmp_path, photos):
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     tokenizer = build_tiny_tokenizer(tmp_path / "tok")

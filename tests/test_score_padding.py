@@ -118,7 +118,7 @@ def test_a_probe_scores_the_same_alone_among_others_and_in_a_padded_last_batch(t
 @pytest.mark.parametrize("workers", [0, 2])
 def test_on_cuda_in_bfloat16_a_probe_scores_the_same_alone_among_others_and_padded(tmp_path, workers):
     """The real tiny mPLUG-Owl2 in bfloat16 on CUDA, where kernels for other shapes round differently."""
-    from iqa_cli.synthetic import write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model", seed=7)
     b = 4

@@ -30,7 +30,7 @@ CHANGED = {  # option -> (its arguments, what the refusal may say differs)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     root = tmp_path_factory.mktemp("resume-options")

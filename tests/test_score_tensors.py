@@ -16,7 +16,7 @@ SIZES = [(40, 30), (30, 40), (28, 28), (20, 14), (64, 20), (300, 200), (17, 90)]
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory) -> Scorer:
-    from iqa_cli.synthetic import write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("tensors") / "deqa", seed=3)
     return Scorer.from_pretrained(checkpoint, device="cpu", dtype="float32")

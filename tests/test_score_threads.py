@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
 from iqa_cli.scoring import loader
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.loader import model_threads
 from iqa_cli.scoring.scorer import Scorer
-from iqa_cli.synthetic import build_tiny_tokenizer
 from tests.conftest import REPO_ROOT
 from tests.factories import tiny_model, write_checkpoint
 from tests.test_score_pipeline import FakeScorer, make_image_folder

@@ -10,9 +10,9 @@ from PIL import Image
 
 from iqa_cli.errors import UserError
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
+from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
 from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_PROMPT, QUICKSTART_PROMPT, LlamaTokenizer, tokenize_prompt
 from iqa_cli.scoring.scorer import Scorer, resolve_dtype
-from iqa_cli.synthetic import build_tiny_tokenizer
 from tests.factories import tiny_model, write_checkpoint
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]

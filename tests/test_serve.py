@@ -105,7 +105,7 @@ def assert_json_error(response, status: int, *fragments: str) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from iqa_cli.synthetic import write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "deqa", seed=3)
 

@@ -48,7 +48,7 @@ def _wait(predicate, timeout: float, what: str):
 
 
 def test_token_worker_restart_and_sigterm_drain(tmp_path):
-    from iqa_cli.synthetic import write_tiny_checkpoint
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "deqa", seed=5)
     proc, url = start_server(checkpoint, "--max-batch", "1", "--max-wait-ms", "0", env={"IQA_SERVE_TOKEN": TOKEN})

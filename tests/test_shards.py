@@ -237,7 +237,7 @@ def test_the_cli_on_the_tiny_checkpoint_scores_shards_and_parquet_as_files(datas
     from typer.testing import CliRunner
 
     from iqa_cli.cli import app
-    from iqa_cli.synthetic import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from tests.factories import tiny_model, write_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")

@@ -15,6 +15,9 @@ import pytest
 
 from iqa_cli.constants import QUESTIONS, RESPONSE_TEMPLATE
 from iqa_cli.errors import UserError
+from iqa_cli.labels import NUMBER_NAMES as NUMBER_WORDS
+from iqa_cli.labels import QUALITY_NAMES as LEVEL_WORDS
+from iqa_cli.models.mplug_owl2.tiny import PROMPT_WORDS, build_tiny_tokenizer
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
     EVAL_TEMPLATE,
@@ -27,7 +30,6 @@ from iqa_cli.models.mplug_owl2.tokenizer import (
     level_token_ids,
     tokenize_prompt,
 )
-from iqa_cli.synthetic import LEVEL_WORDS, NUMBER_WORDS, PROMPT_WORDS, build_tiny_tokenizer
 
 SCORE_TOKENS = ["<score1>", "<score2>", "<score3>", "<score4>", "<score5>"]
 

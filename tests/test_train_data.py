@@ -17,6 +17,7 @@ import torch
 from iqa_cli.constants import QUESTIONS
 from iqa_cli.errors import UserError
 from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
+from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer, write_tiny_checkpoint
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
     IGNORE_INDEX,
@@ -25,7 +26,7 @@ from iqa_cli.models.mplug_owl2.tokenizer import (
     level_token_ids,
     tokenize_prompt,
 )
-from iqa_cli.synthetic import build_tiny_tokenizer, make_synthetic_iqa, write_tiny_checkpoint
+from iqa_cli.synthetic import make_synthetic_iqa
 from iqa_cli.training import data as train_data
 from tests.conftest import run_iqa
 

@@ -4,7 +4,7 @@ Synthetic data (`iqa_cli.synthetic`, what `iqa demo` trains on): 1,200 natural-l
 cloud textures with hard-edged shapes), each blurred, JPEG-compressed and noised at one of eight graded
 strengths; the MOS is a known monotone function of the strength, the std comes from a seeded model.
 The real CLI prepares it (`iqa prepare custom`, 80/20 seeded split), trains a tiny model from random init
-(`iqa_cli.synthetic`: 64-wide 2-layer LLM, 32-wide ViT at 112 px, tiny sentencepiece tokenizer) on CPU,
+(`iqa_cli.models.mplug_owl2.tiny`: 64-wide 2-layer LLM, 32-wide ViT at 112 px, tiny sentencepiece tokenizer) on CPU,
 scores the held-out 240 images with `iqa score --model RUN` (no other model flag) and evaluates with
 `iqa eval`.
 

@@ -17,6 +17,7 @@ from scipy.stats import norm
 
 from iqa_cli.constants import DEFAULT_QUESTION, QUESTIONS
 from iqa_cli.models.mplug_owl2.backbone import MPLUGOwl2Backbone
+from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
 from iqa_cli.models.mplug_owl2.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -24,7 +25,6 @@ from iqa_cli.models.mplug_owl2.tokenizer import (
     level_token_ids,
 )
 from iqa_cli.scoring.scorer import Readout, read_levels
-from iqa_cli.synthetic import build_tiny_tokenizer
 from iqa_cli.training import data as train_data
 from iqa_cli.training.config import TrainConfig
 from iqa_cli.training.model import TrainForward, add_regressor, level_setup

@@ -24,13 +24,13 @@ from iqa_cli import __version__
 from iqa_cli.constants import DEFAULT_MODEL, RUN_FILE
 from iqa_cli.distributed import resolve_device
 from iqa_cli.errors import UserError
+from iqa_cli.labels import QUALITY_NAMES as DEFAULT_LEVEL_NAMES
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from iqa_cli.models.backbone import Backbone, VisualInputs
 
-DEFAULT_LEVEL_NAMES = ("bad", "poor", "fair", "good", "excellent")
 
 # Where the Q-Scorer MLP reads its hidden state (DESIGN.md, "Q-Scorer"):
 #   "appended": one greedy token over the whole vocabulary is appended and the MLP reads the final-norm
