@@ -643,7 +643,7 @@ def locked_run(config: ScoreConfig, console: Any, run: Callable[..., ScoreSummar
     out = Path(config.out)
     environment = distributed.env()
     device = distributed.resolve_device(config.device, environment)
-    distributed.init(device)
+    distributed.init(device, backend="gloo")  # ranks exchange Python objects only: no NCCL communicator
     try:
         with run_lock.hold(
             sidecar_path(out) / run_lock.LOCK_NAME,
