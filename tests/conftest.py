@@ -1,4 +1,5 @@
-"""Shared test helpers: seeding, the CLI in a subprocess, the data fixtures in tests/fixtures/, the `gpu` marker."""
+"""Shared test helpers: seeding, the CLI in a subprocess, the data fixtures in tests/fixtures/, the `gpu` marker
+(and the CPU for every test without it)."""
 
 import os
 import random
@@ -35,6 +36,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests not marked `gpu` run on the CPU whatever the machine has. On a GPU machine `--device auto` would
+    pick cuda:0 and bf16 autocast, where bit-exact checks cannot hold, and a 2-rank torchrun would put rank 1 on
+    a cuda:1 that a one-GPU machine lacks. Subprocesses (the CLI, torchrun) see no GPU through
+    CUDA_VISIBLE_DEVICES, this process through torch.cuda's answers."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 @pytest.fixture

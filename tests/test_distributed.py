@@ -1,6 +1,10 @@
 """torchrun on GPUs without a GPU: the device each rank picks under simulated launches, the process group each
 command asks for, DDP's buffer traffic and FSDP2's gradient accumulation (real one-rank gloo groups on the CPU)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +161,12 @@ def test_fsdp_accumulates_sharded_gradients_each_micro_step(one_rank_group):
         (plain(x).square().mean() / len(micro)).backward()
     for (name, p), q in zip(sharded.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_tests_not_marked_gpu_run_on_the_cpu_whatever_the_machine_has():
+    """tests/conftest.py hides GPUs from every test not marked `gpu`: in this process and in the subprocesses
+    (the CLI, torchrun's ranks) it starts."""
+    assert distributed.resolve_device("auto") == torch.device("cpu")
+    code = "import torch; print(torch.cuda.is_available(), torch.cuda.device_count())"
+    seen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert seen.stdout.split() == ["False", "0"], seen.stderr
