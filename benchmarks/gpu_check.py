@@ -450,7 +450,7 @@ def one_model(check: Check, label: str, build, mode: str | None, folder: Path) -
         holder["scorer"] = quantized(check, build, mode)
         params = sum(p.numel() for p in holder["scorer"].model.parameters())
         check.row(
-            "7B scoring", f"{name} build", f"{params / 1e6:,.0f} M parameters, {time.perf_counter() - started:.1f} s"
+            "7B scoring", f"{name} build", f"{params / 1e6:,.2f} M parameters, {time.perf_counter() - started:.1f} s"
         )
 
     check.attempt("7B scoring", f"{name} build", load)
