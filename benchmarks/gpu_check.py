@@ -71,6 +71,7 @@ SECTIONS = ("gpu-tests", "float32", "invariance", "7b", "training", "serve")
 QWEN25_7B_TEXT = {
     "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
     "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
 }  # fmt: skip
 QWEN25_7B_VISION = {
@@ -309,7 +310,9 @@ def qwen_scorer(check: Check, dtype: torch.dtype):
         ids = {k: getattr(config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
         ids["vision_end_token_id"] = config.vision_end_token_id
         text = {**QWEN25_7B_TEXT, "pad_token_id": config.text_config.pad_token_id}
-        config = AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=QWEN25_7B_VISION, **ids)
+        config = AutoConfig.for_model(
+            "qwen2_5_vl", text_config=text, vision_config=QWEN25_7B_VISION, tie_word_embeddings=False, **ids
+        )
     with torch.device(check.device):
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval().requires_grad_(False)
