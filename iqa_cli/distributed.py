@@ -228,8 +228,9 @@ def shard_units(
         model: the backbone's model.
         units: its submodules, each sharded as one unit, in order.
         device: this rank's device (its type picks the device mesh: cuda or cpu/gloo).
-        mixed_precision: compute dtype of the gathered parameters (bf16 on CUDA); gradients are reduced and
-            the sharded master weights kept in float32.
+        mixed_precision: the dtype parameters are gathered and computed in (None: as stored); gradients are
+            reduced and the sharded master weights kept in float32. `iqa train` passes None and computes under
+            bf16 autocast on CUDA, as one GPU does.
     """
     if not is_initialized():
         return
