@@ -58,10 +58,14 @@ def env() -> DistEnv:
 
 
 def resolve_device(device: str | torch.device = "auto", environment: DistEnv | None = None) -> torch.device:
-    """`auto` -> this rank's GPU when CUDA is present, else CPU; a bare `cuda` also picks the local rank's GPU.
+    """`auto` -> this rank's GPU when CUDA is present, else CPU; a bare `cuda` also picks this rank's GPU.
+
+    This rank's GPU is `cuda:LOCAL_RANK` under torchrun, and `cuda:0` when the process sees a single GPU (a
+    scheduler that gives every task its own, e.g. SLURM's `--gpus-per-task 1`, where LOCAL_RANK may be
+    anything). With several processes per node, `cuda:N` is refused: every rank would compute on that one GPU.
 
     Raises:
-        UserError: not a torch device name, or a CUDA device on a machine without CUDA.
+        UserError: not a torch device name, a CUDA device this machine lacks, or more local ranks than GPUs.
     """
     from iqa_cli.errors import UserError
 
@@ -73,11 +77,36 @@ def resolve_device(device: str | torch.device = "auto", environment: DistEnv | N
         resolved = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {device!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
-    if resolved.type == "cuda" and resolved.index is None:
-        resolved = torch.device("cuda", environment.local_rank if environment.is_distributed else 0)
+    count = torch.cuda.device_count()
+    if resolved.index is None:
+        return torch.device("cuda", _local_gpu(environment, count))
+    if environment.is_distributed and environment.local_world_size > 1:
+        raise UserError(
+            f"--device {device}: under torchrun with {environment.local_world_size} processes per node every rank "
+            "would compute on that one GPU; pass --device cuda (or auto) and each rank takes its LOCAL_RANK's GPU "
+            "(CUDA_VISIBLE_DEVICES picks which GPUs those are)"
+        )
+    if resolved.index >= count:
+        raise UserError(f"--device {device}: this machine has {count} CUDA device{'s' if count != 1 else ''}")
     return resolved
+
+
+def _local_gpu(environment: DistEnv, count: int) -> int:
+    """The GPU index of this rank: its LOCAL_RANK, or 0 when it sees one GPU (or is alone)."""
+    from iqa_cli.errors import UserError
+
+    if not environment.is_distributed or count == 1:
+        return 0
+    if environment.local_world_size > count:
+        raise UserError(
+            f"{environment.local_world_size} processes per node but this node shows {count} CUDA devices: "
+            f"launch at most {count} (torchrun --nproc-per-node {count}), or give each process one GPU"
+        )
+    return environment.local_rank
 
 
 def init(
@@ -91,7 +120,9 @@ def init(
     Args:
         device: the device this rank computes on; picks the backend (nccl for CUDA, gloo otherwise) and
             becomes the current CUDA device.
-        backend: overrides the choice above.
+        backend: overrides the choice above. "gloo" on a CUDA device is a group for runs whose ranks only
+            exchange Python objects (`iqa score`): no NCCL communicator is built, so none is left to time out
+            or to be torn down by a rank that finishes early.
         timeout: how long collectives wait for the slowest rank.
     """
     global _object_group, _owns_group
@@ -99,7 +130,7 @@ def init(
     if not environment.is_distributed or dist.is_initialized():
         return environment
     backend = backend or ("nccl" if device is not None and device.type == "cuda" else "gloo")
-    if backend == "nccl" and device is not None:
+    if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
     kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
@@ -166,14 +197,22 @@ def shard(n: int, environment: DistEnv | None = None) -> slice:
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel over the default group; a plain module when not distributed.
 
-    Parameters are broadcast from rank 0 when wrapping, so every rank starts from the same weights.
+    Parameters are broadcast from rank 0 when wrapping, so every rank starts from the same weights. Buffers
+    are not re-sent before each forward: the families' buffers (position tables, rotary frequencies) are
+    computed from the config, the same on every rank, and never trained, and the abstractor's alone are ~27 MB
+    a step. Every trainable parameter must get a gradient each step (no `find_unused_parameters`): a family
+    leaves what its forward never reaches out of training (`trainable_groups()["unused"]`).
     """
     if not is_initialized():
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters  # torch 2.14
+    no_resend = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None, **no_resend)
 
 
 def shard_units(
@@ -189,8 +228,9 @@ def shard_units(
         model: the backbone's model.
         units: its submodules, each sharded as one unit, in order.
         device: this rank's device (its type picks the device mesh: cuda or cpu/gloo).
-        mixed_precision: compute dtype of the gathered parameters (bf16 on CUDA); gradients are reduced and
-            the sharded master weights kept in float32.
+        mixed_precision: the dtype parameters are gathered and computed in (None: as stored); gradients are
+            reduced and the sharded master weights kept in float32. `iqa train` passes None and computes under
+            bf16 autocast on CUDA, as one GPU does.
     """
     if not is_initialized():
         return
@@ -208,32 +248,21 @@ def shard_units(
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def _fsdp_modules(module: torch.nn.Module) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
 @contextlib.contextmanager
 def grad_sync(module: torch.nn.Module, enabled: bool = True):
-    """Gradient accumulation: no gradient all-reduce (DDP) / reduce-scatter (FSDP2) unless `enabled`."""
+    """Gradient accumulation: under DDP, no gradient all-reduce unless `enabled` (the last micro step).
+
+    FSDP2 reduce-scatters every micro step whatever `enabled` says: with its sync off it would keep each
+    parameter's unsharded float32 gradient until the last micro step (the whole model's, ~33 GB per rank at
+    8.2B parameters), where synced it keeps only this rank's shard, summed across micro steps.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
-    if enabled or not is_initialized():
+    if enabled or not is_initialized() or not isinstance(module, DistributedDataParallel):
         yield
         return
-    if isinstance(module, DistributedDataParallel):
-        with module.no_sync():
-            yield
-        return
-    sharded = _fsdp_modules(module)
-    for m in sharded:
-        m.set_requires_gradient_sync(False, recurse=False)
-    try:
+    with module.no_sync():
         yield
-    finally:
-        for m in sharded:
-            m.set_requires_gradient_sync(True, recurse=False)
 
 
 def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

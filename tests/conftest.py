@@ -1,4 +1,5 @@
-"""Shared test helpers: seeding, the CLI in a subprocess, the data fixtures in tests/fixtures/, the `gpu` marker."""
+"""Shared test helpers: seeding, the CLI in a subprocess, the data fixtures in tests/fixtures/, the `gpu` marker
+(and the CPU for every test without it)."""
 
 import os
 import random
@@ -35,6 +36,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_CPU_ONLY = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tests not marked `gpu` run on the CPU whatever the machine has. On a GPU machine `--device auto` would
+    pick cuda:0 and bf16 autocast, where bit-exact checks cannot hold, and a 2-rank torchrun would put rank 1 on
+    a cuda:1 that a one-GPU machine lacks. Subprocesses (the CLI, torchrun) see no GPU through
+    CUDA_VISIBLE_DEVICES, this process through torch.cuda's answers; set before the test's fixtures (module
+    fixtures included) are made, undone after its teardown."""
+    if item.get_closest_marker("gpu") is not None:
+        return
+    import torch
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CUDA_VISIBLE_DEVICES", "")
+    patch.setattr(torch.cuda, "is_available", lambda: False)
+    patch.setattr(torch.cuda, "device_count", lambda: 0)
+    item.stash[_CPU_ONLY] = patch
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    patch = item.stash.get(_CPU_ONLY, None)
+    if patch is not None:
+        patch.undo()
 
 
 @pytest.fixture

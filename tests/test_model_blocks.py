@@ -480,6 +480,9 @@ def test_cuda_matches_cpu(dtype):
     px = random_pixels(2, tiny_config(), seed=21)
     cpu = tiny_model(seed=0)
     gpu = tiny_model(seed=0).to("cuda", dtype)
+    from iqa_cli.scoring.scorer import exact_float32
+
+    exact_float32(dtype)  # as Scorer.from_pretrained does: no TF32 in the patch convolution under float32
     with torch.no_grad():
         ref = cpu(ids, px, attention_mask=mask, logits_at="last").logits
         out = gpu(ids.cuda(), px.cuda(), attention_mask=mask.cuda(), logits_at="last").logits.float().cpu()

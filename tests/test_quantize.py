@@ -134,3 +134,60 @@ def test_quantized_scores_on_cuda_follow_bfloat16(checkpoint, photos, mode):
     assert quantized.device.type == "cuda"
     a, b = _scores(bf16, photos), _scores(quantized, photos)
     assert np.abs(a - b).max() < 0.25 and spearmanr(a, b)[0] > 0.8
+
+
+def test_int4_on_a_gpu_older_than_ampere_is_refused_before_loading(monkeypatch):
+    """A V100 (7.0) or T4 (7.5) has no bf16 tensor cores for torchao's int4 kernel; `--dtype auto` gives float16
+    there, so the refusal must name the GPU, not the dtype."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(UserError, match=r"compute capability 8\.0 or newer.*cuda:0 is 7\.5.*--quantize int8"):
+            quantize.check("int4", torch.device("cuda", 0), dtype)
+    quantize.check("int8", torch.device("cuda", 0), torch.float16)  # int8 runs there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    quantize.check("int4", torch.device("cuda", 0), torch.bfloat16)
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def test_int4_quantizes_only_bfloat16_layers_never_the_regressor_or_the_lm_head(tmp_path, monkeypatch):
+    """A transformers-family Q-Scorer in bf16: its MLP regressor is float32 (torchao's int4 asserts "Only bfloat16
+    is supported" on it) and, like the LM head, outputs what is read, so both stay as they are. torchao's
+    `quantize_` is recorded here instead of run (its int4 kernels need a GPU): what it would be handed."""
+    import torchao.quantization
+
+    from iqa_cli.models.backbone import load_backbone
+    from iqa_cli.models.hf_vlm.tiny import tiny_checkpoint
+
+    backbone = load_backbone(tiny_checkpoint("qwen2_vl", tmp_path / "qwen"), dtype=torch.bfloat16, device="cpu")
+    backbone.add_regressor([16, 16])
+    model = backbone.model
+    handed: dict[str, torch.dtype] = {}
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def record(module, config, filter_fn=None):
+        handed[names[id(module)]] = module.weight.dtype
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", record)
+    skipped = quantize.quantize_model(model, "int4", torch.device("cpu"))
+    regressor = {n for n in _linear_names(model) if n.startswith("iqa_regressor.")}
+    assert len(regressor) == 3 and "lm_head" in _linear_names(model)
+    assert quantize.kept_in_float(model) & _linear_names(model) == regressor | {"lm_head"}
+    assert set(handed) | set(skipped) == _linear_names(model) - regressor - {"lm_head"}
+    assert set(handed) and set(handed.values()) == {torch.bfloat16}
+    assert {p.dtype for p in backbone.regressor.parameters()} == {torch.float32}
+
+
+def test_int8_leaves_the_mplug_owl2_regressor_in_float(tmp_path):
+    """The same rule for the native family: Q-Scorer's `deepmlp` keeps its float weights, the rest is int8."""
+    from tests.factories import tiny_config, tiny_model
+
+    model = tiny_model(seed=3, config=tiny_config(deepmlp_hidden_dims=[32, 32]))
+    quantize.quantize_model(model, "int8", torch.device("cpu"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = {n for n in linears if n.startswith("deepmlp.") or n.endswith("lm_head")}
+    assert len(kept) == 4 and {type(linears[n].weight).__name__ for n in kept} == {"Parameter"}
+    assert {type(m.weight).__name__ for n, m in linears.items() if n not in kept} == {"Int8Tensor"}

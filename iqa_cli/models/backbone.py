@@ -190,7 +190,8 @@ class TrainableBackbone(Backbone, Protocol):
         ...
 
     def trainable_groups(self) -> dict[str, list[Any]]:
-        """Parameters by part: "vision", "projector", "output" (the LM head) and "regressor"."""
+        """Parameters by part: "vision", "projector", "output" (the LM head) and "regressor"; optionally "unused":
+        parameters the forward never reaches (kept frozen)."""
         ...
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None: ...

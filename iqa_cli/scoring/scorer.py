@@ -135,18 +135,29 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA devices that support it, else float32."""
+    """'auto' -> bfloat16 on GPUs that compute in it (compute capability 8.0, Ampere, and newer), float16 on
+    older ones (V100, T4: `torch.cuda.is_bf16_supported()` counts their emulated bf16, which runs far slower;
+    float16 is what the reference scorer runs in), float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
     name = aliases.get(dtype, dtype)
     if name not in _DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
     return _DTYPES[name]
+
+
+def exact_float32(dtype: torch.dtype) -> None:
+    """float32 means float32 on a GPU too: TF32 off for matrix products and cuDNN (whose convolutions, the
+    vision towers' patch embeddings, torch runs in TF32 by default: 10-bit mantissas). Other dtypes leave the
+    process's settings alone."""
+    if dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 @dataclass
@@ -234,7 +245,8 @@ class Scorer:
             model: Hugging Face repo id or local directory.
             base: the full model a LoRA adapter is merged onto (default: the family's released base).
             device: "auto", "cpu", "cuda", "cuda:1", ...
-            dtype: "auto" (bf16 on CUDA with support, else float32), "float32", "bfloat16", "float16".
+            dtype: "auto" (bf16 on Ampere and newer GPUs, float16 on older ones, float32 on the CPU), "float32"
+                (TF32 off: `exact_float32`), "bfloat16", "float16".
             prompt: a full prompt holding the family's image token once; default: the one the checkpoint was
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
@@ -252,6 +264,7 @@ class Scorer:
             raise UserError(f"--prompt must hold {family.image_token} exactly once: {prompt!r}")
         target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
+        exact_float32(torch_dtype)
         pixels = family_options(family, {"min_pixels": min_pixels, "max_pixels": max_pixels})
         if quantize is not None:  # checked before loading; the float weights load on the CPU, then go over
             from iqa_cli.scoring import quantize as quantization

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from iqa_cli.images import ImageDecodeError
-from iqa_cli.serving.batcher import Batcher, Overloaded
+from iqa_cli.serving.batcher import Batcher, OutOfMemory, Overloaded
 from iqa_cli.serving.config import ServeConfig
 from iqa_cli.serving.metrics import Metrics, forget_dead_processes
 from iqa_cli.serving.requests import BadRequest, ScoreRequest, decode_image, parse_json, parse_pickle
@@ -40,6 +40,13 @@ OPEN_ROUTES = ("/health",)  # answered without the token (load balancers' probes
 
 def error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(reason).split())}, status_code=status, headers=headers)
+
+
+def warm_up_image() -> Any:
+    """The image of the warm-up calls: mid-grey, the 448 px square the released models read."""
+    from PIL import Image
+
+    return Image.new("RGB", (448, 448), (128, 128, 128))
 
 
 def claim_device(config: ServeConfig) -> tuple[str, Any]:
@@ -102,7 +109,9 @@ class Worker:
             queue_limit=c.queue_limit,
             on_batch=self.metrics.observe_batch,
             threads=threads,
+            call_sizes=c.call_sizes,
         )
+        self.batcher.warm_up(self.scorer.transform(warm_up_image()))
         self.batcher.start()
         print(f"iqa serve: worker {os.getpid()} ready on {self.device}", file=sys.stderr, flush=True)
 
@@ -222,6 +231,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             rows = await asyncio.wait_for(worker.batcher.score(good), timeout=max(deadline - time.monotonic(), 0.001))
         except Overloaded as err:
             return error(503, f"overloaded: {err}; retry later", {"Retry-After": RETRY_AFTER_S})
+        except OutOfMemory as err:
+            return error(503, f"{err}; retry later, or restart the server with a smaller --max-batch",
+                         {"Retry-After": RETRY_AFTER_S})  # fmt: skip
         except asyncio.TimeoutError:
             return error(504, f"not scored within --timeout {config.timeout_s:g} s")
         finally:

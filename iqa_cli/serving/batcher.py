@@ -8,6 +8,13 @@ mPLUG-Owl2 every call has one shape and a row's arithmetic is the same whatever 
 image, so the shape follows the batch-mates and a score agrees within 1e-5 rather than bit for bit
 (tests/test_hf_vlm_serve.py; 0.0 measured on the tiny Qwen2-VL). The queue is bounded; a request that would
 overflow it is refused at once (HTTP 503), not queued without end.
+
+`call_sizes` (e.g. 8, 16, 32, 64) trades some of that for latency: a call takes the smallest size that holds its
+images, so a lone image pays an 8-row forward, not a 64-row one. Each size is one fixed shape, batch-invariant
+on its own; the same image scored in calls of two sizes may differ in the last bits (other kernels). Before
+serving, `warm_up` runs one full call of every size: the first request does not pay kernel selection, and a
+`--max-batch` that does not fit in memory stops the worker at start with one line. A call that runs out of
+memory later (a larger image) fails its requests with `OutOfMemory` (HTTP 503), never the worker.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ import torch
 
 class Overloaded(Exception):
     """The queue cannot take this request's images now."""
+
+
+class OutOfMemory(Exception):
+    """A model call did not fit in the device's memory (its memory is freed again)."""
 
 
 @dataclass
@@ -45,11 +56,20 @@ class _Item:
 
 class Batcher:
     def __init__(
-        self, scorer: Any, *, max_batch: int, max_wait_s: float, queue_limit: int, on_batch=None, threads=None
+        self,
+        scorer: Any,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        queue_limit: int,
+        on_batch=None,
+        threads=None,
+        call_sizes: tuple[int, ...] | list[int] | None = None,
     ):
         self.scorer = scorer
         self.threads = threads  # torch intra-op threads of the model thread (None: torch's default)
         self.max_batch = max_batch
+        self.call_sizes = tuple(sorted({*(call_sizes or ()), max_batch}))  # rows a model call may have
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.on_batch = on_batch  # called with (images in the call, seconds) after each model call
@@ -105,6 +125,34 @@ class Batcher:
         self._release(len(batch) - len(live))
         return live
 
+    def call_size(self, images: int) -> int:
+        """The rows of the call that scores `images` images: the smallest call size that holds them."""
+        return next(size for size in self.call_sizes if size >= images)
+
+    def warm_up(self, visual: Any) -> None:
+        """One call of every call size, each row holding `visual` (one image's transform), before serving.
+
+        Raises:
+            OutOfMemory: a call of that many rows does not fit on the device (the worker should not start).
+        """
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        for size in self.call_sizes:
+            try:
+                self._score([_Item(visual, Future())] * size, size)
+            except torch.OutOfMemoryError:
+                failed = size
+            else:
+                continue
+            _free_memory()  # outside `except`: the failed call's activations are released with its traceback
+            raise OutOfMemory(
+                f"a model call of {failed} rows does not fit in {self._device()}'s memory (warm-up with one "
+                f"image in every row); lower --max-batch"
+            )
+
+    def _device(self) -> str:
+        return str(getattr(self.scorer, "device", "the device"))
+
     def _run(self) -> None:
         if self.threads is not None:
             torch.set_num_threads(self.threads)  # in this thread: OpenMP's thread count is per calling thread
@@ -113,12 +161,22 @@ class Batcher:
             if not batch:
                 continue
             start = time.perf_counter()
+            size = self.call_size(len(batch))
+            failure: Exception | None = None
             try:
-                rows = self._score(batch)
+                rows = self._score(batch, size)
+            except torch.OutOfMemoryError:
+                failure = OutOfMemory(
+                    f"out of memory on {self._device()} scoring {len(batch)} images in a call of {size} rows"
+                )
             except Exception as err:  # a failed call fails its requests, never the worker
+                failure = err
+            if failure is not None:
+                if isinstance(failure, OutOfMemory):
+                    _free_memory()
                 self._release(len(batch))
                 for item in batch:
-                    item.future.set_exception(err)
+                    item.future.set_exception(failure)
                 continue
             if self.on_batch is not None:  # before the answers, so a client that reads /metrics next sees it
                 self.on_batch(len(batch), time.perf_counter() - start)
@@ -126,11 +184,20 @@ class Batcher:
             for item, row in zip(batch, rows, strict=True):
                 item.future.set_result(row)
 
-    def _score(self, batch: list[_Item]) -> list[Row]:
-        visual = self.scorer.collate([item.visual for item in batch], self.max_batch, torch.float32)
+    def _score(self, batch: list[_Item], size: int) -> list[Row]:
+        visual = self.scorer.collate([item.visual for item in batch], size, torch.float32)
         out = self.scorer.score_batch(visual)
         rows = []
         for i in range(len(batch)):
             reg = float(out.score_reg[i]) if out.score_reg is not None else None
             rows.append(Row(float(out.score[i]), float(out.std[i]), out.probs[i].tolist(), reg))
         return rows
+
+
+def _free_memory() -> None:
+    """Hands the blocks a failed call held back to the GPU (the next call may need them whole)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -31,6 +31,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     devices: list[str] = field(default_factory=lambda: ["auto"])  # resolved by `resolve_devices`
     max_batch: int = 64  # images per model call; every call has exactly this many rows (batch invariance)
+    call_sizes: list[int] | None = None  # smaller fixed call shapes besides max_batch (e.g. 8, 16, 32): lower latency
     max_wait_ms: float = 10.0  # how long a model call waits for more images to fill its batch
     token: str | None = None  # requests need `Authorization: Bearer <token>` when set
     max_body_mb: float = 64.0  # request body limit
@@ -69,6 +70,9 @@ class ServeConfig:
         ):
             if value is not None and value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
+        for size in self.call_sizes or ():
+            if not 1 <= size <= self.max_batch:
+                raise UserError(f"--call-sizes {size}: each must be between 1 and --max-batch ({self.max_batch})")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise UserError(f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
@@ -92,6 +96,16 @@ class ServeConfig:
     @classmethod
     def from_env(cls) -> ServeConfig:
         return cls(**json.loads(os.environ[CONFIG_ENV]))
+
+
+def parse_call_sizes(text: str | None) -> list[int] | None:
+    """`--call-sizes`: comma-separated row counts ("8,16,32"); None or "" for --max-batch rows in every call."""
+    if not text:
+        return None
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--call-sizes {text!r}: give row counts such as 8,16,32") from None
 
 
 def parse_devices(text: str) -> list[str]:

@@ -25,7 +25,7 @@ class Metrics:
         self.image_errors = Counter("iqa_image_errors", "Images that could not be decoded.", registry=r)
         self.batch_size = Histogram(
             "iqa_batch_size",
-            "Images per model call (each call has --max-batch rows).",
+            "Images per model call (each call has --max-batch rows, or one of the call sizes).",
             buckets=BATCH_BUCKETS,
             registry=r,
         )

@@ -23,13 +23,13 @@ def readout(levels: Levels):
 
 
 def evaluate(session: Session) -> dict[str, Any]:
-    """Scores the test split with the scoring readout (`scoring.read_levels`) and reports PLCC/SRCC per
+    """Scores the test split with the scoring readout (`scoring.level_readout`) and reports PLCC/SRCC per
     dataset against the published MOS. Every rank scores a strided share (the same number of batches on
     every rank, as FSDP needs); rank 0 gets the numbers."""
     from torch.utils.data import DataLoader
 
     from iqa_cli.metrics import plcc, srcc
-    from iqa_cli.scoring.scorer import read_levels
+    from iqa_cli.scoring.scorer import level_readout
 
     test = session.data.test
     env = session.env
@@ -50,12 +50,15 @@ def evaluate(session: Session) -> dict[str, Any]:
     results: dict[int, tuple[float, float]] = {}
     try:
         for visual, index, ok in loader:
-            with autocast(session):
-                scores = read_levels(backbone, visual, look)
-            reg = scores.score_reg if scores.score_reg is not None else torch.full_like(scores.score, math.nan)
+            # no_grad, not inference_mode: FSDP2 reuses the parameters it gathers, and inference tensors made in
+            # the first forward of a process (a resumed run's final evaluation) cannot serve the next one
+            with torch.no_grad(), autocast(session):
+                scores = level_readout(backbone, visual, look)
+            score = scores.score.float().cpu()
+            reg = scores.score_reg.float().cpu() if scores.score_reg is not None else torch.full_like(score, math.nan)
             for j in range(len(index)):
                 if ok[j]:
-                    results.setdefault(int(mine[int(index[j])]), (float(scores.score[j]), float(reg[j])))
+                    results.setdefault(int(mine[int(index[j])]), (float(score[j]), float(reg[j])))
     finally:
         core.train(was_training)
     gathered: dict[int, tuple[float, float]] = {}

@@ -4,6 +4,7 @@ and the timing of resumable checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ def run_training(session: Session) -> TrainResult:
             batches = iter(loader)
             while progress.step < session.steps_per_epoch:
                 step_start = time.perf_counter()
-                sums: dict[str, float] = {}
+                totals = None  # the loss parts, summed on the device: one host sync a step, not one a part a micro step
                 for a in range(plan.accumulation):
                     batch = next(batches)
                     if batch is None:
@@ -106,8 +107,10 @@ def run_training(session: Session) -> TrainResult:
                     last = a == plan.accumulation - 1
                     with distributed.grad_sync(forward, enabled=last):
                         parts = _micro_step(session, batch, 1.0 / plan.accumulation)
-                    for key, value in parts.log_dict().items():
-                        sums[key] = sums.get(key, 0.0) + value / plan.accumulation
+                    names = [f.name for f in dataclasses.fields(parts)]
+                    values = torch.stack([getattr(parts, n).detach().double().reshape(()) for n in names])
+                    totals = values / plan.accumulation if totals is None else totals + values / plan.accumulation
+                sums = dict(zip(names, totals.tolist(), strict=True))
                 grad_norm = distributed.clip_grad_norm(params, config.optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

@@ -116,7 +116,9 @@ def apply_lora(config: TrainConfig, backbone: Any) -> nn.Module:
 
 def select_trainable(config: TrainConfig, backbone: Any, lora: bool) -> None:
     """requires_grad as the reference sets it: LoRA weights (or the whole LLM), the vision model and the
-    projector unless frozen; Q-Scorer also trains the output embeddings and the regressor in LoRA runs."""
+    projector unless frozen; Q-Scorer also trains the output embeddings and the regressor in LoRA runs. The
+    family's "unused" group (parameters its forward never reaches) is frozen: they would get no gradient,
+    which DDP cannot reduce."""
     objective = OBJECTIVES[config.method]
     for name, p in backbone.model.named_parameters():
         p.requires_grad = ("lora_" in name) if lora else True
@@ -130,3 +132,5 @@ def select_trainable(config: TrainConfig, backbone: Any, lora: bool) -> None:
         p.requires_grad = not config.model.freeze_vision
     for p in groups["projector"]:
         p.requires_grad = not config.model.freeze_abstractor
+    for p in groups.get("unused", []):  # what the forward never reaches: no gradient, so not trained
+        p.requires_grad = False

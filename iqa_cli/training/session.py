@@ -145,7 +145,10 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, bac
     if strategy == "ddp":
         forward = distributed.wrap_ddp(forward, device)
     elif strategy == "fsdp":
-        distributed.shard_units(core, backbone.fsdp_units(), device, mixed_precision=autocast_dtype)
+        # Float32 parameters gathered, bf16 compute by the same autocast as one GPU: a run's numbers do not depend
+        # on the GPU count (FSDP2's bf16 `param_dtype` would also make embeddings, norms and the residual stream
+        # bf16, which one GPU's autocast keeps in float32). The all-gathers move float32.
+        distributed.shard_units(core, backbone.fsdp_units(), device, mixed_precision=None)
         # The decoder layers also return their (unused) key/value views; nothing modifies them in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 

@@ -150,13 +150,24 @@ class HFVisionLanguageBackbone(PromptMixin, TrainingMixin, CheckpointMixin):
         last_index = text_pos.gather(1, last_input[:, None])[:, 0]
         return inputs, text_pos, last_index
 
+    def _sharded(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule)
+
+    def _text_only(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The prompt without its image slot: a forward through every layer that needs no image."""
+        kept = input_ids != self.image_token_id
+        if attention_mask is not None:
+            kept &= attention_mask.to(self.device).bool()
+        ids = input_ids[kept][None]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final-norm hidden states [B, L, C] of the model's decoder (peft's LoRA layers sit inside it). An
         FSDP2-sharded model (evaluation inside `iqa train`) runs through its root, whose hooks gather the
         parameters; otherwise the decoder alone runs, without the other layers' hidden states."""
-        from torch.distributed.fsdp import FSDPModule
-
-        if isinstance(self.model, FSDPModule):
+        if self._sharded():
             out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
             return out.hidden_states[-1]
         return self.model.model(**inputs, use_cache=False).last_hidden_state
@@ -186,6 +197,8 @@ class HFVisionLanguageBackbone(PromptMixin, TrainingMixin, CheckpointMixin):
         has = visual[HAS_IMAGE].bool().to(self.device) if HAS_IMAGE in visual else torch.ones(b, dtype=torch.bool)
         rows = has.nonzero()[:, 0]
         if len(rows) == 0:  # a batch of failed images only
+            if self._sharded():  # FSDP2 all-gathers inside every forward: the other ranks wait for this one's
+                self._hidden(self._text_only(input_ids[:1], attention_mask))
             zeros = torch.zeros(b, 1, dtype=torch.long, device=self.device)
             logits = torch.zeros(b, 1, self.vocab_size, dtype=self.dtype, device=self.device)
             hidden = torch.zeros(b, 1, self.model.config.get_text_config().hidden_size, dtype=self.dtype,
@@ -294,6 +307,8 @@ def load(
                 revision=None if adapter else revision,
                 dtype=dtype or torch.float32,
                 trust_remote_code=False,
+                # straight onto a GPU (no float32 host copy first: under torchrun one per rank)
+                **({"device_map": str(device)} if device is not None and torch.device(device).type == "cuda" else {}),
             )
             if adapter:
                 loaded = _merge_adapter(loaded, processor, weights_dir)

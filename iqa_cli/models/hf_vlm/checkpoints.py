@@ -43,13 +43,20 @@ class CheckpointMixin:
         out = Path(out)
         model = self.model
         regressor = self.regressor
-        if dtype is not None:
-            model.to(dtype)  # the end of training: written in the dtype it was trained in
-        if regressor is not None:
+        prefix = REGRESSOR_ATTR + "."
+        # FSDP2's gathered full state holds the regressor's weights (its own module holds only shards)
+        regressor_state = {k.removeprefix(prefix): v for k, v in (state or {}).items() if k.startswith(prefix)}
+        if regressor is not None:  # written apart, in float32
             delattr(model, REGRESSOR_ATTR)
         try:
-            if state is not None:
-                state = {k: v for k, v in state.items() if not k.startswith(REGRESSOR_ATTR + ".")}
+            if dtype is not None:
+                model.to(dtype)  # the end of training: written in the dtype it was trained in (the config says it)
+            if state is not None:  # float32 master weights: cast as the model is
+                state = {
+                    k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                    for k, v in state.items()
+                    if not k.startswith(prefix)
+                }
             with _quiet_transformers():
                 model.save_pretrained(out, state_dict=state)
         finally:
@@ -58,7 +65,7 @@ class CheckpointMixin:
         if processing:
             self.processor.save_pretrained(out)
         if regressor is not None:
-            _save_regressor(regressor, out)
+            _save_regressor(regressor, out, regressor_state or None)
 
     def save_adapter(self, peft_model: Any, out: Any, base: str | None) -> None:
         """peft's own adapter layout, the trained tensors outside it (vision, projector, resized embeddings), the
@@ -201,9 +208,11 @@ OUTPUT_FILES = (
 )
 
 
-def _save_regressor(regressor: Any, out: Path) -> None:
-    """Q-Scorer's MLP as `regressor.safetensors` (float32), its widths in the metadata for `load_regressor`."""
+def _save_regressor(regressor: Any, out: Path, state: dict | None = None) -> None:
+    """Q-Scorer's MLP as `regressor.safetensors` (float32), its widths in the metadata for `load_regressor`;
+    `state`: its gathered full weights (FSDP2) instead of the module's own."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in regressor.state_dict().items()}
+    state = state if state is not None else regressor.state_dict()
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(out / REGRESSOR_FILE), metadata={"hidden_dims": ",".join(map(str, regressor.hidden_dims))})

@@ -92,6 +92,22 @@ class TrainingMixin:
         extra = [inner.image_newline] if isinstance(getattr(inner, "image_newline", None), torch.nn.Parameter) else []
         return list(vision.parameters()), [*projector.parameters(), *extra]
 
+    def _unreached_vision(self) -> list[torch.nn.Parameter]:
+        """Vision parameters the image features never pass through. LLaVA-OneVision reads the tower's hidden states
+        at `vision_feature_layer` (-1: the last layer's output, before `post_layernorm`), so the post-layernorm,
+        SigLIP's pooling head and any layer after the one read get no gradient; DDP would stop at step 2 waiting
+        for theirs."""
+        layer = getattr(self.model.config, "vision_feature_layer", None)
+        tower = getattr(self.model.model, "vision_tower", None)
+        if layer is None or tower is None:
+            return []
+        vision = getattr(tower, "vision_model", tower)
+        layers = vision.encoder.layers
+        read = layer if isinstance(layer, list | tuple) else [layer]
+        deepest = max(int(i) % (len(layers) + 1) for i in read)  # hidden_states[i] is layer i's output, 0 the input
+        unreached = [*layers[deepest:], getattr(vision, "post_layernorm", None), getattr(vision, "head", None)]
+        return [p for module in unreached if module is not None for p in module.parameters()]
+
     def lora_target_modules(self, suffixes: list[str] | tuple[str, ...]) -> list[str]:
         """Full names of the language model's Linear layers ending with a suffix (never vision or projector)."""
         from torch import nn
@@ -107,12 +123,15 @@ class TrainingMixin:
 
     def trainable_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         vision, projector = self._vision_parts()
+        unused = self._unreached_vision()
+        unreached = {id(p) for p in unused}
         regressor = self.regressor
         return {
             "output": [self.model.get_output_embeddings().weight],
             "regressor": list(regressor.parameters()) if regressor is not None else [],
-            "vision": vision,
+            "vision": [p for p in vision if id(p) not in unreached],
             "projector": projector,
+            "unused": unused,
         }
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
