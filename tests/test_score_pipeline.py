@@ -39,7 +39,7 @@ from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.loader import Decoder, PadCollate, UnitStream
-from iqa_cli.scoring.runner import BatchRunner
+from iqa_cli.scoring.runner import BatchRunner, settle_size
 from iqa_cli.scoring.store import sidecar_path
 from iqa_cli.sources import SourceOptions, open_inputs
 from tests.conftest import REPO_ROOT
@@ -466,6 +466,24 @@ def test_auto_batch_size_halves_on_out_of_memory():
     np.testing.assert_array_equal(result.score, expected.score.numpy())
     with pytest.raises(torch.OutOfMemoryError):
         BatchRunner(Picky(), 8, auto=False)({"pixel_values": pixels})
+    assert settle_size(Picky(), 16, torch.float32) == 2  # found with blank rows, before any image is scored
+
+
+def test_out_of_memory_while_padding_a_chunk_halves_too(monkeypatch):
+    import iqa_cli.scoring.runner as runner_module
+
+    padded = runner_module.rows_padded
+
+    def tight(rows, size):
+        if size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return padded(rows, size)
+
+    monkeypatch.setattr(runner_module, "rows_padded", tight)
+    pixels = torch.randn(5, 3, SIZE, SIZE)
+    runner = BatchRunner(FakeScorer(), 4, auto=True)
+    np.testing.assert_array_equal(runner({"pixel_values": pixels}).score, FakeScorer().score_pixels(pixels).score)
+    assert runner.size == 2
 
 
 def test_distributed_environment_and_sharding(monkeypatch):

@@ -29,7 +29,7 @@ from iqa_cli.scoring.loader import (
     model_threads,
     transfer_dtype,
 )
-from iqa_cli.scoring.runner import BatchRunner
+from iqa_cli.scoring.runner import BatchRunner, settle_size
 from iqa_cli.scoring.store import UnitWriter
 from iqa_cli.sources import Source
 
@@ -73,13 +73,17 @@ def score_units(
     progress = progress or NullBar()
     device = torch.device(scorer.device)
     size = call_size(batch_size, device, source, units, starts)
+    auto = batch_size is None and device.type == "cuda"
+    if auto:
+        with torch.inference_mode():
+            size = settle_size(scorer, size, transfer_dtype(scorer))
     workers = default_workers(local_world_size) if workers is None else workers
     workers = min(workers, len(units))
     pool = batch_pool(workers)
     transform, load = decoding(scorer, fast_decode, load_image)
     collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool)
     loader = data_loader(UnitStream(source, units, starts, Decoder(transform, load), collate), workers, device)
-    runner = BatchRunner(scorer, size, auto=batch_size is None and device.type == "cuda")
+    runner = BatchRunner(scorer, size, auto=auto)
     batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
     processed = 0
     try:
@@ -93,8 +97,8 @@ def score_units(
                     pool.release(batch)
                 processed += n
                 progress.advance(n)
-        if runner.size != runner.first_size:
-            progress.print(f"--batch-size auto: out of GPU memory at {runner.first_size}, scored with {runner.size}")
+        if auto:
+            progress.print(f"--batch-size auto: scored in calls of {runner.size} images")
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory at --batch-size {runner.size}; use a smaller size or --batch-size auto"

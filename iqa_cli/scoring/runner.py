@@ -25,10 +25,11 @@ class BatchRunner:
     """Calls `score_batch` in chunks of `size` rows, each padded to `size`; with `auto`, halves `size` on a CUDA
     out-of-memory error (in the call, or while moving or padding its rows) and retries.
 
-    After a halving every later call has the new shape. An image's score never depends on its batch-mates within
-    one shape; across the two shapes of a run that halved, bf16 kernels on a GPU may round the last digits
-    differently (mPLUG-Owl2's float32 CPU path does not). The run says the size it settled on: pass it as
-    `--batch-size` for reruns that give identical scores.
+    The size is settled before the run with blank rows (`settle_size`), so this back-off is for calls that need
+    more memory than the blank ones did (the transformers families pad each call to its longest image). After
+    a halving every later call has the new shape: an image's score never depends on its batch-mates within one
+    shape; across the two shapes, bf16 kernels on a GPU may round the last digits differently. The run says the
+    size it settled on: pass it as `--batch-size` for reruns that give identical scores.
 
     Every visual input of a batch has its rows first (the backbone's collate guarantees it); tensors may still
     be on the CPU (a prefetch copy that ran out of memory) and are moved per chunk.
@@ -38,7 +39,6 @@ class BatchRunner:
         self.scorer = scorer
         self.size = size
         self.auto = auto
-        self.first_size = size
 
     def __call__(self, visual: dict[str, torch.Tensor]) -> BatchResult:
         parts: list[BatchResult] = []
@@ -66,6 +66,24 @@ class BatchRunner:
             std=np.concatenate([p.std for p in parts]),
             score_reg=None if parts[0].score_reg is None else np.concatenate([p.score_reg for p in parts]),
         )
+
+
+def settle_size(scorer: Any, size: int, dtype: torch.dtype) -> int:
+    """`--batch-size auto` on a GPU: the largest call size from `size` down (halving) that fits, tried with blank
+    rows before the first real batch, so that every call of the run has the one shape it settles on (a halving
+    in the middle of a run would score its later images in calls of another shape)."""
+    device = torch.device(scorer.device)
+    while True:
+        try:
+            visual = scorer.collate([], size, dtype)
+            scorer.score_batch({name: t.to(device) for name, t in visual.items()})
+            return size
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+        visual = None
+        size //= 2
+        free_cuda_memory()
 
 
 def rows_padded(rows: torch.Tensor, size: int) -> torch.Tensor:
