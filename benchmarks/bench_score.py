@@ -62,6 +62,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories, when run as a script
 
 from iqa_cli.images import load_image
+from iqa_cli.model_options import ModelSpec
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
 from iqa_cli.process import quiet_torchao_notice
 from iqa_cli.scoring.config import ScoreConfig
@@ -593,7 +594,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
         batch_size=batch,
         workers=workers,
         device=str(device),
-        dtype=args.dtype,
+        model=ModelSpec(dtype=args.dtype),
         quiet=True,
     )
     summary = score_images(config, scorer_factory=lambda d: scorer)

@@ -223,8 +223,9 @@ THREADS = """
     driver.score_units = timed
     planned = local.model_threads(torch.device("cpu"), 2, 1, torch.get_num_threads())
     loop["threads"] = torch.get_num_threads() if planned is None else planned
-    options = config.ScoreConfig(out={out!r}, inputs=[{images!r}], model={model!r}, workers=2, batch_size=16,
-                                 dtype="float32", overwrite=True, quiet=True)
+    from iqa_cli.model_options import ModelSpec
+    options = config.ScoreConfig(out={out!r}, inputs=[{images!r}], model=ModelSpec({model!r}, dtype="float32"),
+                                 workers=2, batch_size=16, overwrite=True, quiet=True)
     driver.score_images(options)
     loop["scores"] = pq.read_table({out!r}).column("score").to_pylist()
     print(json.dumps(loop))

@@ -210,13 +210,14 @@ def probe_probs(check: Check, scorer, folder: Path, name: str, batch: int) -> np
     """The probe's probs from `iqa score`'s pipeline over `folder` at `batch` rows."""
     import pyarrow.parquet as pq
 
+    from iqa_cli.model_options import ModelSpec
     from iqa_cli.scoring.config import ScoreConfig
     from iqa_cli.scoring.driver import score_images
 
     out = check.tmp / f"{folder.name}.parquet"
     config = ScoreConfig(
         out=out, inputs=[str(folder)], batch_size=batch, workers=0 if check.dry else 2, device=str(check.device),
-        dtype="bfloat16", quiet=True, overwrite=True,
+        model=ModelSpec(dtype="bfloat16"), quiet=True, overwrite=True,
     )  # fmt: skip
     score_images(config, scorer_factory=lambda device: scorer)
     table = pq.read_table(out).to_pandas()
@@ -338,6 +339,7 @@ def quantized(check: Check, build, mode: str | None):
 
 def pipeline_rate(check: Check, scorer, folder: Path, batch: int | str) -> tuple[float, str, Path]:
     """images/s of `iqa score`'s loop over `folder` at `batch` rows, its peak memory, and the output."""
+    from iqa_cli.model_options import ModelSpec
     from iqa_cli.scoring.config import ScoreConfig
     from iqa_cli.scoring.driver import score_images
 
@@ -345,7 +347,7 @@ def pipeline_rate(check: Check, scorer, folder: Path, batch: int | str) -> tuple
     workers = 0 if check.dry else min(16, os.cpu_count() or 1)
     config = ScoreConfig(
         out=out, inputs=[str(folder)], batch_size=batch, workers=workers, device=str(check.device),
-        dtype="bfloat16", quiet=True, overwrite=True,
+        model=ModelSpec(dtype="bfloat16"), quiet=True, overwrite=True,
     )  # fmt: skip
     reset_peak(check.device)
     summary = score_images(config, scorer_factory=lambda device: scorer)
@@ -386,6 +388,7 @@ def auto_batch(check: Check, scorer, folder: Path) -> None:
     import pyarrow.parquet as pq
     from rich.console import Console
 
+    from iqa_cli.model_options import ModelSpec
     from iqa_cli.scoring.config import ScoreConfig
     from iqa_cli.scoring.driver import score_images
 
@@ -408,7 +411,7 @@ def auto_batch(check: Check, scorer, folder: Path) -> None:
         auto_out = check.tmp / "auto.parquet"
         config = ScoreConfig(
             out=auto_out, inputs=[str(folder)], batch_size="auto", workers=workers, device=str(check.device),
-            dtype="bfloat16", overwrite=True,
+            model=ModelSpec(dtype="bfloat16"), overwrite=True,
         )  # fmt: skip
         score_images(config, scorer_factory=lambda device: scorer, console=Console(file=messages, width=300))
         free(check.device)

@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 
 from iqa_cli import __version__, completion
+from iqa_cli.cli_options import with_model_options
 from iqa_cli.errors import UserError
+from iqa_cli.model_options import ModelSpec
 from iqa_cli.models.backbone import family_package
 
 _TRAIN_FAMILY = family_package()  # the default family's package: `iqa train` defaults without importing torch
@@ -224,6 +226,7 @@ def _csv_list(value: str | None, flag: str, kind: type = str) -> list | None:
 
 
 @app.command()
+@with_model_options(names=(), into="family")
 def train(
     datasets: str = typer.Option(
         ...,
@@ -297,12 +300,7 @@ def train(
     ),
     freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
     freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),
-    min_pixels: int | None = typer.Option(
-        None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
-    ),
-    max_pixels: int | None = typer.Option(
-        None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
-    ),
+    family: ModelSpec = None,  # its flags: @with_model_options
     w_fid: float | None = typer.Option(None, "--w-fid", metavar="W", help="Fidelity loss weight [deqa 1, qscorer 0]."),
     w_tok: float | None = typer.Option(
         None, "--w-tok", metavar="W", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."
@@ -384,6 +382,7 @@ def train(
     --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
     """
     options = dict(locals())  # every parameter is a TrainConfig option of the same name
+    options.update(options.pop("family").family)  # the model family's own options (Qwen-VL's pixel budget)
 
     from pathlib import Path
 
@@ -424,34 +423,9 @@ def train(
         _say(f"merged full checkpoint -> {result.merged}")
 
 
-# --- options of score and serve ------------------------------------------------------------------
-# The model a command loads and how: one definition (and one help text) for `iqa score` and `iqa serve`.
-MODEL = typer.Option(
-    "zhiyuanyou/DeQA-Score-Mix3", "--model", metavar="MODEL", help="Hugging Face repo id or directory."
-)
-BASE = typer.Option(None, "--base", metavar="MODEL", help="Base model of a LoRA adapter.")
-REVISION = typer.Option(None, "--revision", metavar="REV", help="Model revision (branch, tag or commit).")
-PROMPT = typer.Option(None, "--prompt", metavar="TEXT", help="Full scoring prompt containing <|image|>.")
-DTYPE = typer.Option(
-    "auto",
-    "--dtype",
-    metavar="DTYPE",
-    autocompletion=completion.dtypes,
-    help="auto (bfloat16 on CUDA if supported), float32, bfloat16, float16.",
-)
-QUANTIZE = typer.Option(
-    None, "--quantize", metavar="BITS", help="Weight-only quantization through torchao: int8 or int4."
-)
-MIN_PIXELS = typer.Option(
-    None, "--min-pixels", metavar="N", help="Qwen-VL: fewest pixels an image is resized to [default: 448x448]."
-)
-MAX_PIXELS = typer.Option(
-    None, "--max-pixels", metavar="N", help="Qwen-VL: most pixels an image is resized to [default: 448x448]."
-)
-
-
 # --- score ---------------------------------------------------------------------------------------
 @app.command()
+@with_model_options()
 def score(
     inputs: list[str] | None = typer.Argument(
         None,
@@ -482,14 +456,10 @@ def score(
         metavar="DIR",
         help="Folder that relative --from paths are under; images are named relative to it.",
     ),
-    model: str = MODEL,
-    base: str | None = BASE,
-    revision: str | None = REVISION,
-    prompt: str | None = PROMPT,
+    model: ModelSpec = None,  # its flags: @with_model_options
     device: str = typer.Option(
         "auto", "--device", metavar="DEVICE", autocompletion=completion.devices, help="auto, cpu, cuda or cuda:N."
     ),
-    dtype: str = DTYPE,
     batch_size: str = typer.Option(
         "auto", "--batch-size", metavar="N", help="Images per model call, or auto (halves on CUDA OOM)."
     ),
@@ -529,9 +499,6 @@ def score(
         help="Input columns (Parquet, shard metadata, json members) copied into the rows.",
         show_default=False,
     ),
-    quantize: str | None = QUANTIZE,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
 ) -> None:
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
 
@@ -548,17 +515,12 @@ def score(
         out_dir=out.endswith(("/", "\\")),  # --out scores/: one Parquet file per input shard
         image_col=image_col,
         keep=[c.strip() for c in (keep or "").split(",") if c.strip()],
-        quantize=quantize,
         inputs=list(inputs or []),
         from_file=Path(from_file) if from_file else None,
         from_column=from_column,
         root=Path(root) if root else None,
         model=model,
-        base=base,
-        revision=revision,
-        prompt=prompt,
         device=device,
-        dtype=dtype,
         batch_size=batch_size,
         workers=workers,
         fast_decode=fast_decode,
@@ -566,8 +528,6 @@ def score(
         overwrite=overwrite,
         wait=wait,
         quiet=quiet,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
     )
     if not config.inputs and config.from_file is None:
         raise UserError("no inputs: give image folders or files, or --from FILE")
@@ -692,19 +652,18 @@ def entry() -> None:
 # --- serve ---------------------------------------------------------------------------------------
 # `iqa serve`: the work lives in iqa_cli/serving/.
 @app.command()
+@with_model_options()
 def serve(
-    model: str = MODEL,
-    base: str | None = BASE,
-    revision: str | None = REVISION,
-    prompt: str | None = PROMPT,
-    dtype: str = DTYPE,
-    quantize: str | None = QUANTIZE,
-    min_pixels: int | None = MIN_PIXELS,
-    max_pixels: int | None = MAX_PIXELS,
+    model: ModelSpec = None,  # its flags: @with_model_options
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on."),
     port: int = typer.Option(18086, "--port", metavar="PORT", help="Port (Flow-GRPO's reward client uses 18086)."),
     devices: str = typer.Option(
-        "auto", "--devices", metavar="LIST", help="auto (every GPU, else the CPU), cpu, or GPU indices: 0,1,..."
+        "auto",
+        "--devices",
+        "--device",
+        metavar="LIST",
+        autocompletion=completion.devices,
+        help="auto (every GPU, else the CPU), cpu, or GPU indices: 0,1,... (one worker per device).",
     ),
     max_batch: int = typer.Option(64, "--max-batch", metavar="N", help="Images per model call (always N rows)."),
     max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", metavar="MS", help="Wait for more images to batch."),
@@ -734,13 +693,6 @@ def serve(
         ) from None
     config = ServeConfig(
         model=model,
-        base=base,
-        revision=revision,
-        prompt=prompt,
-        dtype=dtype,
-        quantize=quantize,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
         host=host,
         port=port,
         devices=parse_devices(devices),

@@ -58,7 +58,7 @@ def test_completion_offers_each_options_values(iqa, monkeypatch):
     from iqa_cli.datasets import DATASETS
     from iqa_cli.evaluate import PREDICTION_COLUMNS, SPLITS
     from iqa_cli.labels import DENSITIES, LABEL_RULES
-    from iqa_cli.scoring.config import DTYPES
+    from iqa_cli.model_options import DTYPES, QUANTIZE_MODES
     from iqa_cli.scoring.output import FORMATS
     from iqa_cli.training import LAYOUTS, METHODS, STRATEGIES
 
@@ -67,6 +67,7 @@ def test_completion_offers_each_options_values(iqa, monkeypatch):
         "iqa train --layout ": LAYOUTS,
         "iqa train --strategy ": STRATEGIES,
         "iqa score --dtype ": DTYPES,
+        "iqa serve --quantize ": QUANTIZE_MODES,
         "iqa score --format ": FORMATS,
         "iqa prepare --density ": DENSITIES,
         "iqa prepare --label-rule ": LABEL_RULES,
@@ -118,3 +119,14 @@ def test_version_imports_neither_torch_nor_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_every_model_option_is_a_flag_of_score_and_serve_and_the_family_ones_of_train():
+    from iqa_cli.model_options import COMMON, family_options
+
+    helps = {command: run_iqa(command, "--help").stdout for command in ("score", "serve", "train")}
+    for option in (*COMMON, *family_options()):
+        assert option.flag in helps["score"] and option.flag in helps["serve"], option.flag
+    for option in family_options():
+        assert option.flag in helps["train"], option.flag
+    assert "--device" in helps["serve"] and "--devices" in helps["serve"]  # both spellings

@@ -34,6 +34,7 @@ from PIL import Image
 from iqa_cli import distributed
 from iqa_cli.errors import UserError
 from iqa_cli.images import load_image
+from iqa_cli.model_options import ModelSpec
 from iqa_cli.models.mplug_owl2.backbone import ClipTransform, SquareCollate
 from iqa_cli.models.mplug_owl2.preprocess import ClipPreprocessor
 from iqa_cli.scoring.config import ScoreConfig
@@ -351,7 +352,7 @@ def test_finished_output_is_not_recomputed_unless_overwrite(folder, reference, t
     summary = score_images(ScoreConfig(out=out, inputs=[str(folder[0])], quiet=True), scorer_factory=refuse)
     assert summary.already_complete and out.stat().st_mtime_ns == before
     # Same model reached through different request options: compared by the scorer's metadata, still done.
-    summary = run(folder[0], out, dtype="float32")
+    summary = run(folder[0], out, model=ModelSpec(dtype="float32"))
     assert summary.already_complete
     summary = run(folder[0], out, overwrite=True)
     assert not summary.already_complete and summary.processed == len(reference)
@@ -397,7 +398,10 @@ def test_bad_options_are_user_errors(folder, tmp_path):
         ({"batch_size": "many"}, "--batch-size many"),
         ({"format": "xlsx"}, "--format xlsx: unknown format"),
         ({"workers": -1}, "--workers -1"),
-        ({"dtype": "int8"}, "--dtype int8"),
+        ({"model": ModelSpec(dtype="int8")}, "--dtype int8"),
+        ({"model": ModelSpec(quantize="int3")}, "--quantize int3"),
+        ({"model": ModelSpec(family={"min_pixels": 9, "max_pixels": 4})}, "--min-pixels 9 is above --max-pixels 4"),
+        ({"model": ModelSpec(family={"no_such": 1})}, "--no-such: no model family takes this option"),
     ]:
         with pytest.raises(UserError, match=message):
             run(folder[0], tmp_path / "s.parquet", **options)

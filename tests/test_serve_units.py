@@ -149,12 +149,13 @@ def test_each_worker_claims_a_device_no_other_live_worker_holds(tmp_path):
 def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monkeypatch, tmp_path):
     """`iqa serve --quantize/--min-pixels/--max-pixels` reach `Scorer.from_pretrained` in the worker process,
     through the config the supervisor hands over in the environment."""
+    from iqa_cli.model_options import ModelSpec
     from iqa_cli.scoring.scorer import Scorer
     from iqa_cli.serving import app
     from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
 
-    sent = ServeConfig(model="m", base="b", revision="r", prompt="p", dtype="float32", quantize="int8",
-                       min_pixels=784, max_pixels=3136, devices=["cpu"])  # fmt: skip
+    model = ModelSpec("m", "b", "r", "p", "float32", "int8", {"min_pixels": 784, "max_pixels": 3136})
+    sent = ServeConfig(model=model, devices=["cpu"])
     monkeypatch.setenv(CONFIG_ENV, sent.to_env())
     received = ServeConfig.from_env()
     assert received == sent
@@ -177,3 +178,16 @@ def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monke
         torch.set_num_threads(threads)
     assert calls == [("m", {"base": "b", "device": "cpu", "dtype": "float32", "prompt": "p", "revision": "r",
                             "quantize": "int8", "min_pixels": 784, "max_pixels": 3136})]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", ["--device", "--devices"])
+def test_serve_takes_device_as_score_does(iqa, monkeypatch, flag):
+    """`iqa serve --device cpu` (score's spelling) and `--devices cpu` reach the server as the same config."""
+    from iqa_cli.serving import server
+
+    started = []
+    monkeypatch.setattr(server, "serve", lambda config, say: started.append(config))
+    code, _, err = iqa("serve", flag, "cpu", "--model", "org/model", "--min-pixels", "784", "--dtype", "bf16")
+    assert code == 0, err
+    assert started[0].devices == ["cpu"] and started[0].model.model == "org/model"
+    assert started[0].model.family == {"min_pixels": 784} and started[0].model.load_kwargs()["dtype"] == "bfloat16"

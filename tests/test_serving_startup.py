@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from iqa_cli.errors import UserError
+from iqa_cli.model_options import ModelSpec
 from iqa_cli.scoring.scorer import Scorer
 from iqa_cli.serving import app
 from iqa_cli.serving.batcher import Batcher, OutOfMemory
@@ -51,7 +52,7 @@ def rows_per_call(monkeypatch):
 
 
 def _config(checkpoint, **options) -> ServeConfig:
-    return ServeConfig(model=str(checkpoint), devices=["cpu"], dtype="float32", max_wait_ms=0, **options)
+    return ServeConfig(model=ModelSpec(str(checkpoint), dtype="float32"), devices=["cpu"], max_wait_ms=0, **options)
 
 
 def test_the_worker_warms_up_one_full_call_of_each_size_before_it_is_ready(checkpoint, rows_per_call):

@@ -68,3 +68,20 @@ def test_each_method_fills_in_its_own_default_weights(tmp_path, method, weights)
     assert given == {**weights, "w_kl": 0.5}
     assert TrainConfig.from_options(out=tmp_path, method=method).paired == (method == "deqa")
     assert not TrainConfig.from_options(out=tmp_path, method="deqa", w_fid=0.0).paired
+
+
+def test_the_command_line_defaults_are_the_configs_defaults():
+    """`iqa train`'s flags and `TrainConfig`'s fields declare each default twice: they must agree."""
+    import inspect
+
+    from iqa_cli.cli import train
+
+    record = TrainConfig.from_options(out=Path("run"), datasets=[]).to_json()
+    parsed = {"mlp_dims": lambda text: [int(x) for x in text.split(",")]}
+    flags = inspect.signature(train).parameters
+    assert set(flags) - {"datasets", "out"} == set(record) - {"datasets", "out"}  # every option, no other
+    for name, parameter in flags.items():
+        if name in ("datasets", "out"):  # required
+            continue
+        default = parameter.default.default
+        assert parsed.get(name, lambda v: v)(default) == record[name], name

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iqa_cli import interrupts
-from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
+from iqa_cli.model_options import ModelSpec
 from iqa_cli.paths import check_output_dir, check_output_file
 from iqa_cli.scoring.output import output_format, standard_columns
 from iqa_cli.sources import SourceOptions
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
 
 
@@ -28,12 +27,8 @@ class ScoreConfig:
     from_file: Path | None = None  # --from: CSV/TSV/Parquet with a path column, or one path per line
     from_column: str | None = None
     root: Path | None = None
-    model: str = DEFAULT_MODEL
-    base: str | None = None
-    revision: str | None = None
-    prompt: str | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)  # which model and how (a repo id or folder: its defaults)
     device: str = "auto"
-    dtype: str = "auto"
     batch_size: int | str = "auto"  # positive int or "auto"
     workers: int | None = None  # DataLoader processes; None = one per core (at most 8) per local rank
     fast_decode: bool = False  # JPEGs decoded at a smaller DCT scale, torch's resize (not the reference's pixels)
@@ -46,9 +41,10 @@ class ScoreConfig:
     image_col: str | None = None  # --image-col: the image column of Parquet inputs (default "image")
     keep: list[str] = field(default_factory=list)  # --keep: input columns copied into the output rows
     out_dir: bool = False  # --out DIR/: one Parquet file per input shard, Parquet file or run of images
-    quantize: str | None = None  # --quantize int8|int4: weight-only, through torchao
-    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of the resized image (None: the family's)
-    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, (str, Path)):
+            self.model = ModelSpec(str(self.model))
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.from_file, self.from_column, self.root, self.image_col, list(self.keep))
@@ -82,8 +78,7 @@ def check(config: ScoreConfig) -> CheckedOptions:
     batch_size = parse_batch_size(config.batch_size)
     if config.workers is not None and config.workers < 0:
         raise UserError(f"--workers {config.workers}: use 0 (decode in the main process) or more")
-    if config.dtype not in DTYPES:
-        raise UserError(f"--dtype {config.dtype}: use one of {', '.join(DTYPES)}")
+    config.model.check()
     taken = [c for c in config.keep if c in standard_columns()]
     if taken:
         raise UserError(f"--keep {taken[0]}: the output has a column {taken[0]!r} of its own; keep other columns")

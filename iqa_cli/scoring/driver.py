@@ -100,17 +100,7 @@ def build_scorer(config: ScoreConfig, device: torch.device, scorer_factory: Scor
         return scorer_factory(device)
     from iqa_cli.scoring.scorer import Scorer
 
-    built = Scorer.from_pretrained(
-        config.model,
-        base=config.base,
-        device=device,
-        dtype=config.dtype,
-        prompt=config.prompt,
-        revision=config.revision,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-        **({"quantize": config.quantize} if config.quantize else {}),
-    )
+    built = Scorer.from_pretrained(config.model.model, device=device, **config.model.load_kwargs())
     if config.fast_decode:
         fast_loader(built)  # a family without a draft size is refused before any sidecar exists
     return built

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 
 from iqa_cli import __version__, distributed
 from iqa_cli.errors import UserError
-from iqa_cli.files import directory_fingerprint
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.output import DIRECTORY_METADATA, read_output_metadata
 from iqa_cli.scoring.store import MANIFEST_VERSION, Sidecar
@@ -28,17 +27,9 @@ from iqa_cli.sources import Source
 def request(config: ScoreConfig) -> dict[str, Any]:
     """The options that decide the scores (compared before loading a model to spot a finished output)."""
     return {
-        "model": config.model,
-        "model_files": directory_fingerprint(config.model),  # a checkpoint re-saved into the same directory
-        "base": config.base,
-        "base_files": directory_fingerprint(config.base) if config.base else None,
-        "revision": config.revision,
-        "prompt": config.prompt,
-        "dtype": config.dtype,
+        **config.model.request(),
         "decode": "fast" if config.fast_decode else "exact",
-        **({"quantize": config.quantize} if config.quantize else {}),
         **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
-        **{k: v for k, v in (("min_pixels", config.min_pixels), ("max_pixels", config.max_pixels)) if v is not None},
     }
 
 

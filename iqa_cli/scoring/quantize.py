@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from iqa_cli.errors import UserError
+from iqa_cli.model_options import QUANTIZE_MODES as MODES
 
-MODES = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)  # the largest that divides a layer's input size is used
 
 

@@ -236,8 +236,7 @@ class Scorer:
         prompt: str | None = None,
         revision: str | None = None,
         quantize: str | None = None,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
+        **options: Any,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
 
@@ -251,7 +250,8 @@ class Scorer:
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
             quantize: "int8" or "int4": weight-only through torchao (`iqa_cli.scoring.quantize`); None: as stored.
-            min_pixels, max_pixels: pixel-count bounds of resized images, for families that take them (Qwen-VL).
+            options: the model family's own options (`iqa_cli.model_options`), e.g. Qwen-VL's `min_pixels` and
+                `max_pixels` (pixel-count bounds of resized images); one the family does not take is refused.
         """
         from iqa_cli.files import directory_fingerprint
         from iqa_cli.models.backbone import family_of, family_options, get_family
@@ -265,18 +265,18 @@ class Scorer:
         target = resolve_device(device)  # iqa_cli.distributed's: this rank's GPU under torchrun
         torch_dtype = resolve_dtype(dtype, target)
         exact_float32(torch_dtype)
-        pixels = family_options(family, {"min_pixels": min_pixels, "max_pixels": max_pixels})
+        given = family_options(family, options)
         if quantize is not None:  # checked before loading; the float weights load on the CPU, then go over
             from iqa_cli.scoring import quantize as quantization
 
             quantization.check(quantize, target, torch_dtype)
             load_to = quantization.load_device(quantize, target)
-            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=load_to, **pixels)
+            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=load_to, **given)
             if getattr(backbone, "model", None) is None:
                 raise UserError(f"--quantize: the {family.name} family does not expose its weights to quantize")
             quantization.quantize_model(backbone.model, quantize, target)
         else:
-            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **pixels)
+            backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **given)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
         readout = build_readout(backbone, prompt, run)

@@ -92,15 +92,9 @@ class Worker:
             torch.set_num_threads(threads)
         c = self.config
         self.scorer = Scorer.from_pretrained(
-            c.model,
-            base=c.base,
+            c.model.model,
             device=self.device,
-            dtype=c.dtype,
-            prompt=c.prompt,
-            revision=c.revision,
-            quantize=c.quantize,
-            min_pixels=c.min_pixels,
-            max_pixels=c.max_pixels,
+            **c.model.load_kwargs(),
         )
         self.batcher = Batcher(
             self.scorer,
@@ -189,7 +183,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     async def health():
         return {
             "status": "draining" if worker.draining else "ok",
-            "model": worker.scorer.metadata.get("model", config.model) if worker.scorer else config.model,
+            "model": worker.scorer.metadata.get("model", config.model.model) if worker.scorer else config.model.model,
             "devices": config.devices,
             "device": worker.device,
             "pid": os.getpid(),
@@ -245,7 +239,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     def answer_json(parsed: ScoreRequest, results, reasons) -> JSONResponse:
         scorer = worker.scorer
         out: dict[str, Any] = {
-            "model": scorer.metadata.get("model", config.model),
+            "model": scorer.metadata.get("model", config.model.model),
             "range": list(SCORE_RANGE),
             "levels": scorer.level_names,
             "scores": [r.score if r else None for r in results],

@@ -7,26 +7,17 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
 from iqa_cli.images import DEFAULT_MAX_PIXELS
+from iqa_cli.model_options import ModelSpec
 
 CONFIG_ENV = "IQA_SERVE_CONFIG"  # how the supervisor hands the config to the worker processes it spawns
-DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")  # Scorer's names
-QUANTIZE_MODES = ("int8", "int4")  # iqa_cli.scoring.quantize.MODES, without importing torch here
 DEFAULT_PORT = 18086  # Flow-GRPO's `deqa_score_remote` posts to http://127.0.0.1:18086
 
 
 @dataclass
 class ServeConfig:
-    model: str = DEFAULT_MODEL
-    base: str | None = None  # the base of a LoRA adapter
-    revision: str | None = None
-    prompt: str | None = None
-    dtype: str = "auto"
-    quantize: str | None = None  # int8 | int4: weight-only, through torchao (as `iqa score --quantize`)
-    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of the resized image (None: the family's)
-    max_pixels: int | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)  # which model and how, as `iqa score` loads it
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     devices: list[str] = field(default_factory=lambda: ["auto"])  # resolved by `resolve_devices`
@@ -40,6 +31,12 @@ class ServeConfig:
     timeout_s: float = 120.0  # per request, from arrival to answer
     max_queue: int | None = None  # images waiting per worker before 503 [default: max(4 x max_batch, max_images)]
     lock_dir: str = ""  # set by `serve`: where workers claim their device (one lock file per device)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # a repo id or folder: its defaults
+            self.model = ModelSpec(self.model)
+        elif isinstance(self.model, dict):  # the trip to the workers (`to_env`)
+            self.model = ModelSpec(**self.model)
 
     @property
     def max_body_bytes(self) -> int:
@@ -62,21 +59,13 @@ class ServeConfig:
         """One-line UserErrors for values no server could run with; devices resolved in place."""
         if not 0 < self.port < 65536:
             raise UserError(f"--port {self.port}: choose 1..65535")
-        for flag, value, low in (
-            ("--max-batch", self.max_batch, 1),
-            ("--max-images", self.max_images, 1),
-            ("--min-pixels", self.min_pixels, 1),
-            ("--max-pixels", self.max_pixels, 1),
-        ):
+        for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-images", self.max_images, 1)):
             if value is not None and value < low:
                 raise UserError(f"{flag} {value}: must be at least {low}")
         for size in self.call_sizes or ():
             if not 1 <= size <= self.max_batch:
                 raise UserError(f"--call-sizes {size}: each must be between 1 and --max-batch ({self.max_batch})")
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise UserError(f"--min-pixels {self.min_pixels} is above --max-pixels {self.max_pixels}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
-            raise UserError(f"--quantize {self.quantize}: use one of {', '.join(QUANTIZE_MODES)}")
+        self.model.check()
         if self.max_queue is not None and self.max_queue < self.max_images:
             raise UserError(f"--max-queue {self.max_queue}: must be at least --max-images ({self.max_images})")
         for flag, number in (("--max-wait-ms", self.max_wait_ms), ("--max-body-mb", self.max_body_mb)):
@@ -84,8 +73,6 @@ class ServeConfig:
                 raise UserError(f"{flag} {number}: must not be negative")
         if not self.timeout_s > 0:
             raise UserError(f"--timeout {self.timeout_s}: must be positive")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype {self.dtype}: choose auto, float32, bfloat16 or float16")
         if self.token is not None and not self.token.strip():
             raise UserError("--token is empty")
         self.devices = resolve_devices(self.devices)

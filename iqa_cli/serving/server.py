@@ -12,7 +12,6 @@ error handlers. Dynamic batching (`batcher.py`) and the limits are ours, a few d
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import sys
@@ -21,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from iqa_cli.errors import UserError
+from iqa_cli.models.hub import REPO_ID
 from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
 
 APP = "iqa_cli.serving.app:create_app"
 DRAIN_MARGIN_S = 5.0  # uvicorn's graceful-shutdown wait: the request timeout plus this
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # Hugging Face's owner/name
 
 
 class ServeError(Exception):
@@ -35,24 +34,25 @@ class ServeError(Exception):
 
 
 def check_model(config: ServeConfig) -> None:
-    """What can be known about --model/--prompt without loading weights (a UserError naming the problem)."""
+    """What can be known about the model options without loading weights (a UserError naming the problem)."""
     from iqa_cli.models.backbone import family_of, family_options, get_family, supported_families
 
-    for flag, name in (("--model", config.model), ("--base", config.base)):
+    spec = config.model
+    for flag, name in (("--model", spec.model), ("--base", spec.base)):
         path = Path(name).expanduser() if name else None
-        if path is not None and not path.is_dir() and (path.exists() or not _REPO_ID.match(name)):
+        if path is not None and not path.is_dir() and (path.exists() or not REPO_ID.match(name)):
             raise UserError(f"{flag} {name!r}: not a directory and not a Hugging Face repo id (owner/name)")
-    model_type, source = family_of(config.model, base=config.base, revision=config.revision)
+    model_type, source = family_of(spec.model, base=spec.base, revision=spec.revision)
     if model_type not in supported_families():
         get_family(model_type, source)  # its one-line error
-    if config.quantize is not None:
+    if spec.quantize is not None:
         check_quantize(config)
-    if config.prompt is None and config.min_pixels is None and config.max_pixels is None:
+    if spec.prompt is None and not spec.family:
         return  # the family module (and torch) is imported by the workers only
     family = get_family(model_type, source)
-    family_options(family, {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels})
-    if config.prompt is not None and config.prompt.count(family.image_token) != 1:
-        raise UserError(f"--prompt must hold {family.image_token} exactly once: {config.prompt!r}")
+    family_options(family, spec.family)
+    if spec.prompt is not None and spec.prompt.count(family.image_token) != 1:
+        raise UserError(f"--prompt must hold {family.image_token} exactly once: {spec.prompt!r}")
 
 
 def check_quantize(config: ServeConfig) -> None:
@@ -65,7 +65,7 @@ def check_quantize(config: ServeConfig) -> None:
 
     for name in config.devices:
         device = torch.device(name)
-        quantize.check(config.quantize, device, resolve_dtype(config.dtype, device))
+        quantize.check(config.model.quantize, device, resolve_dtype(config.model.dtype_name, device))
 
 
 def check_port(host: str, port: int) -> None:
@@ -112,7 +112,7 @@ def serve(config: ServeConfig, say: Callable[[str], None] = print) -> None:
     try:
         sock = server_config.bind_socket()
         say(
-            f"iqa serve: http://{config.host}:{config.port} model {config.model} on {', '.join(config.devices)}, "
+            f"iqa serve: http://{config.host}:{config.port} model {config.model.model} on {', '.join(config.devices)}, "
             f"max batch {config.max_batch}, max wait {config.max_wait_ms:g} ms"
         )
         supervisor = Multiprocess(server_config, sockets=[sock])

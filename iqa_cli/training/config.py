@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from iqa_cli.errors import UserError
+from iqa_cli.model_options import ModelSpec, family_options
 from iqa_cli.models.backbone import family_package
 from iqa_cli.paths import check_output_dir
 from iqa_cli.training.objectives import METHODS, OBJECTIVES
@@ -58,8 +59,8 @@ class ModelConfig:
     freeze_vision: bool = False  # keep the vision encoder as it is
     freeze_abstractor: bool = False  # keep the visual abstractor as it is
     mlp_dims: list[int] = field(default_factory=lambda: list(DEFAULT_MLP_DIMS))  # Q-Scorer regressor
-    min_pixels: int | None = None  # Qwen-VL families: pixel-count bounds of resized images (None: 448x448)
-    max_pixels: int | None = None
+    # the model family's own options by name (`iqa_cli.model_options`: Qwen-VL's min_pixels, max_pixels); unset: None
+    options: dict[str, Any] = field(default_factory=dict, metadata=_meta("family_options"))
 
 
 @dataclass
@@ -163,12 +164,15 @@ class TrainConfig:
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:
-        """The nested config from flat option names (`lora_r=4`, `eval_every=8`); unset options keep defaults."""
+        """The nested config from flat option names (`lora_r=4`, `eval_every=8`); unset options keep defaults.
+        A model family's own options (`min_pixels`) go to `model.options`."""
+        family = {o.name: options.pop(o.name) for o in family_options() if o.name in options}
         sections = {}
         for name in SECTIONS:
             kind = cls.__dataclass_fields__[name].default_factory
             values = {f.name: options.pop(_flag(f)) for f in dataclasses.fields(kind) if _flag(f) in options}
             sections[name] = kind(**values)
+        sections["model"].options = {**sections["model"].options, **family}
         top = {name: options.pop(name) for name in ("out", "method") if name in options}
         if options:
             raise TypeError(f"unknown training option(s): {', '.join(sorted(options))}")
@@ -180,6 +184,8 @@ class TrainConfig:
         for name in SECTIONS:
             section = getattr(self, name)
             flat.update({_flag(f): getattr(section, f.name) for f in dataclasses.fields(section)})
+        options = flat.pop("family_options")  # recorded flat, every family option (None: unset), as they always were
+        flat.update({o.name: options.get(o.name) for o in family_options()})
         return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}
 
     def weights(self) -> dict[str, float]:
@@ -259,4 +265,5 @@ def validate(config: TrainConfig) -> None:
             raise UserError(f"--data-weights has {len(data.repeats)} value(s) for {len(data.datasets)} dataset(s)")
         if min(data.repeats) < 1:
             raise UserError(f"--data-weights must be integers >= 1 (repeat counts), got {data.repeats}")
+    ModelSpec(family=dict(config.model.options)).check()  # the family's own rules (Qwen-VL: min <= max pixels)
     check_output_dir(Path(config.out), "--out")

@@ -109,9 +109,8 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, bac
         raise UserError(f"--batch-size {config.optim.batch_size} is larger than the {len(pool)} training samples")
     torch.manual_seed(config.optim.seed)  # the Q-Scorer MLP and LoRA initializations (the same on every rank)
     if backbone is None:
-        pixels = {"min_pixels": config.model.min_pixels, "max_pixels": config.model.max_pixels}
         backbone = load_backbone(
-            config.model.name, base=config.model.base, dtype=torch.float32, device=device, **pixels
+            config.model.name, base=config.model.base, dtype=torch.float32, device=device, **config.model.options
         )
     provenance = backbone.provenance
     if lora and provenance.layout != "full":

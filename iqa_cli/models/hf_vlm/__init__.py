@@ -2,8 +2,11 @@
 
 Only transformers' own classes are used (`AutoModelForImageTextToText`, `AutoProcessor`), never remote code;
 the family's processor makes the visual inputs and its chat template renders the prompt. Constants here are
-importable without torch.
+importable without torch; `OPTIONS` are this family's own model options (`iqa_cli.model_options`).
 """
+
+from iqa_cli.errors import UserError
+from iqa_cli.model_options import ModelOption
 
 # config.json model_type -> the placeholder a prompt holds once (the processor's `image_token`)
 IMAGE_TOKENS = {
@@ -20,3 +23,27 @@ DEFAULT_PIXELS = 448 * 448  # Qwen-VL: a fixed budget like the papers' 448x448 i
 # The language model's linear layers LoRA adapts by default (attention and MLP projections of every decoder layer).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TRAIN_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+OPTIONS = (
+    ModelOption(
+        "min_pixels",
+        "Qwen-VL: fewest pixels an image is resized to [default: 448x448, the papers' fixed input].",
+        kind=int,
+        metavar="N",
+        minimum=1,
+    ),
+    ModelOption(
+        "max_pixels",
+        "Qwen-VL: most pixels an image is resized to [default: 448x448, the papers' fixed input].",
+        kind=int,
+        metavar="N",
+        minimum=1,
+    ),
+)
+
+
+def check_options(values: dict) -> None:
+    """What the flags alone can tell: the pixel budget's bounds in order (its patch size is checked at load)."""
+    low, high = values.get("min_pixels"), values.get("max_pixels")
+    if low is not None and high is not None and low > high:
+        raise UserError(f"--min-pixels {low} is above --max-pixels {high}")
