@@ -10,12 +10,10 @@ import typer
 from rich.console import Console
 
 from iqa_cli import __version__, completion
-from iqa_cli.cli_options import with_model_options
+from iqa_cli.cli_options import with_config_options, with_model_options
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec
-from iqa_cli.models.backbone import family_package
-
-_TRAIN_FAMILY = family_package()  # the default family's package: `iqa train` defaults without importing torch
+from iqa_cli.training.config import TrainConfig
 
 app = typer.Typer(
     name="iqa",
@@ -215,193 +213,24 @@ def prepare(
 
 
 # --- train ---------------------------------------------------------------------------------------
-def _csv_list(value: str | None, flag: str, kind: type = str) -> list | None:
-    if value is None:
-        return None
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    try:
-        return [kind(item) for item in items]
-    except ValueError:
-        raise UserError(f"{flag} expects comma-separated {kind.__name__} values, got {value!r}") from None
-
-
+# `iqa train`'s flags are its config's fields (`iqa_cli.training.config`: help, default, metavar, panel).
 @app.command()
 @with_model_options(names=(), into="family")
-def train(
-    datasets: str = typer.Option(
-        ...,
-        "--datasets",
-        metavar="NAMES",
-        help="Comma-separated prepared datasets: names in the data dir or .parquet paths.",
-    ),
-    out: str = typer.Option(
-        ..., "--out", "-o", metavar="DIR", help="Run directory: checkpoints, log, then the final model."
-    ),
-    model: str = typer.Option(
-        _TRAIN_FAMILY.DEFAULT_TRAIN_MODEL,
-        "--model",
-        metavar="MODEL",
-        help="Model to fine-tune: Hugging Face repo id or directory.",
-    ),
-    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="Base model when --model is a LoRA adapter."),
-    method: str = typer.Option(
-        "deqa",
-        "--method",
-        metavar="METHOD",
-        autocompletion=completion.methods,
-        help="deqa (soft labels + fidelity), qalign or qscorer.",
-    ),
-    data_dir: str | None = typer.Option(
-        None, "--data-dir", metavar="DIR", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
-    ),
-    images: str | None = typer.Option(
-        None, "--images", metavar="DIR", help="Image root for metas prepared without --images."
-    ),
-    data_weights: str | None = typer.Option(
-        None,
-        "--data-weights",
-        metavar="N,N,...",
-        help="Comma-separated integer repeat counts, one per dataset [default: 1 each].",
-    ),
-    epochs: int = typer.Option(3, "--epochs", metavar="N", help="Passes over the training rows."),
-    max_steps: int = typer.Option(
-        0, "--max-steps", metavar="N", help="Stop after N optimizer steps (the LR schedule ends there)."
-    ),
-    batch_size: int = typer.Option(
-        64,
-        "--batch-size",
-        metavar="N",
-        help="Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair).",
-    ),
-    grad_accum: int = typer.Option(
-        1, "--grad-accum", metavar="N", help="Micro batches accumulated per optimizer step."
-    ),
-    lr: float = typer.Option(2e-5, "--lr", metavar="LR", help="Peak learning rate (AdamW, cosine decay)."),
-    weight_decay: float = typer.Option(
-        0.0, "--weight-decay", metavar="X", help="AdamW weight decay (none on biases/norms)."
-    ),
-    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", metavar="X", help="Fraction of steps of linear warmup."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", metavar="X", help="Gradient clipping norm; 0 = off."),
-    seed: int = typer.Option(42, "--seed", metavar="N", help="Seed of order, pairs, questions and initializations."),
-    gradient_checkpointing: bool = typer.Option(
-        True, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."
-    ),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters on the LLM instead of all its weights."),
-    lora_r: int = typer.Option(128, "--lora-r", metavar="N", help="LoRA rank."),
-    lora_alpha: float = typer.Option(256.0, "--lora-alpha", metavar="X", help="LoRA alpha (scale alpha / r)."),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", metavar="P", help="Dropout on the LoRA input."),
-    lora_targets: str | None = typer.Option(
-        None,
-        "--lora-targets",
-        metavar="NAMES",
-        help="Comma-separated module-name suffixes of the language model's linear layers [default: the model"
-        f" family's, as its reference trains; {_TRAIN_FAMILY.__name__.rpartition('.')[2]}:"
-        f" {','.join(_TRAIN_FAMILY.LORA_TARGETS)}].",
-    ),
-    freeze_vision: bool = typer.Option(False, "--freeze-vision", help="Do not train the vision encoder."),
-    freeze_abstractor: bool = typer.Option(False, "--freeze-abstractor", help="Do not train the visual abstractor."),
-    family: ModelSpec = None,  # its flags: @with_model_options
-    w_fid: float | None = typer.Option(None, "--w-fid", metavar="W", help="Fidelity loss weight [deqa 1, qscorer 0]."),
-    w_tok: float | None = typer.Option(
-        None, "--w-tok", metavar="W", help="Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1]."
-    ),
-    w_kl: float | None = typer.Option(
-        None, "--w-kl", metavar="W", help="Soft-label KL weight, relative to CE [deqa 1, qscorer 0]."
-    ),
-    w_in_level: float = typer.Option(
-        0.0, "--w-in-level", metavar="W", help="DeQA-Score's optional in-level loss weight."
-    ),
-    fid_std: str = typer.Option(
-        "fixed", "--fid-std", metavar="MODE", help="Predicted std in the fidelity loss: fixed (1) or predicted."
-    ),
-    detach_pred_std: bool = typer.Option(
-        True, "--detach-pred-std/--no-detach-pred-std", help="No gradient through a predicted std."
-    ),
-    closed_set: bool = typer.Option(
-        True, "--closed-set/--open-set", help="Level softmax over the K levels (closed) or the vocabulary (open)."
-    ),
-    w_mse: float = typer.Option(1.0, "--w-mse", metavar="W", help="qscorer: regression MSE weight (relative to CE)."),
-    mse_clamp: bool = typer.Option(
-        True, "--mse-clamp/--no-mse-clamp", help="qscorer: clamp the regressor to [0, 5] in the MSE (reference)."
-    ),
-    w_nin: float = typer.Option(0.0, "--w-nin", metavar="W", help="qscorer: norm-in-norm loss weight (paper: 0.5)."),
-    w_rank: float = typer.Option(0.0, "--w-rank", metavar="W", help="qscorer: pairwise ranking loss weight."),
-    rank_margin: float = typer.Option(0.0, "--rank-margin", metavar="X", help="qscorer: margin of the ranking loss."),
-    mlp_dims: str = typer.Option(
-        "2048,1024", "--mlp-dims", metavar="N,N", help="qscorer: hidden sizes of the regressor MLP."
-    ),
-    layout: str = typer.Option(
-        "reference",
-        "--layout",
-        metavar="LAYOUT",
-        autocompletion=completion.layouts,
-        help="reference: train image-first as the released models; scoring: the scoring prompt's.",
-    ),
-    fixed_question: bool = typer.Option(
-        False, "--fixed-question", help="Always ask the scoring question instead of one of ten phrasings."
-    ),
-    eval_every: int = typer.Option(
-        0, "--eval-every", metavar="N", help="Evaluate on the test split every N steps (0: at the end)."
-    ),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on the test split at the end."),
-    eval_batch_size: int = typer.Option(
-        16, "--eval-batch-size", metavar="N", help="Images per evaluation batch (per rank)."
-    ),
-    save_every: int = typer.Option(
-        0, "--save-every", metavar="N", help="Checkpoint every N steps (always at each epoch end)."
-    ),
-    save_minutes: float = typer.Option(
-        30.0,
-        "--save-minutes",
-        metavar="MINUTES",
-        help="Also checkpoint when this many minutes passed since the last one (0: off).",
-    ),
-    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the last checkpoint when done."),
-    merge: bool = typer.Option(False, "--merge", help="--lora: also write OUT/merged, a full checkpoint."),
-    strategy: str = typer.Option(
-        "auto",
-        "--strategy",
-        metavar="STRATEGY",
-        autocompletion=completion.strategies,
-        help="Under torchrun: auto (ddp for --lora, else fsdp), ddp, fsdp.",
-    ),
-    device: str = typer.Option(
-        "auto", "--device", metavar="DEVICE", autocompletion=completion.devices, help="auto, cpu, cuda or cuda:N."
-    ),
-    workers: int | None = typer.Option(
-        None, "--workers", metavar="N", help="Image decoding processes per rank [default: cores - 1]."
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Require resuming an interrupted run in OUT."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a run in OUT and start over."),
-    wait: bool = typer.Option(False, "--wait", help="If another run trains into the same --out, wait for it to end."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or per-step messages."),
-) -> None:
-    """Fine-tune mPLUG-Owl2 on prepared datasets (DeQA-Score, Q-Align or Q-Scorer) into a scoreable directory.
+@with_config_options(TrainConfig, into="options")
+def train(options: dict | None = None, family: ModelSpec | None = None) -> None:  # flags: the decorators
+    """Fine-tune a multimodal LLM (mPLUG-Owl2, Qwen-VL, LLaVA-OneVision, Idefics3) on prepared datasets with the
+    DeQA-Score, Q-Align or Q-Scorer objective, into a directory `iqa score --model` loads.
 
     Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
     --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
     """
-    options = dict(locals())  # every parameter is a TrainConfig option of the same name
-    options.update(options.pop("family").family)  # the model family's own options (Qwen-VL's pixel budget)
+    from iqa_cli.training import TrainInterrupted
+    from iqa_cli.training import train as run_training
 
-    from pathlib import Path
-
-    from iqa_cli.training import TrainConfig, TrainInterrupted, train
-
-    config = TrainConfig.from_options(
-        **{
-            **options,
-            "datasets": _csv_list(datasets, "--datasets") or [],
-            "out": Path(out),
-            "data_dir": Path(data_dir) if data_dir else None,
-            "images": Path(images) if images else None,
-            "data_weights": _csv_list(data_weights, "--data-weights", int),
-            "lora_targets": _csv_list(lora_targets, "--lora-targets"),
-            "mlp_dims": _csv_list(mlp_dims, "--mlp-dims", int) or [],
-        }
-    )
+    out, quiet = options["out"], options["quiet"]
+    config = TrainConfig.from_options(**options, **family.family)  # the family's own: Qwen-VL's pixel budget
     try:
-        result = train(config, console=err_console)
+        result = run_training(config, console=err_console)
     except TrainInterrupted as exc:
         if exc.is_main:
             _say(str(exc))

@@ -1,17 +1,20 @@
-"""Typer parameters generated from the options' one declaration (`iqa_cli.model_options`), so a command lists a
-model option, or a family's own option, without spelling it out: `@with_model_options()` adds one flag per option to
-the command and hands the command a `ModelSpec` instead."""
+"""Typer parameters generated from each option's one declaration, so no command spells an option out twice:
+`@with_model_options()` adds the model options (`iqa_cli.model_options`, a family's own included) and hands the
+command a `ModelSpec`; `@with_config_options(TrainConfig)` adds one flag per field of a nested config dataclass."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 
 from iqa_cli import completion
+from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelOption, ModelSpec, options
 
 MODEL_PANEL = "Model"
@@ -57,6 +60,91 @@ def with_model_options(
         parameters = [*kept, *added]
         wrapper.__signature__ = signature.replace(parameters=parameters)
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters}  # what Typer reads the types from
+        return wrapper
+
+    return decorate
+
+
+# --- a config's fields as flags (`iqa train`) -----------------------------------------------------------------
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": str, "list[str]": str, "list[int]": str}
+
+
+def _kind(annotation: str) -> tuple[type, bool, str]:
+    """(flag type, whether None is allowed, the field's own type name) from a field's annotation text."""
+    name = annotation.removesuffix(" | None")
+    return _TYPES[name], annotation.endswith(" | None"), name
+
+
+def config_fields(config_cls: type) -> list[tuple[dataclasses.Field, str]]:
+    """(field, panel) of every flag of a nested config: its own fields, then each section's, in order."""
+    found = []
+    for f in dataclasses.fields(config_cls):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            found += [(g, f.default_factory.panel) for g in dataclasses.fields(f.default_factory)]
+        else:
+            found.append((f, config_cls.panel))
+    return [(f, panel) for f, panel in found if f.metadata.get("cli", True)]
+
+
+def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Parameter]:
+    meta = f.metadata
+    name = meta.get("flag") or f.name
+    kind, optional, own = _kind(f.type)
+    if meta.get("required"):
+        default: Any = ...
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        default = ",".join(map(str, value)) if isinstance(value, list) and value else None
+    else:
+        default = f.default
+    flags = [meta.get("switch") or "--" + name.replace("_", "-"), *([meta["short"]] if meta.get("short") else [])]
+    typer_option = typer.Option(
+        default,
+        *flags,
+        metavar=meta.get("metavar"),
+        help=meta.get("help"),
+        autocompletion=getattr(completion, meta["completion"]) if meta.get("completion") else None,
+        rich_help_panel=panel,
+        show_default=default is not None and default is not ... and default is not False,
+    )
+    annotation = kind | None if optional or default is None else kind
+    return own, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer_option, annotation=annotation)
+
+
+def _parse(name: str, own: str, value: Any) -> Any:
+    """A flag's text as the config field's type: comma-separated lists, paths."""
+    if value is None or own not in ("Path", "list[str]", "list[int]"):
+        return value
+    if own == "Path":
+        return Path(value)
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if own == "list[int]":
+        try:
+            return [int(item) for item in items]
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} expects comma-separated integers, got {value!r}") from None
+    return items
+
+
+def with_config_options(config_cls: type, *, into: str) -> Callable[[Callable], Callable]:
+    """Adds one flag per field of a nested config dataclass (`iqa_cli.training.config.option` declares each: help,
+    default, metavar, panel) to a command; the parsed values reach it as a dict of flat option names in `into`."""
+    declared = [_config_parameter(f, panel) for f, panel in config_fields(config_cls)]
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        kept = [p for p in signature.parameters.values() if p.name != into]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {p.name: _parse(p.name, own, kwargs.pop(p.name)) for own, p in declared}
+            return command(**kwargs, **{into: values})
+
+        parameters = [*kept, *(p for _, p in declared)]
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
         return wrapper
 
     return decorate

@@ -14,9 +14,24 @@ One module per concern, in the order a run uses them:
 - `run`: `train(config)`, the entry point.
 """
 
-from iqa_cli.training.config import LAYOUTS, STRATEGIES, TrainConfig
-from iqa_cli.training.loop import TrainResult
-from iqa_cli.training.objectives import METHODS
-from iqa_cli.training.run import TrainInterrupted, train
+# The names load on first use: `iqa_cli.training.config` (what `iqa train --help` reads) needs no torch.
+_LAZY = {
+    "LAYOUTS": "iqa_cli.training.config",
+    "STRATEGIES": "iqa_cli.training.config",
+    "TrainConfig": "iqa_cli.training.config",
+    "METHODS": "iqa_cli.training.objectives",
+    "TrainResult": "iqa_cli.training.loop",
+    "TrainInterrupted": "iqa_cli.training.run",
+    "train": "iqa_cli.training.run",
+}
+__all__ = list(_LAZY)
 
-__all__ = ["LAYOUTS", "METHODS", "STRATEGIES", "TrainConfig", "TrainInterrupted", "TrainResult", "train"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'iqa_cli.training' has no attribute {name!r}")

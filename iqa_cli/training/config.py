@@ -14,13 +14,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec, family_options
 from iqa_cli.models.backbone import family_package
 from iqa_cli.paths import check_output_dir
-from iqa_cli.training.objectives import METHODS, OBJECTIVES
 
 LAYOUTS = ("reference", "scoring")  # image first (what the released models trained on) | the scoring prompt's
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -28,120 +27,207 @@ DEFAULT_TRAIN_MODEL = family_package().DEFAULT_TRAIN_MODEL  # the default family
 DEFAULT_MLP_DIMS = (2048, 1024)
 
 
-def _meta(flag: str | None = None, control: bool = False) -> dict[str, Any]:
-    """Field metadata: the option name when it is not the field name; `control`: may change when a run resumes."""
-    return {"flag": flag, "control": control}
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    control: bool = False,
+    switch: str | None = None,
+    required: bool = False,
+    short: str | None = None,
+    completion: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config field that is one `iqa train` flag (`iqa_cli.cli_options` builds the flag from this declaration).
+
+    Args:
+        help: the flag's help text.
+        flag: the option name when it is not the field name (`lora.r` is `--lora-r`).
+        control: may change when a run resumes (how it runs, not what it trains).
+        switch: a boolean's `--on/--off` spelling when it is not `--name`.
+        required: the command line must give it.
+        short: a one-letter alias (`-o`).
+        completion: `iqa_cli.completion`'s completer of its values.
+    """
+    metadata = {"flag": flag, "control": control, "help": help, "metavar": metavar, "switch": switch,
+                "required": required, "short": short, "completion": completion}  # fmt: skip
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-CONTROL = _meta(control=True)
+def _lora_targets_help() -> str:
+    family = family_package()
+    name = family.__name__.rpartition(".")[2]
+    return (
+        "Comma-separated module-name suffixes of the language model's linear layers [default: the model family's, "
+        f"as its reference trains; {name}: {','.join(family.LORA_TARGETS)}]."
+    )
 
 
 @dataclass
 class DataConfig:
     """What to train on and how the conversations look."""
 
-    datasets: list[str] = field(default_factory=list)  # prepared metas: names in data_dir or .parquet paths
-    data_dir: Path | None = field(default=None, metadata=CONTROL)  # None: $IQA_DATA_DIR or ./iqa-data
-    images: Path | None = field(default=None, metadata=CONTROL)  # image root for metas prepared without --images
-    # repeat count per dataset; None: 1 each
-    repeats: list[int] | None = field(default=None, metadata=_meta("data_weights"))
-    layout: str = "reference"  # reference: image first, as the released models; scoring: the scoring prompt's
-    fixed_question: bool = False  # always the scoring question instead of one of the ten phrasings
+    panel: ClassVar[str] = "Data"
+    datasets: list[str] = option(
+        help="Comma-separated prepared datasets: names in the data dir or .parquet paths.",
+        metavar="NAMES",
+        required=True,
+        default_factory=list,
+    )
+    data_dir: Path | None = option(
+        None, "Data directory [default: $IQA_DATA_DIR or ./iqa-data].", metavar="DIR", control=True
+    )
+    images: Path | None = option(None, "Image root for metas prepared without --images.", metavar="DIR", control=True)
+    repeats: list[int] | None = option(
+        None,
+        "Comma-separated integer repeat counts, one per dataset [default: 1 each].",
+        flag="data_weights",
+        metavar="N,N,...",
+    )
+    layout: str = option(
+        "reference",
+        "reference: train image-first as the released models; scoring: the scoring prompt's.",
+        metavar="LAYOUT",
+        completion="layouts",
+    )
+    fixed_question: bool = option(False, "Always ask the scoring question instead of one of ten phrasings.")
 
 
 @dataclass
 class ModelConfig:
     """The model to fine-tune and which of its parts train."""
 
-    name: str = field(default=DEFAULT_TRAIN_MODEL, metadata=_meta("model"))  # Hugging Face repo id or directory
-    base: str | None = None  # base of a LoRA checkpoint given as --model
-    gradient_checkpointing: bool = True  # recompute activations in backward
-    freeze_vision: bool = False  # keep the vision encoder as it is
-    freeze_abstractor: bool = False  # keep the visual abstractor as it is
-    mlp_dims: list[int] = field(default_factory=lambda: list(DEFAULT_MLP_DIMS))  # Q-Scorer regressor
+    panel: ClassVar[str] = "Model"
+    name: str = option(
+        DEFAULT_TRAIN_MODEL, "Model to fine-tune: Hugging Face repo id or directory.", flag="model", metavar="MODEL"
+    )
+    base: str | None = option(None, "Base model when --model is a LoRA adapter.", metavar="MODEL")
+    gradient_checkpointing: bool = option(
+        True, "Recompute activations in backward.", switch="--gradient-checkpointing/--no-gradient-checkpointing"
+    )
+    freeze_vision: bool = option(False, "Do not train the vision encoder.")
+    freeze_abstractor: bool = option(False, "Do not train the visual abstractor.")
+    mlp_dims: list[int] = option(
+        help="qscorer: hidden sizes of the regressor MLP.", metavar="N,N", default_factory=lambda: [*DEFAULT_MLP_DIMS]
+    )
     # the model family's own options by name (`iqa_cli.model_options`: Qwen-VL's min_pixels, max_pixels); unset: None
-    options: dict[str, Any] = field(default_factory=dict, metadata=_meta("family_options"))
+    options: dict[str, Any] = field(default_factory=dict, metadata={"flag": "family_options", "cli": False})
 
 
 @dataclass
 class OptimizerConfig:
     """AdamW, cosine with warmup, the batch and the seed."""
 
-    epochs: int = 3  # passes over the training rows
-    max_steps: int = 0  # stop after this many optimizer steps (the schedule ends there); 0 = all epochs
-    batch_size: int = 64  # global samples per optimizer step (a DeQA-Score sample is a pair of images)
-    grad_accum: int = 1  # micro batches per optimizer step
-    lr: float = 2e-5  # peak learning rate
-    weight_decay: float = 0.0  # AdamW's, on matrices only (none on biases and norms)
-    warmup_ratio: float = 0.03  # fraction of the steps of linear warmup
-    max_grad_norm: float = 1.0  # gradient clipping (HF Trainer's default, which the reference ran with); 0 = off
-    seed: int = 42  # order, pairs, questions and initializations (HF Trainer's default seed)
-    strategy: str = "auto"  # under torchrun: auto (ddp for LoRA, else fsdp), ddp or fsdp
+    panel: ClassVar[str] = "Optimization"
+    epochs: int = option(3, "Passes over the training rows.", metavar="N")
+    max_steps: int = option(0, "Stop after N optimizer steps (the LR schedule ends there); 0: all epochs.", metavar="N")
+    batch_size: int = option(
+        64, "Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair).", metavar="N"
+    )
+    grad_accum: int = option(1, "Micro batches accumulated per optimizer step.", metavar="N")
+    lr: float = option(2e-5, "Peak learning rate (AdamW, cosine decay).", metavar="LR")
+    weight_decay: float = option(0.0, "AdamW weight decay (none on biases/norms).", metavar="X")
+    warmup_ratio: float = option(0.03, "Fraction of steps of linear warmup.", metavar="X")
+    max_grad_norm: float = option(
+        1.0, "Gradient clipping norm (HF Trainer's default, which the reference ran with); 0: off.", metavar="X"
+    )
+    seed: int = option(42, "Seed of order, pairs, questions and initializations.", metavar="N")
+    strategy: str = option(
+        "auto", "Under torchrun: auto (ddp for --lora, else fsdp), ddp, fsdp.", metavar="STRATEGY",
+        completion="strategies",
+    )  # fmt: skip
 
 
 @dataclass
 class LoRAConfig:
     """LoRA adapters on the language model instead of training all its weights."""
 
-    enabled: bool = field(default=False, metadata=_meta("lora"))
-    r: int = field(default=128, metadata=_meta("lora_r"))  # rank
-    alpha: float = field(default=256.0, metadata=_meta("lora_alpha"))  # scale alpha / r
-    dropout: float = field(default=0.05, metadata=_meta("lora_dropout"))  # on the LoRA input
-    # module-name suffixes; None: the reference's
-    targets: list[str] | None = field(default=None, metadata=_meta("lora_targets"))
+    panel: ClassVar[str] = "LoRA"
+    enabled: bool = option(False, "Train LoRA adapters on the LLM instead of all its weights.", flag="lora")
+    r: int = option(128, "LoRA rank.", flag="lora_r", metavar="N")
+    alpha: float = option(256.0, "LoRA alpha (scale alpha / r).", flag="lora_alpha", metavar="X")
+    dropout: float = option(0.05, "Dropout on the LoRA input.", flag="lora_dropout", metavar="P")
+    targets: list[str] | None = option(None, _lora_targets_help(), flag="lora_targets", metavar="NAMES")
 
 
 @dataclass
 class LossConfig:
     """Loss weights and variants (`iqa_cli.losses`); None: the method's default (`objectives`)."""
 
-    w_fid: float | None = None  # fidelity (DeQA-Score's pair loss)
-    w_tok: float | None = None  # the token losses (CE + KL)
-    w_kl: float | None = None  # soft-label KL, relative to CE
-    w_in_level: float = 0.0  # DeQA-Score's optional in-level loss
-    fid_std: str = "fixed"  # predicted std in the fidelity loss: "fixed" (1, reference default) | "predicted" (paper)
-    detach_pred_std: bool = True  # no gradient through a predicted std
-    closed_set: bool = True  # level softmax over the K levels (closed) or the vocabulary (open)
-    w_mse: float = 1.0  # Q-Scorer: regression MSE, relative to CE
-    mse_clamp: bool = True  # Q-Scorer: the reference clamps the regressor output to [0, 5] inside the MSE
-    w_nin: float = 0.0  # Q-Scorer: norm-in-norm loss (paper: 0.5)
-    w_rank: float = 0.0  # Q-Scorer: pairwise ranking loss
-    rank_margin: float = 0.0  # Q-Scorer: margin of the ranking loss
+    panel: ClassVar[str] = "Loss"
+    w_fid: float | None = option(None, "Fidelity loss weight [deqa 1, qscorer 0].", metavar="W")
+    w_tok: float | None = option(
+        None, "Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1].", metavar="W"
+    )
+    w_kl: float | None = option(None, "Soft-label KL weight, relative to CE [deqa 1, qscorer 0].", metavar="W")
+    w_in_level: float = option(0.0, "DeQA-Score's optional in-level loss weight.", metavar="W")
+    fid_std: str = option(
+        "fixed", "Predicted std in the fidelity loss: fixed (1, the reference's) or predicted (the paper's).",
+        metavar="MODE",
+    )  # fmt: skip
+    detach_pred_std: bool = option(
+        True, "No gradient through a predicted std.", switch="--detach-pred-std/--no-detach-pred-std"
+    )
+    closed_set: bool = option(
+        True, "Level softmax over the K levels (closed) or the vocabulary (open).", switch="--closed-set/--open-set"
+    )
+    w_mse: float = option(1.0, "qscorer: regression MSE weight (relative to CE).", metavar="W")
+    mse_clamp: bool = option(
+        True, "qscorer: clamp the regressor to [0, 5] in the MSE (reference).", switch="--mse-clamp/--no-mse-clamp"
+    )
+    w_nin: float = option(0.0, "qscorer: norm-in-norm loss weight (paper: 0.5).", metavar="W")
+    w_rank: float = option(0.0, "qscorer: pairwise ranking loss weight.", metavar="W")
+    rank_margin: float = option(0.0, "qscorer: margin of the ranking loss.", metavar="X")
 
 
 @dataclass
 class EvalConfig:
     """In-loop evaluation on the metas' test split."""
 
-    every: int = field(default=0, metadata=_meta("eval_every", control=True))  # optimizer steps; 0 = only at the end
-    enabled: bool = field(default=True, metadata=_meta("evaluate", control=True))  # evaluate at the end
-    batch_size: int = field(default=16, metadata=_meta("eval_batch_size", control=True))  # images per batch and rank
+    panel: ClassVar[str] = "Evaluation"
+    every: int = option(
+        0, "Evaluate on the test split every N steps; 0: at the end only.", flag="eval_every", metavar="N",
+        control=True,
+    )  # fmt: skip
+    enabled: bool = option(
+        True, "Evaluate on the test split at the end.", flag="evaluate", switch="--eval/--no-eval", control=True
+    )
+    batch_size: int = option(
+        16, "Images per evaluation batch (per rank).", flag="eval_batch_size", metavar="N", control=True
+    )
 
 
 @dataclass
 class CheckpointConfig:
     """When resumable checkpoints are written and what stays at the end."""
 
-    # optimizer steps; 0 = at the end of each epoch only
-    every: int = field(default=0, metadata=_meta("save_every", control=True))
-    # also after this long since the last; 0 = off
-    minutes: float = field(default=30.0, metadata=_meta("save_minutes", control=True))
-    # keep the last checkpoint when done
-    keep: bool = field(default=False, metadata=_meta("keep_checkpoints", control=True))
-    merge: bool = field(default=False, metadata=CONTROL)  # LoRA: also write OUT/merged, a full checkpoint
+    panel: ClassVar[str] = "Checkpoints"
+    every: int = option(
+        0, "Checkpoint every N steps (always at each epoch end).", flag="save_every", metavar="N", control=True
+    )
+    minutes: float = option(
+        30.0, "Also checkpoint when this many minutes passed since the last one; 0: off.", flag="save_minutes",
+        metavar="MINUTES", control=True,
+    )  # fmt: skip
+    keep: bool = option(False, "Keep the last checkpoint when done.", flag="keep_checkpoints", control=True)
+    merge: bool = option(False, "--lora: also write OUT/merged, a full checkpoint.", control=True)
 
 
 @dataclass
 class ControlConfig:
     """How this invocation runs; none of it changes what is trained."""
 
-    device: str = field(default="auto", metadata=CONTROL)  # auto, cpu, cuda or cuda:N
-    workers: int | None = field(default=None, metadata=CONTROL)  # image decoding processes per rank; None: cores - 1
-    resume: bool = field(default=False, metadata=CONTROL)  # require resuming an interrupted run
-    overwrite: bool = field(default=False, metadata=CONTROL)  # discard a run in --out and start over
-    # another run on the same --out: wait for it instead of refusing
-    wait: bool = field(default=False, metadata=CONTROL)
-    quiet: bool = field(default=False, metadata=CONTROL)  # no progress or per-step messages
+    panel: ClassVar[str] = "Run"
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", metavar="DEVICE", control=True, completion="devices")
+    workers: int | None = option(
+        None, "Image decoding processes per rank [default: cores - 1].", metavar="N", control=True
+    )
+    resume: bool = option(False, "Require resuming an interrupted run in OUT.", control=True)
+    overwrite: bool = option(False, "Discard a run in OUT and start over.", control=True)
+    wait: bool = option(False, "If another run trains into the same --out, wait for it to end.", control=True)
+    quiet: bool = option(False, "No progress or per-step messages.", short="-q", control=True)
 
 
 SECTIONS = ("data", "model", "optim", "lora", "loss", "eval", "checkpoint", "control")
@@ -151,8 +237,14 @@ SECTIONS = ("data", "model", "optim", "lora", "loss", "eval", "checkpoint", "con
 class TrainConfig:
     """Everything `iqa train` needs."""
 
-    out: Path = field(metadata=CONTROL)  # the run directory: checkpoints, log, then the final model
-    method: str = "deqa"  # the objective: deqa, qalign or qscorer (`objectives`)
+    panel: ClassVar[str] = "Run"
+    out: Path = option(
+        help="Run directory: checkpoints, log, then the final model.", metavar="DIR", required=True, short="-o",
+        control=True,
+    )  # fmt: skip
+    method: str = option(
+        "deqa", "deqa (soft labels + fidelity), qalign or qscorer.", metavar="METHOD", completion="methods"
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -190,6 +282,8 @@ class TrainConfig:
 
     def weights(self) -> dict[str, float]:
         """w_fid, w_tok and w_kl with the method's defaults filled in."""
+        from iqa_cli.training.objectives import OBJECTIVES
+
         defaults = OBJECTIVES[self.method].default_weights
         given = {k: getattr(self.loss, k) for k in defaults}
         return {k: float(given[k] if given[k] is not None else v) for k, v in defaults.items()}
@@ -197,6 +291,8 @@ class TrainConfig:
     @property
     def paired(self) -> bool:
         """DeQA-Score forwards (A, B) pairs for its fidelity term; without that term single images suffice."""
+        from iqa_cli.training.objectives import OBJECTIVES
+
         return OBJECTIVES[self.method].paired(self.weights())
 
 
@@ -219,6 +315,8 @@ RUN_CONTROL_FIELDS = _control_fields() | {"data_fingerprint"}
 
 def validate(config: TrainConfig) -> None:
     """Checks every option before anything is loaded."""
+    from iqa_cli.training.objectives import METHODS
+
     optim, lora, loss, data = config.optim, config.lora, config.loss, config.data
     every = (config.eval.every, config.checkpoint.every, config.checkpoint.minutes)
     checks = [
