@@ -11,8 +11,10 @@ from rich.console import Console
 
 from iqa_cli import __version__, completion
 from iqa_cli.cli_options import with_config_options, with_model_options
+from iqa_cli.constants import DEFAULT_PORT
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec
+from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.training.config import TrainConfig
 
 app = typer.Typer(
@@ -255,109 +257,18 @@ def train(options: dict | None = None, family: ModelSpec | None = None) -> None:
 # --- score ---------------------------------------------------------------------------------------
 @app.command()
 @with_model_options()
-def score(
-    inputs: list[str] | None = typer.Argument(
-        None,
-        metavar="PATH",
-        help="Image folders (searched recursively, hidden files skipped) and image files; or WebDataset .tar "
-        "shards and Parquet files (globs, {00000..00999} ranges).",
-        show_default=False,
-    ),
-    out: str = typer.Option(
-        ...,
-        "--out",
-        "-o",
-        metavar="FILE",
-        help="Output file (.parquet, .csv or .jsonl), or DIR/ for one Parquet file per input shard.",
-    ),
-    from_file: str | None = typer.Option(
-        None,
-        "--from",
-        metavar="FILE",
-        help="List of images: CSV/TSV/Parquet with an image/path/file column, or one path per line.",
-    ),
-    from_column: str | None = typer.Option(
-        None, "--from-column", metavar="COLUMN", help="Column of --from holding the paths."
-    ),
-    root: str | None = typer.Option(
-        None,
-        "--root",
-        metavar="DIR",
-        help="Folder that relative --from paths are under; images are named relative to it.",
-    ),
-    model: ModelSpec = None,  # its flags: @with_model_options
-    device: str = typer.Option(
-        "auto", "--device", metavar="DEVICE", autocompletion=completion.devices, help="auto, cpu, cuda or cuda:N."
-    ),
-    batch_size: str = typer.Option(
-        "auto", "--batch-size", metavar="N", help="Images per model call, or auto (halves on CUDA OOM)."
-    ),
-    workers: int | None = typer.Option(
-        None,
-        "--workers",
-        metavar="N",
-        help="Decoding processes [default: one per core, at most 8]; 0 decodes in the main process.",
-    ),
-    fast_decode: bool = typer.Option(
-        False,
-        "--fast-decode",
-        help="Decode JPEGs at a 1/2-1/8 DCT scale still larger than the model's input and resize with torch's "
-        "vectorized filter: faster, not the reference's pixels (scores move slightly; see README).",
-    ),
-    fmt: str | None = typer.Option(
-        None,
-        "--format",
-        metavar="FORMAT",
-        autocompletion=completion.formats,
-        help="parquet, csv or jsonl [default: from the --out suffix].",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or interrupted run."),
-    wait: bool = typer.Option(False, "--wait", help="If another run writes the same --out, wait for it to end."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
-    image_col: str | None = typer.Option(
-        None,
-        "--image-col",
-        metavar="COLUMN",
-        help="Image column of Parquet inputs: bytes or {bytes, path} [default: image].",
-        show_default=False,
-    ),
-    keep: str | None = typer.Option(
-        None,
-        "--keep",
-        metavar="COL,...",
-        help="Input columns (Parquet, shard metadata, json members) copied into the rows.",
-        show_default=False,
-    ),
-) -> None:
+@with_config_options(ScoreConfig, into="options")
+def score(options: dict | None = None, model: ModelSpec | None = None) -> None:  # flags: the decorators
     """Score images into a Parquet file: one row per image with score, std, level probabilities and errors.
 
     An interrupted run (Ctrl-C, kill, crash) resumes when the same command is run again; finished images
     are kept in OUT.parts/ until the output is written. Under torchrun, ranks split the images.
     """
-    from pathlib import Path
-
-    from iqa_cli.scoring.config import ScoreConfig, ScoreInterrupted
+    from iqa_cli.scoring.config import ScoreInterrupted
     from iqa_cli.scoring.driver import score_images
 
-    config = ScoreConfig(
-        out=Path(out),
-        out_dir=out.endswith(("/", "\\")),  # --out scores/: one Parquet file per input shard
-        image_col=image_col,
-        keep=[c.strip() for c in (keep or "").split(",") if c.strip()],
-        inputs=list(inputs or []),
-        from_file=Path(from_file) if from_file else None,
-        from_column=from_column,
-        root=Path(root) if root else None,
-        model=model,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        fast_decode=fast_decode,
-        format=fmt,
-        overwrite=overwrite,
-        wait=wait,
-        quiet=quiet,
-    )
+    config = ScoreConfig(**options, model=model)
+    out, quiet = options["out"], config.quiet
     if not config.inputs and config.from_file is None:
         raise UserError("no inputs: give image folders or files, or --from FILE")
     try:
@@ -485,7 +396,9 @@ def entry() -> None:
 def serve(
     model: ModelSpec = None,  # its flags: @with_model_options
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on."),
-    port: int = typer.Option(18086, "--port", metavar="PORT", help="Port (Flow-GRPO's reward client uses 18086)."),
+    port: int = typer.Option(
+        DEFAULT_PORT, "--port", metavar="PORT", help=f"Port (Flow-GRPO's reward client uses {DEFAULT_PORT})."
+    ),
     devices: str = typer.Option(
         "auto",
         "--devices",

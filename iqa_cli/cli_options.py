@@ -65,32 +65,38 @@ def with_model_options(
     return decorate
 
 
-# --- a config's fields as flags (`iqa train`) -----------------------------------------------------------------
+# --- a config's fields as flags (`iqa train`, `iqa score`) -------------------------------------------------------
 
-_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": str, "list[str]": str, "list[int]": str}
-
-
-def _kind(annotation: str) -> tuple[type, bool, str]:
-    """(flag type, whether None is allowed, the field's own type name) from a field's annotation text."""
-    name = annotation.removesuffix(" | None")
-    return _TYPES[name], annotation.endswith(" | None"), name
+# a field's annotation -> the flag's type (lists and paths are typed as text and parsed by `_parse`)
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": str, "list[str]": str, "list[int]": str,
+          "int | str": str}  # fmt: skip
 
 
 def config_fields(config_cls: type) -> list[tuple[dataclasses.Field, str]]:
-    """(field, panel) of every flag of a nested config: its own fields, then each section's, in order."""
+    """(field, panel) of every flag of a config: its own fields, then each section's (a nested dataclass), in order."""
     found = []
     for f in dataclasses.fields(config_cls):
+        if not f.metadata.get("cli", True):
+            continue
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            found += [(g, f.default_factory.panel) for g in dataclasses.fields(f.default_factory)]
+            found += [
+                (g, g.metadata.get("panel") or f.default_factory.panel) for g in dataclasses.fields(f.default_factory)
+            ]
         else:
-            found.append((f, config_cls.panel))
+            found.append((f, f.metadata.get("panel") or config_cls.panel))
     return [(f, panel) for f, panel in found if f.metadata.get("cli", True)]
 
 
 def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Parameter]:
     meta = f.metadata
     name = meta.get("flag") or f.name
-    kind, optional, own = _kind(f.type)
+    own = f.type.removesuffix(" | None")
+    if meta.get("argument"):  # positional, any number (`iqa score PATH...`)
+        typer_param: Any = typer.Argument(
+            None, metavar=meta.get("metavar"), help=meta.get("help"), show_default=False, rich_help_panel=panel
+        )
+        return "arguments", inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer_param,
+                                              annotation=list[str] | None)  # fmt: skip
     if meta.get("required"):
         default: Any = ...
     elif f.default_factory is not dataclasses.MISSING:
@@ -99,7 +105,7 @@ def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Pa
     else:
         default = f.default
     flags = [meta.get("switch") or "--" + name.replace("_", "-"), *([meta["short"]] if meta.get("short") else [])]
-    typer_option = typer.Option(
+    typer_param = typer.Option(
         default,
         *flags,
         metavar=meta.get("metavar"),
@@ -108,14 +114,18 @@ def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Pa
         rich_help_panel=panel,
         show_default=default is not None and default is not ... and default is not False,
     )
-    annotation = kind | None if optional or default is None else kind
-    return own, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer_option, annotation=annotation)
+    kind = _TYPES[own]
+    annotation = kind | None if f.type.endswith(" | None") or default is None else kind
+    parameter = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer_param, annotation=annotation)
+    return ("str" if meta.get("raw") else own), parameter
 
 
 def _parse(name: str, own: str, value: Any) -> Any:
-    """A flag's text as the config field's type: comma-separated lists, paths."""
-    if value is None or own not in ("Path", "list[str]", "list[int]"):
+    """A flag's text as the config field's type: comma-separated lists, paths (positional arguments as given)."""
+    if value is None or own not in ("Path", "list[str]", "list[int]", "arguments"):
         return value
+    if own == "arguments":
+        return list(value)
     if own == "Path":
         return Path(value)
     items = [item.strip() for item in value.split(",") if item.strip()]
@@ -129,9 +139,12 @@ def _parse(name: str, own: str, value: Any) -> Any:
 
 
 def with_config_options(config_cls: type, *, into: str) -> Callable[[Callable], Callable]:
-    """Adds one flag per field of a nested config dataclass (`iqa_cli.training.config.option` declares each: help,
-    default, metavar, panel) to a command; the parsed values reach it as a dict of flat option names in `into`."""
-    declared = [_config_parameter(f, panel) for f, panel in config_fields(config_cls)]
+    """Adds one flag per field of a config dataclass (`iqa_cli.option_field.option` declares each: help, default,
+    metavar, panel; a nested config's sections too) to a command; the parsed values reach it as a dict of option
+    names in `into`."""
+    fields = config_fields(config_cls)
+    declared = [_config_parameter(f, panel) for f, panel in fields]
+    factory_made = {f.metadata.get("flag") or f.name for f, _ in fields if f.default_factory is not dataclasses.MISSING}
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)
@@ -140,6 +153,7 @@ def with_config_options(config_cls: type, *, into: str) -> Callable[[Callable], 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             values = {p.name: _parse(p.name, own, kwargs.pop(p.name)) for own, p in declared}
+            values = {k: v for k, v in values.items() if v is not None or k not in factory_made}  # their defaults
             return command(**kwargs, **{into: values})
 
         parameters = [*kept, *(p for _, p in declared)]

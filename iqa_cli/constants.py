@@ -6,6 +6,7 @@ the family's folder (`iqa_cli.models.<family>`).
 
 DEFAULT_MODEL = "zhiyuanyou/DeQA-Score-Mix3"  # what `iqa score` and `Scorer.from_pretrained()` load by default
 RUN_FILE = "iqa.json"  # written by `iqa train` next to the weights: how the model is to be scored
+DEFAULT_PORT = 18086  # `iqa serve`: Flow-GRPO's `deqa_score_remote` posts to http://127.0.0.1:18086
 IGNORE_INDEX = -100  # label value the token losses skip (the convention of torch's cross_entropy)
 
 # The question and response of the papers' scoring prompt (DeQA-Score `src/evaluate/iqa_eval.py`).

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,39 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(Path(root))
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Writes through a temporary `.NAME.PID.tmp` beside `path`, fsynced, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
+def publish(tmp: Path, path: Path) -> None:
+    """Makes a finished temporary file or folder `path`, durably: its data fsynced, renamed over `path`, the
+    rename fsynced. Every atomic write of iqa ends here."""
+    if tmp.is_dir():
+        fsync_tree(tmp)
+    else:
+        fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before `publish`: a hidden `.NAME.PID.tmp` beside it (a reader of the folder skips
+    it; a run that died leaves one that the next run of the same output removes)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yields the temporary path to write `path` through; published when the block ends, removed if it raises:
+    `path` is then complete, or as it was."""
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """`data` to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def directory_fingerprint(model: str | Path) -> str | None:

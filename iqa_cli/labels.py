@@ -114,7 +114,7 @@ def level_names(k: int = 5, names: str | Sequence[str] | None = None) -> list[st
 
 
 def score_range(mos: np.ndarray) -> tuple[float, float]:
-    """min/max of a MOS column, the range DESIGN.md normalizes by."""
+    """min/max of a MOS column, the range scores are normalized by (docs/METHOD.md, "Scores")."""
     mos = np.asarray(mos, dtype=np.float64)
     if mos.size == 0:
         raise UserError("no scores to normalize")

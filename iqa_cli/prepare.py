@@ -6,8 +6,8 @@ normalize to [1, 5], assign train/test (a split file, or a seeded split by refer
 dataset has one), optionally check the image files (rows whose image is missing are dropped, or fail with
 `strict`; min/max stay those of every usable MOS, so the other rows' labels do not depend on it), build
 one-hot and soft labels (`iqa_cli.labels`, the reference rule unless `label_rule="renormalized"`), and write
-the Parquet meta of DESIGN.md atomically. The label statistics of the paper's Tables 1-2 and of the
-reference `gen_soft_label.py` come back in the result.
+the Parquet meta of docs/METHOD.md ("Files iqa writes") atomically. The label statistics of the paper's
+Tables 1-2 and of the reference `gen_soft_label.py` come back in the result.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from iqa_cli import __version__, labels
 from iqa_cli.datasets import DATASETS, ReadOptions, get_dataset
 from iqa_cli.errors import UserError
+from iqa_cli.files import atomic_file
 from iqa_cli.paths import resolve_data_dir
 
 if TYPE_CHECKING:
@@ -355,15 +356,12 @@ def write_meta(frame: pd.DataFrame, soft_label: np.ndarray, metadata: dict[str, 
     table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
     if out.is_dir():
         raise UserError(f"--out names a directory: {out}")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            pq.write_table(table, tmp)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:

@@ -85,3 +85,17 @@ def run_then_exit(main: Callable[[], object]) -> NoReturn:
         with contextlib.suppress(Exception):  # a closed pipe: nothing more can be said there
             stream.flush()
     os._exit(code)
+
+
+MAX_WORKERS = 8  # default DataLoader workers of a rank: one per core it may use, at most this many
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a scheduler or `taskset` set it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_workers(local_world_size: int = 1, *, keep_free: int = 0) -> int:
+    """Decoding processes of one rank: its share of the cores less `keep_free` (the training loop keeps one for
+    itself; scoring's model threads take what the workers leave), at most MAX_WORKERS, at least 1 - keep_free."""
+    return max(1 - keep_free, min(MAX_WORKERS, cores() // max(1, local_world_size) - keep_free))

@@ -23,7 +23,7 @@ WIDE = {"COLUMNS": "400"}
 
 
 def write_meta(path: Path, frame: pd.DataFrame, metadata: dict[str, str] | None = None) -> Path:
-    """A meta as `iqa prepare` writes it: the DESIGN.md columns plus key-value metadata."""
+    """A meta as `iqa prepare` writes it: the columns of docs/METHOD.md plus key-value metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)
     kv = {"image_root": IMAGE_ROOT, "level_names": "bad,poor,fair,good,excellent", "density": "pdf"}
     kv.update(metadata or {})
@@ -32,7 +32,7 @@ def write_meta(path: Path, frame: pd.DataFrame, metadata: dict[str, str] | None 
 
 
 def write_predictions(path: Path, images: list[str], score, std, error=None, score_reg=None) -> Path:
-    """Predictions as `iqa score` writes them (DESIGN.md "Files iqa writes")."""
+    """Predictions as `iqa score` writes them (docs/METHOD.md, "Files iqa writes")."""
     n = len(images)
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(5), size=n).astype(np.float32)

@@ -323,7 +323,7 @@ def test_crash_before_the_output_is_assembled_resumes_without_the_model(folder, 
 
     def killed_mid_assembly(out_path, fmt, unit_files, schema, metadata):
         next(iter(unit_files))
-        out_path.with_name(f".{out_path.name}.tmp-99999").write_bytes(b"half a file")
+        out_path.with_name(f".{out_path.name}.99999.tmp").write_bytes(b"half a file")
         raise Crash
 
     with monkeypatch.context() as patch:

@@ -7,12 +7,13 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from iqa_cli import interrupts
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec
+from iqa_cli.option_field import option
 from iqa_cli.paths import check_output_dir, check_output_file
-from iqa_cli.scoring.output import output_format, standard_columns
 from iqa_cli.sources import SourceOptions
 
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
@@ -20,31 +21,80 @@ AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`;
 
 @dataclass
 class ScoreConfig:
-    """Everything `iqa score` was asked to do."""
+    """Everything `iqa score` was asked to do; each field declares its flag (`iqa_cli.option_field.option`)."""
 
-    out: Path
-    inputs: list[str] = field(default_factory=list)  # folders, files, shards, Parquet files, patterns
-    from_file: Path | None = None  # --from: CSV/TSV/Parquet with a path column, or one path per line
-    from_column: str | None = None
-    root: Path | None = None
-    model: ModelSpec = field(default_factory=ModelSpec)  # which model and how (a repo id or folder: its defaults)
-    device: str = "auto"
-    batch_size: int | str = "auto"  # positive int or "auto"
-    workers: int | None = None  # DataLoader processes; None = one per core (at most 8) per local rank
-    fast_decode: bool = False  # JPEGs decoded at a smaller DCT scale, torch's resize (not the reference's pixels)
-    format: str | None = None  # parquet|csv|jsonl; None = from the suffix of `out`, else parquet
-    overwrite: bool = False
-    wait: bool = False  # another run on the same --out: wait for it instead of refusing
-    quiet: bool = False
-    flush_rows: int = 65536  # write the rows of unfinished units when they are this many ...
-    flush_seconds: float = 30.0  # ... or after this many seconds, whichever comes first
-    image_col: str | None = None  # --image-col: the image column of Parquet inputs (default "image")
-    keep: list[str] = field(default_factory=list)  # --keep: input columns copied into the output rows
-    out_dir: bool = False  # --out DIR/: one Parquet file per input shard, Parquet file or run of images
+    panel: ClassVar[str] = "Run"
+    out: Path = option(
+        help="Output file (.parquet, .csv or .jsonl), or DIR/ for one Parquet file per unit of the input (a shard, "
+        "a Parquet file, a run of images).",
+        metavar="FILE",
+        required=True,
+        short="-o",
+        raw=True,
+        panel="Output",
+    )
+    inputs: list[str] = option(
+        help="Image folders (searched recursively, hidden files skipped) and image files; or WebDataset .tar shards "
+        "and Parquet files (globs, {00000..00999} ranges).",
+        metavar="PATH",
+        argument=True,
+        default_factory=list,
+    )
+    from_file: Path | None = option(
+        None,
+        "List of inputs: CSV/TSV/Parquet with an image/path/file column, or one path (or shard) per line.",
+        switch="--from",
+        metavar="FILE",
+        panel="Input",
+    )
+    from_column: str | None = option(None, "Column of --from holding the paths.", metavar="COLUMN", panel="Input")
+    root: Path | None = option(
+        None, "Folder that relative --from paths are under; images are named relative to it.", metavar="DIR",
+        panel="Input",
+    )  # fmt: skip
+    image_col: str | None = option(
+        None, "Image column of Parquet inputs: bytes or {bytes, path} [default: image].", metavar="COLUMN",
+        panel="Input",
+    )  # fmt: skip
+    keep: list[str] = option(
+        help="Input columns (Parquet, shard metadata, json members) copied into the rows.",
+        metavar="COL,...",
+        panel="Input",
+        default_factory=list,
+    )
+    model: ModelSpec = option(cli=False, default_factory=ModelSpec)  # which model and how: `--model` and the rest
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", metavar="DEVICE", completion="devices", panel="Speed")
+    batch_size: int | str = option(
+        "auto", "Images per model call, or auto (64 on CUDA, settled to fit; 16 on the CPU).", metavar="N",
+        panel="Speed",
+    )  # fmt: skip
+    workers: int | None = option(
+        None, "Decoding processes [default: one per core, at most 8]; 0 decodes in the main process.", metavar="N",
+        panel="Speed",
+    )  # fmt: skip
+    fast_decode: bool = option(
+        False,
+        "Decode JPEGs at a 1/2-1/8 DCT scale still larger than the model's input and resize with torch's "
+        "vectorized filter: faster, not the reference's pixels (scores move slightly; see README).",
+        panel="Speed",
+    )
+    format: str | None = option(
+        None, "parquet, csv or jsonl [default: from the --out suffix].", metavar="FORMAT", completion="formats",
+        panel="Output",
+    )  # fmt: skip
+    overwrite: bool = option(False, "Replace an existing output or interrupted run.", panel="Output")
+    wait: bool = option(False, "If another run writes the same --out, wait for it to end.")
+    quiet: bool = option(False, "No progress bar or summary.", short="-q")
+    flush_rows: int = option(65536, cli=False)  # write the rows of unfinished units when they are this many ...
+    flush_seconds: float = option(30.0, cli=False)  # ... or after this many seconds, whichever comes first
+    out_dir: bool = option(False, cli=False)  # --out DIR/ (a trailing slash): one Parquet file per unit
 
     def __post_init__(self) -> None:
         if isinstance(self.model, (str, Path)):
             self.model = ModelSpec(str(self.model))
+        if isinstance(self.out, str):  # as typed: `scores/` asks for a folder
+            self.out_dir = self.out_dir or self.out.endswith(("/", "\\"))
+            self.out = Path(self.out)
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.from_file, self.from_column, self.root, self.image_col, list(self.keep))
@@ -65,6 +115,8 @@ def check(config: ScoreConfig) -> CheckedOptions:
     Raises:
         UserError: the first mistake found.
     """
+    from iqa_cli.scoring.output import output_format, standard_columns
+
     out = Path(config.out)
     directory = config.out_dir or out.is_dir()
     if directory:

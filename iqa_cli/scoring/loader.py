@@ -22,18 +22,10 @@ import torch
 
 from iqa_cli.batch_buffer import BatchPool
 from iqa_cli.errors import UserError
+from iqa_cli.process import cores
 from iqa_cli.sources import Sample, Source, SourceError
 
 PREFETCH = 2  # batches each DataLoader worker builds ahead
-MAX_WORKERS = 8  # default DataLoader workers per local rank: one per core, at most this many
-
-
-def default_workers(local_world_size: int = 1) -> int:
-    return max(1, min(MAX_WORKERS, cores() // local_world_size))
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def model_threads(device: torch.device, workers: int, local_world_size: int, current: int) -> int | None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from iqa_cli.errors import UserError
+from iqa_cli.process import default_workers
 from iqa_cli.progress import NullBar, ProgressBar
 from iqa_cli.scoring.config import AUTO_BATCH, interruptible
 from iqa_cli.scoring.loader import (
@@ -23,7 +24,6 @@ from iqa_cli.scoring.loader import (
     batch_pool,
     data_loader,
     decoding,
-    default_workers,
     device_batches,
     intra_op_threads,
     model_threads,

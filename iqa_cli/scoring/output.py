@@ -10,7 +10,6 @@ columns of shards and Parquet inputs). The output is assembled from the finished
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iqa_cli.errors import UserError
-from iqa_cli.files import atomic_write, fsync_dir, fsync_file
+from iqa_cli.files import atomic_file, atomic_write, fsync_dir
 
 FORMATS = ("parquet", "csv", "jsonl")
 SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -161,13 +160,12 @@ def write_output(
     out: Path, fmt: str, chunks: Iterator[pa.Table], schema: pa.Schema, metadata: dict[str, str]
 ) -> tuple[int, int, list[tuple[str, str]]]:
     """Writes the merged rows to `out` atomically; returns (rows, failed rows, first few failures)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a merge that was killed
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by an assembly that was killed
         stale.unlink(missing_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     rows = failed = 0
     first_errors: list[tuple[str, str]] = []
     schema = schema.with_metadata(metadata)
-    try:
+    with atomic_file(out) as tmp:
         with _OutputWriter(tmp, fmt, schema) as writer:
             for chunk in chunks:
                 chunk = chunk.cast(schema)
@@ -178,14 +176,9 @@ def write_output(
                     names, reasons = chunk.column("image").to_pylist(), errors.to_pylist()
                     first_errors += [(n, e) for n, e in zip(names, reasons, strict=True) if e is not None][:5]
                 writer.write(chunk)
-        fsync_file(tmp)
         if fmt != "parquet":  # with the row count, which a Parquet footer has and a text file does not
             text = json.dumps({**metadata, "rows": str(rows)}, indent=1, sort_keys=True)
             atomic_write(meta_path(out), text.encode())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows, failed, first_errors[:5]
 
 
@@ -366,12 +359,6 @@ def recorded_rows(out: Path, fmt: str) -> int:
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """`table` to `path` as Parquet (zstd): temporary name, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """`table` to `path` as Parquet (zstd) through `files.atomic_file`."""
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=OUTPUT_ROW_GROUP)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)

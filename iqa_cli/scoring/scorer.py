@@ -25,6 +25,7 @@ from iqa_cli.constants import DEFAULT_MODEL, RUN_FILE
 from iqa_cli.distributed import resolve_device
 from iqa_cli.errors import UserError
 from iqa_cli.labels import QUALITY_NAMES as DEFAULT_LEVEL_NAMES
+from iqa_cli.model_options import DTYPE_ALIASES, DTYPES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from iqa_cli.models.backbone import Backbone, VisualInputs
 
 
-# Where the Q-Scorer MLP reads its hidden state (DESIGN.md, "Q-Scorer"):
+# Where the Q-Scorer MLP reads its hidden state (docs/METHOD.md, "Q-Scorer"):
 #   "appended": one greedy token over the whole vocabulary is appended and the MLP reads the final-norm
 #               hidden state at that token (how the authors score the released checkpoint);
 #   "last":     the MLP reads the hidden state at the last input position, the one that predicts the score
@@ -52,7 +53,7 @@ class Readout:
 
     @property
     def centers(self) -> torch.Tensor:
-        """Level centers evenly spaced over [1, 5] (DESIGN.md, "Levels")."""
+        """Level centers evenly spaced over [1, 5] (docs/METHOD.md, "Levels")."""
         return torch.linspace(1.0, 5.0, len(self.level_token_ids), dtype=torch.float32)
 
 
@@ -131,7 +132,7 @@ def level_readout(backbone: Backbone, visual: VisualInputs, readout: Readout) ->
     return ScoreBatch(probs=probs, score=mean, std=std, score_reg=score_reg)
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -144,10 +145,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-    name = aliases.get(dtype, dtype)
+    name = DTYPE_ALIASES.get(dtype, dtype)
     if name not in _DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+        raise UserError(f"dtype {dtype!r}: choose {', '.join(DTYPES)}")
     return _DTYPES[name]
 
 

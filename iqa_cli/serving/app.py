@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hmac
 import os
 import pickle
@@ -31,7 +30,7 @@ from iqa_cli.serving.metrics import Metrics, forget_dead_processes
 from iqa_cli.serving.requests import BadRequest, ScoreRequest, decode_image, parse_json, parse_pickle
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start: its supervisor stops then
-SCORE_RANGE = (1, 5)  # level centers span [1, 5] (DESIGN.md, "Levels")
+SCORE_RANGE = (1, 5)  # level centers span [1, 5] (docs/METHOD.md, "Levels")
 REWARD_SCALE = 5.0  # reward-server's `compute_deqascore` answers score / 5; `POST /` does the same
 RETRY_AFTER_S = "1"
 ROUTES = ("/score", "/", "/health", "/metrics")
@@ -50,17 +49,16 @@ def warm_up_image() -> Any:
 
 
 def claim_device(config: ServeConfig) -> tuple[str, Any]:
-    """The first device no live worker holds (a lock file per device; the kernel frees a dead worker's)."""
+    """The first device no live worker holds: a `run_lock` per device, held for the worker's life (the kernel frees
+    a dead worker's, so its replacement takes the same device)."""
+    from iqa_cli.run_lock import RunLock
+
     if len(config.devices) == 1 and not config.lock_dir:
         return config.devices[0], None
     for index, device in enumerate(config.devices):
-        handle = open(Path(config.lock_dir) / f"device-{index}.lock", "w")  # noqa: SIM115 - held for the process
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            continue
-        return device, handle
+        lock = RunLock(Path(config.lock_dir) / f"device-{index}.lock", f"iqa serve worker on {device}")
+        if lock.try_acquire() is None:
+            return device, lock
     raise RuntimeError(f"every device of {config.devices} is held by another worker")
 
 

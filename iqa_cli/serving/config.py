@@ -7,12 +7,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from iqa_cli.constants import DEFAULT_PORT
 from iqa_cli.errors import UserError
 from iqa_cli.images import DEFAULT_MAX_PIXELS
 from iqa_cli.model_options import ModelSpec
 
 CONFIG_ENV = "IQA_SERVE_CONFIG"  # how the supervisor hands the config to the worker processes it spawns
-DEFAULT_PORT = 18086  # Flow-GRPO's `deqa_score_remote` posts to http://127.0.0.1:18086
 
 
 @dataclass

@@ -19,41 +19,13 @@ from typing import Any, ClassVar
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec, family_options
 from iqa_cli.models.backbone import family_package
+from iqa_cli.option_field import option
 from iqa_cli.paths import check_output_dir
 
 LAYOUTS = ("reference", "scoring")  # image first (what the released models trained on) | the scoring prompt's
 STRATEGIES = ("auto", "ddp", "fsdp")
 DEFAULT_TRAIN_MODEL = family_package().DEFAULT_TRAIN_MODEL  # the default family's base model
 DEFAULT_MLP_DIMS = (2048, 1024)
-
-
-def option(
-    default: Any = dataclasses.MISSING,
-    help: str = "",
-    *,
-    flag: str | None = None,
-    metavar: str | None = None,
-    control: bool = False,
-    switch: str | None = None,
-    required: bool = False,
-    short: str | None = None,
-    completion: str | None = None,
-    default_factory: Any = dataclasses.MISSING,
-) -> Any:
-    """A config field that is one `iqa train` flag (`iqa_cli.cli_options` builds the flag from this declaration).
-
-    Args:
-        help: the flag's help text.
-        flag: the option name when it is not the field name (`lora.r` is `--lora-r`).
-        control: may change when a run resumes (how it runs, not what it trains).
-        switch: a boolean's `--on/--off` spelling when it is not `--name`.
-        required: the command line must give it.
-        short: a one-letter alias (`-o`).
-        completion: `iqa_cli.completion`'s completer of its values.
-    """
-    metadata = {"flag": flag, "control": control, "help": help, "metavar": metavar, "switch": switch,
-                "required": required, "short": short, "completion": completion}  # fmt: skip
-    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def _lora_targets_help() -> str:
@@ -113,7 +85,7 @@ class ModelConfig:
         help="qscorer: hidden sizes of the regressor MLP.", metavar="N,N", default_factory=lambda: [*DEFAULT_MLP_DIMS]
     )
     # the model family's own options by name (`iqa_cli.model_options`: Qwen-VL's min_pixels, max_pixels); unset: None
-    options: dict[str, Any] = field(default_factory=dict, metadata={"flag": "family_options", "cli": False})
+    options: dict[str, Any] = option(flag="family_options", cli=False, default_factory=dict)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """AdamW and its schedule, as the reference's HF Trainer builds them: no weight decay on biases and norm
-gains, linear warmup then cosine decay to 0."""
+gains, linear warmup then cosine decay to 0 (transformers' own `get_cosine_schedule_with_warmup`)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ import torch
 from torch import nn
 
 from iqa_cli.errors import UserError
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup over `warmup` steps, then cosine decay to 0 at `total`
-    (transformers' `get_cosine_schedule_with_warmup`, which the reference's Trainer used)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def warmup_steps(total: int, ratio: float) -> int:
@@ -40,7 +31,8 @@ def build_optimizer(
     module: nn.Module, lr: float, weight_decay: float, total: int, warmup_ratio: float
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (betas 0.9/0.999, eps 1e-8) over the trainable parameters and its cosine-with-warmup schedule."""
+    from transformers import get_cosine_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    warm = warmup_steps(total, warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warm))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total, warmup_ratio), total)
     return optimizer, scheduler

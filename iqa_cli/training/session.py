@@ -9,7 +9,6 @@ interrupted run of the same configuration (`training.state`).
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from iqa_cli import distributed
 from iqa_cli.constants import DEFAULT_QUESTION, QUESTIONS
 from iqa_cli.errors import UserError
 from iqa_cli.paths import resolve_data_dir
+from iqa_cli.process import default_workers
 from iqa_cli.training import data as train_data
 from iqa_cli.training import state as train_state
 from iqa_cli.training.config import TrainConfig
@@ -235,16 +235,10 @@ def _logger(session: Session) -> Callable[[str], None]:
     return log
 
 
-def default_workers(env: distributed.DistEnv) -> int:
-    """Image decoding processes per rank: the cores this rank may use, less one for the loop, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, env.local_world_size) - 1))
-
-
 def workers(session: Session) -> int:
-    """--workers, or `default_workers`."""
+    """--workers, or the cores this rank may use, less one for the loop, at most 8."""
     chosen = session.config.control.workers
-    return chosen if chosen is not None else default_workers(session.env)
+    return chosen if chosen is not None else default_workers(session.env.local_world_size, keep_free=1)
 
 
 def autocast(session: Session):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ import torch
 from iqa_cli import __version__, distributed
 from iqa_cli.constants import RUN_FILE
 from iqa_cli.errors import UserError
-from iqa_cli.files import atomic_write, fsync_dir, fsync_tree
+from iqa_cli.files import atomic_write, publish
 from iqa_cli.run_lock import LOCK_NAME  # this run's own lock, taken before the plan
 
 CHECKPOINTS = "checkpoints"
@@ -233,10 +232,8 @@ def save_checkpoint(
     if distributed.rank() == 0:
         trainer = {"progress": asdict(progress), "scheduler": scheduler.state_dict()}
         torch.save(trainer, tmp / TRAINER_FILE)
-        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(run.checkpoints)
+        publish(tmp, final)
         for old in run.checkpoints.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

@@ -335,7 +335,6 @@ def load(
     return backbone
 
 
-FAMILY_NAME = "hf_vlm"
 FAMILIES = {
     model_type: Family(name=model_type, image_token=token, load=load, output_files=OUTPUT_FILES)
     for model_type, token in IMAGE_TOKENS.items()

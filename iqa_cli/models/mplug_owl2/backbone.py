@@ -17,7 +17,7 @@ import torch
 from iqa_cli.batch_buffer import batch_buffer
 from iqa_cli.constants import IGNORE_INDEX, RESPONSE_TEMPLATE
 from iqa_cli.errors import UserError
-from iqa_cli.models.backbone import BackboneOutput, Family, Provenance, VisualInputs
+from iqa_cli.models.backbone import ADAPTER_CONFIG, CONFIG_FILE, BackboneOutput, Family, Provenance, VisualInputs
 from iqa_cli.models.mplug_owl2 import DEFAULT_TRAIN_MODEL, LORA_TARGETS
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
@@ -197,7 +197,7 @@ class MPLUGOwl2Backbone:
         return self.model.deepmlp is not None
 
     def default_scoring(self) -> tuple[str, list[int], str | None]:
-        if self.score_token_ids:  # the released Q-Scorer layout: scored as its authors do (DESIGN.md, "Q-Scorer")
+        if self.score_token_ids:  # the released Q-Scorer layout: scored as its authors do (docs/METHOD.md, "Q-Scorer")
             return QUICKSTART_PROMPT, list(self.score_token_ids), "appended" if self.has_regressor else None
         return DEFAULT_PROMPT, [], "last" if self.has_regressor else None
 
@@ -450,11 +450,11 @@ def wrap(model: MPLUGOwl2ForCausalLM) -> MPLUGOwl2Backbone:
 
 
 OUTPUT_FILES = (
-    "config.json",
+    CONFIG_FILE,
     "model.safetensors",
     "model.safetensors.index.json",
     "model-*-of-*.safetensors",
-    "adapter_config.json",
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     NON_LORA,
     *PROCESSING_FILES,

@@ -34,8 +34,9 @@ from torch import nn
 
 from iqa_cli.errors import UserError
 from iqa_cli.models import hub
+from iqa_cli.models.backbone import ADAPTER_CONFIG, CONFIG_FILE
 from iqa_cli.models.mplug_owl2.abstractor import abstractor_pos_embeds
-from iqa_cli.models.mplug_owl2.config import CONFIG_NAME, MPLUGOwl2Config
+from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM, build_skeleton
 
 DEFAULT_BASE = "MAGAer13/mplug-owl2-llama2-7b"
@@ -43,7 +44,6 @@ SCORE_TOKENS = ("<score1>", "<score2>", "<score3>", "<score4>", "<score5>")  # Q
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA = "non_lora_trainables.bin"
 TOKENIZER_FILE = "tokenizer.model"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -444,7 +444,7 @@ def _load_lora(
     base_src = hub.resolve(base if base is not None else DEFAULT_BASE, None, _META_PATTERNS, what="base model")
     if (base_src.path / ADAPTER_CONFIG).is_file():
         raise UserError(f"base model {base_src.path}: is itself a LoRA adapter; the base must be a full model")
-    config_path = src.path / CONFIG_NAME
+    config_path = src.path / CONFIG_FILE
     config = MPLUGOwl2Config.load(config_path if config_path.is_file() else base_src.path)
     base_files = _weight_files(base_src.path, base_src)
     non_lora: dict[str, torch.Tensor] = {}

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import CONFIG_FILE
 
 MODEL_TYPE = "mplug_owl2"
-CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -229,7 +229,7 @@ class MPLUGOwl2Config:
         """Reads `config.json` (a directory or the file itself)."""
         path = Path(path)
         if path.is_dir():
-            path = path / CONFIG_NAME
+            path = path / CONFIG_FILE
         if not path.is_file():
             raise UserError(f"{path}: no config.json found (is this an mPLUG-Owl2 checkpoint directory?)")
         try:
@@ -242,7 +242,7 @@ class MPLUGOwl2Config:
         """Writes `config.json` into `directory`; returns its path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CONFIG_NAME
+        path = directory / CONFIG_FILE
         path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
         return path
 
