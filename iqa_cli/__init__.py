@@ -19,11 +19,19 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+def lazy_attributes(module_name: str, table: dict[str, str]):
+    """A module's `__getattr__` that imports each name of `table` from its module on first use (and keeps it)."""
+    import importlib
+    import sys
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(table[name]), name)
+        setattr(sys.modules[module_name], name, value)
         return value
-    raise AttributeError(f"module 'iqa_cli' has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_attributes(__name__, _LAZY)

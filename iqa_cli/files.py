@@ -25,11 +25,7 @@ def fsync_file(path: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """Makes a rename or removal in `path` durable; a no-op where the file system cannot fsync a folder."""
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
 
 
 def fsync_tree(folder: Path) -> None:

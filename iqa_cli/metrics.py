@@ -12,6 +12,7 @@ Gaussian gaps), so that training loops can call them on a validation batch as we
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -183,38 +184,41 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray, maxfev: int = 10000) -> L
             None, f"{distinct} distinct predictions; the 4-parameter fit needs at least {MIN_LOGISTIC_ROWS}"
         )
 
-    failures = []
     p0 = [y.max(), y.min(), x.mean(), x.std() / 4.0]
-    try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            params, _ = optimize.curve_fit(logistic_4params, x, y, p0=p0, maxfev=maxfev)
-        why = degenerate_fit(params, x, y) if _usable_fit(params, x) else "a non-finite or flat curve"
-        if why is None:
-            return LogisticFit(tuple(float(p) for p in params), "converged (reference initial values)")
-        failures.append(f"reference start gave {why}")
-    except (RuntimeError, ValueError, FloatingPointError) as exc:
-        failures.append(f"reference start: {' '.join(str(exc).split())}")
-
+    reference = _attempt("reference start", "converged (reference initial values)", x, y,
+                         lambda: optimize.curve_fit(logistic_4params, x, y, p0=p0, maxfev=maxfev)[0])  # fmt: skip
+    if reference.params is not None:
+        return reference
     mean, std = x.mean(), x.std()
     xs = (x - mean) / std
     lo, hi, span = y.min(), y.max(), np.ptp(y)
     top, bottom = (hi, lo) if (xs @ (y - y.mean())) >= 0 else (lo, hi)
     bounds = ([lo - 50 * span, lo - 50 * span, xs.min() - 5, 1e-3], [hi + 50 * span, hi + 50 * span, xs.max() + 5, 1e3])
+
+    def bounded() -> np.ndarray:
+        params, _ = optimize.curve_fit(
+            logistic_4params, xs, y, p0=[top, bottom, 0.0, 0.5], bounds=bounds, method="trf", maxfev=maxfev
+        )
+        return np.array([params[0], params[1], mean + std * params[2], std * params[3]])
+
+    fitted = _attempt("bounded fit", "converged (bounded fit on standardized scores)", x, y, bounded)
+    if fitted.params is not None:
+        return fitted
+    return LogisticFit(None, f"{reference.message}; {fitted.message}")
+
+
+def _attempt(name: str, success: str, x: np.ndarray, y: np.ndarray, fit: Callable[[], np.ndarray]) -> LogisticFit:
+    """One try of `fit_logistic`: its parameters when they are usable and not degenerate, else why not."""
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            params, _ = optimize.curve_fit(
-                logistic_4params, xs, y, p0=[top, bottom, 0.0, 0.5], bounds=bounds, method="trf", maxfev=maxfev
-            )
-        params = np.array([params[0], params[1], mean + std * params[2], std * params[3]])
-        why = degenerate_fit(params, x, y) if _usable_fit(params, x) else "a non-finite or flat curve"
-        if why is None:
-            return LogisticFit(tuple(float(p) for p in params), "converged (bounded fit on standardized scores)")
-        failures.append(f"bounded fit gave {why}")
+            params = fit()
     except (RuntimeError, ValueError, FloatingPointError) as exc:
-        failures.append(f"bounded fit: {' '.join(str(exc).split())}")
-    return LogisticFit(None, "; ".join(failures))
+        return LogisticFit(None, f"{name}: {' '.join(str(exc).split())}")
+    why = degenerate_fit(params, x, y) if _usable_fit(params, x) else "a non-finite or flat curve"
+    if why is None:
+        return LogisticFit(tuple(float(p) for p in params), success)
+    return LogisticFit(None, f"{name} gave {why}")
 
 
 def _trapezoid_rows(values: np.ndarray, step: np.ndarray) -> np.ndarray:

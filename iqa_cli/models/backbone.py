@@ -74,6 +74,20 @@ class VisualCollate(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
+class ModuleBackbone:
+    """What a family's backbone takes from the torch module it wraps (`self.model`): where it runs and in what."""
+
+    model: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+
 @runtime_checkable
 class Backbone(Protocol):
     """What scoring needs from a multimodal LLM."""

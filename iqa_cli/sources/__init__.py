@@ -69,6 +69,19 @@ class SourceOptions:
     keep: list[str] = field(default_factory=list)
 
 
+@dataclass(kw_only=True)
+class DataFiles:
+    """What the sources of data files (shards, Parquet tables) share: the files in order, each one's `--out DIR/`
+    stem, the --keep columns (the source's own columns: `shard` first, then those, with their arrow types), and the
+    listing's warnings."""
+
+    paths: list[str]  # as given or matched
+    stems: list[str]  # `--out DIR/` file names: `<stem>.parquet`
+    keep: list[str] = field(default_factory=list)
+    columns: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
 class Source(Protocol):
     """An ordered list of units. Picklable: DataLoader workers call `samples` on their copy."""
 

@@ -10,34 +10,29 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from iqa_cli.errors import UserError
-from iqa_cli.sources import Sample, SourceOptions, unique_files
+from iqa_cli.sources import DataFiles, Sample, SourceOptions, unique_files
 
 DEFAULT_IMAGE_COLUMN = "image"  # Hugging Face `datasets`' name for an Image feature
 
 
-@dataclass
-class ParquetSource:
+@dataclass(kw_only=True)
+class ParquetSource(DataFiles):
     """Parquet image tables as a `Source`: unit u is row group `row_group[u]` of file `file_of[u]`; rows carry
     `shard` (the file) and the --keep columns."""
 
-    paths: list[str]
-    stems: list[str]
+    kind: ClassVar[str] = "parquet"
+    noun: ClassVar[str] = "row groups"
     file_of: np.ndarray  # int32 [U]
     row_group: np.ndarray  # int32 [U]
     first_row: np.ndarray  # int64 [U]: the unit's first row's number in its file
     row_count: np.ndarray  # int64 [U]
     image_col: str = DEFAULT_IMAGE_COLUMN
-    keep: list[str] = field(default_factory=list)
-    columns: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    kind: str = "parquet"
-    noun: str = "row groups"
 
     def __len__(self) -> int:
         return len(self.file_of)

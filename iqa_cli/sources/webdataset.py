@@ -20,30 +20,25 @@ import os
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from iqa_cli.errors import UserError
 from iqa_cli.images import IMAGE_EXTENSIONS
-from iqa_cli.sources import Sample, SourceError, SourceOptions, unique_files
+from iqa_cli.sources import DataFiles, Sample, SourceError, SourceOptions, unique_files
 
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a sample's image member, first found in this order
 # Members whose values --keep can copy (besides the shard's metadata parquet): JSON objects and plain text.
 TEXT_SUFFIXES = ("txt",)
 
 
-@dataclass
-class ShardSource:
+@dataclass(kw_only=True)
+class ShardSource(DataFiles):
     """WebDataset shards as a `Source`: unit u is shard `paths[u]`; rows carry `shard` and the --keep columns."""
 
-    paths: list[str]  # as given or matched
-    stems: list[str]  # `--out DIR/` file names: `<stem>.parquet`
-    keep: list[str] = field(default_factory=list)
-    columns: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    kind: str = "webdataset"
-    noun: str = "shards"
+    kind: ClassVar[str] = "webdataset"
+    noun: ClassVar[str] = "shards"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,11 +102,9 @@ def count_samples(path: str) -> int:
     count, key = 0, None
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if member.isfile():
-                    member_key, _ = split_key(member.name)
-                    count += member_key != key
-                    key = member_key
+            for _, member_key, _ in _file_members(tar):
+                count += member_key != key
+                key = member_key
     except (tarfile.TarError, OSError, EOFError):
         pass
     return count
@@ -146,6 +139,13 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), suffix.lower() if dot else ""
 
 
+def _file_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, suffix) of each regular file of a tar, in order (folders, links and the like skipped)."""
+    for member in tar:
+        if member.isfile():
+            yield (member, *split_key(member.name))
+
+
 def metadata_path(shard: str) -> Path:
     """img2dataset's per-shard metadata table: `00000.parquet` next to `00000.tar`."""
     return Path(shard).with_suffix(".parquet")
@@ -166,10 +166,7 @@ def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str
     key, members = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, suffix = split_key(member.name)
+            for member, member_key, suffix in _file_members(tar):
                 if member_key != key and key is not None:
                     yield _sample(key, members, table, keep)
                     members = {}
@@ -267,10 +264,7 @@ def keep_columns(path: str) -> tuple[dict[str, Any], str]:
     key = None
     try:
         with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, suffix = split_key(member.name)
+            for member, member_key, suffix in _file_members(tar):
                 if key is not None and member_key != key:
                     break
                 key = member_key

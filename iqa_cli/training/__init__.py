@@ -14,6 +14,8 @@ One module per concern, in the order a run uses them:
 - `run`: `train(config)`, the entry point.
 """
 
+from iqa_cli import lazy_attributes
+
 # The names load on first use: `iqa_cli.training.config` (what `iqa train --help` reads) needs no torch.
 _LAZY = {
     "LAYOUTS": "iqa_cli.training.config",
@@ -25,13 +27,4 @@ _LAZY = {
     "train": "iqa_cli.training.run",
 }
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'iqa_cli.training' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -20,7 +20,7 @@ import torch
 
 from iqa_cli.constants import DEFAULT_QUESTION
 from iqa_cli.errors import UserError
-from iqa_cli.models.backbone import BackboneOutput, Family, Provenance, VisualInputs
+from iqa_cli.models.backbone import BackboneOutput, Family, ModuleBackbone, Provenance, VisualInputs
 from iqa_cli.models.hf_vlm import DEFAULT_TRAIN_MODEL, IMAGE_TOKENS, LORA_TARGETS, PATCH_GRID_FAMILIES
 from iqa_cli.models.hf_vlm.checkpoints import (
     ADAPTER_CONFIG,
@@ -52,7 +52,7 @@ from iqa_cli.models.hf_vlm.prompt import PromptMixin
 from iqa_cli.models.hf_vlm.training import TrainingMixin
 
 
-class HFVisionLanguageBackbone(PromptMixin, TrainingMixin, CheckpointMixin):
+class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, TrainingMixin, CheckpointMixin):
     """A transformers `*ForConditionalGeneration` vision-language model and its processor as a `Backbone`."""
 
     lora_targets = LORA_TARGETS
@@ -84,14 +84,6 @@ class HFVisionLanguageBackbone(PromptMixin, TrainingMixin, CheckpointMixin):
         self.default_prompt = self.render_prompt(DEFAULT_QUESTION)
 
     # --- forward -----------------------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
 
     @property
     def regressor(self) -> torch.nn.Module | None:

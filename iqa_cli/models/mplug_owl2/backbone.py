@@ -17,7 +17,15 @@ import torch
 from iqa_cli.batch_buffer import batch_buffer
 from iqa_cli.constants import IGNORE_INDEX, RESPONSE_TEMPLATE
 from iqa_cli.errors import UserError
-from iqa_cli.models.backbone import ADAPTER_CONFIG, CONFIG_FILE, BackboneOutput, Family, Provenance, VisualInputs
+from iqa_cli.models.backbone import (
+    ADAPTER_CONFIG,
+    CONFIG_FILE,
+    BackboneOutput,
+    Family,
+    ModuleBackbone,
+    Provenance,
+    VisualInputs,
+)
 from iqa_cli.models.mplug_owl2 import DEFAULT_TRAIN_MODEL, LORA_TARGETS
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
@@ -119,7 +127,7 @@ class SquareCollate:
         return table.view(as_int).numpy(), pixels.view(as_int).numpy()
 
 
-class MPLUGOwl2Backbone:
+class MPLUGOwl2Backbone(ModuleBackbone):
     """The mPLUG-Owl2 port as a `Backbone`."""
 
     name = "mplug_owl2"
@@ -183,14 +191,6 @@ class MPLUGOwl2Backbone:
             provenance=provenance,
             checkpoint=loaded,
         )
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
 
     @property
     def has_regressor(self) -> bool:
