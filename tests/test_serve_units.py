@@ -141,9 +141,9 @@ def test_each_worker_claims_a_device_no_other_live_worker_holds(tmp_path):
     assert (first, second) == ("cuda:0", "cuda:1")
     with pytest.raises(RuntimeError, match="held by another worker"):
         claim_device(config)
-    first_lock.close()  # the worker on cuda:0 died: its replacement gets cuda:0
+    first_lock.release()  # the worker on cuda:0 died: its replacement gets cuda:0
     assert claim_device(config)[0] == "cuda:0"
-    second_lock.close()
+    second_lock.release()
 
 
 def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monkeypatch, tmp_path):
