@@ -222,9 +222,7 @@ class GRPOConfig:
     def resolve(self) -> None:
         """Fills in the recipe's values (a --method grpo run records what it used)."""
         self.preset = self.preset or "visualquality-r1"
-        recipe = GRPO_RECIPES.get(self.preset)
-        if recipe is None:
-            return  # `validate` names the mistake
+        recipe = self.recipe
         defaults = {
             "reward": recipe.reward, "threshold": 0.35, "w_reward": 1.0, "w_format": 1.0,
             "num_generations": recipe.num_generations, "beta": recipe.beta,
@@ -233,6 +231,11 @@ class GRPOConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+
+    @property
+    def recipe(self) -> GRPORecipe:
+        """The preset's recipe (an unknown preset, which `validate` refuses, reads VisualQuality-R1's meanwhile)."""
+        return GRPO_RECIPES.get(self.preset or "", GRPO_RECIPES["visualquality-r1"])
 
 
 @dataclass
@@ -314,7 +317,7 @@ class TrainConfig:
         grpo = self.method == GRPO
         if grpo:
             self.grpo.resolve()
-        recipe = GRPO_RECIPES.get(self.grpo.preset or "") if grpo else None
+        recipe = self.grpo.recipe if grpo else None
         method_defaults = {"lr": recipe.lr, "epochs": recipe.epochs, "warmup_ratio": 0.0} if recipe else OPTIM_DEFAULTS
         for name, value in method_defaults.items():
             if getattr(self.optim, name) is None:
@@ -439,6 +442,7 @@ def validate(config: TrainConfig) -> None:
 def _validate_grpo(config: TrainConfig) -> None:
     """--method grpo's own options; for another method, none of them may be given."""
     import dataclasses
+    import importlib.util
 
     from iqa_cli.reasoning import PRESETS
 
@@ -448,6 +452,8 @@ def _validate_grpo(config: TrainConfig) -> None:
         if given:
             raise UserError(f"--{_flag(given[0]).replace('_', '-')} applies to --method grpo")
         return
+    if importlib.util.find_spec("trl") is None:
+        raise UserError("--method grpo trains through TRL, which is not installed: pip install 'iqa-cli[rl]'")
     checks = [
         (grpo.preset in PRESETS, f"--prompt-preset must be one of {', '.join(PRESETS)}, got {grpo.preset!r}"),
         (grpo.reward in REWARDS, f"--reward must be one of {', '.join(REWARDS)}, got {grpo.reward!r}"),

@@ -86,9 +86,7 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
     run = train_state.RunDirectory(Path(config.out))
     grpo = config.grpo
     recipe = preset(grpo.preset)
-    shape = BatchShape(config.optim.batch_size, grpo.num_generations, env.world_size, config.optim.grad_accum)
-    shape.check(grpo.reward)
-    _check_family(config)
+    shape = check(config)
     data = train_data.load_train_data(
         config.data.datasets, resolve_data_dir(config.data.data_dir), images=config.data.images, seed=config.optim.seed
     )
@@ -153,6 +151,16 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
     with _quiet():
         result.merged = _finish(config, trainer, backbone, readout, steps, final_eval, device)
     return result
+
+
+def check(config: TrainConfig) -> BatchShape:
+    """What can be told before the run folder or the model are touched: the batch's shape and the model's family."""
+    shape = BatchShape(
+        config.optim.batch_size, config.grpo.num_generations, distributed.env().world_size, config.optim.grad_accum
+    )
+    shape.check(config.grpo.reward)
+    _check_family(config)
+    return shape
 
 
 def _check_family(config: TrainConfig) -> None:

@@ -96,6 +96,10 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
     validate(config)
     # before --overwrite clears --out
     train_data.check_metas(config.data.datasets, resolve_data_dir(config.data.data_dir))
+    if config.method == GRPO:
+        from iqa_cli.training.grpo import check
+
+        check(config)
     env = distributed.env()
     session = lock = None
     restore_signals = interrupts.install()
