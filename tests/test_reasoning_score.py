@@ -191,3 +191,34 @@ def test_reasoning_options_are_checked_in_one_line(setup, tmp_path):
     scorer = _scorer(setup["chain"], max_new_tokens=4)
     with pytest.raises(UserError, match="reasoning model answers by generation"):
         scorer.score_tensors(torch.rand(1, 3, 32, 32))
+
+
+def test_iqa_serve_answers_a_reasoning_model_with_errors_for_answers_without_a_number(setup, monkeypatch):
+    """The real app (in this process) around a reasoning scorer: a number where the answer gives one, null where it
+    does not, with the text as the image's error; the pickle route (a reward's) refuses what has no score."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    requests = pytest.importorskip("requests")
+    import base64
+    import io
+    import pickle
+
+    from tests.test_serve_app import served
+
+    scorer = _scorer(setup["random"], max_new_tokens=6)
+    images = _images(setup)
+    expected = scorer.score(images, batch_size=8)
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    with served(monkeypatch, scorer, max_batch=8) as url:
+        answer = requests.post(f"{url}/score", json={"images": encoded, "probs": True}, timeout=60).json()
+        pngs = [base64.b64decode(text) for text in encoded]
+        refused = requests.post(f"{url}/", data=pickle.dumps({"images": pngs}), timeout=60)
+    for got, want, error in zip(answer["scores"], expected, answer["errors"], strict=True):
+        if want.error is None:
+            assert got == want.score and error is None
+        else:
+            assert got is None and error == want.error
+    assert refused.status_code == 422

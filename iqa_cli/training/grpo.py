@@ -177,12 +177,14 @@ def _check_family(config: TrainConfig) -> None:
 
 
 def _load(config: TrainConfig, device: torch.device) -> Any:
-    """The family's backbone in float32, its processor set up as TRL needs it (left padding, the run's pixel
-    budget as the image processor's default, so TRL's own processor calls make the images `iqa score` makes)."""
+    """The family's backbone, its processor set up as TRL needs it (left padding, the run's pixel budget as the image
+    processor's default, so TRL's own processor calls make the images `iqa score` makes). Float32 weights (bf16
+    autocast on CUDA), but a LoRA run's frozen weights are bf16 on CUDA (peft keeps the adapters in float32)."""
     from iqa_cli.models.backbone import load_backbone
 
+    dtype = torch.bfloat16 if device.type == "cuda" and config.lora.enabled else torch.float32
     backbone = load_backbone(
-        config.model.name, base=config.model.base, dtype=torch.float32, device=device, **config.model.options
+        config.model.name, base=config.model.base, dtype=dtype, device=device, **config.model.options
     )
     if backbone.provenance.layout != "full":
         raise UserError(f"--model {config.model.name} is a LoRA adapter; train GRPO on a full model (merge it first)")
