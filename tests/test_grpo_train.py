@@ -105,10 +105,12 @@ def test_iqa_train_grpo_writes_a_standard_checkpoint_that_scores_as_a_reasoning_
 
 
 @pytest.mark.parametrize(
-    "options", [{}, pytest.param({"lora": True, "lora_r": 4, "lora_alpha": 8.0}, marks=pytest.mark.slow)],
+    "options", [{}, {"lora": True, "lora_r": 4, "lora_alpha": 8.0}],
     ids=["full", "lora"],
 )  # fmt: skip
-def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_weights_and_log(setup, tmp_path, monkeypatch, options):
+def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_weights_and_log(
+    setup, tmp_path, monkeypatch, options, one_thread
+):
     """4 steps of 2 per epoch (checkpoints at each epoch's end), SIGINT after step 3: the same command resumes
     from step 2 into the second epoch, with the fidelity and format rewards and the KL term (beta 0.04), and ends
     with the uninterrupted run's weights and log, the sampled answers included."""
@@ -141,7 +143,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_weights_and_log(se
 
 
 @pytest.mark.slow
-def test_the_mean_reward_rises_on_a_learnable_task(setup, tmp_path):
+def test_the_mean_reward_rises_on_a_learnable_task(setup, tmp_path, one_thread):
     """Every image's MOS is 4 and the vocabulary holds five digits: the threshold reward (1 when the answer's first
     number is within 0.35 of 4) starts near chance and, within 20 steps, its mean over the last five steps is above
     the first three steps' by 0.25 or more (measured: 0.2 -> 0.65 for model seeds 0-3)."""

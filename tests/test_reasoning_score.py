@@ -16,7 +16,7 @@ from iqa_cli.reasoning import PRESETS
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.scorer import Scorer
-from tests.conftest import run_iqa
+from tests.conftest import ONE_THREAD, run_iqa
 
 PIXELS = {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 6}  # native sizes: rows of 1 to 6 image tokens
 SIZES = [(40, 48), (64, 32), (30, 90), (56, 56), (100, 40), (28, 28), (80, 70), (45, 60)]
@@ -51,7 +51,7 @@ def _scorer(model, **options):
     )
 
 
-def test_the_digit_readout_equals_a_softmax_of_transformers_own_logits(setup):
+def test_the_digit_readout_equals_a_softmax_of_transformers_own_logits(setup, one_thread):
     """The chain model answers 3; probs are the closed-set softmax of the logits of "1".."5" that transformers'
     own forward gives after the prompt and the answer up to `<answer>` (float64 here)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -110,7 +110,7 @@ def test_prompt_ids_and_pixels_are_what_trls_processor_call_gives(setup, tmp_pat
     torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"], rtol=0, atol=0)
 
 
-def test_batch_sizes_1_and_8_give_the_same_answers_and_a_rerun_the_same_bits(setup):
+def test_batch_sizes_1_and_8_give_the_same_answers_and_a_rerun_the_same_bits(setup, one_thread):
     """The random model: the same texts and numbers whatever the batch; digit probabilities within float32 rounding
     of the CPU kernels for another call shape; the same batch size again gives identical bits."""
     scorer = _scorer(setup["random"], max_new_tokens=6)
@@ -131,7 +131,7 @@ def test_batch_sizes_1_and_8_give_the_same_answers_and_a_rerun_the_same_bits(set
         )
 
 
-def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(setup, tmp_path):
+def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(setup, tmp_path, one_thread):
     """The CLI: the chain model's rows with their text (--keep-reasoning), the broken image an error row; the random
     model's answers without a number are error rows holding the text, and a second run (in process) writes the same
     table."""
@@ -139,7 +139,7 @@ def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(set
     flags = ["--device", "cpu", "--workers", "0", "--quiet", "--min-pixels", "784", "--max-pixels", "4704"]
     result = run_iqa(
         "score", str(setup["images"]), "--model", str(setup["chain"]), "--reasoning", "visualquality-r1",
-        "--max-new-tokens", "12", "--keep-reasoning", "--out", str(out), *flags,
+        "--max-new-tokens", "12", "--keep-reasoning", "--out", str(out), *flags, env=ONE_THREAD,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     frame = pd.read_parquet(out).set_index("image")
@@ -193,7 +193,7 @@ def test_reasoning_options_are_checked_in_one_line(setup, tmp_path):
         scorer.score_tensors(torch.rand(1, 3, 32, 32))
 
 
-def test_iqa_serve_answers_a_reasoning_model_with_errors_for_answers_without_a_number(setup, monkeypatch):
+def test_iqa_serve_answers_a_reasoning_model_with_errors_for_answers_without_a_number(setup, monkeypatch, one_thread):
     """The real app (in this process) around a reasoning scorer: a number where the answer gives one, null where it
     does not, with the text as the image's error; the pickle route (a reward's) refuses what has no score."""
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
