@@ -125,9 +125,9 @@ class ModelSpec:
     prompt: str | None = None
     dtype: str = "auto"
     quantize: str | None = None
+    family: dict[str, Any] = field(default_factory=dict)  # the families' own options that were given
     reasoning: str | None = None  # a reasoning preset (`iqa_cli.reasoning`)
     max_new_tokens: int | None = None
-    family: dict[str, Any] = field(default_factory=dict)  # the families' own options that were given
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> ModelSpec:
