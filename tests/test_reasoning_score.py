@@ -156,10 +156,10 @@ def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(set
     assert metadata["reasoning_preset"] == "visualquality-r1" and metadata["max_new_tokens"] == "12"
     assert metadata["method"] == "reasoning" and json.loads(metadata["level_names"]) == list("12345")
 
-    def run(name, batch_size):
+    def run(name, keep_reasoning=True):
         config = ScoreConfig(
-            out=tmp_path / name, inputs=[str(setup["images"])], device="cpu", workers=0, quiet=True,
-            batch_size=batch_size, keep_reasoning=True,
+            out=tmp_path / name, inputs=[str(setup["images"])], device="cpu", workers=0, quiet=True, batch_size=8,
+            keep_reasoning=keep_reasoning,
         )  # fmt: skip
         config.model = config.model.__class__(
             str(setup["random"]), reasoning="visualquality-r1", max_new_tokens=6, dtype="float32", family=PIXELS
@@ -167,8 +167,10 @@ def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(set
         score_images(config)
         return pd.read_parquet(tmp_path / name).set_index("image")
 
-    first, second = run("a.parquet", 8), run("b.parquet", 8)
+    first, second = run("a.parquet"), run("b.parquet")
     pd.testing.assert_frame_equal(first, second)
+    with pytest.raises(UserError, match=r"written with --keep-reasoning \(the column `reasoning`\), now no --keep"):
+        run("a.parquet", keep_reasoning=False)  # the same answers, but not the same columns
     unparsed = first[first["error"].notna()].drop(index="broken.jpg")
     assert len(unparsed) and unparsed["score"].isna().all() and unparsed["probs"].isna().all()
     for image, row in unparsed.iterrows():  # the error holds the generated text

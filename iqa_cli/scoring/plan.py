@@ -64,6 +64,10 @@ def describe_difference(
     then, now = (recorded.get("request") or {}).get("decode", "exact"), request.get("decode", "exact")
     if then != now:  # not in the scorer's metadata: the same model, other pixels
         return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
+    then, now = (recorded.get("request") or {}).get("keep_reasoning", False), request.get("keep_reasoning", False)
+    if then != now:  # not in the scorer's metadata either: the same answers, another column
+        flags = ["--keep-reasoning" if keep else "no --keep-reasoning" for keep in (then, now)]
+        return f"{flags[0]} (the column `reasoning`), now {flags[1]}"
     if recorded.get("inputs_fingerprint") != fingerprint:
         return f"a different list of inputs ({recorded.get('num_inputs', '?')} {noun} then, {inputs} now)"
     if recorded.get("request") == request:
