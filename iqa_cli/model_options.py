@@ -14,6 +14,7 @@ from typing import Any
 
 from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
+from iqa_cli.reasoning import PRESET_NAMES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -73,6 +74,21 @@ COMMON = (
         choices=QUANTIZE_MODES,
         completion="quantize_modes",
     ),
+    ModelOption(
+        "reasoning",
+        "Score a reasoning model: it answers PRESET's conversation by greedy generation and the score is the number "
+        f"in its answer ({', '.join(PRESET_NAMES)}) [default: the one an `iqa train --method grpo` run records].",
+        metavar="PRESET",
+        choices=PRESET_NAMES,
+        completion="reasoning_presets",
+    ),
+    ModelOption(
+        "max_new_tokens",
+        "Reasoning models: most tokens generated per answer [default: the run's, else 1024 (64 without thinking)].",
+        kind=int,
+        metavar="N",
+        minimum=1,
+    ),
 )
 
 
@@ -110,6 +126,8 @@ class ModelSpec:
     dtype: str = "auto"
     quantize: str | None = None
     family: dict[str, Any] = field(default_factory=dict)  # the families' own options that were given
+    reasoning: str | None = None  # a reasoning preset (`iqa_cli.reasoning`)
+    max_new_tokens: int | None = None
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> ModelSpec:
@@ -140,7 +158,8 @@ class ModelSpec:
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `Scorer.from_pretrained` besides the model and the device."""
         kwargs = {"base": self.base, "revision": self.revision, "prompt": self.prompt, "dtype": self.dtype_name}
-        return {**kwargs, **({"quantize": self.quantize} if self.quantize else {}), **self.family}
+        optional = {k: getattr(self, k) for k in ("quantize", "reasoning", "max_new_tokens") if getattr(self, k)}
+        return {**kwargs, **optional, **self.family}
 
     def request(self) -> dict[str, Any]:
         """What decides the scores, as a resume or a finished output records it (local folders by their files)."""
@@ -155,5 +174,7 @@ class ModelSpec:
             "prompt": self.prompt,
             "dtype": self.dtype,
             **({"quantize": self.quantize} if self.quantize else {}),
+            **({"reasoning": self.reasoning} if self.reasoning else {}),
+            **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}),
             **self.family,
         }

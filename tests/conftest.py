@@ -93,6 +93,17 @@ def tokenizer_fixture() -> Path:
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture
+def one_thread():
+    """ONE_THREAD for this process: torch's intra-op threads set to 1 for the test, then restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_iqa(
     *args: str,
     cwd: Path | None = None,

@@ -161,6 +161,23 @@ class TensorInputs(Protocol):
 
 
 @runtime_checkable
+class GeneratingBackbone(Protocol):
+    """Optional for a family: the conversation and greedy generation that reasoning models answer through
+    (`iqa score --reasoning`, `iqa train --method grpo`)."""
+
+    def render_conversation(self, messages: list[dict]) -> str:
+        """Chat-template messages (one image placeholder) with the generation prompt -> the prompt text."""
+        ...
+
+    def generate_greedy(
+        self, visual: VisualInputs, input_ids: torch.Tensor, *, max_new_tokens: int, record_ids: tuple[int, ...] = ()
+    ) -> Any:
+        """Greedy batched decoding with the KV cache after the prompt ids [B, T] -> each row's new ids (up to its
+        end of sequence) and the logits of `record_ids` at every generated position."""
+        ...
+
+
+@runtime_checkable
 class TrainableBackbone(Backbone, Protocol):
     """What `iqa train` needs on top of scoring: all of it in input-id coordinates, the family mapping them to
     its own sequence (image tokens expanded) itself."""

@@ -83,6 +83,9 @@ class ScoreConfig:
         panel="Output",
     )  # fmt: skip
     overwrite: bool = option(False, "Replace an existing output or interrupted run.", panel="Output")
+    keep_reasoning: bool = option(
+        False, "Reasoning models: also write each generated answer (column `reasoning`).", panel="Output"
+    )
     wait: bool = option(False, "If another run writes the same --out, wait for it to end.")
     quiet: bool = option(False, "No progress bar or summary.", short="-q")
     flush_rows: int = option(65536, cli=False)  # write the rows of unfinished units when they are this many ...

@@ -159,7 +159,8 @@ def _run(
 
     wanted = planning.request(config)
     metadata = planning.output_metadata(plan, wanted, fingerprint, source.num_inputs())
-    schema = output_schema(len(plan.level_names), plan.has_regressor, source.columns).with_metadata(metadata)
+    columns = {"reasoning": plan.reasoning, "keep_text": config.keep_reasoning}  # a reasoning model's own columns
+    schema = output_schema(len(plan.level_names), plan.has_regressor, source.columns, **columns).with_metadata(metadata)
     model = scorer.get() if len(mine) else None  # loading is not part of the timed loop
     start = time.monotonic()
     processed = 0

@@ -1,8 +1,9 @@
 """What `iqa score` writes: the output's columns, a unit's rows as a table, and the output file or folder.
 
 Every source gives the same columns: `image`, `score`, `std`, `probs` (K float32, ascending quality), `level`,
-`width`, `height`, `error`, `score_reg` for regression models, then the source's own (`shard` and the --keep
-columns of shards and Parquet inputs). The output is assembled from the finished units in input order
+`width`, `height`, `error`, `score_reg` for regression models, `score_soft` (and `reasoning` with
+--keep-reasoning) for reasoning models, then the source's own (`shard` and the --keep columns of shards and Parquet
+inputs). The output is assembled from the finished units in input order
 (`assemble_file`, streaming one unit at a time), or written as one Parquet file per output stem of the source
 (`assemble_directory`, `--out DIR/`) with the run's metadata in `DIR/_iqa.json`.
 """
@@ -57,8 +58,11 @@ def meta_path(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
 
 
-def output_schema(num_levels: int, has_regressor: bool, extra: dict[str, Any]) -> pa.Schema:
-    """The output's columns; `extra` are the source's own (name -> arrow type, None: string)."""
+def output_schema(
+    num_levels: int, has_regressor: bool, extra: dict[str, Any], *, reasoning: bool = False, keep_text: bool = False
+) -> pa.Schema:
+    """The output's columns; `extra` are the source's own (name -> arrow type, None: string). A reasoning model's
+    (`iqa_cli.scoring.reasoning`) add `score_soft` and, with `keep_text`, the generated text `reasoning`."""
     fields = [
         ("image", pa.string()),
         ("score", pa.float32()),
@@ -71,13 +75,17 @@ def output_schema(num_levels: int, has_regressor: bool, extra: dict[str, Any]) -
     ]
     if has_regressor:
         fields.append(("score_reg", pa.float32()))
+    if reasoning:
+        fields.append(("score_soft", pa.float32()))
+    if keep_text:
+        fields.append(("reasoning", pa.string()))
     fields += [(name, kind if kind is not None else pa.string()) for name, kind in extra.items()]
     return pa.schema(fields)
 
 
 def standard_columns() -> tuple[str, ...]:
     """Column names every output may have; a source's own columns must not take one."""
-    return (*output_schema(1, True, {}).names, "shard")
+    return (*output_schema(1, True, {}, reasoning=True, keep_text=True).names, "shard")
 
 
 def rows_table(chunks: list[dict[str, Any]], level_names: list[str], schema: pa.Schema, extra: dict) -> pa.Table:
@@ -96,17 +104,19 @@ def rows_table(chunks: list[dict[str, Any]], level_names: list[str], schema: pa.
         [c["probs"] if c["probs"] is not None else np.zeros((len(c["error"]), k), np.float32) for c in chunks]
         or [np.zeros((0, k), np.float32)]
     ).astype(np.float32, copy=False)
-    probs = np.where(failed[:, None], 0, probs)
-    levels = _numpy_array(probs.argmax(axis=1) if n else np.zeros(0, np.int64), pa.int64(), null=failed)
+    no_probs = failed | np.isnan(probs).any(axis=1)  # NaN: a reasoning answer without a digit readout
+    probs = np.where(no_probs[:, None], 0, probs)
+    levels = _numpy_array(probs.argmax(axis=1) if n else np.zeros(0, np.int64), pa.int64(), null=no_probs)
     width, height = cat("width", np.int32), cat("height", np.int32)
+    std = cat("std", np.float32)
     columns = {
         "image": _string_array([name for c in chunks for name in c["image"]]),
         "score": _numpy_array(cat("score", np.float32), pa.float32(), null=failed),
-        "std": _numpy_array(cat("std", np.float32), pa.float32(), null=failed),
+        "std": _numpy_array(std, pa.float32(), null=failed | np.isnan(std)),
         "probs": pa.ListArray.from_arrays(
             _numpy_array(np.arange(0, (n + 1) * k, k), pa.int32()),
             _numpy_array(probs.reshape(-1), pa.float32()),
-            mask=_bool_array(failed),
+            mask=_bool_array(no_probs),
         ),
         "level": _string_array(list(level_names)).take(levels),
         "width": _numpy_array(width, pa.int32(), null=width < 0),
@@ -115,6 +125,12 @@ def rows_table(chunks: list[dict[str, Any]], level_names: list[str], schema: pa.
     }
     if "score_reg" in schema.names:
         columns["score_reg"] = _numpy_array(cat("score_reg", np.float32), pa.float32(), null=failed)
+    if "score_soft" in schema.names:
+        soft = cat("score_soft", np.float32)
+        columns["score_soft"] = _numpy_array(soft, pa.float32(), null=failed | np.isnan(soft))
+    if "reasoning" in schema.names:
+        texts = [t for c in chunks for t in (c.get("texts") or [None] * len(c["error"]))]
+        columns["reasoning"] = _string_array(texts)
     for name in extra:
         values = [kept.get(name) for c in chunks for kept in c["kept"]]
         columns[name] = _kept_array(values, schema.field(name).type)

@@ -30,6 +30,7 @@ def request(config: ScoreConfig) -> dict[str, Any]:
         **config.model.request(),
         "decode": "fast" if config.fast_decode else "exact",
         **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
+        **({"keep_reasoning": True} if config.keep_reasoning else {}),  # another column
     }
 
 
@@ -40,6 +41,7 @@ class Plan:
     metadata: dict[str, str] = field(default_factory=dict)  # the scorer's metadata of the run
     level_names: list[str] = field(default_factory=list)
     has_regressor: bool = False
+    reasoning: bool = False  # a reasoning model: its own columns (`output.output_schema`)
 
 
 class LazyScorer:
@@ -62,6 +64,10 @@ def describe_difference(
     then, now = (recorded.get("request") or {}).get("decode", "exact"), request.get("decode", "exact")
     if then != now:  # not in the scorer's metadata: the same model, other pixels
         return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
+    then, now = (recorded.get("request") or {}).get("keep_reasoning", False), request.get("keep_reasoning", False)
+    if then != now:  # not in the scorer's metadata either: the same answers, another column
+        flags = ["--keep-reasoning" if keep else "no --keep-reasoning" for keep in (then, now)]
+        return f"{flags[0]} (the column `reasoning`), now {flags[1]}"
     if recorded.get("inputs_fingerprint") != fingerprint:
         return f"a different list of inputs ({recorded.get('num_inputs', '?')} {noun} then, {inputs} now)"
     if recorded.get("request") == request:
@@ -108,6 +114,7 @@ def decide(
                     metadata=manifest["metadata"],
                     level_names=manifest["level_names"],
                     has_regressor=manifest["has_regressor"],
+                    reasoning=manifest.get("reasoning", False),
                 )
             if not config.overwrite:
                 raise UserError(
@@ -165,6 +172,9 @@ def _clear_directory(out: Path, source: Source, overwrite: bool) -> None:
 def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, scorer: LazyScorer) -> Plan:
     """A new run: its manifest (what a resume must match) written before any unit, and its plan."""
     model = scorer.get()
+    reasoning = bool(getattr(model, "reasoning", False))
+    if wanted.get("keep_reasoning") and not reasoning:
+        raise UserError("--keep-reasoning applies to reasoning models (--reasoning PRESET, or a --method grpo run)")
     sidecar.create(
         {
             "manifest_version": MANIFEST_VERSION,
@@ -173,6 +183,7 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
             "metadata": dict(model.metadata),
             "level_names": list(model.level_names),
             "has_regressor": bool(model.has_regressor),
+            "reasoning": reasoning,
             "source": source.kind,
             "inputs_fingerprint": fingerprint,
             "num_inputs": source.num_inputs(),
@@ -180,7 +191,11 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
         }
     )
     return Plan(
-        "run", metadata=dict(model.metadata), level_names=list(model.level_names), has_regressor=model.has_regressor
+        "run",
+        metadata=dict(model.metadata),
+        level_names=list(model.level_names),
+        has_regressor=model.has_regressor,
+        reasoning=reasoning,
     )
 
 

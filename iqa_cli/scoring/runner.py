@@ -13,12 +13,16 @@ import torch
 
 @dataclass
 class BatchResult:
-    """numpy results for B rows: probs [B, K] float32, score/std [B], score_reg [B] or None."""
+    """numpy results for B rows: probs [B, K] float32, score/std [B], score_reg [B] or None; a reasoning model's
+    score_soft [B], errors and generated texts (`iqa_cli.scoring.reasoning`), else None."""
 
     probs: np.ndarray
     score: np.ndarray
     std: np.ndarray
     score_reg: np.ndarray | None
+    score_soft: np.ndarray | None = None
+    errors: list[str | None] | None = None
+    texts: list[str] | None = None
 
 
 class BatchRunner:
@@ -60,11 +64,15 @@ class BatchRunner:
                 continue
             parts.append(to_numpy(result, n))
             start += n
+        reasoning = parts[0].texts is not None
         return BatchResult(
             probs=np.concatenate([p.probs for p in parts]),
             score=np.concatenate([p.score for p in parts]),
             std=np.concatenate([p.std for p in parts]),
             score_reg=None if parts[0].score_reg is None else np.concatenate([p.score_reg for p in parts]),
+            score_soft=np.concatenate([p.score_soft for p in parts]) if reasoning else None,
+            errors=[e for p in parts for e in p.errors] if reasoning else None,
+            texts=[t for p in parts for t in p.texts] if reasoning else None,
         )
 
 
@@ -101,9 +109,13 @@ def free_cuda_memory() -> None:
 
 def to_numpy(result: Any, n: int) -> BatchResult:
     reg = getattr(result, "score_reg", None)
+    texts = getattr(result, "texts", None)
     return BatchResult(
         probs=result.probs[:n].float().cpu().numpy(),
         score=result.score[:n].float().cpu().numpy(),
         std=result.std[:n].float().cpu().numpy(),
         score_reg=None if reg is None else reg[:n].float().cpu().numpy(),
+        score_soft=None if texts is None else result.score_soft[:n].float().cpu().numpy(),
+        errors=None if texts is None else list(result.errors[:n]),
+        texts=None if texts is None else list(texts[:n]),
     )

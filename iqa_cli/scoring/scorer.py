@@ -26,6 +26,7 @@ from iqa_cli.distributed import resolve_device
 from iqa_cli.errors import UserError
 from iqa_cli.labels import QUALITY_NAMES as DEFAULT_LEVEL_NAMES
 from iqa_cli.model_options import DTYPE_ALIASES, DTYPES
+from iqa_cli.scoring.moments import level_moments
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,19 +75,14 @@ class ImageScore:
     score: float
     std: float
     probs: list[float]
-    level: str
+    level: str | None  # None: a reasoning model's answer had no digit readout
     score_reg: float | None = None
     width: int | None = None
     height: int | None = None
-
-
-def level_moments(level_logits: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Closed-set softmax over the K level logits [B, K] -> (probs, mean, std), in float32."""
-    probs = torch.softmax(level_logits.float(), dim=-1)
-    centers = centers.to(probs.device)
-    mean = probs @ centers
-    var = (probs * (centers[None] - mean[:, None]) ** 2).sum(-1)
-    return probs, mean, var.clamp_min(0).sqrt()
+    # reasoning models (`iqa_cli.scoring.reasoning`): the expected digit, the generated text, why there is no score
+    score_soft: float | None = None
+    reasoning: str | None = None
+    error: str | None = None
 
 
 @torch.inference_mode()
@@ -217,6 +213,12 @@ def build_readout(backbone: Backbone, prompt: str | None, run: RunInfo | None) -
     return Readout(ids, tuple(level_ids), names, text, default_regressor)
 
 
+def _readout_method(readout: Any) -> str:
+    if hasattr(readout, "preset"):
+        return "reasoning"
+    return "qscorer" if readout.regressor else "levels"
+
+
 class Scorer:
     """A loaded backbone plus everything needed to turn images into quality scores."""
 
@@ -236,6 +238,8 @@ class Scorer:
         prompt: str | None = None,
         revision: str | None = None,
         quantize: str | None = None,
+        reasoning: str | None = None,
+        max_new_tokens: int | None = None,
         **options: Any,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
@@ -250,6 +254,10 @@ class Scorer:
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
             quantize: "int8" or "int4": weight-only through torchao (`iqa_cli.scoring.quantize`); None: as stored.
+            reasoning: a reasoning preset (`iqa_cli.reasoning.PRESETS`): the model answers its conversation by greedy
+                generation and the score is the number in the answer (`iqa_cli.scoring.reasoning`); default: the
+                one an `iqa train --method grpo` run records, else none (the level readout).
+            max_new_tokens: the generation budget of a reasoning model [default: the run's, else the preset's].
             options: the model family's own options (`iqa_cli.model_options`), e.g. Qwen-VL's `min_pixels` and
                 `max_pixels` (pixel-count bounds of resized images); one the family does not take is refused.
         """
@@ -279,7 +287,20 @@ class Scorer:
             backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **given)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
-        readout = build_readout(backbone, prompt, run)
+        recorded = (run.extra.get("reasoning") or {}) if run is not None else {}
+        if reasoning is not None or recorded:
+            from iqa_cli.reasoning import preset
+            from iqa_cli.scoring.reasoning import build_reasoning_readout
+
+            if prompt is not None:
+                raise UserError("--prompt does not apply to --reasoning: the preset renders its own conversation")
+            chosen = preset(reasoning or recorded["preset"])
+            budget = max_new_tokens if max_new_tokens is not None else recorded.get("max_new_tokens")
+            readout = build_reasoning_readout(backbone, chosen, budget)
+        elif max_new_tokens is not None:
+            raise UserError("--max-new-tokens applies to reasoning models (--reasoning PRESET)")
+        else:
+            readout = build_readout(backbone, prompt, run)
         metadata = {
             "model": origin.model,
             "model_revision": origin.revision,
@@ -288,7 +309,7 @@ class Scorer:
             "base_model": origin.base_model,
             "base_revision": origin.base_revision,
             "base_files": (directory_fingerprint(base) or "") if base is not None else "",
-            "method": run.method if run and run.method else ("qscorer" if readout.regressor else "levels"),
+            "method": run.method if run and run.method else _readout_method(readout),
             "dtype": str(torch_dtype).removeprefix("torch."),
             "prompt": readout.prompt,
             "input_ids": json.dumps(list(readout.input_ids)),
@@ -301,6 +322,9 @@ class Scorer:
             ),
             "iqa_version": __version__,
         }
+        if hasattr(readout, "preset"):  # a reasoning model: how its answers were generated and read
+            metadata["reasoning_preset"] = readout.preset.name
+            metadata["max_new_tokens"] = str(readout.max_new_tokens)
         if quantize is not None:
             metadata["quantize"] = quantize
         return cls(backbone, readout, metadata)
@@ -345,8 +369,16 @@ class Scorer:
     def has_regressor(self) -> bool:
         return self.readout.regressor is not None
 
+    @property
+    def reasoning(self) -> bool:
+        """A reasoning model: it answers by generation (`iqa_cli.scoring.reasoning`)."""
+        return hasattr(self.readout, "preset")
+
     def score_batch(self, visual: VisualInputs) -> ScoreBatch:
-        """A collated batch of visual inputs (the backbone's `collate`) -> ScoreBatch (CPU float32)."""
+        """A collated batch of visual inputs (the backbone's `collate`) -> ScoreBatch (CPU float32); a reasoning
+        model's readout gives its answers' fields too (`iqa_cli.scoring.reasoning.ReasoningBatch`)."""
+        if hasattr(self.readout, "read"):
+            return self.readout.read(self.backbone, visual)
         return read_levels(self.backbone, visual, self.readout)
 
     def score_pixels(self, pixel_values: torch.Tensor) -> ScoreBatch:
@@ -366,17 +398,22 @@ class Scorer:
             ]
             visual = self.collate([self.transform(img) for img in chunk], len(chunk), torch.float32)
             batch = self.score_batch(visual)
+            texts = getattr(batch, "texts", None)
             for i, img in enumerate(chunk):
                 probs = batch.probs[i].tolist()
+                best = max(range(len(probs)), key=probs.__getitem__)
                 results.append(
                     ImageScore(
                         score=float(batch.score[i]),
                         std=float(batch.std[i]),
                         probs=probs,
-                        level=self.readout.level_names[max(range(len(probs)), key=probs.__getitem__)],
+                        level=self.readout.level_names[best] if probs[best] == probs[best] else None,  # NaN: none
                         score_reg=float(batch.score_reg[i]) if batch.score_reg is not None else None,
                         width=img.width,
                         height=img.height,
+                        score_soft=float(batch.score_soft[i]) if texts is not None else None,
+                        reasoning=texts[i] if texts is not None else None,
+                        error=batch.errors[i] if texts is not None else None,
                     )
                 )
         return results
@@ -400,6 +437,8 @@ class Scorer:
         """
         import contextlib
 
+        if hasattr(self.readout, "read"):
+            raise UserError("score_tensors reads level probabilities; a reasoning model answers by generation (score)")
         tensor_inputs = getattr(self.backbone, "tensor_inputs", None)
         if tensor_inputs is None:
             raise UserError(f"the {self.backbone.name} family has no torch preprocessing, so no score_tensors")

@@ -269,11 +269,19 @@ def _chunk(batch: dict[str, Any], result: Any, at: np.ndarray) -> dict[str, Any]
     n = len(at)
     if result is None:  # every row of the batch failed: no model call
         chunk.update(probs=None, score=np.zeros(n, np.float32), std=np.zeros(n, np.float32), score_reg=None)
+        chunk.update(score_soft=None, texts=None)
     else:
+        texts = None  # the generated text of the rows the model saw (the others failed before it: no text)
+        if result.texts is not None:
+            texts = [result.texts[i] if batch["error"][i] is None else None for i in at]
         chunk.update(
             probs=result.probs[at],
             score=result.score[at],
             std=result.std[at],
             score_reg=None if result.score_reg is None else result.score_reg[at],
+            score_soft=None if result.score_soft is None else result.score_soft[at],
+            texts=texts,
         )
+        if result.errors is not None:  # a reasoning model's answer without a number is an error row too
+            chunk["error"] = [chunk["error"][j] or result.errors[i] for j, i in enumerate(at)]
     return chunk

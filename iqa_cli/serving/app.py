@@ -232,6 +232,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             metrics.queue.dec(len(good))
         it = iter(rows)
         results = [next(it) if v is not None else None for v in visuals]
+        for i, row in enumerate(results):  # a reasoning model's answer without a number: a failure with its text
+            if row is not None and row.error is not None:
+                results[i], reasons[i] = None, row.error
         return answer(parsed, results, reasons)
 
     def answer_json(parsed: ScoreRequest, results, reasons) -> JSONResponse:

@@ -43,9 +43,10 @@ class Row:
     """One image's result."""
 
     score: float
-    std: float
-    probs: list[float]
+    std: float | None  # None: a reasoning model's answer without a digit readout
+    probs: list[float] | None
     score_reg: float | None = None
+    error: str | None = None  # a reasoning model's answer gave no number (score NaN): the generated text
 
 
 @dataclass
@@ -188,9 +189,16 @@ class Batcher:
         visual = self.scorer.collate([item.visual for item in batch], size, torch.float32)
         out = self.scorer.score_batch(visual)
         rows = []
+        errors = getattr(out, "errors", None)  # a reasoning model's answers without a number: no score, as failures
         for i in range(len(batch)):
+            if errors is not None and errors[i] is not None:
+                rows.append(Row(float("nan"), None, None, error=errors[i]))
+                continue
             reg = float(out.score_reg[i]) if out.score_reg is not None else None
-            rows.append(Row(float(out.score[i]), float(out.std[i]), out.probs[i].tolist(), reg))
+            std, probs = float(out.std[i]), out.probs[i].tolist()
+            if std != std:  # NaN: a reasoning answer whose first digit has no digit readout (JSON has no NaN)
+                std, probs = None, None
+            rows.append(Row(float(out.score[i]), std, probs, reg))
         return rows
 
 

@@ -6,7 +6,9 @@ nested config from those flat names (what the CLI parsed), and `to_json` writes 
 in `train_config.json` and `iqa.json` keeps the key names runs have always been written with, so a run
 directory from before the split still resumes or is recognised as complete.
 
-Defaults are the reference runs' (`scripts/train.sh`, `train_lora.sh` of DeQA-Score and Q-Scorer).
+Defaults are the reference runs' (`scripts/train.sh`, `train_lora.sh` of DeQA-Score and Q-Scorer); `--method grpo`
+takes its recipe's (`GRPO_RECIPES`: the training scripts of Q-Insight and VisualQuality-R1). A default that depends
+on the method is None on the field and filled in when the config is built, so the record holds the value used.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from iqa_cli.option_field import option
 from iqa_cli.paths import check_output_dir
 
 LAYOUTS = ("reference", "scoring")  # image first (what the released models trained on) | the scoring prompt's
+GRPO = "grpo"  # reinforcement learning of a reasoning model through TRL (`training/grpo.py`)
+REWARDS = ("threshold", "fidelity")
 STRATEGIES = ("auto", "ddp", "fsdp")
 DEFAULT_TRAIN_MODEL = family_package().DEFAULT_TRAIN_MODEL  # the default family's base model
 DEFAULT_MLP_DIMS = (2048, 1024)
@@ -35,6 +39,29 @@ def _lora_targets_help() -> str:
         "Comma-separated module-name suffixes of the language model's linear layers [default: the model family's, "
         f"as its reference trains; {name}: {','.join(family.LORA_TARGETS)}]."
     )
+
+
+@dataclass(frozen=True)
+class GRPORecipe:
+    """A released recipe's GRPO settings (its training script and its trainer's defaults)."""
+
+    reward: str
+    num_generations: int
+    beta: float
+    max_completion_length: int = 256  # both scripts (VisualQuality-R1 sets it in code, Q-Insight keeps the default)
+    lr: float = 1e-6  # their GRPOConfig's default, which neither script changes
+    epochs: int = 10
+
+
+# Q-Insight `run_qinsight_score_and_dist.sh`; VisualQuality-R1 `run_scripts/KADID-10K/one_node_run_kadid.sh` (its
+# `--beta` unset: its GRPOConfig's 0.04).
+GRPO_RECIPES = {
+    "q-insight": GRPORecipe("threshold", 8, 0.001),
+    "visualquality-r1": GRPORecipe("fidelity", 6, 0.04),
+    "visualquality-r1-nothink": GRPORecipe("fidelity", 6, 0.04),
+}
+# The optimizer's method defaults: DeQA-Score's scripts, and the GRPO recipes' (linear decay, no warmup).
+OPTIM_DEFAULTS = {"lr": 2e-5, "epochs": 3, "warmup_ratio": 0.03}
 
 
 @dataclass
@@ -93,15 +120,20 @@ class OptimizerConfig:
     """AdamW, cosine with warmup, the batch and the seed."""
 
     panel: ClassVar[str] = "Optimization"
-    epochs: int = option(3, "Passes over the training rows.", metavar="N")
+    epochs: int | None = option(None, "Passes over the training rows [deqa/qalign/qscorer 3, grpo 10].", metavar="N")
     max_steps: int = option(0, "Stop after N optimizer steps (the LR schedule ends there); 0: all epochs.", metavar="N")
     batch_size: int = option(
         64, "Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair).", metavar="N"
     )
     grad_accum: int = option(1, "Micro batches accumulated per optimizer step.", metavar="N")
-    lr: float = option(2e-5, "Peak learning rate (AdamW, cosine decay).", metavar="LR")
+    lr: float | None = option(
+        None, "Peak learning rate (AdamW; cosine decay, grpo linear) [deqa/qalign/qscorer 2e-5, grpo 1e-6].",
+        metavar="LR",
+    )  # fmt: skip
     weight_decay: float = option(0.0, "AdamW weight decay (none on biases/norms).", metavar="X")
-    warmup_ratio: float = option(0.03, "Fraction of steps of linear warmup.", metavar="X")
+    warmup_ratio: float | None = option(
+        None, "Fraction of steps of linear warmup [deqa/qalign/qscorer 0.03, grpo 0].", metavar="X"
+    )
     max_grad_norm: float = option(
         1.0, "Gradient clipping norm (HF Trainer's default, which the reference ran with); 0: off.", metavar="X"
     )
@@ -155,6 +187,58 @@ class LossConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """--method grpo: the reasoning prompt, the rewards and the sampling (None: the --prompt-preset recipe's)."""
+
+    panel: ClassVar[str] = "GRPO"
+    preset: str | None = option(
+        None, "The conversation and answer rule: q-insight, visualquality-r1 or visualquality-r1-nothink "
+        "[default: visualquality-r1]; also the recipe of the defaults below.", flag="prompt_preset", metavar="PRESET",
+        completion="reasoning_presets",
+    )  # fmt: skip
+    reward: str | None = option(
+        None, "threshold (Q-Insight: 1 when |answer - MOS| < --reward-threshold) or fidelity (VisualQuality-R1: "
+        "Thurstone fidelity of each answer against the other images of the batch) [the preset's].", metavar="REWARD",
+    )  # fmt: skip
+    threshold: float | None = option(
+        None, "threshold reward: the largest |answer - MOS| (MOS on 1-5) that earns 1 [0.35].",
+        flag="reward_threshold", metavar="X",
+    )  # fmt: skip
+    w_reward: float | None = option(None, "Weight of the score reward [1].", metavar="W")
+    w_format: float | None = option(None, "Weight of the format reward (the preset's answer shape) [1].", metavar="W")
+    num_generations: int | None = option(
+        None, "Answers sampled per image (the group) [q-insight 8, visualquality-r1 6].", metavar="G"
+    )
+    beta: float | None = option(
+        None, "KL coefficient against the initial model [q-insight 0.001, visualquality-r1 0.04].", metavar="X"
+    )
+    max_completion_length: int | None = option(None, "Most tokens per sampled answer [256].", metavar="N")
+    temperature: float | None = option(None, "Sampling temperature [1.0].", metavar="T")
+    top_k: int | None = option(
+        None, "Sample among the K likeliest tokens; 0: all [50, transformers' default the recipes ran with].",
+        metavar="K",
+    )  # fmt: skip
+
+    def resolve(self) -> None:
+        """Fills in the recipe's values (a --method grpo run records what it used)."""
+        self.preset = self.preset or "visualquality-r1"
+        recipe = self.recipe
+        defaults = {
+            "reward": recipe.reward, "threshold": 0.35, "w_reward": 1.0, "w_format": 1.0,
+            "num_generations": recipe.num_generations, "beta": recipe.beta,
+            "max_completion_length": recipe.max_completion_length, "temperature": 1.0, "top_k": 50,
+        }  # fmt: skip
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def recipe(self) -> GRPORecipe:
+        """The preset's recipe (an unknown preset, which `validate` refuses, reads VisualQuality-R1's meanwhile)."""
+        return GRPO_RECIPES.get(self.preset or "", GRPO_RECIPES["visualquality-r1"])
+
+
+@dataclass
 class EvalConfig:
     """In-loop evaluation on the metas' test split."""
 
@@ -202,7 +286,7 @@ class ControlConfig:
     quiet: bool = option(False, "No progress or per-step messages.", short="-q", control=True)
 
 
-SECTIONS = ("data", "model", "optim", "lora", "loss", "eval", "checkpoint", "control")
+SECTIONS = ("data", "model", "optim", "lora", "loss", "grpo", "eval", "checkpoint", "control")
 
 
 @dataclass
@@ -215,16 +299,29 @@ class TrainConfig:
         control=True,
     )  # fmt: skip
     method: str = option(
-        "deqa", "deqa (soft labels + fidelity), qalign or qscorer.", metavar="METHOD", completion="methods"
-    )
+        "deqa", "deqa (soft labels + fidelity), qalign, qscorer, or grpo (a reasoning model, through TRL).",
+        metavar="METHOD", completion="methods",
+    )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+
+    def __post_init__(self) -> None:
+        """The method's defaults where the options left None (the record then holds the values used)."""
+        grpo = self.method == GRPO
+        if grpo:
+            self.grpo.resolve()
+        recipe = self.grpo.recipe if grpo else None
+        method_defaults = {"lr": recipe.lr, "epochs": recipe.epochs, "warmup_ratio": 0.0} if recipe else OPTIM_DEFAULTS
+        for name, value in method_defaults.items():
+            if getattr(self.optim, name) is None:
+                setattr(self.optim, name, value)
 
     @classmethod
     def from_options(cls, **options: Any) -> TrainConfig:
@@ -253,9 +350,11 @@ class TrainConfig:
         return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}
 
     def weights(self) -> dict[str, float]:
-        """w_fid, w_tok and w_kl with the method's defaults filled in."""
+        """w_fid, w_tok and w_kl with the method's defaults filled in (none for grpo, which has no such losses)."""
         from iqa_cli.training.objectives import OBJECTIVES
 
+        if self.method not in OBJECTIVES:
+            return {}
         defaults = OBJECTIVES[self.method].default_weights
         given = {k: getattr(self.loss, k) for k in defaults}
         return {k: float(given[k] if given[k] is not None else v) for k, v in defaults.items()}
@@ -265,7 +364,7 @@ class TrainConfig:
         """DeQA-Score forwards (A, B) pairs for its fidelity term; without that term single images suffice."""
         from iqa_cli.training.objectives import OBJECTIVES
 
-        return OBJECTIVES[self.method].paired(self.weights())
+        return self.method in OBJECTIVES and OBJECTIVES[self.method].paired(self.weights())
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -335,5 +434,39 @@ def validate(config: TrainConfig) -> None:
             raise UserError(f"--data-weights has {len(data.repeats)} value(s) for {len(data.datasets)} dataset(s)")
         if min(data.repeats) < 1:
             raise UserError(f"--data-weights must be integers >= 1 (repeat counts), got {data.repeats}")
+    _validate_grpo(config)
     ModelSpec(family=dict(config.model.options)).check()  # the family's own rules (Qwen-VL: min <= max pixels)
     check_output_dir(Path(config.out), "--out")
+
+
+def _validate_grpo(config: TrainConfig) -> None:
+    """--method grpo's own options; for another method, none of them may be given."""
+    import dataclasses
+    import importlib.util
+
+    from iqa_cli.reasoning import PRESETS
+
+    grpo = config.grpo
+    if config.method != GRPO:
+        given = [f for f in dataclasses.fields(grpo) if getattr(grpo, f.name) is not None]
+        if given:
+            raise UserError(f"--{_flag(given[0]).replace('_', '-')} applies to --method grpo")
+        return
+    if importlib.util.find_spec("trl") is None:
+        raise UserError("--method grpo trains through TRL, which is not installed: pip install 'iqa-cli[rl]'")
+    checks = [
+        (grpo.preset in PRESETS, f"--prompt-preset must be one of {', '.join(PRESETS)}, got {grpo.preset!r}"),
+        (grpo.reward in REWARDS, f"--reward must be one of {', '.join(REWARDS)}, got {grpo.reward!r}"),
+        (grpo.threshold > 0, f"--reward-threshold must be > 0, got {grpo.threshold}"),
+        (min(grpo.w_reward, grpo.w_format) >= 0, "--w-reward and --w-format must be >= 0"),
+        (grpo.w_reward + grpo.w_format > 0, "--w-reward and --w-format are both 0: nothing to learn from"),
+        (grpo.num_generations >= 2, f"--num-generations must be >= 2 (a group), got {grpo.num_generations}"),
+        (grpo.beta >= 0, f"--beta must be >= 0, got {grpo.beta}"),
+        (grpo.max_completion_length >= 1, f"--max-completion-length must be >= 1, got {grpo.max_completion_length}"),
+        (grpo.temperature > 0, f"--temperature must be > 0, got {grpo.temperature}"),
+        (grpo.top_k >= 0, f"--top-k must be >= 0 (0: off), got {grpo.top_k}"),
+        (config.optim.strategy != "fsdp", "--method grpo trains as TRL does under torchrun (DDP), not --strategy fsdp"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)

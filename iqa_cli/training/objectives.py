@@ -134,7 +134,7 @@ class QScorer(Objective):
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DeQAScore(), QAlign(), QScorer())}
-METHODS = tuple(OBJECTIVES)
+METHODS = (*OBJECTIVES, "grpo")  # grpo trains a reasoning model through TRL (`training/grpo.py`): no loss here
 
 
 def compute_loss(spec: LossSpec, logits: torch.Tensor, pred: torch.Tensor | None, batch) -> LossParts:

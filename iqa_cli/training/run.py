@@ -13,7 +13,7 @@ from iqa_cli.errors import UserError
 from iqa_cli.paths import resolve_data_dir
 from iqa_cli.training import data as train_data
 from iqa_cli.training import state as train_state
-from iqa_cli.training.config import RUN_CONTROL_FIELDS, TrainConfig, validate
+from iqa_cli.training.config import GRPO, RUN_CONTROL_FIELDS, TrainConfig, validate
 from iqa_cli.training.loop import TrainResult, run_training
 from iqa_cli.training.session import Session, setup
 
@@ -96,6 +96,10 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
     validate(config)
     # before --overwrite clears --out
     train_data.check_metas(config.data.datasets, resolve_data_dir(config.data.data_dir))
+    if config.method == GRPO:
+        from iqa_cli.training.grpo import check
+
+        check(config)
     env = distributed.env()
     session = lock = None
     restore_signals = interrupts.install()
@@ -130,6 +134,10 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
                 already_complete=True,
                 is_main=env.is_main,
             )
+        if config.method == GRPO:  # a reasoning model, through TRL's loop
+            from iqa_cli.training.grpo import train_grpo
+
+            return train_grpo(config, decision, console)
         session = setup(config, decision, console)
         result = run_training(session)
         return finish(session, result)

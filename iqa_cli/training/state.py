@@ -42,6 +42,7 @@ LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
 MERGED = "merged"
 TRAINER_FILE = "trainer.pt"
+HF_TRAINER_STATE = "trainer_state.json"  # a TRL checkpoint (`--method grpo`, `checkpoints/checkpoint-N/`) is complete
 STATE_DIR = "state"
 # Files of the run itself; --overwrite removes exactly these and the model files a family writes
 # (`models.backbone.family_output_files`), nothing else of the folder.
@@ -82,10 +83,12 @@ class RunDirectory:
             raise UserError(f"{self.config_path}: unreadable ({exc}); use --overwrite to start over") from None
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete `step-N` folder (temporary folders of an interrupted save are ignored)."""
+        """The newest complete `step-N` folder (temporary folders of an interrupted save are ignored), or of
+        `--method grpo` the newest TRL `checkpoint-N` whose trainer state, written last, is there."""
         if not self.checkpoints.is_dir():
             return None
         done = [p for p in self.checkpoints.glob("step-*") if (p / TRAINER_FILE).is_file()]
+        done += [p for p in self.checkpoints.glob("checkpoint-*") if (p / HF_TRAINER_STATE).is_file()]
         return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
     def is_finished(self) -> bool:

@@ -1,7 +1,7 @@
 """A transformers vision-language model as a `Backbone`: the class (its forward and the splice of the image
 slot), the registry's `load` and `FAMILIES`. Concerns live beside it: `preprocess.py` (transform, collate, pixel
-options), `prompt.py` (chat template, level tokens), `training.py` (`iqa train` hooks), `checkpoints.py`
-(checks, save, adapter merge).
+options), `prompt.py` (chat template, level tokens), `generation.py` (greedy decoding of reasoning models),
+`training.py` (`iqa train` hooks), `checkpoints.py` (checks, save, adapter merge).
 
 The image slot: the prompt holds the processor's image token once; the transform runs the family's own processor
 on that token alone with the image, which gives the image's pixel tensors and the ids the token expands to (e.g.
@@ -35,6 +35,7 @@ from iqa_cli.models.hf_vlm.checkpoints import (
     _quiet_transformers,
     _trained_pixels,
 )
+from iqa_cli.models.hf_vlm.generation import GenerationMixin
 from iqa_cli.models.hf_vlm.preprocess import (
     FLAT_PIXELS,
     GRID,
@@ -52,7 +53,7 @@ from iqa_cli.models.hf_vlm.prompt import PromptMixin
 from iqa_cli.models.hf_vlm.training import TrainingMixin
 
 
-class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, TrainingMixin, CheckpointMixin):
+class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, TrainingMixin, CheckpointMixin):
     """A transformers `*ForConditionalGeneration` vision-language model and its processor as a `Backbone`."""
 
     lora_targets = LORA_TARGETS
@@ -95,10 +96,11 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, TrainingMixin, Check
         return self.regressor is not None
 
     def _splice(
-        self, visual: VisualInputs, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, visual: VisualInputs, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, left: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Model inputs with each row's image ids in place of the image token, right-padded; and where each
-        input id landed [B, T] and each row's last real position [B]."""
+        """Model inputs with each row's image ids in place of the image token, right-padded (`left`: left-padded,
+        so every row ends at the last position, as generation needs); and where each input id landed [B, T] and
+        each row's last real position [B]."""
         device = self.device
         b, t = input_ids.shape
         image_ids = visual[IMAGE_IDS].to(device)
@@ -111,6 +113,9 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, TrainingMixin, Check
         idx = torch.arange(t, device=device)[None]
         text_pos = torch.where(idx > slot[:, None], idx + lengths[:, None] - 1, idx)  # B, T
         total = int((t - 1 + lengths).max())
+        shift = (total - (t - 1 + lengths)) if left else torch.zeros_like(lengths)  # B: each row's left padding
+        text_pos = text_pos + shift[:, None]
+        slot = slot + shift
         ids = torch.full((b, total), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros(b, total, dtype=torch.long, device=device)
         kept = ~is_slot

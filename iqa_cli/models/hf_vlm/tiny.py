@@ -9,6 +9,7 @@ the family's shape.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,13 @@ def _tiny_text(vocab_size: int, pad_token_id: int, **extra: Any) -> dict[str, An
     }
 
 
-def _qwen(model_type: str) -> tuple[Any, Any]:
+def _qwen(model_type: str, tokenizer: Any = None) -> tuple[Any, Any]:
     from transformers import AutoConfig, Qwen2VLImageProcessor
 
     template = _QWEN_TEMPLATE.replace("system_default", "true" if model_type != "qwen3_vl" else "false")
-    tokenizer = build_tokenizer(_QWEN_SPECIALS, template, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if tokenizer is None:
+        tokenizer = build_tokenizer(_QWEN_SPECIALS, template, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = template
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
     patch = 16 if model_type == "qwen3_vl" else 14
     text = _tiny_text(
@@ -278,3 +281,88 @@ def _idefics3() -> tuple[Any, Any]:
     seq_len = (side // patch) ** 2 // scale**2
     processor = _processor("idefics3", image_processor, tokenizer, _IDEFICS_TEMPLATE, image_seq_len=seq_len)
     return config, processor
+
+
+# --- reasoning models ------------------------------------------------------------------------------------------
+
+# The whole vocabulary of the tiny reasoning model besides the Qwen-VL specials: the answer tags, the digits and a
+# few words, so that a random policy writes numbers often and GRPO can find the format within a few steps. Every
+# other word of a prompt is the unknown token.
+REASONING_WORDS = ("<think>", "</think>", "<answer>", "</answer>", "1", "2", "3", "4", "5", ".", "good", "bad")
+UNKNOWN = "[UNK]"
+
+
+def reasoning_tokenizer() -> Any:
+    """A word-level tokenizer over `REASONING_WORDS` (digits one token each, the tags whole) with Qwen-VL's
+    special tokens; it decodes with spaces between tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tags = [w for w in REASONING_WORDS if w.startswith("<")]
+    plain = [w for w in REASONING_WORDS if w not in tags]
+    vocab = {token: i for i, token in enumerate([*_QWEN_SPECIALS, UNKNOWN, *plain])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIALS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=UNKNOWN, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+
+
+def tiny_reasoning_checkpoint(
+    out: str | Path, *, seed: int = 0, answer: str | None = None, digit_logits: tuple[float, ...] = ()
+) -> Path:
+    """A tiny random Qwen2-VL with `reasoning_tokenizer`'s small vocabulary.
+
+    With `answer` (a digit), its greedy answer to any prompt is `<think> good </think> <answer> {answer} </answer>`:
+    each token's embedding is a large one-hot vector and the LM head maps it to the next token of that chain (a
+    bigram model), while the random layers still add a small, image-dependent part, so the five digit logits after
+    `<answer>` are `digit_logits` moved a little by the image (the digit-probability readout has something to read).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from iqa_cli.models.hf_vlm.checkpoints import _quiet_transformers
+
+    tokenizer = reasoning_tokenizer()
+    config, processor = _qwen("qwen2_vl", tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+        if answer is not None:
+            _answer_chain(model, tokenizer, answer, digit_logits or (0.0, 1.0, 2.0, 1.5, -1.0))
+    out = Path(out)
+    with _quiet_transformers():
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    return out
+
+
+def _answer_chain(model: Any, tokenizer: Any, answer: str, digit_logits: tuple[float, ...]) -> None:
+    """Embeddings 30 e_v (one-hot, the vocabulary fits the width) and an LM head whose row u reads 4 at e_v when u
+    follows v in the chain: after the final norm (sqrt(width) e_v, plus the layers' small part) the next token's
+    logit leads by about 20. After `<answer>` the digits get `digit_logits` instead (the answer's digit leads)."""
+    import torch
+
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = len(tokenizer)
+    width = model.get_input_embeddings().weight.shape[1]
+    if vocab > width:
+        raise ValueError(f"a vocabulary of {vocab} does not fit the width {width}")
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embed.zero_()
+    embed[:, :vocab] = 30.0 * torch.eye(vocab)
+    model.model.language_model.norm.weight.fill_(1.0)
+    head.zero_()
+    chain = [UNKNOWN, "<think>", "good", "</think>", "<answer>", answer, "</answer>", "<|im_end|>"]
+    for current, following in itertools.pairwise(chain):
+        head[ids(following), ids(current)] = 4.0
+    at = ids("<answer>")
+    head[ids(answer), at] = 0.0
+    for digit, logit in zip("12345", digit_logits, strict=True):
+        head[ids(digit), at] = 4.0 + logit / 5.6  # sqrt(32) ~ 5.6: the digit's logit is about 22 + `logit`
