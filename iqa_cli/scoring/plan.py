@@ -24,12 +24,16 @@ from iqa_cli.scoring.store import MANIFEST_VERSION, Sidecar
 from iqa_cli.sources import Source
 
 
-def request(config: ScoreConfig) -> dict[str, Any]:
-    """The options that decide the scores (compared before loading a model to spot a finished output)."""
+def request(config: ScoreConfig, videos: bool = False) -> dict[str, Any]:
+    """The options that decide the scores (compared before loading a model to spot a finished output): with
+    `videos` (the inputs may hold videos) also how they are sampled and whether frames get rows of their own;
+    a task other than quality."""
     return {
         **config.model.request(),
         "decode": "fast" if config.fast_decode else "exact",
         **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
+        **({"task": config.task} if config.task != "quality" else {}),
+        **({"video": {**config.sampling().describe(), "per_frame": config.per_frame}} if videos else {}),
     }
 
 
@@ -40,6 +44,7 @@ class Plan:
     metadata: dict[str, str] = field(default_factory=dict)  # the scorer's metadata of the run
     level_names: list[str] = field(default_factory=list)
     has_regressor: bool = False
+    video_metadata: dict[str, str] = field(default_factory=dict)  # the video prompt and its ids
 
 
 class LazyScorer:
@@ -59,9 +64,16 @@ def describe_difference(
     recorded: dict[str, Any], *, fingerprint: str, inputs: int, noun: str, request: dict, scorer: LazyScorer
 ) -> str | None:
     """None when a recorded run (manifest or output metadata) matches this one, else what differs."""
-    then, now = (recorded.get("request") or {}).get("decode", "exact"), request.get("decode", "exact")
+    asked = recorded.get("request") or {}
+    then, now = asked.get("decode", "exact"), request.get("decode", "exact")
     if then != now:  # not in the scorer's metadata: the same model, other pixels
         return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
+    for key, what in (("task", "task"), ("video", "video sampling")):  # the video prompt is not in it either
+        then, now = asked.get(key), request.get(key)
+        if key == "video" and None in (then, now):  # a run from before videos (or of images only): the defaults
+            then, now = then or _DEFAULT_VIDEO, now or _DEFAULT_VIDEO
+        if then != now:
+            return f"a different {what} ({_said(then, key)}, now {_said(now, key)})"
     if recorded.get("inputs_fingerprint") != fingerprint:
         return f"a different list of inputs ({recorded.get('num_inputs', '?')} {noun} then, {inputs} now)"
     if recorded.get("request") == request:
@@ -81,7 +93,7 @@ def decide(
 ) -> Plan:
     """Rank 0's decision: resume, complete, or a new run (its manifest written); a conflict is a UserError."""
     out = Path(config.out)
-    wanted = request(config)
+    wanted = request(config, may_hold_videos(source))
     sidecar = Sidecar(out)
     compare = {
         "fingerprint": fingerprint,
@@ -108,6 +120,7 @@ def decide(
                     metadata=manifest["metadata"],
                     level_names=manifest["level_names"],
                     has_regressor=manifest["has_regressor"],
+                    video_metadata=manifest.get("video_metadata", {}),
                 )
             if not config.overwrite:
                 raise UserError(
@@ -173,6 +186,7 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
             "metadata": dict(model.metadata),
             "level_names": list(model.level_names),
             "has_regressor": bool(model.has_regressor),
+            "video_metadata": dict(getattr(model, "video_metadata", {})),
             "source": source.kind,
             "inputs_fingerprint": fingerprint,
             "num_inputs": source.num_inputs(),
@@ -180,8 +194,23 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
         }
     )
     return Plan(
-        "run", metadata=dict(model.metadata), level_names=list(model.level_names), has_regressor=model.has_regressor
+        "run",
+        metadata=dict(model.metadata),
+        level_names=list(model.level_names),
+        has_regressor=model.has_regressor,
+        video_metadata=dict(getattr(model, "video_metadata", {})),
     )
+
+
+_DEFAULT_VIDEO = {**ScoreConfig(out=Path("-")).sampling().describe(), "per_frame": False}
+
+
+def _said(value: Any, key: str) -> str:
+    if value is None:
+        return "'quality'" if key == "task" else "none"
+    if isinstance(value, dict):
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in value.items())
+    return repr(value)
 
 
 def _json_or_none(text: str | None) -> Any:
@@ -191,8 +220,14 @@ def _json_or_none(text: str | None) -> Any:
         return None
 
 
+def may_hold_videos(source: Source) -> bool:
+    """Whether the source's samples may be videos (a source that does not say holds images only)."""
+    return bool(getattr(source, "may_hold_videos", False))
+
+
 def output_metadata(plan: Plan, wanted: dict, fingerprint: str, num_inputs: int) -> dict[str, str]:
-    """The scorer's metadata plus what identifies this output (version, input list, request)."""
+    """The scorer's metadata plus what identifies this output (version, input list, request); with videos, how
+    they were sampled and the video prompt (`plan.metadata`'s video keys)."""
     return {
         **plan.metadata,
         "iqa_version": __version__,
@@ -201,6 +236,8 @@ def output_metadata(plan: Plan, wanted: dict, fingerprint: str, num_inputs: int)
         "request": json.dumps(wanted, sort_keys=True),
         "scorer_metadata": json.dumps(plan.metadata, sort_keys=True),
         "decode": wanted.get("decode", "exact"),  # "fast": JPEGs decoded at a smaller DCT scale (--fast-decode)
+        **({"video_sampling": json.dumps(wanted["video"], sort_keys=True)} if "video" in wanted else {}),
+        **(plan.video_metadata if "video" in wanted else {}),
     }
 
 

@@ -107,3 +107,25 @@ def to_numpy(result: Any, n: int) -> BatchResult:
         std=result.std[:n].float().cpu().numpy(),
         score_reg=None if reg is None else reg[:n].float().cpu().numpy(),
     )
+
+
+def merge_results(batch: dict, image: BatchResult | None, video: BatchResult | None) -> BatchResult:
+    """One result row per batch row from the image call's rows (`batch["image_index"]`) and the video call's
+    (`batch["video_index"]`); rows in neither are zeros (failed rows, ignored by the writer)."""
+    calls = ((image, "image_index"), (video, "video_index"))
+    parts = [(part, batch[key].numpy()) for part, key in calls if part is not None]
+    b, k = len(batch["unit"]), parts[0][0].probs.shape[1]
+    has_reg = parts[0][0].score_reg is not None
+    merged = BatchResult(
+        probs=np.zeros((b, k), np.float32),
+        score=np.zeros(b, np.float32),
+        std=np.zeros(b, np.float32),
+        score_reg=np.zeros(b, np.float32) if has_reg else None,
+    )
+    for part, index in parts:
+        rows = np.flatnonzero(index >= 0)
+        at = index[rows]
+        merged.probs[rows], merged.score[rows], merged.std[rows] = part.probs[at], part.score[at], part.std[at]
+        if has_reg and part.score_reg is not None:
+            merged.score_reg[rows] = part.score_reg[at]
+    return merged
