@@ -144,8 +144,7 @@ def load_video(
         VideoDecodeError: a missing, empty, truncated or undecodable file, or one without a video stream.
     """
     name = str(source) if isinstance(source, (str, Path)) else getattr(source, "name", None)
-    import av
-
+    av = _pyav()
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
     _check_not_empty(source, name)
@@ -273,6 +272,14 @@ def _listed_frames(container: Any, stream: Any, rate: float) -> int:
     if len(container.streams) == 1 and container.duration and rate > 0:
         return max(0, round(container.duration / 1_000_000 * rate) - 1)
     return 0
+
+
+def _pyav() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise VideoDecodeError("videos need PyAV: pip install av (or pip install 'iqa-cli[video]')") from None
+    return av
 
 
 def _frame_rate(stream: Any) -> float:
