@@ -80,9 +80,9 @@ class ScoreConfig:
         "vectorized filter: faster, not the reference's pixels (scores move slightly; see README).",
         panel="Speed",
     )
-    task: str = option(
-        "quality", "quality or aesthetics: what the prompt asks about, for images and videos (--prompt replaces the "
-        "image prompt).", metavar="TASK", panel="Model",
+    task: str | None = option(
+        None, "quality or aesthetics: what the prompt asks about, for images and videos (--prompt replaces the image "
+        "prompt) [default: quality, or what a trained model was trained on].", metavar="TASK", panel="Model",
     )  # fmt: skip
     fps: float | None = option(
         None, "Videos: score F frames per second of video, Q-Align's sampling [default: 1, unless --frames].",
@@ -157,7 +157,8 @@ def check(config: ScoreConfig) -> CheckedOptions:
     if config.workers is not None and config.workers < 0:
         raise UserError(f"--workers {config.workers}: use 0 (decode in the main process) or more")
     config.model.check()
-    check_task(config.task)
+    if config.task is not None:
+        check_task(config.task)
     check_sampling(config)
     taken = [c for c in config.keep if c in standard_columns()]
     if taken:

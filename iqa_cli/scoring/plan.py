@@ -32,7 +32,7 @@ def request(config: ScoreConfig, videos: bool = False) -> dict[str, Any]:
         **config.model.request(),
         "decode": "fast" if config.fast_decode else "exact",
         **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
-        **({"task": config.task} if config.task != "quality" else {}),
+        **({"task": config.task} if config.task is not None else {}),
         **({"video": {**config.sampling().describe(), "per_frame": config.per_frame}} if videos else {}),
     }
 
@@ -207,7 +207,7 @@ _DEFAULT_VIDEO = {**ScoreConfig(out=Path("-")).sampling().describe(), "per_frame
 
 def _said(value: Any, key: str) -> str:
     if value is None:
-        return "'quality'" if key == "task" else "none"
+        return "the model's own" if key == "task" else "none"
     if isinstance(value, dict):
         return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in value.items())
     return repr(value)

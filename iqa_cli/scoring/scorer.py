@@ -258,7 +258,7 @@ class Scorer:
         prompt: str | None = None,
         revision: str | None = None,
         quantize: str | None = None,
-        task: str = "quality",
+        task: str | None = None,
         **options: Any,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
@@ -273,8 +273,9 @@ class Scorer:
                 evaluated with.
             revision: branch, tag or commit of a Hub repo.
             quantize: "int8" or "int4": weight-only through torchao (`iqa_cli.scoring.quantize`); None: as stored.
-            task: "quality" or "aesthetics": the wording of the image and video prompts (`iqa_cli.tasks`); a given
-                `prompt` still replaces the image prompt.
+            task: "quality" or "aesthetics": the wording of the image and video prompts (`iqa_cli.tasks`); None: the
+                model's own (an `iqa train` run on aesthetics only: aesthetics; else quality). A given `prompt`
+                still replaces the image prompt.
             options: the model family's own options (`iqa_cli.model_options`), e.g. Qwen-VL's `min_pixels` and
                 `max_pixels` (pixel-count bounds of resized images); one the family does not take is refused.
         """
@@ -282,7 +283,8 @@ class Scorer:
         from iqa_cli.models.backbone import family_of, family_options, get_family
         from iqa_cli.tasks import DEFAULT_TASK, check_task
 
-        check_task(task)
+        if task is not None:
+            check_task(task)
         if base is None and Path(model).is_dir():  # an `iqa train` LoRA run names its own base
             local_run = RunInfo.read(Path(model))
             base = local_run.extra.get("base") if local_run else None
@@ -306,7 +308,9 @@ class Scorer:
             backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **given)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
-        if prompt is None and task != DEFAULT_TASK:
+        own_task = str((run.extra.get("task") if run is not None else None) or DEFAULT_TASK)
+        task = task or own_task
+        if prompt is None and task != own_task:
             if getattr(backbone, "task_prompt", None) is None:
                 raise UserError(f"--task {task}: the {family.name} family has no prompt for it; give --prompt")
             prompt = backbone.task_prompt(task, video=False)
