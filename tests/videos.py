@@ -94,3 +94,50 @@ def stream_facts(path: str | Path) -> tuple[int, float]:
         stream = container.streams.video[0]
         count = sum(1 for packet in container.demux(stream) if packet.size)
         return count, float(stream.average_rate)
+
+
+def graded_clip(strength: int, seed: int, frames: int = 4, size: tuple[int, int] = SIZE) -> Callable[[int], np.ndarray]:
+    """Frames of a clip whose quality falls with `strength` (0..7): a colour gradient with three hard-edged boxes
+    drifting one pixel per frame, box-blurred `strength` times and noised with std 9 x `strength` grey levels."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    span = w + frames
+    ramp = np.linspace(0, 1, span)[None, :, None]
+    start, end = rng.uniform(30, 225, 3), rng.uniform(30, 225, 3)
+    scene = np.broadcast_to(start + (end - start) * ramp, (h, span, 3)).copy()
+    for _ in range(3):
+        x, y = rng.integers(0, span - w // 4), rng.integers(0, h - h // 4)
+        scene[y : y + rng.integers(h // 4, h // 2), x : x + rng.integers(w // 4, w // 2)] = rng.uniform(0, 255, 3)
+    noise = np.random.default_rng([seed, 1]).normal(0, 9 * strength, (frames, h, w, 3))
+
+    def frame(i: int) -> np.ndarray:
+        picture = scene[:, i : i + w].copy()
+        for _ in range(strength):  # box blur, one pixel per step
+            picture = (picture + np.roll(picture, 1, 0) + np.roll(picture, 1, 1)) / 3
+        return np.clip(picture + noise[i], 0, 255).astype(np.uint8)
+
+    return frame
+
+
+def write_graded_clips(
+    folder: str | Path, n: int, *, seed: int = 0, frames: int = 4, fps: int = 2, size: tuple[int, int] = SIZE
+) -> Path:
+    """`n` .mp4 clips of graded strength (`graded_clip`, strengths in turn) and `scores.csv` (video, mos, std): the
+    MOS falls linearly from 5 to 1 with the strength, with a little seeded jitter; returns the CSV's path."""
+    folder = Path(folder)
+    (folder / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = ["video,mos,std"]
+    for i in range(n):
+        strength = i % 8
+        name = f"clip{i:04d}.mp4"
+        write_video(
+            folder / "videos" / name,
+            frames=frames,
+            fps=fps,
+            size=size,
+            content=graded_clip(strength, seed + i, frames, size),
+        )
+        lines.append(f"{name},{5 - 4 * strength / 7 + rng.normal(0, 0.1):.4f},0.5")
+    (folder / "scores.csv").write_text("\n".join(lines) + "\n")
+    return folder / "scores.csv"
