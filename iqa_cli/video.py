@@ -19,11 +19,11 @@ Which frames a video is scored on (`Sampling`):
   gets none and fails.
 
 Decoding seeks: the packets are read once without decoding (their timestamps and key frames: the frame index),
-then for each sampled frame the decoder jumps to the key frame at or before it when that skips frames, and
-decodes forward from there, so a 1-frame-per-second sample of a 30 fps video decodes a fraction of its frames
-(`benchmarks/bench_video.py`). The frames equal those of decoding every frame (tests/test_video.py). A container
-whose packets have no timestamps is decoded front to back. Frames are converted to RGB by FFmpeg (PyAV's
-`to_ndarray(format="rgb24")`).
+then for each sampled frame the decoder jumps to the key frame at or before it when that skips more than
+`MIN_SKIP` frames, and decodes forward from there, so a 1-frame-per-second sample of a 30 fps video decodes a
+fraction of its frames (`benchmarks/bench_video.py`). The frames equal those of decoding every frame
+(tests/test_video.py). A container whose packets have no timestamps is decoded front to back. Frames are
+converted to RGB by FFmpeg (PyAV's `to_ndarray(format="rgb24")`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # importing this module (the score options' defaults) loads n
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
 DEFAULT_FPS = 1.0  # Q-Align's load_video: one frame per second
 DEFAULT_MAX_FRAMES = 32  # see the module docstring
+# A seek costs about as much as decoding this many frames (the demuxer's jump, the decoder flushed and refilled:
+# measured on 720p h264, benchmarks/bench_video.py): nearer key frames are decoded through instead.
+MIN_SKIP = 12
 # Leading bytes of the containers above (a Parquet cell or shard member carries no file name to go by).
 _EBML = b"\x1a\x45\xdf\xa3"  # Matroska / WebM
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # MP4 / MOV / M4V, at bytes 4..8
@@ -242,21 +245,23 @@ def _decode(container: Any, stream: Any, index: _PacketIndex, wanted: list[int],
     else:
         by_pts = {index.pts[i]: i for i in targets}
         frames: Iterator[Any] | None = None
-        position = None  # pts of the last decoded frame
+        at = -1  # frame index of the last decoded frame
         for target in targets:
             pts = index.pts[target]
             if target in found:
                 continue
             key = index.keyframes[max(0, bisect.bisect_right(index.keyframes, pts) - 1)]
-            if frames is None or (seek and (position is None or key > position)):
-                if seek and key > index.pts[0]:
+            skipped = bisect.bisect_left(index.pts, key) - at - 1  # frames a seek to `key` would not decode
+            if frames is None or (seek and skipped > MIN_SKIP):
+                if seek and skipped > MIN_SKIP:
                     container.seek(key, backward=True, any_frame=False, stream=stream)
                 frames = container.decode(stream)
             for frame in frames:
-                position = frame.pts
-                if position in by_pts and by_pts[position] not in found:
-                    found[by_pts[position]] = frame.to_ndarray(format="rgb24")
-                if position is not None and position >= pts:
+                if frame.pts is not None:
+                    at = bisect.bisect_left(index.pts, frame.pts)
+                if frame.pts in by_pts and by_pts[frame.pts] not in found:
+                    found[by_pts[frame.pts]] = frame.to_ndarray(format="rgb24")
+                if frame.pts is not None and frame.pts >= pts:
                     break
     missing = [i for i in targets if i not in found]
     if missing:
