@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from iqa_cli.evaluate import evaluate
 from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 from iqa_cli.scoring.config import ScoreConfig, ScoreInterrupted
 from iqa_cli.scoring.driver import score_images
@@ -127,6 +128,10 @@ def test_a_folder_of_images_and_clips(clips, tiny, tmp_path):
     stills = _score([str(clips / "e.png"), str(clips / "f.jpg")], tmp_path / "stills.parquet", tiny)
     np.testing.assert_allclose(own.loc[["e.png", "f.jpg"], "score"].to_numpy(float), stills["score"], atol=1e-6)
     assert own.loc[["e.png", "f.jpg"], "frames"].isna().all()
+    gt = tmp_path / "gt.csv"  # iqa eval judges a video by its own row: the frames' rows are left out
+    gt.write_text("image,mos\n" + "".join(f"{name},{i + 1}\n" for i, name in enumerate([*VIDEOS, "e.png", "f.jpg"])))
+    report = evaluate(out, gt)
+    assert report.counts["matched"] == 6 and "9 rows of single video frames (--per-frame) left out" in report.notes
     metadata = table.schema.metadata
     assert metadata[b"video_sampling"] == b'{"fps": 1.0, "max_frames": 32, "per_frame": true}'
     assert metadata[b"video_prompt"].decode() == scorer.video_readout.prompt
