@@ -112,7 +112,7 @@ class Decoder:
 
     transform: Callable[[Any], dict[str, torch.Tensor]]
     load: Callable
-    video_transform: Callable[[list], dict[str, torch.Tensor]] | None = None  # frames -> the family's video inputs
+    video_transform: Callable[[Any], dict[str, torch.Tensor]] | None = None  # a Video -> the family's video inputs
     sampling: Any = None  # iqa_cli.video.Sampling (None: its default, one frame per second)
     per_frame: bool = False
 
@@ -142,7 +142,7 @@ class Decoder:
             return [Decoded(None, error="this model family does not score videos", video=True)]
         try:
             video = load_video(sample.path if sample.path is not None else sample.data, self.sampling or Sampling())
-            visual = self.video_transform(video.frames)
+            visual = self.video_transform(video)
         except Exception as exc:
             return [Decoded(None, error=reason(exc), video=True)]
         described = {"duration": video.duration, "fps": video.fps}

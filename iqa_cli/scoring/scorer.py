@@ -367,7 +367,8 @@ class Scorer:
 
     @property
     def video_transform(self) -> Any:
-        """The sampled frames of a video (RGB PIL images) -> the backbone's visual inputs; None: no videos."""
+        """A video (`iqa_cli.video.Video`, or its sampled frames as RGB PIL images) -> the backbone's visual inputs;
+        None: the family scores no videos."""
         return getattr(self.backbone, "video_transform", None) if self.video_readout is not None else None
 
     @property
@@ -411,12 +412,12 @@ class Scorer:
             raise UserError(f"the {self.backbone.name} family does not score videos")
         return read_levels(self.backbone, visual, self.video_readout)
 
-    def score_frames(self, videos: Sequence[Sequence[Image.Image]]) -> ScoreBatch:
-        """Videos given as their frames (lists of RGB PIL images, the same count in each) -> ScoreBatch: the model
-        fed exactly these frames, one call."""
+    def score_frames(self, videos: Sequence[Any]) -> ScoreBatch:
+        """Videos given as their frames (lists of RGB PIL images, or `iqa_cli.video.Video`s; the same count in each)
+        -> ScoreBatch: the model fed exactly these frames, one call."""
         if self.video_transform is None or self.video_collate is None:
             raise UserError(f"the {self.backbone.name} family does not score videos")
-        items = [self.video_transform(list(frames)) for frames in videos]
+        items = [self.video_transform(frames) for frames in videos]
         return self.score_video_batch(self.video_collate(items, len(items), torch.float32))
 
     def score_pixels(self, pixel_values: torch.Tensor) -> ScoreBatch:
@@ -446,7 +447,7 @@ class Scorer:
         still = set(stills)
         for i in (i for i in range(len(images)) if i not in still):
             video = load_video(images[i], sampling or Sampling())
-            batch = self.score_frames([video.frames])
+            batch = self.score_frames([video])
             described = {"frames": len(video.frames), "duration": video.duration, "fps": video.fps}
             results[i] = self._result(batch, 0, self.video_readout, width=video.width, height=video.height, **described)
         return [r for r in results if r is not None]

@@ -36,7 +36,7 @@ def decode_visual(path: str, video: bool, transform: Any, video_transform: Any, 
         from iqa_cli.errors import UserError
 
         raise UserError(f"{path}: this model family does not take videos")
-    return video_transform(load_video(path, sampling or Sampling()).frames)
+    return video_transform(load_video(path, sampling or Sampling()))
 
 
 def _decode_errors() -> tuple[type[Exception], ...]:

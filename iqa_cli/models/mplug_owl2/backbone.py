@@ -122,13 +122,15 @@ class SquareCollate:
 
 @dataclass(frozen=True)
 class FramesTransform:
-    """A video's sampled frames (RGB PIL images) -> {"pixel_values": [F, S, S, 3] uint8} (or [F, 3, S, S] floats):
+    """A video's sampled frames (an `iqa_cli.video.Video`, or a list of RGB PIL images) -> {"pixel_values":
+    [F, S, S, 3] uint8} (or [F, 3, S, S] floats):
     each frame as `ClipTransform` makes an image, padded to a square with the CLIP mean first, as Q-Align's
     `QAlignVideoScorer` pads every frame (`expand2square`). Picklable."""
 
     image: ClipTransform
 
-    def __call__(self, frames: list[Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, video: Any) -> dict[str, torch.Tensor]:
+        frames = list(getattr(video, "frames", video))
         if not frames:
             raise ValueError("a video needs at least one frame")
         return {PIXELS: torch.stack([self.image(frame)[PIXELS] for frame in frames])}
