@@ -77,6 +77,8 @@ def _print_prepare_summary(summary: dict) -> None:
         f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False, soft_wrap=True
     )
     title = f"labels: {summary['levels']} levels, {summary['density']}, rule {summary['label_rule']}"
+    if summary.get("soft_labels") == "histogram":
+        title = f"labels: {summary['levels']} levels, the measured vote histograms"
     table = Table(title=title, title_justify="left")
     table.add_column("recovered vs N(mos, std)")
     table.add_column("one-hot", justify="right")
@@ -159,6 +161,15 @@ def prepare(
     pseudo_std: float | None = typer.Option(
         None, "--pseudo-std", metavar="X", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
     ),
+    soft_labels: str = typer.Option(
+        "gaussian",
+        "--soft-labels",
+        metavar="KIND",
+        help="gaussian: DeQA-Score's labels from MOS and std. histogram: the measured vote histogram (ava).",
+    ),
+    task: str | None = typer.Option(
+        None, "--task", metavar="TASK", help="What the scores rate: quality or aesthetics [default: per dataset]."
+    ),
     split: str | None = typer.Option(
         None,
         "--split",
@@ -203,6 +214,8 @@ def prepare(
         seed=seed,
         strict=strict,
         read_options=ReadOptions(image_col, mos_col, std_col, lower_is_better),
+        soft_labels=soft_labels,
+        task=task,
     )
     result = prepare_dataset(config)
     if not quiet:

@@ -330,12 +330,17 @@ def evaluate(
     if column not in PREDICTION_COLUMNS:
         raise UserError(f"--column must be one of {', '.join(PREDICTION_COLUMNS)}, got {column!r}")
     gt_columns = ["image", "dataset", "split", "mos", "mos_norm", "std", "std_norm"]
-    pred_columns = ["image", column, "std", "error"]
+    pred_columns = ["image", column, "std", "error", "frame"]
     if ground_truth is None:
         pred_columns += [c for c in gt_columns if c not in pred_columns]
     preds, _ = read_table(predictions, "predictions", pred_columns)
     _require_columns(preds, predictions, "predictions", ("image", column))
     notes: list[str] = []
+    if "frame" in preds.columns:  # `iqa score --per-frame`: a video is evaluated by its own row, not its frames'
+        frames = preds["frame"].notna()
+        if frames.any():
+            notes.append(f"{int(frames.sum())} rows of single video frames (--per-frame) left out")
+        preds = preds[~frames].drop(columns="frame").reset_index(drop=True)
 
     if ground_truth is None:
         if not {"mos", "mos_norm"} & set(preds.columns):

@@ -31,6 +31,15 @@ Two label rules (`iqa prepare --label-rule`):
   which turns every label with mu == 3 into the uniform distribution (within 1e-4 of m the even, smooth
   weight is taken at m + 1e-4); the two-point interpolation is exact Eq. A2.
 
+Histogram labels (`iqa prepare --soft-labels histogram`, AVA's votes): a dataset whose ratings are counted per rating
+(AVA's 10 counts of about 210 votes) has its measured distribution. Each rating r of the scale [lo, hi] covers the
+interval [r - 1/2, r + 1/2] of the rating axis, its votes spread evenly over it; rescaled to [1, 5] by the same
+affine map as the MOS, the mass of that piecewise-uniform density in each level's interval [c - d/2, c + d/2] is
+the level's probability: the cdf integration of the Gaussian labels, applied to the histogram instead of
+N(mu, s^2), without post-adjustment (the label is measured, not fitted). The outer levels also take what lies
+beyond them (nothing on AVA's scale: its bins end at 1 - 2/9 and 5 + 2/9). With K = 10 levels on AVA the label is
+the histogram itself.
+
 The statistics (`label_statistics`) are the reference's printed ones under either rule: srcc/plcc of the
 recovered mean vs mu, `[raw_diff]` L1/L2 of the unadjusted Gaussian's sum p_raw c (not divided by sum
 p_raw), `[diff]` L1/L2 after adjustment and fallback, alpha/beta mean and std, and the fallback count.
@@ -358,6 +367,30 @@ def _reference_labels(
         alpha[fallback] = 1.0
         beta[fallback] = 0.0
     return SoftLabels(probs=probs, raw=raw, alpha=alpha, beta=beta, fallback=fallback, clipped=clipped)
+
+
+def histogram_soft_labels(counts: np.ndarray, lo: float, hi: float, k: int = 5) -> SoftLabels:
+    """Labels (N, K) from vote counts (N, R) of the ratings lo, lo + 1, ..., hi = lo + R - 1 (see the module
+    docstring): each rating's votes spread over [r - 1/2, r + 1/2], rescaled to [1, 5], integrated over the levels'
+    intervals. Rows sum to 1; `raw` is the label, alpha 1, beta 0, no fallback."""
+    k = check_levels(k)
+    counts = np.asarray(counts, dtype=np.float64)
+    ratings = lo + np.arange(counts.shape[1], dtype=np.float64)
+    if counts.ndim != 2 or not np.isclose(ratings[-1], hi):
+        raise ValueError(f"{counts.shape[1]} vote counts do not cover the ratings {lo:g}..{hi:g}")
+    scale = (SCORE_HI - SCORE_LO) / (hi - lo)
+    left = SCORE_LO + (ratings - 0.5 - lo) * scale  # R: each rating's interval on [1, 5]
+    right = SCORE_LO + (ratings + 0.5 - lo) * scale
+    centers, half = level_centers(k), level_width(k) / 2
+    low, high = centers - half, centers + half
+    low[0], high[-1] = -np.inf, np.inf  # the outer levels take what lies beyond them
+    overlap = np.clip(np.minimum(right[:, None], high[None]) - np.maximum(left[:, None], low[None]), 0, None)
+    share = overlap / (right - left)[:, None]  # R, K: fraction of a rating's interval in each level
+    with np.errstate(invalid="ignore", divide="ignore"):
+        probs = (counts @ share) / counts.sum(axis=1, keepdims=True)
+    n = counts.shape[0]
+    none = np.zeros(n, dtype=bool)
+    return SoftLabels(probs=probs, raw=probs.copy(), alpha=np.ones(n), beta=np.zeros(n), fallback=none, clipped=none)
 
 
 def _finite(value: float) -> float | None:

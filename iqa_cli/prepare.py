@@ -6,8 +6,10 @@ normalize to [1, 5], assign train/test (a split file, or a seeded split by refer
 dataset has one), optionally check the image files (rows whose image is missing are dropped, or fail with
 `strict`; min/max stay those of every usable MOS, so the other rows' labels do not depend on it), build
 one-hot and soft labels (`iqa_cli.labels`, the reference rule unless `label_rule="renormalized"`), and write
-the Parquet meta of docs/METHOD.md ("Files iqa writes") atomically. The label statistics of the paper's
-Tables 1-2 and of the reference `gen_soft_label.py` come back in the result.
+the Parquet meta of docs/METHOD.md ("Files iqa writes") atomically. A dataset with an official split (AVA's lists,
+LSVQ's `is_test`) uses it unless `--split` names another; one rated on a fixed scale (AVA's 1..10) is normalized
+by the scale, and `--soft-labels histogram` labels it with its measured vote histogram. The label statistics of
+the paper's Tables 1-2 and of the reference `gen_soft_label.py` come back in the result.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from iqa_cli import __version__, labels
-from iqa_cli.datasets import DATASETS, ReadOptions, get_dataset
+from iqa_cli.datasets import DATASETS, OFFICIAL_SPLIT, ReadOptions, get_dataset
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_file
 from iqa_cli.paths import resolve_data_dir
+from iqa_cli.tasks import check_task
 
 if TYPE_CHECKING:
     import pandas as pd
 
 SPLITS = ("train", "val", "test")
+SOFT_LABELS = ("gaussian", "histogram")  # DeQA-Score's labels from (MOS, std), or a dataset's measured vote counts
 CORE_PARQUET_COLUMNS = ("image", "dataset", "split", "mos", "std", "mos_norm", "std_norm", "level", "soft_label")
 FLOAT_METADATA = ("std_threshold", "mean_threshold", "mos_min", "mos_max", "pseudo_std", "test_frac")
 
@@ -57,6 +61,8 @@ class PrepareConfig:
     seed: int = 0
     strict: bool = False
     read_options: ReadOptions = field(default_factory=ReadOptions)
+    soft_labels: str = "gaussian"  # or "histogram": the vote histogram merged onto the levels (AVA)
+    task: str | None = None  # what the scores rate; None: the preset's (AVA: aesthetics)
 
 
 @dataclass
@@ -76,6 +82,10 @@ def _validate(config: PrepareConfig) -> None:
     for flag, value in (("--std-threshold", config.std_threshold), ("--mean-threshold", config.mean_threshold)):
         if not np.isfinite(value) or value < 0:
             raise UserError(f"{flag} must be a number >= 0, got {value}")
+    if config.task is not None:
+        check_task(config.task)
+    if config.soft_labels not in SOFT_LABELS:
+        raise UserError(f"--soft-labels must be one of {', '.join(SOFT_LABELS)}, got {config.soft_labels!r}")
     if config.label_rule not in labels.LABEL_RULES:
         raise UserError(f"--label-rule must be one of {', '.join(labels.LABEL_RULES)}, got {config.label_rule!r}")
     if not 0.0 <= config.test_frac <= 1.0:
@@ -415,7 +425,11 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     outliers = _outlier_note(frame, table.source, table.columns.get("mos", "mos"), mos)
     if outliers:
         notes.append(outliers)
-    lo, hi = float(mos.min()), float(mos.max())
+    lo, hi = spec.scale or (float(mos.min()), float(mos.max()))
+    if mos.min() < lo or mos.max() > hi:
+        raise UserError(f"{table.source}: MOS {mos.min():g}..{mos.max():g} outside the rating scale {lo:g}..{hi:g}")
+    if config.soft_labels == "histogram" and not (spec.histogram and spec.scale):
+        raise UserError(f"--soft-labels histogram: {spec.name} publishes no vote histograms (ava does)")
     if not hi > lo:
         raise UserError(f"{table.source}: all {mos.size} MOS values equal {lo:g}; cannot normalize to [1, 5]")
     lower = spec.lower_is_better or (spec.name == "custom" and config.read_options.lower_is_better)
@@ -440,6 +454,14 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         if frame.empty:
             raise UserError(f"{config.split}: no image of the dataset is in the split file")
         split_source = str(config.split)
+    elif OFFICIAL_SPLIT in frame.columns:  # the authors' own train/test assignment
+        split = frame.pop(OFFICIAL_SPLIT)
+        keep = split.notna().to_numpy()
+        if not keep.all():
+            notes.append(f"{int((~keep).sum())} image(s) in neither official list; dropped")
+            frame, mos, std, split = frame.loc[keep].reset_index(drop=True), mos[keep], std[keep], split[keep]
+        split, split_source = split.reset_index(drop=True), f"official ({spec.name})"
+        dropped["not_in_split"] = int((~keep).sum())
     else:
         split = _split_names(seeded_test_rows(frame, config.test_frac, config.seed, (image_codes, n_images)))
         split_source = f"seeded (test_frac={config.test_frac:g}, seed={config.seed})"
@@ -466,15 +488,19 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         dropped["missing_image"] = len(missing)
 
     mos_n, std_n = labels.normalize_scores(mos, std, lo=lo, hi=hi, lower_is_better=lower)
-    soft = labels.soft_labels(
-        mos_n,
-        np.nan_to_num(std_n, nan=0.0),  # no std: the row falls back to the two-point label
-        k,
-        density=density,
-        std_threshold=config.std_threshold,
-        mean_threshold=config.mean_threshold,
-        rule=config.label_rule,
-    )
+    if config.soft_labels == "histogram":
+        counts = frame[list(spec.histogram)].to_numpy(dtype=np.float64)
+        soft = labels.histogram_soft_labels(counts, lo, hi, k)
+    else:
+        soft = labels.soft_labels(
+            mos_n,
+            np.nan_to_num(std_n, nan=0.0),  # no std: the row falls back to the two-point label
+            k,
+            density=density,
+            std_threshold=config.std_threshold,
+            mean_threshold=config.mean_threshold,
+            rule=config.label_rule,
+        )
     # the reference's get_level works on the raw MOS and its min/max (same levels, its rounding at boundaries)
     level = labels.one_hot_levels(mos_n, k) if lower else labels.one_hot_levels(mos, k, lo, hi)
     stats = labels.label_statistics(mos_n, std_n, soft, level)
@@ -521,6 +547,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         "split_source": split_source,
         "test_frac": repr(float(config.test_frac)) if config.split is None else "",
         "seed": str(config.seed) if config.split is None else "",
+        "soft_labels": config.soft_labels,
+        "task": config.task or spec.task,
     }
     write_meta(rows, soft.probs, metadata, out)
 
@@ -545,6 +573,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         "dropped": dropped,
         "images": image_report,
         "labels": stats,
+        "soft_labels": config.soft_labels,
+        "task": config.task or spec.task,
     }
     return PrepareResult(out=out, summary=summary, notes=notes)
 

@@ -69,3 +69,10 @@ def test_bench_startup_runs_and_reports_old_and_new():
     assert "build mplug-owl2-tiny new:" in out and "torch._dynamo imported: False" in out
     out = _run("bench_startup.py", "parts", "--repeats", "1")
     assert "first part table new:" in out and "pandas imported: False" in out
+
+
+def test_bench_video_reports_both_samplings_and_the_seek_ratio():
+    out = _run("bench_video.py", "--clips", "1", "--seconds", "2", "--size", "160x96", "--repeat", "1")
+    lines = {line.split()[0] + line.split()[1]: line for line in out.splitlines() if line.startswith("--")}
+    assert set(lines) == {"--fps1", "--frames8"} and all(line.rstrip().endswith("x") for line in lines.values())
+    assert lines["--fps1"].split()[2] == "2" and lines["--frames8"].split()[2] == "8"  # frames scored per video

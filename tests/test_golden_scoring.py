@@ -3,9 +3,12 @@ files beside a folder, a `--from` list, WebDataset shards (with --keep) and a Pa
 among them (a decompression bomb, an empty file, text named .png, a truncated JPEG, CMYK, 16-bit, EXIF-rotated,
 a non-ASCII name). How the golden files were made: `tests/golden_scoring.py`.
 
-Two changes since the files were made are deliberate, and asserted here rather than hidden in new files: every
+Three changes since the files were made are deliberate, and asserted here rather than hidden in new files: every
 source gives the same error rows (an empty shard member is "empty file (0 bytes)" as an empty file is, and a
-shard's `.gif` member is an image as a `.gif` file is), and every output's metadata has `unit_errors`.
+shard's `.gif` member is an image as a `.gif` file is); every output's metadata has `unit_errors`; and shard and
+Parquet outputs, whose samples may be videos, have the video columns `duration`, `frames`, `fps` (null on image
+rows) and the video sampling and prompt in their metadata, since their schema is fixed before a sample is read.
+Outputs of files that name no video are as they were.
 """
 
 from __future__ import annotations
@@ -43,15 +46,25 @@ def test_score_gives_the_golden_output(inputs, case, tmp_path):
             np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
     metadata = {k: v for k, v in (got.schema.metadata or {}).items() if not k.startswith(b"ARROW:")}
     recorded = {k: v for k, v in (expected.schema.metadata or {}).items() if not k.startswith(b"ARROW:")}
-    assert metadata.keys() == recorded.keys() | {b"unit_errors"}
+    packed = case in PACKED
+    video_keys = {b"video_sampling", b"video_prompt", b"video_input_ids"} if packed else set()
+    assert metadata.keys() == recorded.keys() | {b"unit_errors"} | video_keys
     for key in (b"model_layout", b"method", b"dtype", b"prompt", b"input_ids", b"level_names", b"decode"):
         assert metadata[key] == recorded[key], key
 
 
+PACKED = ("shards", "shards_keep", "parquet")
+VIDEO_COLUMNS = (("duration", pa.float32()), ("frames", pa.int32()), ("fps", pa.float32()))
+
+
 def _as_now(expected: pa.Table, case: str) -> pa.Table:
-    """The golden rows with the two deliberate changes: packed images as the same files give (from `folder`)."""
-    if case not in ("shards", "shards_keep", "parquet"):
+    """The golden rows with the deliberate changes: packed images as the same files give (from `folder`), and the
+    (null) video columns of packed inputs after `height`."""
+    if case not in PACKED:
         return expected
+    at = expected.schema.get_field_index("height") + 1
+    for offset, (name, kind) in enumerate(VIDEO_COLUMNS):
+        expected = expected.add_column(at + offset, pa.field(name, kind), pa.nulls(expected.num_rows, kind))
     files = pq.read_table(EXPECTED / "folder.parquet").to_pylist()
     by_name = {row["image"]: row for row in files}
     rows = expected.to_pylist()

@@ -78,7 +78,7 @@ def test_completion_offers_each_options_values(iqa, monkeypatch):
     for words, values in expected.items():
         assert _complete(iqa, monkeypatch, words) == list(values), words
     assert "koniq" in DATASETS and "reference" in LABEL_RULES and "deqa" in METHODS  # the lists are the real ones
-    assert _complete(iqa, monkeypatch, "iqa prepare ko") == ["koniq"]
+    assert _complete(iqa, monkeypatch, "iqa prepare kon") == ["koniq", "konvid1k"]
     assert _complete(iqa, monkeypatch, "iqa train --method q") == ["qalign", "qscorer"]
     assert _complete(iqa, monkeypatch, "iqa score x --dtype bf") == ["bfloat16"]
 

@@ -17,7 +17,8 @@ RECORD_KEYS = [
     "gradient_checkpointing", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "freeze_vision",
     "freeze_abstractor", "w_fid", "w_tok", "w_kl", "w_in_level", "fid_std", "detach_pred_std", "closed_set", "w_mse",
     "min_pixels", "max_pixels",
-    "mse_clamp", "w_nin", "w_rank", "rank_margin", "mlp_dims", "layout", "fixed_question", "eval_every", "evaluate",
+    "mse_clamp", "w_nin", "w_rank", "rank_margin", "mlp_dims", "layout", "fixed_question", "fps", "frames",
+    "max_frames", "eval_every", "evaluate",
     "eval_batch_size", "save_every", "save_minutes", "keep_checkpoints", "merge", "strategy", "device", "workers",
     "resume", "overwrite", "wait", "quiet",
     # --method grpo's section (issue 21): None for the other methods, as a record without these keys reads them

@@ -1,4 +1,4 @@
-"""Readers for the official metadata files of public IQA datasets, into one common table.
+"""Readers for the official metadata files of public IQA datasets (images, aesthetics, videos), into one common table.
 
 Each module reads one dataset's files exactly as its authors distribute them and documents where each
 format fact was checked. `DATASETS` maps the preset names of `iqa prepare` to their specs.
@@ -6,16 +6,33 @@ format fact was checked. `DATASETS` maps the preset names of `iqa prepare` to th
 
 from __future__ import annotations
 
-from iqa_cli.datasets import agiqa3k, csiq, custom, flive, kadid, koniq, livew, pipal, spaq, tid2013
-from iqa_cli.datasets._common import CORE_COLUMNS, DatasetSpec, MetaTable, ReadOptions
+from iqa_cli.datasets import (
+    agiqa3k,
+    ava,
+    csiq,
+    custom,
+    flive,
+    kadid,
+    koniq,
+    konvid1k,
+    livew,
+    lsvq,
+    pipal,
+    spaq,
+    tid2013,
+)
+from iqa_cli.datasets._common import CORE_COLUMNS, OFFICIAL_SPLIT, DatasetSpec, MetaTable, ReadOptions
 from iqa_cli.errors import UserError
 
 DATASETS: dict[str, DatasetSpec] = {
     module.SPEC.name: module.SPEC
-    for module in (koniq, spaq, kadid, pipal, livew, agiqa3k, tid2013, csiq, flive, custom)
+    for module in (koniq, spaq, kadid, pipal, livew, agiqa3k, tid2013, csiq, flive, ava, konvid1k, lsvq, custom)
 }
 
-__all__ = ["CORE_COLUMNS", "DATASETS", "DatasetSpec", "MetaTable", "ReadOptions", "get_dataset", "source_help"]
+__all__ = [
+    "CORE_COLUMNS", "DATASETS", "OFFICIAL_SPLIT", "DatasetSpec", "MetaTable", "ReadOptions", "get_dataset",
+    "source_help",
+]  # fmt: skip
 
 
 def get_dataset(name: str) -> DatasetSpec:
@@ -35,5 +52,7 @@ def source_help() -> str:
             flags.append("lower is better")
         if spec.pseudo_std is not None:
             flags.append(f"pseudo std {spec.pseudo_std:g} of the range")
+        if spec.task != "quality":
+            flags.append(spec.task)
         lines.append(f"{spec.name}: {spec.source_help} [{', '.join(flags)}]")
     return "\n".join(lines)

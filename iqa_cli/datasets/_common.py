@@ -1,9 +1,10 @@
 """What every dataset reader shares: the common table, the spec, and file-reading helpers that fail as one line.
 
 A reader turns one dataset's official metadata file(s) into a `MetaTable`: a DataFrame with columns
-`image` (path relative to the image root, as the authors' files name it), `mos` and `std` (raw values,
-not yet checked: `iqa prepare` counts and drops non-numeric ones), an optional `ref` (reference image, for
-split-by-content), and any dataset-specific extras. Pandas is imported inside the functions so that the
+`image` (path relative to the image root, as the authors' files name it; a video for the video datasets), `mos`
+and `std` (raw values, not yet checked: `iqa prepare` counts and drops non-numeric ones), an optional `ref`
+(reference image, for split-by-content), an optional `official_split` (the authors' train/test assignment),
+and any dataset-specific extras (AVA's vote counts among them). Pandas is imported inside the functions so that the
 registry stays cheap to import for `iqa --help`.
 """
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CORE_COLUMNS = ("image", "mos", "std")
+OFFICIAL_SPLIT = "official_split"  # a reader's column of the authors' own train/test assignment, when they publish one
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ class DatasetSpec:
         lower_is_better: scores are DMOS-like and are flipped before normalization.
         density: default soft-label mode ("pdf" for koniq/kadid as the released models, else "cdf").
         pseudo_std: std as a fraction of the MOS range for rows without one (PIPAL: 0.2), else None.
+        scale: the rating scale's (lowest, highest) rating, by which scores are normalized instead of the data's
+            min/max (AVA: 1..10, so its histograms rescale to 1..5 as they are); None: min/max.
+        task: what the scores rate ("quality", "aesthetics"): the prompt a model is trained and scored with.
+        histogram: the columns of vote counts, one per rating of the scale in ascending order (AVA's ten), for
+            `iqa prepare --soft-labels histogram`; () when the dataset has none.
     """
 
     name: str
@@ -68,6 +75,9 @@ class DatasetSpec:
     lower_is_better: bool = False
     density: str = "cdf"
     pseudo_std: float | None = None
+    scale: tuple[float, float] | None = None
+    task: str = "quality"
+    histogram: tuple[str, ...] = ()
 
 
 def require_path(path: Path, what: str) -> Path:

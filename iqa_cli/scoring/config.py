@@ -15,6 +15,8 @@ from iqa_cli.model_options import ModelSpec
 from iqa_cli.option_field import option
 from iqa_cli.paths import check_output_dir, check_output_file
 from iqa_cli.sources import SourceOptions
+from iqa_cli.tasks import check_task
+from iqa_cli.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Sampling
 
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
 
@@ -78,6 +80,24 @@ class ScoreConfig:
         "vectorized filter: faster, not the reference's pixels (scores move slightly; see README).",
         panel="Speed",
     )
+    task: str | None = option(
+        None, "quality or aesthetics: what the prompt asks about, for images and videos (--prompt replaces the image "
+        "prompt) [default: quality, or what a trained model was trained on].", metavar="TASK", panel="Model",
+    )  # fmt: skip
+    fps: float | None = option(
+        None, "Videos: score F frames per second of video, Q-Align's sampling [default: 1, unless --frames].",
+        metavar="F", panel="Video",
+    )  # fmt: skip
+    frames: int | None = option(
+        None, "Videos: score N frames spread uniformly instead (Q-ReAlign: 8).", metavar="N", panel="Video"
+    )
+    max_frames: int = option(
+        DEFAULT_MAX_FRAMES, "Videos: at most N frames with --fps; a longer video keeps N spread over its length.",
+        metavar="N", panel="Video",
+    )  # fmt: skip
+    per_frame: bool = option(
+        False, "Videos: also one row per sampled frame, scored as an image (column frame).", panel="Video"
+    )
     format: str | None = option(
         None, "parquet, csv or jsonl [default: from the --out suffix].", metavar="FORMAT", completion="formats",
         panel="Output",
@@ -101,6 +121,12 @@ class ScoreConfig:
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(self.from_file, self.from_column, self.root, self.image_col, list(self.keep))
+
+    def sampling(self) -> Sampling:
+        """How videos are sampled (`iqa_cli.video.Sampling`): --frames N, else --fps F (default 1)."""
+        if self.frames is not None:
+            return Sampling(fps=None, frames=self.frames, max_frames=self.max_frames)
+        return Sampling(fps=DEFAULT_FPS if self.fps is None else self.fps, max_frames=self.max_frames)
 
 
 @dataclass(frozen=True)
@@ -134,10 +160,25 @@ def check(config: ScoreConfig) -> CheckedOptions:
     if config.workers is not None and config.workers < 0:
         raise UserError(f"--workers {config.workers}: use 0 (decode in the main process) or more")
     config.model.check()
+    if config.task is not None:
+        check_task(config.task)
+    check_sampling(config)
     taken = [c for c in config.keep if c in standard_columns()]
     if taken:
         raise UserError(f"--keep {taken[0]}: the output has a column {taken[0]!r} of its own; keep other columns")
     return CheckedOptions(fmt, directory, batch_size)
+
+
+def check_sampling(config: ScoreConfig) -> None:
+    """--fps, --frames and --max-frames: one way of sampling, positive numbers."""
+    if config.fps is not None and config.frames is not None:
+        raise UserError(f"--fps {config.fps:g} and --frames {config.frames}: sample videos one way, not both")
+    if config.fps is not None and not config.fps > 0:
+        raise UserError(f"--fps {config.fps:g}: use a positive number of frames per second")
+    if config.frames is not None and config.frames < 1:
+        raise UserError(f"--frames {config.frames}: use 1 or more")
+    if config.max_frames < 1:
+        raise UserError(f"--max-frames {config.max_frames}: use 1 or more")
 
 
 def parse_batch_size(value: int | str) -> int | None:

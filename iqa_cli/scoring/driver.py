@@ -100,7 +100,7 @@ def build_scorer(config: ScoreConfig, device: torch.device, scorer_factory: Scor
         return scorer_factory(device)
     from iqa_cli.scoring.scorer import Scorer
 
-    built = Scorer.from_pretrained(config.model.model, device=device, **config.model.load_kwargs())
+    built = Scorer.from_pretrained(config.model.model, device=device, task=config.task, **config.model.load_kwargs())
     if config.fast_decode:
         fast_loader(built)  # a family without a draft size is refused before any sidecar exists
     return built
@@ -157,10 +157,19 @@ def _run(
     if checked.directory:
         out.mkdir(parents=True, exist_ok=True)
 
-    wanted = planning.request(config)
+    videos = planning.may_hold_videos(source)
+    wanted = planning.request(config, videos)
     metadata = planning.output_metadata(plan, wanted, fingerprint, source.num_inputs())
-    columns = {"reasoning": plan.reasoning, "keep_text": config.keep_reasoning}  # a reasoning model's own columns
-    schema = output_schema(len(plan.level_names), plan.has_regressor, source.columns, **columns).with_metadata(metadata)
+    per_frame = config.per_frame and videos
+    schema = output_schema(
+        len(plan.level_names),
+        plan.has_regressor,
+        source.columns,
+        reasoning=plan.reasoning,  # a reasoning model's own columns
+        keep_text=config.keep_reasoning,
+        videos=videos,
+        per_frame=per_frame,
+    ).with_metadata(metadata)
     model = scorer.get() if len(mine) else None  # loading is not part of the timed loop
     start = time.monotonic()
     processed = 0
@@ -190,6 +199,8 @@ def _run(
                 workers=config.workers,
                 fast_decode=config.fast_decode,
                 load_image=load_image,
+                sampling=config.sampling(),
+                per_frame=per_frame,
                 local_world_size=environment.local_world_size,
                 progress=progress,
                 sidecar=sidecar.dir,

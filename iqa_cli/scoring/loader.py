@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -77,36 +78,95 @@ def fast_loader(scorer: Any) -> Callable:
     return functools.partial(load_image, draft=draft)
 
 
+class Decoded(NamedTuple):
+    """One output row's model inputs: `visual` (None: nothing to score, `error` says why), the input's width and
+    height as stored (-1 unknown); for a video row its sampled frame count, duration and frame rate; for a
+    `--per-frame` row the frame's index in its video."""
+
+    visual: dict[str, torch.Tensor] | None
+    width: int = -1
+    height: int = -1
+    error: str | None = None
+    video: bool = False  # the video's own row: `visual` is the family's video inputs
+    frames: int = -1
+    duration: float = math.nan
+    fps: float = math.nan
+    frame: int = -1
+    ends_sample: bool = True  # the sample's last row (a video's frame rows follow its own)
+
+    @property
+    def video_input(self) -> bool:
+        """Scored in the batch's video call (a decoded video), not the image call."""
+        return self.video and self.visual is not None
+
+
 @dataclass(frozen=True)
 class Decoder:
-    """Sample -> (visual inputs or None, width, height, error or None); a failure is an error string, never raised.
+    """Sample -> its rows (`Decoded`): an image is one row; a video is one row of its sampled frames
+    (`iqa_cli.video`), followed with `per_frame` by one image row per frame. A failure is an error row, never
+    raised.
 
     Width and height are the image's as stored, upright (a JPEG decoded at a smaller DCT scale reports its full
-    size), for every source alike.
+    size), or the video's frames', for every source alike.
     """
 
     transform: Callable[[Any], dict[str, torch.Tensor]]
     load: Callable
+    video_transform: Callable[[Any], dict[str, torch.Tensor]] | None = None  # a Video -> the family's video inputs
+    sampling: Any = None  # iqa_cli.video.Sampling (None: its default, one frame per second)
+    per_frame: bool = False
 
-    def __call__(self, sample: Sample) -> tuple[dict[str, torch.Tensor] | None, int, int, str | None]:
+    def __call__(self, sample: Sample) -> Decoded:
+        """The sample's own row (an image's, or a video's without its frame rows)."""
+        return self.rows(sample)[0]
+
+    def rows(self, sample: Sample) -> list[Decoded]:
+        if sample.error is not None:
+            return [Decoded(None, error=sample.error, video=sample.video)]
+        if sample.video:
+            return self._video(sample)
         from iqa_cli.images import describe_image
 
-        if sample.error is not None:
-            return None, -1, -1, sample.error
         width = height = -1
         try:
             image = self.load(sample.path if sample.path is not None else io.BytesIO(sample.data))
             width, height = describe_image(image)
-            return self.transform(image), width, height, None
+            return [Decoded(self.transform(image), width, height)]
         except Exception as exc:  # any decoder failure is a row with `error`, not a crashed run
-            return None, width, height, reason(exc)
+            return [Decoded(None, width, height, reason(exc))]
+
+    def _video(self, sample: Sample) -> list[Decoded]:
+        from iqa_cli.video import Sampling, load_video
+
+        if self.video_transform is None:
+            return [Decoded(None, error="this model family does not score videos", video=True)]
+        try:
+            video = load_video(sample.path if sample.path is not None else sample.data, self.sampling or Sampling())
+            visual = self.video_transform(video)
+        except Exception as exc:
+            return [Decoded(None, error=reason(exc), video=True)]
+        described = {"duration": video.duration, "fps": video.fps}
+        own = Decoded(visual, video.width, video.height, video=True, frames=len(video.frames), **described)
+        if not self.per_frame:
+            return [own]
+        rows = [own._replace(ends_sample=False)]
+        for i, (index, frame) in enumerate(zip(video.indices, video.frames, strict=True)):
+            last = i == len(video.frames) - 1
+            rows.append(Decoded(self.transform(frame), *frame.size, frame=index, ends_sample=last, **described))
+        return rows
+
+
+def decoded(value: Any) -> Decoded:
+    """A `Decoded` from what a decoder gave: a Decoded, or an image's (visual, width, height, error)."""
+    return value if isinstance(value, Decoded) else Decoded(*value)
 
 
 def reason(exc: BaseException) -> str:
     """An error row's text: the decoder's reason without the path (the row names the image)."""
     from iqa_cli.images import ImageDecodeError
+    from iqa_cli.video import VideoDecodeError
 
-    if isinstance(exc, ImageDecodeError):
+    if isinstance(exc, (ImageDecodeError, VideoDecodeError)):
         return " ".join(str(exc.reason or exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
@@ -119,14 +179,17 @@ def reason(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class PadCollate:
-    """One batch of `batch_size` rows whatever its length or failures: the backbone's collate builds the visual
-    inputs (padding rows as it defines them); padded rows have unit -1. A batch without items (it only says that
-    units ended, empty ones) has no visual inputs (None).
+    """One batch of at most `batch_size` rows whatever its length or failures, in at most two model calls of fixed
+    shapes: its image rows (failed rows among them, as padding) through the backbone's collate into
+    `batch_size` rows, and its video rows through the video collate into `video_rows(F)` rows of F frames (every
+    video of a batch has the same frame count F). Padded rows have unit -1. A batch without items (it only says
+    that units ended, empty ones) has no visual inputs (None).
 
     Fixed shapes keep CUDA kernels and allocator blocks reusable, and an image's score independent of its
-    batch-mates. Visual inputs are cast to the model's dtype here, in the worker, when it is a 16-bit one: half
-    the bytes to pin and copy, and the same rounding the model's own cast would do. The backbone's collate
-    allocates with `iqa_cli.batch_buffer.batch_buffer`, so a worker builds the batch in shared memory and
+    batch-mates; a video call's shape depends only on its videos' frame count, so a video's score depends on
+    nothing but the video. Visual inputs are cast to the model's dtype here, in the worker, when it is a 16-bit
+    one: half the bytes to pin and copy, and the same rounding the model's own cast would do. The backbone's
+    collate allocates with `iqa_cli.batch_buffer.batch_buffer`, so a worker builds the batch in shared memory and
     handing it over copies nothing; with a `pool`, in blocks the worker reuses once the main process has
     released the batch (`BatchPool.release`).
     """
@@ -135,27 +198,67 @@ class PadCollate:
     visual_collate: Callable[..., dict[str, torch.Tensor]]  # the backbone's VisualCollate
     dtype: torch.dtype = torch.float32
     pool: BatchPool | None = None
+    video_collate: Callable[..., dict[str, torch.Tensor]] | None = None  # the backbone's, for video rows
+
+    def video_rows(self, frames: int) -> int:
+        """Videos per call when each has `frames` frames: as many frames as an image call has images (at least one
+        video), so a video call needs about the memory of an image call."""
+        return max(1, self.batch_size // max(1, frames))
+
+    def starts_new_batch(self, items: list[tuple], row: Decoded) -> bool:
+        """Whether `row` cannot join `items`: a video whose frame count differs from theirs."""
+        if not row.video_input:
+            return False
+        return any(d.video_input and d.frames != row.frames for d in (decoded(item[3]) for item in items))
+
+    def full(self, items: list[tuple]) -> bool:
+        if len(items) >= self.batch_size:
+            return True
+        videos = [d for d in (decoded(item[3]) for item in items) if d.video_input]
+        return bool(videos) and len(videos) >= self.video_rows(videos[0].frames)
 
     def __call__(self, items: list[tuple], done: list[tuple[int, str | None]]) -> dict[str, Any]:
-        """`items`: (unit, row in unit, sample, (visual, width, height, error)); `done`: (unit, error) of the units
-        whose last row is in this batch or an earlier one."""
+        """`items`: (unit, row in unit, sample, Decoded or an image's (visual, width, height, error)); `done`: (unit,
+        error) of the units whose last row is in this batch or an earlier one."""
         b = self.batch_size
-        unit = torch.full((b,), -1, dtype=torch.int64)
-        row = torch.full((b,), -1, dtype=torch.int64)
-        width = torch.full((b,), -1, dtype=torch.int32)
-        height = torch.full((b,), -1, dtype=torch.int32)
+        rows = [decoded(item[3]) for item in items]
+        columns = {
+            "unit": torch.full((b,), -1, dtype=torch.int64),
+            "row": torch.full((b,), -1, dtype=torch.int64),
+            "width": torch.full((b,), -1, dtype=torch.int32),
+            "height": torch.full((b,), -1, dtype=torch.int32),
+            "frames": torch.full((b,), -1, dtype=torch.int32),
+            "duration": torch.full((b,), math.nan, dtype=torch.float32),
+            "fps": torch.full((b,), math.nan, dtype=torch.float32),
+            "frame": torch.full((b,), -1, dtype=torch.int32),
+            "last": torch.ones((b,), dtype=torch.bool),
+            "image_index": torch.full((b,), -1, dtype=torch.int64),
+            "video_index": torch.full((b,), -1, dtype=torch.int64),
+        }
         errors: list[str | None] = [None] * b
-        for i, (u, r, _, (_, w, h, error)) in enumerate(items):
-            unit[i], row[i], width[i], height[i], errors[i] = u, r, w, h, error
+        images, videos = [], []
+        for i, ((u, r, *_), row) in enumerate(zip(items, rows, strict=True)):
+            values = {"unit": u, "row": r, "width": row.width, "height": row.height, "frames": row.frames,
+                      "duration": row.duration, "fps": row.fps, "frame": row.frame,
+                      "last": row.ends_sample}  # fmt: skip
+            for name, value in values.items():
+                columns[name][i] = value
+            errors[i] = row.error
+            part = videos if row.video_input else images
+            columns["video_index" if row.video_input else "image_index"][i] = len(part)
+            part.append(row.visual)
         pool = self.pool if items else None  # a batch that only ends units (empty ones) has no visual inputs
         with pool.filling() if pool is not None else contextlib.nullcontext() as filling:
-            visual = self.visual_collate([item[3][0] for item in items], b, self.dtype) if items else None
+            visual = self.visual_collate(images, b, self.dtype) if images else None
+            video = None
+            if videos:
+                if self.video_collate is None:
+                    raise ValueError("video rows need the backbone's video collate")
+                video = self.video_collate(videos, self.video_rows(_frames(rows)), self.dtype)
         batch = {
             "visual": visual,
-            "unit": unit,
-            "row": row,
-            "width": width,
-            "height": height,
+            "video": video,
+            **columns,
             "error": errors,
             "name": [item[2].name for item in items],
             "kept": [item[2].kept for item in items],
@@ -166,30 +269,43 @@ class PadCollate:
         return batch
 
 
+def _frames(rows: list[Decoded]) -> int:
+    """The frame count of a batch's videos (one for all of them)."""
+    return next(row.frames for row in rows if row.video_input)
+
+
 class UnitStream(torch.utils.data.IterableDataset):
     """Streams units (each from its start row) and yields whole batches; every unit, even an empty one or one
     that breaks off, ends up in some batch's `done`."""
 
-    def __init__(self, source: Source, units: np.ndarray, starts: np.ndarray, decode: Decoder, collate: PadCollate):
+    def __init__(self, source: Source, units: np.ndarray, starts: np.ndarray, decode: Any, collate: PadCollate):
         self.source, self.units, self.starts = source, units, starts
         self.decode, self.collate = decode, collate
+
+    def _rows(self, sample: Sample) -> list[Any]:
+        rows = getattr(self.decode, "rows", None)
+        return rows(sample) if rows is not None else [self.decode(sample)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         share = slice(None) if info is None else slice(info.id, None, info.num_workers)
         items: list[tuple] = []
         done: list[tuple[int, str | None]] = []
-        full: dict[str, Any] | None = None  # a whole batch held until the next sample shows whether a unit ended
+        full: dict[str, Any] | None = None  # a whole batch held until the next row shows whether a unit ended
         for u, start in zip(self.units[share].tolist(), self.starts[share].tolist(), strict=True):
             error = None
             try:
                 for k, sample in enumerate(self.source.samples(u, start)):
-                    if full is not None:
-                        yield full
-                        full = None
-                    items.append((u, start + k, sample, self.decode(sample)))
-                    if len(items) == self.collate.batch_size:
-                        full, items, done = self.collate(items, done), [], []
+                    for row in self._rows(sample):
+                        if full is not None:
+                            yield full
+                            full = None
+                        if items and self.collate.starts_new_batch(items, decoded(row)):
+                            yield self.collate(items, done)
+                            items, done = [], []
+                        items.append((u, start + k, sample, row))
+                        if self.collate.full(items):
+                            full, items, done = self.collate(items, done), [], []
             except SourceError as exc:
                 error = str(exc)
             except Exception as exc:  # a file that vanished or broke after listing: its unit's error

@@ -29,7 +29,7 @@ from iqa_cli.scoring.loader import (
     model_threads,
     transfer_dtype,
 )
-from iqa_cli.scoring.runner import BatchRunner, settle_size
+from iqa_cli.scoring.runner import BatchRunner, merge_results, settle_size, to_numpy
 from iqa_cli.scoring.store import UnitWriter
 from iqa_cli.sources import Source
 
@@ -46,6 +46,23 @@ def call_size(
     return size
 
 
+def score_parts(runner: BatchRunner, scorer: Any, batch: dict, visual: Any):
+    """A batch's rows scored: its image rows in the image call (`runner`, fixed shape), its videos in one video
+    call; None when no row has anything to score."""
+    scorable = (batch["unit"] >= 0) & torch.tensor([e is None for e in batch["error"]])
+    image = video = None
+    if visual is not None and bool((scorable & (batch["image_index"] >= 0)).any()):
+        image = runner(visual)
+    if batch.get("video") is not None and bool((scorable & (batch["video_index"] >= 0)).any()):
+        device = torch.device(scorer.device)
+        part = {name: t.to(device, non_blocking=True) for name, t in batch["video"].items()}
+        rows = next(iter(part.values())).shape[0]
+        video = to_numpy(scorer.score_video_batch(part), rows)
+    if image is None and video is None:
+        return None
+    return merge_results(batch, image, video)
+
+
 def score_units(
     scorer: Any,
     source: Source,
@@ -57,6 +74,8 @@ def score_units(
     workers: int | None,
     fast_decode: bool = False,
     load_image: Callable | None = None,
+    sampling: Any = None,
+    per_frame: bool = False,
     local_world_size: int = 1,
     progress: ProgressBar | NullBar | None = None,
     sidecar: Path,
@@ -64,7 +83,9 @@ def score_units(
     """Scores `units` (unit `units[i]` from its row `starts[i]`) and returns how many rows it wrote.
 
     Every model call has one shape, so an image's score never depends on its batch-mates (not even in bf16,
-    where kernels for other shapes round differently). A SIGINT/SIGTERM, an error or the end of the work writes
+    where kernels for other shapes round differently); a video call's shape is set by its videos' frame count
+    alone (`PadCollate`). Videos are sampled by `sampling` (`iqa_cli.video.Sampling`), with `per_frame` each
+    sampled frame is also a row of its own, scored as an image. A SIGINT/SIGTERM, an error or the end of the work writes
     the rows of unfinished units as pieces before returning or raising (`iqa_cli.scoring.config.ScoreInterrupted`).
 
     Raises:
@@ -81,8 +102,10 @@ def score_units(
     workers = min(workers, len(units))
     pool = batch_pool(workers)
     transform, load = decoding(scorer, fast_decode, load_image)
-    collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool)
-    loader = data_loader(UnitStream(source, units, starts, Decoder(transform, load), collate), workers, device)
+    video_transform = getattr(scorer, "video_transform", None)
+    collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool, getattr(scorer, "video_collate", None))
+    decoder = Decoder(transform, load, video_transform, sampling, per_frame)
+    loader = data_loader(UnitStream(source, units, starts, decoder, collate), workers, device)
     runner = BatchRunner(scorer, size, auto=auto)
     batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
     processed = 0
@@ -90,18 +113,17 @@ def score_units(
         threads = model_threads(device, workers, local_world_size, torch.get_num_threads())
         with interruptible(sidecar), torch.inference_mode(), intra_op_threads(threads):
             for batch, visual in device_batches(batches, device):
-                ok = (batch["unit"] >= 0) & torch.tensor([e is None for e in batch["error"]])
-                result = runner(visual) if bool(ok.any()) else None
-                n = writer.add(batch, result)
+                n = writer.add(batch, score_parts(runner, scorer, batch, visual))
                 if pool is not None:
                     pool.release(batch)
                 processed += n
-                progress.advance(n)
+                progress.advance(int(((batch["unit"] >= 0) & batch["last"]).sum()))  # samples, as the total counts
         if auto:
             progress.print(f"--batch-size auto: scored in calls of {runner.size} images")
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory at --batch-size {runner.size}; use a smaller size or --batch-size auto"
+            " (for videos: fewer frames, --max-frames or --frames)"
         ) from None
     finally:
         with interruptible(sidecar, defer=True):  # a second Ctrl-C must not cut the last piece short

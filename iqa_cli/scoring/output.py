@@ -3,9 +3,14 @@
 Every source gives the same columns: `image`, `score`, `std`, `probs` (K float32, ascending quality), `level`,
 `width`, `height`, `error`, `score_reg` for regression models, `score_soft` (and `reasoning` with
 --keep-reasoning) for reasoning models, then the source's own (`shard` and the --keep columns of shards and Parquet
-inputs). The output is assembled from the finished units in input order
-(`assemble_file`, streaming one unit at a time), or written as one Parquet file per output stem of the source
-(`assemble_directory`, `--out DIR/`) with the run's metadata in `DIR/_iqa.json`.
+inputs). An output that may hold videos (a list of files naming one; shards and Parquet inputs always, since their
+samples are known only when read and every unit's file is written with one schema before the first is read) has
+`duration`, `frames` and `fps` after `height` (null on image rows), and `--per-frame` adds `frame`, the frame's
+index in its video on the rows of single frames.
+
+The output is assembled from the finished units in input order (`assemble_file`, streaming one unit at a time), or
+written as one Parquet file per output stem of the source (`assemble_directory`, `--out DIR/`) with the run's
+metadata in `DIR/_iqa.json`.
 """
 
 from __future__ import annotations
@@ -58,11 +63,23 @@ def meta_path(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
 
 
+VIDEO_COLUMNS = {"duration": pa.float32(), "frames": pa.int32(), "fps": pa.float32()}
+FRAME_COLUMN = "frame"
+
+
 def output_schema(
-    num_levels: int, has_regressor: bool, extra: dict[str, Any], *, reasoning: bool = False, keep_text: bool = False
+    num_levels: int,
+    has_regressor: bool,
+    extra: dict[str, Any],
+    *,
+    reasoning: bool = False,
+    keep_text: bool = False,
+    videos: bool = False,
+    per_frame: bool = False,
 ) -> pa.Schema:
     """The output's columns; `extra` are the source's own (name -> arrow type, None: string). A reasoning model's
-    (`iqa_cli.scoring.reasoning`) add `score_soft` and, with `keep_text`, the generated text `reasoning`."""
+    (`iqa_cli.scoring.reasoning`) add `score_soft` and, with `keep_text`, the generated text `reasoning`; `videos`:
+    the video columns, `per_frame`: the frame column."""
     fields = [
         ("image", pa.string()),
         ("score", pa.float32()),
@@ -71,8 +88,12 @@ def output_schema(
         ("level", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("error", pa.string()),
     ]
+    if videos or per_frame:
+        fields += list(VIDEO_COLUMNS.items())
+    if per_frame:
+        fields.append((FRAME_COLUMN, pa.int32()))
+    fields.append(("error", pa.string()))
     if has_regressor:
         fields.append(("score_reg", pa.float32()))
     if reasoning:
@@ -85,7 +106,7 @@ def output_schema(
 
 def standard_columns() -> tuple[str, ...]:
     """Column names every output may have; a source's own columns must not take one."""
-    return (*output_schema(1, True, {}, reasoning=True, keep_text=True).names, "shard")
+    return (*output_schema(1, True, {}, reasoning=True, keep_text=True, videos=True, per_frame=True).names, "shard")
 
 
 def rows_table(chunks: list[dict[str, Any]], level_names: list[str], schema: pa.Schema, extra: dict) -> pa.Table:
@@ -96,8 +117,8 @@ def rows_table(chunks: list[dict[str, Any]], level_names: list[str], schema: pa.
     n = len(errors)
     failed = np.array([e is not None for e in errors], dtype=bool)
 
-    def cat(key: str, dtype: Any) -> np.ndarray:
-        parts = [c[key] if c[key] is not None else np.zeros(len(c["error"]), dtype) for c in chunks]
+    def cat(key: str, dtype: Any, fill: float = 0) -> np.ndarray:
+        parts = [c[key] if c.get(key) is not None else np.full(len(c["error"]), fill, dtype) for c in chunks]
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
     probs = np.concatenate(
@@ -131,6 +152,15 @@ def rows_table(chunks: list[dict[str, Any]], level_names: list[str], schema: pa.
     if "reasoning" in schema.names:
         texts = [t for c in chunks for t in (c.get("texts") or [None] * len(c["error"]))]
         columns["reasoning"] = _string_array(texts)
+    if "duration" in schema.names:
+        frames = cat("frames", np.int32, -1)
+        columns["frames"] = _numpy_array(frames, pa.int32(), null=frames < 0)
+        for name in ("duration", "fps"):
+            values = cat(name, np.float32, np.nan)
+            columns[name] = _numpy_array(values, pa.float32(), null=np.isnan(values))
+    if FRAME_COLUMN in schema.names:
+        frame = cat(FRAME_COLUMN, np.int32, -1)
+        columns[FRAME_COLUMN] = _numpy_array(frame, pa.int32(), null=frame < 0)
     for name in extra:
         values = [kept.get(name) for c in chunks for kept in c["kept"]]
         columns[name] = _kept_array(values, schema.field(name).type)

@@ -24,13 +24,17 @@ from iqa_cli.scoring.store import MANIFEST_VERSION, Sidecar
 from iqa_cli.sources import Source
 
 
-def request(config: ScoreConfig) -> dict[str, Any]:
-    """The options that decide the scores (compared before loading a model to spot a finished output)."""
+def request(config: ScoreConfig, videos: bool = False) -> dict[str, Any]:
+    """The options that decide the scores (compared before loading a model to spot a finished output): with
+    `videos` (the inputs may hold videos) also how they are sampled and whether frames get rows of their own;
+    a task other than quality."""
     return {
         **config.model.request(),
         "decode": "fast" if config.fast_decode else "exact",
         **({"image_col": config.image_col, "keep": config.keep} if config.image_col or config.keep else {}),
         **({"keep_reasoning": True} if config.keep_reasoning else {}),  # another column
+        **({"task": config.task} if config.task is not None else {}),
+        **({"video": {**config.sampling().describe(), "per_frame": config.per_frame}} if videos else {}),
     }
 
 
@@ -42,6 +46,7 @@ class Plan:
     level_names: list[str] = field(default_factory=list)
     has_regressor: bool = False
     reasoning: bool = False  # a reasoning model: its own columns (`output.output_schema`)
+    video_metadata: dict[str, str] = field(default_factory=dict)  # the video prompt and its ids
 
 
 class LazyScorer:
@@ -61,10 +66,17 @@ def describe_difference(
     recorded: dict[str, Any], *, fingerprint: str, inputs: int, noun: str, request: dict, scorer: LazyScorer
 ) -> str | None:
     """None when a recorded run (manifest or output metadata) matches this one, else what differs."""
-    then, now = (recorded.get("request") or {}).get("decode", "exact"), request.get("decode", "exact")
+    asked = recorded.get("request") or {}
+    then, now = asked.get("decode", "exact"), request.get("decode", "exact")
     if then != now:  # not in the scorer's metadata: the same model, other pixels
         return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
-    then, now = (recorded.get("request") or {}).get("keep_reasoning", False), request.get("keep_reasoning", False)
+    for key, what in (("task", "task"), ("video", "video sampling")):  # the video prompt is not in it either
+        then, now = asked.get(key), request.get(key)
+        if key == "video" and None in (then, now):  # a run from before videos (or of images only): the defaults
+            then, now = then or _DEFAULT_VIDEO, now or _DEFAULT_VIDEO
+        if then != now:
+            return f"a different {what} ({_said(then, key)}, now {_said(now, key)})"
+    then, now = asked.get("keep_reasoning", False), request.get("keep_reasoning", False)
     if then != now:  # not in the scorer's metadata either: the same answers, another column
         flags = ["--keep-reasoning" if keep else "no --keep-reasoning" for keep in (then, now)]
         return f"{flags[0]} (the column `reasoning`), now {flags[1]}"
@@ -87,7 +99,7 @@ def decide(
 ) -> Plan:
     """Rank 0's decision: resume, complete, or a new run (its manifest written); a conflict is a UserError."""
     out = Path(config.out)
-    wanted = request(config)
+    wanted = request(config, may_hold_videos(source))
     sidecar = Sidecar(out)
     compare = {
         "fingerprint": fingerprint,
@@ -115,6 +127,7 @@ def decide(
                     level_names=manifest["level_names"],
                     has_regressor=manifest["has_regressor"],
                     reasoning=manifest.get("reasoning", False),
+                    video_metadata=manifest.get("video_metadata", {}),
                 )
             if not config.overwrite:
                 raise UserError(
@@ -184,6 +197,7 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
             "level_names": list(model.level_names),
             "has_regressor": bool(model.has_regressor),
             "reasoning": reasoning,
+            "video_metadata": dict(getattr(model, "video_metadata", {})),
             "source": source.kind,
             "inputs_fingerprint": fingerprint,
             "num_inputs": source.num_inputs(),
@@ -196,7 +210,19 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
         level_names=list(model.level_names),
         has_regressor=model.has_regressor,
         reasoning=reasoning,
+        video_metadata=dict(getattr(model, "video_metadata", {})),
     )
+
+
+_DEFAULT_VIDEO = {**ScoreConfig(out=Path("-")).sampling().describe(), "per_frame": False}
+
+
+def _said(value: Any, key: str) -> str:
+    if value is None:
+        return "the model's own" if key == "task" else "none"
+    if isinstance(value, dict):
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in value.items())
+    return repr(value)
 
 
 def _json_or_none(text: str | None) -> Any:
@@ -206,8 +232,14 @@ def _json_or_none(text: str | None) -> Any:
         return None
 
 
+def may_hold_videos(source: Source) -> bool:
+    """Whether the source's samples may be videos (a source that does not say holds images only)."""
+    return bool(getattr(source, "may_hold_videos", False))
+
+
 def output_metadata(plan: Plan, wanted: dict, fingerprint: str, num_inputs: int) -> dict[str, str]:
-    """The scorer's metadata plus what identifies this output (version, input list, request)."""
+    """The scorer's metadata plus what identifies this output (version, input list, request); with videos, how
+    they were sampled and the video prompt (`plan.metadata`'s video keys)."""
     return {
         **plan.metadata,
         "iqa_version": __version__,
@@ -216,6 +248,8 @@ def output_metadata(plan: Plan, wanted: dict, fingerprint: str, num_inputs: int)
         "request": json.dumps(wanted, sort_keys=True),
         "scorer_metadata": json.dumps(plan.metadata, sort_keys=True),
         "decode": wanted.get("decode", "exact"),  # "fast": JPEGs decoded at a smaller DCT scale (--fast-decode)
+        **({"video_sampling": json.dumps(wanted["video"], sort_keys=True)} if "video" in wanted else {}),
+        **(plan.video_metadata if "video" in wanted else {}),
     }
 
 

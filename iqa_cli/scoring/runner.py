@@ -119,3 +119,33 @@ def to_numpy(result: Any, n: int) -> BatchResult:
         errors=None if texts is None else list(result.errors[:n]),
         texts=None if texts is None else list(texts[:n]),
     )
+
+
+def merge_results(batch: dict, image: BatchResult | None, video: BatchResult | None) -> BatchResult:
+    """One result row per batch row from the image call's rows (`batch["image_index"]`) and the video call's
+    (`batch["video_index"]`); rows in neither are zeros (failed rows, ignored by the writer)."""
+    calls = ((image, "image_index"), (video, "video_index"))
+    parts = [(part, batch[key].numpy()) for part, key in calls if part is not None]
+    b, k = len(batch["unit"]), parts[0][0].probs.shape[1]
+    has_reg = parts[0][0].score_reg is not None
+    reasoning = any(part.texts is not None for part, _ in parts)  # a reasoning model's answers (images only)
+    merged = BatchResult(
+        probs=np.zeros((b, k), np.float32),
+        score=np.zeros(b, np.float32),
+        std=np.zeros(b, np.float32),
+        score_reg=np.zeros(b, np.float32) if has_reg else None,
+        score_soft=np.full(b, np.nan, np.float32) if reasoning else None,
+        errors=[None] * b if reasoning else None,
+        texts=[None] * b if reasoning else None,
+    )
+    for part, index in parts:
+        rows = np.flatnonzero(index >= 0)
+        at = index[rows]
+        merged.probs[rows], merged.score[rows], merged.std[rows] = part.probs[at], part.score[at], part.std[at]
+        if has_reg and part.score_reg is not None:
+            merged.score_reg[rows] = part.score_reg[at]
+        if part.texts is not None:
+            merged.score_soft[rows] = part.score_soft[at]
+            for row, i in zip(rows.tolist(), at.tolist(), strict=True):
+                merged.errors[row], merged.texts[row] = part.errors[i], part.texts[i]
+    return merged

@@ -70,7 +70,7 @@ class ScoreBatch:
 
 @dataclass
 class ImageScore:
-    """One image's result from `Scorer.score`."""
+    """One image's (or video's) result from `Scorer.score`."""
 
     score: float
     std: float
@@ -83,6 +83,9 @@ class ImageScore:
     score_soft: float | None = None
     reasoning: str | None = None
     error: str | None = None
+    frames: int | None = None  # videos: how many frames were scored
+    duration: float | None = None  # videos: seconds
+    fps: float | None = None  # videos: average frame rate
 
 
 @torch.inference_mode()
@@ -219,13 +222,32 @@ def _readout_method(readout: Any) -> str:
     return "qscorer" if readout.regressor else "levels"
 
 
-class Scorer:
-    """A loaded backbone plus everything needed to turn images into quality scores."""
+def task_readout(backbone: Backbone, task: str, video: bool, run: RunInfo | None) -> Readout | None:
+    """The readout of the family's prompt for `task` on a video or an image (`Backbone.task_prompt`, optional for
+    a family: None without it), with the checkpoint's level tokens and regressor."""
+    task_prompt = getattr(backbone, "task_prompt", None)
+    if task_prompt is None:
+        return None
+    return build_readout(backbone, task_prompt(task, video=video), run)
 
-    def __init__(self, backbone: Backbone, readout: Readout, metadata: dict[str, str] | None = None):
+
+class Scorer:
+    """A loaded backbone plus everything needed to turn images and videos into quality (or aesthetics) scores."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        readout: Readout,
+        metadata: dict[str, str] | None = None,
+        *,
+        video_readout: Readout | None = None,
+        task: str = "quality",
+    ):
         self.backbone = backbone
         self.readout = readout
         self.metadata = dict(metadata or {})
+        self.video_readout = video_readout  # None: the family scores no videos
+        self.task = task
 
     @classmethod
     def from_pretrained(
@@ -240,6 +262,7 @@ class Scorer:
         quantize: str | None = None,
         reasoning: str | None = None,
         max_new_tokens: int | None = None,
+        task: str | None = None,
         **options: Any,
     ) -> Scorer:
         """Loads a released checkpoint (repo id or directory) or an `iqa train` run directory.
@@ -258,12 +281,18 @@ class Scorer:
                 generation and the score is the number in the answer (`iqa_cli.scoring.reasoning`); default: the
                 one an `iqa train --method grpo` run records, else none (the level readout).
             max_new_tokens: the generation budget of a reasoning model [default: the run's, else the preset's].
+            task: "quality" or "aesthetics": the wording of the image and video prompts (`iqa_cli.tasks`); None: the
+                model's own (an `iqa train` run on aesthetics only: aesthetics; else quality). A given `prompt`
+                still replaces the image prompt.
             options: the model family's own options (`iqa_cli.model_options`), e.g. Qwen-VL's `min_pixels` and
                 `max_pixels` (pixel-count bounds of resized images); one the family does not take is refused.
         """
         from iqa_cli.files import directory_fingerprint
         from iqa_cli.models.backbone import family_of, family_options, get_family
+        from iqa_cli.tasks import DEFAULT_TASK, check_task
 
+        if task is not None:
+            check_task(task)
         if base is None and Path(model).is_dir():  # an `iqa train` LoRA run names its own base
             local_run = RunInfo.read(Path(model))
             base = local_run.extra.get("base") if local_run else None
@@ -287,6 +316,8 @@ class Scorer:
             backbone = family.load(model, base=base, revision=revision, dtype=torch_dtype, device=target, **given)
         origin = backbone.provenance
         run = RunInfo.read(origin.weights_dir) if origin.weights_dir is not None else None
+        own_task = str((run.extra.get("task") if run is not None else None) or DEFAULT_TASK)
+        task = task or own_task
         recorded = (run.extra.get("reasoning") or {}) if run is not None else {}
         if reasoning is not None or recorded:
             from iqa_cli.reasoning import preset
@@ -297,10 +328,16 @@ class Scorer:
             chosen = preset(reasoning or recorded["preset"])
             budget = max_new_tokens if max_new_tokens is not None else recorded.get("max_new_tokens")
             readout = build_reasoning_readout(backbone, chosen, budget)
-        elif max_new_tokens is not None:
-            raise UserError("--max-new-tokens applies to reasoning models (--reasoning PRESET)")
+            video_readout = None  # a reasoning model answers its preset's image conversation only
         else:
+            if max_new_tokens is not None:
+                raise UserError("--max-new-tokens applies to reasoning models (--reasoning PRESET)")
+            if prompt is None and task != own_task:
+                if getattr(backbone, "task_prompt", None) is None:
+                    raise UserError(f"--task {task}: the {family.name} family has no prompt for it; give --prompt")
+                prompt = backbone.task_prompt(task, video=False)
             readout = build_readout(backbone, prompt, run)
+            video_readout = task_readout(backbone, task, True, run)
         metadata = {
             "model": origin.model,
             "model_revision": origin.revision,
@@ -327,7 +364,7 @@ class Scorer:
             metadata["max_new_tokens"] = str(readout.max_new_tokens)
         if quantize is not None:
             metadata["quantize"] = quantize
-        return cls(backbone, readout, metadata)
+        return cls(backbone, readout, metadata, video_readout=video_readout, task=task)
 
     @property
     def model(self) -> Any:
@@ -352,6 +389,27 @@ class Scorer:
     def collate(self) -> Any:
         """The backbone's batching of visual inputs (`iqa_cli.models.backbone.VisualCollate`); picklable."""
         return self.backbone.collate
+
+    @property
+    def video_transform(self) -> Any:
+        """A video (`iqa_cli.video.Video`, or its sampled frames as RGB PIL images) -> the backbone's visual inputs;
+        None: the family scores no videos."""
+        return getattr(self.backbone, "video_transform", None) if self.video_readout is not None else None
+
+    @property
+    def video_collate(self) -> Any:
+        """The backbone's batching of videos' visual inputs (every video of a call has the same frame count)."""
+        return getattr(self.backbone, "video_collate", None)
+
+    @property
+    def video_metadata(self) -> dict[str, str]:
+        """What an output that may hold videos records besides `metadata`: the video prompt and its ids."""
+        if self.video_readout is None:
+            return {}
+        return {
+            "video_prompt": self.video_readout.prompt,
+            "video_input_ids": json.dumps(list(self.video_readout.input_ids)),
+        }
 
     @property
     def device(self) -> torch.device:
@@ -381,42 +439,68 @@ class Scorer:
             return self.readout.read(self.backbone, visual)
         return read_levels(self.backbone, visual, self.readout)
 
+    def score_video_batch(self, visual: VisualInputs) -> ScoreBatch:
+        """A collated batch of videos (the backbone's `video_collate`) -> ScoreBatch, with the video prompt."""
+        if self.video_readout is None:
+            raise UserError(f"the {self.backbone.name} family does not score videos")
+        return read_levels(self.backbone, visual, self.video_readout)
+
+    def score_frames(self, videos: Sequence[Any]) -> ScoreBatch:
+        """Videos given as their frames (lists of RGB PIL images, or `iqa_cli.video.Video`s; the same count in each)
+        -> ScoreBatch: the model fed exactly these frames, one call."""
+        if self.video_transform is None or self.video_collate is None:
+            raise UserError(f"the {self.backbone.name} family does not score videos")
+        items = [self.video_transform(frames) for frames in videos]
+        return self.score_video_batch(self.video_collate(items, len(items), torch.float32))
+
     def score_pixels(self, pixel_values: torch.Tensor) -> ScoreBatch:
         """Preprocessed pixels [B, ...] of a family whose one visual input is `pixel_values` -> ScoreBatch."""
         return self.score_batch({"pixel_values": pixel_values})
 
-    def score(self, images: Sequence[Image.Image | str | Path], batch_size: int = 16) -> list[ImageScore]:
-        """Scores PIL images or image paths, in order. Unreadable files raise `ImageDecodeError`."""
+    def score(
+        self, images: Sequence[Image.Image | str | Path], batch_size: int = 16, *, sampling: Any = None
+    ) -> list[ImageScore]:
+        """Scores PIL images or image and video paths (a video by its suffix), in order. Unreadable files raise
+        `ImageDecodeError` (`iqa_cli.video.VideoDecodeError` for videos). A video is scored on its frames sampled
+        by `sampling` (`iqa_cli.video.Sampling`; default one per second), in a call of its own."""
         from iqa_cli.images import load_image, to_rgb
+        from iqa_cli.video import Sampling, is_video_name, load_video
 
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
-        results: list[ImageScore] = []
-        for start in range(0, len(images), batch_size):
-            chunk = [
-                load_image(x) if isinstance(x, str | Path) else to_rgb(x) for x in images[start : start + batch_size]
-            ]
+        results: list[ImageScore | None] = [None] * len(images)
+        stills = [i for i, x in enumerate(images) if not (isinstance(x, str | Path) and is_video_name(str(x)))]
+        for start in range(0, len(stills), batch_size):
+            at = stills[start : start + batch_size]
+            chunk = [load_image(images[i]) if isinstance(images[i], str | Path) else to_rgb(images[i]) for i in at]
             visual = self.collate([self.transform(img) for img in chunk], len(chunk), torch.float32)
             batch = self.score_batch(visual)
-            texts = getattr(batch, "texts", None)
-            for i, img in enumerate(chunk):
-                probs = batch.probs[i].tolist()
-                best = max(range(len(probs)), key=probs.__getitem__)
-                results.append(
-                    ImageScore(
-                        score=float(batch.score[i]),
-                        std=float(batch.std[i]),
-                        probs=probs,
-                        level=self.readout.level_names[best] if probs[best] == probs[best] else None,  # NaN: none
-                        score_reg=float(batch.score_reg[i]) if batch.score_reg is not None else None,
-                        width=img.width,
-                        height=img.height,
-                        score_soft=float(batch.score_soft[i]) if texts is not None else None,
-                        reasoning=texts[i] if texts is not None else None,
-                        error=batch.errors[i] if texts is not None else None,
-                    )
-                )
-        return results
+            for j, (i, img) in enumerate(zip(at, chunk, strict=True)):
+                results[i] = self._result(batch, j, self.readout, width=img.width, height=img.height)
+        still = set(stills)
+        for i in (i for i in range(len(images)) if i not in still):
+            video = load_video(images[i], sampling or Sampling())
+            batch = self.score_frames([video])
+            described = {"frames": len(video.frames), "duration": video.duration, "fps": video.fps}
+            results[i] = self._result(batch, 0, self.video_readout, width=video.width, height=video.height, **described)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _result(batch: ScoreBatch, i: int, readout: Readout, **described: Any) -> ImageScore:
+        probs = batch.probs[i].tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        texts = getattr(batch, "texts", None)  # a reasoning model's (`iqa_cli.scoring.reasoning`)
+        return ImageScore(
+            score=float(batch.score[i]),
+            std=float(batch.std[i]),
+            probs=probs,
+            level=readout.level_names[best] if probs[best] == probs[best] else None,  # NaN: no digit readout
+            score_reg=float(batch.score_reg[i]) if batch.score_reg is not None else None,
+            score_soft=float(batch.score_soft[i]) if texts is not None else None,
+            reasoning=texts[i] if texts is not None else None,
+            error=batch.errors[i] if texts is not None else None,
+            **described,
+        )
 
     def score_tensors(
         self,

@@ -5,9 +5,11 @@
   anything else; a rerun resumes only when it matches;
 - `unit-<u>.parquet`: the rows of finished unit u, in the unit's order; or, for `--out DIR/` outputs whose unit
   is a whole output file, the file itself in `DIR/` and a `unit-<u>.done` marker here;
-- `unit-<u>.from-<start>.parquet`: a piece of unfinished unit u, its rows from `start` on. A unit that takes
+- `unit-<u>.from-<start>.parquet`: a piece of unfinished unit u, its samples from `start` on. A unit that takes
   longer than `flush_seconds` (a 7B model on a CPU) is written in pieces, so a kill loses at most that much;
-  pieces chain from row 0, and a rerun resumes the unit after the last piece;
+  pieces chain from sample 0, and a rerun resumes the unit after the last piece. A piece holds whole samples: a
+  video's `--per-frame` rows are never split from its own row, and a piece whose samples have several rows
+  records its sample count in its footer (`iqa_samples`);
 - `unit-<u>.error`: why unit u broke off (a truncated shard), reported at the end;
 - `rank-<r>.json`: a torchrun rank's report when its units are written.
 
@@ -36,6 +38,7 @@ from iqa_cli.files import atomic_write, fsync_dir
 from iqa_cli.scoring.output import rows_table, write_table_atomic
 
 MANIFEST = "manifest.json"
+SAMPLES_KEY = b"iqa_samples"  # a piece's footer: samples it holds, when its rows are more (--per-frame)
 MANIFEST_VERSION = 2  # 1: the files loop's index-keyed parts (iqa < 0.2); 2: units for every source
 _UNIT_FILE = re.compile(r"unit-(\d{8})(?:\.from-(\d{10}))?\.(parquet|done|error)")
 
@@ -131,7 +134,7 @@ class Sidecar:
                 continue
             end = 0
             for start, path in sorted(found):
-                count = _footer_rows(path) if start == end else None
+                count = _footer_samples(path) if start == end else None
                 if count is None:  # unreadable, or after a gap: its rows are scored again
                     drop.append(path)
                     continue
@@ -161,13 +164,25 @@ def _footer_rows(path: Path) -> int | None:
         return None
 
 
+def _footer_samples(path: Path) -> int | None:
+    """Samples of a piece: its recorded count, else its rows (one row per sample)."""
+    try:
+        meta = pq.read_metadata(path)
+    except Exception:
+        return None
+    recorded = (meta.metadata or {}).get(SAMPLES_KEY)
+    return int(recorded) if recorded is not None else meta.num_rows
+
+
 @dataclass
 class _Pending:
-    """The rows of one unit the writer holds: `written` rows are already in pieces, then `chunks`."""
+    """The rows of one unit the writer holds: `written` samples are already in pieces, then `chunks` hold `rows`
+    rows of `samples` whole samples (and maybe the first rows of one more)."""
 
     written: int
     chunks: list[dict[str, Any]] = field(default_factory=list)
     rows: int = 0
+    samples: int = 0
 
 
 class UnitWriter:
@@ -212,10 +227,12 @@ class UnitWriter:
             if pending is None:
                 pending = self.pending[u] = _Pending(self.starts.get(u, 0))
             first = int(batch["row"][at[0]])
-            if first != pending.written + pending.rows:  # the loader streams each unit in order, once
-                raise RuntimeError(f"unit {u}: row {first} arrived, {pending.written + pending.rows} expected")
-            pending.chunks.append(_chunk(batch, result, at))
+            if first != pending.written + pending.samples:  # the loader streams each unit in order, once
+                raise RuntimeError(f"unit {u}: row {first} arrived, {pending.written + pending.samples} expected")
+            chunk = _chunk(batch, result, at)
+            pending.chunks.append(chunk)
             pending.rows += len(at)
+            pending.samples += int(chunk["last"].sum())
         for u, error in batch["done"]:
             self._finish(u, error)
         if time.monotonic() - self.last_flush >= self.flush_seconds or self._unfinished_rows() >= self.flush_rows:
@@ -226,13 +243,23 @@ class UnitWriter:
         return sum(p.rows for p in self.pending.values())
 
     def flush(self) -> None:
-        """Writes the held rows of every unfinished unit as a piece (at the end of a run cut short, too)."""
+        """Writes the held whole samples of every unfinished unit as a piece (at the end of a run cut short, too);
+        the rows of a sample whose last row has not arrived stay held."""
         self.last_flush = time.monotonic()
         for u, pending in self.pending.items():
-            if pending.rows:
-                write_table_atomic(self._table(pending.chunks), self.sidecar.piece(u, pending.written))
-                pending.written += pending.rows
-                pending.chunks, pending.rows = [], 0
+            if not pending.samples:
+                continue
+            rows = _joined(pending.chunks)
+            cut = int(np.flatnonzero(rows["last"])[-1]) + 1
+            table = self._table([_sliced(rows, slice(0, cut))])
+            if cut != pending.samples:  # rows of single frames: the piece says how many samples it holds
+                recorded = {**(table.schema.metadata or {}), SAMPLES_KEY: str(pending.samples)}
+                table = table.replace_schema_metadata(recorded)
+            write_table_atomic(table, self.sidecar.piece(u, pending.written))
+            pending.written += pending.samples
+            rest = _sliced(rows, slice(cut, None))
+            pending.rows, pending.samples = len(rest["error"]), 0
+            pending.chunks = [rest] if pending.rows else []
 
     def _finish(self, u: int, error: str | None) -> None:
         pending = self.pending.pop(u, None) or _Pending(self.starts.get(u, 0))
@@ -265,7 +292,11 @@ def _chunk(batch: dict[str, Any], result: Any, at: np.ndarray) -> dict[str, Any]
         "height": batch["height"].numpy()[at],
         "error": [batch["error"][i] for i in at],
         "kept": [batch["kept"][i] for i in at],
+        "last": batch["last"].numpy()[at] if "last" in batch else np.ones(len(at), dtype=bool),
     }
+    for name in ("frames", "duration", "fps", "frame"):
+        if name in batch:
+            chunk[name] = batch[name].numpy()[at]
     n = len(at)
     if result is None:  # every row of the batch failed: no model call
         chunk.update(probs=None, score=np.zeros(n, np.float32), std=np.zeros(n, np.float32), score_reg=None)
@@ -285,3 +316,29 @@ def _chunk(batch: dict[str, Any], result: Any, at: np.ndarray) -> dict[str, Any]
         if result.errors is not None:  # a reasoning model's answer without a number is an error row too
             chunk["error"] = [chunk["error"][j] or result.errors[i] for j, i in enumerate(at)]
     return chunk
+
+
+def _joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chunks as one (arrays concatenated, lists joined; a missing array of scores filled in)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    n = [len(c["error"]) for c in chunks]
+    joined: dict[str, Any] = {}
+    for key in chunks[0]:
+        parts = [c.get(key) for c in chunks]
+        if isinstance(parts[0], list):
+            joined[key] = [v for p in parts for v in p]
+        elif all(p is None for p in parts):
+            joined[key] = None
+        else:
+            like = next(p for p in parts if p is not None)
+            filled = [
+                p if p is not None else np.zeros((m, *like.shape[1:]), like.dtype)
+                for p, m in zip(parts, n, strict=True)
+            ]
+            joined[key] = np.concatenate(filled)
+    return joined
+
+
+def _sliced(chunk: dict[str, Any], rows: slice) -> dict[str, Any]:
+    return {key: None if value is None else value[rows] for key, value in chunk.items()}

@@ -1,6 +1,7 @@
 """What `iqa score` reads: every kind of input is a `Source` of units, and a unit yields its samples in a fixed order.
 
-A unit is what a run scores, writes and resumes as one piece: a WebDataset shard, a Parquet row group, or a run
+A sample is an image or a video (`iqa_cli.video`: its sampled frames are scored); a unit is what a run scores,
+writes and resumes as one piece: a WebDataset shard, a Parquet row group, or a run
 of consecutive images of a folder, file arguments and a `--from` list. Listing finds the units without reading
 an image (folder entries, tar headers, Parquet footers), so a dataset of 100M images lists in seconds and a run's
 record of progress holds units, not image indices.
@@ -43,14 +44,16 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 
 @dataclass(frozen=True)
 class Sample:
-    """One thing to score: `name` goes to the output's `image` column; the image is a file to open (`path`) or its
-    encoded bytes (`data`); `error` says why a sample cannot be scored (no image member, null bytes)."""
+    """One thing to score: `name` goes to the output's `image` column; the image (or video) is a file to open
+    (`path`) or its encoded bytes (`data`); `error` says why a sample cannot be scored (no image member, null
+    bytes)."""
 
     name: str
     path: str | None = None
     data: bytes | None = None
     error: str | None = None
     kept: dict[str, Any] = field(default_factory=dict)  # values of the source's extra columns (`Source.columns`)
+    video: bool = False  # a video (by its suffix, or its bytes' container signature): scored on sampled frames
 
 
 class SourceError(Exception):
@@ -89,6 +92,8 @@ class Source(Protocol):
     noun: str  # what a unit is, for messages ("shards", "row groups", "images")
     warnings: list[str]  # inputs given twice, unreadable folders, ...
     columns: dict[str, Any]  # output columns beyond the standard ones, in order -> arrow type (None: string)
+    # Optional: `may_hold_videos` (bool), whether a sample may be a video: decides the output's video columns
+    # before any unit is read (a source without it holds images only).
 
     def __len__(self) -> int: ...
 

@@ -1,4 +1,8 @@
-"""Finding the images `iqa score` reads: folders, single files and lists, in a deterministic order.
+"""Finding the images (and videos) `iqa score` reads: folders, single files and lists, in a deterministic order.
+
+A folder walk takes files with an image suffix (`iqa_cli.images.IMAGE_EXTENSIONS`) or a video suffix
+(`iqa_cli.video.VIDEO_EXTENSIONS`); a file given by name or listed is a video when its suffix says so, else an
+image.
 
 Every input image gets two strings: the path to open and the *name* written to the output's `image`
 column. Names are chosen so that score files join with `iqa prepare` metas, whose `image` column is the
@@ -49,12 +53,13 @@ import numpy as np
 from iqa_cli.errors import UserError
 from iqa_cli.images import IMAGE_EXTENSIONS
 from iqa_cli.sources import TABLE_SUFFIXES, Sample, SourceOptions
+from iqa_cli.video import VIDEO_EXTENSIONS
 
 # Column names tried, in order, when a `--from` table does not name its path column.
 PATH_COLUMNS = ("image", "path", "file")
 # A unit is a run of consecutive images: about UNITS_PER_RUN of them per run, each of MIN..MAX images.
 MIN_FILES_PER_UNIT, MAX_FILES_PER_UNIT, UNITS_PER_RUN = 16, 4096, 64
-_WALKED = frozenset(IMAGE_EXTENSIONS)
+_WALKED = frozenset(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
 
 
 class PackedStrings:
@@ -135,6 +140,7 @@ class FileSource:
     kind: str = "files"
     noun: str = "images"
     columns: dict = field(default_factory=dict)
+    may_hold_videos: bool = False  # a name with a video suffix is listed
 
     @property
     def warnings(self) -> list[str]:
@@ -167,13 +173,19 @@ class FileSource:
     def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
         span = self._range(u)
         for i in range(span.start + start, span.stop):
-            yield Sample(self.inputs.name(i), path=self.inputs.path(i))
+            path = self.inputs.path(i)
+            yield Sample(self.inputs.name(i), path=path, video=self.may_hold_videos and _is_video(path))
 
 
 def open_source(names: list[str], options: SourceOptions) -> FileSource:
     """`iqa_cli.sources`' entry: the images of `names` and `options.from_file`, in units."""
     inputs = find_inputs(names, from_file=options.from_file, from_column=options.from_column, root=options.root)
-    return FileSource(inputs, files_per_unit(len(inputs)))
+    videos = any(_is_video(name) for name in inputs.names)
+    return FileSource(inputs, files_per_unit(len(inputs)), may_hold_videos=videos)
+
+
+def _is_video(name: str) -> bool:
+    return name[-5:].lower().endswith(VIDEO_EXTENSIONS)
 
 
 def find_inputs(
@@ -218,7 +230,7 @@ def find_inputs(
 
     if not builder.names:
         where = ", ".join([os.fspath(p) for p in paths] + ([f"--from {from_file}"] if from_file else []))
-        exts = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        exts = " ".join(sorted(e.lstrip(".") for e in _WALKED))
         raise UserError(f"no images found in {where or 'the inputs'} (looked for files ending in: {exts})")
     return builder.build()
 

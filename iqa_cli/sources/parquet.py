@@ -3,7 +3,8 @@
 The column holds encoded image bytes (binary), or `{bytes, path}` structs as Hugging Face `datasets`
 writes its `Image` feature. Listing reads only each file's footer (schema, row groups, row counts).
 A row's name in the output's `image` column is the struct's `path` when it has one, else the row's number in
-its file.
+its file. A cell holds a video when the struct's `path` has a video suffix or its bytes start like a video
+container (MP4/MOV, Matroska/WebM, AVI: `iqa_cli.video.looks_like_video`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from iqa_cli.errors import UserError
 from iqa_cli.sources import DataFiles, Sample, SourceOptions, unique_files
+from iqa_cli.video import is_video_name, looks_like_video
 
 DEFAULT_IMAGE_COLUMN = "image"  # Hugging Face `datasets`' name for an Image feature
 
@@ -33,6 +35,7 @@ class ParquetSource(DataFiles):
     first_row: np.ndarray  # int64 [U]: the unit's first row's number in its file
     row_count: np.ndarray  # int64 [U]
     image_col: str = DEFAULT_IMAGE_COLUMN
+    may_hold_videos: ClassVar[bool] = True  # any cell may be one: known only when read
 
     def __len__(self) -> int:
         return len(self.file_of)
@@ -60,8 +63,8 @@ class ParquetSource(DataFiles):
     def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
         path = self.paths[int(self.file_of[u])]
         rows = samples(path, int(self.row_group[u]), int(self.first_row[u]), self.image_col, self.keep, start)
-        for name, data, error, kept in rows:
-            yield Sample(name, data=data, error=error, kept={"shard": path, **kept})
+        for name, data, error, kept, video in rows:
+            yield Sample(name, data=data, error=error, kept={"shard": path, **kept}, video=video)
 
 
 def open_source(names: list[str], options: SourceOptions) -> ParquetSource:
@@ -146,9 +149,9 @@ def _is_image_type(kind: Any) -> bool:
 
 def samples(
     path: str, row_group: int, first_row: int, image_col: str, keep: list[str], start: int = 0
-) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any]]]:
-    """Yields (name, image bytes or None, error or None, {kept column: value}) per row of one row group, from its
-    `start`-th row on."""
+) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any], bool]]:
+    """Yields (name, image or video bytes or None, error or None, {kept column: value}, is a video) per row of one
+    row group, from its `start`-th row on."""
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path).read_row_group(row_group, columns=[image_col, *[c for c in keep if c != image_col]])
@@ -156,13 +159,13 @@ def samples(
     images = table.column(image_col).to_pylist()
     kept = {c: table.column(c).to_pylist() for c in keep}
     for i, value in enumerate(images):
-        name, data = str(first_row + start + i), value
+        name, data, path = str(first_row + start + i), value, None
         if isinstance(value, dict):
-            data = value.get("bytes")
-            if value.get("path"):
-                name = str(value["path"])
+            data, path = value.get("bytes"), value.get("path")
+            if path:
+                name = str(path)
         row = {c: kept[c][i] for c in keep}
         if data is None:
-            yield name, None, "no image bytes in this row (null)", row
+            yield name, None, "no image bytes in this row (null)", row, False
         else:
-            yield name, data, None, row
+            yield name, data, None, row, bool(path and is_video_name(str(path))) or looks_like_video(data)

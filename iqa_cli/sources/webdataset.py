@@ -3,7 +3,8 @@
 A shard is a tar of consecutive members that share a key: `00000123.jpg`, `00000123.txt`, `00000123.json`.
 The key (`__key__`) is the member's path up to the first dot of its file name, as in the `webdataset`
 library; a sample's image is its first member with an image suffix (those a folder walk takes: jpg, png, webp,
-gif, tif, ...). img2dataset writes a metadata table
+gif, tif, ...), else its first member with a video suffix (mp4, webm, mkv, mov, avi, m4v: the sample is a video,
+as video2dataset writes them). img2dataset writes a metadata table
 per shard next to it (`00000.parquet` beside `00000.tar`, one row per sample, column `key`).
 
 Why `tarfile` and not the `webdataset` library: one tar read front to back in stream mode (`r|`, no seeks,
@@ -27,8 +28,10 @@ from typing import Any, ClassVar
 from iqa_cli.errors import UserError
 from iqa_cli.images import IMAGE_EXTENSIONS
 from iqa_cli.sources import DataFiles, Sample, SourceError, SourceOptions, unique_files
+from iqa_cli.video import VIDEO_EXTENSIONS
 
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # a sample's image member, first found in this order
+VIDEO_SUFFIXES = tuple(e.lstrip(".") for e in VIDEO_EXTENSIONS)  # else its video member
 # Members whose values --keep can copy (besides the shard's metadata parquet): JSON objects and plain text.
 TEXT_SUFFIXES = ("txt",)
 
@@ -39,6 +42,7 @@ class ShardSource(DataFiles):
 
     kind: ClassVar[str] = "webdataset"
     noun: ClassVar[str] = "shards"
+    may_hold_videos: ClassVar[bool] = True  # any member may be one: known only when read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -66,9 +70,9 @@ class ShardSource(DataFiles):
 
     def samples(self, u: int, start: int = 0) -> Iterator[Sample]:
         path = self.paths[u]
-        for i, (key, data, error, kept) in enumerate(samples(path, self.keep)):
+        for i, (key, data, error, kept, video) in enumerate(samples(path, self.keep)):
             if i >= start:
-                yield Sample(key, data=data, error=error, kept={"shard": path, **kept})
+                yield Sample(key, data=data, error=error, kept={"shard": path, **kept}, video=video)
 
 
 def open_source(names: list[str], options: SourceOptions) -> ShardSource:
@@ -151,8 +155,9 @@ def metadata_path(shard: str) -> Path:
     return Path(shard).with_suffix(".parquet")
 
 
-def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any]]]:
-    """Yields (key, image bytes or None, error or None, {kept column: value}) per sample, in tar order.
+def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str | None, dict[str, Any], bool]]:
+    """Yields (key, image or video bytes or None, error or None, {kept column: value}, is a video) per sample, in
+    tar order.
 
     Kept values come from the shard's metadata parquet (joined on `key`) when it has the column, else from
     the sample's `.json` member, else from a member with that suffix (`txt`). A sample without an image member
@@ -182,7 +187,7 @@ def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str
         if key is not None:
             broken = members.pop("__broken__", None)
             if broken is not None:
-                yield key, None, f"shard broke off in this sample: {broken}", {c: None for c in keep}
+                yield key, None, f"shard broke off in this sample: {broken}", {c: None for c in keep}, False
             else:
                 yield _sample(key, members, table, keep)
         raise ShardError(f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'unreadable'}") from None
@@ -194,9 +199,12 @@ def _sample(key: str, members: dict[str, bytes], table: dict[str, dict], keep: l
     kept = _kept(key, members, table, keep)
     for suffix in IMAGE_SUFFIXES:
         if suffix in members:
-            return key, members[suffix], None, kept
+            return key, members[suffix], None, kept, False
+    for suffix in VIDEO_SUFFIXES:
+        if suffix in members:
+            return key, members[suffix], None, kept, True
     has = ", ".join(sorted(members)) or "nothing"
-    return key, None, f"no image member (a suffix such as jpg, png or webp); the sample has: {has}", kept
+    return key, None, f"no image member (a suffix such as jpg, png or webp); the sample has: {has}", kept, False
 
 
 def _kept(key: str, members: dict[str, bytes], table: dict[str, dict], keep: list[str]) -> dict[str, Any]:

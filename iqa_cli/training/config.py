@@ -92,6 +92,24 @@ class DataConfig:
         completion="layouts",
     )
     fixed_question: bool = option(False, "Always ask the scoring question instead of one of ten phrasings.")
+    # Video datasets' sampling, as `iqa score`'s (None: its default; unset in runs from before videos)
+    fps: float | None = option(None, "Videos: frames per second of video [default: 1, unless --frames].", metavar="F")
+    frames: int | None = option(None, "Videos: N frames spread uniformly instead.", metavar="N")
+    max_frames: int | None = option(None, "Videos: at most N frames with --fps [default: 32].", metavar="N")
+
+    def sampling(self) -> Any:
+        """How video rows are sampled (`iqa_cli.video.Sampling`), as `iqa score` samples them with these flags."""
+        from iqa_cli.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Sampling
+
+        if self.fps is not None and self.frames is not None:
+            raise UserError(f"--fps {self.fps:g} and --frames {self.frames}: sample videos one way, not both")
+        for flag, value in (("--fps", self.fps), ("--frames", self.frames), ("--max-frames", self.max_frames)):
+            if value is not None and not value > 0:
+                raise UserError(f"{flag} {value}: use a positive number")
+        cap = self.max_frames or DEFAULT_MAX_FRAMES
+        if self.frames is not None:
+            return Sampling(fps=None, frames=self.frames, max_frames=cap)
+        return Sampling(fps=self.fps or DEFAULT_FPS, max_frames=cap)
 
 
 @dataclass
@@ -389,6 +407,7 @@ def validate(config: TrainConfig) -> None:
     from iqa_cli.training.objectives import METHODS
 
     optim, lora, loss, data = config.optim, config.lora, config.loss, config.data
+    data.sampling()  # --fps, --frames, --max-frames
     every = (config.eval.every, config.checkpoint.every, config.checkpoint.minutes)
     checks = [
         (config.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {config.method!r}"),

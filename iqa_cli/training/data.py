@@ -11,6 +11,9 @@ What the reference does and what this module reproduces (DeQA-Score `src/dataset
   built, not redrawn per epoch. Here it is drawn from a generator seeded by (seed, dataset name), so adding
   a dataset does not change the questions of the others.
 - The response is `"The quality of the image is {level}."`; augmentation is off (the reference has none).
+- A dataset asks about its task (its meta's `task`: AVA's aesthetics) and a video row about "this video"
+  (`iqa_cli.tasks`): the ten phrasings and the response with those words changed, OneAlign-style, so one run
+  mixes image quality, aesthetics and video datasets. Each (task, image or video) is a prompt set of its own.
 
 Everything random is a pure function of (seed, epoch): the order of an epoch and the partners are
 recomputed from those two numbers, so a resumed run needs only the step it stopped at, and DataLoader
@@ -24,16 +27,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from iqa_cli.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
-
-    from iqa_cli.models.backbone import VisualCollate
+from iqa_cli.tasks import DEFAULT_TASK
 
 META_SUFFIX = ".parquet"
 REQUIRED_COLUMNS = ("image", "dataset", "split", "mos_norm", "std_norm", "level", "soft_label")
@@ -64,6 +63,8 @@ class Rows:
     level: np.ndarray  # N int64: one-hot level index (Q-Align / Q-Scorer targets)
     soft: np.ndarray  # N, K float32: soft label, ascending quality
     question: np.ndarray  # N int64: index into the question list
+    prompt: np.ndarray | None = None  # N int64: index into `TrainData.prompt_sets` (None: all the first)
+    video: np.ndarray | None = None  # N bool: the row is a video (None: none is)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -78,6 +79,8 @@ class Rows:
             level=self.level[index],
             soft=self.soft[index],
             question=self.question[index],
+            prompt=None if self.prompt is None else self.prompt[index],
+            video=None if self.video is None else self.video[index],
         )
 
 
@@ -91,6 +94,8 @@ class TrainData:
     # so re-preparing a dataset under a running job's feet is an error and not a silently different sampler.
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)  # warnings already printed (missing images skipped)
+    prompt_sets: list[tuple[str, bool]] = field(default_factory=lambda: [(DEFAULT_TASK, False)])  # (task, video)
+    tasks: dict[str, str] = field(default_factory=dict)  # dataset name -> its task
 
     @property
     def num_levels(self) -> int:
@@ -99,6 +104,11 @@ class TrainData:
     @property
     def dataset_names(self) -> list[str]:
         return [m.name for m in self.metas]
+
+    def task(self) -> str:
+        """The task every dataset rates, else quality (what a trained model's default prompt asks)."""
+        found = set(self.tasks.values())
+        return found.pop() if len(found) == 1 else DEFAULT_TASK
 
 
 def resolve_meta(name: str, data_dir: Path) -> Path:
@@ -191,8 +201,13 @@ def load_train_data(
     """
     if not datasets:
         raise UserError("--datasets names no dataset")
+    from iqa_cli.video import is_video_name
+
     metas: list[MetaFile] = []
-    parts: dict[str, list] = {k: [] for k in ("paths", "group", "mos", "std", "raw", "level", "soft", "q", "split")}
+    keys = ("paths", "group", "mos", "std", "raw", "level", "soft", "q", "split", "prompt", "video")
+    parts: dict[str, list] = {k: [] for k in keys}
+    prompt_sets: list[tuple[str, bool]] = []
+    tasks: dict[str, str] = {}
     level_names: tuple[str, ...] | None = None
     first_path: Path | None = None
     digest = hashlib.sha256()
@@ -237,8 +252,15 @@ def load_train_data(
         parts["soft"].append(soft)
         parts["q"].append(draw_questions(len(frame), dataset, seed, num_questions))
         parts["split"].append(split)
+        task = tasks[dataset] = str(meta.get("task") or DEFAULT_TASK)
+        video = np.fromiter((is_video_name(p) for p in rel), dtype=bool, count=len(rel))
+        for kind in sorted({(task, bool(v)) for v in np.unique(video)} - set(prompt_sets)):
+            prompt_sets.append(kind)
+        parts["prompt"].append(np.array([prompt_sets.index((task, bool(v))) for v in video], dtype=np.int64))
+        parts["video"].append(video)
         # Image names as the meta records them, so moving the image folder (--images) keeps the fingerprint.
-        _digest(digest, texts=(dataset, names, rel, split), arrays=(mos, std, level, soft))
+        told = (task,) if task != DEFAULT_TASK else ()  # (metas of image quality digest as they always did)
+        _digest(digest, texts=(dataset, names, rel, split, *told), arrays=(mos, std, level, soft))
     present = None
     if check_files:
         present = _check_images(parts["paths"], np.concatenate(parts["group"]), metas, notes)
@@ -253,6 +275,8 @@ def load_train_data(
         level=np.concatenate(parts["level"]),
         soft=np.concatenate(parts["soft"]),
         question=np.concatenate(parts["q"]),
+        prompt=np.concatenate(parts["prompt"]),
+        video=np.concatenate(parts["video"]),
     )
     split = np.concatenate(parts["split"])
     if present is not None and not present.all():
@@ -264,7 +288,14 @@ def load_train_data(
             raise UserError(f"{meta.path}: no train rows (split column)")
     assert level_names is not None
     return TrainData(
-        metas=metas, level_names=level_names, train=train, test=test, fingerprint=digest.hexdigest(), notes=notes
+        metas=metas,
+        level_names=level_names,
+        train=train,
+        test=test,
+        fingerprint=digest.hexdigest(),
+        notes=notes,
+        prompt_sets=prompt_sets,
+        tasks=tasks,
     )
 
 
@@ -323,15 +354,66 @@ def encode_conversations(
     level_token_ids: Sequence[int],
     *,
     image_first: bool,
+    response_prefix: str | None = None,
 ) -> dict[tuple[int, int], Encoded]:
     """Ids, labels and the level position of every (question, level) pair, as the backbone encodes a training
-    conversation (`image_first`: the image before the question, the reference's training layout)."""
+    conversation (`image_first`: the image before the question, the reference's training layout); the answer
+    starts with `response_prefix` (None: the papers' "The quality of the image is")."""
+    other = {"response_prefix": response_prefix} if response_prefix is not None else {}
     table: dict[tuple[int, int], Encoded] = {}
     for q, question in enumerate(questions):
         for k, (token, token_id) in enumerate(zip(level_tokens, level_token_ids, strict=True)):
-            ids, labels, level_pos = backbone.encode_training(question, token, token_id, image_first=image_first)
+            ids, labels, level_pos = backbone.encode_training(
+                question, token, token_id, image_first=image_first, **other
+            )
             table[q, k] = Encoded(tuple(ids), tuple(labels), level_pos)
     return table
+
+
+def encode_prompt_sets(
+    backbone: Any,
+    prompt_sets: Sequence[tuple[str, bool]],
+    level_tokens: Sequence[str],
+    level_token_ids: Sequence[int],
+    *,
+    image_first: bool,
+    fixed_question: bool,
+) -> dict[tuple[int, int, int], Encoded]:
+    """`encode_conversations` of every prompt set (task, video): keys (set, question, level)."""
+    from iqa_cli.tasks import question, response_prefix, training_questions
+
+    table: dict[tuple[int, int, int], Encoded] = {}
+    for s, (task, video) in enumerate(prompt_sets):
+        questions = (question(task, video),) if fixed_question else training_questions(task, video)
+        default = (task, video) == (DEFAULT_TASK, False)
+        prefix = None if default else response_prefix(task, video)
+        encoded = encode_conversations(
+            backbone, questions, level_tokens, level_token_ids, image_first=image_first, response_prefix=prefix
+        )
+        table.update({(s, q, k): enc for (q, k), enc in encoded.items()})
+    return table
+
+
+def scoring_ids(
+    backbone: Any, task: str, video: bool, level_tokens: Sequence[str], level_token_ids: Sequence[int]
+) -> tuple[str, tuple[int, ...]]:
+    """(prompt, ids) a trained model is scored with for a task on an image or a video: the family's prompt
+    (`Backbone.task_prompt`) as its training conversation tokenizes up to the level (as `level_setup` does for
+    the default)."""
+    from iqa_cli.tasks import question, response_prefix
+
+    encoded = encode_conversations(
+        backbone,
+        [question(task, video)],
+        level_tokens,
+        level_token_ids,
+        image_first=False,
+        response_prefix=response_prefix(task, video),
+    )
+    heads = {enc.input_ids[: enc.level_pos] for enc in encoded.values()}
+    if len(heads) != 1:
+        raise UserError(f"the level tokens {list(level_tokens)} are preceded by different response pieces")
+    return backbone.task_prompt(task, video=video), heads.pop()
 
 
 # --- the order of an epoch -------------------------------------------------------------------------------
@@ -430,165 +512,5 @@ class EpochSampler:
                 yield [(int(r), int(p)) for r, p in zip(rows, partners, strict=True)]
 
 
-# --- items and batches ------------------------------------------------------------------------------------
-
-
-class TrainImages:
-    """Map-style dataset over `(row, partner)` keys: decoded images through the backbone's transform, and
-    their prompt ids.
-
-    Picklable (DataLoader workers). An image that cannot be decoded comes back with `visual=None`, and the
-    collate function drops it (with its pair) and reports it.
-    """
-
-    def __init__(
-        self,
-        rows: Rows,
-        encodings: dict[tuple[int, int], Encoded],
-        transform: Any,
-        level_of: np.ndarray,
-    ):
-        self.rows, self.encodings, self.transform = rows, encodings, transform
-        self.level_of = level_of  # N: which level's response each row is trained with
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def item(self, row: int) -> dict[str, Any]:
-        from iqa_cli.images import ImageDecodeError, load_image
-
-        path = self.rows.paths[row]
-        try:
-            visual = self.transform(load_image(path))
-            error = None
-        except ImageDecodeError as exc:
-            visual, error = None, str(exc)
-        enc = self.encodings[int(self.rows.question[row]), int(self.level_of[row])]
-        return {"row": row, "path": path, "visual": visual, "error": error, "enc": enc}
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[dict, dict | None]:
-        row, partner = key
-        return self.item(row), (self.item(partner) if partner >= 0 else None)
-
-
-@dataclass
-class TrainBatch:
-    """One micro batch, images A first and (for pairs) their partners B after them.
-
-    Text tensors are right-padded: `input_ids` with the pad id, `labels` with IGNORE_INDEX.
-    """
-
-    visual: dict[str, torch.Tensor]  # the backbone's collated visual inputs, N rows
-    input_ids: torch.Tensor  # N, T
-    attention_mask: torch.Tensor  # N, T
-    labels: torch.Tensor  # N, T
-    level_pos: torch.Tensor  # N: index of the level token in labels
-    soft_labels: torch.Tensor  # N, K
-    mos: torch.Tensor  # N: normalized MOS
-    std: torch.Tensor  # N: normalized std
-    level: torch.Tensor  # N: one-hot level index
-    group: torch.Tensor  # N: dataset index
-    pairs: int  # number of (A, B) pairs: rows [0, pairs) are A, [pairs, 2 pairs) are B; 0 when unpaired
-    skipped: list[str] = field(default_factory=list)  # images that could not be decoded (with the reason)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def pin_memory(self) -> TrainBatch:
-        """Page-locked copies (DataLoader's `pin_memory=True` calls this), so `to(cuda, non_blocking=True)` overlaps
-        the copy with compute; without it pinning silently did nothing for this batch type."""
-        fields = vars(self).items()
-        pinned = {name: value.pin_memory() if hasattr(value, "pin_memory") else value for name, value in fields}
-        pinned["visual"] = {name: value.pin_memory() for name, value in self.visual.items()}
-        return TrainBatch(**pinned)
-
-    def to(self, device: torch.device) -> TrainBatch:
-        moved = {
-            name: value.to(device, non_blocking=True) if hasattr(value, "to") else value
-            for name, value in self.__dict__.items()
-        }
-        moved["visual"] = {name: value.to(device, non_blocking=True) for name, value in self.visual.items()}
-        return TrainBatch(**moved)
-
-
-@dataclass(frozen=True)
-class Collate:
-    """Pads a list of items into a TrainBatch, the visual inputs batched by the backbone's collate (picklable
-    for workers)."""
-
-    pad_id: int
-    rows: Rows
-    paired: bool
-    visual_collate: VisualCollate
-
-    def __call__(self, items: list[tuple[dict, dict | None]]) -> TrainBatch | None:
-        import torch
-
-        from iqa_cli.constants import IGNORE_INDEX
-
-        skipped = [f"{side['error']}" for pair in items for side in pair if side is not None and side["visual"] is None]
-        kept = [(a, b) for a, b in items if a["visual"] is not None and (b is None or b["visual"] is not None)]
-        if not kept:
-            return None
-        sides = [a for a, _ in kept] + ([b for _, b in kept] if self.paired else [])
-        length = max(len(s["enc"].input_ids) for s in sides)
-        n = len(sides)
-        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
-        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((n, length), dtype=torch.long)
-        for i, side in enumerate(sides):
-            t = len(side["enc"].input_ids)
-            input_ids[i, :t] = torch.tensor(side["enc"].input_ids)
-            labels[i, :t] = torch.tensor(side["enc"].labels)
-            mask[i, :t] = 1
-        rows = np.array([s["row"] for s in sides], dtype=np.int64)
-        return TrainBatch(
-            visual=self.visual_collate([s["visual"] for s in sides], n, torch.float32),
-            input_ids=input_ids,
-            attention_mask=mask,
-            labels=labels,
-            level_pos=torch.tensor([s["enc"].level_pos for s in sides], dtype=torch.long),
-            soft_labels=torch.from_numpy(self.rows.soft[rows]),
-            mos=torch.from_numpy(self.rows.mos[rows]).float(),
-            std=torch.from_numpy(self.rows.std[rows]).float(),
-            level=torch.from_numpy(self.rows.level[rows]),
-            group=torch.from_numpy(self.rows.group[rows]),
-            pairs=len(kept) if self.paired else 0,
-            skipped=skipped,
-        )
-
-
-class EvalImages:
-    """Test images for evaluation during training: (visual inputs, position, decoded?).
-
-    An image that cannot be decoded gives None and `False` (the collate makes it a padding row), so every
-    rank runs the same number of full batches (FSDP needs all ranks in every forward pass); its result is
-    discarded.
-    """
-
-    def __init__(self, paths: list[str], transform: Any):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[dict | None, int, bool]:
-        from iqa_cli.images import ImageDecodeError, load_image
-
-        try:
-            return self.transform(load_image(self.paths[i])), i, True
-        except ImageDecodeError:
-            return None, i, False
-
-
-@dataclass(frozen=True)
-class EvalCollate:
-    """(visual batch by the backbone's collate, positions, decoded flags); picklable for workers."""
-
-    visual_collate: VisualCollate
-
-    def __call__(self, items: list[tuple[dict | None, int, bool]]):
-        import torch
-
-        visual = self.visual_collate([v for v, _, _ in items], len(items), torch.float32)
-        return visual, torch.tensor([i for _, i, _ in items]), torch.tensor([ok for _, _, ok in items])
+# The items and batches of the loader live in `training.batches` (named here too: `train_data.Collate`).
+from iqa_cli.training.batches import Collate, EvalCollate, EvalImages, TrainBatch, TrainImages  # noqa: E402, F401

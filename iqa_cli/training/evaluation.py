@@ -22,10 +22,26 @@ def readout(levels: Levels):
     return Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, levels.regressor)
 
 
+def _readouts(session: Session) -> list[Any]:
+    """The scoring readout of each prompt set (task, image or video): the levels' own for the run's task on images
+    (what `iqa.json` records), the family's task prompt for the others."""
+    from iqa_cli.scoring.scorer import Readout
+
+    levels, backbone, data = session.levels, session.backbone, session.data
+    looks = []
+    for task, video in data.prompt_sets:
+        if (task, video) == (data.task(), False):
+            looks.append(readout(levels))
+            continue
+        prompt, ids = train_data.scoring_ids(backbone, task, video, levels.tokens, levels.ids)
+        looks.append(Readout(ids, levels.ids, levels.names, prompt, levels.regressor))
+    return looks
+
+
 def evaluate(session: Session) -> dict[str, Any]:
-    """Scores the test split with the scoring readout (`scoring.level_readout`) and reports PLCC/SRCC per
-    dataset against the published MOS. Every rank scores a strided share (the same number of batches on
-    every rank, as FSDP needs); rank 0 gets the numbers."""
+    """Scores the test split with the scoring readout (`scoring.level_readout`; a dataset's task, a video's
+    prompt) and reports PLCC/SRCC per dataset against the published MOS. Every rank scores a strided share of
+    each prompt set's rows (the same number of batches on every rank, as FSDP needs); rank 0 gets the numbers."""
     from torch.utils.data import DataLoader
 
     from iqa_cli.metrics import plcc, srcc
@@ -33,32 +49,45 @@ def evaluate(session: Session) -> dict[str, Any]:
 
     test = session.data.test
     env = session.env
-    per_rank = math.ceil(len(test) / env.world_size)
-    mine = np.arange(env.rank, per_rank * env.world_size, env.world_size) % len(test)
     backbone = session.backbone
-    dataset = train_data.EvalImages([test.paths[i] for i in mine], backbone.transform)
-    loader = DataLoader(
-        dataset,
-        batch_size=session.config.eval.batch_size,
-        collate_fn=train_data.EvalCollate(backbone.collate),
-        num_workers=workers(session),
-        generator=torch.Generator().manual_seed(0),
-    )
-    core, look = session.core, readout(session.levels)
+    core = session.core
     was_training = core.training
     core.eval()
     results: dict[int, tuple[float, float]] = {}
+    sets = test.prompt if test.prompt is not None else np.zeros(len(test), dtype=np.int64)
     try:
-        for visual, index, ok in loader:
-            # no_grad, not inference_mode: FSDP2 reuses the parameters it gathers, and inference tensors made in
-            # the first forward of a process (a resumed run's final evaluation) cannot serve the next one
-            with torch.no_grad(), autocast(session):
-                scores = level_readout(backbone, visual, look)
-            score = scores.score.float().cpu()
-            reg = scores.score_reg.float().cpu() if scores.score_reg is not None else torch.full_like(score, math.nan)
-            for j in range(len(index)):
-                if ok[j]:
-                    results.setdefault(int(mine[int(index[j])]), (float(score[j]), float(reg[j])))
+        for s, look in enumerate(_readouts(session)):
+            members = np.flatnonzero(sets == s)
+            if not len(members):
+                continue
+            video = session.data.prompt_sets[s][1]
+            per_rank = math.ceil(len(members) / env.world_size)
+            mine = members[np.arange(env.rank, per_rank * env.world_size, env.world_size) % len(members)]
+            dataset = train_data.EvalImages(
+                [test.paths[i] for i in mine],
+                backbone.transform,
+                video=video,
+                video_transform=getattr(backbone, "video_transform", None),
+                sampling=session.config.data.sampling(),
+            )
+            collate = backbone.video_collate if video else backbone.collate
+            loader = DataLoader(
+                dataset,
+                batch_size=session.config.eval.batch_size,
+                collate_fn=train_data.EvalCollate(collate),
+                num_workers=workers(session),
+                generator=torch.Generator().manual_seed(0),
+            )
+            for visual, index, ok in loader:
+                # no_grad, not inference_mode: FSDP2 reuses the parameters it gathers, and inference tensors made in
+                # the first forward of a process (a resumed run's final evaluation) cannot serve the next one
+                with torch.no_grad(), autocast(session):
+                    scores = level_readout(backbone, visual, look)
+                score = scores.score.float().cpu()
+                reg = torch.full_like(score, math.nan) if scores.score_reg is None else scores.score_reg.float().cpu()
+                for j in range(len(index)):
+                    if ok[j]:
+                        results.setdefault(int(mine[int(index[j])]), (float(score[j]), float(reg[j])))
     finally:
         core.train(was_training)
     gathered: dict[int, tuple[float, float]] = {}

@@ -50,9 +50,15 @@ def _loader(session: Session, epoch: int, start_step: int):
     sampler = train_data.EpochSampler(order, partners, session.plan, session.env.rank, start_step)
     backbone = session.backbone
     dataset = train_data.TrainImages(
-        session.data.train, session.encodings, backbone.transform, session.data.train.level
+        session.data.train,
+        session.encodings,
+        backbone.transform,
+        session.data.train.level,
+        video_transform=getattr(backbone, "video_transform", None),
+        sampling=config.data.sampling(),
     )
-    collate = train_data.Collate(backbone.pad_id, session.data.train, paired, backbone.collate)
+    video_collate = getattr(backbone, "video_collate", None)
+    collate = train_data.Collate(backbone.pad_id, session.data.train, paired, backbone.collate, video_collate)
     n_workers = workers(session)
     return DataLoader(
         dataset,

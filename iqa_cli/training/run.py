@@ -59,6 +59,8 @@ def finish(session: Session, result: TrainResult) -> TrainResult:
         final_eval=result.final_eval,
         base_revision=session.base_revision,
         family=session.backbone.name,
+        task=session.data.task(),
+        tasks=dict(session.data.tasks),
     )
     merged = train_state.save_final(
         session.run,

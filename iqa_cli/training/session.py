@@ -26,6 +26,7 @@ from iqa_cli.constants import DEFAULT_QUESTION, QUESTIONS
 from iqa_cli.errors import UserError
 from iqa_cli.paths import resolve_data_dir
 from iqa_cli.process import default_workers
+from iqa_cli.tasks import DEFAULT_TASK
 from iqa_cli.training import data as train_data
 from iqa_cli.training import state as train_state
 from iqa_cli.training.config import TrainConfig
@@ -122,7 +123,19 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, bac
     if objective.score_tokens:
         backbone.record_score_tokens(levels.ids)
     image_first = config.data.layout == "reference"
-    encodings = train_data.encode_conversations(backbone, questions, levels.tokens, levels.ids, image_first=image_first)
+    if any(video for _, video in data.prompt_sets) and getattr(backbone, "video_transform", None) is None:
+        raise UserError(f"--datasets hold videos, which the {backbone.name} family does not take")
+    task = data.task()
+    if task != DEFAULT_TASK:  # every dataset rates aesthetics: the run is scored with that prompt by default
+        levels.prompt, levels.input_ids = train_data.scoring_ids(backbone, task, False, levels.tokens, levels.ids)
+    encodings = train_data.encode_prompt_sets(
+        backbone,
+        data.prompt_sets,
+        levels.tokens,
+        levels.ids,
+        image_first=image_first,
+        fixed_question=config.data.fixed_question,
+    )
     vocab = backbone.vocab_size
     largest = max(max(enc.input_ids) for enc in encodings.values())
     if largest >= vocab:

@@ -297,6 +297,8 @@ class RunRecord:
     final_eval: dict | None = None
     base_revision: str | None = None  # the Hub commit of `base`, for provenance
     family: str = ""  # the model family (`models.backbone.RUN_FAMILY_KEY`): the registry loads the run through it
+    task: str = "quality"  # what `prompt` asks (aesthetics when every dataset rated aesthetics)
+    tasks: dict = field(default_factory=dict)  # dataset name -> the task it was trained with
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

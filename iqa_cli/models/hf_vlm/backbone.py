@@ -7,6 +7,9 @@ The image slot: the prompt holds the processor's image token once; the transform
 on that token alone with the image, which gives the image's pixel tensors and the ids the token expands to (e.g.
 256 `<|image_pad|>` for a 448x448 Qwen2-VL input, or Idefics3's crop grid with its row/column tokens). `forward`
 splices those ids into the prompt, so the model sees exactly what `processor(text=prompt, images=[image])` gives.
+A video goes into the same slot: the video transform runs the processor's video input on the video token alone
+(`<|video_pad|>` x its patches for Qwen2/2.5-VL, LLaVA-OneVision's `<video>` tokens) or, for Idefics3, the frames
+as images, and those ids replace the slot as an image's do; the prompt asks about "this video".
 Rows of a batch with different expansions are right-padded: causal attention keeps a row's real tokens from ever
 seeing the padding after them and their positions do not move, so a score does not depend on its batch-mates.
 """
@@ -21,7 +24,7 @@ import torch
 from iqa_cli.constants import DEFAULT_QUESTION
 from iqa_cli.errors import UserError
 from iqa_cli.models.backbone import BackboneOutput, Family, ModuleBackbone, Provenance, VisualInputs
-from iqa_cli.models.hf_vlm import DEFAULT_TRAIN_MODEL, IMAGE_TOKENS, LORA_TARGETS, PATCH_GRID_FAMILIES
+from iqa_cli.models.hf_vlm import DEFAULT_TRAIN_MODEL, IMAGE_TOKENS, LORA_TARGETS, PATCH_GRID_FAMILIES, VIDEO_MODES
 from iqa_cli.models.hf_vlm.checkpoints import (
     ADAPTER_CONFIG,
     OUTPUT_FILES,
@@ -42,8 +45,12 @@ from iqa_cli.models.hf_vlm.preprocess import (
     HAS_IMAGE,
     IMAGE_IDS,
     TOKEN_TYPES,
+    VIDEO_GRID,
+    VIDEO_PIXELS,
+    VIDEO_TIMES,
     PaddedCollate,
     ProcessorTransform,
+    VideoTransform,
     anyres_tensor_inputs,
     patch_grid_tensor_inputs,
     pixel_options,
@@ -80,6 +87,11 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
         self.images_kwargs = dict(images_kwargs or {})
         self.transform = ProcessorTransform(processor, self.image_token, self.flat, self.images_kwargs)
         self.collate = PaddedCollate()
+        mode = VIDEO_MODES.get(self.name)
+        self.video_transform = (
+            VideoTransform(processor, self.image_token, self.flat, mode, self.images_kwargs) if mode else None
+        )
+        self.video_collate = self.collate
         self.score_token_ids: list[int] = list(getattr(model.config, "score_token_ids", None) or [])
         _check_processor(processor, self.source)
         self.default_prompt = self.render_prompt(DEFAULT_QUESTION)
@@ -140,9 +152,16 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
             if value.is_floating_point():
                 value = value.to(self.dtype)
             inputs[name] = value
-        if self.flat:  # the patches of each image, concatenated in row order
-            counts = inputs[GRID].prod(-1)
-            inputs[FLAT_PIXELS] = torch.cat([inputs[FLAT_PIXELS][i, : int(c)] for i, c in enumerate(counts)])
+        if self.flat:  # the patches of each image (and video), concatenated in row order; rows without one left out
+            for pixels, grid in ((FLAT_PIXELS, GRID), (VIDEO_PIXELS, VIDEO_GRID)):
+                if grid not in inputs:
+                    continue
+                counts = inputs[grid].prod(-1)
+                rows = counts > 0
+                inputs[pixels] = torch.cat([inputs[pixels][i, : int(c)] for i, c in enumerate(counts) if c > 0])
+                inputs[grid] = inputs[grid][rows]
+                if grid == VIDEO_GRID and VIDEO_TIMES in inputs:
+                    inputs[VIDEO_TIMES] = inputs[VIDEO_TIMES][rows]
         last_input = (mask_in.long() * idx).argmax(1)  # each row's last real input id
         last_index = text_pos.gather(1, last_input[:, None])[:, 0]
         return inputs, text_pos, last_index

@@ -21,6 +21,9 @@ TOKEN_TYPES = "mm_token_type_ids"  # Qwen-VL: 0 text, 1 image, per position (M-R
 TEXT_KEYS = ("input_ids", "attention_mask", TOKEN_TYPES, "token_type_ids")  # processor outputs over the text
 FLAT_PIXELS = "pixel_values"  # Qwen-VL: [patches, D] per image, concatenated over images in the model call
 GRID = "image_grid_thw"
+VIDEO_PIXELS = "pixel_values_videos"  # the same for a video's frames (Qwen-VL: [patches, D]; LLaVA-OneVision: [F, ...])
+VIDEO_GRID = "video_grid_thw"
+VIDEO_TIMES = "second_per_grid_ts"  # Qwen2.5-VL: seconds per temporal patch of each video
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,48 @@ class ProcessorTransform:
 
 
 @dataclass(frozen=True)
+class VideoTransform:
+    """A video (`iqa_cli.video.Video`, or a list of its frames as RGB PIL images) -> the ids its slot expands to and
+    the processor's tensors for it; picklable. `mode` "videos": the processor's own video input (`videos=`:
+    Qwen2/2.5-VL, LLaVA-OneVision), the frames given as they were sampled (`do_sample_frames=False`) with where
+    they came from (`video_metadata`: the video's frame rate and the sampled indices), and Qwen-VL's pixel budget
+    per frame; "frames": the frames as that many images in the one slot (Idefics3)."""
+
+    processor: Any
+    image_token: str
+    flat: bool
+    mode: str  # "videos" | "frames"
+    images_kwargs: dict = field(default_factory=dict)
+
+    def __call__(self, video: Any) -> dict[str, torch.Tensor]:
+        frames = list(getattr(video, "frames", video))
+        if not frames:
+            raise ValueError("a video needs at least one frame")
+        if self.mode == "frames":
+            out = self.processor(text=[self.image_token * len(frames)], images=[frames], add_special_tokens=False,
+                                 return_tensors="pt", **self.images_kwargs)  # fmt: skip
+        else:
+            indices = list(getattr(video, "indices", range(len(frames))))
+            metadata = {"fps": float(getattr(video, "fps", 1.0)), "total_num_frames": getattr(video, "frame_count", 0)
+                        or len(frames), "frames_indices": indices}  # fmt: skip
+            out = self.processor(text=[self.processor.video_token], videos=[frames], add_special_tokens=False,
+                                 return_tensors="pt", do_sample_frames=False, video_metadata=[metadata],
+                                 **self.images_kwargs)  # fmt: skip
+        item = {IMAGE_IDS: out["input_ids"][0]}
+        if TOKEN_TYPES in out:
+            item[TOKEN_TYPES] = torch.as_tensor(out[TOKEN_TYPES][0])
+        for name, value in out.items():
+            if name in TEXT_KEYS or not isinstance(value, torch.Tensor):
+                continue
+            item[name] = value if (self.flat and name in (FLAT_PIXELS, VIDEO_PIXELS)) else value[0]
+        return item
+
+
+@dataclass(frozen=True)
 class PaddedCollate:
     """Per-image tensors -> batch-first tensors zero-padded to the largest in every dimension (image ids padded
-    with -1), plus `has_image`; every key keeps its rows first, as the scoring pipeline slices batches by row."""
+    with -1), plus `has_image`; every key keeps its rows first, as the scoring pipeline slices batches by row. A key
+    some items lack (a video's, in a training batch mixing images and videos) is zeros in their rows."""
 
     def __call__(
         self, items: list[VisualInputs | None], batch_size: int, dtype: torch.dtype
@@ -66,13 +108,16 @@ class PaddedCollate:
                 HAS_IMAGE: torch.zeros(batch_size, dtype=torch.int8),
             }
         out: dict[str, torch.Tensor] = {}
-        for name, first in present[0].items():
-            shape = [max(item[name].shape[d] for item in present) for d in range(first.dim())]
+        names = list(dict.fromkeys(name for item in present for name in item))
+        for name in names:
+            having = [item[name] for item in present if name in item]
+            first = having[0]
+            shape = [max(value.shape[d] for value in having) for d in range(first.dim())]
             cast = dtype if first.is_floating_point() else first.dtype
             batch = batch_buffer((batch_size, *shape), cast)
             batch.fill_(-1 if name == IMAGE_IDS else 0)
             for row, item in enumerate(items):
-                if item is not None:
+                if item is not None and name in item:
                     value = item[name]
                     batch[(row, *(slice(0, s) for s in value.shape))] = value
             out[name] = batch

@@ -32,6 +32,13 @@ class PromptMixin:
         add_special = not (bos is not None and prompt.startswith(bos))
         return list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
 
+    def task_prompt(self, task: str, *, video: bool = False) -> str:
+        """The chat template with the task's question and answer (`iqa_cli.tasks`). A video's prompt is an image's
+        with "this video": its frames take the image slot (the video transform expands it with the video's ids)."""
+        from iqa_cli.tasks import question, response_prefix
+
+        return self.render_prompt(question(task, video), response_prefix(task, video))
+
     def default_scoring(self) -> tuple[str, list[int], str | None]:
         return self.default_prompt, [], "last" if self.has_regressor else None
 

@@ -184,8 +184,9 @@ def _processor(model_type: str, image_processor: Any, tokenizer: Any, template: 
         "qwen3_vl": "Qwen3VLVideoProcessor",
         "llava_onevision": "LlavaOnevisionVideoProcessor",
     }
-    if model_type in video:  # the processors insist on one; images never use it
-        kwargs["video_processor"] = getattr(transformers, video[model_type])()
+    if model_type in video:  # the processors insist on one; its frames the size of the images
+        sizes = {k: v for k, v in dict(image_processor.size).items() if v is not None}
+        kwargs["video_processor"] = getattr(transformers, video[model_type])(size=sizes)
     return cls(**kwargs, **extra)
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from iqa_cli.constants import IGNORE_INDEX, RESPONSE_TEMPLATE
+from iqa_cli.constants import IGNORE_INDEX, RESPONSE_PREFIX
 from iqa_cli.errors import UserError
 from iqa_cli.models.backbone import VisualInputs
 from iqa_cli.models.hf_vlm.checkpoints import REGRESSOR_ATTR, _quiet_transformers
@@ -30,7 +30,13 @@ class TrainingMixin:
         self.model.config.score_token_ids = list(ids)
 
     def encode_training(
-        self, question: str, level_token: str, level_token_id: int, *, image_first: bool
+        self,
+        question: str,
+        level_token: str,
+        level_token_id: int,
+        *,
+        image_first: bool,
+        response_prefix: str = RESPONSE_PREFIX,
     ) -> tuple[list[int], list[int], int]:
         """(input ids, labels, level position) of [image, question] -> "The quality of the image is {level}." in
         the family's chat template; the assistant's turn (through its end-of-turn) is supervised. The image comes
@@ -38,7 +44,7 @@ class TrainingMixin:
         the message puts it)."""
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": RESPONSE_TEMPLATE.format(level_token)}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"{response_prefix} {level_token}."}]},
         ]
         text = self.processor.apply_chat_template(messages, tokenize=False)
         ids = self.encode_prompt(text)

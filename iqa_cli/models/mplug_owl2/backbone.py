@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from iqa_cli.batch_buffer import batch_buffer
-from iqa_cli.constants import IGNORE_INDEX, RESPONSE_TEMPLATE
+from iqa_cli.constants import IGNORE_INDEX, RESPONSE_PREFIX
 from iqa_cli.errors import UserError
 from iqa_cli.models.backbone import (
     ADAPTER_CONFIG,
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from iqa_cli.models.mplug_owl2.checkpoints import LoadedCheckpoint
     from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 
-PIXELS = "pixel_values"  # the one visual input: CLIP-normalized squares [3, S, S] per image
+PIXELS = "pixel_values"  # the visual input: CLIP-normalized squares [3, S, S] per image, [F, 3, S, S] per video
+FRAME_COUNTS = "frame_counts"  # videos: [B] real frames of each row (the rest padding frames, masked out)
 SAVE_SHARD_BYTES = 5 * 1024**3  # weights files of a trained model, as the released checkpoints are cut
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -127,6 +128,56 @@ class SquareCollate:
         return table.view(as_int).numpy(), pixels.view(as_int).numpy()
 
 
+@dataclass(frozen=True)
+class FramesTransform:
+    """A video's sampled frames (an `iqa_cli.video.Video`, or a list of RGB PIL images) -> {"pixel_values":
+    [F, S, S, 3] uint8} (or [F, 3, S, S] floats):
+    each frame as `ClipTransform` makes an image, padded to a square with the CLIP mean first, as Q-Align's
+    `QAlignVideoScorer` pads every frame (`expand2square`). Picklable."""
+
+    image: ClipTransform
+
+    def __call__(self, video: Any) -> dict[str, torch.Tensor]:
+        frames = list(getattr(video, "frames", video))
+        if not frames:
+            raise ValueError("a video needs at least one frame")
+        return {PIXELS: torch.stack([self.image(frame)[PIXELS] for frame in frames])}
+
+
+@dataclass(frozen=True)
+class FramesCollate:
+    """Videos' frames (and images, as videos of one frame) -> pixels [batch_size, F, 3, S, S] and `frame_counts`,
+    F the most frames of any item; a row's missing frames and rows without an item are zeros. Built as one
+    `SquareCollate` batch of batch_size x F squares (the same value table, in shared memory in a worker)."""
+
+    squares: SquareCollate
+
+    def __call__(
+        self, items: list[VisualInputs | None], batch_size: int, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        frames = [_frames_of(item) for item in items]
+        f = max((len(v) for v in frames if v is not None), default=1)
+        flat: list[VisualInputs | None] = []
+        counts = torch.zeros(batch_size, dtype=torch.int64)
+        for row, values in enumerate(frames):
+            if values is not None:
+                flat += [{PIXELS: v} for v in values] + [None] * (f - len(values))
+                counts[row] = len(values)
+            else:
+                flat += [None] * f
+        s = self.squares.image_size
+        pixels = self.squares(flat, batch_size * f, dtype)[PIXELS].view(batch_size, f, 3, s, s)
+        return {PIXELS: pixels, FRAME_COUNTS: counts}
+
+
+def _frames_of(item: VisualInputs | None) -> list[torch.Tensor] | None:
+    """An item's frames: [F, S, S, 3] uint8 or [F, 3, S, S] float is F frames; one image is one."""
+    if item is None:
+        return None
+    values = item[PIXELS]  # one image: [S, S, 3] uint8 or [3, S, S] float; F frames: one more dimension first
+    return [values] if values.dim() == 3 else list(values.unbind(0))
+
+
 class MPLUGOwl2Backbone(ModuleBackbone):
     """The mPLUG-Owl2 port as a `Backbone`."""
 
@@ -153,6 +204,8 @@ class MPLUGOwl2Backbone(ModuleBackbone):
         self.transform = ClipTransform(preprocessor)
         side = getattr(preprocessor, "image_size", None) or model.config.vision.image_size
         self.collate = SquareCollate(side, preprocessor)
+        self.video_transform = FramesTransform(self.transform)
+        self.video_collate = FramesCollate(self.collate)
 
     @classmethod
     def from_checkpoint(cls, loaded: LoadedCheckpoint) -> MPLUGOwl2Backbone:
@@ -204,6 +257,13 @@ class MPLUGOwl2Backbone(ModuleBackbone):
     def encode_prompt(self, prompt: str) -> list[int]:
         return tokenize_prompt(self.tokenizer, prompt)
 
+    def task_prompt(self, task: str, *, video: bool = False) -> str:
+        """The evaluation template with the task's question and answer (`iqa_cli.tasks`): for quality of an
+        image the papers' prompt; for a video Q-Align's video evaluation (`vqa_eval.py`) prompt."""
+        from iqa_cli.tasks import question, response_prefix
+
+        return EVAL_TEMPLATE.prompt(question(task, video), response_prefix(task, video))
+
     def level_token_id(self, word: str) -> int:
         added = self.tokenizer.added_tokens
         if word in added:
@@ -220,7 +280,14 @@ class MPLUGOwl2Backbone(ModuleBackbone):
         use_cache: bool = False,
     ) -> BackboneOutput:
         pixels = visual[PIXELS].to(device=self.model.device, dtype=self.model.dtype, non_blocking=True)
-        out = self.model(input_ids, pixels, attention_mask=attention_mask, logits_at=logits_at, use_cache=use_cache)
+        out = self.model(
+            input_ids,
+            pixels,
+            attention_mask=attention_mask,
+            logits_at=logits_at,
+            use_cache=use_cache,
+            frame_counts=visual.get(FRAME_COUNTS),
+        )
         return BackboneOutput(out.logits, out.hidden_states, out.text_positions, out.last_index, out.past_key_values)
 
     __call__ = forward
@@ -264,16 +331,23 @@ class MPLUGOwl2Backbone(ModuleBackbone):
         self.model.config.score_token_id = list(reversed(ids))
 
     def encode_training(
-        self, question: str, level_token: str, level_token_id: int, *, image_first: bool
+        self,
+        question: str,
+        level_token: str,
+        level_token_id: int,
+        *,
+        image_first: bool,
+        response_prefix: str = RESPONSE_PREFIX,
     ) -> tuple[list[int], list[int], int]:
-        """(input ids, labels, level position) of one conversation, masked as the reference masks it.
+        """(input ids, labels, level position) of one conversation, masked as the reference masks it; the answer
+        is `response_prefix` and the level (`{prefix} {level}.`).
 
         The level token is the last occurrence of its id among the supervised labels (the response ends with
         `{level}.</s>`). A level word whose first piece differs in context from its piece alone (what scoring
         reads) is a UserError: training would teach a token that scoring never looks at.
         """
         template = TRAIN_TEMPLATE if image_first else EVAL_TEMPLATE
-        ids, labels = build_training_ids(self.tokenizer, question, RESPONSE_TEMPLATE.format(level_token), template)
+        ids, labels = build_training_ids(self.tokenizer, question, f"{response_prefix} {level_token}.", template)
         hits = [t for t, label in enumerate(labels) if label == level_token_id]
         if not hits or all(label == IGNORE_INDEX for label in labels):
             pieces = [self.tokenizer.id_to_token(i) if i >= 0 else IMAGE_TOKEN for i in ids]
@@ -355,8 +429,10 @@ class MPLUGOwl2Backbone(ModuleBackbone):
 
         t = input_ids.shape[1]
         slot = (input_ids == IMAGE_TOKEN_INDEX).long().argmax(1)
-        text_pos = expanded_positions(slot, t, self.model.num_visual_tokens)  # N, T
-        out = module(input_ids, visual[PIXELS], attention_mask=attention_mask, logits_at=text_pos)
+        text_pos = expanded_positions(slot, t, self.model.visual_length(visual[PIXELS]))  # N, T
+        frames = visual.get(FRAME_COUNTS)
+        extra = {"frame_counts": frames} if frames is not None else {}
+        out = module(input_ids, visual[PIXELS], attention_mask=attention_mask, logits_at=text_pos, **extra)
         hidden = None
         if hidden_at is not None:
             hidden = gather_rows(out.hidden_states, text_pos.gather(1, hidden_at[:, None]))[:, 0]  # N, C

@@ -7,6 +7,12 @@ State-dict keys are exactly the released ones (`model.embed_tokens.weight`, `mod
 Each prompt row holds one image slot (-200). The slot is replaced by the image's Q + 1 visual tokens
 (abstractor queries + `vit_eos`; 65 for the 7B model), which use the multiway index 1; everything else is
 text (index 0), padding included, as in the reference's `prepare_inputs_labels_for_multimodal`.
+
+A video is F frames in the one slot: the reference (Q-Align's `QAlignVideoScorer`, `images=[frames]`) encodes the
+frames as a batch and flattens their tokens into one sequence of F x (Q + 1) (`x.flatten(0, 1)`), frame after
+frame, each with its own `vit_eos`. Here pixels [B, F, 3, S, S] do that for every row; rows with fewer real frames
+(`frame_counts`, a training batch mixing clips and images) mask their padding frames' tokens out, which neither
+attend nor advance the RoPE positions, so a row's tokens see exactly its own frames.
 """
 
 from __future__ import annotations
@@ -82,6 +88,20 @@ class MPLUGOwl2ForCausalLM(nn.Module):
         image = self.model.vision_model(pixel_values.to(device=weight.device, dtype=weight.dtype))
         return self.model.visual_abstractor(image)
 
+    def encode_visual(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, S, S] (an image per row) or [B, F, 3, S, S] (F frames per row) -> [B, F (Q + 1), C]: each
+        row's frames' tokens one after the other (the reference's `flatten(0, 1)` of a video's frames)."""
+        if pixel_values.dim() == 4:
+            return self.encode_images(pixel_values)
+        b, f = pixel_values.shape[:2]
+        tokens = self.encode_images(pixel_values.flatten(0, 1))  # B F, Q + 1, C
+        return tokens.reshape(b, f * tokens.shape[1], tokens.shape[2])
+
+    def visual_length(self, pixel_values: torch.Tensor) -> int:
+        """Tokens the slot expands to for these pixels: Q + 1 per image, F (Q + 1) per row of F frames."""
+        frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
+        return frames * self.num_visual_tokens
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -91,8 +111,10 @@ class MPLUGOwl2ForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_at: str | torch.Tensor = "all",
+        frame_counts: torch.Tensor | None = None,
     ) -> MPLUGOwl2Output:
-        """Runs prompts [B, T] (one -200 per row when `pixel_values` [B, 3, S, S] is given).
+        """Runs prompts [B, T] (one -200 per row when `pixel_values` [B, 3, S, S] or frames [B, F, 3, S, S] are
+        given; `frame_counts` [B]: how many of a row's F frames are real, the others masked out).
 
         `attention_mask` [B, T] marks real tokens (right or left padding). With `past_key_values` the ids
         are the next tokens only (no image). `logits_at` picks where the LM head runs: "all", "last" (each
@@ -110,14 +132,17 @@ class MPLUGOwl2ForCausalLM(nn.Module):
             if checked and not bool((is_slot.sum(1) == 1).all()):
                 raise ValueError(f"every prompt row needs exactly one image slot ({IMAGE_TOKEN_INDEX})")
             slot = is_slot.long().argmax(1)  # B
-            visual = self.encode_images(pixel_values).to(text_embeds.dtype)  # B, V, C
+            visual = self.encode_visual(pixel_values).to(text_embeds.dtype)  # B, V, C
             n_vis = visual.shape[1]
             source = splice_index(slot, t, n_vis)  # B, L into [text ; visual]
             embeds = gather_rows(torch.cat([text_embeds, visual], dim=1), source)
             padding = None
-            if attention_mask is not None:
-                mask = attention_mask.to(torch.bool)
+            if attention_mask is not None or frame_counts is not None:
+                mask = attention_mask.to(torch.bool) if attention_mask is not None else torch.ones_like(is_slot)
                 slot_mask = mask.gather(1, slot[:, None]).expand(b, n_vis)
+                if frame_counts is not None:  # a row's padding frames: masked like padding tokens
+                    real = frame_counts.to(slot.device)[:, None] * self.num_visual_tokens
+                    slot_mask = slot_mask & (torch.arange(n_vis, device=slot.device)[None] < real)
                 padding = gather_rows(torch.cat([mask, slot_mask], dim=1)[..., None], source)[..., 0]
             modality = Modality.from_blocks(slot, n_vis, t - 1 + n_vis)
             text_positions = expanded_positions(slot, t, n_vis)
