@@ -168,19 +168,37 @@ class PadCollate:
 
 class UnitStream(torch.utils.data.IterableDataset):
     """Streams units (each from its start row) and yields whole batches; every unit, even an empty one or one
-    that breaks off, ends up in some batch's `done`."""
+    that breaks off, ends up in some batch's `done`.
+
+    Each worker streams the units `assigned` gives it: its strided share here; a subclass may hand them out as
+    they come (`iqa_cli.engines.ray`), yielding None while the next one is not there yet, so that the rows
+    held in an unfinished batch go out (padded) and the units in it can finish.
+    """
 
     def __init__(self, source: Source, units: np.ndarray, starts: np.ndarray, decode: Decoder, collate: PadCollate):
         self.source, self.units, self.starts = source, units, starts
         self.decode, self.collate = decode, collate
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def assigned(self) -> Iterator[tuple[int, int] | None]:
+        """(unit, start row) of each unit this worker streams, in order."""
         info = torch.utils.data.get_worker_info()
         share = slice(None) if info is None else slice(info.id, None, info.num_workers)
+        return zip(self.units[share].tolist(), self.starts[share].tolist(), strict=True)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         items: list[tuple] = []
         done: list[tuple[int, str | None]] = []
         full: dict[str, Any] | None = None  # a whole batch held until the next sample shows whether a unit ended
-        for u, start in zip(self.units[share].tolist(), self.starts[share].tolist(), strict=True):
+        for unit in self.assigned():
+            if unit is None:  # idle: what is held goes out now
+                if full is not None:
+                    yield full
+                    full = None
+                if items or done:
+                    yield self.collate(items, done)
+                    items, done = [], []
+                continue
+            u, start = unit
             error = None
             try:
                 for k, sample in enumerate(self.source.samples(u, start)):
