@@ -35,10 +35,11 @@ class LocalEngine:
 
     @staticmethod
     def check(config: Any) -> None:
-        for flag, value, default in (("--ray-address", config.ray_address, None), ("--gpus-per-actor",
-                                     config.gpus_per_actor, 1.0)):  # fmt: skip
-            if value != default:
-                raise UserError(f"{flag} {value}: applies to --engine ray (this run's engine is {config.engine})")
+        other = f"applies to --engine ray (this run's engine is {config.engine})"
+        if config.ray_address is not None:
+            raise UserError(f"--ray-address {config.ray_address}: {other}")
+        if config.gpus_per_actor != 1.0:
+            raise UserError(f"--gpus-per-actor {config.gpus_per_actor:g}: {other}")
 
     def resolve_device(self, device: str, environment: Any) -> Any:
         from iqa_cli import distributed

@@ -59,7 +59,9 @@ class RayEngine:
             raise UserError("--engine ray: start it as one process, not under torchrun (Ray places the units)")
         g = config.gpus_per_actor
         if not g > 0 or (g > 1 and not float(g).is_integer()):
-            raise UserError(f"--gpus-per-actor {g}: use a fraction up to 1 (0.5: two actors per GPU) or a whole number")
+            raise UserError(
+                f"--gpus-per-actor {g:g}: use a fraction up to 1 (0.5: two actors per GPU) or a whole number"
+            )
         if config.device not in ("auto", "cpu", "cuda"):
             raise UserError(
                 f"--device {config.device}: with --engine ray each actor computes on the GPU Ray gives it; use "
@@ -319,10 +321,12 @@ class ActorPool:
         return max(1, int(gpus / self.gpus_per_actor + 1e-9))
 
     def lose(self, member: Member) -> None:
+        """Drops an actor (killed, in case it only seemed lost); the next round replaces it where there is room."""
         import ray
 
         if member in self.members:
             self.members.remove(member)
+        self.last_grow = 0.0
         with contextlib.suppress(Exception):  # already gone
             ray.kill(member.actor, no_restart=True)
 

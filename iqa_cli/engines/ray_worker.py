@@ -129,7 +129,7 @@ class UnitActor:
         collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool)
         stream = FedUnits(writer.source, self.queue, Decoder(transform, load), collate)
         self.workers = max(1, workers)
-        loader = data_loader(stream, workers, self.device)
+        loader = data_loader(stream, workers, self.device, in_order=False)
         batches = iter(loader)  # forks the workers now
         runner = BatchRunner(scorer, size, auto=auto)
         threads = model_threads(self.device, workers, local_world_size, torch.get_num_threads())

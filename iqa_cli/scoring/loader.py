@@ -238,7 +238,11 @@ def worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def data_loader(dataset: UnitStream, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+def data_loader(
+    dataset: UnitStream, workers: int, device: torch.device, *, in_order: bool = True
+) -> torch.utils.data.DataLoader:
+    """`in_order=False` takes each worker's batches as they come (each worker's still in its order): for workers
+    fed units as they come, one waiting for a unit must not hold up the batches of the others."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -246,6 +250,7 @@ def data_loader(dataset: UnitStream, workers: int, device: torch.device) -> torc
         pin_memory=device.type == "cuda",
         worker_init_fn=worker_init if workers else None,
         prefetch_factor=PREFETCH if workers else None,
+        in_order=in_order,
     )
 
 
