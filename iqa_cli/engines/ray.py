@@ -122,8 +122,15 @@ class RayEngine:
         }
         dispatch = Dispatch(pool, source, writer, ray.put(writer), options, progress or NullBar())
         dispatch.todo.extend(zip(units.tolist(), starts.tolist(), strict=True))
-        with interruptible(sidecar):
-            return dispatch.run()
+        finished = False
+        try:
+            with interruptible(sidecar):
+                processed = dispatch.run()
+            finished = True
+        finally:
+            with interruptible(sidecar, defer=True):  # a second Ctrl-C must not cut the actors' pieces short
+                pool.stop(now=not finished)
+        return processed
 
     def close(self) -> None:
         if self.pool is not None:
@@ -330,14 +337,18 @@ class ActorPool:
         with contextlib.suppress(Exception):  # already gone
             ray.kill(member.actor, no_restart=True)
 
-    def close(self) -> None:
-        """Stops every actor: the rows of unfinished units are written as pieces, then the actors go."""
+    def stop(self, now: bool) -> None:
+        """Ends the actors' loops: the rows of unfinished units are written as pieces (`now`: the run was
+        stopped, so units not started are dropped and each loop ends at its next batch)."""
         import ray
 
         running = [m for m in self.members if m.loading is None and m.starting is None and m.waiting is not None]
         if running:
             with contextlib.suppress(Exception):  # an actor already lost: its pieces are what it wrote
-                ray.wait([m.actor.stop.remote(20.0) for m in running], num_returns=len(running), timeout=30)
+                ray.wait([m.actor.stop.remote(20.0, now) for m in running], num_returns=len(running), timeout=30)
+
+    def close(self) -> None:
+        """The actors go (their GPUs free for the next job)."""
         for member in list(self.members):
             self.lose(member)
 

@@ -11,6 +11,7 @@ Imports Ray nowhere: the driver wraps `UnitActor` with `ray.remote`.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -72,6 +73,7 @@ class UnitActor:
         self.completed: list[tuple[int, int]] = []  # (unit, rows this actor scored of it), not yet reported
         self.error: BaseException | None = None
         self.ended = False
+        self.halt = False
         self.processed = 0
         self.thread: threading.Thread | None = None
 
@@ -146,6 +148,8 @@ class UnitActor:
         try:
             with torch.inference_mode(), intra_op_threads(threads):
                 for batch, visual in device_batches(batches, self.device):
+                    if self.halt:  # the run was stopped: what is scored is written below, as pieces
+                        break
                     ok = (batch["unit"] >= 0) & torch.tensor([e is None for e in batch["error"]])
                     result = runner(visual) if bool(ok.any()) else None
                     n = self.writer.add(batch, result)
@@ -167,6 +171,7 @@ class UnitActor:
             self.error = exc
         finally:
             self.writer.flush()  # the rows of unfinished units, as pieces
+            del batches  # the workers stop now
             with self.condition:
                 self.ended = True
                 self.condition.notify_all()
@@ -188,14 +193,17 @@ class UnitActor:
             raise self.error
         return done
 
-    def stop(self, timeout: float) -> int:
-        """No more units: the workers end, the rows of unfinished units are written as pieces; returns the rows
-        this actor scored."""
+    def stop(self, timeout: float, now: bool = False) -> int:
+        """No more units: the workers end and the rows of unfinished units are written as pieces; returns the rows
+        this actor scored. `now` (the run was stopped): units not started are dropped and the loop ends at its
+        next batch, rather than once every unit handed out is scored."""
         if self.thread is not None:
+            if now:
+                self.halt = True
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self.queue.get_nowait()
             for _ in range(self.workers):
                 self.queue.put(STOP)
             self.thread.join(timeout)
         return self.processed
-
-    def pid(self) -> int:
-        return os.getpid()

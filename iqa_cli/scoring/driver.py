@@ -12,7 +12,8 @@ a second run on the same `--out` is refused (or waits, `--wait`) through the run
 Under torchrun every rank takes a strided share of the unfinished units and writes them into the shared sidecar;
 rank 0 waits for every rank's report file (not a collective: a rank may finish hours before the slowest one)
 and assembles the output, which equals the single-process one. Finished units count whatever world size wrote
-them.
+them. With `--engine ray` (`iqa_cli.engines`) Ray actors score the unfinished units instead, taking the next as
+they free up; planning, the sidecar and the output are the same.
 
 Failed images (unreadable, truncated, not an image, decompression bomb) become rows with `error` set and null
 scores; they are results like any other and are not retried on resume. A unit that breaks off (a truncated
