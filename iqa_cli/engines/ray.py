@@ -365,6 +365,12 @@ def answer(ref: Any) -> Any:
     try:
         return ray.get(ref)
     except (RayActorError, ActorUnschedulableError) as exc:
+        if getattr(exc, "actor_init_failed", False):  # not a lost node: this node cannot run the actor at all
+            last = [line.strip() for line in str(exc).splitlines() if line.strip()][-1]
+            raise UserError(
+                f"--engine ray: an actor could not start ({last}); every node needs this iqa-cli, with its ray "
+                "extra, in the Python that runs Ray"
+            ) from None
         raise LostActor(" ".join(str(exc).split())[:300]) from None
     except RayTaskError as exc:
         cause = exc.cause
