@@ -111,6 +111,9 @@ def test_ray_engine_output_equals_the_local_engine(ray_address, folder, dataset,
         assert footer(remote) == footer(local)
         assert sorted(p.name for p in remote.parent.rglob("*")) == sorted(p.name for p in local.parent.rglob("*"))
     assert not sidecar_path(remote).exists()
+    # The engine does not decide the scores: each engine's output is complete for the other.
+    assert score(inputs, remote, out_dir=out_name.endswith("/"), **options).already_complete
+    assert score(inputs, local, engine="ray", out_dir=out_name.endswith("/"), **options).already_complete
 
 
 class PidScorer(FakeScorer):
