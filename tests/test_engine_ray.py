@@ -133,6 +133,7 @@ def _finished_units(out: Path) -> int:
     return len(list(sidecar_path(out).glob("unit-????????.parquet")))
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_run_is_replaced_and_each_image_is_scored_once(ray_address, folder, tmp_path, monkeypatch):
     import threading
 
@@ -159,6 +160,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_each_image_is_scored_once(ray_a
     assert_same_rows(pd.read_parquet(out), pd.read_parquet(reference))
 
 
+@pytest.mark.slow
 def test_a_driver_killed_mid_run_takes_its_actors_and_the_rerun_scores_the_rest(ray_address, folder, tmp_path):
     reference = tmp_path / "reference.parquet"
     score([folder], reference)
@@ -331,6 +333,7 @@ def assert_same_values(got: pd.DataFrame, expected: pd.DataFrame) -> None:
         )
 
 
+@pytest.mark.slow
 def test_ray_scorer_in_ray_data_pipelines_gives_the_values_of_iqa_score(
     ray_address, dataset, tiny, tmp_path, one_thread
 ):

@@ -30,7 +30,7 @@ from iqa_cli.engines import Build
 from iqa_cli.errors import UserError
 
 CONNECT_TIMEOUT = 5.0  # seconds to reach --ray-address before saying it cannot be reached
-POLL_SECONDS = 0.5  # the longest an actor's `finished` call waits for a unit before answering
+POLL_SECONDS = 2.0  # the longest an actor's `finished` call waits for a unit before answering (a death answers at once)
 GROW_SECONDS = 5.0  # how often the driver looks for new nodes or GPUs (and replaces lost actors)
 MAX_LOSSES = 3  # actors lost while one unit was in them, or while loading the model, before the run gives up
 INSTALL = "pip install 'iqa-cli[ray]'"
@@ -81,10 +81,12 @@ class RayEngine:
 
     def scorer(self, build: Build, device: Any) -> RemoteScorer:
         """Connects, starts the actors (each loading the model) and returns the first one's description of it."""
+        import ray
+
         self._connect()
-        self.pool = ActorPool(build, self.config)
-        if self.pool.nodes > 1:
+        if sum(1 for node in ray.nodes() if node["Alive"]) > 1:  # other nodes open the paths too
             check_shared_paths(self.config)
+        self.pool = ActorPool(build, self.config)
         return self.pool.first()
 
     def score_units(
@@ -234,12 +236,6 @@ class ActorPool:
         if not self.members:
             what = f"{self.gpus_per_actor:g} GPU" if self.gpu else "a CPU"
             raise UserError(f"--engine ray: no node of the Ray cluster has {what} for an actor")
-
-    @property
-    def nodes(self) -> int:
-        import ray
-
-        return sum(1 for n in ray.nodes() if n["Alive"])
 
     def grow(self) -> None:
         """Starts actors where the cluster has room: new nodes, or replacements for lost actors."""
