@@ -9,7 +9,8 @@ with every core).
   engines are compared.
 - units: `--units` units of one 8x8 PNG each (default 10,000) and the fake row-wise scorer of
   tests/test_score_pipeline.py (no model): what the engine costs per unit on top of the local loop, from the
-  loop times, (ray - local) / units. Both write one sidecar file per unit and assemble them.
+  loop times, (ray - local) / units. Both write one sidecar file per unit and assemble them. The model calls
+  of each engine are counted too (the same count: no half batches for units handed out late).
 
     .venv/bin/python benchmarks/bench_ray.py images [--images 1000] [--repeats 3]
     .venv/bin/python benchmarks/bench_ray.py units [--units 10000] [--repeats 3]
@@ -93,18 +94,38 @@ def bench_images(images: int, repeats: int) -> None:
           f"largest |score difference| {diff:.1e}")  # fmt: skip
 
 
+class CountedScorer:
+    """The fake scorer, appending a line to `log` at each model call (in whichever process scores)."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def __call__(self, device):
+        from tests.test_score_pipeline import FakeScorer
+
+        log = self.log
+
+        class Counted(FakeScorer):
+            def score_pixels(self, pixel_values):
+                with open(log, "a") as file:
+                    file.write("1\n")
+                return super().score_pixels(pixel_values)
+
+        return Counted(device)
+
+
 def bench_units(units: int, repeats: int) -> None:
     import numpy as np
     import pytest
     from PIL import Image
 
     from iqa_cli.scoring.config import ScoreConfig
-    from tests.test_score_pipeline import FakeScorer
 
     patch = pytest.MonkeyPatch()
     patch.setattr("iqa_cli.sources.files.MIN_FILES_PER_UNIT", 1)
     patch.setattr("iqa_cli.sources.files.MAX_FILES_PER_UNIT", 1)
     loops: dict[str, list[float]] = {"local": [], "ray": []}
+    calls: dict[str, set[int]] = {"local": set(), "ray": set()}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         (work / "images").mkdir()
@@ -118,12 +139,17 @@ def bench_units(units: int, repeats: int) -> None:
                     out=work / f"{engine}.parquet", inputs=[str(work / "images")], engine=engine, quiet=True,
                     batch_size=16, workers=1, overwrite=True,
                 )  # fmt: skip
-                _, loop, seconds = run(config, lambda device: FakeScorer(device))
+                log = work / f"{engine}-{r}.calls"
+                _, loop, seconds = run(config, CountedScorer(str(log)))
                 loops[engine].append(loop)
+                calls[engine].add(len(log.read_text().split()))
                 print(f"  {r + 1}/{repeats} {engine:5s}: loop {loop:.1f} s for {units} units (wall {seconds:.1f} s)",
                       flush=True)  # fmt: skip
     local, remote = statistics.median(loops["local"]), statistics.median(loops["ray"])
-    print(f"{units} units of one image: loop median local {local:.2f} s, ray {remote:.2f} s")
+    print(
+        f"{units} units of one image: loop median local {local:.2f} s, ray {remote:.2f} s; model calls local "
+        f"{'/'.join(map(str, sorted(calls['local'])))}, ray {'/'.join(map(str, sorted(calls['ray'])))}"
+    )
     print(f"ray's scheduling overhead per unit: {1000 * (remote - local) / units:.2f} ms "
           f"(local {1000 * local / units:.2f} ms per unit, ray {1000 * remote / units:.2f} ms)")  # fmt: skip
     patch.undo()
