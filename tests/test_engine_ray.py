@@ -368,3 +368,17 @@ def test_ray_scorer_in_ray_data_pipelines_gives_the_values_of_iqa_score(
     assert got["label"].tolist() == list(range(7)) and got.columns[0] == "image"
     assert_same_values(got, expected)  # null bytes: the error rows iqa score writes
     assert got["error"].notna().tolist() == [False] * 5 + [True, True]
+
+
+@pytest.mark.slow
+def test_the_cli_with_engine_ray_writes_what_it_writes_without(ray_address, dataset, tiny, tmp_path):
+    expected = iqa_score([dataset["files"]], tmp_path / "local.parquet", tiny)
+    out = tmp_path / "ray.parquet"
+    args = ["--model", str(tiny), "--dtype", "float32", "--device", "cpu", "--batch-size", str(CALL)]
+    result = run_iqa("score", str(dataset["files"]), "--out", str(out), *args, "--engine", "ray", "--ray-address",
+                     ray_address, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "scored 9 of 9 images (0 failed)" in result.stderr and "Traceback" not in result.stderr
+    assert_same_values(pd.read_parquet(out), expected)
+    assert pd.read_parquet(out)["image"].tolist() == expected["image"].tolist()
+    assert footer(out) == footer(tmp_path / "local.parquet")
