@@ -1,7 +1,8 @@
 """`iqa score --engine ray` on a local Ray of 2 CPUs that this module starts once: the output equals the local
 engine's on a folder, shards and a Parquet column; an actor killed with -9 mid-run and a driver killed with -9
-then rerun give each image once with the same scores; bad options are one-line errors. `RayScorer` in Ray Data
-pipelines gives `iqa score`'s values (the tiny checkpoint).
+then rerun give each image once with the same scores; bad options are one-line errors; the real CLI with
+`--engine ray` writes what it writes without. `RayScorer` in Ray Data pipelines gives `iqa score`'s values (the
+tiny checkpoint).
 
 Scoring uses the fake, row-wise scorer of `tests/test_score_pipeline.py` (real decoding and preprocessing), built
 in the actors from the factory the test passes. Run as a module (`python -m tests.test_engine_ray run ...`),
@@ -11,6 +12,7 @@ this file scores a folder with the ray engine and the fake scorer: the driver ki
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -28,13 +30,14 @@ from iqa_cli.cli import app
 from iqa_cli.errors import UserError
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
+from iqa_cli.scoring.output import output_schema
 from iqa_cli.scoring.store import sidecar_path
 from tests.conftest import REPO_ROOT, run_iqa
 from tests.test_score_pipeline import FakeScorer, assert_same_rows, make_image_folder
 from tests.test_shards import make_dataset
 
 ray = pytest.importorskip("ray")
-OUTPUT_TYPES = {f.name: f.type for f in __import__("iqa_cli.scoring.output").scoring.output.output_schema(5, False, {})}
+OUTPUT_TYPES = {f.name: f.type for f in output_schema(5, False, {})}  # the columns iqa score writes
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +78,9 @@ def score(inputs, out: Path, factory=None, **options):
 
 
 def footer(path: Path) -> dict[str, str]:
-    meta = path / "_iqa.json" if path.is_dir() else None
-    if meta is not None:
-        return dict(pd.read_json(meta, typ="series").astype(str))
+    """An output's metadata: the Parquet footer's, or `DIR/_iqa.json` of a folder output."""
+    if path.is_dir():
+        return json.loads((path / "_iqa.json").read_text())
     return {k.decode(): v.decode() for k, v in pq.read_schema(path).metadata.items() if not k.startswith(b"ARROW")}
 
 
