@@ -171,7 +171,7 @@ class UnitStream(torch.utils.data.IterableDataset):
     that breaks off, ends up in some batch's `done`.
 
     Each worker streams the units `assigned` gives it: its strided share here; a subclass may hand them out as
-    they come (`iqa_cli.engines.ray`), yielding None while the next one is not there yet, so that the rows
+    they come (`iqa_cli.engines.ray_worker`), yielding None while the next one is not there yet, so that the rows
     held in an unfinished batch go out (padded) and the units in it can finish.
     """
 
