@@ -209,7 +209,7 @@ THREADS = """
     if {old!r}:
         local.model_threads = lambda *args: None
     loop = {{}}
-    inner = driver.score_units
+    inner = local.score_units  # what the local engine calls
 
     def timed(*args, **kwargs):
         cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -220,7 +220,7 @@ THREADS = """
         loop["cpu"] = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
         return processed
 
-    driver.score_units = timed
+    local.score_units = timed
     planned = local.model_threads(torch.device("cpu"), 2, 1, torch.get_num_threads())
     loop["threads"] = torch.get_num_threads() if planned is None else planned
     from iqa_cli.model_options import ModelSpec
@@ -272,9 +272,9 @@ FIXED = """
     from iqa_cli.cli import main
     from iqa_cli.process import run_then_exit
     import torch
-    from iqa_cli.scoring import driver, scorer, store
+    from iqa_cli.scoring import local, scorer, store
     marks["imported"] = time.time()
-    load, score_units, add = scorer.Scorer.from_pretrained.__func__, driver.score_units, store.UnitWriter.add
+    load, score_units, add = scorer.Scorer.from_pretrained.__func__, local.score_units, store.UnitWriter.add
 
     def timed_load(cls, *args, **kwargs):
         marks["load_start"] = time.time()
@@ -294,7 +294,7 @@ FIXED = """
         return add(self, batch, result)
 
     scorer.Scorer.from_pretrained = classmethod(timed_load)
-    driver.score_units, store.UnitWriter.add = timed_loop, timed_add
+    local.score_units, store.UnitWriter.add = timed_loop, timed_add
     sys.argv = ["iqa", "score", {images!r}, "--model", {model!r}, "--out", {out!r}, "--overwrite", "--quiet",
                 "--workers", "2", "--batch-size", "16", "--dtype", "float32"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from iqa_cli import interrupts
+from iqa_cli import engines, interrupts
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec
 from iqa_cli.option_field import option
@@ -98,6 +98,24 @@ class ScoreConfig:
     per_frame: bool = option(
         False, "Videos: also one row per sampled frame, scored as an image (column frame).", panel="Video"
     )
+    engine: str = option(
+        "local",
+        "local: this process scores (under torchrun each rank a fixed share); ray: Ray actors on a cluster take "
+        "the units as they free up (pip install 'iqa-cli[ray]'; README: Ray).",
+        metavar="ENGINE",
+        panel="Engine",
+    )
+    ray_address: str | None = option(
+        None,
+        "--engine ray: the cluster: auto, HOST:PORT or ray://HOST:PORT [default: RAY_ADDRESS, else the cluster "
+        "`ray start` runs here, else a new local Ray]. On a cluster every path must be on storage all nodes mount.",
+        metavar="ADDRESS",
+        panel="Engine",
+    )
+    gpus_per_actor: float = option(
+        1.0, "--engine ray: GPUs per actor (0.5: two on a GPU); without GPUs one CPU actor per node.", metavar="N",
+        panel="Engine",
+    )  # fmt: skip
     format: str | None = option(
         None, "parquet, csv or jsonl [default: from the --out suffix].", metavar="FORMAT", completion="formats",
         panel="Output",
@@ -166,6 +184,7 @@ def check(config: ScoreConfig) -> CheckedOptions:
     taken = [c for c in config.keep if c in standard_columns()]
     if taken:
         raise UserError(f"--keep {taken[0]}: the output has a column {taken[0]!r} of its own; keep other columns")
+    engines.check(config)
     return CheckedOptions(fmt, directory, batch_size)
 
 

@@ -12,7 +12,8 @@ a second run on the same `--out` is refused (or waits, `--wait`) through the run
 Under torchrun every rank takes a strided share of the unfinished units and writes them into the shared sidecar;
 rank 0 waits for every rank's report file (not a collective: a rank may finish hours before the slowest one)
 and assembles the output, which equals the single-process one. Finished units count whatever world size wrote
-them.
+them. With `--engine ray` (`iqa_cli.engines`) Ray actors score the unfinished units instead, taking the next as
+they free up; planning, the sidecar and the output are the same.
 
 Failed images (unreadable, truncated, not an image, decompression bomb) become rows with `error` set and null
 scores; they are results like any other and are not retried on resume. A unit that breaks off (a truncated
@@ -32,14 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from iqa_cli import distributed, run_lock
+from iqa_cli import distributed, engines, run_lock
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_write
 from iqa_cli.progress import ProgressBar, progress_bar
 from iqa_cli.scoring import plan as planning
 from iqa_cli.scoring.config import CheckedOptions, ScoreConfig, ScoreSummary, check, interruptible
 from iqa_cli.scoring.loader import fast_loader
-from iqa_cli.scoring.local import score_units
 from iqa_cli.scoring.output import (
     assemble_directory,
     assemble_file,
@@ -78,7 +78,8 @@ def score_images(
         console = Console(stderr=True, highlight=False)
     out = Path(config.out)
     environment = distributed.env()
-    device = distributed.resolve_device(config.device, environment)
+    engine = engines.open_engine(config)  # where the units are scored: this process, or Ray actors
+    device = engine.resolve_device(config.device, environment)
     distributed.init(device, backend="gloo")  # scoring's collectives are a few small objects
     try:
         with run_lock.hold(
@@ -89,8 +90,9 @@ def score_images(
             remove_folder=True,
             say=None if config.quiet else lambda line: console.print(line, markup=False),
         ):
-            return _run(config, checked, device, environment, scorer_factory, load_image, console)
+            return _run(config, checked, device, environment, scorer_factory, load_image, console, engine)
     finally:
+        engine.close()
         distributed.destroy()
 
 
@@ -114,6 +116,7 @@ def _run(
     scorer_factory: ScorerFactory | None,
     load_image: Callable | None,
     console: Any,
+    engine: Any,
 ) -> ScoreSummary:
     out = Path(config.out)
     show = not config.quiet and environment.is_main
@@ -125,7 +128,7 @@ def _run(
     if not checked.directory and config.format is not None and (note := suffix_mismatch(out, checked.fmt)):
         summary.warnings.insert(0, note)
 
-    scorer = planning.LazyScorer(lambda: build_scorer(config, device, scorer_factory))
+    scorer = planning.LazyScorer(lambda: engine.scorer(lambda d: build_scorer(config, d, scorer_factory), device))
     sidecar = Sidecar(out)
 
     def decide() -> planning.Plan:
@@ -189,7 +192,7 @@ def _run(
         progress = progress_bar(console, _known_total(source, mine, starts), label, show=show)
         with progress:
             counter = _count_in_background(source, mine, starts, progress)
-            processed = score_units(
+            processed = engine.score_units(
                 model,
                 source,
                 mine,

@@ -276,7 +276,12 @@ def _frames(rows: list[Decoded]) -> int:
 
 class UnitStream(torch.utils.data.IterableDataset):
     """Streams units (each from its start row) and yields whole batches; every unit, even an empty one or one
-    that breaks off, ends up in some batch's `done`."""
+    that breaks off, ends up in some batch's `done`.
+
+    Each worker streams the units `assigned` gives it: its strided share here; a subclass may hand them out as
+    they come (`iqa_cli.engines.ray_worker`), yielding None while the next one is not there yet, so that the rows
+    held in an unfinished batch go out (padded) and the units in it can finish.
+    """
 
     def __init__(self, source: Source, units: np.ndarray, starts: np.ndarray, decode: Any, collate: PadCollate):
         self.source, self.units, self.starts = source, units, starts
@@ -286,13 +291,26 @@ class UnitStream(torch.utils.data.IterableDataset):
         rows = getattr(self.decode, "rows", None)
         return rows(sample) if rows is not None else [self.decode(sample)]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def assigned(self) -> Iterator[tuple[int, int] | None]:
+        """(unit, start row) of each unit this worker streams, in order."""
         info = torch.utils.data.get_worker_info()
         share = slice(None) if info is None else slice(info.id, None, info.num_workers)
+        return zip(self.units[share].tolist(), self.starts[share].tolist(), strict=True)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         items: list[tuple] = []
         done: list[tuple[int, str | None]] = []
         full: dict[str, Any] | None = None  # a whole batch held until the next row shows whether a unit ended
-        for u, start in zip(self.units[share].tolist(), self.starts[share].tolist(), strict=True):
+        for unit in self.assigned():
+            if unit is None:  # idle: what is held goes out now
+                if full is not None:
+                    yield full
+                    full = None
+                if items or done:
+                    yield self.collate(items, done)
+                    items, done = [], []
+                continue
+            u, start = unit
             error = None
             try:
                 for k, sample in enumerate(self.source.samples(u, start)):
@@ -336,7 +354,11 @@ def worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def data_loader(dataset: UnitStream, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+def data_loader(
+    dataset: UnitStream, workers: int, device: torch.device, *, in_order: bool = True
+) -> torch.utils.data.DataLoader:
+    """`in_order=False` takes each worker's batches as they come (each worker's still in its order): for workers
+    fed units as they come, one waiting for a unit must not hold up the batches of the others."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -344,6 +366,7 @@ def data_loader(dataset: UnitStream, workers: int, device: torch.device) -> torc
         pin_memory=device.type == "cuda",
         worker_init_fn=worker_init if workers else None,
         prefetch_factor=PREFETCH if workers else None,
+        in_order=in_order,
     )
 
 

@@ -6,7 +6,8 @@ The hot loop of a rank (and of any engine's worker): the driver deals it units, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,40 +94,91 @@ def score_units(
     """
     progress = progress or NullBar()
     device = torch.device(scorer.device)
-    size = call_size(batch_size, device, source, units, starts)
     auto = batch_size is None and device.type == "cuda"
-    if auto:
-        with torch.inference_mode():
-            size = settle_size(scorer, size, transfer_dtype(scorer))
-    workers = default_workers(local_world_size) if workers is None else workers
-    workers = min(workers, len(units))
-    pool = batch_pool(workers)
-    transform, load = decoding(scorer, fast_decode, load_image)
-    video_transform = getattr(scorer, "video_transform", None)
-    collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool, getattr(scorer, "video_collate", None))
-    decoder = Decoder(transform, load, video_transform, sampling, per_frame)
-    loader = data_loader(UnitStream(source, units, starts, decoder, collate), workers, device)
-    runner = BatchRunner(scorer, size, auto=auto)
-    batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
+    loop = build_loop(
+        scorer,
+        lambda decoder, collate: UnitStream(source, units, starts, decoder, collate),
+        size=call_size(batch_size, device, source, units, starts),
+        auto=auto,
+        workers=min(default_workers(local_world_size) if workers is None else workers, len(units)),
+        fast_decode=fast_decode,
+        load_image=load_image,
+        sampling=sampling,
+        per_frame=per_frame,
+        local_world_size=local_world_size,
+    )
     processed = 0
     try:
-        threads = model_threads(device, workers, local_world_size, torch.get_num_threads())
-        with interruptible(sidecar), torch.inference_mode(), intra_op_threads(threads):
-            for batch, visual in device_batches(batches, device):
-                n = writer.add(batch, score_parts(runner, scorer, batch, visual))
-                if pool is not None:
-                    pool.release(batch)
-                processed += n
+        with interruptible(sidecar), torch.inference_mode(), intra_op_threads(loop.threads):
+            for batch, visual in device_batches(loop.batches, device):
+                processed += loop.step(writer, batch, visual)
                 progress.advance(int(((batch["unit"] >= 0) & batch["last"]).sum()))  # samples, as the total counts
         if auto:
-            progress.print(f"--batch-size auto: scored in calls of {runner.size} images")
+            progress.print(f"--batch-size auto: scored in calls of {loop.runner.size} images")
     except torch.OutOfMemoryError:
-        raise UserError(
-            f"out of GPU memory at --batch-size {runner.size}; use a smaller size or --batch-size auto"
-            " (for videos: fewer frames, --max-frames or --frames)"
-        ) from None
+        raise UserError(out_of_memory(loop.runner.size)) from None
     finally:
         with interruptible(sidecar, defer=True):  # a second Ctrl-C must not cut the last piece short
             writer.flush()
-        del batches  # stops the workers now rather than when the traceback is dropped
+        loop.close()  # stops the workers now rather than when the traceback is dropped
     return processed
+
+
+def out_of_memory(size: int) -> str:
+    return (
+        f"out of GPU memory at --batch-size {size}; use a smaller size or --batch-size auto"
+        " (for videos: fewer frames, --max-frames or --frames)"
+    )
+
+
+@dataclass
+class Loop:
+    """One process's scoring loop, built alike for the local engine and a Ray actor: the DataLoader's batches (its
+    workers forked), the model calls, the batch blocks to release, and the intra-op threads the model gets."""
+
+    scorer: Any
+    batches: Iterator[dict]
+    runner: BatchRunner
+    pool: Any
+    threads: int | None
+    workers: int
+
+    def step(self, writer: UnitWriter, batch: dict, visual: Any) -> int:
+        """Scores one batch into the writer, releases its block; returns its rows."""
+        n = writer.add(batch, score_parts(self.runner, self.scorer, batch, visual))
+        if self.pool is not None:
+            self.pool.release(batch)
+        return n
+
+    def close(self) -> None:
+        self.batches = None  # the DataLoader's iterator: its workers stop
+
+
+def build_loop(
+    scorer: Any,
+    make_stream: Callable[[Decoder, PadCollate], torch.utils.data.IterableDataset],
+    *,
+    size: int,
+    auto: bool,
+    workers: int,
+    fast_decode: bool,
+    load_image: Callable | None,
+    sampling: Any,
+    per_frame: bool,
+    local_world_size: int,
+    in_order: bool = True,
+) -> Loop:
+    """The loop's parts: `--batch-size auto` settled, the family's transforms and collates, the stream of units
+    (`make_stream`: the local engine's fixed share, a Ray actor's queue), the DataLoader started."""
+    device = torch.device(scorer.device)
+    if auto:
+        with torch.inference_mode():
+            size = settle_size(scorer, size, transfer_dtype(scorer))
+    pool = batch_pool(workers)
+    transform, load = decoding(scorer, fast_decode, load_image)
+    collate = PadCollate(size, scorer.collate, transfer_dtype(scorer), pool, getattr(scorer, "video_collate", None))
+    decoder = Decoder(transform, load, getattr(scorer, "video_transform", None), sampling, per_frame)
+    loader = data_loader(make_stream(decoder, collate), workers, device, in_order=in_order)
+    batches = iter(loader)  # forks the workers before any thread (progress, pinning) or handler exists
+    threads = model_threads(device, workers, local_world_size, torch.get_num_threads())
+    return Loop(scorer, batches, BatchRunner(scorer, size, auto=auto), pool, threads, workers)
