@@ -4,12 +4,14 @@ No logic lives here. Heavy libraries (torch, transformers) are imported inside t
 `iqa --help` and shell completion stay fast.
 """
 
+import functools
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
 
-from iqa_cli import __version__, completion
+from iqa_cli import __version__, completion, interrupts
 from iqa_cli.cli_options import with_config_options, with_model_options
 from iqa_cli.constants import DEFAULT_PORT
 from iqa_cli.errors import UserError
@@ -31,6 +33,29 @@ out_console = Console(highlight=False)
 def _say(text: str) -> None:
     """A message line on stderr, printed literally (paths and image names may hold rich markup brackets)."""
     err_console.print(text, markup=False)
+
+
+def command(*args, **kwargs) -> Callable[[Callable], Callable]:
+    """`app.command` whose run turns SIGINT/SIGTERM/SIGHUP, at any moment, into one line on stderr and the exit
+    code a shell reports for that signal (128 + its number); a command's own interruption (score's, train's) says
+    what was saved and how to resume."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*a, **k):
+            restore = interrupts.install()
+            try:
+                return function(*a, **k)
+            except interrupts.Interrupted as exc:
+                if getattr(exc, "is_main", True):  # under torchrun, rank 0 speaks for every rank
+                    _say(str(exc))
+                raise typer.Exit(exc.exit_code) from None
+            finally:
+                restore()
+
+        return app.command(*args, **kwargs)(run)
+
+    return decorate
 
 
 def _version_callback(value: bool) -> None:
@@ -102,7 +127,7 @@ def _print_prepare_summary(summary: dict) -> None:
     )
 
 
-@app.command(help=_prepare_help())
+@command(help=_prepare_help())
 def prepare(
     dataset: str = typer.Argument(
         ...,
@@ -216,7 +241,7 @@ def prepare(
 
 # --- train ---------------------------------------------------------------------------------------
 # `iqa train`'s flags are its config's fields (`iqa_cli.training.config`: help, default, metavar, panel).
-@app.command()
+@command()
 @with_model_options(names=(), into="family")
 @with_config_options(TrainConfig, into="options")
 def train(options: dict | None = None, family: ModelSpec | None = None) -> None:  # flags: the decorators
@@ -226,17 +251,11 @@ def train(options: dict | None = None, family: ModelSpec | None = None) -> None:
     Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
     --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
     """
-    from iqa_cli.training import TrainInterrupted
     from iqa_cli.training import train as run_training
 
     out, quiet = options["out"], options["quiet"]
     config = TrainConfig.from_options(**options, **family.family)  # the family's own: Qwen-VL's pixel budget
-    try:
-        result = run_training(config, console=err_console)
-    except TrainInterrupted as exc:
-        if exc.is_main:
-            _say(str(exc))
-        raise typer.Exit(exc.exit_code) from None
+    result = run_training(config, console=err_console)  # TrainInterrupted: `command` prints its message
     if not result.is_main or quiet:
         return
     if result.already_complete:
@@ -255,7 +274,7 @@ def train(options: dict | None = None, family: ModelSpec | None = None) -> None:
 
 
 # --- score ---------------------------------------------------------------------------------------
-@app.command()
+@command()
 @with_model_options()
 @with_config_options(ScoreConfig, into="options")
 def score(options: dict | None = None, model: ModelSpec | None = None) -> None:  # flags: the decorators
@@ -274,8 +293,8 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
     try:
         summary = score_images(config, console=err_console)
     except ScoreInterrupted as exc:
-        _say(f"{exc}; run the same command to resume")
-        raise typer.Exit(exc.exit_code) from None
+        exc.message += "; run the same command to resume"
+        raise
     if not summary.is_main:
         return
     if not quiet:
@@ -302,7 +321,7 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
 
 # --- eval ----------------------------------------------------------------------------------------
 # `iqa eval`: the work lives in iqa_cli/evaluate.py.
-@app.command("eval")
+@command("eval")
 def eval_(
     predictions: str = typer.Argument(
         ..., metavar="FILE", help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."
@@ -368,7 +387,7 @@ def eval_(
 
 # --- demo ----------------------------------------------------------------------------------------
 # `iqa demo`: the work lives in iqa_cli/demo.py.
-@app.command()
+@command()
 def demo(
     directory: str = typer.Argument("iqa-demo", metavar="DIR", help="New or empty folder for the demo's files."),
 ) -> None:
@@ -391,7 +410,7 @@ def entry() -> None:
 
 # --- serve ---------------------------------------------------------------------------------------
 # `iqa serve`: the work lives in iqa_cli/serving/.
-@app.command()
+@command()
 @with_model_options()
 def serve(
     model: ModelSpec = None,  # its flags: @with_model_options

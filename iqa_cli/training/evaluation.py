@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iqa_cli import distributed
+from iqa_cli import distributed, interrupts
 from iqa_cli.training import data as train_data
 from iqa_cli.training.model import Levels
 from iqa_cli.training.session import Session, autocast, workers
@@ -43,6 +43,7 @@ def evaluate(session: Session) -> dict[str, Any]:
         collate_fn=train_data.EvalCollate(backbone.collate),
         num_workers=workers(session),
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=interrupts.leave_to_main_process,
     )
     core, look = session.core, readout(session.levels)
     was_training = core.training

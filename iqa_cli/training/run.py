@@ -19,7 +19,7 @@ from iqa_cli.training.session import Session, setup
 
 
 class TrainInterrupted(interrupts.Interrupted):
-    """SIGINT/SIGTERM stopped the run; its last checkpoint stays, and the same command resumes from it."""
+    """SIGINT/SIGTERM/SIGHUP stopped the run; its last checkpoint stays, and the same command resumes from it."""
 
     def __init__(self, signum: int, run: train_state.RunDirectory, is_main: bool = True):
         super().__init__(signum)
@@ -91,7 +91,7 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
 
     Raises:
         UserError: a bad flag, --out or --datasets, before anything is loaded.
-        TrainInterrupted: SIGINT/SIGTERM (also when started in the background, where SIGINT starts ignored).
+        TrainInterrupted: SIGINT/SIGTERM/SIGHUP (also when started in the background, where SIGINT starts ignored).
     """
     validate(config)
     # before --overwrite clears --out
