@@ -11,10 +11,13 @@ exit with 128 + the signal's number and one line saying what was saved, keep eve
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tarfile
 import time
 import urllib.request
@@ -28,6 +31,7 @@ from PIL import Image
 from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 from iqa_cli.scoring.store import sidecar_path
 from iqa_cli.training.state import RunDirectory
+from tests.conftest import REPO_ROOT
 from tests.forked_cli import Launcher, rows_logged
 from tests.test_train_data import prepare_synthetic
 
@@ -208,3 +212,41 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_save_their_rows_when_torchrun_is_stopped(inputs, tmp_path):
+    """torchrun starts each rank in a session of its own and hands a stop it gets (SIGTERM here) to every rank; each
+    rank saves its rows and exits 143 without a traceback (torchrun prints its own), and a rerun does the rest."""
+    from tests.test_score_pipeline import run as fake_run
+
+    out = tmp_path / "scores.parquet"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0"]
+    command = [*launcher, "-m", "tests.test_score_pipeline", "run", str(inputs["photos"]), str(out), "--delay", "0.2"]
+    proc = subprocess.Popen(
+        [sys.executable, *command],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (sidecar_path(out) / "manifest.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        time.sleep(2)  # batches of 2 in 0.2 s each, on both ranks
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=90)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    ranks = [line for line in output.splitlines() if "exitcode" in line]
+    assert "DataLoader worker" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert "ScoreInterrupted" not in output and not ranks, output[-3000:]  # no rank failed: each ended on its own
+    saved = _saved_rows(out)
+    assert 4 <= saved < N_FILES, output[-3000:]
+    summary = fake_run(inputs["photos"], out)
+    assert summary.resumed == saved and summary.processed == N_FILES - saved and summary.total == N_FILES
