@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from iqa_cli.errors import UserError
-from iqa_cli.models.hub import REPO_ID
+from iqa_cli.models import hub
 from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
 
 APP = "iqa_cli.serving.app:create_app"
@@ -40,10 +40,8 @@ def check_model(config: ServeConfig) -> None:
     from iqa_cli.models.backbone import family_of, family_options, get_family, supported_families
 
     spec = config.model
-    for flag, name in (("--model", spec.model), ("--base", spec.base)):
-        path = Path(name).expanduser() if name else None
-        if path is not None and not path.is_dir() and (path.exists() or not REPO_ID.match(name)):
-            raise UserError(f"{flag} {name!r}: not a directory and not a Hugging Face repo id (owner/name)")
+    if spec.base is not None:
+        hub.locate(spec.base, what="base model")  # a missing folder, an unknown repo, no network: one line, at once
     model_type, source = family_of(spec.model, base=spec.base, revision=spec.revision)
     if model_type not in supported_families():
         get_family(model_type, source)  # its one-line error
