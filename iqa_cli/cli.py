@@ -50,12 +50,28 @@ def command(*args, **kwargs) -> Callable[[Callable], Callable]:
                 if getattr(exc, "is_main", True):  # under torchrun, rank 0 speaks for every rank
                     _say(str(exc))
                 raise typer.Exit(exc.exit_code) from None
+            except OSError as exc:  # an output place that filled up or turned read-only during the work
+                from iqa_cli.paths import write_error
+
+                error = write_error(exc, _output_place(k))
+                if error is None:
+                    raise
+                raise error from None
             finally:
                 restore()
 
         return app.command(*args, **kwargs)(run)
 
     return decorate
+
+
+def _output_place(arguments: dict) -> str | None:
+    """The output a command was given (its --out, --data-dir, --json or folder), for a failed write's message."""
+    options = arguments.get("options") or {}
+    for value in (options.get("out"), *(arguments.get(k) for k in ("out", "data_dir", "directory", "json_out"))):
+        if value:
+            return str(value)
+    return None
 
 
 def _version_callback(value: bool) -> None:
@@ -472,6 +488,12 @@ def serve(
         raise typer.Exit(exc.exit_code) from None
 
 
+def _fail(error: UserError) -> None:
+    message = " ".join(str(error).split())
+    _say(f"error: {message}")
+    sys.exit(error.exit_code)
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     from iqa_cli.process import configure_process
@@ -481,9 +503,7 @@ def main() -> None:
         # Fixed names so `python -m iqa_cli` and the installed script complete the same way.
         app(prog_name="iqa", complete_var="_IQA_COMPLETE")
     except UserError as exc:
-        message = " ".join(str(exc).split())
-        _say(f"error: {message}")
-        sys.exit(exc.exit_code)
+        _fail(exc)
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)

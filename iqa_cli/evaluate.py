@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from iqa_cli.errors import UserError
+from iqa_cli.files import atomic_write
 from iqa_cli.metrics import MIN_CORRELATION_ROWS, Metrics, compute_metrics
 
 PREDICTION_COLUMNS = ("score", "score_reg")
@@ -276,7 +277,7 @@ class EvalReport:
     def write_json(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
+        atomic_write(path, self.to_json())  # complete or absent, even when the disk fills up
 
 
 def _resolve_split(gt: pd.DataFrame, split: str | None, source: str) -> str:
