@@ -117,12 +117,16 @@ def _nearest_folder(path: Path) -> str:
 def _nearest_repo(repo_id: str) -> str:
     """` (did you mean X?)` with the most similar known repo id (the default model, each family's base and released
     checkpoints) or cached one, or ` (or it is private)`."""
+    import importlib
+    import pkgutil
+
     from iqa_cli.constants import DEFAULT_MODEL
-    from iqa_cli.model_options import family_packages
 
     known = [DEFAULT_MODEL]
-    for package in family_packages():
-        known += [getattr(package, "DEFAULT_TRAIN_MODEL", DEFAULT_MODEL), *getattr(package, "RELEASED", ())]
+    for found in pkgutil.iter_modules([str(Path(__file__).parent)]):  # each family's package: constants only
+        if found.ispkg:
+            package = importlib.import_module(f"{__package__}.{found.name}")
+            known += [getattr(package, "DEFAULT_TRAIN_MODEL", DEFAULT_MODEL), *getattr(package, "RELEASED", ())]
     candidates = {*known, *cached_repos()}
     lowered = {c.lower(): c for c in candidates}
     close = difflib.get_close_matches(repo_id.lower(), list(lowered), n=1, cutoff=0.8)
