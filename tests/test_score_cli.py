@@ -53,7 +53,7 @@ BAD_INPUTS = [
         ["--out", "unknown suffix '.txt'", ".parquet, .pq, .csv, .jsonl, .ndjson", "--format"],
     ),
     (["{photos}", "--out", "{tmp}/scores"], ["--out", "scores: no suffix to tell the format", "--format"]),
-    (["{photos}", "--out", "{tmp}/file.txt/s.parquet"], ["cannot create folder", "file.txt"]),
+    (["{photos}", "--out", "{tmp}/file.txt/s.parquet"], ["file.txt is a file, not a folder"]),
     (["{photos}", "--out", "{tmp}", "--format", "csv"], ["--format csv", "one Parquet file per unit"]),
     (["{photos}", "--out", "{tmp}/file.txt/"], ["--out", "file.txt", "is a file, not a folder"]),
     (["--out", "{tmp}/s.parquet"], ["no inputs"]),
@@ -87,13 +87,13 @@ def test_bad_input_is_one_line_and_exit_2_in_a_subprocess(tmp_path, photos, args
 
 def test_unwritable_output_folder_is_refused(tmp_path, photos):
     if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files even to root
-        _one_line_error(run_iqa("score", str(photos), "--out", "/proc/s.parquet"), "not writable")
+        _one_line_error(run_iqa("score", str(photos), "--out", "/proc/s.parquet"), "cannot write in folder")
         return
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        _one_line_error(run_iqa("score", str(photos), "--out", str(locked / "s.parquet")), "not writable")
+        _one_line_error(run_iqa("score", str(photos), "--out", str(locked / "s.parquet")), "cannot write in folder")
     finally:
         locked.chmod(0o700)
 

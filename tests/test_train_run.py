@@ -364,7 +364,7 @@ def test_unusable_out_or_datasets_fail_before_the_run_folder_or_the_model_are_to
                        f"--out {tmp_path / 'afile'}: is a file")  # fmt: skip
     assert (tmp_path / "afile").read_text() == "mine"
     _assert_user_error(iqa("train", "--datasets", "x", *flags, "--out", tmp_path / "afile" / "run"),
-                       "cannot create folder", "afile")  # fmt: skip
+                       "afile is a file, not a folder")  # fmt: skip
     _assert_user_error(iqa("train", "--datasets", cut, *flags, "--out", tmp_path / "run"),
                        f"--datasets {cut}: not a meta written by `iqa prepare`")  # fmt: skip
     assert not (tmp_path / "run").exists()
@@ -384,7 +384,7 @@ def test_unusable_out_or_datasets_fail_before_the_run_folder_or_the_model_are_to
         (tmp_path / "locked").mkdir(mode=0o500)
         unwritable = tmp_path / "locked" / "run"
     proc = run_iqa("train", "--datasets", "x", *map(str, flags), "--out", str(unwritable))
-    _assert_user_error((proc.returncode, proc.stdout, proc.stderr), f"--out {unwritable}", "is not writable")
+    _assert_user_error((proc.returncode, proc.stdout, proc.stderr), f"--out {unwritable}", "cannot write in folder")
 
 
 def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, monkeypatch):
