@@ -200,7 +200,7 @@ def test_cli_scores_equal_the_scorer_api_and_do_not_depend_on_batch_size(tiny_ch
     result = _score_cli(folder, first, ckpt, "--batch-size", "3")
     assert result.returncode == 0 and "is complete" in result.stderr and first.stat().st_mtime_ns == before
     result = _score_cli(folder, first, tiny_checkpoints["other"])
-    _one_line_error(result, "exists and was written with a different model", "--overwrite")
+    _one_line_error(result, "exists and was written with another model (", "--overwrite")
     result = _score_in_process(folder, first, tiny_checkpoints["other"], "--overwrite", "--quiet")
     assert result.exit_code == 0 and first.stat().st_mtime_ns != before
 
@@ -279,7 +279,9 @@ def test_checkpoint_resaved_into_the_same_directory_is_not_taken_as_finished(tmp
     write_checkpoint(tiny_model(seed=4), tmp_path / "run", tokenizer_dir=tokenizer)  # retrained, same path
     result = _score_in_process(photos, out, ckpt, "--quiet", "--workers", "0")
     assert isinstance(result.exception, UserError)
-    assert "exists and was written with a different model_files" in str(result.exception)
+    assert f"exists and was written with other files in model folder {ckpt.path.resolve()} (retrained" in str(
+        result.exception
+    )
 
 
 # --- overlapping runs, small runs, output suffixes -------------------------------------------------

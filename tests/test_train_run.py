@@ -395,7 +395,7 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
     line = _assert_user_error(
         iqa("train", "--datasets", "synth", "--data-dir", tiny["data"], "--model", tiny["model"], "--out", out,
             "--epochs", "2", "--batch-size", "4", "--lr", "2e-4", "--mlp-dims", "16,16", "-q"),
-        "holds a run with another configuration", "lr 0.001 -> 0.0002", "--overwrite",
+        "holds a run with other options", "--lr 0.001 then, 0.0002 now", "--overwrite",
     )  # fmt: skip
     assert "workers" not in line  # run-control flags may change between an interruption and its resumption
 
@@ -408,7 +408,7 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
     assert prepared.returncode == 0, prepared.stderr
     same_flags = ["train", "--datasets", "synth", "--model", tiny["model"], "--out", out, "--epochs", "2",
                   "--batch-size", "4", "--lr", "1e-3", "--mlp-dims", "16,16", "--workers", "0", "-q"]  # fmt: skip
-    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "was trained on other data",
+    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "holds a run trained on other data",
                        str(resplit / "synth.parquet"), "--overwrite")  # fmt: skip
     # The original metas with their images reached through a copy of the folder (--images): it resumes.
     moved = tiny["tmp"] / "moved-images"
@@ -417,6 +417,11 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
     code, _, err = iqa(*same_flags, "--data-dir", tiny["data"], "--images", moved)
     assert code == 0, err
     assert RunDirectory(out).is_finished()
+    # Finished, then its data prepared again: said so, not "nothing to do".
+    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "holds a finished run trained on other data",
+                       str(resplit / "synth.parquet"), "--overwrite to train again")  # fmt: skip
+    code, _, err = iqa(*same_flags[:-1], "--data-dir", tiny["data"], "--images", moved)  # without -q
+    assert code == 0 and "nothing to do" in err, err
 
 
 @pytest.mark.slow

@@ -118,6 +118,10 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         if decision not in ("fresh", "resume", "complete"):
             raise UserError(decision)
         if decision == "complete":
+            data = train_data.load_train_data(  # the rows it was trained on are still the prepared ones
+                config.data.datasets, resolve_data_dir(config.data.data_dir), images=config.data.images
+            )
+            train_state.check_same_data(run, data.fingerprint, [m.path for m in data.metas], finished=True)
             return TrainResult(
                 out=Path(config.out),
                 method=config.method,
