@@ -5,6 +5,8 @@ No logic lives here. Heavy libraries (torch, transformers) are imported inside t
 """
 
 import functools
+import inspect
+import os
 import sys
 from collections.abc import Callable
 
@@ -12,19 +14,39 @@ import typer
 from rich.console import Console
 
 from iqa_cli import __version__, completion, interrupts
-from iqa_cli.cli_options import with_config_options, with_model_options
+from iqa_cli.cli_options import (
+    HelpCommand,
+    HelpGroup,
+    flow_parameter_help,
+    flowed,
+    with_config_options,
+    with_model_options,
+)
 from iqa_cli.constants import DEFAULT_PORT
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.training.config import TrainConfig
 
+PROG, COMPLETE_VAR = "iqa", "_IQA_COMPLETE"  # fixed, so `python -m iqa_cli` and the script complete the same way
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
 app = typer.Typer(
-    name="iqa",
-    help="Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer).",
+    name=PROG,
+    cls=HelpGroup,
+    help=flowed(
+        """Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer).
+
+        \b
+        Start with `iqa demo` (a CPU, two minutes, no download), or score a folder:
+          iqa score ./photos --out scores.parquet
+        `iqa COMMAND -h` explains each command, with examples."""
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",  # option panels; help texts are `flowed` (brackets escaped)
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,  # its --install-completion takes no shell name: ours below does
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
@@ -35,12 +57,18 @@ def _say(text: str) -> None:
     err_console.print(text, markup=False)
 
 
-def command(*args, **kwargs) -> Callable[[Callable], Callable]:
-    """`app.command` whose run turns SIGINT/SIGTERM/SIGHUP, at any moment, into one line on stderr and the exit
-    code a shell reports for that signal (128 + its number); a command's own interruption (score's, train's) says
-    what was saved and how to resume."""
+def command(*args, examples: str = "", panels: dict | None = None, **kwargs) -> Callable[[Callable], Callable]:
+    """`app.command` whose help reads as prose with `examples` at its end, and whose run turns SIGINT/SIGTERM/SIGHUP,
+    at any moment, into one line on stderr and the exit code a shell reports for that signal (128 + its number); a
+    command's own interruption (score's, train's) says what was saved and how to resume."""
 
     def decorate(function: Callable) -> Callable:
+        flow_parameter_help(function, panels)
+        kwargs["help"] = flowed(kwargs.get("help") or function.__doc__)
+        if examples:
+            lines = "\n".join(f"$ {line}" for line in inspect.cleandoc(examples).splitlines())
+            kwargs["epilog"] = flowed(f"\b\nExamples:\n{lines}")
+
         @functools.wraps(function)
         def run(*a, **k):
             restore = interrupts.install()
@@ -60,7 +88,7 @@ def command(*args, **kwargs) -> Callable[[Callable], Callable]:
             finally:
                 restore()
 
-        return app.command(*args, **kwargs)(run)
+        return app.command(*args, cls=HelpCommand, **kwargs)(run)
 
     return decorate
 
@@ -82,13 +110,56 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def _shell(value: str) -> str | None:
+    """The shell named after --install-completion/--show-completion (None: this one, as detected)."""
+    if value == "detect":
+        return None
+    if value not in SHELLS:
+        raise UserError(f"unknown shell {value!r}: use one of {', '.join(SHELLS)} (or none: the current one)")
+    return value
+
+
+def _install_completion(value: str | None) -> None:
+    if value is None:
+        return
+    from typer.completion import install
+
+    shell, path = install(shell=_shell(value), prog_name=PROG, complete_var=COMPLETE_VAR)
+    print(f"{shell} completion installed in {path}; open a new shell to use it")
+    raise typer.Exit()
+
+
+def _show_completion(value: str | None) -> None:
+    if value is None:
+        return
+    from typer._completion_shared import _get_shell_name, get_completion_script
+
+    shell = _shell(value) or _get_shell_name() or "bash"
+    print(get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell))
+    raise typer.Exit()
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+        False, "--version", help="Print the version, the torch and transformers versions and the device, and exit.",
+        callback=_version_callback, is_eager=True,
     ),
-) -> None:
-    """Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer)."""
+    install_completion: str | None = typer.Option(
+        None, "--install-completion", metavar="[SHELL]", expose_value=False,
+        callback=_install_completion, is_eager=True,
+        help="Install tab completion for SHELL (bash, zsh, fish, powershell) or, without one, for this shell.",
+    ),
+    show_completion: str | None = typer.Option(
+        None, "--show-completion", metavar="[SHELL]", expose_value=False,
+        callback=_show_completion, is_eager=True,
+        help="Print the completion script for SHELL (or this shell), to install it by hand.",
+    ),
+) -> None:  # fmt: skip
+    pass
+
+
+flow_parameter_help(_root)
 
 
 # --- prepare -------------------------------------------------------------------------------------
@@ -143,7 +214,19 @@ def _print_prepare_summary(summary: dict) -> None:
     )
 
 
-@command(help=_prepare_help())
+@command(
+    help=_prepare_help(),
+    examples="""
+    iqa prepare koniq --csv koniq10k_scores_and_distributions.csv --images img/
+    iqa prepare custom --csv my.csv --images pics --image-col file --mos-col mos
+    """,
+    panels={
+        "Input": ("csv", "images", "image_col", "mos_col", "std_col", "lower_is_better", "strict"),
+        "Output": ("out", "data_dir", "name", "json_output", "quiet"),
+        "Labels": ("levels", "level_names", "density", "std_threshold", "mean_threshold", "label_rule", "pseudo_std"),
+        "Split": ("split", "test_frac", "seed"),
+    },
+)
 def prepare(
     dataset: str = typer.Argument(
         ...,
@@ -160,7 +243,7 @@ def prepare(
         "(--strict: an error); a moved image is found by its file name.",
     ),
     out: str | None = typer.Option(
-        None, "--out", metavar="FILE", help="Output Parquet file [default: <data dir>/NAME.parquet]."
+        None, "--out", metavar="FILE", help="Output Parquet file [default: DATA_DIR/NAME.parquet]."
     ),
     data_dir: str | None = typer.Option(
         None, "--data-dir", metavar="DIR", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
@@ -173,14 +256,16 @@ def prepare(
         None,
         "--level-names",
         metavar="NAMES",
-        help="Comma-separated names (ascending quality), or 'quality' / 'numbers'.",
+        help="Comma-separated names (ascending quality), or 'quality' / 'numbers' [default: bad,poor,fair,good,"
+        "excellent for 5 levels, else one,two,...].",
     ),
     density: str | None = typer.Option(
         None,
         "--density",
         metavar="MODE",
         autocompletion=completion.densities,
-        help="Soft-label mode cdf|pdf [default: per dataset].",
+        help="Soft-label mode cdf|pdf [default: the dataset's: pdf for koniq and kadid, as the released models; cdf "
+        "(the paper) for the others].",
     ),
     std_threshold: float = typer.Option(
         0.2, "--std-threshold", metavar="X", help="Normalized std below this: two-point label."
@@ -198,22 +283,32 @@ def prepare(
         "two-point interpolation.",
     ),
     pseudo_std: float | None = typer.Option(
-        None, "--pseudo-std", metavar="X", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
+        None,
+        "--pseudo-std",
+        metavar="X",
+        help="Std as a fraction of the MOS range where none is given [default: 0.2 for pipal; else no std].",
     ),
     split: str | None = typer.Option(
         None,
         "--split",
         metavar="FILE",
-        help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split.',
+        help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split [default: a '
+        "seeded split, --test-frac and --seed].",
     ),
     test_frac: float = typer.Option(0.2, "--test-frac", metavar="X", help="Test fraction of the seeded split."),
     seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the seeded split."),
     strict: bool = typer.Option(False, "--strict", help="Fail on unusable rows or missing images instead of dropping."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
-    image_col: str | None = typer.Option(None, "--image-col", metavar="COLUMN", help="custom: column of image paths."),
-    mos_col: str | None = typer.Option(None, "--mos-col", metavar="COLUMN", help="custom: column of MOS."),
-    std_col: str | None = typer.Option(None, "--std-col", metavar="COLUMN", help="custom: column of std (optional)."),
+    image_col: str | None = typer.Option(
+        None, "--image-col", metavar="COLUMN", help="custom (required there): column of image paths."
+    ),
+    mos_col: str | None = typer.Option(
+        None, "--mos-col", metavar="COLUMN", help="custom (required there): column of MOS."
+    ),
+    std_col: str | None = typer.Option(
+        None, "--std-col", metavar="COLUMN", help="custom: column of std [default: none; labels from the MOS alone]."
+    ),
     lower_is_better: bool = typer.Option(False, "--lower-is-better", help="custom: scores are DMOS-like."),
 ) -> None:
     import json
@@ -257,12 +352,19 @@ def prepare(
 
 # --- train ---------------------------------------------------------------------------------------
 # `iqa train`'s flags are its config's fields (`iqa_cli.training.config`: help, default, metavar, panel).
-@command()
+@command(
+    examples="""
+    iqa train --datasets koniq --out runs/koniq --lora
+    iqa train --datasets koniq,spaq --out runs/mix --epochs 2 --save-minutes 10
+    torchrun --nproc-per-node 4 $(which iqa) train --datasets koniq --out runs/k
+    """
+)
 @with_model_options(names=(), into="family")
 @with_config_options(TrainConfig, into="options")
 def train(options: dict | None = None, family: ModelSpec | None = None) -> None:  # flags: the decorators
-    """Fine-tune a multimodal LLM (mPLUG-Owl2, Qwen-VL, LLaVA-OneVision, Idefics3) on prepared datasets with the
-    DeQA-Score, Q-Align or Q-Scorer objective, into a directory `iqa score --model` loads.
+    """Fine-tune a multimodal LLM on prepared datasets, into a folder that `iqa score --model` loads.
+
+    mPLUG-Owl2, Qwen-VL, LLaVA-OneVision or Idefics3, with the DeQA-Score, Q-Align or Q-Scorer objective.
 
     Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
     --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
@@ -290,7 +392,14 @@ def train(options: dict | None = None, family: ModelSpec | None = None) -> None:
 
 
 # --- score ---------------------------------------------------------------------------------------
-@command()
+@command(
+    examples="""
+    iqa score ./photos --out scores.parquet
+    iqa score iqa-demo/data/images --out scores/ --model iqa-demo/run
+    iqa score 'shards/{00000..00099}.tar' --out scores/ --keep caption
+    iqa score --from list.csv --out scores.csv --batch-size 32
+    """
+)
 @with_model_options()
 @with_config_options(ScoreConfig, into="options")
 def score(options: dict | None = None, model: ModelSpec | None = None) -> None:  # flags: the decorators
@@ -337,7 +446,14 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
 
 # --- eval ----------------------------------------------------------------------------------------
 # `iqa eval`: the work lives in iqa_cli/evaluate.py.
-@command("eval")
+@command(
+    "eval",
+    examples="""
+    iqa eval scores.parquet --gt iqa-data/koniq.parquet
+    iqa eval scores/ --gt iqa-data/koniq.parquet --json m.json --plot m.png
+    """,
+    panels={"Input": ("gt", "split", "column"), "Output": ("json_out", "plot", "quiet")},
+)
 def eval_(
     predictions: str = typer.Argument(
         ..., metavar="FILE", help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."
@@ -403,12 +519,19 @@ def eval_(
 
 # --- demo ----------------------------------------------------------------------------------------
 # `iqa demo`: the work lives in iqa_cli/demo.py.
-@command()
+@command(
+    examples="""
+    iqa demo
+    iqa demo /tmp/iqa-demo
+    """
+)
 def demo(
     directory: str = typer.Argument("iqa-demo", metavar="DIR", help="New or empty folder for the demo's files."),
 ) -> None:
-    """Run the whole loop on a CPU in a few minutes, no download: synthetic data and a tiny random-init model,
-    then prepare -> train -> score -> eval, printing each command it runs."""
+    """Run the whole loop on a CPU in a few minutes, with no download.
+
+    Writes synthetic data and a tiny random-init model, then runs prepare -> train -> score -> eval on them,
+    printing each command it runs. Run it again in the same folder to go on where it stopped."""
     from pathlib import Path
 
     from iqa_cli.demo import run_demo
@@ -426,7 +549,16 @@ def entry() -> None:
 
 # --- serve ---------------------------------------------------------------------------------------
 # `iqa serve`: the work lives in iqa_cli/serving/.
-@command()
+@command(
+    examples="""
+    iqa serve --model iqa-demo/run --device cpu
+    iqa serve --devices 0,1 --token SECRET --host 0.0.0.0
+    """,
+    panels={
+        "Server": ("host", "port", "devices", "token", "timeout"),
+        "Batching and limits": ("max_batch", "max_wait_ms", "max_body_mb", "max_images", "max_queue"),
+    },
+)
 @with_model_options()
 def serve(
     model: ModelSpec = None,  # its flags: @with_model_options
@@ -494,16 +626,40 @@ def _fail(error: UserError) -> None:
     sys.exit(error.exit_code)
 
 
+def _with_optional_shell(args: list[str]) -> list[str]:
+    """`--install-completion` / `--show-completion` with no shell after them: the current one (`detect`)."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg in ("--install-completion", "--show-completion") and (i + 1 == len(args) or args[i + 1][:1] == "-"):
+            args.insert(i + 1, "detect")
+    return args
+
+
 def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    """Entry point: user mistakes (ours and the command line's) become one line on stderr and exit code 2."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer's own copy of click
+
     from iqa_cli.process import configure_process
 
     configure_process()  # before any command imports torch
+    if COMPLETE_VAR in os.environ:  # the shell asks for completions: Typer's classes answer (add_completion=False)
+        from typer.completion import completion_init
+
+        completion_init()
     try:
-        # Fixed names so `python -m iqa_cli` and the installed script complete the same way.
-        app(prog_name="iqa", complete_var="_IQA_COMPLETE")
+        code = app(
+            args=_with_optional_shell(sys.argv[1:]), prog_name=PROG, complete_var=COMPLETE_VAR, standalone_mode=False
+        )
     except UserError as exc:
         _fail(exc)
+    except NoArgsIsHelpError as exc:  # `iqa` alone: its help is printed
+        sys.exit(exc.exit_code)
+    except ClickException as exc:  # an unknown option, a missing value, a value of the wrong type
+        where = getattr(getattr(exc, "ctx", None), "command_path", PROG)
+        error = UserError(f"{exc.format_message()} (see `{where} -h`)")
+        error.exit_code = exc.exit_code
+        _fail(error)
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -51,7 +51,10 @@ class DataConfig:
     data_dir: Path | None = option(
         None, "Data directory [default: $IQA_DATA_DIR or ./iqa-data].", metavar="DIR", control=True
     )
-    images: Path | None = option(None, "Image root for metas prepared without --images.", metavar="DIR", control=True)
+    images: Path | None = option(
+        None, "Image root [default: the one each meta records; metas prepared without --images need it].",
+        metavar="DIR", control=True,
+    )  # fmt: skip
     repeats: list[int] | None = option(
         None,
         "Comma-separated integer repeat counts, one per dataset [default: 1 each].",
@@ -75,7 +78,9 @@ class ModelConfig:
     name: str = option(
         DEFAULT_TRAIN_MODEL, "Model to fine-tune: Hugging Face repo id or directory.", flag="model", metavar="MODEL"
     )
-    base: str | None = option(None, "Base model when --model is a LoRA adapter.", metavar="MODEL")
+    base: str | None = option(
+        None, "Base model when --model is a LoRA adapter [default: the one the adapter names].", metavar="MODEL"
+    )
     gradient_checkpointing: bool = option(
         True, "Recompute activations in backward.", switch="--gradient-checkpointing/--no-gradient-checkpointing"
     )
@@ -129,11 +134,11 @@ class LossConfig:
     """Loss weights and variants (`iqa_cli.losses`); None: the method's default (`objectives`)."""
 
     panel: ClassVar[str] = "Loss"
-    w_fid: float | None = option(None, "Fidelity loss weight [deqa 1, qscorer 0].", metavar="W")
+    w_fid: float | None = option(None, "Fidelity loss weight [default: deqa 1, qscorer 0].", metavar="W")
     w_tok: float | None = option(
-        None, "Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1].", metavar="W"
+        None, "Weight of the token losses (CE + KL) [default: deqa/qscorer 0.05, qalign 1].", metavar="W"
     )
-    w_kl: float | None = option(None, "Soft-label KL weight, relative to CE [deqa 1, qscorer 0].", metavar="W")
+    w_kl: float | None = option(None, "Soft-label KL weight, relative to CE [default: deqa 1, qscorer 0].", metavar="W")
     w_in_level: float = option(0.0, "DeQA-Score's optional in-level loss weight.", metavar="W")
     fid_std: str = option(
         "fixed", "Predicted std in the fidelity loss: fixed (1, the reference's) or predicted (the paper's).",
@@ -177,7 +182,11 @@ class CheckpointConfig:
 
     panel: ClassVar[str] = "Checkpoints"
     every: int = option(
-        0, "Checkpoint every N steps (always at each epoch end).", flag="save_every", metavar="N", control=True
+        0,
+        "Checkpoint every N steps; 0: only at each epoch end (and by --save-minutes).",
+        flag="save_every",
+        metavar="N",
+        control=True,
     )
     minutes: float = option(
         30.0, "Also checkpoint when this many minutes passed since the last one; 0: off.", flag="save_minutes",
