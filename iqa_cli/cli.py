@@ -23,7 +23,7 @@ from iqa_cli.cli_options import (
     with_model_options,
 )
 from iqa_cli.constants import DEFAULT_PORT
-from iqa_cli.errors import UserError
+from iqa_cli.errors import UserError, speak_flags
 from iqa_cli.model_options import ModelSpec
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.training.config import TrainConfig
@@ -50,6 +50,16 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
+
+
+def _show_table(table) -> None:
+    """A rich table on stdout; piped or redirected, without the spaces that pad its cells at the ends of lines."""
+    if out_console.is_terminal:
+        out_console.print(table)
+        return
+    with out_console.capture() as captured:
+        out_console.print(table)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 def _say(text: str) -> None:
@@ -196,7 +206,7 @@ def _print_prepare_summary(summary: dict) -> None:
     for key, label in (("l1", "L1"), ("rmse", "L2 (RMSE)"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("js", "JS"),
                        ("wasserstein", "Wasserstein")):  # fmt: skip
         table.add_row(label, fmt(stats["one_hot"][key]), fmt(stats["soft"][key]))
-    out_console.print(table)
+    _show_table(table)
     alpha, beta, raw, soft = stats["alpha"], stats["beta"], stats["raw"], stats["soft"]
 
     def ref(value) -> str:  # the reference prints full floats; 6 decimals (--json has them all)
@@ -508,7 +518,7 @@ def eval_(
         print(report.to_json(), end="")
     else:
         for table in report_tables(report):
-            out_console.print(table)
+            _show_table(table)
         if json_out is not None:
             report.write_json(Path(json_out))
             say(f"wrote {json_out}")
@@ -642,6 +652,7 @@ def main() -> None:
     from iqa_cli.process import configure_process
 
     configure_process()  # before any command imports torch
+    spoken = speak_flags()  # the library's errors name this command line's flags (until main returns)
     if COMPLETE_VAR in os.environ:  # the shell asks for completions: Typer's classes answer (add_completion=False)
         from typer.completion import completion_init
 
@@ -662,4 +673,6 @@ def main() -> None:
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)
+    finally:
+        speak_flags(spoken)
     sys.exit(code if isinstance(code, int) else 0)

@@ -176,7 +176,7 @@ def test_dtype_resolution():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) is torch.float32
     assert resolve_dtype("bf16", cpu) is torch.bfloat16
-    with pytest.raises(UserError, match="--dtype"):
+    with pytest.raises(UserError, match=r"dtype 'float8': choose auto, float32"):
         resolve_dtype("float8", cpu)
 
 

@@ -23,7 +23,7 @@ import torch
 from iqa_cli import __version__
 from iqa_cli.constants import DEFAULT_MODEL, RUN_FILE
 from iqa_cli.distributed import resolve_device
-from iqa_cli.errors import UserError
+from iqa_cli.errors import UserError, api_errors
 from iqa_cli.labels import QUALITY_NAMES as DEFAULT_LEVEL_NAMES
 from iqa_cli.model_options import DTYPE_ALIASES, DTYPES
 
@@ -65,6 +65,27 @@ class ScoreBatch:
     score: torch.Tensor  # B: sum p_i c_i
     std: torch.Tensor  # B: sqrt(sum p_i (c_i - score)^2)
     score_reg: torch.Tensor | None = None  # B: the Q-Scorer regressor's score
+
+
+class VisualBatch(dict):
+    """A collated batch (name -> tensor, rows first) that knows how many of its rows are images: the backbone's
+    collate pads the rest to the batch size."""
+
+    rows: int
+
+
+@dataclass(frozen=True)
+class CountingCollate:
+    """`Scorer.collate`: the backbone's collate, whose batch records its number of images; picklable."""
+
+    collate: Any
+
+    def __call__(
+        self, items: list[Any], batch_size: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> VisualBatch:
+        batch = VisualBatch(self.collate(items, len(items) if batch_size is None else batch_size, dtype))
+        batch.rows = len(items)
+        return batch
 
 
 @dataclass
@@ -226,6 +247,7 @@ class Scorer:
         self.metadata = dict(metadata or {})
 
     @classmethod
+    @api_errors
     def from_pretrained(
         cls,
         model: str | Path = DEFAULT_MODEL,
@@ -325,9 +347,11 @@ class Scorer:
         return self.backbone.transform
 
     @property
-    def collate(self) -> Any:
-        """The backbone's batching of visual inputs (`iqa_cli.models.backbone.VisualCollate`); picklable."""
-        return self.backbone.collate
+    def collate(self) -> CountingCollate:
+        """The backbone's batching of visual inputs (`iqa_cli.models.backbone.VisualCollate`): `collate(items,
+        batch_size=len(items), dtype=torch.float32)`; its batch knows how many rows are images, so `score_batch`
+        returns those only. Picklable."""
+        return CountingCollate(self.backbone.collate)
 
     @property
     def device(self) -> torch.device:
@@ -346,17 +370,31 @@ class Scorer:
         return self.readout.regressor is not None
 
     def score_batch(self, visual: VisualInputs) -> ScoreBatch:
-        """A collated batch of visual inputs (the backbone's `collate`) -> ScoreBatch (CPU float32)."""
-        return read_levels(self.backbone, visual, self.readout)
+        """A collated batch of visual inputs -> ScoreBatch (CPU float32): a row per image of a batch from
+        `Scorer.collate` (not its padding rows), else a row per row of the batch."""
+        out = read_levels(self.backbone, visual, self.readout)
+        rows = getattr(visual, "rows", None)
+        if rows is None or rows == out.score.shape[0]:
+            return out
+        reg = out.score_reg[:rows] if out.score_reg is not None else None
+        return ScoreBatch(out.probs[:rows], out.score[:rows], out.std[:rows], reg)
 
     def score_pixels(self, pixel_values: torch.Tensor) -> ScoreBatch:
         """Preprocessed pixels [B, ...] of a family whose one visual input is `pixel_values` -> ScoreBatch."""
         return self.score_batch({"pixel_values": pixel_values})
 
-    def score(self, images: Sequence[Image.Image | str | Path], batch_size: int = 16) -> list[ImageScore]:
-        """Scores PIL images or image paths, in order. Unreadable files raise `ImageDecodeError`."""
+    @api_errors
+    def score(
+        self, images: Image.Image | str | Path | Sequence[Image.Image | str | Path], batch_size: int = 16
+    ) -> ImageScore | list[ImageScore]:
+        """Scores a PIL image or an image path (one `ImageScore`), or a sequence of them (a list, in order).
+        Unreadable files raise `ImageDecodeError`."""
+        from PIL import Image as PILImage
+
         from iqa_cli.images import load_image, to_rgb
 
+        if isinstance(images, str | Path | PILImage.Image):
+            return self.score([images], batch_size)[0]
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         results: list[ImageScore] = []
@@ -381,6 +419,7 @@ class Scorer:
                 )
         return results
 
+    @api_errors
     def score_tensors(
         self,
         images: torch.Tensor | Sequence[torch.Tensor],
