@@ -25,11 +25,11 @@ from iqa_cli.cli_options import (
 from iqa_cli.constants import DEFAULT_PORT
 from iqa_cli.errors import UserError, speak_flags
 from iqa_cli.model_options import ModelSpec
+from iqa_cli.prepare_report import prepare_help
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.training.config import TrainConfig
 
-PROG, COMPLETE_VAR = "iqa", "_IQA_COMPLETE"  # fixed, so `python -m iqa_cli` and the script complete the same way
-SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+PROG, COMPLETE_VAR = completion.PROG, completion.COMPLETE_VAR
 
 app = typer.Typer(
     name=PROG,
@@ -120,35 +120,6 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-def _shell(value: str) -> str | None:
-    """The shell named after --install-completion/--show-completion (None: this one, as detected)."""
-    if value == "detect":
-        return None
-    if value not in SHELLS:
-        raise UserError(f"unknown shell {value!r}: use one of {', '.join(SHELLS)} (or none: the current one)")
-    return value
-
-
-def _install_completion(value: str | None) -> None:
-    if value is None:
-        return
-    from typer.completion import install
-
-    shell, path = install(shell=_shell(value), prog_name=PROG, complete_var=COMPLETE_VAR)
-    print(f"{shell} completion installed in {path}; open a new shell to use it")
-    raise typer.Exit()
-
-
-def _show_completion(value: str | None) -> None:
-    if value is None:
-        return
-    from typer._completion_shared import _get_shell_name, get_completion_script
-
-    shell = _shell(value) or _get_shell_name() or "bash"
-    print(get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell))
-    raise typer.Exit()
-
-
 @app.callback()
 def _root(
     version: bool = typer.Option(
@@ -157,12 +128,12 @@ def _root(
     ),
     install_completion: str | None = typer.Option(
         None, "--install-completion", metavar="[SHELL]", expose_value=False,
-        callback=_install_completion, is_eager=True,
+        callback=completion.install_callback, is_eager=True,
         help="Install tab completion for SHELL (bash, zsh, fish, powershell) or, without one, for this shell.",
     ),
     show_completion: str | None = typer.Option(
         None, "--show-completion", metavar="[SHELL]", expose_value=False,
-        callback=_show_completion, is_eager=True,
+        callback=completion.show_callback, is_eager=True,
         help="Print the completion script for SHELL (or this shell), to install it by hand.",
     ),
 ) -> None:  # fmt: skip
@@ -173,59 +144,17 @@ flow_parameter_help(_root)
 
 
 # --- prepare -------------------------------------------------------------------------------------
-# `iqa prepare`: the work lives in iqa_cli/prepare.py.
-def _prepare_help() -> str:
-    from iqa_cli.datasets import source_help
-
-    return (
-        "Build soft labels from a dataset's official metadata and write them to a Parquet file.\n\n"
-        "Reads DATASET's metadata (--csv), normalizes MOS/std to [1, 5], builds one-hot and DeQA-Score soft "
-        "labels, assigns train/test, writes <data dir>/NAME.parquet and prints the label statistics of the "
-        "DeQA-Score paper's Tables 1-2 and of its gen_soft_label.py. Soft labels equal gen_soft_label.py's bit "
-        "for bit unless --label-rule renormalized. Datasets with reference images (kadid, pipal, tid2013, csiq) "
-        "are split by reference image.\n\n\b\nDATASET and what --csv names:\n" + source_help()
-    )
-
-
+# `iqa prepare`: the work lives in iqa_cli/prepare.py, what it prints in iqa_cli/prepare_report.py.
 def _print_prepare_summary(summary: dict) -> None:
-    from rich.table import Table
+    from iqa_cli.prepare_report import headline, label_table, reference_lines
 
-    def fmt(value) -> str:
-        return "-" if value is None else f"{value:.4f}"
-
-    stats = summary["labels"]
-    splits = ", ".join(f"{k} {v}" for k, v in summary["split"].items() if k != "source")
-    out_console.print(
-        f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False, soft_wrap=True
-    )
-    title = f"labels: {summary['levels']} levels, {summary['density']}, rule {summary['label_rule']}"
-    table = Table(title=title, title_justify="left")
-    table.add_column("recovered vs N(mos, std)")
-    table.add_column("one-hot", justify="right")
-    table.add_column("soft", justify="right")
-    for key, label in (("l1", "L1"), ("rmse", "L2 (RMSE)"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("js", "JS"),
-                       ("wasserstein", "Wasserstein")):  # fmt: skip
-        table.add_row(label, fmt(stats["one_hot"][key]), fmt(stats["soft"][key]))
-    _show_table(table)
-    alpha, beta, raw, soft = stats["alpha"], stats["beta"], stats["raw"], stats["soft"]
-
-    def ref(value) -> str:  # the reference prints full floats; 6 decimals (--json has them all)
-        return "-" if value is None else f"{value:.6f}"
-
-    out_console.print(  # the reference gen_soft_label.py's statistics, under its names
-        f"srcc: {ref(soft['srcc'])} plcc: {ref(soft['plcc'])}\n"
-        f"[raw_diff] (raw Gaussian, before adjustment) l1: {ref(raw['l1'])} l2: {ref(raw['rmse'])}\n"
-        f"[diff] (soft labels) l1: {ref(soft['l1'])} l2: {ref(soft['rmse'])}\n"
-        f"[alpha] mean: {ref(alpha['mean'])} std: {ref(alpha['std'])}\n"
-        f"[beta] mean: {ref(beta['mean'])} std: {ref(beta['std'])}\n"
-        f"binary / all (two-point fallback): {stats['fallback']} / {stats['rows']}; clipped {stats['clipped']}",
-        markup=False,
-        soft_wrap=True,
-    )
+    out_console.print(headline(summary), markup=False, soft_wrap=True)
+    _show_table(label_table(summary))
+    out_console.print(reference_lines(summary), markup=False, soft_wrap=True)
 
 
 @command(
-    help=_prepare_help(),
+    help=prepare_help(),
     examples="""
     iqa prepare koniq --csv koniq10k_scores_and_distributions.csv --images img/
     iqa prepare custom --csv my.csv --images pics --image-col file --mos-col mos
@@ -636,15 +565,6 @@ def _fail(error: UserError) -> None:
     sys.exit(error.exit_code)
 
 
-def _with_optional_shell(args: list[str]) -> list[str]:
-    """`--install-completion` / `--show-completion` with no shell after them: the current one (`detect`)."""
-    args = list(args)
-    for i, arg in enumerate(args):
-        if arg in ("--install-completion", "--show-completion") and (i + 1 == len(args) or args[i + 1][:1] == "-"):
-            args.insert(i + 1, "detect")
-    return args
-
-
 def main() -> None:
     """Entry point: user mistakes (ours and the command line's) become one line on stderr and exit code 2."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer's own copy of click
@@ -654,12 +574,13 @@ def main() -> None:
     configure_process()  # before any command imports torch
     spoken = speak_flags()  # the library's errors name this command line's flags (until main returns)
     if COMPLETE_VAR in os.environ:  # the shell asks for completions: Typer's classes answer (add_completion=False)
-        from typer.completion import completion_init
-
-        completion_init()
+        completion.answer_the_shell()
     try:
         code = app(
-            args=_with_optional_shell(sys.argv[1:]), prog_name=PROG, complete_var=COMPLETE_VAR, standalone_mode=False
+            args=completion.with_optional_shell(sys.argv[1:]),
+            prog_name=PROG,
+            complete_var=COMPLETE_VAR,
+            standalone_mode=False,
         )
     except UserError as exc:
         _fail(exc)
