@@ -359,7 +359,7 @@ def test_unusable_out_or_datasets_fail_before_the_run_folder_or_the_model_are_to
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "scores.csv").write_text("image,mos\na.png,3\n")
     cut = _truncated_meta(tmp_path)
-    flags = ["--model", tmp_path / "no-model", "--data-dir", tmp_path, "--workers", "0", "-q"]
+    flags = ["--model", "someone/no-model", "--data-dir", tmp_path, "--workers", "0", "-q"]
     _assert_user_error(iqa("train", "--datasets", "x", *flags, "--out", tmp_path / "afile"),
                        f"--out {tmp_path / 'afile'}: is a file")  # fmt: skip
     assert (tmp_path / "afile").read_text() == "mine"

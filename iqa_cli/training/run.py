@@ -10,6 +10,7 @@ from typing import Any
 
 from iqa_cli import distributed, interrupts, run_lock
 from iqa_cli.errors import UserError
+from iqa_cli.models import hub
 from iqa_cli.paths import resolve_data_dir
 from iqa_cli.training import data as train_data
 from iqa_cli.training import state as train_state
@@ -94,6 +95,9 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         TrainInterrupted: SIGINT/SIGTERM/SIGHUP (also when started in the background, where SIGINT starts ignored).
     """
     validate(config)
+    hub.check_name(config.model.name)  # a missing folder or a file: one line before anything is read
+    if config.model.base is not None:
+        hub.check_name(config.model.base, what="base model")
     # before --overwrite clears --out
     train_data.check_metas(config.data.datasets, resolve_data_dir(config.data.data_dir))
     env = distributed.env()
