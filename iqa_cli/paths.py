@@ -14,10 +14,10 @@ from iqa_cli.errors import UserError
 
 DATA_DIR_ENV = "IQA_DATA_DIR"
 DEFAULT_DATA_DIR = "iqa-data"
-# what an output place can answer a write with: each is the user's to fix (a path, a disk, a permission)
-WRITE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
-)
+# what only a write is answered with (the disk, the quota, a read-only mount), and what a read or a write may be
+# answered with (a permission, a path); each is the user's to fix
+FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+WRITE_ERRNOS = FULL_OR_READ_ONLY | {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -85,8 +85,8 @@ def check_output_dir(path: Path, flag: str = "--out") -> None:
 
 
 def write_error(exc: OSError, place: str | None = None) -> UserError | None:
-    """A failed write of an output (the disk filled up, a folder turned read-only) as one line naming the file,
-    else the output `place`; None for other errors, which are not the user's to fix."""
+    """A failed write of an output (the disk filled up, a folder turned read-only) or a refused file (no permission)
+    as one line naming the file, else the output `place`; None for other errors, which are not the user's to fix."""
     code = exc.errno
     if code is None:  # pyarrow's OSError keeps the errno in its text: "... Detail: [errno 28] ..."
         for candidate in WRITE_ERRNOS:
@@ -94,6 +94,8 @@ def write_error(exc: OSError, place: str | None = None) -> UserError | None:
                 code = candidate
     if code not in WRITE_ERRNOS:
         return None
-    where = f" {exc.filename}" if exc.filename else f" {place}" if place else ""
     reason = "no space left on the device" if code == errno.ENOSPC else os.strerror(code).lower()
-    return UserError(f"cannot write{where}: {reason}")
+    if code in FULL_OR_READ_ONLY:
+        where = f" {exc.filename}" if exc.filename else f" {place}" if place else ""
+        return UserError(f"cannot write{where}: {reason}")
+    return UserError(f"{exc.filename or place or 'a file'}: {reason}")  # a read as much as a write

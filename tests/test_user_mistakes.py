@@ -212,3 +212,15 @@ def test_a_disk_that_fills_up_during_a_run_is_one_line_and_the_rerun_goes_on(pla
     code, _, err = iqa_module(place, *PREPARE, "--data-dir", "full", "-q")
     assert code == 2 and err == "error: cannot write full/synth.parquet: no space left on the device\n", err
     assert not list((place / "full").iterdir())
+
+
+def test_a_failed_write_names_the_file_and_why_and_other_os_errors_stay_bugs():
+    from iqa_cli.paths import write_error
+
+    arrow = OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")  # no errno set
+    assert str(write_error(arrow, "out.parquet")) == "cannot write out.parquet: no space left on the device"
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/s.parquet")
+    assert str(write_error(read_only)) == "cannot write /mnt/ro/s.parquet: read-only file system"
+    refused = OSError(errno.EACCES, os.strerror(errno.EACCES), "list.txt")  # a read as much as a write
+    assert str(write_error(refused)) == "list.txt: permission denied"
+    assert write_error(OSError(errno.EINVAL, "Invalid argument")) is None
