@@ -85,7 +85,7 @@ def command(*args, examples: str = "", panels: dict | None = None, **kwargs) -> 
             try:
                 return function(*a, **k)
             except interrupts.Interrupted as exc:
-                if getattr(exc, "is_main", True):  # under torchrun, rank 0 speaks for every rank
+                if getattr(exc, "is_main", os.environ.get("RANK", "0") == "0"):  # under torchrun, rank 0 speaks
                     _say(str(exc))
                 raise typer.Exit(exc.exit_code) from None
             except OSError as exc:  # an output place that filled up or turned read-only during the work
