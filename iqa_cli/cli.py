@@ -4,33 +4,112 @@ No logic lives here. Heavy libraries (torch, transformers) are imported inside t
 `iqa --help` and shell completion stay fast.
 """
 
+import functools
+import inspect
+import os
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
 
-from iqa_cli import __version__, completion
-from iqa_cli.cli_options import with_config_options, with_model_options
+from iqa_cli import __version__, completion, interrupts
+from iqa_cli.cli_options import (
+    HelpCommand,
+    HelpGroup,
+    flow_parameter_help,
+    flowed,
+    with_config_options,
+    with_model_options,
+)
 from iqa_cli.constants import DEFAULT_PORT
-from iqa_cli.errors import UserError
+from iqa_cli.errors import UserError, speak_flags
 from iqa_cli.model_options import ModelSpec
+from iqa_cli.prepare_report import prepare_help
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.training.config import TrainConfig
 
+PROG, COMPLETE_VAR = completion.PROG, completion.COMPLETE_VAR
+
 app = typer.Typer(
-    name="iqa",
-    help="Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer).",
+    name=PROG,
+    cls=HelpGroup,
+    help=flowed(
+        """Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer).
+
+        \b
+        Start with `iqa demo` (a CPU, two minutes, no download), or score a folder:
+          iqa score ./photos --out scores.parquet
+        `iqa COMMAND -h` explains each command, with examples."""
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",  # option panels; help texts are `flowed` (brackets escaped)
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,  # its --install-completion takes no shell name: ours below does
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False)
 
 
+def _show_table(table) -> None:
+    """A rich table on stdout; piped or redirected, without the spaces that pad its cells at the ends of lines."""
+    if out_console.is_terminal:
+        out_console.print(table)
+        return
+    with out_console.capture() as captured:
+        out_console.print(table)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
 def _say(text: str) -> None:
     """A message line on stderr, printed literally (paths and image names may hold rich markup brackets)."""
     err_console.print(text, markup=False)
+
+
+def command(*args, examples: str = "", panels: dict | None = None, **kwargs) -> Callable[[Callable], Callable]:
+    """`app.command` whose help reads as prose with `examples` at its end, and whose run turns SIGINT/SIGTERM/SIGHUP,
+    at any moment, into one line on stderr and the exit code a shell reports for that signal (128 + its number); a
+    command's own interruption (score's, train's) says what was saved and how to resume."""
+
+    def decorate(function: Callable) -> Callable:
+        flow_parameter_help(function, panels)
+        kwargs["help"] = flowed(kwargs.get("help") or function.__doc__)
+        if examples:
+            lines = "\n".join(f"$ {line}" for line in inspect.cleandoc(examples).splitlines())
+            kwargs["epilog"] = flowed(f"\b\nExamples:\n{lines}")
+
+        @functools.wraps(function)
+        def run(*a, **k):
+            restore = interrupts.install()
+            try:
+                return function(*a, **k)
+            except interrupts.Interrupted as exc:
+                if getattr(exc, "is_main", os.environ.get("RANK", "0") == "0"):  # under torchrun, rank 0 speaks
+                    _say(str(exc))
+                raise typer.Exit(exc.exit_code) from None
+            except OSError as exc:  # an output place that filled up or turned read-only during the work
+                from iqa_cli.paths import write_error
+
+                error = write_error(exc, _output_place(k))
+                if error is None:
+                    raise
+                raise error from None
+            finally:
+                restore()
+
+        return app.command(*args, cls=HelpCommand, **kwargs)(run)
+
+    return decorate
+
+
+def _output_place(arguments: dict) -> str | None:
+    """The output a command was given (its --out, --data-dir, --json or folder), for a failed write's message."""
+    options = arguments.get("options") or {}
+    for value in (options.get("out"), *(arguments.get(k) for k in ("out", "data_dir", "directory", "json_out"))):
+        if value:
+            return str(value)
+    return None
 
 
 def _version_callback(value: bool) -> None:
@@ -44,67 +123,49 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True
+        False, "--version", help="Print the version, the torch and transformers versions and the device, and exit.",
+        callback=_version_callback, is_eager=True,
     ),
-) -> None:
-    """Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer)."""
+    install_completion: str | None = typer.Option(
+        None, "--install-completion", metavar="[SHELL]", expose_value=False,
+        callback=completion.install_callback, is_eager=True,
+        help="Install tab completion for SHELL (bash, zsh, fish, powershell) or, without one, for this shell.",
+    ),
+    show_completion: str | None = typer.Option(
+        None, "--show-completion", metavar="[SHELL]", expose_value=False,
+        callback=completion.show_callback, is_eager=True,
+        help="Print the completion script for SHELL (or this shell), to install it by hand.",
+    ),
+) -> None:  # fmt: skip
+    pass
+
+
+flow_parameter_help(_root)
 
 
 # --- prepare -------------------------------------------------------------------------------------
-# `iqa prepare`: the work lives in iqa_cli/prepare.py.
-def _prepare_help() -> str:
-    from iqa_cli.datasets import source_help
-
-    return (
-        "Build soft labels from a dataset's official metadata and write them to a Parquet file.\n\n"
-        "Reads DATASET's metadata (--csv), normalizes MOS/std to [1, 5], builds one-hot and DeQA-Score soft "
-        "labels, assigns train/test, writes <data dir>/NAME.parquet and prints the label statistics of the "
-        "DeQA-Score paper's Tables 1-2 and of its gen_soft_label.py. Soft labels equal gen_soft_label.py's bit "
-        "for bit unless --label-rule renormalized. Datasets with reference images (kadid, pipal, tid2013, csiq) "
-        "are split by reference image.\n\n\b\nDATASET and what --csv names:\n" + source_help()
-    )
-
-
+# `iqa prepare`: the work lives in iqa_cli/prepare.py, what it prints in iqa_cli/prepare_report.py.
 def _print_prepare_summary(summary: dict) -> None:
-    from rich.table import Table
+    from iqa_cli.prepare_report import headline, label_table, reference_lines
 
-    def fmt(value) -> str:
-        return "-" if value is None else f"{value:.4f}"
-
-    stats = summary["labels"]
-    splits = ", ".join(f"{k} {v}" for k, v in summary["split"].items() if k != "source")
-    out_console.print(
-        f"{summary['dataset']}: {summary['rows']} rows ({splits}) -> {summary['out']}", markup=False, soft_wrap=True
-    )
-    title = f"labels: {summary['levels']} levels, {summary['density']}, rule {summary['label_rule']}"
-    if summary.get("soft_labels") == "histogram":
-        title = f"labels: {summary['levels']} levels, the measured vote histograms"
-    table = Table(title=title, title_justify="left")
-    table.add_column("recovered vs N(mos, std)")
-    table.add_column("one-hot", justify="right")
-    table.add_column("soft", justify="right")
-    for key, label in (("l1", "L1"), ("rmse", "L2 (RMSE)"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("js", "JS"),
-                       ("wasserstein", "Wasserstein")):  # fmt: skip
-        table.add_row(label, fmt(stats["one_hot"][key]), fmt(stats["soft"][key]))
-    out_console.print(table)
-    alpha, beta, raw, soft = stats["alpha"], stats["beta"], stats["raw"], stats["soft"]
-
-    def ref(value) -> str:  # the reference prints full floats; 6 decimals (--json has them all)
-        return "-" if value is None else f"{value:.6f}"
-
-    out_console.print(  # the reference gen_soft_label.py's statistics, under its names
-        f"srcc: {ref(soft['srcc'])} plcc: {ref(soft['plcc'])}\n"
-        f"[raw_diff] (raw Gaussian, before adjustment) l1: {ref(raw['l1'])} l2: {ref(raw['rmse'])}\n"
-        f"[diff] (soft labels) l1: {ref(soft['l1'])} l2: {ref(soft['rmse'])}\n"
-        f"[alpha] mean: {ref(alpha['mean'])} std: {ref(alpha['std'])}\n"
-        f"[beta] mean: {ref(beta['mean'])} std: {ref(beta['std'])}\n"
-        f"binary / all (two-point fallback): {stats['fallback']} / {stats['rows']}; clipped {stats['clipped']}",
-        markup=False,
-        soft_wrap=True,
-    )
+    out_console.print(headline(summary), markup=False, soft_wrap=True)
+    _show_table(label_table(summary))
+    out_console.print(reference_lines(summary), markup=False, soft_wrap=True)
 
 
-@app.command(help=_prepare_help())
+@command(
+    help=prepare_help(),
+    examples="""
+    iqa prepare koniq --csv koniq10k_scores_and_distributions.csv --images img/
+    iqa prepare custom --csv my.csv --images pics --image-col file --mos-col mos
+    """,
+    panels={
+        "Input": ("csv", "images", "image_col", "mos_col", "std_col", "lower_is_better", "strict"),
+        "Output": ("out", "data_dir", "name", "json_output", "quiet"),
+        "Labels": ("levels", "level_names", "density", "std_threshold", "mean_threshold", "label_rule", "pseudo_std"),
+        "Split": ("split", "test_frac", "seed"),
+    },
+)
 def prepare(
     dataset: str = typer.Argument(
         ...,
@@ -121,7 +182,7 @@ def prepare(
         "(--strict: an error); a moved image is found by its file name.",
     ),
     out: str | None = typer.Option(
-        None, "--out", metavar="FILE", help="Output Parquet file [default: <data dir>/NAME.parquet]."
+        None, "--out", metavar="FILE", help="Output Parquet file [default: DATA_DIR/NAME.parquet]."
     ),
     data_dir: str | None = typer.Option(
         None, "--data-dir", metavar="DIR", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
@@ -134,14 +195,16 @@ def prepare(
         None,
         "--level-names",
         metavar="NAMES",
-        help="Comma-separated names (ascending quality), or 'quality' / 'numbers'.",
+        help="Comma-separated names (ascending quality), or 'quality' / 'numbers' [default: bad,poor,fair,good,"
+        "excellent for 5 levels, else one,two,...].",
     ),
     density: str | None = typer.Option(
         None,
         "--density",
         metavar="MODE",
         autocompletion=completion.densities,
-        help="Soft-label mode cdf|pdf [default: per dataset].",
+        help="Soft-label mode cdf|pdf [default: the dataset's: pdf for koniq and kadid, as the released models; cdf "
+        "(the paper) for the others].",
     ),
     std_threshold: float = typer.Option(
         0.2, "--std-threshold", metavar="X", help="Normalized std below this: two-point label."
@@ -159,7 +222,10 @@ def prepare(
         "two-point interpolation.",
     ),
     pseudo_std: float | None = typer.Option(
-        None, "--pseudo-std", metavar="X", help="Std as a fraction of the MOS range where none is given [pipal: 0.2]."
+        None,
+        "--pseudo-std",
+        metavar="X",
+        help="Std as a fraction of the MOS range where none is given [default: 0.2 for pipal; else no std].",
     ),
     soft_labels: str = typer.Option(
         "gaussian",
@@ -174,16 +240,23 @@ def prepare(
         None,
         "--split",
         metavar="FILE",
-        help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split.',
+        help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split [default: a '
+        "seeded split, --test-frac and --seed].",
     ),
     test_frac: float = typer.Option(0.2, "--test-frac", metavar="X", help="Test fraction of the seeded split."),
     seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the seeded split."),
     strict: bool = typer.Option(False, "--strict", help="Fail on unusable rows or missing images instead of dropping."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
-    image_col: str | None = typer.Option(None, "--image-col", metavar="COLUMN", help="custom: column of image paths."),
-    mos_col: str | None = typer.Option(None, "--mos-col", metavar="COLUMN", help="custom: column of MOS."),
-    std_col: str | None = typer.Option(None, "--std-col", metavar="COLUMN", help="custom: column of std (optional)."),
+    image_col: str | None = typer.Option(
+        None, "--image-col", metavar="COLUMN", help="custom (required there): column of image paths."
+    ),
+    mos_col: str | None = typer.Option(
+        None, "--mos-col", metavar="COLUMN", help="custom (required there): column of MOS."
+    ),
+    std_col: str | None = typer.Option(
+        None, "--std-col", metavar="COLUMN", help="custom: column of std [default: none; labels from the MOS alone]."
+    ),
     lower_is_better: bool = typer.Option(False, "--lower-is-better", help="custom: scores are DMOS-like."),
 ) -> None:
     import json
@@ -229,27 +302,28 @@ def prepare(
 
 # --- train ---------------------------------------------------------------------------------------
 # `iqa train`'s flags are its config's fields (`iqa_cli.training.config`: help, default, metavar, panel).
-@app.command()
+@command(
+    examples="""
+    iqa train --datasets koniq --out runs/koniq --lora
+    iqa train --datasets koniq,spaq --out runs/mix --epochs 2 --save-minutes 10
+    torchrun --nproc-per-node 4 $(which iqa) train --datasets koniq --out runs/k
+    """
+)
 @with_model_options(names=(), into="family")
 @with_config_options(TrainConfig, into="options")
 def train(options: dict | None = None, family: ModelSpec | None = None) -> None:  # flags: the decorators
-    """Fine-tune a multimodal LLM (mPLUG-Owl2, Qwen-VL, LLaVA-OneVision, Idefics3) on prepared datasets with the
-    DeQA-Score, Q-Align or Q-Scorer objective, into a directory `iqa score --model` loads.
+    """Fine-tune a multimodal LLM on prepared datasets, into a folder that `iqa score --model` loads.
+
+    mPLUG-Owl2, Qwen-VL, LLaVA-OneVision or Idefics3, with the DeQA-Score, Q-Align or Q-Scorer objective.
 
     Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
     --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
     """
-    from iqa_cli.training import TrainInterrupted
     from iqa_cli.training import train as run_training
 
     out, quiet = options["out"], options["quiet"]
     config = TrainConfig.from_options(**options, **family.family)  # the family's own: Qwen-VL's pixel budget
-    try:
-        result = run_training(config, console=err_console)
-    except TrainInterrupted as exc:
-        if exc.is_main:
-            _say(str(exc))
-        raise typer.Exit(exc.exit_code) from None
+    result = run_training(config, console=err_console)  # TrainInterrupted: `command` prints its message
     if not result.is_main or quiet:
         return
     if result.already_complete:
@@ -268,7 +342,14 @@ def train(options: dict | None = None, family: ModelSpec | None = None) -> None:
 
 
 # --- score ---------------------------------------------------------------------------------------
-@app.command()
+@command(
+    examples="""
+    iqa score ./photos --out scores.parquet
+    iqa score iqa-demo/data/images --out scores/ --model iqa-demo/run
+    iqa score 'shards/{00000..00099}.tar' --out scores/ --keep caption
+    iqa score --from list.csv --out scores.csv --batch-size 32
+    """
+)
 @with_model_options()
 @with_config_options(ScoreConfig, into="options")
 def score(options: dict | None = None, model: ModelSpec | None = None) -> None:  # flags: the decorators
@@ -287,8 +368,8 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
     try:
         summary = score_images(config, console=err_console)
     except ScoreInterrupted as exc:
-        _say(f"{exc}; run the same command to resume")
-        raise typer.Exit(exc.exit_code) from None
+        exc.message += "; run the same command to resume"
+        raise
     if not summary.is_main:
         return
     if not quiet:
@@ -315,7 +396,14 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
 
 # --- eval ----------------------------------------------------------------------------------------
 # `iqa eval`: the work lives in iqa_cli/evaluate.py.
-@app.command("eval")
+@command(
+    "eval",
+    examples="""
+    iqa eval scores.parquet --gt iqa-data/koniq.parquet
+    iqa eval scores/ --gt iqa-data/koniq.parquet --json m.json --plot m.png
+    """,
+    panels={"Input": ("gt", "split", "column"), "Output": ("json_out", "plot", "quiet")},
+)
 def eval_(
     predictions: str = typer.Argument(
         ..., metavar="FILE", help="Predictions written by `iqa score` (Parquet; CSV/JSONL also read)."
@@ -370,7 +458,7 @@ def eval_(
         print(report.to_json(), end="")
     else:
         for table in report_tables(report):
-            out_console.print(table)
+            _show_table(table)
         if json_out is not None:
             report.write_json(Path(json_out))
             say(f"wrote {json_out}")
@@ -381,12 +469,19 @@ def eval_(
 
 # --- demo ----------------------------------------------------------------------------------------
 # `iqa demo`: the work lives in iqa_cli/demo.py.
-@app.command()
+@command(
+    examples="""
+    iqa demo
+    iqa demo /tmp/iqa-demo
+    """
+)
 def demo(
     directory: str = typer.Argument("iqa-demo", metavar="DIR", help="New or empty folder for the demo's files."),
 ) -> None:
-    """Run the whole loop on a CPU in a few minutes, no download: synthetic data and a tiny random-init model,
-    then prepare -> train -> score -> eval, printing each command it runs."""
+    """Run the whole loop on a CPU in a few minutes, with no download.
+
+    Writes synthetic data and a tiny random-init model, then runs prepare -> train -> score -> eval on them,
+    printing each command it runs. Run it again in the same folder to go on where it stopped."""
     from pathlib import Path
 
     from iqa_cli.demo import run_demo
@@ -404,7 +499,16 @@ def entry() -> None:
 
 # --- serve ---------------------------------------------------------------------------------------
 # `iqa serve`: the work lives in iqa_cli/serving/.
-@app.command()
+@command(
+    examples="""
+    iqa serve --model iqa-demo/run --device cpu
+    iqa serve --devices 0,1 --token SECRET --host 0.0.0.0
+    """,
+    panels={
+        "Server": ("host", "port", "devices", "token", "timeout"),
+        "Batching and limits": ("max_batch", "max_wait_ms", "max_body_mb", "max_images", "max_queue"),
+    },
+)
 @with_model_options()
 def serve(
     model: ModelSpec = None,  # its flags: @with_model_options
@@ -466,18 +570,41 @@ def serve(
         raise typer.Exit(exc.exit_code) from None
 
 
+def _fail(error: UserError) -> None:
+    message = " ".join(str(error).split())
+    _say(f"error: {message}")
+    sys.exit(error.exit_code)
+
+
 def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    """Entry point: user mistakes (ours and the command line's) become one line on stderr and exit code 2."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer's own copy of click
+
     from iqa_cli.process import configure_process
 
     configure_process()  # before any command imports torch
+    spoken = speak_flags()  # the library's errors name this command line's flags (until main returns)
+    if COMPLETE_VAR in os.environ:  # the shell asks for completions: Typer's classes answer (add_completion=False)
+        completion.answer_the_shell()
     try:
-        # Fixed names so `python -m iqa_cli` and the installed script complete the same way.
-        app(prog_name="iqa", complete_var="_IQA_COMPLETE")
+        code = app(
+            args=completion.with_optional_shell(sys.argv[1:]),
+            prog_name=PROG,
+            complete_var=COMPLETE_VAR,
+            standalone_mode=False,
+        )
     except UserError as exc:
-        message = " ".join(str(exc).split())
-        _say(f"error: {message}")
+        _fail(exc)
+    except NoArgsIsHelpError as exc:  # `iqa` alone: its help is printed
         sys.exit(exc.exit_code)
+    except ClickException as exc:  # an unknown option, a missing value, a value of the wrong type
+        where = getattr(getattr(exc, "ctx", None), "command_path", PROG)
+        error = UserError(f"{exc.format_message()} (see `{where} -h`)")
+        error.exit_code = exc.exit_code
+        _fail(error)
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)
+    finally:
+        speak_flags(spoken)
+    sys.exit(code if isinstance(code, int) else 0)

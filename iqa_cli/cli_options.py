@@ -1,23 +1,103 @@
 """Typer parameters generated from each option's one declaration, so no command spells an option out twice:
 `@with_model_options()` adds the model options (`iqa_cli.model_options`, a family's own included) and hands the
-command a `ModelSpec`; `@with_config_options(TrainConfig)` adds one flag per field of a nested config dataclass."""
+command a `ModelSpec`; `@with_config_options(TrainConfig)` adds one flag per field of a nested config dataclass.
+
+Also how help reads (`HelpCommand`, `flowed`): options in panels, usage and help without Python type names, help
+text wrapped to the terminal as prose, every `[default: ...]` shown as written (not taken for rich markup).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from iqa_cli import completion
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelOption, ModelSpec, options
 
 MODEL_PANEL = "Model"
+HELP_PANEL = "Help"
+
+
+def flowed(text: str | None) -> str:
+    """Help text as rich help shows it well: each paragraph one line (rich keeps single line breaks, which would
+    break sentences at the source's width), a `\\b` paragraph kept line by line (lists, examples), and square
+    brackets escaped so `[default: x]` is shown, not taken for a rich style."""
+    from rich.markup import escape
+
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text or "").split("\n\n"):
+        if paragraph.startswith("\b"):
+            paragraphs.append(paragraph.removeprefix("\b").strip("\n"))
+        else:
+            paragraphs.append(" ".join(line.strip() for line in paragraph.splitlines()))
+    return escape("\n\n".join(paragraphs))
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _plain_usage(pieces: list[str]) -> list[str]:
+    """`{FILE}` (Typer's mark of a required argument) as `FILE`."""
+    return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1\2", piece) for piece in pieces]
+
+
+def _without_type_names(params: list[Any]) -> list[Any]:
+    """Flags and positional arguments show no `<bool>` / `<list[str]>` column: a flag takes no value, and an
+    argument's name (PATH, FILE) already says what goes there."""
+    for param in params:
+        if getattr(param, "is_flag", False) or isinstance(param, TyperArgument):
+            param.display_type_rich = _no_type
+    return params
+
+
+def flow_parameter_help(function: Callable, panels: dict[str, tuple[str, ...]] | None = None) -> None:
+    """`flowed` on the help of every option and argument of a command (hand-written or generated), once; the
+    parameters `panels` names are listed in those help panels."""
+    panel_of = {name: panel for panel, names in (panels or {}).items() for name in names}
+    for parameter in inspect.signature(function).parameters.values():
+        info = parameter.default
+        if not isinstance(info, (typer.models.OptionInfo, typer.models.ArgumentInfo)):
+            continue
+        if info.help:
+            info.help = flowed(info.help)
+        if parameter.name in panel_of:
+            info.rich_help_panel = panel_of[parameter.name]
+
+
+class HelpCommand(TyperCommand):
+    """A command whose help lists its options in their panels, `--help`/`-h` last, without Python type names."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return _plain_usage(super().collect_usage_pieces(ctx))
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_type_names(super().get_params(ctx))
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.rich_help_panel = HELP_PANEL
+        return option
+
+
+class HelpGroup(TyperGroup):
+    """The root command's help, as `HelpCommand`'s."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return _plain_usage(super().collect_usage_pieces(ctx))
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _without_type_names(super().get_params(ctx))
 
 
 def _parameter(option: ModelOption, default: Any, help_text: str | None) -> inspect.Parameter:
@@ -93,8 +173,8 @@ def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Pa
     own = f.type.removesuffix(" | None")
     if meta.get("argument"):  # positional, any number (`iqa score PATH...`)
         typer_param: Any = typer.Argument(
-            None, metavar=meta.get("metavar"), help=meta.get("help"), show_default=False, rich_help_panel=panel
-        )
+            None, metavar=meta.get("metavar"), help=meta.get("help"), show_default=False
+        )  # listed under "Arguments", as every command's
         return "arguments", inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer_param,
                                               annotation=list[str] | None)  # fmt: skip
     if meta.get("required"):

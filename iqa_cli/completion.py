@@ -1,4 +1,4 @@
-"""Values that shell completion offers (`autocompletion=` in cli.py).
+"""Values that shell completion offers (`autocompletion=` in cli.py), and `--install-completion [SHELL]`.
 
 Each list is read from the module that validates the option, imported only when the shell asks for it,
 so `iqa --help` stays light and a new value completes without touching this file.
@@ -8,6 +8,63 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+
+from iqa_cli.errors import UserError
+
+PROG, COMPLETE_VAR = "iqa", "_IQA_COMPLETE"  # fixed, so `python -m iqa_cli` and the script complete the same way
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+_DETECT = "detect"  # --install-completion with no shell named: the one this process runs under
+
+
+def with_optional_shell(args: list[str]) -> list[str]:
+    """`--install-completion` / `--show-completion` with no shell after them: the current one. (Typer's options
+    take no optional value; its own --install-completion took none and installed the detected shell's.)"""
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg in ("--install-completion", "--show-completion") and (i + 1 == len(args) or args[i + 1][:1] == "-"):
+            args.insert(i + 1, _DETECT)
+    return args
+
+
+def _shell(value: str) -> str | None:
+    """The shell named after --install-completion/--show-completion (None: this one, as detected)."""
+    if value == _DETECT:
+        return None
+    if value not in SHELLS:
+        raise UserError(f"unknown shell {value!r}: use one of {', '.join(SHELLS)} (or none: the current one)")
+    return value
+
+
+def install_callback(value: str | None) -> None:
+    """`--install-completion [SHELL]`: installs that shell's completion (Typer's installer), then exits."""
+    if value is None:
+        return
+    import typer
+    from typer.completion import install
+
+    shell, path = install(shell=_shell(value), prog_name=PROG, complete_var=COMPLETE_VAR)
+    print(f"{shell} completion installed in {path}; open a new shell to use it")
+    raise typer.Exit()
+
+
+def show_callback(value: str | None) -> None:
+    """`--show-completion [SHELL]`: prints that shell's completion script, then exits."""
+    if value is None:
+        return
+    import typer
+    from typer._completion_shared import _get_shell_name, get_completion_script
+
+    shell = _shell(value) or _get_shell_name() or "bash"
+    print(get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell))
+    raise typer.Exit()
+
+
+def answer_the_shell() -> None:
+    """Registers Typer's completion classes, which answer the shell's `_IQA_COMPLETE` requests (the app is built
+    with add_completion=False, which leaves them out)."""
+    from typer.completion import completion_init
+
+    completion_init()
 
 
 def _values_of(module: str, name: str) -> Callable[[str], list[str]]:

@@ -9,9 +9,11 @@ the held-out images is learned, not loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from iqa_cli import interrupts
 from iqa_cli.errors import UserError
+from iqa_cli.files import atomic_write
+from iqa_cli.paths import check_output_dir
 
 N_IMAGES = 1200
 IMAGE_SIZE = (112, 96)  # width, height of the synthetic images
@@ -86,11 +91,25 @@ def _check_folder(root: Path) -> bool:
         raise UserError(f"{root} is a file; iqa demo needs a new or empty folder")
     if root.is_dir() and any(root.iterdir()):
         raise UserError(f"{root} is not empty and holds no earlier demo; give a new or empty folder")
+    check_output_dir(root, "iqa demo")  # under a file, not writable, full: one line before anything is written
     return False
 
 
 def write_inputs(paths: DemoPaths, say: Callable[[str], None]) -> None:
-    """The synthetic dataset and the tiny random-init checkpoint."""
+    """The synthetic dataset and the tiny random-init checkpoint; removed again if writing them fails."""
+    created = not paths.root.exists()
+    try:
+        _write_inputs(paths, say)
+    except BaseException:  # the disk filled up, a stop: nothing half-written stays (a rerun starts afresh)
+        if created:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        else:
+            for child in paths.root.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
+
+
+def _write_inputs(paths: DemoPaths, say: Callable[[str], None]) -> None:
     from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
     from iqa_cli.synthetic import STRENGTHS, make_synthetic_iqa
 
@@ -114,7 +133,8 @@ def run_demo(root: Path, say: Callable[[str], None] = print) -> DemoResult:
     their output going straight to this process's stdout/stderr."""
     start = time.perf_counter()
     paths = DemoPaths(Path(root))
-    if _check_folder(paths.root):
+    reused = _check_folder(paths.root)
+    if reused:
         say(f"{paths.root} holds an earlier demo: reusing its data and model")
     else:
         write_inputs(paths, say)
@@ -122,17 +142,54 @@ def run_demo(root: Path, say: Callable[[str], None] = print) -> DemoResult:
         line = command_line(env, args)
         say(f"\n$ {line}")
         sys.stdout.flush()
-        proc = subprocess.run([sys.executable, "-m", "iqa_cli", *args], env={**os.environ, **env}, check=False)
-        if proc.returncode != 0:
-            error = UserError(f"iqa demo: `{line}` failed with exit code {proc.returncode}")
-            error.exit_code = proc.returncode
+        code = _run_step([sys.executable, "-m", "iqa_cli", *args], {**os.environ, **env}, line)
+        if code != 0:
+            error = UserError(f"iqa demo: `{line}` failed with exit code {code}")
+            error.exit_code = code
             raise error
     report = json.loads(paths.report.read_text(encoding="utf-8"))
     (row,) = [r for r in report["results"] if r["dataset"] == DATASET]
-    result = DemoResult(paths, row["srcc"], row["plcc"], row["n"], time.perf_counter() - start)
+    marker = json.loads((paths.root / MARKER).read_text(encoding="utf-8"))
+    seconds = time.perf_counter() - start
+    if "seconds" in marker:  # the steps were done by the first run; this one found them finished
+        timing = f"in {marker['seconds']:.0f} s (the first run; this one reused its results in {seconds:.0f} s)"
+    else:
+        timing = f"in {seconds:.0f} s"
+        marker["seconds"] = round(seconds, 1)
+        atomic_write(paths.root / MARKER, json.dumps(marker, indent=2) + "\n")
+    result = DemoResult(paths, row["srcc"], row["plcc"], row["n"], marker["seconds"])
     say(
         f"\ndemo: a model trained from random weights reaches SRCC {result.srcc:.3f}, PLCC {result.plcc:.3f} "
-        f"on {result.n_test} held-out images (an untrained one: about 0), in {result.seconds:.0f} s.\n"
+        f"on {result.n_test} held-out images (an untrained one: about 0), {timing}.\n"
         f"Files are in {paths.root}; run the commands above to repeat a step, or see README.md for your own data."
     )
     return result
+
+
+class DemoInterrupted(interrupts.Interrupted):
+    """A stop while a step ran: the step saved its work (its own line says what) and the demo goes on from there."""
+
+    def __init__(self, signum: int, line: str):
+        super().__init__(signum)
+        self.line = line
+
+    def __str__(self) -> str:
+        return f"iqa demo: interrupted by {self.name} during `{self.line}`; run iqa demo again to go on"
+
+
+def _run_step(command: list[str], env: dict[str, str], line: str) -> int:
+    """Runs one step in its own process group and waits for it. A stop this process gets (alone, or with its group)
+    is handed to the step exactly once, and the step is waited for while it saves its work: never killed."""
+    proc = subprocess.Popen(command, env=env, process_group=0)
+    stop = None
+    while True:
+        try:
+            return_code = proc.wait()
+            break
+        except interrupts.Interrupted as exc:
+            stop = stop or exc.signum
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(exc.signum)
+    if stop is not None:
+        raise DemoInterrupted(stop, line)
+    return return_code

@@ -7,6 +7,7 @@ import numpy as np
 
 from iqa_cli.errors import UserError
 from iqa_cli.evaluate import POOLED, EvalReport
+from iqa_cli.files import atomic_file
 from iqa_cli.metrics import logistic_4params
 from iqa_cli.paths import check_output_file
 
@@ -153,5 +154,6 @@ def plot_report(report: EvalReport, path: Path) -> Path:
         ax.set_ylabel(f"human {report.target}")
         ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, format=path.suffix[1:].lower())
+    with atomic_file(path) as tmp:  # complete or absent, even when the disk fills up
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:].lower())
     return path

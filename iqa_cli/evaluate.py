@@ -6,13 +6,20 @@ relative to the image root stored in its key-value metadata, `dataset`, `split`,
 `mos_norm`, `std_norm`, ...) or a CSV with at least `image` and `mos` (optional `std`, `dataset`,
 `split`, `mos_norm`, `std_norm`).
 
+Predictions may be one file or an `iqa score --out DIR/` folder: its Parquet files (`part-00000.parquet`, ...
+or one per shard) are read as one table, with the run's metadata from `DIR/_iqa.json`.
+
 Paths in predictions are whatever the user gave `iqa score` (absolute, or relative to where it ran), so
-rows are joined in three passes, each only on rows the previous left over: (1) the same normalized
+rows are joined in four passes, each only on rows the previous left over: (1) the same normalized
 path; (2) the same absolute path, with ground-truth paths under the meta's image root and prediction
 paths under the current directory; (3) the longest path suffix (whole components) shared with exactly
-one ground-truth image. Nothing is dropped silently: the report counts (and names a few of)
-predictions without ground truth, ground-truth images without prediction, ambiguous and duplicate
-predictions, and predictions that failed (`error` set or no score).
+one ground-truth image; (4) keys: a prediction named without an image extension (a WebDataset member's
+`__key__`, `img0000`; a Parquet input's name) is the ground-truth image whose path without its extension
+ends with it (`img0000.png`, `images/img0000.jpg`), whole components, as in (3); a key that names several
+ground-truth images (`img0000.png` and `img0000.jpg`) is refused in one line, as the join would be a guess.
+Nothing is dropped silently: the report counts (and names a few of) predictions without ground truth,
+ground-truth images without prediction, ambiguous and duplicate predictions, and predictions that failed
+(`error` set or no score).
 
 Scale: correlations and the logistic fit use `mos_norm` (the [1, 5] scale of the predictions) when the
 ground truth has it, else `mos` as given; RMSE and the Gaussian gaps compare on that same scale, with the
@@ -30,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from iqa_cli.errors import UserError
+from iqa_cli.files import atomic_write
 from iqa_cli.metrics import MIN_CORRELATION_ROWS, Metrics, compute_metrics
 
 PREDICTION_COLUMNS = ("score", "score_reg")
@@ -40,8 +48,9 @@ EXAMPLES = 5  # names shown per category of unmatched rows
 POOLED = "all"  # name of the row pooling every dataset
 
 # How a prediction row found its ground truth (or why not).
-UNMATCHED, EXACT, ABSOLUTE, SUFFIX, DUPLICATE, AMBIGUOUS = range(6)
-MATCH_NAMES = {EXACT: "exact", ABSOLUTE: "image_root", SUFFIX: "suffix"}
+UNMATCHED, EXACT, ABSOLUTE, SUFFIX, DUPLICATE, AMBIGUOUS, KEY = range(7)
+MATCH_NAMES = {EXACT: "exact", ABSOLUTE: "image_root", SUFFIX: "suffix", KEY: "key"}
+DIRECTORY_METADATA = "_iqa.json"  # an `iqa score --out DIR/` folder's metadata (scoring/output.py)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -51,7 +60,11 @@ def _detect_format(path: Path, role: str) -> str:
     if not path.exists():
         raise UserError(f"{role} file not found: {path}")
     if path.is_dir():
-        raise UserError(f"{role} path is a directory, expected a Parquet or CSV file: {path}")
+        if not _folder_files(path):
+            raise UserError(
+                f"{role} folder {path} holds no .parquet file (a file, or an `iqa score --out DIR/` folder, is read)"
+            )
+        return "folder"
     with path.open("rb") as handle:
         head = handle.read(4)
     suffix = path.suffix.lower()
@@ -81,8 +94,39 @@ def _flatten_metadata(raw: dict[bytes, bytes] | None) -> dict[str, str]:
     return out
 
 
+def _folder_files(folder: Path) -> list[Path]:
+    """The Parquet files of an `iqa score --out DIR/` folder, in name order (`_iqa.json` and hidden files aside)."""
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(("_", ".")) and p.is_file())
+
+
+def _read_folder(folder: Path, role: str, columns: list[str] | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Every Parquet file of an `iqa score --out DIR/` folder as one table, and the run's `DIR/_iqa.json`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = _folder_files(folder)
+    schemas = [pq.read_schema(f) for f in files]
+    names = list(dict.fromkeys(n for schema in schemas for n in schema.names))
+    wanted = None if columns is None else [c for c in columns if c in names]
+    tables = [pq.read_table(f, columns=[c for c in wanted if c in sc.names] if wanted is not None else None)
+              for f, sc in zip(files, schemas, strict=True)]  # fmt: skip
+    table = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    table.attrs["all_columns"] = names
+    metadata: dict[str, str] = {}
+    run_file = folder / DIRECTORY_METADATA
+    if run_file.is_file():
+        metadata = _flatten_metadata({k.encode(): str(v).encode() for k, v in json.loads(run_file.read_text()).items()})
+    elif role == "predictions":
+        table.attrs["note"] = (
+            f"{folder} has no {DIRECTORY_METADATA}: its run may not have finished; its {len(files)} Parquet "
+            "file(s) are read as they are"
+        )
+    return table, metadata
+
+
 def read_table(path: Path, role: str, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Reads a Parquet/CSV/JSONL table (only `columns` that exist, if given) and its key-value metadata.
+    """Reads a Parquet/CSV/JSONL table, or the Parquet files of an `iqa score --out DIR/` folder (only `columns`
+    that exist, if given), and its key-value metadata.
 
     Raises UserError naming the file for anything unreadable.
     """
@@ -90,7 +134,9 @@ def read_table(path: Path, role: str, columns: list[str] | None = None) -> tuple
     kind = _detect_format(path, role)
     metadata: dict[str, str] = {}
     try:
-        if kind == "parquet":
+        if kind == "folder":
+            table, metadata = _read_folder(path, role, columns)
+        elif kind == "parquet":
             import pyarrow.parquet as pq
 
             schema = pq.read_schema(path)
@@ -109,7 +155,7 @@ def read_table(path: Path, role: str, columns: list[str] | None = None) -> tuple
     except UserError:
         raise
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        label = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON lines"}[kind]
+        label = {"parquet": "Parquet", "csv": "CSV", "jsonl": "JSON lines", "folder": "Parquet files"}[kind]
         detail = " ".join(str(exc).split())[:200]
         raise UserError(f"cannot read {role} file {path} as {label}: {detail}") from exc
     except Exception as exc:  # pyarrow raises its own ArrowInvalid/ArrowException types
@@ -220,6 +266,10 @@ def match_images(
             how[rows[known & (found < 0)]] = AMBIGUOUS
             pending[rows[known]] = False
 
+    pending = (how == UNMATCHED) & np.asarray(valid, dtype=bool) & ~np.asarray([_has_image_suffix(p) for p in preds])
+    if pending.any() and gts:
+        _match_keys(preds, gts, pending, gt_index, how)
+
     # One prediction per ground-truth image: the best match (then the first row) wins.
     matched = np.flatnonzero(gt_index >= 0)
     order = matched[np.lexsort((matched, how[matched]))]
@@ -227,6 +277,43 @@ def match_images(
     losers = np.setdiff1d(order, order[first])
     gt_index[losers], how[losers] = -1, DUPLICATE
     return ImageMatch(gt_index=gt_index, how=how)
+
+
+def _has_image_suffix(path: str) -> bool:
+    from iqa_cli.images import IMAGE_EXTENSIONS
+
+    return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower() in IMAGE_EXTENSIONS
+
+
+def _match_keys(preds: list[str], gts: list[str], pending: np.ndarray, gt_index: np.ndarray, how: np.ndarray) -> None:
+    """Pass 4: keys without an image extension against the ground-truth paths without theirs, the longest shared
+    suffix of whole components first; a key naming several images is refused."""
+    stems = pd.Series([posixpath.splitext(g)[0] if _has_image_suffix(g) else "" for g in gts], dtype=object)
+    gt_parts = stems.str.split("/").where(stems != "")
+    pred_parts = pd.Series(preds, dtype=object).str.split("/")
+    longest = int(gt_parts.dropna().str.len().max()) if gt_parts.notna().any() else 0
+    for k in range(longest, 0, -1):
+        rows = np.flatnonzero(pending)
+        if rows.size == 0:
+            return
+        gt_keys = _suffix_keys(gt_parts.dropna(), k).dropna()
+        keys = _suffix_keys(pred_parts.iloc[rows], k)
+        shared = gt_keys[gt_keys.duplicated(keep=False)]
+        clash = keys[keys.isin(set(shared))]
+        if len(clash):
+            key = clash.iloc[0]
+            named = [gts[i] for i in shared[shared == key].index[:2]]
+            raise UserError(
+                f"prediction key {preds[clash.index[0]]!r} names {int((shared == key).sum())} ground-truth images "
+                f"({', '.join(named)}): a key joins the image whose path without its extension ends with it, and "
+                "must name one; give images unique names (without their extensions) in the ground truth"
+            )
+        owner = pd.Series(gt_keys.index, index=gt_keys.to_numpy())
+        found = keys.map(owner).to_numpy(dtype=np.float64)
+        known = ~np.isnan(found)
+        gt_index[rows[known]] = found[known].astype(np.int64)
+        how[rows[known]] = KEY
+        pending[rows[known]] = False
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -276,7 +363,7 @@ class EvalReport:
     def write_json(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
+        atomic_write(path, self.to_json())  # complete or absent, even when the disk fills up
 
 
 def _resolve_split(gt: pd.DataFrame, split: str | None, source: str) -> str:
@@ -335,7 +422,7 @@ def evaluate(
         pred_columns += [c for c in gt_columns if c not in pred_columns]
     preds, _ = read_table(predictions, "predictions", pred_columns)
     _require_columns(preds, predictions, "predictions", ("image", column))
-    notes: list[str] = []
+    notes: list[str] = [preds.attrs["note"]] if "note" in preds.attrs else []
     if "frame" in preds.columns:  # `iqa score --per-frame`: a video is evaluated by its own row, not its frames'
         frames = preds["frame"].notna()
         if frames.any():

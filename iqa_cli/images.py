@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -27,6 +28,11 @@ IMAGE_EXTENSIONS = (
 )  # fmt: skip
 # Pillow's default decompression-bomb limit (89,478,485 pixels, about 0.25 GB as 24-bit RGB).
 DEFAULT_MAX_PIXELS = 89_478_485
+# Pillow warns on the screen when an image is over its limit (and refuses it above twice that). `load_image` checks
+# the same size itself and makes an over-limit image a row with `error` set, so the warning would only repeat that
+# row's reason, raw, once per decoding process. A process-wide filter: `warnings.catch_warnings` is not
+# thread-safe, and `iqa serve` decodes in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 

@@ -1,24 +1,32 @@
-"""Ctrl-C and `kill` as an exception, so a long run unwinds through its `finally` blocks and can say how to resume.
+"""Ctrl-C, `kill` and a hangup as an exception, so a long run unwinds through its `finally` blocks and can say how to
+resume; and the rule for child processes: leave those signals to the main process.
 
 The handlers are installed explicitly rather than relying on Python's own SIGINT handler: a shell that starts a
 background job (`iqa train ... &`) sets SIGINT to SIG_IGN, Python then installs no handler at startup, and
-`kill -INT` would be ignored. SIGTERM (what `kill`, schedulers and torchrun send) would otherwise end the process
-without a word.
+`kill -INT` would be ignored. SIGTERM (what `kill`, schedulers, systemd, Kubernetes and torchrun send) and SIGHUP
+(a closed terminal or ssh session) would otherwise end the process without a word. A SIGHUP ignored at start
+(`nohup iqa ...`) stays ignored: that user asked to outlive the terminal.
+
+A stop is often sent to the whole process group (Ctrl-C, `kill %1`, `timeout`, SLURM, systemd): a child (a
+DataLoader worker, a serving worker) that died of it first would take work in flight with it, or make the main
+process fail on its death instead of saving what is done. So children ignore these signals
+(`leave_to_main_process`) and the main process stops them after it has saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; a KeyboardInterrupt, so `except Exception` blocks let it through."""
+    """SIGINT, SIGTERM or SIGHUP arrived; a KeyboardInterrupt, so `except Exception` blocks let it through."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -29,10 +37,22 @@ class Interrupted(KeyboardInterrupt):
         """128 + the signal number, as a shell reports a process ended by that signal (130 for SIGINT)."""
         return 128 + self.signum
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.name}"
+
+
+def _handled() -> list[signal.Signals]:
+    """The stop signals this process handles: all three, but SIGHUP not when it is ignored (`nohup`)."""
+    return [s for s in SIGNALS if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN)]
+
 
 def install(on_signal: Callable[[int], None] | None = None) -> Callable[[], None]:
-    """Makes SIGINT/SIGTERM raise `Interrupted` in the main thread (or calls `on_signal` with the signal number
-    instead); returns a function restoring the previous handlers. A no-op off the main thread (Python allows
+    """Makes SIGINT/SIGTERM/SIGHUP raise `Interrupted` in the main thread (or calls `on_signal` with the signal
+    number instead); returns a function restoring the previous handlers. A no-op off the main thread (Python allows
     handlers only there)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -42,7 +62,7 @@ def install(on_signal: Callable[[int], None] | None = None) -> Callable[[], None
             raise Interrupted(signum)
         on_signal(signum)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in _handled()}
 
     def restore() -> None:
         for s, h in previous.items():
@@ -63,3 +83,23 @@ def signals_raise(*, defer: bool = False) -> Iterator[None]:
         restore()
     if received:
         raise Interrupted(received[0])
+
+
+def leave_to_main_process(*_: Any) -> None:
+    """Makes this (child) process ignore SIGINT, SIGTERM and SIGHUP, so a stop sent to the whole process group
+    reaches only the main process, which saves the work done and then ends its children. Usable as a DataLoader
+    `worker_init_fn`.
+
+    A main process that stops while it receives a batch closes the connection over which the worker hands it the
+    batch's file descriptors; the worker's sharing thread (multiprocessing's resource_sharer, which reports
+    through `sys.excepthook`) would print that ConnectionResetError as a traceback. Such a worker has nothing to
+    tell the user, so those lost connections are dropped quietly.
+    """
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    sys.excepthook = _quiet_about_lost_connections
+
+
+def _quiet_about_lost_connections(kind: type[BaseException], value: BaseException, trace: Any) -> None:
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, value, trace)

@@ -137,7 +137,13 @@ class ModelSpec:
         return cls(**common, family=family)
 
     def check(self) -> None:
-        """One-line UserErrors before anything loads: choices, minimums, each family's own rules."""
+        """One-line UserErrors before anything loads: a model or base that names a missing folder or a file (not the
+        network: a finished output needs no model), choices, minimums, each family's own rules."""
+        from iqa_cli.models import hub
+
+        hub.check_name(self.model)
+        if self.base is not None:
+            hub.check_name(self.base, what="base model")
         declared = {o.name: o for o in options()}
         for name, value in {**asdict(self), **self.family}.items():
             if name == "family":

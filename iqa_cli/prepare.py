@@ -27,7 +27,7 @@ from iqa_cli import __version__, labels
 from iqa_cli.datasets import DATASETS, OFFICIAL_SPLIT, ReadOptions, get_dataset
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_file
-from iqa_cli.paths import resolve_data_dir
+from iqa_cli.paths import DATA_DIR_ENV, check_output_dir, check_output_file, resolve_data_dir, write_error
 from iqa_cli.tasks import check_task
 
 if TYPE_CHECKING:
@@ -370,8 +370,9 @@ def write_meta(frame: pd.DataFrame, soft_label: np.ndarray, metadata: dict[str, 
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out) as tmp:
             pq.write_table(table, tmp)
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except OSError as exc:  # the disk filled up meanwhile: the temporary file is gone, `out` as it was
+        exc.filename = exc.filename or str(out)
+        raise write_error(exc) or UserError(f"cannot write {out}: {exc.strerror or exc}") from None
 
 
 def read_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -408,6 +409,11 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     name = (config.name or spec.name).strip()
     if not name:
         raise UserError("--name must not be empty")
+    out = Path(config.out) if config.out is not None else resolve_data_dir(config.data_dir) / f"{name}.parquet"
+    if config.out is not None:  # before any work: a place under a file, not writable, full
+        check_output_file(out, "--out", example=f"{name}.parquet")
+    else:
+        check_output_dir(out.parent, "--data-dir" if config.data_dir is not None else f"data folder (${DATA_DIR_ENV})")
     notes: list[str] = []
 
     table = spec.reader(Path(config.source), config.read_options)
@@ -526,7 +532,6 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
         ],
         axis=1,
     )
-    out = Path(config.out) if config.out is not None else resolve_data_dir(config.data_dir) / f"{name}.parquet"
     metadata = {
         "iqa_version": __version__,
         "dataset": name,

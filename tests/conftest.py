@@ -16,6 +16,17 @@ import pytest
 # subprocesses inherit it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _quiet_torchao_notice() -> None:
+    """What `iqa` does before any command, for tests that call the library first (torchao's import notice would
+    otherwise land in the stderr of whichever in-process command a test runs next, whatever the test order)."""
+    from iqa_cli.process import quiet_torchao_notice
+
+    quiet_torchao_notice()
+
+
+_quiet_torchao_notice()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # origin and license: fixtures/README.md
 TOKENIZER_FIXTURE = FIXTURES / "mplug-owl2-tokenizer"

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from iqa_cli.errors import UserError
+from iqa_cli.models import hub
 from iqa_cli.models.backbone import DEFAULT_FAMILY, family_of, get_family, supported_families
 from tests.conftest import REPO_ROOT, run_iqa
 
@@ -46,7 +47,8 @@ def test_family_comes_from_the_run_file_then_config_then_the_adapters_base(tmp_p
     with pytest.raises(UserError, match=r"iqa\.json: model_type 'foo' is not a supported model family"):
         get_family(*family_of(run))
 
-    assert family_of(tmp_path / "not-there")[0] == DEFAULT_FAMILY  # a repo id not in the cache: its loader says
+    with pytest.raises(UserError, match=r"model folder not found: .*not-there"):  # a path is never a repo id
+        family_of(tmp_path / "not-there")
     assert supported_families() == sorted(supported_families()) and DEFAULT_FAMILY in supported_families()
 
 
@@ -68,6 +70,7 @@ def test_an_uncached_hub_repo_is_told_by_its_downloaded_config_alone(tmp_path, m
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached
+    monkeypatch.setattr(hub, "_hub_answer", lambda repo_id, revision: "ok")  # the Hub knows both repos
     assert family_of("org/qwen-like", revision="abc") == ("qwen2_vl", str(tmp_path / "hub" / "config.json"))
     assert family_of("org/unreachable") == (DEFAULT_FAMILY, "")
     assert fetched == [("org/qwen-like", "config.json", "abc"), ("org/unreachable", "config.json", None)]

@@ -306,7 +306,7 @@ def test_no_weights_and_bad_names(tmp_path, model):
     model.config.save(tmp_path / "only-config")
     with pytest.raises(UserError, match="no model weights found"):
         load_mplug_owl2(tmp_path / "only-config")
-    with pytest.raises(UserError, match="not a directory and not a Hugging Face repo id"):
+    with pytest.raises(UserError, match=r"model folder not found: .*does-not-exist"):
         load_mplug_owl2(str(tmp_path / "does-not-exist"))
 
 
@@ -355,8 +355,8 @@ def test_offline_repo_id_without_cache_is_one_clear_error(tmp_path):
     result = _run_python(code, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")})
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
-    assert line.startswith("USERERROR zhiyuanyou/DeQA-Score-Mix3: not in the Hugging Face cache")
-    assert "pass a local directory instead (--model /path/to/DeQA-Score-Mix3)" in line
+    assert line.startswith("USERERROR model zhiyuanyou/DeQA-Score-Mix3: not in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE is set; use a local copy of its folder" in line
     assert "\n" not in line
 
 

@@ -87,6 +87,9 @@ def test_demo_runs_the_whole_loop_prints_copyable_commands_and_learns(tmp_path):
     assert "holds an earlier demo" in again.stdout and "nothing to do" in again.stderr
     assert (root / "run" / "model.safetensors").stat().st_mtime_ns == stamp
     assert f"reaches SRCC {match.group(1)}" in again.stdout
+    first = re.search(r"an untrained one: about 0\), in (\d+) s\.", out)
+    assert first, out[-500:]  # the rerun reports the first run's time, not its own few seconds
+    assert f"in {first.group(1)} s (the first run; this one reused its results in " in again.stdout
 
     # README shows this transcript and runs every example on these files: they must run as written.
     readme = _readme_commands()

@@ -237,7 +237,7 @@ def test_cli_csv_ground_truth_with_relative_paths_and_suffix_matching(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["target"] == "mos" and report["split"] == "all"
-    assert report["matched_by"] == {"exact": 0, "image_root": 0, "suffix": 19}
+    assert report["matched_by"] == {"exact": 0, "image_root": 0, "suffix": 19, "key": 0}
     assert report["counts"]["ambiguous_predictions"] == 1 and report["examples"]["ambiguous_predictions"] == ["x/1.jpg"]
     assert report["counts"]["missing_predictions"] == 1
     [row] = report["results"]
@@ -336,8 +336,9 @@ def test_missing_columns_are_listed(two_datasets, tmp_path):
     write_predictions(tmp_path / "p.parquet", ["a.jpg"], [3.0], [0.5])
     with pytest.raises(UserError, match=r"no column 'score_reg' \(columns found: image, score, std, probs, level"):
         evaluate(tmp_path / "p.parquet", two_datasets["meta"], column="score_reg")
-    with pytest.raises(UserError, match="is a directory"):
-        evaluate(tmp_path, two_datasets["meta"])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match=r"folder .*folder holds no \.parquet file"):
+        evaluate(tmp_path / "folder", two_datasets["meta"])
 
 
 def test_plot_without_matplotlib_says_how_to_install(two_datasets, tmp_path):
@@ -365,9 +366,9 @@ def _unwritable(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("option", "name", "message"),
     [
-        ("--plot", "{locked}/p.png", "--plot {locked}/p.png: folder {locked} is not writable"),
+        ("--plot", "{locked}/p.png", "--plot {locked}/p.png: cannot write in folder {locked} ("),
         ("--plot", "{tmp}/p.xyz", "--plot {tmp}/p.xyz: matplotlib cannot write .xyz files; use one of"),
-        ("--json", "{locked}/m.json", "--json {locked}/m.json: folder {locked} is not writable"),
+        ("--json", "{locked}/m.json", "--json {locked}/m.json: cannot write in folder {locked} ("),
         ("--json", "{tmp}", "--json {tmp}: is a directory; give a file name such as {tmp}/eval.json"),
     ],
     ids=["plot-unwritable", "plot-format", "json-unwritable", "json-dir"],
@@ -422,3 +423,83 @@ def test_cli_step_fit_is_flagged_and_the_summary_shows_raw_plcc(tmp_path, iqa):
     assert "* no usable logistic fit" in out
     assert "note [step]: logistic fit failed (reference start gave a step between predictions" in err
     assert "note [fine]: the fitted logistic is decreasing" in err and "note [step]: the fitted" not in err
+
+
+# --- what `iqa score` writes: folders of Parquet files, shard keys ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_shards(tmp_path_factory):
+    """20 synthetic images prepared with `iqa prepare` (names `img0000.png`), the same images as two WebDataset
+    shards (keys `img0000`) and as a folder, scored by the tiny model into `--out DIR/` folders."""
+    import tarfile
+
+    from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
+    from iqa_cli.synthetic import make_synthetic_iqa
+
+    root = tmp_path_factory.mktemp("eval-score-outputs")
+    csv = make_synthetic_iqa(root / "data", 20, size=(30, 24))
+    images = sorted((root / "data" / "images").glob("*.png"))
+    columns = ["--image-col", "image", "--mos-col", "mos", "--std-col", "std"]
+    prepared = run_iqa("prepare", "custom", "--csv", csv, "--images", csv.parent / "images", *columns, "--name",
+                       "synth", "--data-dir", root / "meta")  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr
+    (root / "shards").mkdir()
+    for s, part in enumerate((images[:12], images[12:])):
+        with tarfile.open(root / "shards" / f"{s:05d}.tar", "w") as tar:
+            for image in part:
+                tar.add(image, arcname=image.name)  # key img0000, member img0000.png
+    model = write_tiny_checkpoint(root / "model", image_size=28)
+    shards = sorted(map(str, (root / "shards").glob("*.tar")))
+    for inputs, out in ((shards, "from-shards/"), ([str(csv.parent / "images")], "from-folder/")):
+        done = run_iqa("score", *inputs, "--out", f"{root}/{out}", "--model", model, "--workers", "0", "-q")
+        assert done.returncode == 0, done.stderr
+    return root
+
+
+def test_eval_reads_a_folder_output_and_joins_shard_keys_with_prepared_names(scored_shards):
+    root = scored_shards
+    assert sorted(p.name for p in (root / "from-shards").iterdir()) == ["00000.parquet", "00001.parquet", "_iqa.json"]
+    written = pd.concat([pd.read_parquet(root / "from-shards" / f) for f in ("00000.parquet", "00001.parquet")])
+    assert written["image"].iloc[0] == "img0000"  # a member's key, not its file name
+    report = evaluate(root / "from-shards", root / "meta" / "synth.parquet", split="all")
+    assert report.counts["predictions"] == 20 and report.counts["scored"] == 20
+    assert report.matched_by == {"exact": 0, "image_root": 0, "suffix": 0, "key": 20}
+    folder = evaluate(root / "from-folder", root / "meta" / "synth.parquet", split="all")
+    assert folder.counts["scored"] == 20 and folder.matched_by["exact"] == 20
+    # the same rows either way: the shard keys joined each score with its own image's human score
+    by_key = report.matched.set_index(report.matched["image"] + ".png")["pred"].sort_index()
+    by_file = folder.matched.set_index("image")["pred"].sort_index()
+    assert by_key.index.tolist() == by_file.index.tolist()
+    np.testing.assert_allclose(by_key.to_numpy(), by_file.to_numpy(), rtol=1e-6)
+    assert report.results[0].metrics.srcc == pytest.approx(folder.results[0].metrics.srcc)
+
+
+def test_a_key_that_names_two_images_is_refused_in_one_line(scored_shards, tmp_path):
+    gt = pd.DataFrame({"image": [f"img{i:04d}.png" for i in range(20)] + ["other/img0003.jpg"], "mos": 3.0})
+    gt.to_csv(tmp_path / "gt.csv", index=False)
+    result = run_iqa("eval", scored_shards / "from-shards", "--gt", tmp_path / "gt.csv")
+    line = _one_line_error(result)
+    assert line == (
+        "error: prediction key 'img0003' names 2 ground-truth images (img0003.png, other/img0003.jpg): a key joins "
+        "the image whose path without its extension ends with it, and must name one; give images unique names "
+        "(without their extensions) in the ground truth"
+    )
+
+
+def test_an_unfinished_folder_output_is_read_with_a_note(scored_shards, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(scored_shards / "from-shards", partial)
+    (partial / "_iqa.json").unlink()
+    (partial / "00001.parquet").unlink()
+    report = evaluate(partial, scored_shards / "meta" / "synth.parquet", split="all")
+    assert report.counts["predictions"] == 12 and report.counts["missing_predictions"] == 8
+    assert report.notes[0] == (
+        f"{partial} has no _iqa.json: its run may not have finished; its 1 Parquet file(s) are read as they are"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"holds no \.parquet file"):
+        evaluate(empty, scored_shards / "meta" / "synth.parquet")

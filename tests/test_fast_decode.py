@@ -139,12 +139,13 @@ def test_resume_and_finished_outputs_refuse_the_other_mode(jpegs, tmp_path):
     with pytest.raises(Crash):
         score_images(config, scorer_factory=lambda device: CrashingScorer(device, crash_after=1))
     config.fast_decode = True
-    with pytest.raises(UserError, match=r"holds an interrupted run with a different decode mode \('exact', now 'fast'"):
+    refusal = r"holds an interrupted run of another decode mode \(exact, now fast;.*resume it with no --fast-decode"
+    with pytest.raises(UserError, match=refusal):
         score_images(config, scorer_factory=lambda device: FakeScorer(device))
     config.fast_decode = False
     score_images(config, scorer_factory=lambda device: FakeScorer(device))  # resumes in its own mode
     config.fast_decode = True
-    with pytest.raises(UserError, match=r"exists and was written with a different decode mode .*--overwrite"):
+    with pytest.raises(UserError, match=r"exists and was written with another decode mode .*--overwrite"):
         score_images(config, scorer_factory=lambda device: FakeScorer(device))
     config.overwrite = True
     score_images(config, scorer_factory=lambda device: FakeScorer(device))
@@ -172,7 +173,7 @@ def test_cli_scores_stay_within_the_stated_tolerance(tmp_path):
     difference = np.abs(scores["exact"] - scores["fast"])
     assert 0 < difference.max() <= 0.05
     again = run_iqa("score", str(folder), "--out", str(tmp_path / "exact.parquet"), *common, "--fast-decode")
-    assert again.returncode == 2 and "different decode mode" in again.stderr
+    assert again.returncode == 2 and "another decode mode" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
 
 

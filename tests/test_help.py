@@ -14,34 +14,92 @@ from tests.conftest import run_iqa
 COMMANDS = ("prepare", "train", "score", "eval", "demo", "serve")
 
 
-def test_root_help_lists_commands_in_the_order_a_user_meets_them(iqa):
+def _rows(text: str) -> list[str]:
+    """The rows of rich's help panels, without their borders."""
+    return [line.strip("│ ").rstrip() for line in text.splitlines() if line.startswith("│")]
+
+
+def test_root_help_lists_commands_in_the_order_a_user_meets_them_with_whole_summaries(iqa):
     code, out, _ = iqa("--help")
     assert code == 0
-    listed = [m.group(1) for m in re.finditer(r"^  (\w+)  ", out.split("Commands:")[1], re.M)]
+    commands = out.split("─ Commands ─")[1]
+    listed = [m.group(1) for m in re.finditer(r"^│ (\w+)  ", commands, re.M)]
     assert listed == list(COMMANDS)
-    assert "--install-completion" in out
+    summaries = " ".join(_rows(commands))
+    for command in COMMANDS:  # each summary is a whole sentence: nothing cut with "..."
+        summary = summaries.split(f"{command}  ", 1)[1].split(".")[0]
+        assert "..." not in summary and len(summary) > 20, summary
+    assert "--install-completion" in out and "iqa demo" in out
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_option_shows_a_named_placeholder_not_a_python_type(iqa, command):
-    code, out, _ = iqa(command, "--help")
+def test_help_names_placeholders_shows_no_python_type_and_ends_with_examples(iqa, command):
+    code, out, _ = iqa(command, "-h")
     assert code == 0
-    options = out.split("Options:")[1]
-    # An option line: "  -o, --out FILE   help" or a flag "  --lora   help"; never "--out <str>".
-    assert not re.search(r"--[\w-]+ <", options), re.findall(r"--[\w-]+ <[^>]*>", options)
-    assert not re.search(r"\{[a-z_]+\}", out.splitlines()[0]), out.splitlines()[0]  # usage: {DATASET}, not {dataset}
-    for line in re.findall(r"^ +(?:-\w, )?--[\w-]+ [^\s/]+", options, re.M):  # "--x / --no-x" is a flag
-        placeholder = line.split()[-1]
-        assert placeholder.isupper() or placeholder.startswith("N,"), line
+    assert iqa(command, "--help")[1] == out  # -h is --help
+    assert not re.search(r"<(bool|str|int|float|list\[\w+\]|path)>", out), re.findall(r"<[^>\s]*>", out)
+    usage = out.split("Usage: ")[1].splitlines()[0]
+    assert "{" not in usage, usage  # `iqa eval FILE`, not Typer's `{FILE}`
+    for row in _rows(out):  # "--out -o FILE help", "--lora help": a value's placeholder is a word in capitals
+        found = re.match(r"\*?\s*(--[\w-]+)(?:,--[\w-]+)?(?:\s+-\w)?(?:\s+--no-[\w-]+)?\s+(\S+)", row)
+        if found and found.group(2).isupper():
+            continue
+        assert not found or not found.group(2).startswith("<"), row
+    examples = out.split("Examples:")[1].split()
+    assert examples[:3] in (["$", "iqa", command], ["$", "torchrun", "--nproc-per-node"]), examples[:3]
 
 
-def test_placeholders_name_what_goes_there(iqa):
-    _, out, _ = iqa("prepare", "--help")
-    assert re.search(r"--csv FILE\b", out) and re.search(r"--images DIR\b", out) and "{DATASET}" in out
-    _, out, _ = iqa("score", "--help")
-    assert re.search(r"--model MODEL\b", out) and re.search(r"--workers N\b", out) and "[PATH]..." in out
-    _, out, _ = iqa("train", "--help")
-    assert re.search(r"--method METHOD\b", out) and re.search(r"--epochs N\b", out)
+def test_every_default_is_shown_and_explained(iqa):
+    """Each option that is not off by default says what it is when not given: its value, or what that means."""
+    import typer
+
+    from iqa_cli.cli import app
+
+    group = typer.main.get_command(app)
+    missing = []
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name != "option" or param.is_flag or param.required:
+                continue
+            told = "[default:" in (param.help or "") or (param.default is not None and param.show_default)
+            if not told and param.name not in UNSET_IS_OFF:
+                missing.append(f"iqa {name} {param.opts[0]}")
+    assert not missing, f"no default shown: {missing}"
+
+
+# Options whose absence simply leaves the feature off (no file written, no filter, no base, no token).
+UNSET_IS_OFF = {"from_file", "from_column", "root", "keep", "revision", "gt", "json_out", "plot", "split", "token",
+                "lora_targets", "data_weights", "images", "csv", "level_names", "name", "out", "data_dir", "image_col",
+                "mos_col"}  # fmt: skip
+
+
+def test_defaults_are_not_split_and_piped_help_is_plain_text():
+    result = run_iqa("score", "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0 and "\x1b[" not in result.stdout  # no colour codes when piped
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "[default: zhiyuanyou/DeQA-Score-Mix3]" in result.stdout
+    assert "[default: one per core, at most 8]" in " ".join(" ".join(_rows(result.stdout)).split())
+
+
+def test_install_completion_installs_the_named_shells_completion(tmp_path):
+    env = {"HOME": str(tmp_path), "SHELL": "/bin/bash"}
+    result = run_iqa("--install-completion", "zsh", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"zsh completion installed in {tmp_path / '.zfunc' / '_iqa'}")
+    assert "_IQA_COMPLETE" in (tmp_path / ".zfunc" / "_iqa").read_text() and not (tmp_path / ".bashrc").exists()
+    result = run_iqa("--install-completion", "tcsh", env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown shell 'tcsh': use one of bash, zsh")
+    result = run_iqa("--show-completion", "fish", env=env)
+    assert result.returncode == 0 and "complete --command iqa" in result.stdout
+
+
+def test_command_line_mistakes_are_one_line_naming_the_help(iqa):
+    code, _, err = iqa("score", "--batch-siz", "4")
+    assert code == 2 and err == (
+        "error: No such option: --batch-siz (Possible options: --batch-size) (see `iqa score -h`)\n"
+    )
+    code, _, err = iqa("eval")
+    assert code == 2 and err == "error: Missing argument 'FILE'. (see `iqa eval -h`)\n"
 
 
 def _complete(iqa, monkeypatch, words: str) -> list[str]:

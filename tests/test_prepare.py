@@ -316,7 +316,9 @@ def test_missing_file_and_unknown_dataset(iqa, tmp_path):
     assert_user_error(
         iqa("prepare", "koniq", "--csv", tmp_path), "koniq10k_scores_and_distributions.csv", str(tmp_path)
     )
-    line = assert_user_error(iqa("prepare", "konik", "--csv", tmp_path), "unknown dataset 'konik'")
+    line = assert_user_error(
+        iqa("prepare", "konik", "--csv", tmp_path), "unknown dataset preset 'konik' (did you mean koniq?"
+    )
     for name in ("koniq", "spaq", "kadid", "pipal", "livew", "agiqa3k", "tid2013", "csiq", "flive", "custom"):
         assert name in line
 

@@ -178,9 +178,9 @@ def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(set
 
 
 def test_reasoning_options_are_checked_in_one_line(setup, tmp_path):
-    with pytest.raises(UserError, match="--max-new-tokens applies to reasoning models"):
+    with pytest.raises(UserError, match="max_new_tokens applies to reasoning models"):  # the API's words
         Scorer.from_pretrained(setup["chain"], device="cpu", max_new_tokens=5, **PIXELS)
-    with pytest.raises(UserError, match="--prompt does not apply to --reasoning"):
+    with pytest.raises(UserError, match="prompt does not apply to reasoning"):
         Scorer.from_pretrained(
             setup["chain"], device="cpu", reasoning="q-insight", prompt="<|image_pad|> rate", **PIXELS
         )

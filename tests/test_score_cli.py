@@ -53,7 +53,7 @@ BAD_INPUTS = [
         ["--out", "unknown suffix '.txt'", ".parquet, .pq, .csv, .jsonl, .ndjson", "--format"],
     ),
     (["{photos}", "--out", "{tmp}/scores"], ["--out", "scores: no suffix to tell the format", "--format"]),
-    (["{photos}", "--out", "{tmp}/file.txt/s.parquet"], ["cannot create folder", "file.txt"]),
+    (["{photos}", "--out", "{tmp}/file.txt/s.parquet"], ["file.txt is a file, not a folder"]),
     (["{photos}", "--out", "{tmp}", "--format", "csv"], ["--format csv", "one Parquet file per unit"]),
     (["{photos}", "--out", "{tmp}/file.txt/"], ["--out", "file.txt", "is a file, not a folder"]),
     (["--out", "{tmp}/s.parquet"], ["no inputs"]),
@@ -87,13 +87,13 @@ def test_bad_input_is_one_line_and_exit_2_in_a_subprocess(tmp_path, photos, args
 
 def test_unwritable_output_folder_is_refused(tmp_path, photos):
     if os.geteuid() == 0:  # root writes through permission bits; /proc refuses new files even to root
-        _one_line_error(run_iqa("score", str(photos), "--out", "/proc/s.parquet"), "not writable")
+        _one_line_error(run_iqa("score", str(photos), "--out", "/proc/s.parquet"), "cannot write in folder")
         return
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        _one_line_error(run_iqa("score", str(photos), "--out", str(locked / "s.parquet")), "not writable")
+        _one_line_error(run_iqa("score", str(photos), "--out", str(locked / "s.parquet")), "cannot write in folder")
     finally:
         locked.chmod(0o700)
 
@@ -200,7 +200,7 @@ def test_cli_scores_equal_the_scorer_api_and_do_not_depend_on_batch_size(tiny_ch
     result = _score_cli(folder, first, ckpt, "--batch-size", "3")
     assert result.returncode == 0 and "is complete" in result.stderr and first.stat().st_mtime_ns == before
     result = _score_cli(folder, first, tiny_checkpoints["other"])
-    _one_line_error(result, "exists and was written with a different model", "--overwrite")
+    _one_line_error(result, "exists and was written with another model (", "--overwrite")
     result = _score_in_process(folder, first, tiny_checkpoints["other"], "--overwrite", "--quiet")
     assert result.exit_code == 0 and first.stat().st_mtime_ns != before
 
@@ -279,7 +279,9 @@ def test_checkpoint_resaved_into_the_same_directory_is_not_taken_as_finished(tmp
     write_checkpoint(tiny_model(seed=4), tmp_path / "run", tokenizer_dir=tokenizer)  # retrained, same path
     result = _score_in_process(photos, out, ckpt, "--quiet", "--workers", "0")
     assert isinstance(result.exception, UserError)
-    assert "exists and was written with a different model_files" in str(result.exception)
+    assert f"exists and was written with other files in model folder {ckpt.path.resolve()} (retrained" in str(
+        result.exception
+    )
 
 
 # --- overlapping runs, small runs, output suffixes -------------------------------------------------

@@ -361,23 +361,26 @@ def test_finished_output_is_not_recomputed_unless_overwrite(folder, reference, t
 
 @pytest.mark.parametrize(
     ("changed", "message"),
-    [({"model": "other/model"}, "different model"), ({"levels": ["one", "two", "three"]}, "different level_names")],
+    [
+        ({"model": "other/model"}, r"another model \(fake/deqa, now other/model\)"),
+        ({"levels": ["one", "two", "three"]}, r"other level names \(bad, poor, fair, good, excellent, now one, two, "),
+    ],
 )
 def test_output_or_sidecar_of_another_model_is_refused(folder, tmp_path, changed, message):
     out = tmp_path / "scores.parquet"
     run(folder[0], out)
-    with pytest.raises(UserError, match=rf"exists and was written with a {message}.*--overwrite"):
-        run(folder[0], out, model="x", scorer_kwargs=changed)
-    summary = run(folder[0], out, model="x", overwrite=True, scorer_kwargs=changed)
+    with pytest.raises(UserError, match=rf"exists and was written with {message}.*--overwrite"):
+        run(folder[0], out, model="someone/x", scorer_kwargs=changed)
+    summary = run(folder[0], out, model="someone/x", overwrite=True, scorer_kwargs=changed)
     assert summary.processed == summary.total
 
     out2 = tmp_path / "interrupted.parquet"
     config = ScoreConfig(out=out2, inputs=[str(folder[0])], batch_size=2, workers=0, quiet=True, flush_rows=1)
     with pytest.raises(Crash):
         score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=2))
-    with pytest.raises(UserError, match=rf"interrupted\.parquet\.parts holds an interrupted run with a {message}"):
-        run(folder[0], out2, model="x", scorer_kwargs=changed)
-    run(folder[0], out2, model="x", overwrite=True, scorer_kwargs=changed)
+    with pytest.raises(UserError, match=rf"interrupted\.parquet\.parts holds an interrupted run of {message}"):
+        run(folder[0], out2, model="someone/x", scorer_kwargs=changed)
+    run(folder[0], out2, model="someone/x", overwrite=True, scorer_kwargs=changed)
     assert pq.read_metadata(out2).num_rows == summary.total
 
 
@@ -387,7 +390,7 @@ def test_changed_inputs_are_refused(folder, tmp_path):
     out = tmp_path / "scores.parquet"
     run(root, out)
     Image.new("RGB", (8, 8)).save(root / "new.png")
-    with pytest.raises(UserError, match=r"a different list of inputs \(25 images then, 26 now\)"):
+    with pytest.raises(UserError, match=r"another list of inputs \(25 images then, 26 now\)"):
         run(root, out)
 
 

@@ -21,10 +21,10 @@ QUICK_START_PROMPT = (
     "USER: How would you rate the quality of this image?\n<|image|>\nASSISTANT: The quality of the image is"
 )
 CHANGED = {  # option -> (its arguments, what the refusal may say differs)
-    "--quantize": (["--quantize", "int8"], ["a different quantize (None, now 'int8')"]),
-    "--prompt": (["--prompt", QUICK_START_PROMPT], ["a different prompt (", "a different input_ids ("]),
-    "--dtype": (["--dtype", "bfloat16"], ["a different dtype ('float32', now 'bfloat16')"]),
-    "--fast-decode": (["--fast-decode"], ["a different decode mode ('exact', now 'fast'"]),
+    "--quantize": (["--quantize", "int8"], ["another quantization (none, now int8)"]),
+    "--prompt": (["--prompt", QUICK_START_PROMPT], ["another prompt ('USER: How would you rate the quality of this"]),
+    "--dtype": (["--dtype", "bfloat16"], ["another dtype (float32, now bfloat16)"]),
+    "--fast-decode": (["--fast-decode"], ["another decode mode (exact, now fast;"]),
 }
 
 
@@ -85,7 +85,7 @@ def test_an_interrupted_or_finished_run_with_other_scoring_options_is_refused(se
 
     # resuming with another option: refused, nothing changed (the command line's main() in this process)
     for option, (args, differences) in CHANGED.items():
-        _refused(iqa(*base, *args), "holds an interrupted run with", differences)
+        _refused(iqa(*base, *args), "holds an interrupted run of", differences)
         assert not out.exists(), option
 
     resumed = run_iqa(*base)  # the same options resume it (a subprocess, as the interrupted run)

@@ -294,7 +294,7 @@ BAD = [
 def test_bad_input_is_a_one_line_error(iqa, dataset, bad_files, tmp_path, inputs, extra, fragments):
     where = {"bad": bad_files, "tables": dataset["tables"], "shards": dataset["shards"], "files": dataset["files"]}
     args = [i.format(**where) for i in inputs]
-    code, _, err = iqa("score", *args, "--out", tmp_path / "s.parquet", *extra, "--model", tmp_path / "no-model")
+    code, _, err = iqa("score", *args, "--out", tmp_path / "s.parquet", *extra, "--model", "someone/no-model")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert all(f in lines[0] for f in fragments), lines[0]
@@ -324,7 +324,7 @@ def test_a_folder_output_for_fewer_shards_holds_only_their_files(dataset, tmp_pa
     run([f"{dataset['shards']}/*.tar"], out, out_dir=True)
     assert len(pd.read_parquet(out)) == 11
     fewer = [f"{dataset['shards']}/{{00000..00001}}.tar"]
-    with pytest.raises(UserError, match=r"scores exists and was written with a different list of inputs"):
+    with pytest.raises(UserError, match=r"scores exists and was written with another list of inputs"):
         run(fewer, out, out_dir=True)
     summary = run(fewer, out, out_dir=True, overwrite=True)
     assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]

@@ -241,7 +241,7 @@ def test_a_toy_family_scores_through_the_scorer_and_the_pipeline(toy_checkpoint,
 def test_a_toy_prompt_without_its_image_token_is_refused_before_loading(toy_checkpoint):
     from iqa_cli.errors import UserError
 
-    with pytest.raises(UserError, match=r"--prompt must hold <img> exactly once"):
+    with pytest.raises(UserError, match=r"^prompt must hold <img> exactly once"):
         Scorer.from_pretrained(toy_checkpoint, device="cpu", prompt="rate <|image|> quality:")
 
 

@@ -55,7 +55,7 @@ def test_a_run_recorded_flat_before_the_split_is_the_same_configuration(tmp_path
     same = TrainConfig.from_options(datasets=["a"], out=Path(str(out)), quiet=True, eval_every=5)  # control options
     assert plan_run(RunDirectory(out), same.to_json(), RUN_CONTROL_FIELDS) == "fresh"
     other = TrainConfig.from_options(datasets=["a"], out=out, lora_r=8)
-    assert "lora_r 128 -> 8" in plan_run(RunDirectory(out), other.to_json(), RUN_CONTROL_FIELDS)
+    assert "--lora-r 128 then, 8 now" in plan_run(RunDirectory(out), other.to_json(), RUN_CONTROL_FIELDS)
 
 
 @pytest.mark.parametrize(

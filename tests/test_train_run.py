@@ -359,12 +359,12 @@ def test_unusable_out_or_datasets_fail_before_the_run_folder_or_the_model_are_to
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "scores.csv").write_text("image,mos\na.png,3\n")
     cut = _truncated_meta(tmp_path)
-    flags = ["--model", tmp_path / "no-model", "--data-dir", tmp_path, "--workers", "0", "-q"]
+    flags = ["--model", "someone/no-model", "--data-dir", tmp_path, "--workers", "0", "-q"]
     _assert_user_error(iqa("train", "--datasets", "x", *flags, "--out", tmp_path / "afile"),
                        f"--out {tmp_path / 'afile'}: is a file")  # fmt: skip
     assert (tmp_path / "afile").read_text() == "mine"
     _assert_user_error(iqa("train", "--datasets", "x", *flags, "--out", tmp_path / "afile" / "run"),
-                       "cannot create folder", "afile")  # fmt: skip
+                       "afile is a file, not a folder")  # fmt: skip
     _assert_user_error(iqa("train", "--datasets", cut, *flags, "--out", tmp_path / "run"),
                        f"--datasets {cut}: not a meta written by `iqa prepare`")  # fmt: skip
     assert not (tmp_path / "run").exists()
@@ -384,7 +384,7 @@ def test_unusable_out_or_datasets_fail_before_the_run_folder_or_the_model_are_to
         (tmp_path / "locked").mkdir(mode=0o500)
         unwritable = tmp_path / "locked" / "run"
     proc = run_iqa("train", "--datasets", "x", *map(str, flags), "--out", str(unwritable))
-    _assert_user_error((proc.returncode, proc.stdout, proc.stderr), f"--out {unwritable}", "is not writable")
+    _assert_user_error((proc.returncode, proc.stdout, proc.stderr), f"--out {unwritable}", "cannot write in folder")
 
 
 def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, monkeypatch):
@@ -395,7 +395,7 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
     line = _assert_user_error(
         iqa("train", "--datasets", "synth", "--data-dir", tiny["data"], "--model", tiny["model"], "--out", out,
             "--epochs", "2", "--batch-size", "4", "--lr", "2e-4", "--mlp-dims", "16,16", "-q"),
-        "holds a run with another configuration", "lr 0.001 -> 0.0002", "--overwrite",
+        "holds a run with other options", "--lr 0.001 then, 0.0002 now", "--overwrite",
     )  # fmt: skip
     assert "workers" not in line  # run-control flags may change between an interruption and its resumption
 
@@ -408,7 +408,7 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
     assert prepared.returncode == 0, prepared.stderr
     same_flags = ["train", "--datasets", "synth", "--model", tiny["model"], "--out", out, "--epochs", "2",
                   "--batch-size", "4", "--lr", "1e-3", "--mlp-dims", "16,16", "--workers", "0", "-q"]  # fmt: skip
-    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "was trained on other data",
+    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "holds a run trained on other data",
                        str(resplit / "synth.parquet"), "--overwrite")  # fmt: skip
     # The original metas with their images reached through a copy of the folder (--images): it resumes.
     moved = tiny["tmp"] / "moved-images"
@@ -417,6 +417,11 @@ def test_resuming_a_directory_of_another_configuration_is_refused(tiny, iqa, mon
     code, _, err = iqa(*same_flags, "--data-dir", tiny["data"], "--images", moved)
     assert code == 0, err
     assert RunDirectory(out).is_finished()
+    # Finished, then its data prepared again: said so, not "nothing to do".
+    _assert_user_error(iqa(*same_flags, "--data-dir", resplit), "holds a finished run trained on other data",
+                       str(resplit / "synth.parquet"), "--overwrite to train again")  # fmt: skip
+    code, _, err = iqa(*same_flags[:-1], "--data-dir", tiny["data"], "--images", moved)  # without -q
+    assert code == 0 and "nothing to do" in err, err
 
 
 @pytest.mark.slow

@@ -37,9 +37,16 @@ __all__ = [
 
 def get_dataset(name: str) -> DatasetSpec:
     """The preset called `name` (case-insensitive); a UserError listing the known ones otherwise."""
-    spec = DATASETS.get(name.strip().lower())
+    key = name.strip().lower()
+    spec = DATASETS.get(key)
     if spec is None:
-        raise UserError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+        import difflib
+
+        # "konIQ10k", "kadid-10k", "LIVE-wild": the preset the name starts with, else the most similar one
+        starts = [preset for preset in DATASETS if key.replace("-", "").startswith(preset)]
+        close = starts or difflib.get_close_matches(key, list(DATASETS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown dataset preset {name!r} ({hint}known: {', '.join(DATASETS)})")
     return spec
 
 

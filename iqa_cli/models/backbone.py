@@ -310,13 +310,14 @@ def family_of(model: str | Path, *, base: str | Path | None = None, revision: st
     Read in order: the run directory's `iqa.json` `family`; `config.json` `model_type`; for a peft adapter
     without a config, its base's family. A Hub repo's `config.json` comes from the local cache, else it alone
     is downloaded (a few KB), so `--model Qwen/Qwen2.5-VL-7B-Instruct` picks its family before the weights
-    come; a repo without one (a LoRA adapter), an unreachable Hub, or a directory with none of these files is
-    the default family, whose loader reports what is missing.
+    come; a repo without one (a LoRA adapter) or a directory with none of these files is the default family,
+    whose loader reports what is missing. What the name is (a folder, a repo, a mistake) is `hub.locate`'s call.
     """
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        config = hub.hub_file(str(model), CONFIG_FILE, revision)
+    where = hub.locate(model, revision)  # a missing folder, an unknown repo, no network: one line, at once
+    if not isinstance(where, Path):
+        config = hub.hub_file(where, CONFIG_FILE, revision)
         return (_model_type(config), str(config)) if config is not None else (DEFAULT_FAMILY, "")
+    path = where
     run_file = path / RUN_FILE
     if run_file.is_file():
         family = read_json_object(run_file).get(RUN_FAMILY_KEY)

@@ -89,7 +89,10 @@ class ScoreConfig:
         metavar="F", panel="Video",
     )  # fmt: skip
     frames: int | None = option(
-        None, "Videos: score N frames spread uniformly instead (Q-ReAlign: 8).", metavar="N", panel="Video"
+        None,
+        "Videos: score N frames spread uniformly instead (Q-ReAlign: 8) [default: off: --fps].",
+        metavar="N",
+        panel="Video",
     )
     max_frames: int = option(
         DEFAULT_MAX_FRAMES, "Videos: at most N frames with --fps; a longer video keeps N spread over its length.",
@@ -241,14 +244,18 @@ class ScoreSummary:
 
 
 class ScoreInterrupted(interrupts.Interrupted):
-    """SIGINT/SIGTERM arrived; finished rows were flushed and the same command resumes.
+    """SIGINT/SIGTERM/SIGHUP arrived; finished rows were flushed and the same command resumes.
 
     A KeyboardInterrupt, so `except Exception` blocks pass it through and DataLoader workers exit quietly.
     """
 
     def __init__(self, signum: int, sidecar: Path):
         super().__init__(signum)
-        self.message = f"interrupted by {signal.Signals(signum).name}; finished images are saved in {sidecar}"
+        name = signal.Signals(signum).name
+        if (sidecar / "manifest.json").is_file():
+            self.message = f"interrupted by {name}; finished images are saved in {sidecar}"
+        else:  # stopped while checking, planning or loading: nothing scored yet
+            self.message = f"interrupted by {name} before any image was scored"
 
     def __str__(self) -> str:
         return self.message

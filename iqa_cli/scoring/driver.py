@@ -69,7 +69,7 @@ def score_images(
 
     Raises:
         UserError: bad options, missing inputs, an unwritable or conflicting output.
-        ScoreInterrupted: SIGINT/SIGTERM; finished rows are saved and the same command resumes.
+        ScoreInterrupted: SIGINT/SIGTERM/SIGHUP; finished rows are saved and the same command resumes.
     """
     checked = check(config)
     if console is None:
@@ -80,20 +80,23 @@ def score_images(
     environment = distributed.env()
     engine = engines.open_engine(config)  # where the units are scored: this process, or Ray actors
     device = engine.resolve_device(config.device, environment)
-    distributed.init(device, backend="gloo")  # scoring's collectives are a few small objects
-    try:
-        with run_lock.hold(
-            sidecar_path(out) / run_lock.LOCK_NAME,
-            command="iqa score",
-            target=f"--out {out}",
-            wait=config.wait,
-            remove_folder=True,
-            say=None if config.quiet else lambda line: console.print(line, markup=False),
-        ):
-            return _run(config, checked, device, environment, scorer_factory, load_image, console, engine)
-    finally:
-        engine.close()
-        distributed.destroy()
+    # A stop at any moment (planning, loading the model, scoring, assembling) unwinds through the `finally`
+    # blocks below, which save the finished rows and release the lock, and ends as ScoreInterrupted.
+    with interruptible(sidecar_path(out)):
+        distributed.init(device, backend="gloo")  # scoring's collectives are a few small objects
+        try:
+            with run_lock.hold(
+                sidecar_path(out) / run_lock.LOCK_NAME,
+                command="iqa score",
+                target=f"--out {out}",
+                wait=config.wait,
+                remove_folder=True,
+                say=None if config.quiet else lambda line: console.print(line, markup=False),
+            ):
+                return _run(config, checked, device, environment, scorer_factory, load_image, console, engine)
+        finally:
+            engine.close()
+            distributed.destroy()
 
 
 def build_scorer(config: ScoreConfig, device: torch.device, scorer_factory: ScorerFactory | None) -> Any:

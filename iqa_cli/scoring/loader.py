@@ -13,7 +13,6 @@ import functools
 import io
 import math
 import os
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from iqa_cli import interrupts
 from iqa_cli.batch_buffer import BatchPool
 from iqa_cli.errors import UserError
 from iqa_cli.process import cores
@@ -350,8 +350,7 @@ def worker_init(_: int) -> None:
     and SIGHUP to the main process: a stop sent to the whole process group (Ctrl-C, `kill` of a job, a scheduler)
     must not kill a worker before the main process has saved the finished rows."""
     torch.set_num_threads(1)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    interrupts.leave_to_main_process()
 
 
 def data_loader(

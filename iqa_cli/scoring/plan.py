@@ -62,35 +62,103 @@ class LazyScorer:
         return self.scorer
 
 
+@dataclass(frozen=True)
+class Difference:
+    """What differs from a recorded run, in the user's words, and the option that would match it again."""
+
+    what: str  # "another model (a, now b)"
+    match: str | None = None  # "--model a": the option to resume with; None when no option brings it back
+
+
+# The scorer's metadata keys in the order a user would look for a cause: what they chose first (model, base, dtype,
+# prompt), then what follows from the model (its levels, how it reads a score, its tokenizer).
+_KEY_ORDER = ("model", "base_model", "model_revision", "base_revision", "model_files", "base_files", "model_layout",
+              "dtype", "quantize", "prompt", "level_names", "method", "regressor_readout", "level_centers",
+              "input_ids", "level_token_ids")  # fmt: skip
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = str(value) if value not in (None, "") else "none"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(text: str | None) -> str:
+    try:
+        return ", ".join(json.loads(text or "[]"))
+    except (ValueError, TypeError):
+        return _short(text)
+
+
+def _metadata_difference(key: str, before: Any, now: Any, model: str) -> Difference:
+    """One differing metadata value of the scorer, as the user would name it."""
+    if key == "model":
+        return Difference(f"another model ({before}, now {now})", f"--model {before}")
+    if key == "base_model":
+        return Difference(f"another base model ({_short(before)}, now {_short(now)})", before and f"--base {before}")
+    if key in ("model_revision", "base_revision"):
+        which = "the model" if key == "model_revision" else "the base model"
+        return Difference(f"another revision of {which} ({_short(before, 12)}, now {_short(now, 12)})",
+                          before and f"--revision {before}" if key == "model_revision" else None)  # fmt: skip
+    if key in ("model_files", "base_files"):
+        which = f"model folder {model}" if key == "model_files" else "the base model's folder"
+        return Difference(f"other files in {which} (retrained or saved again since)")
+    if key == "model_layout":
+        return Difference(f"another kind of checkpoint ({before}, now {now})")
+    if key == "dtype":
+        return Difference(f"another dtype ({before}, now {now})", f"--dtype {before}")
+    if key == "quantize":
+        return Difference(f"another quantization ({_short(before)}, now {_short(now)})",
+                          f"--quantize {before}" if before else "no --quantize")  # fmt: skip
+    if key == "prompt":
+        return Difference(f"another prompt ({_short(before)!r}, now {_short(now)!r})", "its --prompt")
+    if key == "level_names":
+        return Difference(f"other level names ({_names(before)}, now {_names(now)}): the model was trained on others")
+    if key == "method":
+        return Difference(f"another way of reading the score ({before}, now {now}): the model is another kind")
+    if key in ("input_ids", "level_token_ids"):
+        return Difference("the same prompt and levels tokenized differently: the model's tokenizer changed")
+    if key == "level_centers":
+        return Difference(f"other level centers ({_short(before)}, now {_short(now)})")
+    if key == "regressor_readout":
+        return Difference(f"another score head ({_short(before)}, now {_short(now)})")
+    return Difference(f"a different {key} ({_short(before)!r}, now {_short(now)!r})")
+
+
 def describe_difference(
     recorded: dict[str, Any], *, fingerprint: str, inputs: int, noun: str, request: dict, scorer: LazyScorer
-) -> str | None:
-    """None when a recorded run (manifest or output metadata) matches this one, else what differs."""
+) -> Difference | None:
+    """None when a recorded run (manifest or output metadata) matches this one, else what differs (the first thing
+    a user would check: the options they gave before what follows from the model)."""
     asked = recorded.get("request") or {}
     then, now = asked.get("decode", "exact"), request.get("decode", "exact")
     if then != now:  # not in the scorer's metadata: the same model, other pixels
-        return f"a different decode mode ({then!r}, now {now!r}: --fast-decode decodes JPEGs at a smaller scale)"
+        return Difference(
+            f"another decode mode ({then}, now {now}; --fast-decode decodes JPEGs at a smaller scale)",
+            "--fast-decode" if then == "fast" else "no --fast-decode",
+        )
     for key, what in (("task", "task"), ("video", "video sampling")):  # the video prompt is not in it either
         then, now = asked.get(key), request.get(key)
         if key == "video" and None in (then, now):  # a run from before videos (or of images only): the defaults
             then, now = then or _DEFAULT_VIDEO, now or _DEFAULT_VIDEO
         if then != now:
-            return f"a different {what} ({_said(then, key)}, now {_said(now, key)})"
+            return Difference(f"another {what} ({_said(then, key)}, now {_said(now, key)})", _said(then, key))
     then, now = asked.get("keep_reasoning", False), request.get("keep_reasoning", False)
     if then != now:  # not in the scorer's metadata either: the same answers, another column
         flags = ["--keep-reasoning" if keep else "no --keep-reasoning" for keep in (then, now)]
-        return f"{flags[0]} (the column `reasoning`), now {flags[1]}"
+        return Difference(f"{flags[0]} (the column `reasoning`), now {flags[1]}", flags[0])
     if recorded.get("inputs_fingerprint") != fingerprint:
-        return f"a different list of inputs ({recorded.get('num_inputs', '?')} {noun} then, {inputs} now)"
+        return Difference(
+            f"another list of inputs ({recorded.get('num_inputs', '?')} {noun} then, {inputs} now)", "its inputs"
+        )
     if recorded.get("request") == request:
         return None
     current = scorer.get().metadata
     previous = recorded.get("metadata", {})
-    for key in sorted(set(current) | set(previous)):
-        if key in ("iqa_version",):
-            continue
+    keys = [k for k in _KEY_ORDER if k in current or k in previous]
+    keys += sorted((set(current) | set(previous)) - set(keys) - {"iqa_version"})
+    for key in keys:
         if current.get(key) != previous.get(key):
-            return f"a different {key} ({previous.get(key)!r}, now {current.get(key)!r})"
+            return _metadata_difference(key, previous.get(key), current.get(key), str(current.get("model", "")))
     return None
 
 
@@ -130,9 +198,10 @@ def decide(
                     video_metadata=manifest.get("video_metadata", {}),
                 )
             if not config.overwrite:
+                resume = f"resume it with {difference.match}, or " if difference.match else ""
                 raise UserError(
-                    f"{sidecar.dir} holds an interrupted run with {difference}; "
-                    "re-run with its options to resume, or pass --overwrite to discard it"
+                    f"{sidecar.dir} holds an interrupted run of {difference.what}; {resume}pass --overwrite to "
+                    "discard it (or --out another file)"
                 )
         sidecar.remove()  # no manifest = a crash while creating it; nothing in it is usable
     finished = (out / DIRECTORY_METADATA).exists() if directory else out.exists()
@@ -145,7 +214,10 @@ def decide(
         difference = describe_difference(recorded, **compare)
         if difference is None:
             return Plan("complete")
-        raise UserError(f"{out} exists and was written with {difference}; pass --overwrite to replace it")
+        raise UserError(
+            f"{out} exists and was written with {difference.what}; pass --overwrite to replace it (or --out another "
+            "file)"
+        )
     if directory:
         _clear_directory(out, source, config.overwrite)
     return start_run(sidecar, wanted, fingerprint, source, scorer)

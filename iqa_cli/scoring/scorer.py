@@ -12,6 +12,7 @@ trained (the run directory's `iqa.json` records it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from iqa_cli import __version__
 from iqa_cli.constants import DEFAULT_MODEL, RUN_FILE
 from iqa_cli.distributed import resolve_device
-from iqa_cli.errors import UserError
+from iqa_cli.errors import UserError, api_errors
 from iqa_cli.labels import QUALITY_NAMES as DEFAULT_LEVEL_NAMES
 from iqa_cli.model_options import DTYPE_ALIASES, DTYPES
 from iqa_cli.scoring.moments import level_moments
@@ -66,6 +67,27 @@ class ScoreBatch:
     score: torch.Tensor  # B: sum p_i c_i
     std: torch.Tensor  # B: sqrt(sum p_i (c_i - score)^2)
     score_reg: torch.Tensor | None = None  # B: the Q-Scorer regressor's score
+
+
+class VisualBatch(dict):
+    """A collated batch (name -> tensor, rows first) that knows how many of its rows are images: the backbone's
+    collate pads the rest to the batch size."""
+
+    rows: int
+
+
+@dataclass(frozen=True)
+class CountingCollate:
+    """`Scorer.collate`: the backbone's collate, whose batch records its number of images; picklable."""
+
+    collate: Any
+
+    def __call__(
+        self, items: list[Any], batch_size: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> VisualBatch:
+        batch = VisualBatch(self.collate(items, len(items) if batch_size is None else batch_size, dtype))
+        batch.rows = len(items)
+        return batch
 
 
 @dataclass
@@ -250,6 +272,7 @@ class Scorer:
         self.task = task
 
     @classmethod
+    @api_errors
     def from_pretrained(
         cls,
         model: str | Path = DEFAULT_MODEL,
@@ -386,9 +409,11 @@ class Scorer:
         return self.backbone.transform
 
     @property
-    def collate(self) -> Any:
-        """The backbone's batching of visual inputs (`iqa_cli.models.backbone.VisualCollate`); picklable."""
-        return self.backbone.collate
+    def collate(self) -> CountingCollate:
+        """The backbone's batching of visual inputs (`iqa_cli.models.backbone.VisualCollate`): `collate(items,
+        batch_size=len(items), dtype=torch.float32)`; its batch knows how many rows are images, so `score_batch`
+        returns those only. Picklable."""
+        return CountingCollate(self.backbone.collate)
 
     @property
     def video_transform(self) -> Any:
@@ -433,11 +458,18 @@ class Scorer:
         return hasattr(self.readout, "preset")
 
     def score_batch(self, visual: VisualInputs) -> ScoreBatch:
-        """A collated batch of visual inputs (the backbone's `collate`) -> ScoreBatch (CPU float32); a reasoning
-        model's readout gives its answers' fields too (`iqa_cli.scoring.reasoning.ReasoningBatch`)."""
+        """A collated batch of visual inputs -> ScoreBatch (CPU float32): a row per image of a batch from
+        `Scorer.collate` (not its padding rows), else a row per row of the batch. A reasoning model's readout gives
+        its answers' fields too (`iqa_cli.scoring.reasoning.ReasoningBatch`)."""
         if hasattr(self.readout, "read"):
-            return self.readout.read(self.backbone, visual)
-        return read_levels(self.backbone, visual, self.readout)
+            out = self.readout.read(self.backbone, visual)
+        else:
+            out = read_levels(self.backbone, visual, self.readout)
+        rows = getattr(visual, "rows", None)
+        if rows is None or rows == out.score.shape[0]:
+            return out
+        return dataclasses.replace(out, **{f.name: getattr(out, f.name)[:rows] for f in dataclasses.fields(out)
+                                           if getattr(out, f.name) is not None})  # fmt: skip
 
     def score_video_batch(self, visual: VisualInputs) -> ScoreBatch:
         """A collated batch of videos (the backbone's `video_collate`) -> ScoreBatch, with the video prompt."""
@@ -457,15 +489,25 @@ class Scorer:
         """Preprocessed pixels [B, ...] of a family whose one visual input is `pixel_values` -> ScoreBatch."""
         return self.score_batch({"pixel_values": pixel_values})
 
+    @api_errors
     def score(
-        self, images: Sequence[Image.Image | str | Path], batch_size: int = 16, *, sampling: Any = None
-    ) -> list[ImageScore]:
-        """Scores PIL images or image and video paths (a video by its suffix), in order. Unreadable files raise
-        `ImageDecodeError` (`iqa_cli.video.VideoDecodeError` for videos). A video is scored on its frames sampled
-        by `sampling` (`iqa_cli.video.Sampling`; default one per second), in a call of its own."""
+        self,
+        images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
+        batch_size: int = 16,
+        *,
+        sampling: Any = None,
+    ) -> ImageScore | list[ImageScore]:
+        """Scores a PIL image or an image or video path (one `ImageScore`), or a sequence of them (a list, in order;
+        a video by its suffix). Unreadable files raise `ImageDecodeError` (`iqa_cli.video.VideoDecodeError` for
+        videos). A video is scored on its frames sampled by `sampling` (`iqa_cli.video.Sampling`; default one per
+        second), in a call of its own."""
+        from PIL import Image as PILImage
+
         from iqa_cli.images import load_image, to_rgb
         from iqa_cli.video import Sampling, is_video_name, load_video
 
+        if isinstance(images, str | Path | PILImage.Image):
+            return self.score([images], batch_size, sampling=sampling)[0]
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         results: list[ImageScore | None] = [None] * len(images)
@@ -502,6 +544,7 @@ class Scorer:
             **described,
         )
 
+    @api_errors
     def score_tensors(
         self,
         images: torch.Tensor | Sequence[torch.Tensor],

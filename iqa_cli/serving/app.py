@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from iqa_cli.errors import speak_flags
 from iqa_cli.images import ImageDecodeError
 from iqa_cli.serving.batcher import Batcher, OutOfMemory, Overloaded
 from iqa_cli.serving.config import ServeConfig
@@ -128,7 +129,9 @@ class Worker:
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     """The app of one worker; uvicorn calls it with no argument and the config comes from the environment."""
-    config = config or ServeConfig.from_env()
+    if config is None:  # a worker process of `iqa serve`: errors name its flags
+        speak_flags()
+        config = ServeConfig.from_env()
     metrics = Metrics()
     worker = Worker(config, metrics)
 

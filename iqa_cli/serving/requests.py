@@ -31,7 +31,9 @@ class BadRequest(Exception):
 
 @dataclass
 class ScoreRequest:
-    images: list[bytes]  # encoded files, in request order
+    # encoded files in request order; an entry that carries no file (not base64, not bytes) is the reason why, and
+    # becomes that image's error entry as an undecodable file does (the other images are scored)
+    images: list[bytes | ImageDecodeError]
     probs: bool = False  # whether the answer carries the level probabilities
 
 
@@ -46,11 +48,12 @@ def parse_json(body: bytes, max_images: int) -> ScoreRequest:
     probs = data.get("probs", False)
     if not isinstance(probs, bool):
         raise BadRequest(400, f'"probs" must be true or false, got {probs!r}')
-    decoded = []
-    for i, item in enumerate(images):
+    decoded: list[bytes | ImageDecodeError] = []
+    for item in images:
         if not isinstance(item, str):
-            raise BadRequest(400, f"images[{i}]: expected a base64 string, got {type(item).__name__}")
-        decoded.append(_b64decode(item, i))
+            decoded.append(ImageDecodeError(f"expected a base64 string, got {type(item).__name__}"))
+        else:
+            decoded.append(_b64decode(item))
     return ScoreRequest(decoded, probs)
 
 
@@ -64,14 +67,21 @@ def parse_pickle(body: bytes, max_images: int) -> ScoreRequest:
     if not isinstance(data, dict):
         raise BadRequest(400, "pickle must hold a dict {'images': [bytes, ...]}")
     images = _image_list(data, max_images)
-    for i, item in enumerate(images):
-        if not isinstance(item, bytes):
-            raise BadRequest(400, f"images[{i}]: expected encoded image bytes, got {type(item).__name__}")
-    return ScoreRequest(list(images))
+    return ScoreRequest(
+        [
+            item
+            if isinstance(item, bytes)
+            else ImageDecodeError(f"expected encoded image bytes, got {type(item).__name__}")
+            for item in images
+        ]
+    )
 
 
-def decode_image(data: bytes, max_pixels: int) -> Any:
-    """Encoded bytes -> RGB PIL image, or ImageDecodeError (a non-image, a truncated file, a bomb)."""
+def decode_image(data: bytes | ImageDecodeError, max_pixels: int) -> Any:
+    """Encoded bytes -> RGB PIL image, or ImageDecodeError (no file in the entry, a non-image, a truncated file, a
+    bomb)."""
+    if isinstance(data, ImageDecodeError):
+        raise data
     if not data:
         raise ImageDecodeError("empty image (0 bytes)")
     return load_image(io.BytesIO(data), max_pixels=max_pixels)
@@ -86,12 +96,12 @@ def _image_list(data: dict, max_images: int) -> list:
     return list(images)
 
 
-def _b64decode(text: str, index: int) -> bytes:
+def _b64decode(text: str) -> bytes | ImageDecodeError:
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
-            raise BadRequest(400, f"images[{index}]: a data URL must be base64 (data:image/png;base64,...)")
+            return ImageDecodeError("a data URL must be base64 (data:image/png;base64,...)")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise BadRequest(400, f"images[{index}]: malformed base64 ({err})") from None
+        return ImageDecodeError(f"malformed base64 ({err})")

@@ -11,16 +11,18 @@ error handlers. Dynamic batching (`batcher.py`) and the limits are ours, a few d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from iqa_cli.errors import UserError
-from iqa_cli.models.hub import REPO_ID
+from iqa_cli.models import hub
 from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
 
 APP = "iqa_cli.serving.app:create_app"
@@ -38,10 +40,8 @@ def check_model(config: ServeConfig) -> None:
     from iqa_cli.models.backbone import family_of, family_options, get_family, supported_families
 
     spec = config.model
-    for flag, name in (("--model", spec.model), ("--base", spec.base)):
-        path = Path(name).expanduser() if name else None
-        if path is not None and not path.is_dir() and (path.exists() or not REPO_ID.match(name)):
-            raise UserError(f"{flag} {name!r}: not a directory and not a Hugging Face repo id (owner/name)")
+    if spec.base is not None:
+        hub.locate(spec.base, what="base model")  # a missing folder, an unknown repo, no network: one line, at once
     model_type, source = family_of(spec.model, base=spec.base, revision=spec.revision)
     if model_type not in supported_families():
         get_family(model_type, source)  # its one-line error
@@ -78,11 +78,59 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
+def supervisor_class() -> type:
+    """uvicorn's supervisor, with every stop signal a graceful stop and the workers leaving them to it.
+
+    SIGHUP stops the server as SIGTERM does (uvicorn restarts its workers on it; a closed terminal or ssh session
+    sends it to the whole group), unless it was ignored at start (`nohup iqa serve`). Workers start with SIGINT
+    and SIGHUP blocked: a Ctrl-C or hangup of the whole group reaches the supervisor only, which stops each worker
+    with SIGTERM, its graceful drain (in-flight requests finish). A SIGTERM to the whole group drains them too.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def __init__(self, *args, **kwargs):
+            nohup = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            super().__init__(*args, **kwargs)
+            if nohup:
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+        def handle_hup(self) -> None:
+            self.handle_term()
+
+        def init_processes(self) -> None:
+            with _blocked_in_children():
+                super().init_processes()
+
+        def keep_subprocess_alive(self) -> None:  # restarts a worker that died
+            with _blocked_in_children():
+                super().keep_subprocess_alive()
+
+    return Supervisor
+
+
+@contextlib.contextmanager
+def _blocked_in_children() -> Iterator[None]:
+    """SIGINT and SIGHUP blocked while workers are started: they inherit the mask through exec and keep it, so
+    those signals stay with the supervisor. Here a signal arriving meanwhile waits, and is handled on unblocking."""
+    from multiprocessing import resource_tracker
+
+    stops = {signal.SIGINT, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        # multiprocessing's resource tracker process, started with the first worker, keeps SIGHUP blocked too; its
+        # start unblocks SIGINT here, so it starts first and SIGINT is blocked again after it
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def serve(config: ServeConfig, say: Callable[[str], None] = print) -> None:
-    """Checks the options, then serves until SIGTERM/SIGINT (in-flight requests finish first)."""
+    """Checks the options, then serves until SIGTERM/SIGINT/SIGHUP (in-flight requests finish first)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     config.check()
     check_model(config)
@@ -115,7 +163,7 @@ def serve(config: ServeConfig, say: Callable[[str], None] = print) -> None:
             f"iqa serve: http://{config.host}:{config.port} model {config.model.model} on {', '.join(config.devices)}, "
             f"max batch {config.max_batch}, max wait {config.max_wait_ms:g} ms"
         )
-        supervisor = Multiprocess(server_config, sockets=[sock])
+        supervisor = supervisor_class()(server_config, sockets=[sock])
         supervisor.run()
     finally:
         shutil.rmtree(work, ignore_errors=True)

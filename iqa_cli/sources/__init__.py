@@ -143,6 +143,9 @@ def open_inputs(inputs: Sequence[str | Path], options: SourceOptions) -> Source:
             the source refuses (a missing file, a tar that is not one, a Parquet file without the image column).
     """
     names = [os.fspath(p) for p in inputs]
+    for name in names:  # a list of images given where the images go: what was meant is --from
+        if Path(name).suffix.lower() in (".csv", ".tsv", ".txt", ".lst") and os.path.isfile(name):
+            raise UserError(f"{name} is a list, not an image: to score the images it names, use --from {name}")
     listed = _listed_inputs(options.from_file)
     if listed is not None:
         names += listed

@@ -78,7 +78,10 @@ class DataConfig:
     data_dir: Path | None = option(
         None, "Data directory [default: $IQA_DATA_DIR or ./iqa-data].", metavar="DIR", control=True
     )
-    images: Path | None = option(None, "Image root for metas prepared without --images.", metavar="DIR", control=True)
+    images: Path | None = option(
+        None, "Image root [default: the one each meta records; metas prepared without --images need it].",
+        metavar="DIR", control=True,
+    )  # fmt: skip
     repeats: list[int] | None = option(
         None,
         "Comma-separated integer repeat counts, one per dataset [default: 1 each].",
@@ -94,7 +97,7 @@ class DataConfig:
     fixed_question: bool = option(False, "Always ask the scoring question instead of one of ten phrasings.")
     # Video datasets' sampling, as `iqa score`'s (None: its default; unset in runs from before videos)
     fps: float | None = option(None, "Videos: frames per second of video [default: 1, unless --frames].", metavar="F")
-    frames: int | None = option(None, "Videos: N frames spread uniformly instead.", metavar="N")
+    frames: int | None = option(None, "Videos: N frames spread uniformly instead [default: off: --fps].", metavar="N")
     max_frames: int | None = option(None, "Videos: at most N frames with --fps [default: 32].", metavar="N")
 
     def sampling(self) -> Any:
@@ -120,7 +123,9 @@ class ModelConfig:
     name: str = option(
         DEFAULT_TRAIN_MODEL, "Model to fine-tune: Hugging Face repo id or directory.", flag="model", metavar="MODEL"
     )
-    base: str | None = option(None, "Base model when --model is a LoRA adapter.", metavar="MODEL")
+    base: str | None = option(
+        None, "Base model when --model is a LoRA adapter [default: the one the adapter names].", metavar="MODEL"
+    )
     gradient_checkpointing: bool = option(
         True, "Recompute activations in backward.", switch="--gradient-checkpointing/--no-gradient-checkpointing"
     )
@@ -138,19 +143,19 @@ class OptimizerConfig:
     """AdamW, cosine with warmup, the batch and the seed."""
 
     panel: ClassVar[str] = "Optimization"
-    epochs: int | None = option(None, "Passes over the training rows [deqa/qalign/qscorer 3, grpo 10].", metavar="N")
+    epochs: int | None = option(None, "Passes over the training rows [default: 3; grpo 10].", metavar="N")
     max_steps: int = option(0, "Stop after N optimizer steps (the LR schedule ends there); 0: all epochs.", metavar="N")
     batch_size: int = option(
         64, "Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair).", metavar="N"
     )
     grad_accum: int = option(1, "Micro batches accumulated per optimizer step.", metavar="N")
     lr: float | None = option(
-        None, "Peak learning rate (AdamW; cosine decay, grpo linear) [deqa/qalign/qscorer 2e-5, grpo 1e-6].",
+        None, "Peak learning rate (AdamW; cosine decay, grpo linear) [default: 2e-5; grpo 1e-6].",
         metavar="LR",
     )  # fmt: skip
     weight_decay: float = option(0.0, "AdamW weight decay (none on biases/norms).", metavar="X")
     warmup_ratio: float | None = option(
-        None, "Fraction of steps of linear warmup [deqa/qalign/qscorer 0.03, grpo 0].", metavar="X"
+        None, "Fraction of steps of linear warmup [default: 0.03; grpo 0].", metavar="X"
     )
     max_grad_norm: float = option(
         1.0, "Gradient clipping norm (HF Trainer's default, which the reference ran with); 0: off.", metavar="X"
@@ -179,11 +184,11 @@ class LossConfig:
     """Loss weights and variants (`iqa_cli.losses`); None: the method's default (`objectives`)."""
 
     panel: ClassVar[str] = "Loss"
-    w_fid: float | None = option(None, "Fidelity loss weight [deqa 1, qscorer 0].", metavar="W")
+    w_fid: float | None = option(None, "Fidelity loss weight [default: deqa 1, qscorer 0].", metavar="W")
     w_tok: float | None = option(
-        None, "Weight of the token losses (CE + KL) [deqa/qscorer 0.05, qalign 1].", metavar="W"
+        None, "Weight of the token losses (CE + KL) [default: deqa/qscorer 0.05, qalign 1].", metavar="W"
     )
-    w_kl: float | None = option(None, "Soft-label KL weight, relative to CE [deqa 1, qscorer 0].", metavar="W")
+    w_kl: float | None = option(None, "Soft-label KL weight, relative to CE [default: deqa 1, qscorer 0].", metavar="W")
     w_in_level: float = option(0.0, "DeQA-Score's optional in-level loss weight.", metavar="W")
     fid_std: str = option(
         "fixed", "Predicted std in the fidelity loss: fixed (1, the reference's) or predicted (the paper's).",
@@ -216,24 +221,27 @@ class GRPOConfig:
     )  # fmt: skip
     reward: str | None = option(
         None, "threshold (Q-Insight: 1 when |answer - MOS| < --reward-threshold) or fidelity (VisualQuality-R1: "
-        "Thurstone fidelity of each answer against the other images of the batch) [the preset's].", metavar="REWARD",
+        "Thurstone fidelity of each answer against the other images of the batch) [default: the preset's].",
+        metavar="REWARD",
     )  # fmt: skip
     threshold: float | None = option(
-        None, "threshold reward: the largest |answer - MOS| (MOS on 1-5) that earns 1 [0.35].",
+        None, "threshold reward: the largest |answer - MOS| (MOS on 1-5) that earns 1 [default: 0.35].",
         flag="reward_threshold", metavar="X",
     )  # fmt: skip
-    w_reward: float | None = option(None, "Weight of the score reward [1].", metavar="W")
-    w_format: float | None = option(None, "Weight of the format reward (the preset's answer shape) [1].", metavar="W")
+    w_reward: float | None = option(None, "Weight of the score reward [default: 1].", metavar="W")
+    w_format: float | None = option(
+        None, "Weight of the format reward (the preset's answer shape) [default: 1].", metavar="W"
+    )
     num_generations: int | None = option(
-        None, "Answers sampled per image (the group) [q-insight 8, visualquality-r1 6].", metavar="G"
+        None, "Answers sampled per image (the group) [default: q-insight 8, visualquality-r1 6].", metavar="G"
     )
     beta: float | None = option(
-        None, "KL coefficient against the initial model [q-insight 0.001, visualquality-r1 0.04].", metavar="X"
+        None, "KL coefficient against the initial model [default: q-insight 0.001, visualquality-r1 0.04].", metavar="X"
     )
-    max_completion_length: int | None = option(None, "Most tokens per sampled answer [256].", metavar="N")
-    temperature: float | None = option(None, "Sampling temperature [1.0].", metavar="T")
+    max_completion_length: int | None = option(None, "Most tokens per sampled answer [default: 256].", metavar="N")
+    temperature: float | None = option(None, "Sampling temperature [default: 1.0].", metavar="T")
     top_k: int | None = option(
-        None, "Sample among the K likeliest tokens; 0: all [50, transformers' default the recipes ran with].",
+        None, "Sample among the K likeliest tokens; 0: all [default: 50, transformers' default the recipes ran with].",
         metavar="K",
     )  # fmt: skip
 
@@ -279,7 +287,11 @@ class CheckpointConfig:
 
     panel: ClassVar[str] = "Checkpoints"
     every: int = option(
-        0, "Checkpoint every N steps (always at each epoch end).", flag="save_every", metavar="N", control=True
+        0,
+        "Checkpoint every N steps; 0: only at each epoch end (and by --save-minutes).",
+        flag="save_every",
+        metavar="N",
+        control=True,
     )
     minutes: float = option(
         30.0, "Also checkpoint when this many minutes passed since the last one; 0: off.", flag="save_minutes",

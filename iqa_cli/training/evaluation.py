@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iqa_cli import distributed
+from iqa_cli import distributed, interrupts
 from iqa_cli.training import data as train_data
 from iqa_cli.training.model import Levels
 from iqa_cli.training.session import Session, autocast, workers
@@ -77,6 +77,7 @@ def evaluate(session: Session) -> dict[str, Any]:
                 collate_fn=train_data.EvalCollate(collate),
                 num_workers=workers(session),
                 generator=torch.Generator().manual_seed(0),
+                worker_init_fn=interrupts.leave_to_main_process,
             )
             for visual, index, ok in loader:
                 # no_grad, not inference_mode: FSDP2 reuses the parameters it gathers, and inference tensors made in

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from iqa_cli import distributed
+from iqa_cli import distributed, interrupts
 from iqa_cli.errors import UserError
 from iqa_cli.losses import LossParts
 from iqa_cli.progress import progress_bar
@@ -70,6 +70,7 @@ def _loader(session: Session, epoch: int, start_step: int):
         generator=torch.Generator().manual_seed(seed + epoch),
         prefetch_factor=4 if n_workers else None,
         persistent_workers=False,
+        worker_init_fn=interrupts.leave_to_main_process,  # a stop for the group: the main process saves first
     )
 
 

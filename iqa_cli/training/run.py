@@ -10,6 +10,7 @@ from typing import Any
 
 from iqa_cli import distributed, interrupts, run_lock
 from iqa_cli.errors import UserError
+from iqa_cli.models import hub
 from iqa_cli.paths import resolve_data_dir
 from iqa_cli.training import data as train_data
 from iqa_cli.training import state as train_state
@@ -19,7 +20,7 @@ from iqa_cli.training.session import Session, setup
 
 
 class TrainInterrupted(interrupts.Interrupted):
-    """SIGINT/SIGTERM stopped the run; its last checkpoint stays, and the same command resumes from it."""
+    """SIGINT/SIGTERM/SIGHUP stopped the run; its last checkpoint stays, and the same command resumes from it."""
 
     def __init__(self, signum: int, run: train_state.RunDirectory, is_main: bool = True):
         super().__init__(signum)
@@ -93,9 +94,12 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
 
     Raises:
         UserError: a bad flag, --out or --datasets, before anything is loaded.
-        TrainInterrupted: SIGINT/SIGTERM (also when started in the background, where SIGINT starts ignored).
+        TrainInterrupted: SIGINT/SIGTERM/SIGHUP (also when started in the background, where SIGINT starts ignored).
     """
     validate(config)
+    hub.check_name(config.model.name)  # a missing folder or a file: one line before anything is read
+    if config.model.base is not None:
+        hub.check_name(config.model.base, what="base model")
     # before --overwrite clears --out
     train_data.check_metas(config.data.datasets, resolve_data_dir(config.data.data_dir))
     if config.method == GRPO:
@@ -124,6 +128,10 @@ def train(config: TrainConfig, console: Any = None) -> TrainResult:
         if decision not in ("fresh", "resume", "complete"):
             raise UserError(decision)
         if decision == "complete":
+            data = train_data.load_train_data(  # the rows it was trained on are still the prepared ones
+                config.data.datasets, resolve_data_dir(config.data.data_dir), images=config.data.images
+            )
+            train_state.check_same_data(run, data.fingerprint, [m.path for m in data.metas], finished=True)
             return TrainResult(
                 out=Path(config.out),
                 method=config.method,

@@ -228,13 +228,7 @@ def setup(config: TrainConfig, decision: str = "fresh", console: Any = None, bac
 
 def _check_same_data(run: train_state.RunDirectory, data: train_data.TrainData) -> None:
     """A resumed run continues the sampler where it stopped, which only means something on the same rows."""
-    saved = (run.read_config() or {}).get("data_fingerprint")
-    if saved and saved != data.fingerprint:
-        metas = ", ".join(str(m.path) for m in data.metas)
-        raise UserError(
-            f"{run.out} was trained on other data: {metas} changed since the run started (prepared again?); "
-            "use another --out, or --overwrite to start over"
-        )
+    train_state.check_same_data(run, data.fingerprint, [m.path for m in data.metas], finished=False)
 
 
 def _logger(session: Session) -> Callable[[str], None]:

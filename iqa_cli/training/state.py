@@ -162,14 +162,14 @@ def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) ->
             return f"--resume: nothing to resume in {run.out}"
         return "fresh"
     changed = [
-        f"{key} {saved.get(key)!r} -> {config.get(key)!r}"
+        _changed_option(key, saved.get(key), config.get(key))
         for key in sorted(set(saved) | set(config))
         if key not in control_fields and saved.get(key) != config.get(key)
     ]
     if changed:
         return (
-            f"{run.out} holds a run with another configuration ({'; '.join(changed)}); "
-            "use another --out, or --overwrite to start over"
+            f"{run.out} holds a run with other options ({'; '.join(changed)}); give its options to resume or keep "
+            "it, another --out for a new run, or --overwrite to start over"
         )
     if run.is_finished():
         return "complete"
@@ -178,6 +178,40 @@ def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) ->
     if config.get("resume"):
         return f"--resume: {run.out} has no checkpoint yet (the run stopped before its first save)"
     return "fresh"
+
+
+def _changed_option(key: str, then: Any, now: Any) -> str:
+    """`--lr 0.001 then, 0.0002 now`: a recorded option as its flag, with the values as they are typed."""
+
+    def typed(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if value is None:
+            return "unset"
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return str(value)
+
+    return f"--{key.replace('_', '-')} {typed(then)} then, {typed(now)} now"
+
+
+def check_same_data(run: RunDirectory, fingerprint: str, metas: list[Path], *, finished: bool) -> None:
+    """A resumed run continues the sampler where it stopped, and a finished run was trained on certain rows: both
+    only hold for the data they were started on.
+
+    Raises:
+        UserError: the prepared metas changed since the run started (prepared again, other images missing).
+    """
+    saved = (run.read_config() or {}).get("data_fingerprint")
+    if not saved or saved == fingerprint:
+        return
+    names = ", ".join(str(m) for m in metas)
+    what = "a finished run" if finished else "a run"
+    again = "train again" if finished else "start over"
+    raise UserError(
+        f"{run.out} holds {what} trained on other data: {names} changed since it started (prepared again, or images "
+        f"went missing); use another --out for the new data, or --overwrite to {again}"
+    )
 
 
 # --- resumable checkpoints ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from iqa_cli.constants import DEFAULT_QUESTION
 from iqa_cli.errors import UserError
+from iqa_cli.models import hub
 from iqa_cli.models.backbone import BackboneOutput, Family, ModuleBackbone, Provenance, VisualInputs
 from iqa_cli.models.hf_vlm import DEFAULT_TRAIN_MODEL, IMAGE_TOKENS, LORA_TARGETS, PATCH_GRID_FAMILIES, VIDEO_MODES
 from iqa_cli.models.hf_vlm.checkpoints import (
@@ -309,17 +310,23 @@ def load(
 
     _check_config(model, revision)
     source = str(model)
-    path = Path(model).expanduser()
-    weights_dir = path if path.is_dir() else None
+    # decided before transformers is asked (which would retry a dead network for half a minute): a local folder
+    # (a cached snapshot too, when the Hub cannot be reached), or a repo id that the Hub knows
+    where = hub.locate(model, revision)
+    weights_dir = where if isinstance(where, Path) else None
+    cached_repo, cached_commit = hub.provenance_from_cache_path(weights_dir.resolve()) if weights_dir else (None, None)
+    revision = None if weights_dir else revision
     adapter = weights_dir is not None and (weights_dir / ADAPTER_CONFIG).is_file()
     if adapter:
-        base = base or _adapter_base(weights_dir)
+        base = str(hub.locate(base or _adapter_base(weights_dir), what="base model"))
+    elif base is not None:
+        raise UserError(f"base model {base}: a base applies to LoRA adapters only, and {source} is a full model")
     try:
         with _quiet_transformers():
-            processor = AutoProcessor.from_pretrained(str(model), revision=revision, trust_remote_code=False)
+            processor = AutoProcessor.from_pretrained(str(where), revision=revision, trust_remote_code=False)
             _check_processor(processor, source)  # before any weights are read
             loaded = AutoModelForImageTextToText.from_pretrained(
-                str(base if adapter else model),
+                str(base if adapter else where),
                 revision=None if adapter else revision,
                 dtype=dtype or torch.float32,
                 trust_remote_code=False,
@@ -337,9 +344,9 @@ def load(
     if min_pixels is None and max_pixels is None and weights_dir is not None:  # a run: scored as it was trained
         min_pixels, max_pixels = _trained_pixels(weights_dir)
     kwargs = pixel_options(model_type, min_pixels, max_pixels, patch * merge)
-    commit = getattr(loaded.config, "_commit_hash", None) or ""
+    commit = getattr(loaded.config, "_commit_hash", None) or cached_commit or ""
     provenance = Provenance(
-        model=str(path.resolve()) if weights_dir else source,
+        model=cached_repo or (str(weights_dir.resolve()) if weights_dir else source),
         revision=commit or "",
         layout="lora" if adapter else "full",
         weights_dir=weights_dir,

@@ -413,6 +413,8 @@ def load_mplug_owl2(
     src = hub.resolve(model, revision, _META_PATTERNS)
     if (src.path / ADAPTER_CONFIG).is_file():
         return _load_lora(src, base, want_dtype, target_device)
+    if base is not None:
+        raise UserError(f"base model {base}: a base applies to LoRA adapters only, and {model} is a full model")
     config = MPLUGOwl2Config.load(src.path)
     files = _weight_files(src.path, src)
     _infer_deepmlp(config, files.shapes)
