@@ -28,7 +28,8 @@ from iqa_cli.models.mplug_owl2.backbone import wrap
 from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
 from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
 from iqa_cli.process import quiet_torchao_notice
-from iqa_cli.scoring.scorer import Readout, level_moments, read_levels
+from iqa_cli.scoring.moments import level_moments
+from iqa_cli.scoring.readout import Readout, read_levels
 
 quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 

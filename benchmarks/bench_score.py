@@ -484,7 +484,8 @@ def random_scorer(tiny: bool, device: torch.device, dtype: torch.dtype):
     from iqa_cli.models.mplug_owl2.config import MPLUGOwl2Config
     from iqa_cli.models.mplug_owl2.model import MPLUGOwl2ForCausalLM
     from iqa_cli.models.mplug_owl2.tokenizer import DEFAULT_PROMPT
-    from iqa_cli.scoring.scorer import Readout, Scorer
+    from iqa_cli.scoring.readout import Readout
+    from iqa_cli.scoring.scorer import Scorer
 
     if tiny:
         config = MPLUGOwl2Config.from_name("mplug-owl2-tiny")

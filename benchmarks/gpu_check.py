@@ -304,7 +304,8 @@ def qwen_scorer(check: Check, dtype: torch.dtype):
     from iqa_cli.models.backbone import Provenance
     from iqa_cli.models.hf_vlm.backbone import HFVisionLanguageBackbone
     from iqa_cli.models.hf_vlm.preprocess import pixel_options
-    from iqa_cli.scoring.scorer import Scorer, build_readout
+    from iqa_cli.scoring.readout import build_readout
+    from iqa_cli.scoring.scorer import Scorer
 
     tiny = tiny_checkpoints(check.tmp)["qwen2_5_vl"]
     config = AutoConfig.from_pretrained(tiny)

@@ -22,11 +22,11 @@ from iqa_cli.cli_options import (
     with_config_options,
     with_model_options,
 )
-from iqa_cli.constants import DEFAULT_PORT
 from iqa_cli.errors import UserError, speak_flags
 from iqa_cli.model_options import ModelSpec
 from iqa_cli.prepare_report import prepare_help
 from iqa_cli.scoring.config import ScoreConfig
+from iqa_cli.serving.config import ServeConfig
 from iqa_cli.training.config import TrainConfig
 
 PROG, COMPLETE_VAR = completion.PROG, completion.COMPLETE_VAR
@@ -504,45 +504,15 @@ def entry() -> None:
     iqa serve --model iqa-demo/run --device cpu
     iqa serve --devices 0,1 --token SECRET --host 0.0.0.0
     """,
-    panels={
-        "Server": ("host", "port", "devices", "token", "timeout"),
-        "Batching and limits": ("max_batch", "max_wait_ms", "max_body_mb", "max_images", "max_queue"),
-    },
 )
 @with_model_options()
-def serve(
-    model: ModelSpec = None,  # its flags: @with_model_options
-    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on."),
-    port: int = typer.Option(
-        DEFAULT_PORT, "--port", metavar="PORT", help=f"Port (Flow-GRPO's reward client uses {DEFAULT_PORT})."
-    ),
-    devices: str = typer.Option(
-        "auto",
-        "--devices",
-        "--device",
-        metavar="LIST",
-        autocompletion=completion.devices,
-        help="auto (every GPU, else the CPU), cpu, or GPU indices: 0,1,... (one worker per device).",
-    ),
-    max_batch: int = typer.Option(64, "--max-batch", metavar="N", help="Images per model call (always N rows)."),
-    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", metavar="MS", help="Wait for more images to batch."),
-    token: str | None = typer.Option(
-        None, "--token", metavar="TOKEN", envvar="IQA_SERVE_TOKEN", help="Require Authorization: Bearer TOKEN."
-    ),
-    max_body_mb: float = typer.Option(64.0, "--max-body-mb", metavar="MB", help="Request body limit."),
-    max_images: int = typer.Option(256, "--max-images", metavar="N", help="Images per request limit."),
-    max_queue: int | None = typer.Option(
-        None, "--max-queue", metavar="N", help="Images waiting per worker before 503 [default: max(4 x batch, images)]."
-    ),
-    timeout: float = typer.Option(120.0, "--timeout", metavar="S", help="Per-request time limit in seconds."),
-) -> None:
+@with_config_options(ServeConfig, into="options")
+def serve(options: dict | None = None, model: ModelSpec | None = None) -> None:  # flags: the decorators
     """Serve a model over HTTP: POST /score (JSON), POST / (Flow-GRPO's pickle protocol), GET /health, /metrics.
 
     One worker process per device holds one model; images of concurrent requests are batched together and a
     score never depends on which requests shared its batch. SIGTERM drains in-flight requests, then exits 0.
     """
-    from iqa_cli.serving.config import ServeConfig, parse_devices
-
     try:
         from iqa_cli.serving.server import ServeError
         from iqa_cli.serving.server import serve as run_server
@@ -550,21 +520,8 @@ def serve(
         raise UserError(
             f"iqa serve needs the serve extra ({err.name} is missing): pip install 'iqa-cli[serve]'"
         ) from None
-    config = ServeConfig(
-        model=model,
-        host=host,
-        port=port,
-        devices=parse_devices(devices),
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        token=token,
-        max_body_mb=max_body_mb,
-        max_images=max_images,
-        max_queue=max_queue,
-        timeout_s=timeout,
-    )
     try:
-        run_server(config, say=_say)
+        run_server(ServeConfig(**options, model=model), say=_say)
     except ServeError as exc:
         _say(f"error: {exc}")
         raise typer.Exit(exc.exit_code) from None

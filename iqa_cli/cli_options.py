@@ -184,12 +184,13 @@ def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Pa
         default = ",".join(map(str, value)) if isinstance(value, list) and value else None
     else:
         default = f.default
-    flags = [meta.get("switch") or "--" + name.replace("_", "-"), *([meta["short"]] if meta.get("short") else [])]
+    flags = [meta.get("switch") or "--" + name.replace("_", "-"), *([meta["alias"]] if meta.get("alias") else [])]
     typer_param = typer.Option(
         default,
         *flags,
         metavar=meta.get("metavar"),
         help=meta.get("help"),
+        envvar=meta.get("envvar"),
         autocompletion=getattr(completion, meta["completion"]) if meta.get("completion") else None,
         rich_help_panel=panel,
         show_default=default is not None and default is not ... and default is not False,

@@ -27,3 +27,7 @@ QUESTIONS: tuple[str, ...] = (
     "Could you evaluate the quality of this image?",
     "How do you assess the quality of this image?",
 )
+
+# The decompression-bomb limit of an image and of a video frame (width x height): Pillow's default (89,478,485
+# pixels, about 0.25 GB as 24-bit RGB). Over it, an image or a video is a row with `error` set.
+DEFAULT_MAX_PIXELS = 89_478_485

@@ -19,6 +19,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps
 
+from iqa_cli.constants import DEFAULT_MAX_PIXELS
+
 # Extensions (lower case) of the images a folder walk picks up and a WebDataset sample's image member may have,
 # in order of preference when a sample has two. Files given by name or listed with `--from` are read whatever
 # their extension; formats Pillow cannot decode here (HEIC without a plugin) become rows with `error` set.
@@ -26,8 +28,6 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".jfif", ".dib", ".tif", ".tiff", ".gif",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
 )  # fmt: skip
-# Pillow's default decompression-bomb limit (89,478,485 pixels, about 0.25 GB as 24-bit RGB).
-DEFAULT_MAX_PIXELS = 89_478_485
 # Pillow warns on the screen when an image is over its limit (and refuses it above twice that). `load_image` checks
 # the same size itself and makes an over-limit image a row with `error` set, so the warning would only repeat that
 # row's reason, raw, once per decoding process. A process-wide filter: `warnings.catch_warnings` is not

@@ -16,7 +16,8 @@ def option(
     control: bool = False,
     switch: str | None = None,
     required: bool = False,
-    short: str | None = None,
+    alias: str | None = None,
+    envvar: str | None = None,
     completion: str | None = None,
     panel: str | None = None,
     argument: bool = False,
@@ -32,7 +33,8 @@ def option(
         control: `iqa train`: may change when a run resumes (how it runs, not what it trains).
         switch: the flag's spelling when it is not `--name` (`--from`; a boolean's `--on/--off`).
         required: the command line must give it.
-        short: a one-letter alias (`-o`).
+        alias: another spelling (`-o`; serve's `--device` for `--devices`).
+        envvar: an environment variable that gives the value when the flag is absent (a secret kept off `ps`).
         completion: `iqa_cli.completion`'s completer of its values.
         panel: the help section it is listed in (default: its config's `panel`).
         argument: a positional argument (`iqa score PATH...`) rather than an option.
@@ -41,6 +43,7 @@ def option(
     """
     metadata = {
         "flag": flag, "control": control, "help": help, "metavar": metavar, "switch": switch, "required": required,
-        "short": short, "completion": completion, "panel": panel, "argument": argument, "raw": raw, "cli": cli,
+        "alias": alias, "envvar": envvar, "completion": completion, "panel": panel, "argument": argument, "raw": raw,
+        "cli": cli,
     }  # fmt: skip
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from iqa_cli.constants import DEFAULT_MAX_PIXELS
+
 if TYPE_CHECKING:  # importing this module (the score options' defaults) loads neither numpy nor PyAV
     import numpy as np
 
@@ -48,9 +50,6 @@ MIN_SKIP = 12
 # Leading bytes of the containers above (a Parquet cell or shard member carries no file name to go by).
 _EBML = b"\x1a\x45\xdf\xa3"  # Matroska / WebM
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # MP4 / MOV / M4V, at bytes 4..8
-
-
-MAX_PIXELS = 89_478_485  # per frame: the images' decompression-bomb limit (`iqa_cli.images.DEFAULT_MAX_PIXELS`)
 
 
 class VideoDecodeError(Exception):
@@ -134,7 +133,7 @@ def load_video(
     sampling: Sampling = Sampling(),
     *,
     seek: bool = True,
-    max_pixels: int | None = MAX_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Video:
     """Decodes the sampled frames of a video file (a path, a binary file object, or its bytes).
 

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from iqa_cli.errors import UserError
+from iqa_cli.labels import QUALITY_NAMES as DEFAULT_LEVEL_NAMES
 from iqa_cli.models.backbone import family_of, load_backbone
 from iqa_cli.models.hf_vlm.tiny import TINY_FAMILIES, tiny_checkpoint
-from iqa_cli.scoring.scorer import DEFAULT_LEVEL_NAMES, Scorer
+from iqa_cli.scoring.scorer import Scorer
 from tests.conftest import run_iqa
 
 SIZES = [(40, 60), (70, 30), (50, 50)]  # (h, w): mixed aspect ratios, so Qwen-VL grids differ under --max-pixels

@@ -124,7 +124,7 @@ def _wait_idle(url: str, timeout: float = 30) -> None:
 
 def test_a_request_slower_than_the_timeout_gets_a_json_504_and_the_next_one_is_served(monkeypatch):
     scorer = RowCountScorer(slow_s=2.5)
-    with served(monkeypatch, scorer, timeout_s=1.0, max_batch=4, max_wait_ms=0) as url:
+    with served(monkeypatch, scorer, timeout=1.0, max_batch=4, max_wait_ms=0) as url:
         start = time.monotonic()
         response = requests.post(f"{url}/score", json={"images": [_png(90, width=SLOW_WIDTH)]}, timeout=30)
         waited = time.monotonic() - start

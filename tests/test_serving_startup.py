@@ -19,7 +19,7 @@ from iqa_cli.model_options import ModelSpec
 from iqa_cli.scoring.scorer import Scorer
 from iqa_cli.serving import app
 from iqa_cli.serving.batcher import Batcher, OutOfMemory
-from iqa_cli.serving.config import ServeConfig, parse_call_sizes
+from iqa_cli.serving.config import ServeConfig
 from iqa_cli.serving.metrics import Metrics
 
 
@@ -135,9 +135,8 @@ def test_a_call_takes_the_smallest_size_that_holds_its_images_and_each_size_is_b
 
 
 def test_call_sizes_are_checked_before_anything_starts():
-    assert parse_call_sizes("16,8, 32") == [8, 16, 32] and parse_call_sizes("") is None
-    with pytest.raises(UserError, match="--call-sizes 'eight'"):
-        parse_call_sizes("eight")
+    # (the flag's text -> list: tests/test_user_mistakes.py runs `iqa serve --call-sizes eight`)
+    assert ServeConfig(devices=["0", "cuda:1", "cpu"]).devices == ["cuda:0", "cuda:1", "cpu"]  # --devices 0,...
     with pytest.raises(UserError, match=r"--call-sizes 128: each must be between 1 and --max-batch \(64\)"):
         ServeConfig(devices=["cpu"], call_sizes=[8, 128]).check()
     sent = ServeConfig(devices=["cpu"], call_sizes=[8, 16])

@@ -24,7 +24,7 @@ from iqa_cli.models.mplug_owl2.tokenizer import (
     LlamaTokenizer,
     level_token_ids,
 )
-from iqa_cli.scoring.scorer import Readout, read_levels
+from iqa_cli.scoring.readout import Readout, read_levels
 from iqa_cli.training import data as train_data
 from iqa_cli.training.config import TrainConfig
 from iqa_cli.training.model import TrainForward, add_regressor, level_setup

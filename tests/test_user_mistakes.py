@@ -112,6 +112,9 @@ MISTAKES = [
     (["serve", "--model", "iqa-demo/run", "--devices", "gpu7"], 2, "--devices: 'gpu7' is not a device"),
     (["serve", "--model", "iqa-demo/run", "--port", "70000"], 2, "--port 70000: choose 1..65535"),
     (["serve", "--model", "iqa-demo/run", "--max-batch", "0"], 2, "--max-batch 0: must be at least 1"),
+    (["serve", "--model", "iqa-demo/run", "--devices", ","], 2, "--devices is empty: give auto, cpu"),
+    (["serve", "--model", "iqa-demo/run", "--call-sizes", "eight"], 2, "--call-sizes expects comma-separated integers"),
+    (["serve", "--model", "iqa-demo/run", "--call-sizes", "8,128"], 2, "--call-sizes 128: each must be between 1"),
     # iqa itself
     (["bogus"], 2, "No such command 'bogus'."),
     (["--install-completion", "tcsh"], 2, "unknown shell 'tcsh': use one of bash, zsh, fish"),

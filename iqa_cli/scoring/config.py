@@ -31,7 +31,7 @@ class ScoreConfig:
         "a Parquet file, a run of images).",
         metavar="FILE",
         required=True,
-        short="-o",
+        alias="-o",
         raw=True,
         panel="Output",
     )
@@ -128,7 +128,7 @@ class ScoreConfig:
         False, "Reasoning models: also write each generated answer (column `reasoning`).", panel="Output"
     )
     wait: bool = option(False, "If another run writes the same --out, wait for it to end.")
-    quiet: bool = option(False, "No progress bar or summary.", short="-q")
+    quiet: bool = option(False, "No progress bar or summary.", alias="-q")
     flush_rows: int = option(65536, cli=False)  # write the rows of unfinished units when they are this many ...
     flush_seconds: float = option(30.0, cli=False)  # ... or after this many seconds, whichever comes first
     out_dir: bool = option(False, cli=False)  # --out DIR/ (a trailing slash): one Parquet file per unit

@@ -110,7 +110,7 @@ class Worker:
 
     def stop(self) -> None:
         if self.batcher is not None:
-            self.batcher.stop(timeout=self.config.timeout_s)
+            self.batcher.stop(timeout=self.config.timeout)
 
     def transform(self, request: ScoreRequest) -> tuple[list[Any], list[str | None]]:
         """Decodes and transforms every image (in a thread); failures become per-image reasons."""
@@ -209,7 +209,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return response
 
     async def _score(request: Request, route: str, parse, answer):
-        deadline = time.monotonic() + config.timeout_s
+        deadline = time.monotonic() + config.timeout
         try:
             body = await _read_body(request, config.max_body_bytes)
             parsed = parse(body, config.max_images)
@@ -230,7 +230,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             return error(503, f"{err}; retry later, or restart the server with a smaller --max-batch",
                          {"Retry-After": RETRY_AFTER_S})  # fmt: skip
         except asyncio.TimeoutError:
-            return error(504, f"not scored within --timeout {config.timeout_s:g} s")
+            return error(504, f"not scored within --timeout {config.timeout:g} s")
         finally:
             metrics.queue.dec(len(good))
         it = iter(rows)

@@ -5,38 +5,62 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
-from iqa_cli.constants import DEFAULT_PORT
+from iqa_cli.constants import DEFAULT_MAX_PIXELS, DEFAULT_PORT
 from iqa_cli.errors import UserError
-from iqa_cli.images import DEFAULT_MAX_PIXELS
 from iqa_cli.model_options import ModelSpec
+from iqa_cli.option_field import option
 
 CONFIG_ENV = "IQA_SERVE_CONFIG"  # how the supervisor hands the config to the worker processes it spawns
 
 
+LIMITS = "Batching and limits"  # the help panel of the batching and request-limit flags
+
+
 @dataclass
 class ServeConfig:
-    model: ModelSpec = field(default_factory=ModelSpec)  # which model and how, as `iqa score` loads it
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    devices: list[str] = field(default_factory=lambda: ["auto"])  # resolved by `resolve_devices`
-    max_batch: int = 64  # images per model call; every call has exactly this many rows (batch invariance)
-    call_sizes: list[int] | None = None  # smaller fixed call shapes besides max_batch (e.g. 8, 16, 32): lower latency
-    max_wait_ms: float = 10.0  # how long a model call waits for more images to fill its batch
-    token: str | None = None  # requests need `Authorization: Bearer <token>` when set
-    max_body_mb: float = 64.0  # request body limit
-    max_images: int = 256  # images per request
-    image_pixel_limit: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image (width x height)
-    timeout_s: float = 120.0  # per request, from arrival to answer
-    max_queue: int | None = None  # images waiting per worker before 503 [default: max(4 x max_batch, max_images)]
-    lock_dir: str = ""  # set by `serve`: where workers claim their device (one lock file per device)
+    """`iqa serve`'s options: each field with its flag (`iqa_cli.option_field.option`)."""
+
+    panel: ClassVar[str] = "Server"
+    model: ModelSpec = option(default_factory=ModelSpec, cli=False)  # which model and how (the model flags)
+    host: str = option("127.0.0.1", "Address to listen on.", metavar="ADDRESS")
+    port: int = option(DEFAULT_PORT, f"Port (Flow-GRPO's reward client uses {DEFAULT_PORT}).", metavar="PORT")
+    devices: list[str] = option(
+        help="auto (every GPU, else the CPU), cpu, or GPU indices: 0,1,... (one worker per device).",
+        default_factory=lambda: ["auto"], alias="--device", metavar="LIST", completion="devices",
+    )  # fmt: skip
+    token: str | None = option(
+        None, "Require Authorization: Bearer TOKEN (or set IQA_SERVE_TOKEN, kept off the process list).",
+        metavar="TOKEN", envvar="IQA_SERVE_TOKEN",
+    )  # fmt: skip
+    timeout: float = option(120.0, "Per-request time limit in seconds.", metavar="S")
+    max_batch: int = option(
+        64, "Images per model call (every call has exactly N rows: a score never depends on its batch).",
+        metavar="N", panel=LIMITS,
+    )  # fmt: skip
+    call_sizes: list[int] | None = option(
+        None, "Smaller fixed call shapes besides --max-batch (e.g. 8,16,32): lower latency when few images wait "
+        "[default: none, every call has --max-batch rows].",
+        metavar="LIST", panel=LIMITS,
+    )  # fmt: skip
+    max_wait_ms: float = option(10.0, "Wait for more images to batch.", metavar="MS", panel=LIMITS)
+    max_body_mb: float = option(64.0, "Request body limit.", metavar="MB", panel=LIMITS)
+    max_images: int = option(256, "Images per request limit.", metavar="N", panel=LIMITS)
+    max_queue: int | None = option(
+        None, "Images waiting per worker before 503 [default: max(4 x --max-batch, --max-images)].",
+        metavar="N", panel=LIMITS,
+    )  # fmt: skip
+    image_pixel_limit: int = option(DEFAULT_MAX_PIXELS, cli=False)  # decompression-bomb limit (width x height)
+    lock_dir: str = option("", cli=False)  # set by `serve`: where workers claim their device (a lock file each)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):  # a repo id or folder: its defaults
             self.model = ModelSpec(self.model)
         elif isinstance(self.model, dict):  # the trip to the workers (`to_env`)
             self.model = ModelSpec(**self.model)
+        self.devices = [f"cuda:{name}" if name.isdigit() else name for name in self.devices]  # --devices 0,1
 
     @property
     def max_body_bytes(self) -> int:
@@ -71,10 +95,12 @@ class ServeConfig:
         for flag, number in (("--max-wait-ms", self.max_wait_ms), ("--max-body-mb", self.max_body_mb)):
             if not number >= 0:
                 raise UserError(f"{flag} {number}: must not be negative")
-        if not self.timeout_s > 0:
-            raise UserError(f"--timeout {self.timeout_s}: must be positive")
+        if not self.timeout > 0:
+            raise UserError(f"--timeout {self.timeout}: must be positive")
         if self.token is not None and not self.token.strip():
             raise UserError("--token is empty")
+        if not self.devices:
+            raise UserError("--devices is empty: give auto, cpu, or CUDA indices such as 0,1")
         self.devices = resolve_devices(self.devices)
 
     def to_env(self) -> str:
@@ -83,24 +109,6 @@ class ServeConfig:
     @classmethod
     def from_env(cls) -> ServeConfig:
         return cls(**json.loads(os.environ[CONFIG_ENV]))
-
-
-def parse_call_sizes(text: str | None) -> list[int] | None:
-    """`--call-sizes`: comma-separated row counts ("8,16,32"); None or "" for --max-batch rows in every call."""
-    if not text:
-        return None
-    try:
-        return sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"--call-sizes {text!r}: give row counts such as 8,16,32") from None
-
-
-def parse_devices(text: str) -> list[str]:
-    """`--devices`: "auto", "cpu", or comma-separated CUDA indices ("0,1") or names ("cuda:0")."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise UserError(f"--devices {text!r}: give auto, cpu, or CUDA indices such as 0,1")
-    return [f"cuda:{p}" if p.isdigit() else p for p in parts]
 
 
 def resolve_devices(devices: list[str]) -> list[str]:

@@ -152,7 +152,7 @@ def serve(config: ServeConfig, say: Callable[[str], None] = print) -> None:
         host=config.host,
         port=config.port,
         workers=len(config.devices),
-        timeout_graceful_shutdown=int(config.timeout_s + DRAIN_MARGIN_S),
+        timeout_graceful_shutdown=int(config.timeout + DRAIN_MARGIN_S),
         log_level="warning",
         access_log=False,
     )

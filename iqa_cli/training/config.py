@@ -313,7 +313,7 @@ class ControlConfig:
     resume: bool = option(False, "Require resuming an interrupted run in OUT.", control=True)
     overwrite: bool = option(False, "Discard a run in OUT and start over.", control=True)
     wait: bool = option(False, "If another run trains into the same --out, wait for it to end.", control=True)
-    quiet: bool = option(False, "No progress or per-step messages.", short="-q", control=True)
+    quiet: bool = option(False, "No progress or per-step messages.", alias="-q", control=True)
 
 
 SECTIONS = ("data", "model", "optim", "lora", "loss", "grpo", "eval", "checkpoint", "control")
@@ -325,7 +325,7 @@ class TrainConfig:
 
     panel: ClassVar[str] = "Run"
     out: Path = option(
-        help="Run directory: checkpoints, log, then the final model.", metavar="DIR", required=True, short="-o",
+        help="Run directory: checkpoints, log, then the final model.", metavar="DIR", required=True, alias="-o",
         control=True,
     )  # fmt: skip
     method: str = option(

@@ -16,8 +16,8 @@ from iqa_cli.training.session import Session, autocast, workers
 
 
 def readout(levels: Levels):
-    """The scoring readout (`scoring.scorer.Readout`) of the levels being trained."""
-    from iqa_cli.scoring.scorer import Readout
+    """The scoring readout (`scoring.readout.Readout`) of the levels being trained."""
+    from iqa_cli.scoring.readout import Readout
 
     return Readout(levels.input_ids, levels.ids, levels.names, levels.prompt, levels.regressor)
 
@@ -25,7 +25,7 @@ def readout(levels: Levels):
 def _readouts(session: Session) -> list[Any]:
     """The scoring readout of each prompt set (task, image or video): the levels' own for the run's task on images
     (what `iqa.json` records), the family's task prompt for the others."""
-    from iqa_cli.scoring.scorer import Readout
+    from iqa_cli.scoring.readout import Readout
 
     levels, backbone, data = session.levels, session.backbone, session.data
     looks = []
@@ -45,7 +45,7 @@ def evaluate(session: Session) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from iqa_cli.metrics import plcc, srcc
-    from iqa_cli.scoring.scorer import level_readout
+    from iqa_cli.scoring.readout import level_readout
 
     test = session.data.test
     env = session.env

@@ -316,7 +316,7 @@ def load_checkpoint(
 
 @dataclass
 class RunRecord:
-    """The `iqa.json` of a finished run: the scoring contract (`iqa_cli.scoring.RunInfo`) plus provenance."""
+    """The `iqa.json` of a finished run: the scoring contract (`iqa_cli.scoring.readout.RunInfo`) plus provenance."""
 
     method: str
     level_names: list[str]
