@@ -21,6 +21,19 @@ _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 _flags_spoken = False  # True in a process that runs an `iqa` command
 
 
+class DecodeError(Exception):
+    """An image or video that cannot be decoded: scoring makes it a row with `error` set (its `reason`) and goes on;
+    training leaves it out."""
+
+    def __init__(self, reason: str, path: str | None = None):
+        super().__init__(reason, path)
+        self.reason = reason
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
 class UserError(Exception):
     """A mistake in the user's input, reported as one line and exit code 2.
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from iqa_cli.constants import DEFAULT_MAX_PIXELS
+from iqa_cli.errors import DecodeError
 
 # Extensions (lower case) of the images a folder walk picks up and a WebDataset sample's image member may have,
 # in order of preference when a sample has two. Files given by name or listed with `--from` are read whatever
@@ -36,16 +37,8 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-class ImageDecodeError(Exception):
-    """An image that cannot be decoded; scoring turns it into a row with `error` set and goes on."""
-
-    def __init__(self, reason: str, path: str | None = None):
-        super().__init__(reason, path)
-        self.reason = reason
-        self.path = path
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}" if self.path else self.reason
+class ImageDecodeError(DecodeError):
+    """An image that cannot be decoded (not an image, truncated, over the pixel limit)."""
 
 
 def load_image(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from iqa_cli.constants import DEFAULT_MAX_PIXELS
+from iqa_cli.errors import DecodeError
 
 if TYPE_CHECKING:  # importing this module (the score options' defaults) loads neither numpy nor PyAV
     import numpy as np
@@ -52,17 +53,8 @@ _EBML = b"\x1a\x45\xdf\xa3"  # Matroska / WebM
 _ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # MP4 / MOV / M4V, at bytes 4..8
 
 
-class VideoDecodeError(Exception):
-    """A video that cannot be decoded (no video stream, truncated, not a video): an error row, the run goes on.
-    The same fields as `iqa_cli.images.ImageDecodeError`."""
-
-    def __init__(self, reason: str, path: str | None = None):
-        super().__init__(reason, path)
-        self.reason = reason
-        self.path = path
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}" if self.path else self.reason
+class VideoDecodeError(DecodeError):
+    """A video that cannot be decoded (no video stream, truncated, not a video)."""
 
 
 def is_video_name(name: str) -> bool:

@@ -163,10 +163,9 @@ def decoded(value: Any) -> Decoded:
 
 def reason(exc: BaseException) -> str:
     """An error row's text: the decoder's reason without the path (the row names the image)."""
-    from iqa_cli.images import ImageDecodeError
-    from iqa_cli.video import VideoDecodeError
+    from iqa_cli.errors import DecodeError
 
-    if isinstance(exc, (ImageDecodeError, VideoDecodeError)):
+    if isinstance(exc, DecodeError):
         return " ".join(str(exc.reason or exc).split()) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from iqa_cli.errors import DecodeError
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,7 +27,7 @@ Encoded = Any  # iqa_cli.training.data.Encoded
 
 def decode_visual(path: str, video: bool, transform: Any, video_transform: Any, sampling: Any) -> dict:
     """A row's visual inputs: the image through `transform`, or the video's sampled frames through
-    `video_transform`. Raises ImageDecodeError / VideoDecodeError (or a UserError for a family without videos)."""
+    `video_transform`. Raises a DecodeError (or a UserError for a family without videos)."""
     if not video:
         from iqa_cli.images import load_image
 
@@ -37,13 +39,6 @@ def decode_visual(path: str, video: bool, transform: Any, video_transform: Any, 
 
         raise UserError(f"{path}: this model family does not take videos")
     return video_transform(load_video(path, sampling or Sampling()))
-
-
-def _decode_errors() -> tuple[type[Exception], ...]:
-    from iqa_cli.images import ImageDecodeError
-    from iqa_cli.video import VideoDecodeError
-
-    return ImageDecodeError, VideoDecodeError
 
 
 class TrainImages:
@@ -77,7 +72,7 @@ class TrainImages:
         try:
             visual = decode_visual(path, video, self.transform, self.video_transform, self.sampling)
             error = None
-        except _decode_errors() as exc:
+        except DecodeError as exc:
             visual, error = None, str(exc)
         prompt = int(self.rows.prompt[row]) if self.rows.prompt is not None else 0
         enc = self.encodings[prompt, int(self.rows.question[row]), int(self.level_of[row])]
@@ -205,7 +200,7 @@ class EvalImages:
         try:
             visual = decode_visual(self.paths[i], self.video, self.transform, self.video_transform, self.sampling)
             return visual, i, True
-        except _decode_errors():
+        except DecodeError:
             return None, i, False
 
 

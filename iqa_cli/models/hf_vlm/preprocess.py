@@ -44,14 +44,20 @@ class ProcessorTransform:
             return_tensors="pt",
             **self.images_kwargs,
         )
-        item = {IMAGE_IDS: out["input_ids"][0]}
-        if TOKEN_TYPES in out:
-            item[TOKEN_TYPES] = torch.as_tensor(out[TOKEN_TYPES][0])
-        for name, value in out.items():
-            if name in TEXT_KEYS or not isinstance(value, torch.Tensor):
-                continue
-            item[name] = value if (self.flat and name == FLAT_PIXELS) else value[0]
-        return item
+        return _one_item(out, flat=(FLAT_PIXELS,) if self.flat else ())
+
+
+def _one_item(out: Any, flat: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The processor's output for one image or video -> a dataset item: the ids its slot expands to, the token
+    types, and its tensors without the batch axis (the `flat` ones have none: all patches of a batch in one)."""
+    item = {IMAGE_IDS: out["input_ids"][0]}
+    if TOKEN_TYPES in out:
+        item[TOKEN_TYPES] = torch.as_tensor(out[TOKEN_TYPES][0])
+    for name, value in out.items():
+        if name in TEXT_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        item[name] = value if name in flat else value[0]
+    return item
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,7 @@ class VideoTransform:
             out = self.processor(text=[self.processor.video_token], videos=[frames], add_special_tokens=False,
                                  return_tensors="pt", do_sample_frames=False, video_metadata=[metadata],
                                  **self.images_kwargs)  # fmt: skip
-        item = {IMAGE_IDS: out["input_ids"][0]}
-        if TOKEN_TYPES in out:
-            item[TOKEN_TYPES] = torch.as_tensor(out[TOKEN_TYPES][0])
-        for name, value in out.items():
-            if name in TEXT_KEYS or not isinstance(value, torch.Tensor):
-                continue
-            item[name] = value if (self.flat and name in (FLAT_PIXELS, VIDEO_PIXELS)) else value[0]
-        return item
+        return _one_item(out, flat=(FLAT_PIXELS, VIDEO_PIXELS) if self.flat else ())
 
 
 @dataclass(frozen=True)
