@@ -42,7 +42,11 @@ OUTPUT_TYPES = {f.name: f.type for f in output_schema(5, False, {})}  # the colu
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """One local Ray for the module (2 CPUs, no dashboard); actors import `tests` through PYTHONPATH."""
+    """One local Ray for the module (2 CPUs, no dashboard); actors import `tests` through PYTHONPATH.
+    Ray Data's progress bars replace builtins.print in this process: put it back for the tests after."""
+    import builtins
+
+    original_print = builtins.print
     context = ray.init(
         num_cpus=2,
         num_gpus=0,
@@ -52,6 +56,7 @@ def ray_address():
     )
     yield context.address_info["address"]
     ray.shutdown()
+    builtins.print = original_print
 
 
 @pytest.fixture(scope="module")
