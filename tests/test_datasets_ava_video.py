@@ -124,3 +124,19 @@ def test_konvid1k_and_lsvq_name_their_videos_and_splits(tmp_path):
     assert set(read_meta(hd.out)[0]["split"]) == {"test"}
     table = pq.read_table(lsvq.out)
     assert json.loads(table.schema.metadata[b"level_names"]) == ["bad", "poor", "fair", "good", "excellent"]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "file", "header", "fragment"),
+    [
+        ("konvid1k", "KoNViD_1k_mos.csv", "video,mos\n1,2.5\n", "KoNViD-1k's score files have columns flickr_id"),
+        ("lsvq", "labels_train_test.csv", "name,score\na,50\n", "LSVQ's label files have columns name and mos"),
+    ],
+)
+def test_a_video_score_file_without_its_columns_is_one_line_naming_them(tmp_path, dataset, file, header, fragment):
+    (tmp_path / file).write_text(header)
+    result = run_iqa("prepare", dataset, "--csv", str(tmp_path / file), "--out", str(tmp_path / "m.parquet"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert fragment in result.stderr and str(tmp_path / file) in result.stderr
+    assert f"(columns found: {header.split(chr(10))[0].replace(',', ', ')})" in result.stderr
+    assert not (tmp_path / "m.parquet").exists()

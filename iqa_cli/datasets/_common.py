@@ -159,6 +159,15 @@ def find_column(frame: pd.DataFrame, candidates: Iterable[str]) -> str | None:
     return None
 
 
+def find_columns(frame: pd.DataFrame, path: Path | str, what: str, *names: str) -> list[str]:
+    """The columns named `names` (case and surrounding spaces ignored), or one line saying what `what` holds."""
+    found = [find_column(frame, [name]) for name in names]
+    if None in found:
+        columns = ", ".join(map(str, frame.columns)) or "none"
+        raise UserError(f"{path}: {what} have columns {' and '.join(names)} (columns found: {columns})")
+    return found
+
+
 def load_csv(path: Path, file_name: str, what: str, required: Iterable[str]) -> tuple[Path, pd.DataFrame]:
     """The dataset's CSV (`path`, or `file_name` inside the directory `path`), checked for `required` columns."""
     path = pick_file(path, [file_name], what)

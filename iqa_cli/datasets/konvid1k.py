@@ -15,8 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iqa_cli.datasets._common import DatasetSpec, MetaTable, ReadOptions, common_table, find_column, pick_file, read_csv
-from iqa_cli.errors import UserError
+from iqa_cli.datasets._common import (
+    DatasetSpec,
+    MetaTable,
+    ReadOptions,
+    common_table,
+    find_column,
+    find_columns,
+    pick_file,
+    read_csv,
+)
 
 FILES = ("KoNViD_1k_mos.csv", "KoNViD_1k_attributes.csv")
 
@@ -24,10 +32,7 @@ FILES = ("KoNViD_1k_mos.csv", "KoNViD_1k_attributes.csv")
 def read(path: Path, options: ReadOptions) -> MetaTable:
     path = pick_file(path, FILES, "KoNViD-1k score file")
     frame = read_csv(path, dtype={"flickr_id": str})
-    video_id, mos = find_column(frame, ["flickr_id"]), find_column(frame, ["mos"])
-    if video_id is None or mos is None:
-        found = ", ".join(map(str, frame.columns))
-        raise UserError(f"{path}: KoNViD-1k's score files have columns flickr_id and mos (columns found: {found})")
+    video_id, mos = find_columns(frame, path, "KoNViD-1k's score files", "flickr_id", "mos")
     std = find_column(frame, ["sd", "std"])
     frame = frame.assign(video=frame[video_id].astype(str).str.strip() + ".mp4")
     return common_table(frame, path, image="video", mos=mos, std=std, drop=[video_id])

@@ -24,6 +24,7 @@ from iqa_cli.datasets._common import (
     ReadOptions,
     common_table,
     find_column,
+    find_columns,
     pick_file,
     read_csv,
 )
@@ -36,10 +37,7 @@ _TRUE, _FALSE = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no"}
 def read(path: Path, options: ReadOptions) -> MetaTable:
     path = pick_file(path, FILES, "LSVQ label file")
     frame = read_csv(path, dtype={"name": str})
-    name, mos = find_column(frame, ["name"]), find_column(frame, ["mos"])
-    if name is None or mos is None:
-        found = ", ".join(map(str, frame.columns))
-        raise UserError(f"{path}: LSVQ's label files have columns name and mos (columns found: {found})")
+    name, mos = find_columns(frame, path, "LSVQ's label files", "name", "mos")
     frame = frame.assign(video=frame[name].astype(str).str.strip() + ".mp4")
     is_test = find_column(frame, ["is_test"])
     if is_test is not None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from iqa_cli.errors import UserError
 from iqa_cli.models.backbone import VisualInputs
 from iqa_cli.models.hf_vlm.preprocess import HAS_IMAGE
 
@@ -46,12 +45,7 @@ class GenerationMixin:
     def render_conversation(self, messages: list[dict]) -> str:
         """The family's chat template over `messages` (one image placeholder) with the generation prompt."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if text.count(self.image_token) != 1:
-            raise UserError(
-                f"{self.source}: the chat template renders {text.count(self.image_token)} image tokens"
-                f" {self.image_token!r} for one image: {text!r}"
-            )
-        return text
+        return self.with_one_image_token(text)
 
     def end_of_sequence_ids(self) -> list[int]:
         """The ids that end an answer: the generation config's (Qwen-VL: end of turn and end of text) and the

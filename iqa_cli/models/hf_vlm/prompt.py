@@ -18,6 +18,10 @@ class PromptMixin:
             {"role": "assistant", "content": [{"type": "text", "text": response}]},
         ]
         text = self.processor.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        return self.with_one_image_token(text)
+
+    def with_one_image_token(self, text: str) -> str:
+        """`text`, checked to hold the image token once: a template that drops or repeats it misplaces the image."""
         if text.count(self.image_token) != 1:
             raise UserError(
                 f"{self.source}: the chat template renders {text.count(self.image_token)} image tokens"
