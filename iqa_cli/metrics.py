@@ -324,17 +324,19 @@ def compute_metrics(
 ) -> Metrics:
     """All metrics for one group of rows; degenerate input gives NaNs and notes instead of exceptions.
 
-    Rows where any used value is NaN are dropped (and counted in `notes`).
+    Rows without a finite prediction or target are dropped; rows without both stds (a dataset published with no
+    std, a reasoning answer) still count for the correlations and are left out of KL/JS/W2 alone. Both are counted
+    in `notes`.
     """
     pred, target = _check_pair(pred, target)
-    with_std = pred_std is not None and target_std is not None
-    columns = [pred, target] + ([_as_float64(pred_std), _as_float64(target_std)] if with_std else [])
-    keep = np.logical_and.reduce([np.isfinite(c) for c in columns])
+    keep = np.isfinite(pred) & np.isfinite(target)
     notes = []
     if not keep.all():
         notes.append(f"{int((~keep).sum())} rows with NaN/inf values left out")
-    columns = [c[keep] for c in columns]
-    pred, target = columns[0], columns[1]
+    with_std = pred_std is not None and target_std is not None
+    if with_std:
+        p_std, t_std = _as_float64(pred_std)[keep], _as_float64(target_std)[keep]
+    pred, target = pred[keep], target[keep]
     n = int(pred.size)
 
     nan = math.nan
@@ -374,8 +376,12 @@ def compute_metrics(
         logistic_params=fit.params,
         notes=notes,
     )
-    if with_std and n > 0:
-        p_std, t_std = columns[2], columns[3]
+    if with_std:
+        has_std = np.isfinite(p_std) & np.isfinite(t_std)
+        if not has_std.all():
+            notes.append(f"{int((~has_std).sum())} rows without a std left out of KL/JS/W2")
+        target, pred, p_std, t_std = target[has_std], pred[has_std], p_std[has_std], t_std[has_std]
+    if with_std and pred.size > 0:
         clipped = int((p_std < MIN_STD).sum() + (t_std < MIN_STD).sum())
         if clipped:
             notes.append(f"{clipped} std values below {MIN_STD:g} raised to it for KL/JS/W2")

@@ -233,6 +233,25 @@ def test_compute_metrics_distribution_gaps_are_row_means_of_human_vs_predicted(s
     assert metrics.compute_metrics(mu_pred, mu_h).kl is None
 
 
+def test_rows_without_a_std_keep_their_correlations_and_leave_only_the_distribution_gaps(seeded):
+    """A dataset published without stds (std_norm NaN) or a reasoning answer (std NaN) still ranks: only KL/JS/W2
+    need both stds, and they are the row means over the rows that have them."""
+    rng = np.random.default_rng(seeded)
+    mu_h, s_h, mu_pred, s_pred = _random_gaussian_pairs(rng, 200)
+    s_h[::4], s_pred[1::5] = np.nan, np.nan
+    m = metrics.compute_metrics(mu_pred, mu_h, s_pred, s_h)
+    assert m.n == 200
+    assert m.srcc == pytest.approx(stats.spearmanr(mu_pred, mu_h).statistic, rel=1e-12)
+    assert m.plcc == pytest.approx(stats.pearsonr(mu_pred, mu_h).statistic, rel=1e-12)
+    has = np.isfinite(s_h) & np.isfinite(s_pred)
+    s_used = np.maximum(s_pred[has], metrics.MIN_STD)
+    kl_rows = np.log(s_used / s_h[has]) + (s_h[has] ** 2 + (mu_h[has] - mu_pred[has]) ** 2) / (2 * s_used**2) - 0.5
+    assert m.kl == pytest.approx(kl_rows.mean(), rel=1e-10)
+    assert f"{int((~has).sum())} rows without a std left out of KL/JS/W2" in m.notes
+    nothing = metrics.compute_metrics(mu_pred, mu_h, s_pred, np.full(200, np.nan))
+    assert nothing.n == 200 and nothing.kl is None and np.isfinite(nothing.srcc)
+
+
 # --- degenerate logistic fits ---------------------------------------------------------------------------------------
 
 # Six predictions without a monotone relation to the human scores (SRCC -0.03): the reference recipe's
