@@ -328,6 +328,14 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tiny, iqa, tmp_path):
                        "--data-weights has 2 value(s) for 1 dataset(s)")  # fmt: skip
     _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "g", "--batch-size", "64"),
                        "--batch-size 64 is larger than the 48 training samples")  # fmt: skip
+    # --overwrite clears an earlier run only once the new one passed the checks that need its data.
+    (tmp_path / "g" / "checkpoints" / "step-2").mkdir(parents=True)
+    for name in ("train_config.json", "model.safetensors", "checkpoints/step-2/trainer.pt"):
+        (tmp_path / "g" / name).write_text("an earlier run")
+    _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "g", "--batch-size", "64",
+                           "--overwrite"), "--batch-size 64 is larger than the 48 training samples")  # fmt: skip
+    left = sorted(str(p.relative_to(tmp_path / "g")) for p in (tmp_path / "g").rglob("*") if p.is_file())
+    assert left == ["checkpoints/step-2/trainer.pt", "model.safetensors", "train_config.json"]
     (tmp_path / "h").mkdir()
     (tmp_path / "h" / "notes.txt").write_text("mine")
     _assert_user_error(iqa("train", "--datasets", "synth", *data, "--out", tmp_path / "h"),

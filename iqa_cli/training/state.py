@@ -114,11 +114,12 @@ class RunDirectory:
                     path.unlink()
 
     def start(self, config: dict) -> None:
-        """A fresh run: the configuration, an empty log."""
+        """A fresh run: what an earlier run wrote here is removed (--overwrite, or one stopped before its first
+        save), then the configuration and an empty log."""
+        self.clear()
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.config_path, json.dumps(config, indent=2) + "\n")
         self.log_path.write_text("")
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def append_log(self, record: dict) -> None:
         with self.log_path.open("a", encoding="utf-8") as f:
@@ -146,8 +147,7 @@ def _is_probe(name: str) -> bool:
 def plan_run(run: RunDirectory, config: dict, control_fields: frozenset[str]) -> str:
     """'fresh', 'resume' or 'complete' for this configuration in this directory; anything else is an
     error message (returned, not raised, so rank 0 can hand it to every rank)."""
-    if config.get("overwrite"):
-        run.clear()
+    if config.get("overwrite"):  # cleared by `start`, once the data and model passed their checks
         return "fresh"
     saved = run.read_config()
     if saved is None:
