@@ -180,7 +180,8 @@ class DemoInterrupted(interrupts.Interrupted):
 def _run_step(command: list[str], env: dict[str, str], line: str) -> int:
     """Runs one step in its own process group and waits for it. A stop this process gets (alone, or with its group)
     is handed to the step exactly once, and the step is waited for while it saves its work: never killed."""
-    proc = subprocess.Popen(command, env=env, process_group=0)
+    own_group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}  # 3.10: no kwarg
+    proc = subprocess.Popen(command, env=env, **own_group)
     stop = None
     while True:
         try:
