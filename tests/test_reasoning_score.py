@@ -131,6 +131,23 @@ def test_batch_sizes_1_and_8_give_the_same_answers_and_a_rerun_the_same_bits(set
         )
 
 
+def test_the_checkpoints_generation_settings_do_not_reach_greedy_decoding(setup, one_thread):
+    """A checkpoint's generation_config.json that forbids repeats or suppresses the digits changes nothing: the
+    answers are the plain greedy ones (and the model keeps its own settings for other callers)."""
+    from transformers import GenerationConfig
+
+    images = _images(setup)
+    plain = _scorer(setup["random"], max_new_tokens=6).score(images, batch_size=8)
+    scorer = _scorer(setup["random"], max_new_tokens=6)
+    model = scorer.backbone.model
+    digits = [scorer.backbone.tokenizer.convert_tokens_to_ids(d) for d in "12345"]
+    model.generation_config = GenerationConfig(no_repeat_ngram_size=1, suppress_tokens=digits, min_new_tokens=6)
+    guarded = scorer.score(images, batch_size=8)
+    assert [r.reasoning for r in guarded] == [r.reasoning for r in plain]
+    np.testing.assert_array_equal([r.score for r in guarded], [r.score for r in plain])
+    assert model.generation_config.no_repeat_ngram_size == 1 and model.generation_config.suppress_tokens == digits
+
+
 def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(setup, tmp_path, one_thread):
     """The CLI: the chain model's rows with their text (--keep-reasoning), the broken image an error row; the random
     model's answers without a number are error rows holding the text, and a second run (in process) writes the same

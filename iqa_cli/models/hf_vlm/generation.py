@@ -89,7 +89,15 @@ class GenerationMixin:
             use_cache=True,
         )
         recorder = _RecordLogits(record_ids)
-        out = self.model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([recorder]))
+        # transformers fills every setting left unset from the model's own generation config (a checkpoint's
+        # no_repeat_ngram_size, suppress_tokens, min_new_tokens...): a bare one stands in while this call runs.
+        own, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            out = self.model.generate(
+                **inputs, generation_config=config, logits_processor=LogitsProcessorList([recorder])
+            )
+        finally:
+            self.model.generation_config = own
         new = out[:, inputs["input_ids"].shape[1] :].cpu().tolist()
         ids, finished = [], []
         for row in new:
