@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_SCALE = (5.0, 105.0)  # the MOS range of the demo's scores.csv (`iqa_cli.synthetic`)
+from iqa_cli.synthetic import MOS_RANGE
 
 
 def _rows(demo: Path) -> list[dict[str, str]]:
@@ -38,7 +38,10 @@ def write_clips(demo: str | Path, count: int = 40, frames: int = 8) -> Path:
     step = len(rows) // count
     for c in range(count):
         group = rows[c * step : c * step + frames]
-        pictures = [np.asarray(Image.open(demo / "data" / "images" / r["image"]).convert("RGB")) for r in group]
+        pictures = []
+        for r in group:
+            with Image.open(demo / "data" / "images" / r["image"]) as image:
+                pictures.append(np.asarray(image.convert("RGB")))
         with av.open(str(out / f"clip{c:02d}.mp4"), "w") as video:
             stream = video.add_stream("libx264", rate=2)
             stream.height, stream.width = pictures[0].shape[:2]
@@ -62,14 +65,15 @@ def write_ava(demo: str | Path, count: int = 400, seed: int = 0) -> Path:
     out = demo / "ava"
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lo, hi = DEMO_SCALE
+    lo, hi = MOS_RANGE  # of the demo's scores.csv
     lines = []
     for i, r in enumerate(_rows(demo)[:count]):
         mean = 1 + (float(r["mos"]) - lo) * 9 / (hi - lo)  # the demo's MOS on AVA's 1..10 scale
         ratings = np.clip(np.rint(rng.normal(mean, 1.4, 210)), 1, 10).astype(int)
         votes = np.bincount(ratings - 1, minlength=10)
         image_id = 500000 + i
-        Image.open(demo / "data" / "images" / r["image"]).convert("RGB").save(out / "images" / f"{image_id}.jpg")
+        with Image.open(demo / "data" / "images" / r["image"]) as image:
+            image.convert("RGB").save(out / "images" / f"{image_id}.jpg")
         lines.append(f"{i + 1} {image_id} {' '.join(map(str, votes))} 0 0 1000")
     (out / "AVA.txt").write_text("\n".join(lines) + "\n")
     return out / "AVA.txt"

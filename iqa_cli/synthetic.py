@@ -61,9 +61,13 @@ def distort(image, kind: str, strength: float, rng: np.random.Generator):
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+MOS_RANGE = (5.0, 105.0)  # the strongest distortion's MOS, a pristine image's
+
+
 def mos_of_strength(strength: np.ndarray) -> np.ndarray:
     """The known monotone quality function: 105 for pristine down to 5 for the strongest distortion."""
-    return 100.0 * (1.0 - strength) ** 1.3 + 5.0
+    lo, hi = MOS_RANGE
+    return (hi - lo) * (1.0 - strength) ** 1.3 + lo
 
 
 def make_synthetic_iqa(

@@ -16,7 +16,6 @@ from iqa_cli.errors import UserError
 
 TASKS = ("quality", "aesthetics")
 DEFAULT_TASK = "quality"
-MEDIA = ("image", "video")
 
 
 def check_task(task: str) -> str:

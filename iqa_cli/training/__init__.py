@@ -1,15 +1,18 @@
-"""`iqa train`: fine-tune mPLUG-Owl2 with the DeQA-Score, Q-Align or Q-Scorer objective.
+"""`iqa train`: fine-tune mPLUG-Owl2 or a transformers VLM with the DeQA-Score, Q-Align or Q-Scorer objective, or a
+reasoning model with GRPO.
 
 One module per concern, in the order a run uses them:
 
 - `config`: the run configuration (nested dataclasses, built from the command-line options).
 - `objectives`: deqa / qalign / qscorer, each with its default loss weights and its loss.
-- `data`: prepared metas -> rows, the epoch order, pairs, prompts, batches.
+- `data`: prepared metas -> rows, the epoch order, pairs, prompts.
+- `batches`: a row's image or video frames through the backbone's transform, and padded micro batches.
 - `model`: level tokens, Q-Scorer's regressor, LoRA and trainable parts, the training forward pass.
 - `optimizer`: AdamW and cosine with warmup.
 - `session`: `setup`, everything a run holds between setup and cleanup.
 - `loop`: the step loop and when checkpoints are written.
 - `evaluation`: the test split scored in the loop.
+- `grpo`, `grpo_loop`, `rewards`: `--method grpo` through TRL's GRPOTrainer, its callbacks and its rewards.
 - `state`: the run directory (resumable checkpoints, the log, the final files).
 - `run`: `train(config)`, the entry point.
 """

@@ -39,7 +39,7 @@ def _readouts(session: Session) -> list[Any]:
 
 
 def evaluate(session: Session) -> dict[str, Any]:
-    """Scores the test split with the scoring readout (`scoring.level_readout`; a dataset's task, a video's
+    """Scores the test split with the scoring readout (`scoring.readout.level_readout`; a dataset's task, a video's
     prompt) and reports PLCC/SRCC per dataset against the published MOS. Every rank scores a strided share of
     each prompt set's rows (the same number of batches on every rank, as FSDP needs); rank 0 gets the numbers."""
     from torch.utils.data import DataLoader

@@ -25,7 +25,7 @@ from iqa_cli.constants import DEFAULT_QUESTION
 from iqa_cli.errors import UserError
 from iqa_cli.models import hub
 from iqa_cli.models.backbone import BackboneOutput, Family, ModuleBackbone, Provenance, VisualInputs
-from iqa_cli.models.hf_vlm import DEFAULT_TRAIN_MODEL, IMAGE_TOKENS, LORA_TARGETS, PATCH_GRID_FAMILIES, VIDEO_MODES
+from iqa_cli.models.hf_vlm import IMAGE_TOKENS, LORA_TARGETS, PATCH_GRID_FAMILIES, VIDEO_MODES
 from iqa_cli.models.hf_vlm.checkpoints import (
     ADAPTER_CONFIG,
     OUTPUT_FILES,
@@ -65,7 +65,6 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
     """A transformers `*ForConditionalGeneration` vision-language model and its processor as a `Backbone`."""
 
     lora_targets = LORA_TARGETS
-    default_train_model = DEFAULT_TRAIN_MODEL
 
     def __init__(
         self,

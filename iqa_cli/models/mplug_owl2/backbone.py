@@ -26,7 +26,7 @@ from iqa_cli.models.backbone import (
     Provenance,
     VisualInputs,
 )
-from iqa_cli.models.mplug_owl2 import DEFAULT_TRAIN_MODEL, LORA_TARGETS
+from iqa_cli.models.mplug_owl2 import LORA_TARGETS
 from iqa_cli.models.mplug_owl2.tokenizer import (
     DEFAULT_PROMPT,
     EVAL_TEMPLATE,
@@ -185,7 +185,6 @@ class MPLUGOwl2Backbone(ModuleBackbone):
     image_token = IMAGE_TOKEN
     default_prompt = DEFAULT_PROMPT  # the scoring prompt of a trained model: DEFAULT_QUESTION in the eval layout
     lora_targets = LORA_TARGETS
-    default_train_model = DEFAULT_TRAIN_MODEL
 
     def __init__(
         self,
