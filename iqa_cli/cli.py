@@ -24,6 +24,7 @@ from iqa_cli.cli_options import (
 )
 from iqa_cli.errors import UserError, speak_flags
 from iqa_cli.model_options import ModelSpec
+from iqa_cli.prepare_config import PrepareConfig
 from iqa_cli.prepare_report import prepare_help
 from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.serving.config import ServeConfig
@@ -35,7 +36,7 @@ app = typer.Typer(
     name=PROG,
     cls=HelpGroup,
     help=flowed(
-        """Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer).
+        """Score image quality with multimodal LLMs (DeQA-Score, Q-Align, Q-Scorer, GRPO-trained reasoning models).
 
         \b
         Start with `iqa demo` (a CPU, two minutes, no download), or score a folder:
@@ -159,13 +160,9 @@ def _print_prepare_summary(summary: dict) -> None:
     iqa prepare koniq --csv koniq10k_scores_and_distributions.csv --images img/
     iqa prepare custom --csv my.csv --images pics --image-col file --mos-col mos
     """,
-    panels={
-        "Input": ("csv", "images", "image_col", "mos_col", "std_col", "lower_is_better", "strict"),
-        "Output": ("out", "data_dir", "name", "json_output", "quiet"),
-        "Labels": ("levels", "level_names", "density", "std_threshold", "mean_threshold", "label_rule", "pseudo_std"),
-        "Split": ("split", "test_frac", "seed"),
-    },
+    panels={"Output": ("json_output", "quiet")},
 )
+@with_config_options(PrepareConfig, into="options")
 def prepare(
     dataset: str = typer.Argument(
         ...,
@@ -173,123 +170,15 @@ def prepare(
         autocompletion=completion.dataset_presets,
         help="Dataset preset (see above) or 'custom'.",
     ),
-    csv: str = typer.Option(..., "--csv", metavar="FILE", help="The metadata file, or its directory (see above)."),
-    images: str | None = typer.Option(
-        None,
-        "--images",
-        metavar="DIR",
-        help="Image root (stored absolute in the meta): rows whose image is missing are dropped with a warning "
-        "(--strict: an error); a moved image is found by its file name.",
-    ),
-    out: str | None = typer.Option(
-        None, "--out", metavar="FILE", help="Output Parquet file [default: DATA_DIR/NAME.parquet]."
-    ),
-    data_dir: str | None = typer.Option(
-        None, "--data-dir", metavar="DIR", help="Data directory [default: $IQA_DATA_DIR or ./iqa-data]."
-    ),
-    name: str | None = typer.Option(
-        None, "--name", metavar="NAME", help="Dataset name in the rows and file name [default: DATASET]."
-    ),
-    levels: int = typer.Option(5, "--levels", metavar="K", help="Number of quality levels K, 2..12."),
-    level_names: str | None = typer.Option(
-        None,
-        "--level-names",
-        metavar="NAMES",
-        help="Comma-separated names (ascending quality), or 'quality' / 'numbers' [default: bad,poor,fair,good,"
-        "excellent for 5 levels, else one,two,...].",
-    ),
-    density: str | None = typer.Option(
-        None,
-        "--density",
-        metavar="MODE",
-        autocompletion=completion.densities,
-        help="Soft-label mode cdf|pdf [default: the dataset's: pdf for koniq and kadid, as the released models; cdf "
-        "(the paper) for the others].",
-    ),
-    std_threshold: float = typer.Option(
-        0.2, "--std-threshold", metavar="X", help="Normalized std below this: two-point label."
-    ),
-    mean_threshold: float = typer.Option(
-        0.1, "--mean-threshold", metavar="X", help="Recovered mean missing the MOS by more than this: two-point label."
-    ),
-    label_rule: str = typer.Option(
-        "reference",
-        "--label-rule",
-        metavar="RULE",
-        autocompletion=completion.label_rules,
-        help="reference: DeQA-Score's gen_soft_label.py bit for bit (the released models' labels). renormalized: "
-        "clipped labels rescaled to sum 1, no +1e-9 in alpha (a MOS of exactly 3 is not made uniform), exact "
-        "two-point interpolation.",
-    ),
-    pseudo_std: float | None = typer.Option(
-        None,
-        "--pseudo-std",
-        metavar="X",
-        help="Std as a fraction of the MOS range where none is given [default: 0.2 for pipal; else no std].",
-    ),
-    soft_labels: str = typer.Option(
-        "gaussian",
-        "--soft-labels",
-        metavar="KIND",
-        help="gaussian: DeQA-Score's labels from MOS and std. histogram: the measured vote histogram (ava).",
-    ),
-    task: str | None = typer.Option(
-        None, "--task", metavar="TASK", help="What the scores rate: quality or aesthetics [default: per dataset]."
-    ),
-    split: str | None = typer.Option(
-        None,
-        "--split",
-        metavar="FILE",
-        help='Split file: DeQA-Score split.json {"train": [...], "test": [...]} or CSV image,split [default: a '
-        "seeded split, --test-frac and --seed].",
-    ),
-    test_frac: float = typer.Option(0.2, "--test-frac", metavar="X", help="Test fraction of the seeded split."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the seeded split."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on unusable rows or missing images instead of dropping."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings on stderr."),
-    image_col: str | None = typer.Option(
-        None, "--image-col", metavar="COLUMN", help="custom (required there): column of image paths."
-    ),
-    mos_col: str | None = typer.Option(
-        None, "--mos-col", metavar="COLUMN", help="custom (required there): column of MOS."
-    ),
-    std_col: str | None = typer.Option(
-        None, "--std-col", metavar="COLUMN", help="custom: column of std [default: none; labels from the MOS alone]."
-    ),
-    lower_is_better: bool = typer.Option(False, "--lower-is-better", help="custom: scores are DMOS-like."),
+    options: dict | None = None,  # the flags `PrepareConfig` declares
 ) -> None:
     import json
-    from pathlib import Path
 
-    from iqa_cli.datasets import ReadOptions
-    from iqa_cli.prepare import PrepareConfig, prepare_dataset
+    from iqa_cli.prepare import prepare_dataset
 
-    def as_path(value: str | None) -> Path | None:
-        return None if value is None else Path(value)
-
-    config = PrepareConfig(
-        dataset=dataset,
-        source=Path(csv),
-        images=as_path(images),
-        out=as_path(out),
-        data_dir=as_path(data_dir),
-        name=name,
-        levels=levels,
-        level_names=level_names,
-        density=density,
-        std_threshold=std_threshold,
-        mean_threshold=mean_threshold,
-        label_rule=label_rule,
-        pseudo_std=pseudo_std,
-        split=as_path(split),
-        test_frac=test_frac,
-        seed=seed,
-        strict=strict,
-        read_options=ReadOptions(image_col, mos_col, std_col, lower_is_better),
-        soft_labels=soft_labels,
-        task=task,
-    )
+    config = PrepareConfig.from_options(dataset, **options)
     result = prepare_dataset(config)
     if not quiet:
         for note in result.notes:
@@ -314,10 +203,11 @@ def prepare(
 def train(options: dict | None = None, family: ModelSpec | None = None) -> None:  # flags: the decorators
     """Fine-tune a multimodal LLM on prepared datasets, into a folder that `iqa score --model` loads.
 
-    mPLUG-Owl2, Qwen-VL, LLaVA-OneVision or Idefics3, with the DeQA-Score, Q-Align or Q-Scorer objective.
+    mPLUG-Owl2, Qwen-VL, LLaVA-OneVision or Idefics3, with the DeQA-Score, Q-Align or Q-Scorer objective;
+    or a reasoning model (Qwen2.5-VL) with GRPO (--method grpo, through TRL).
 
     Running the same command again resumes an interrupted run from its last checkpoint. Under torchrun,
-    --lora runs use DDP and full tuning uses FSDP2; --batch-size stays global.
+    --lora runs and GRPO use DDP, full tuning of the other methods FSDP2; --batch-size stays global.
     """
     from iqa_cli.training import train as run_training
 

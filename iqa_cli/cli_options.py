@@ -149,7 +149,7 @@ def with_model_options(
 
 # a field's annotation -> the flag's type (lists and paths are typed as text and parsed by `_parse`)
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": str, "list[str]": str, "list[int]": str,
-          "int | str": str}  # fmt: skip
+          "int | str": str, "str | Sequence[str]": str}  # fmt: skip
 
 
 def config_fields(config_cls: type) -> list[tuple[dataclasses.Field, str]]:
@@ -237,7 +237,11 @@ def with_config_options(config_cls: type, *, into: str) -> Callable[[Callable], 
             values = {k: v for k, v in values.items() if v is not None or k not in factory_made}  # their defaults
             return command(**kwargs, **{into: values})
 
-        parameters = [*kept, *(p for _, p in declared)]
+        # the command's own arguments, the config's flags, then the command's own flags (`--json`, `--quiet`)
+        own_flags = [p for p in kept if isinstance(p.default, typer.models.OptionInfo)]
+        first = [p for p in kept if p not in own_flags]
+        own_flags = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own_flags]
+        parameters = [*first, *(p for _, p in declared), *own_flags]
         wrapper.__signature__ = signature.replace(parameters=parameters)
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
         return wrapper

@@ -78,6 +78,8 @@ def _values_of(module: str, name: str) -> Callable[[str], list[str]]:
 
 densities = _values_of("iqa_cli.labels", "DENSITIES")
 label_rules = _values_of("iqa_cli.labels", "LABEL_RULES")
+soft_label_kinds = _values_of("iqa_cli.prepare_config", "SOFT_LABELS")
+tasks = _values_of("iqa_cli.tasks", "TASKS")
 methods = _values_of("iqa_cli.training.objectives", "METHODS")
 layouts = _values_of("iqa_cli.training.config", "LAYOUTS")
 strategies = _values_of("iqa_cli.training.config", "STRATEGIES")

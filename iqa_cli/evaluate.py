@@ -371,8 +371,6 @@ def _resolve_split(gt: pd.DataFrame, split: str | None, source: str) -> str:
     values = gt["split"].astype(str).str.strip().str.lower() if has_split else None
     if split is None:
         return "test" if has_split and (values == "test").any() else "all"
-    if split not in SPLITS:
-        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "all":
         return split
     if not has_split:
@@ -416,6 +414,8 @@ def evaluate(
     predictions = Path(predictions)
     if column not in PREDICTION_COLUMNS:
         raise UserError(f"--column must be one of {', '.join(PREDICTION_COLUMNS)}, got {column!r}")
+    if split is not None and split not in SPLITS:  # before the tables are read
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     gt_columns = ["image", "dataset", "split", "mos", "mos_norm", "std", "std_norm"]
     pred_columns = ["image", column, "std", "error", "frame"]
     if ground_truth is None:

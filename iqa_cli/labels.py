@@ -55,17 +55,20 @@ from scipy import special
 
 from iqa_cli.errors import UserError
 from iqa_cli.gaussians import gaussian_js_moment, gaussian_w2
+from iqa_cli.prepare_config import (  # the options' choices and defaults, declared with the flags
+    DEFAULT_LABEL_RULE,
+    DEFAULT_MEAN_THRESHOLD,
+    DEFAULT_STD_THRESHOLD,
+    DENSITIES,
+    LABEL_RULES,
+    MAX_LEVELS,
+    MIN_LEVELS,
+)
 
 QUALITY_NAMES = ("bad", "poor", "fair", "good", "excellent")
 NUMBER_NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
 NAME_SETS = {"quality": QUALITY_NAMES, "numbers": NUMBER_NAMES}
-MIN_LEVELS, MAX_LEVELS = 2, 12
 SCORE_LO, SCORE_HI = 1.0, 5.0
-DENSITIES = ("cdf", "pdf")
-DEFAULT_STD_THRESHOLD = 0.2
-DEFAULT_MEAN_THRESHOLD = 0.1
-LABEL_RULES = ("reference", "renormalized")
-DEFAULT_LABEL_RULE = "reference"
 
 _BOUNDARY_EPS = 1e-8  # the reference's tolerance on level boundaries
 _SIGMA_FLOOR = 1e-8  # a point mass (std 0) is a Gaussian this narrow in JS/KL

@@ -16,53 +16,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from iqa_cli import __version__, labels
-from iqa_cli.datasets import DATASETS, OFFICIAL_SPLIT, ReadOptions, get_dataset
+from iqa_cli.datasets import DATASETS, OFFICIAL_SPLIT, get_dataset
 from iqa_cli.errors import UserError
 from iqa_cli.files import atomic_file
 from iqa_cli.paths import DATA_DIR_ENV, check_output_dir, check_output_file, resolve_data_dir, write_error
+from iqa_cli.prepare_config import SOFT_LABELS, PrepareConfig
 from iqa_cli.tasks import check_task
 
 if TYPE_CHECKING:
     import pandas as pd
 
 SPLITS = ("train", "val", "test")
-SOFT_LABELS = ("gaussian", "histogram")  # DeQA-Score's labels from (MOS, std), or a dataset's measured vote counts
 CORE_PARQUET_COLUMNS = ("image", "dataset", "split", "mos", "std", "mos_norm", "std_norm", "level", "soft_label")
 FLOAT_METADATA = ("std_threshold", "mean_threshold", "mos_min", "mos_max", "pseudo_std", "test_frac")
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Everything `iqa prepare` needs; field names follow the command-line flags."""
-
-    dataset: str
-    source: Path
-    images: Path | None = None
-    out: Path | None = None
-    data_dir: Path | None = None
-    name: str | None = None  # dataset name written into the rows and the default file name
-    levels: int = 5
-    level_names: str | Sequence[str] | None = None
-    density: str | None = None  # None: the preset's default
-    std_threshold: float = labels.DEFAULT_STD_THRESHOLD
-    mean_threshold: float = labels.DEFAULT_MEAN_THRESHOLD
-    label_rule: str = labels.DEFAULT_LABEL_RULE  # "reference" (gen_soft_label.py exactly) or "renormalized"
-    pseudo_std: float | None = None  # None: the preset's default (PIPAL 0.2), else rows without std keep none
-    split: Path | None = None
-    test_frac: float = 0.2
-    seed: int = 0
-    strict: bool = False
-    read_options: ReadOptions = field(default_factory=ReadOptions)
-    soft_labels: str = "gaussian"  # or "histogram": the vote histogram merged onto the levels (AVA)
-    task: str | None = None  # what the scores rate; None: the preset's (AVA: aesthetics)
 
 
 @dataclass
@@ -403,6 +376,8 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
 
     _validate(config)
     spec = get_dataset(config.dataset)
+    if config.soft_labels == "histogram" and not (spec.histogram and spec.scale):
+        raise UserError(f"--soft-labels histogram: {spec.name} publishes no vote histograms (ava does)")
     k = int(config.levels)
     names = labels.level_names(k, config.level_names)
     density = config.density or spec.density
@@ -434,8 +409,6 @@ def prepare_dataset(config: PrepareConfig) -> PrepareResult:
     lo, hi = spec.scale or (float(mos.min()), float(mos.max()))
     if mos.min() < lo or mos.max() > hi:
         raise UserError(f"{table.source}: MOS {mos.min():g}..{mos.max():g} outside the rating scale {lo:g}..{hi:g}")
-    if config.soft_labels == "histogram" and not (spec.histogram and spec.scale):
-        raise UserError(f"--soft-labels histogram: {spec.name} publishes no vote histograms (ava does)")
     if not hi > lo:
         raise UserError(f"{table.source}: all {mos.size} MOS values equal {lo:g}; cannot normalize to [1, 5]")
     lower = spec.lower_is_better or (spec.name == "custom" and config.read_options.lower_is_better)

@@ -88,6 +88,8 @@ def test_ten_levels_give_the_histogram_itself_and_the_gaussian_default_stays(tmp
         koniq = tmp_path / "koniq10k_scores_and_distributions.csv"
         koniq.write_text("image_name,c1,c2,c3,c4,c5,c_total,MOS,SD,MOS_zscore\na.jpg,1,2,3,4,5,15,3.6,1.2,60\n")
         prepare_dataset(PrepareConfig("koniq", koniq, out=tmp_path / "k.parquet", soft_labels="histogram"))
+    with pytest.raises(UserError, match="koniq publishes no vote histograms"):  # said before the file is looked for
+        prepare_dataset(PrepareConfig("koniq", tmp_path / "absent.csv", soft_labels="histogram"))
 
 
 def test_konvid1k_and_lsvq_name_their_videos_and_splits(tmp_path):

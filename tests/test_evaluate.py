@@ -200,6 +200,8 @@ def test_split_selection(two_datasets):
         evaluate(two_datasets["pred"], no_split, split="test")
     with pytest.raises(UserError, match="--split must be one of test, train, all"):
         evaluate(two_datasets["pred"], two_datasets["meta"], split="val")
+    with pytest.raises(UserError, match="--split must be one of"):  # said before the tables are read
+        evaluate(two_datasets["pred"].with_name("absent.parquet"), two_datasets["meta"], split="val")
 
 
 def test_score_reg_column_and_ground_truth_inside_predictions(two_datasets, tmp_path):

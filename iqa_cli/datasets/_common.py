@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from iqa_cli.errors import UserError
+from iqa_cli.option_field import option
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,10 +29,14 @@ OFFICIAL_SPLIT = "official_split"  # a reader's column of the authors' own train
 class ReadOptions:
     """Options only the `custom` reader uses (the column names of the user's file)."""
 
-    image_col: str | None = None
-    mos_col: str | None = None
-    std_col: str | None = None
-    lower_is_better: bool = False
+    panel: ClassVar[str] = "Input"
+
+    image_col: str | None = option(None, "custom (required there): column of image paths.", metavar="COLUMN")
+    mos_col: str | None = option(None, "custom (required there): column of MOS.", metavar="COLUMN")
+    std_col: str | None = option(
+        None, "custom: column of std [default: none; labels from the MOS alone].", metavar="COLUMN"
+    )
+    lower_is_better: bool = option(False, "custom: scores are DMOS-like.")
 
 
 @dataclass
