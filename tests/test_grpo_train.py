@@ -4,6 +4,7 @@ interrupted run resumes to the uninterrupted run's weights and log, a learnable 
 are one-line errors before anything loads."""
 
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -18,6 +19,7 @@ from iqa_cli.errors import UserError
 from iqa_cli.models.hf_vlm.tiny import tiny_reasoning_checkpoint
 from iqa_cli.prepare import write_meta
 from iqa_cli.training import TrainConfig, TrainInterrupted, grpo_loop, train
+from iqa_cli.training.state import RunDirectory
 from tests.conftest import ONE_THREAD, run_iqa
 
 LEVELS = json.dumps(["bad", "poor", "fair", "good", "excellent"])
@@ -133,6 +135,12 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_runs_weights_and_log(
         train(broken)
     monkeypatch.setattr(grpo_loop.RunCallback, "on_log", original)
     assert not (broken.out / "iqa.json").exists()
+    # A later checkpoint cut short while transformers wrote its trainer state (not atomically): it is passed over
+    saved = broken.out / "checkpoints" / "checkpoint-2"
+    cut = shutil.copytree(saved, saved.with_name("checkpoint-3"))
+    state = (cut / "trainer_state.json").read_text()
+    (cut / "trainer_state.json").write_text(state[: len(state) // 2])
+    assert RunDirectory(broken.out).latest_checkpoint() == saved
     resumed = train(broken)
     assert resumed.resumed_from == 2 and resumed.steps == 4 and resumed.steps_this_run == 2
     weights = "adapter_model.safetensors" if options else "model.safetensors"

@@ -309,12 +309,12 @@ def trl_arguments(config: TrainConfig, run: train_state.RunDirectory, device: to
 
 
 def _usable_checkpoint(run: train_state.RunDirectory) -> Path:
-    """The newest complete TRL checkpoint; folders a kill cut short (no `trainer_state.json`) are removed."""
+    """The newest complete TRL checkpoint; folders a kill cut short (no trainer state that parses) are removed."""
     import shutil
 
     found = run.latest_checkpoint()
     for folder in run.checkpoints.glob("checkpoint-*"):
-        if folder != found and not (folder / train_state.HF_TRAINER_STATE).is_file():
+        if folder != found and not train_state.checkpoint_complete(folder):
             shutil.rmtree(folder, ignore_errors=True)
     return found
 
