@@ -183,6 +183,12 @@ def test_grpo_options_are_checked_before_anything_loads(setup, tmp_path):
     assert error(num_generations=1) == "--num-generations must be >= 2 (a group), got 1"
     assert error(prompt_preset="deqa").startswith("--prompt-preset must be one of q-insight")
     assert error(strategy="fsdp").startswith("--method grpo trains as TRL does under torchrun")
+    # the other methods' options, which GRPO would silently ignore, only when they differ from their defaults
+    ignored = "does not apply to --method grpo, which would ignore it"
+    for flag, value in [("layout", "scoring"), ("fixed_question", True), ("w_fid", 0.0), ("w_tok", 1.0),
+                        ("w_kl", 0.5), ("w_mse", 2.0), ("mlp_dims", [8]), ("fps", 2.0), ("frames", 4)]:  # fmt: skip
+        assert error(**{flag: value}) == f"--{flag.replace('_', '-')} {ignored}"
+    assert error(layout="reference", mlp_dims=[2048, 1024], batch_size=1).startswith("--reward fidelity")
     owl = tmp_path / "owl"
     owl.mkdir()
     (owl / "config.json").write_text(json.dumps({"model_type": "mplug_owl2"}))

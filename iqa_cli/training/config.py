@@ -483,6 +483,9 @@ def _validate_grpo(config: TrainConfig) -> None:
         if given:
             raise UserError(f"--{_flag(given[0]).replace('_', '-')} applies to --method grpo")
         return
+    ignored = _other_methods_options(config)
+    if ignored:
+        raise UserError(f"--{ignored[0].replace('_', '-')} does not apply to --method grpo, which would ignore it")
     if importlib.util.find_spec("trl") is None:
         raise UserError("--method grpo trains through TRL, which is not installed: pip install 'iqa-cli[rl]'")
     checks = [
@@ -501,3 +504,19 @@ def _validate_grpo(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _other_methods_options(config: TrainConfig) -> list[str]:
+    """The options of the other methods' prompts, losses and regressor (and of video sampling: GRPO trains on
+    images) that this config sets to something other than their defaults: GRPO would not use them."""
+    data = DataConfig()
+    changed = [
+        f
+        for f in ("layout", "fixed_question", "fps", "frames", "max_frames")
+        if getattr(config.data, f) != getattr(data, f)
+    ]
+    if list(config.model.mlp_dims) != list(DEFAULT_MLP_DIMS):
+        changed.append("mlp_dims")
+    loss = LossConfig()
+    changed += [_flag(f) for f in dataclasses.fields(loss) if getattr(config.loss, f.name) != getattr(loss, f.name)]
+    return changed

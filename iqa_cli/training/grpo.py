@@ -90,10 +90,8 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
     data = train_data.load_train_data(
         config.data.datasets, resolve_data_dir(config.data.data_dir), images=config.data.images, seed=config.optim.seed
     )
-    if decision == "resume":
-        from iqa_cli.training.session import _check_same_data
-
-        _check_same_data(run, data)
+    if decision == "resume":  # the sampler continues where it stopped, which only means something on the same rows
+        train_state.check_same_data(run, data.fingerprint, [m.path for m in data.metas], finished=False)
     pool = train_data.weighted_rows(data.train.group, config.data.repeats or [1] * len(data.metas))
     if len(pool) < config.optim.batch_size:
         raise UserError(f"--batch-size {config.optim.batch_size} is larger than the {len(pool)} training images")
