@@ -196,3 +196,18 @@ def test_grpo_options_are_checked_before_anything_loads(setup, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing was written
     result = run_iqa("train", "--datasets", "synth", "--out", str(tmp_path / "y"), "--reward", "threshold")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: --reward applies to --method grpo"]
+
+
+def test_grpo_trains_the_papers_base_model_by_default(tmp_path):
+    """Without --model, --method grpo trains Qwen2.5-VL-7B-Instruct (the base of Q-Insight and VisualQuality-R1,
+    a family it can train), not the other methods' mPLUG-Owl2 default; an explicit --model wins."""
+
+    def model(**options):
+        return TrainConfig.from_options(datasets=["synth"], out=tmp_path / "x", **options).model.name
+
+    assert model(method="grpo") == model(method="grpo", prompt_preset="q-insight") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert model() == "MAGAer13/mplug-owl2-llama2-7b"
+    assert model(method="grpo", model="some/model") == "some/model"
+    assert TrainConfig.from_options(datasets=["s"], out=tmp_path, method="grpo").to_json()["model"] == model(
+        method="grpo"
+    )

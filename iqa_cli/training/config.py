@@ -51,6 +51,7 @@ class GRPORecipe:
     max_completion_length: int = 256  # both scripts (VisualQuality-R1 sets it in code, Q-Insight keeps the default)
     lr: float = 1e-6  # their GRPOConfig's default, which neither script changes
     epochs: int = 10
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # the base model both papers train
 
 
 # Q-Insight `run_qinsight_score_and_dist.sh`; VisualQuality-R1 `run_scripts/KADID-10K/one_node_run_kadid.sh` (its
@@ -62,6 +63,11 @@ GRPO_RECIPES = {
 }
 # The optimizer's method defaults: DeQA-Score's scripts, and the GRPO recipes' (linear decay, no warmup).
 OPTIM_DEFAULTS = {"lr": 2e-5, "epochs": 3, "warmup_ratio": 0.03}
+
+
+def _model_help() -> str:
+    bases = ", ".join(dict.fromkeys(r.model for r in GRPO_RECIPES.values()))
+    return f"Model to fine-tune: Hugging Face repo id or directory [default: {DEFAULT_TRAIN_MODEL}; grpo {bases}]."
 
 
 @dataclass
@@ -120,9 +126,7 @@ class ModelConfig:
     """The model to fine-tune and which of its parts train."""
 
     panel: ClassVar[str] = "Model"
-    name: str = option(
-        DEFAULT_TRAIN_MODEL, "Model to fine-tune: Hugging Face repo id or directory.", flag="model", metavar="MODEL"
-    )
+    name: str | None = option(None, _model_help(), flag="model", metavar="MODEL")
     base: str | None = option(
         None, "Base model when --model is a LoRA adapter [default: the one the adapter names].", metavar="MODEL"
     )
@@ -348,6 +352,8 @@ class TrainConfig:
         if grpo:
             self.grpo.resolve()
         recipe = self.grpo.recipe if grpo else None
+        if self.model.name is None:
+            self.model.name = recipe.model if recipe else DEFAULT_TRAIN_MODEL
         method_defaults = {"lr": recipe.lr, "epochs": recipe.epochs, "warmup_ratio": 0.0} if recipe else OPTIM_DEFAULTS
         for name, value in method_defaults.items():
             if getattr(self.optim, name) is None:
