@@ -25,8 +25,9 @@ from tests.conftest import ONE_THREAD, run_iqa
 LEVELS = json.dumps(["bad", "poor", "fair", "good", "excellent"])
 
 
-def _meta(root, name, mos_norm, n_test=2):
-    """A prepared meta of len(mos_norm) random 40x32 images, the last `n_test` in the test split."""
+def _meta(root, name, mos_norm, n_test=2, suffix=".png", **metadata):
+    """A prepared meta of len(mos_norm) random 40x32 images, the last `n_test` in the test split (rows named
+    `suffix`: ".mp4" makes them videos by name)."""
     images = root / f"{name}-images"
     images.mkdir()
     rng = np.random.default_rng(len(mos_norm))
@@ -36,13 +37,13 @@ def _meta(root, name, mos_norm, n_test=2):
     mos = np.asarray(mos_norm, dtype=float)
     frame = pd.DataFrame(
         {
-            "image": [f"{i}.png" for i in range(n)], "dataset": name,
+            "image": [f"{i}{suffix}" for i in range(n)], "dataset": name,
             "split": ["train"] * (n - n_test) + ["test"] * n_test, "mos": 20 * mos, "std": np.full(n, 5.0),
             "mos_norm": mos, "std_norm": np.full(n, 0.5),
             "level": np.clip(np.round(mos).astype(int) - 1, 0, 4),
         }
     )  # fmt: skip
-    metadata = {"level_names": LEVELS, "levels": "5", "image_root": str(images), "dataset": name}
+    metadata = {"level_names": LEVELS, "levels": "5", "image_root": str(images), "dataset": name, **metadata}
     write_meta(frame, np.full((n, 5), 0.2), metadata, root / "data" / f"{name}.parquet")
 
 
@@ -211,3 +212,26 @@ def test_grpo_trains_the_papers_base_model_by_default(tmp_path):
     assert TrainConfig.from_options(datasets=["s"], out=tmp_path, method="grpo").to_json()["model"] == model(
         method="grpo"
     )
+
+
+def test_a_dataset_of_another_task_or_of_videos_is_refused_before_the_run_starts(setup, tmp_path):
+    """The presets ask about image quality: AVA's aesthetics and KoNViD-1k's videos are one-line errors (exit 2)
+    before the lock or the model, not a run trained with the quality question or one that dies at its first batch."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _meta(tmp_path, "ava", [1.0, 2.0, 3.0, 4.0, 5.0, 3.0], task="aesthetics")
+    _meta(tmp_path, "clips", [1.0, 2.0, 3.0, 4.0, 5.0, 3.0], suffix=".mp4")
+
+    command = ["train", "--method", "grpo", "--datasets", "ava", "--data-dir", data, "--model", setup["model"],
+               "--out", tmp_path / "run", "--batch-size", "4", "--workers", "0", "-q"]  # fmt: skip
+    ava = run_iqa(*map(str, command), env=ONE_THREAD)
+    assert ava.returncode == 2 and ava.stderr.strip().splitlines() == [
+        f"error: {data / 'ava.parquet'}: task aesthetics; --method grpo asks its presets' question about image quality "
+        "(train aesthetics with --method deqa, qalign, qscorer)"
+    ]
+    config = TrainConfig.from_options(datasets=["clips"], data_dir=data, out=tmp_path / "run", method="grpo",
+                                      model=str(setup["model"]), **TINY)  # fmt: skip
+    with pytest.raises(UserError) as caught:
+        train(config)
+    assert str(caught.value) == f"{data / 'clips.parquet'}: 0.mp4 is a video; --method grpo trains on images"
+    assert not (tmp_path / "run").exists()  # no lock, no run folder

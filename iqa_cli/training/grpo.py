@@ -157,8 +157,33 @@ def check(config: TrainConfig) -> BatchShape:
         config.optim.batch_size, config.grpo.num_generations, distributed.env().world_size, config.optim.grad_accum
     )
     shape.check(config.grpo.reward)
+    _check_images_of_quality(config)
     _check_family(config)
     return shape
+
+
+def _check_images_of_quality(config: TrainConfig) -> None:
+    """The presets ask about the quality of a picture, and `iqa score` asks a reasoning model nothing else: a meta of
+    another task (AVA's aesthetics) or with videos is refused from its metadata and image names, before the model
+    loads, rather than trained with the wrong question or failing at its first batch."""
+    import pyarrow.parquet as pq
+
+    from iqa_cli.tasks import DEFAULT_TASK
+    from iqa_cli.training.objectives import OBJECTIVES
+    from iqa_cli.video import is_video_name
+
+    for name in config.data.datasets:
+        path = train_data.resolve_meta(name, resolve_data_dir(config.data.data_dir))
+        metadata = pq.read_schema(path).metadata or {}
+        task = (metadata.get(b"task") or DEFAULT_TASK.encode()).decode()
+        if task != DEFAULT_TASK:
+            raise UserError(
+                f"{path}: task {task}; --method grpo asks its presets' question about image quality (train {task} "
+                f"with --method {', '.join(OBJECTIVES)})"
+            )
+        videos = [v for v in pq.read_table(path, columns=["image"]).column("image").to_pylist() if is_video_name(v)]
+        if videos:
+            raise UserError(f"{path}: {videos[0]} is a video; --method grpo trains on images")
 
 
 def _check_family(config: TrainConfig) -> None:
