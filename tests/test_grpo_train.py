@@ -235,3 +235,32 @@ def test_a_dataset_of_another_task_or_of_videos_is_refused_before_the_run_starts
         train(config)
     assert str(caught.value) == f"{data / 'clips.parquet'}: 0.mp4 is a video; --method grpo trains on images"
     assert not (tmp_path / "run").exists()  # no lock, no run folder
+
+
+def test_a_training_image_that_does_not_decode_is_left_out_with_one_warning(setup, tmp_path, capsys):
+    """As the other methods do: the run goes on, the file is named once (its group reads it four times), and its
+    place in the batch goes to another train row drawn from (seed, row), the same on every read."""
+    from iqa_cli.reasoning import preset
+    from iqa_cli.training import data as train_data
+    from iqa_cli.training.grpo import train_dataset
+
+    _meta(tmp_path, "broken", [1.0, 2.0, 3.0, 4.0, 5.0, 2.5, 3.5, 4.5, 3.0, 4.0])
+    bad = tmp_path / "broken-images" / "3.png"
+    bad.write_bytes(b"not a png")
+    data = train_data.load_train_data(["broken"], tmp_path / "data")
+    pool = np.arange(len(data.train))
+    said = []
+    dataset = train_dataset(data.train, pool, preset("visualquality-r1"), 7, said.append)
+    first, again = dataset[[3, 3]]["row"], dataset[3]["row"]
+    assert first[0] == first[1] == again != 3 and dataset[3]["mos"] == data.train.mos[again]
+    assert train_dataset(data.train, pool, preset("visualquality-r1"), 8)[3]["row"] != 3
+    assert said == [f"warning: skipped an image that cannot be decoded: {bad} (not an image Pillow can read)"]
+
+    config = TrainConfig.from_options(datasets=["broken"], data_dir=tmp_path / "data", out=tmp_path / "run",
+                                      method="grpo", model=str(setup["model"]), max_steps=2, evaluate=False,
+                                      **{**TINY, "quiet": False})  # fmt: skip
+    capsys.readouterr()
+    result = train(config)
+    assert result.steps == 2 and (config.out / "iqa.json").is_file()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == said

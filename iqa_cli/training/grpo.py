@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +95,11 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
     pool = train_data.weighted_rows(data.train.group, config.data.repeats or [1] * len(data.metas))
     if len(pool) < config.optim.batch_size:
         raise UserError(f"--batch-size {config.optim.batch_size} is larger than the {len(pool)} training images")
+    say = _logger(config, console, env)
     backbone = _load(config, device)
     readout = _readout(backbone, recipe, grpo.max_completion_length)
     if env.is_main and decision == "fresh":
         run.start({**config.to_json(), "data_fingerprint": data.fingerprint})
-    say = _logger(config, console, env)
     callback = RunCallback(
         config,
         run,
@@ -113,7 +113,7 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
             model=backbone.model,
             reward_funcs=reward_functions(recipe, grpo.reward, grpo.threshold, grpo.num_generations, config.optim.seed),
             args=trl_arguments(config, run, device, shape),
-            train_dataset=train_dataset(data.train, pool, recipe),
+            train_dataset=train_dataset(data.train, pool, recipe, config.optim.seed, say),
             processing_class=backbone.processor,
             peft_config=_lora(config, backbone),
             callbacks=[callback],
@@ -246,27 +246,47 @@ def _lora(config: TrainConfig, backbone: Any) -> Any:
     )
 
 
-def train_dataset(rows: train_data.Rows, pool: np.ndarray, recipe: ReasoningPreset) -> Any:
+def train_dataset(
+    rows: train_data.Rows,
+    pool: np.ndarray,
+    recipe: ReasoningPreset,
+    seed: int = 0,
+    say: Callable[[str], None] | None = None,
+) -> Any:
     """The train rows as a `datasets.Dataset` whose items are TRL's: the conversation (`prompt`), the image (decoded
-    when the item is read) and the normalized MOS the rewards compare with."""
+    when the item is read) and the normalized MOS the rewards compare with.
+
+    An image that does not decode is left out as the other methods leave it out, with one warning naming it: its
+    place is taken by another row of the pool, drawn from (seed, row), so each of its group's answers sees the same
+    image and a resumed run the same rows, and the batch keeps its shape (TRL's groups and the fidelity reward)."""
     from datasets import Dataset
 
     from iqa_cli.images import ImageDecodeError, load_image
 
     messages = recipe.messages()
-    dataset = Dataset.from_dict(
-        {"row": pool.tolist(), "mos": rows.mos[pool].astype(float).tolist(), "path": [rows.paths[i] for i in pool]}
-    )
+    dataset = Dataset.from_dict({"row": pool.tolist()})
+    warned: set[str] = set()
+
+    def substitutes(row: int) -> Iterator[int]:
+        yield row
+        yield from np.random.default_rng([seed, row]).permutation(pool).tolist()  # drawn only when `row` fails
+
+    def decoded(row: int) -> tuple[Any, int]:
+        for candidate in substitutes(row):
+            path = rows.paths[candidate]
+            try:
+                return load_image(path), candidate
+            except ImageDecodeError as exc:
+                if path not in warned and say is not None:
+                    say(f"warning: skipped an image that cannot be decoded: {path} ({exc.reason})")
+                warned.add(path)
+        raise UserError(f"no training image decodes (the first tried: {rows.paths[row]}); check the image files")
 
     def read(batch: dict[str, list]) -> dict[str, list]:
-        images = []
-        for path in batch["path"]:
-            try:
-                images.append(load_image(path))
-            except ImageDecodeError as exc:
-                raise UserError(f"{path}: cannot train on an image that does not decode ({exc})") from None
+        images, taken = zip(*(decoded(int(row)) for row in batch["row"]), strict=True)
         n = len(images)
-        return {"prompt": [messages] * n, "image": images, "mos": batch["mos"], "row": batch["row"]}
+        return {"prompt": [messages] * n, "image": list(images), "mos": rows.mos[list(taken)].astype(float).tolist(),
+                "row": list(taken)}  # fmt: skip
 
     dataset.set_transform(read)
     return dataset
