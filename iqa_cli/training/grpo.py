@@ -19,6 +19,7 @@ a pure function of (seed, epoch) and TRL's checkpoints keep the RNG, so a resume
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -288,7 +289,13 @@ def train_dataset(
         return {"prompt": [messages] * n, "image": list(images), "mos": rows.mos[list(taken)].astype(float).tolist(),
                 "row": list(taken)}  # fmt: skip
 
-    dataset.set_transform(read)
+    fingerprint = logging.getLogger("datasets.fingerprint")  # `read` holds the logger, which datasets cannot hash:
+    level = fingerprint.level  # its random fingerprint is right (nothing is cached), and no warning's business
+    fingerprint.setLevel(logging.ERROR)
+    try:
+        dataset.set_transform(read)
+    finally:
+        fingerprint.setLevel(level)
     return dataset
 
 
