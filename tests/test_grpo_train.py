@@ -4,8 +4,11 @@ interrupted run resumes to the uninterrupted run's weights and log, a learnable 
 are one-line errors before anything loads."""
 
 import json
+import os
 import shutil
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +24,7 @@ from iqa_cli.prepare import write_meta
 from iqa_cli.training import TrainConfig, TrainInterrupted, grpo_loop, train
 from iqa_cli.training.state import RunDirectory
 from tests.conftest import ONE_THREAD, run_iqa
+from tests.forked_cli import Launcher
 
 LEVELS = json.dumps(["bad", "poor", "fair", "good", "excellent"])
 
@@ -264,3 +268,39 @@ def test_a_training_image_that_does_not_decode_is_left_out_with_one_warning(setu
     assert result.steps == 2 and (config.out / "iqa.json").is_file()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == said
+
+
+@pytest.mark.slow
+def test_a_stop_sent_to_the_process_group_ends_a_run_with_decoding_workers_in_one_line(setup, tmp_path):
+    """SIGTERM to the whole group (`kill %1`, a scheduler) while `--workers 1` decodes: the worker leaves the signal
+    to the main process, which exits 143 with the one line the other methods' stops print, its checkpoint kept."""
+    out = tmp_path / "run"
+    _meta(tmp_path, "many", np.linspace(1, 5, 64), n_test=4)  # 15 batches an epoch: the worker is busy when stopped
+    command = ["train", "--method", "grpo", "--datasets", "many", "--data-dir", tmp_path / "data", "--model",
+               setup["model"], "--out", out, "--max-steps", "200", "--save-every", "1", "--batch-size", "4",
+               "--num-generations", "4", "--max-completion-length", "6", "--no-gradient-checkpointing", "--workers",
+               "1", "--min-pixels", "784", "--max-pixels", "784", "--no-eval", "-q"]  # fmt: skip
+    directory = RunDirectory(out)
+    with Launcher(env=ONE_THREAD) as launch:
+        run = launch(*command, log=tmp_path / "stopped.log")
+        deadline = time.monotonic() + 180
+        while directory.latest_checkpoint() is None or int(directory.latest_checkpoint().name.split("-")[1]) < 3:
+            assert run.poll() is None, run.output()[-3000:]
+            assert time.monotonic() < deadline, run.output()[-3000:]
+            time.sleep(0.05)
+        # the group's signal as it reaches the decoding worker first (a race with a big model; made certain here)
+        tasks = Path(f"/proc/{run.pid}/task").iterdir()
+        workers = [pid for task in tasks for pid in (task / "children").read_text().split()]
+        assert workers, "no decoding worker"
+        for pid in workers:
+            os.kill(int(pid), signal.SIGTERM)
+        time.sleep(1.0)
+        run.signal(signal.SIGTERM, group=True)
+        assert run.wait() == 128 + signal.SIGTERM, run.output()[-3000:]
+    saved = directory.latest_checkpoint()
+    step = int(saved.name.split("-")[1])
+    lines = [line for line in run.output().splitlines() if line.strip()]
+    assert lines == [
+        f"interrupted by SIGTERM; the last checkpoint is {saved} (step {step}); run the same command to resume from it"
+    ], run.output()[-3000:]
+    assert 3 <= step < 200 and not (out / "iqa.json").exists()
