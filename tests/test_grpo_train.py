@@ -304,3 +304,56 @@ def test_a_stop_sent_to_the_process_group_ends_a_run_with_decoding_workers_in_on
         f"interrupted by SIGTERM; the last checkpoint is {saved} (step {step}); run the same command to resume from it"
     ], run.output()[-3000:]
     assert 3 <= step < 200 and not (out / "iqa.json").exists()
+
+
+def test_the_help_states_the_defaults_a_grpo_run_resolves(tmp_path):
+    """Each `[default: ...]` of the optimizer and GRPO options names the value a config of that method (and each
+    preset) resolves to; --workers, --batch-size, the pixel budget and the generation budget say what holds for grpo."""
+    import dataclasses
+    import re
+
+    from iqa_cli.model_options import COMMON, family_options
+    from iqa_cli.process import MAX_WORKERS
+    from iqa_cli.reasoning import PRESETS
+    from iqa_cli.training.config import ControlConfig, GRPOConfig, OptimizerConfig
+
+    def helps(kind):
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(kind)}
+
+    def default(text):
+        return re.search(r"\[default: ([^\]]*)\]", text).group(1)
+
+    def shown(value):
+        return f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else str(value)
+
+    base = TrainConfig.from_options(datasets=["s"], out=tmp_path)
+    for name in ("lr", "epochs", "warmup_ratio"):
+        for preset in PRESETS:
+            grpo = TrainConfig.from_options(datasets=["s"], out=tmp_path, method="grpo", prompt_preset=preset)
+            expected = f"{shown(getattr(base.optim, name))}; grpo {shown(getattr(grpo.optim, name))}"
+            assert default(helps(OptimizerConfig)[name]) == expected, name
+    for field in dataclasses.fields(GRPOConfig):
+        if field.name in ("preset", "reward"):
+            continue
+        values = {
+            p: shown(getattr(TrainConfig.from_options(datasets=["s"], out=tmp_path, method="grpo",
+                                                      prompt_preset=p).grpo, field.name))
+            for p in PRESETS
+        }  # fmt: skip
+        text = default(field.metadata["help"])
+        if len(set(values.values())) == 1:
+            assert text.split(",")[0] == next(iter(values.values())), field.name
+        else:
+            assert text == ", ".join(f"{p} {v}" for p, v in values.items()), field.name
+    assert (
+        default(helps(GRPOConfig)["preset"])
+        == TrainConfig.from_options(datasets=["s"], out=tmp_path, method="grpo").grpo.preset
+    )
+    assert f"at most {MAX_WORKERS}; grpo 0" in helps(ControlConfig)["workers"]
+    assert "--num-generations" in helps(OptimizerConfig)["batch_size"]
+    for option in family_options():
+        if option.name in ("min_pixels", "max_pixels"):
+            assert "448x448" in option.help and "--method grpo too" in option.help
+    budget = {p.thinking: p.max_new_tokens for p in PRESETS.values()}
+    tokens = next(o for o in COMMON if o.name == "max_new_tokens")
+    assert f"else {budget[True]} ({budget[False]} without thinking)" in tokens.help
