@@ -14,7 +14,7 @@ from typing import Any
 
 from iqa_cli.constants import DEFAULT_MODEL
 from iqa_cli.errors import UserError
-from iqa_cli.reasoning import PRESET_NAMES
+from iqa_cli.reasoning import PRESET_NAMES, PRESETS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -45,6 +45,13 @@ class ModelOption:
             raise UserError(f"{self.flag} {value}: use one of {', '.join(self.choices)}")
         if self.minimum is not None and value < self.minimum:
             raise UserError(f"{self.flag} {value}: must be at least {self.minimum}")
+
+
+def _presets_budget() -> str:
+    """The presets' generation budgets in help: "1024 (64 without thinking)"."""
+    thinking = sorted({p.max_new_tokens for p in PRESETS.values() if p.thinking})
+    direct = sorted({p.max_new_tokens for p in PRESETS.values() if not p.thinking})
+    return "/".join(map(str, thinking)) + (f" ({'/'.join(map(str, direct))} without thinking)" if direct else "")
 
 
 COMMON = (
@@ -84,7 +91,7 @@ COMMON = (
     ),
     ModelOption(
         "max_new_tokens",
-        "Reasoning models: most tokens generated per answer [default: the run's, else 1024 (64 without thinking)].",
+        f"Reasoning models: most tokens generated per answer [default: the run's, else {_presets_budget()}].",
         kind=int,
         metavar="N",
         minimum=1,

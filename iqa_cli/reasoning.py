@@ -138,6 +138,7 @@ PRESETS: dict[str, ReasoningPreset] = {
     )
 }
 PRESET_NAMES = tuple(PRESETS)
+GRPO = "grpo"  # `iqa train --method grpo`: reinforcement learning of a reasoning model through TRL (`training/grpo.py`)
 DIGITS = ("1", "2", "3", "4", "5")  # the digit-probability readout's levels, ascending quality (the 1-5 scale)
 
 

@@ -23,9 +23,10 @@ from iqa_cli.model_options import ModelSpec, family_options
 from iqa_cli.models.backbone import family_package
 from iqa_cli.option_field import option
 from iqa_cli.paths import check_output_dir
+from iqa_cli.process import MAX_WORKERS
+from iqa_cli.reasoning import GRPO, PRESETS
 
 LAYOUTS = ("reference", "scoring")  # image first (what the released models trained on) | the scoring prompt's
-GRPO = "grpo"  # reinforcement learning of a reasoning model through TRL (`training/grpo.py`)
 REWARDS = ("threshold", "fidelity")
 STRATEGIES = ("auto", "ddp", "fsdp")
 DEFAULT_TRAIN_MODEL = family_package().DEFAULT_TRAIN_MODEL  # the default family's base model
@@ -51,6 +52,8 @@ class GRPORecipe:
     max_completion_length: int = 256  # both scripts (VisualQuality-R1 sets it in code, Q-Insight keeps the default)
     lr: float = 1e-6  # their GRPOConfig's default, which neither script changes
     epochs: int = 10
+    warmup_ratio: float = 0.0  # a linear decay from the first step
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # the base model both papers train
 
 
 # Q-Insight `run_qinsight_score_and_dist.sh`; VisualQuality-R1 `run_scripts/KADID-10K/one_node_run_kadid.sh` (its
@@ -60,8 +63,34 @@ GRPO_RECIPES = {
     "visualquality-r1": GRPORecipe("fidelity", 6, 0.04),
     "visualquality-r1-nothink": GRPORecipe("fidelity", 6, 0.04),
 }
-# The optimizer's method defaults: DeQA-Score's scripts, and the GRPO recipes' (linear decay, no warmup).
+DEFAULT_GRPO_PRESET = "visualquality-r1"
+# --method grpo's defaults that no recipe changes: the threshold reward's (Q-Insight's), the reward weights, and
+# transformers' sampling defaults the recipes ran with.
+GRPO_DEFAULTS = {"threshold": 0.35, "w_reward": 1.0, "w_format": 1.0, "temperature": 1.0, "top_k": 50}
+# The optimizer's method defaults: DeQA-Score's scripts (the GRPO recipes': `GRPORecipe`).
 OPTIM_DEFAULTS = {"lr": 2e-5, "epochs": 3, "warmup_ratio": 0.03}
+
+
+def _number(value: object) -> str:
+    return f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else str(value)
+
+
+def _recipes(name: str) -> str:
+    """A recipe field's default in help: one value, or each preset's."""
+    shown = {preset: _number(getattr(recipe, name)) for preset, recipe in GRPO_RECIPES.items()}
+    if len(set(shown.values())) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{preset} {value}" for preset, value in shown.items())
+
+
+def _method_default(name: str) -> str:
+    """`[default: deqa's; grpo the recipe's]` of an optimizer option."""
+    return f"[default: {_number(OPTIM_DEFAULTS[name])}; grpo {_recipes(name)}]"
+
+
+def _model_help() -> str:
+    bases = ", ".join(dict.fromkeys(r.model for r in GRPO_RECIPES.values()))
+    return f"Model to fine-tune: Hugging Face repo id or directory [default: {DEFAULT_TRAIN_MODEL}; grpo {bases}]."
 
 
 @dataclass
@@ -120,9 +149,7 @@ class ModelConfig:
     """The model to fine-tune and which of its parts train."""
 
     panel: ClassVar[str] = "Model"
-    name: str = option(
-        DEFAULT_TRAIN_MODEL, "Model to fine-tune: Hugging Face repo id or directory.", flag="model", metavar="MODEL"
-    )
+    name: str | None = option(None, _model_help(), flag="model", metavar="MODEL")
     base: str | None = option(
         None, "Base model when --model is a LoRA adapter [default: the one the adapter names].", metavar="MODEL"
     )
@@ -143,19 +170,22 @@ class OptimizerConfig:
     """AdamW, cosine with warmup, the batch and the seed."""
 
     panel: ClassVar[str] = "Optimization"
-    epochs: int | None = option(None, "Passes over the training rows [default: 3; grpo 10].", metavar="N")
+    epochs: int | None = option(None, f"Passes over the training rows {_method_default('epochs')}.", metavar="N")
     max_steps: int = option(0, "Stop after N optimizer steps (the LR schedule ends there); 0: all epochs.", metavar="N")
     batch_size: int = option(
-        64, "Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair).", metavar="N"
+        64,
+        "Samples per optimizer step over all ranks (a DeQA-Score sample is an image pair; a grpo sample an image, "
+        "answered --num-generations times).",
+        metavar="N",
     )
     grad_accum: int = option(1, "Micro batches accumulated per optimizer step.", metavar="N")
     lr: float | None = option(
-        None, "Peak learning rate (AdamW; cosine decay, grpo linear) [default: 2e-5; grpo 1e-6].",
+        None, f"Peak learning rate (AdamW; cosine decay, grpo linear) {_method_default('lr')}.",
         metavar="LR",
     )  # fmt: skip
     weight_decay: float = option(0.0, "AdamW weight decay (none on biases/norms).", metavar="X")
     warmup_ratio: float | None = option(
-        None, "Fraction of steps of linear warmup [default: 0.03; grpo 0].", metavar="X"
+        None, f"Fraction of steps of linear warmup {_method_default('warmup_ratio')}.", metavar="X"
     )
     max_grad_norm: float = option(
         1.0, "Gradient clipping norm (HF Trainer's default, which the reference ran with); 0: off.", metavar="X"
@@ -215,8 +245,8 @@ class GRPOConfig:
 
     panel: ClassVar[str] = "GRPO"
     preset: str | None = option(
-        None, "The conversation and answer rule: q-insight, visualquality-r1 or visualquality-r1-nothink "
-        "[default: visualquality-r1]; also the recipe of the defaults below.", flag="prompt_preset", metavar="PRESET",
+        None, f"The conversation and answer rule: {', '.join(PRESETS)} [default: {DEFAULT_GRPO_PRESET}]; also the "
+        "recipe of the defaults below.", flag="prompt_preset", metavar="PRESET",
         completion="reasoning_presets",
     )  # fmt: skip
     reward: str | None = option(
@@ -225,34 +255,41 @@ class GRPOConfig:
         metavar="REWARD",
     )  # fmt: skip
     threshold: float | None = option(
-        None, "threshold reward: the largest |answer - MOS| (MOS on 1-5) that earns 1 [default: 0.35].",
+        None, f"threshold reward: the largest |answer - MOS| (MOS on 1-5) that earns 1 [default: "
+        f"{_number(GRPO_DEFAULTS['threshold'])}].",
         flag="reward_threshold", metavar="X",
     )  # fmt: skip
-    w_reward: float | None = option(None, "Weight of the score reward [default: 1].", metavar="W")
-    w_format: float | None = option(
-        None, "Weight of the format reward (the preset's answer shape) [default: 1].", metavar="W"
+    w_reward: float | None = option(
+        None, f"Weight of the score reward [default: {_number(GRPO_DEFAULTS['w_reward'])}].", metavar="W"
     )
+    w_format: float | None = option(
+        None, "Weight of the format reward (the preset's answer shape) [default: "
+        f"{_number(GRPO_DEFAULTS['w_format'])}].", metavar="W",
+    )  # fmt: skip
     num_generations: int | None = option(
-        None, "Answers sampled per image (the group) [default: q-insight 8, visualquality-r1 6].", metavar="G"
+        None, f"Answers sampled per image (the group) [default: {_recipes('num_generations')}].", metavar="G"
     )
     beta: float | None = option(
-        None, "KL coefficient against the initial model [default: q-insight 0.001, visualquality-r1 0.04].", metavar="X"
+        None, f"KL coefficient against the initial model [default: {_recipes('beta')}].", metavar="X"
     )
-    max_completion_length: int | None = option(None, "Most tokens per sampled answer [default: 256].", metavar="N")
-    temperature: float | None = option(None, "Sampling temperature [default: 1.0].", metavar="T")
+    max_completion_length: int | None = option(
+        None, f"Most tokens per sampled answer [default: {_recipes('max_completion_length')}].", metavar="N"
+    )
+    temperature: float | None = option(
+        None, f"Sampling temperature [default: {_number(GRPO_DEFAULTS['temperature'])}].", metavar="T"
+    )
     top_k: int | None = option(
-        None, "Sample among the K likeliest tokens; 0: all [default: 50, transformers' default the recipes ran with].",
-        metavar="K",
+        None, f"Sample among the K likeliest tokens; 0: all [default: {GRPO_DEFAULTS['top_k']}, transformers' default "
+        "the recipes ran with].", metavar="K",
     )  # fmt: skip
 
     def resolve(self) -> None:
         """Fills in the recipe's values (a --method grpo run records what it used)."""
-        self.preset = self.preset or "visualquality-r1"
+        self.preset = self.preset or DEFAULT_GRPO_PRESET
         recipe = self.recipe
         defaults = {
-            "reward": recipe.reward, "threshold": 0.35, "w_reward": 1.0, "w_format": 1.0,
-            "num_generations": recipe.num_generations, "beta": recipe.beta,
-            "max_completion_length": recipe.max_completion_length, "temperature": 1.0, "top_k": 50,
+            **GRPO_DEFAULTS, "reward": recipe.reward, "num_generations": recipe.num_generations, "beta": recipe.beta,
+            "max_completion_length": recipe.max_completion_length,
         }  # fmt: skip
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -261,7 +298,7 @@ class GRPOConfig:
     @property
     def recipe(self) -> GRPORecipe:
         """The preset's recipe (an unknown preset, which `validate` refuses, reads VisualQuality-R1's meanwhile)."""
-        return GRPO_RECIPES.get(self.preset or "", GRPO_RECIPES["visualquality-r1"])
+        return GRPO_RECIPES.get(self.preset or "", GRPO_RECIPES[DEFAULT_GRPO_PRESET])
 
 
 @dataclass
@@ -308,7 +345,11 @@ class ControlConfig:
     panel: ClassVar[str] = "Run"
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", metavar="DEVICE", control=True, completion="devices")
     workers: int | None = option(
-        None, "Image decoding processes per rank [default: cores - 1].", metavar="N", control=True
+        None,
+        f"Image decoding processes per rank [default: the rank's share of the cores less one, at most "
+        f"{MAX_WORKERS}; grpo 0: images decode in the training process].",
+        metavar="N",
+        control=True,
     )
     resume: bool = option(False, "Require resuming an interrupted run in OUT.", control=True)
     overwrite: bool = option(False, "Discard a run in OUT and start over.", control=True)
@@ -348,7 +389,9 @@ class TrainConfig:
         if grpo:
             self.grpo.resolve()
         recipe = self.grpo.recipe if grpo else None
-        method_defaults = {"lr": recipe.lr, "epochs": recipe.epochs, "warmup_ratio": 0.0} if recipe else OPTIM_DEFAULTS
+        if self.model.name is None:
+            self.model.name = recipe.model if recipe else DEFAULT_TRAIN_MODEL
+        method_defaults = {k: getattr(recipe, k) for k in OPTIM_DEFAULTS} if recipe else OPTIM_DEFAULTS
         for name, value in method_defaults.items():
             if getattr(self.optim, name) is None:
                 setattr(self.optim, name, value)
@@ -475,14 +518,15 @@ def _validate_grpo(config: TrainConfig) -> None:
     import dataclasses
     import importlib.util
 
-    from iqa_cli.reasoning import PRESETS
-
     grpo = config.grpo
     if config.method != GRPO:
         given = [f for f in dataclasses.fields(grpo) if getattr(grpo, f.name) is not None]
         if given:
             raise UserError(f"--{_flag(given[0]).replace('_', '-')} applies to --method grpo")
         return
+    ignored = _other_methods_options(config)
+    if ignored:
+        raise UserError(f"--{ignored[0].replace('_', '-')} does not apply to --method grpo, which would ignore it")
     if importlib.util.find_spec("trl") is None:
         raise UserError("--method grpo trains through TRL, which is not installed: pip install 'iqa-cli[rl]'")
     checks = [
@@ -501,3 +545,19 @@ def _validate_grpo(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+def _other_methods_options(config: TrainConfig) -> list[str]:
+    """The options of the other methods' prompts, losses and regressor (and of video sampling: GRPO trains on
+    images) that this config sets to something other than their defaults: GRPO would not use them."""
+    data = DataConfig()
+    changed = [
+        f
+        for f in ("layout", "fixed_question", "fps", "frames", "max_frames")
+        if getattr(config.data, f) != getattr(data, f)
+    ]
+    if list(config.model.mlp_dims) != list(DEFAULT_MLP_DIMS):
+        changed.append("mlp_dims")
+    loss = LossConfig()
+    changed += [_flag(f) for f in dataclasses.fields(loss) if getattr(config.loss, f.name) != getattr(loss, f.name)]
+    return changed

@@ -19,9 +19,10 @@ a pure function of (seed, epoch) and TRL's checkpoints keep the RNG, so a resume
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,18 +91,16 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
     data = train_data.load_train_data(
         config.data.datasets, resolve_data_dir(config.data.data_dir), images=config.data.images, seed=config.optim.seed
     )
-    if decision == "resume":
-        from iqa_cli.training.session import _check_same_data
-
-        _check_same_data(run, data)
+    if decision == "resume":  # the sampler continues where it stopped, which only means something on the same rows
+        train_state.check_same_data(run, data.fingerprint, [m.path for m in data.metas], finished=False)
     pool = train_data.weighted_rows(data.train.group, config.data.repeats or [1] * len(data.metas))
     if len(pool) < config.optim.batch_size:
         raise UserError(f"--batch-size {config.optim.batch_size} is larger than the {len(pool)} training images")
+    say = _logger(config, console, env)
     backbone = _load(config, device)
     readout = _readout(backbone, recipe, grpo.max_completion_length)
     if env.is_main and decision == "fresh":
         run.start({**config.to_json(), "data_fingerprint": data.fingerprint})
-    say = _logger(config, console, env)
     callback = RunCallback(
         config,
         run,
@@ -115,7 +114,7 @@ def train_grpo(config: TrainConfig, decision: str, console: Any = None) -> Train
             model=backbone.model,
             reward_funcs=reward_functions(recipe, grpo.reward, grpo.threshold, grpo.num_generations, config.optim.seed),
             args=trl_arguments(config, run, device, shape),
-            train_dataset=train_dataset(data.train, pool, recipe),
+            train_dataset=train_dataset(data.train, pool, recipe, config.optim.seed, say),
             processing_class=backbone.processor,
             peft_config=_lora(config, backbone),
             callbacks=[callback],
@@ -159,8 +158,33 @@ def check(config: TrainConfig) -> BatchShape:
         config.optim.batch_size, config.grpo.num_generations, distributed.env().world_size, config.optim.grad_accum
     )
     shape.check(config.grpo.reward)
+    _check_images_of_quality(config)
     _check_family(config)
     return shape
+
+
+def _check_images_of_quality(config: TrainConfig) -> None:
+    """The presets ask about the quality of a picture, and `iqa score` asks a reasoning model nothing else: a meta of
+    another task (AVA's aesthetics) or with videos is refused from its metadata and image names, before the model
+    loads, rather than trained with the wrong question or failing at its first batch."""
+    import pyarrow.parquet as pq
+
+    from iqa_cli.tasks import DEFAULT_TASK
+    from iqa_cli.training.objectives import OBJECTIVES
+    from iqa_cli.video import is_video_name
+
+    for name in config.data.datasets:
+        path = train_data.resolve_meta(name, resolve_data_dir(config.data.data_dir))
+        metadata = pq.read_schema(path).metadata or {}
+        task = (metadata.get(b"task") or DEFAULT_TASK.encode()).decode()
+        if task != DEFAULT_TASK:
+            raise UserError(
+                f"{path}: task {task}; --method grpo asks its presets' question about image quality (train {task} "
+                f"with --method {', '.join(OBJECTIVES)})"
+            )
+        videos = [v for v in pq.read_table(path, columns=["image"]).column("image").to_pylist() if is_video_name(v)]
+        if videos:
+            raise UserError(f"{path}: {videos[0]} is a video; --method grpo trains on images")
 
 
 def _check_family(config: TrainConfig) -> None:
@@ -223,29 +247,55 @@ def _lora(config: TrainConfig, backbone: Any) -> Any:
     )
 
 
-def train_dataset(rows: train_data.Rows, pool: np.ndarray, recipe: ReasoningPreset) -> Any:
+def train_dataset(
+    rows: train_data.Rows,
+    pool: np.ndarray,
+    recipe: ReasoningPreset,
+    seed: int = 0,
+    say: Callable[[str], None] | None = None,
+) -> Any:
     """The train rows as a `datasets.Dataset` whose items are TRL's: the conversation (`prompt`), the image (decoded
-    when the item is read) and the normalized MOS the rewards compare with."""
+    when the item is read) and the normalized MOS the rewards compare with.
+
+    An image that does not decode is left out as the other methods leave it out, with one warning naming it: its
+    place is taken by another row of the pool, drawn from (seed, row), so each of its group's answers sees the same
+    image and a resumed run the same rows, and the batch keeps its shape (TRL's groups and the fidelity reward)."""
     from datasets import Dataset
 
     from iqa_cli.images import ImageDecodeError, load_image
 
     messages = recipe.messages()
-    dataset = Dataset.from_dict(
-        {"row": pool.tolist(), "mos": rows.mos[pool].astype(float).tolist(), "path": [rows.paths[i] for i in pool]}
-    )
+    dataset = Dataset.from_dict({"row": pool.tolist()})
+    warned: set[str] = set()
+
+    def substitutes(row: int) -> Iterator[int]:
+        yield row
+        yield from np.random.default_rng([seed, row]).permutation(pool).tolist()  # drawn only when `row` fails
+
+    def decoded(row: int) -> tuple[Any, int]:
+        for candidate in substitutes(row):
+            path = rows.paths[candidate]
+            try:
+                return load_image(path), candidate
+            except ImageDecodeError as exc:
+                if path not in warned and say is not None:
+                    say(f"warning: skipped an image that cannot be decoded: {path} ({exc.reason})")
+                warned.add(path)
+        raise UserError(f"no training image decodes (the first tried: {rows.paths[row]}); check the image files")
 
     def read(batch: dict[str, list]) -> dict[str, list]:
-        images = []
-        for path in batch["path"]:
-            try:
-                images.append(load_image(path))
-            except ImageDecodeError as exc:
-                raise UserError(f"{path}: cannot train on an image that does not decode ({exc})") from None
+        images, taken = zip(*(decoded(int(row)) for row in batch["row"]), strict=True)
         n = len(images)
-        return {"prompt": [messages] * n, "image": images, "mos": batch["mos"], "row": batch["row"]}
+        return {"prompt": [messages] * n, "image": list(images), "mos": rows.mos[list(taken)].astype(float).tolist(),
+                "row": list(taken)}  # fmt: skip
 
-    dataset.set_transform(read)
+    fingerprint = logging.getLogger("datasets.fingerprint")  # `read` holds the logger, which datasets cannot hash:
+    level = fingerprint.level  # its random fingerprint is right (nothing is cached), and no warning's business
+    fingerprint.setLevel(logging.ERROR)
+    try:
+        dataset.set_transform(read)
+    finally:
+        fingerprint.setLevel(level)
     return dataset
 
 
@@ -309,12 +359,12 @@ def trl_arguments(config: TrainConfig, run: train_state.RunDirectory, device: to
 
 
 def _usable_checkpoint(run: train_state.RunDirectory) -> Path:
-    """The newest complete TRL checkpoint; folders a kill cut short (no `trainer_state.json`) are removed."""
+    """The newest complete TRL checkpoint; folders a kill cut short (no trainer state that parses) are removed."""
     import shutil
 
     found = run.latest_checkpoint()
     for folder in run.checkpoints.glob("checkpoint-*"):
-        if folder != found and not (folder / train_state.HF_TRAINER_STATE).is_file():
+        if folder != found and not train_state.checkpoint_complete(folder):
             shutil.rmtree(folder, ignore_errors=True)
     return found
 

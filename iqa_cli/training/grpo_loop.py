@@ -43,8 +43,32 @@ class EpochRepeatSampler(RepeatSampler):
         return super().__iter__()
 
 
+class LeaveStopsToMainProcess:
+    """A DataLoader `worker_init_fn`: transformers' own (the worker's seed), then `interrupts.leave_to_main_process`,
+    so a stop sent to the process group reaches only the main process, which says what it saved (a worker that died
+    of it would make torch raise "DataLoader worker killed by signal" first)."""
+
+    def __init__(self, init: Callable[[int], None] | None):
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        from iqa_cli.interrupts import leave_to_main_process
+
+        leave_to_main_process()
+        if self.init is not None:
+            self.init(worker_id)
+
+
 class IqaGRPOTrainer(GRPOTrainer):
-    """TRL's `GRPOTrainer` with the resumable epoch order; it sends no telemetry and writes no model card."""
+    """TRL's `GRPOTrainer` with the resumable epoch order and decoding workers that leave stops to the main process;
+    it sends no telemetry and writes no model card."""
+
+    def get_train_dataloader(self) -> Any:
+        loader = super().get_train_dataloader()
+        base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader it holds
+        if base.num_workers:
+            base.worker_init_fn = LeaveStopsToMainProcess(base.worker_init_fn)
+        return loader
 
     def _get_train_sampler(self, dataset: Any = None) -> EpochRepeatSampler:
         return EpochRepeatSampler(

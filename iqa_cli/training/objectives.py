@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from iqa_cli.losses import QSCORER_CLAMP, LevelTargets, LossParts, deqa_loss, onehot_level_ce, qscorer_loss
+from iqa_cli.reasoning import GRPO
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class QScorer(Objective):
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (DeQAScore(), QAlign(), QScorer())}
-METHODS = (*OBJECTIVES, "grpo")  # grpo trains a reasoning model through TRL (`training/grpo.py`): no loss here
+METHODS = (*OBJECTIVES, GRPO)  # grpo trains a reasoning model through TRL (`training/grpo.py`): no loss here
 
 
 def compute_loss(spec: LossSpec, logits: torch.Tensor, pred: torch.Tensor | None, batch) -> LossParts:

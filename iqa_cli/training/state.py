@@ -64,6 +64,19 @@ class Progress:
             self.epoch, self.step = self.epoch + 1, 0
 
 
+def checkpoint_complete(folder: Path) -> bool:
+    """A `step-N` folder is complete once renamed into place with its `trainer.pt` (temporary folders of an
+    interrupted save are ignored). A TRL `checkpoint-N` (`--method grpo`) is complete when its trainer state, which
+    transformers writes last and not atomically, parses: a kill during that write leaves it cut short."""
+    if folder.name.startswith("step-"):
+        return (folder / TRAINER_FILE).is_file()
+    try:
+        json.loads((folder / HF_TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class RunDirectory:
     """Paths and small file operations of one `--out` directory."""
 
@@ -83,12 +96,11 @@ class RunDirectory:
             raise UserError(f"{self.config_path}: unreadable ({exc}); use --overwrite to start over") from None
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete `step-N` folder (temporary folders of an interrupted save are ignored), or of
-        `--method grpo` the newest TRL `checkpoint-N` whose trainer state, written last, is there."""
+        """The newest complete checkpoint (`checkpoint_complete`), or None."""
         if not self.checkpoints.is_dir():
             return None
-        done = [p for p in self.checkpoints.glob("step-*") if (p / TRAINER_FILE).is_file()]
-        done += [p for p in self.checkpoints.glob("checkpoint-*") if (p / HF_TRAINER_STATE).is_file()]
+        done = [p for p in self.checkpoints.glob("step-*") if checkpoint_complete(p)]
+        done += [p for p in self.checkpoints.glob("checkpoint-*") if checkpoint_complete(p)]
         return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
     def is_finished(self) -> bool:

@@ -5,6 +5,8 @@ the family's processor makes the visual inputs and its chat template renders the
 importable without torch; `OPTIONS` are this family's own model options (`iqa_cli.model_options`).
 """
 
+import math
+
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelOption
 
@@ -27,18 +29,21 @@ VIDEO_MODES = {"qwen2_vl": "videos", "qwen2_5_vl": "videos", "llava_onevision": 
 # The language model's linear layers LoRA adapts by default (attention and MLP projections of every decoder layer).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TRAIN_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+_SIDE = math.isqrt(DEFAULT_PIXELS)  # the options' help
 
 OPTIONS = (
     ModelOption(
         "min_pixels",
-        "Qwen-VL: fewest pixels an image is resized to [default: 448x448, the papers' fixed input].",
+        f"Qwen-VL: fewest pixels an image is resized to [default: {_SIDE}x{_SIDE} (the papers' fixed input), for "
+        "reasoning models and --method grpo too; their authors ran Qwen's native 3136].",
         kind=int,
         metavar="N",
         minimum=1,
     ),
     ModelOption(
         "max_pixels",
-        "Qwen-VL: most pixels an image is resized to [default: 448x448, the papers' fixed input].",
+        f"Qwen-VL: most pixels an image is resized to [default: {_SIDE}x{_SIDE} (the papers' fixed input), for "
+        "reasoning models and --method grpo too; their authors ran Qwen's native 12845056].",
         kind=int,
         metavar="N",
         minimum=1,
