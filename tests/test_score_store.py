@@ -196,3 +196,34 @@ def test_writing_units_and_the_output_imports_no_pandas(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["5", "1", "False"]
+
+
+def test_a_reasoning_units_failed_batch_and_scored_ones_flush_together(tmp_path):
+    """A batch of only corrupt images has no model call, so no texts; flushed with batches that have texts (a
+    reasoning model's), its rows still join them, and the piece and the unit hold every row."""
+    extra = {"shard": None, "meta": None}
+    schema = output_schema(len(LEVELS), False, extra, reasoning=True, keep_text=True)
+    sidecar = Sidecar(tmp_path / "out.parquet")
+    sidecar.create({})
+    writer = UnitWriter(Source(extra), sidecar, schema, LEVELS, flush_rows=1 << 20, flush_seconds=1e9)
+
+    def reasoned(n: int, seed: int) -> BatchResult:
+        result = _result(n, seed, False)
+        result.score_soft = result.score + 0.5
+        result.texts = [f"text {seed}.{i}" for i in range(n + 2)]
+        result.errors = [None] * (n + 2)
+        return result
+
+    for order in ([None, "t"], ["t", None]):  # the failed batch first, and after one with texts
+        writer.pending.clear()
+        u = 0 if order[0] is None else 1
+        for r, kind in enumerate(order):
+            batch = _batch([u], [r], [5], ["corrupt" if kind is None else None])
+            writer.add(batch, None if kind is None else reasoned(1, r))
+        writer.flush()
+        writer.add(_batch([u], [2], [6], [None], done=[(u, None)]), reasoned(1, 2))
+        table = pq.read_table(sidecar.unit(u))
+        texts = [None if kind is None else f"text {r}.0" for r, kind in enumerate(order)] + ["text 2.0"]
+        assert table.column("reasoning").to_pylist() == texts
+        assert table.column("error").to_pylist() == [("corrupt" if kind is None else None) for kind in order] + [None]
+        assert table.column("score_soft").null_count == 1

@@ -326,8 +326,8 @@ def _joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     joined: dict[str, Any] = {}
     for key in chunks[0]:
         parts = [c.get(key) for c in chunks]
-        if isinstance(parts[0], list):
-            joined[key] = [v for p in parts for v in p]
+        if any(isinstance(p, list) for p in parts):  # a batch that failed whole has no texts: None per row
+            joined[key] = [v for p, m in zip(parts, n, strict=True) for v in (p if p is not None else [None] * m)]
         elif all(p is None for p in parts):
             joined[key] = None
         else:
