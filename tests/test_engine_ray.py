@@ -18,12 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from iqa_cli.cli import app
@@ -33,7 +36,7 @@ from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.output import output_schema
 from iqa_cli.scoring.store import sidecar_path
 from tests.conftest import REPO_ROOT, run_iqa
-from tests.test_score_pipeline import FakeScorer, assert_same_rows, make_image_folder
+from tests.test_score_pipeline import FakeBatch, FakeScorer, assert_same_rows, make_image_folder
 from tests.test_shards import make_dataset
 
 ray = pytest.importorskip("ray")
@@ -122,6 +125,47 @@ def test_ray_engine_output_equals_the_local_engine(ray_address, folder, dataset,
     # The engine does not decide the scores: each engine's output is complete for the other.
     assert score(inputs, remote, out_dir=out_name.endswith("/"), **options).already_complete
     assert score(inputs, local, engine="ray", out_dir=out_name.endswith("/"), **options).already_complete
+
+
+@dataclass
+class ReasonedBatch(FakeBatch):
+    score_soft: torch.Tensor | None = None
+    errors: list[str | None] | None = None
+    texts: list[str] | None = None
+
+
+class ReasoningScorer(FakeScorer):
+    """The fake scorer as a reasoning model that may score videos: an answer with its score as text (a score
+    below 3: an answer without a number, an error row), score_soft beside score, a video prompt."""
+
+    reasoning = True
+    video_metadata: ClassVar[dict[str, str]] = {"video_prompt": "USER: <video> rate it", "video_input_ids": "[7, 8]"}
+
+    def score_batch(self, visual: dict[str, torch.Tensor]) -> ReasonedBatch:
+        plain = super().score_batch(visual)
+        scores = plain.score.tolist()
+        texts = [f"<answer> {s:.3f} </answer>" if s >= 3 else "I cannot tell" for s in scores]
+        errors = [None if s >= 3 else f"the answer gives no number: {t!r}" for s, t in zip(scores, texts, strict=True)]
+        return ReasonedBatch(**vars(plain), score_soft=plain.score + 0.25, errors=errors, texts=texts)
+
+
+def test_a_reasoning_model_on_ray_keeps_its_answers_soft_scores_and_video_prompt(
+    ray_address, dataset, tmp_path, monkeypatch
+):
+    """The actors' scorer says it reasons and holds a video prompt: the ray engine's output has score_soft, the
+    answers of --keep-reasoning and the video prompt in its footer, as the local engine's."""
+    inputs = [f"{dataset['shards']}/*.tar"]
+    options = {"keep_reasoning": True, "factory": lambda device: ReasoningScorer(device)}
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    score(inputs, local, **options)
+    score(inputs, remote, engine="ray", **options)
+    expected, got = read(local), read(remote)
+    assert {"score_soft", "reasoning"} <= set(got.columns)
+    answered = expected["reasoning"].str.startswith("<answer>", na=False)
+    assert answered.any() and (~answered & expected["error"].isna()).sum() == 0
+    assert expected["error"].str.startswith("the answer gives no number", na=False).any()
+    assert_same_rows(got, expected)
+    assert footer(remote) == footer(local) and footer(remote)["video_prompt"] == "USER: <video> rate it"
 
 
 class PidScorer(FakeScorer):

@@ -201,6 +201,8 @@ class RemoteScorer:
     metadata: dict[str, str]
     level_names: list[str]
     has_regressor: bool
+    reasoning: bool  # a reasoning model (its rows gain score_soft, --keep-reasoning applies)
+    video_metadata: dict[str, str]  # the video prompt and its ids, for outputs that may hold videos
     device: Any
     pool: ActorPool
 
@@ -289,7 +291,15 @@ class ActorPool:
                 self.grow()
         info = self.info
         device = torch.device("cuda" if self.gpu else "cpu")
-        return RemoteScorer(info["metadata"], info["level_names"], info["has_regressor"], device, self)
+        return RemoteScorer(
+            info["metadata"],
+            info["level_names"],
+            info["has_regressor"],
+            info["reasoning"],
+            info["video_metadata"],
+            device,
+            self,
+        )
 
     def loaded(self, member: Member) -> bool:
         """Reads a `load()` answer: True when the actor has the model, False when it was lost."""

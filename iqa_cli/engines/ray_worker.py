@@ -86,6 +86,8 @@ class UnitActor:
             "metadata": dict(self.scorer.metadata),
             "level_names": list(self.scorer.level_names),
             "has_regressor": bool(self.scorer.has_regressor),
+            "reasoning": bool(getattr(self.scorer, "reasoning", False)),
+            "video_metadata": dict(getattr(self.scorer, "video_metadata", {})),
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
