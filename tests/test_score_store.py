@@ -227,3 +227,18 @@ def test_a_reasoning_units_failed_batch_and_scored_ones_flush_together(tmp_path)
         assert table.column("reasoning").to_pylist() == texts
         assert table.column("error").to_pylist() == [("corrupt" if kind is None else None) for kind in order] + [None]
         assert table.column("score_soft").null_count == 1
+
+
+def test_a_writer_sent_to_another_process_restarts_its_flush_clock(tmp_path):
+    """A Ray actor on another machine unpickles the driver's writer: the driver's monotonic time is no time there
+    (another boot), so a piece would be written at the first batch, or never; the clock starts at arrival."""
+    import pickle
+    import time
+
+    writer = _writer(tmp_path, flush_seconds=30.0)
+    for driver_clock in (-1e6, time.monotonic() + 1e6):  # a machine booted long after, or long before
+        writer.last_flush = driver_clock
+        arrived = pickle.loads(pickle.dumps(writer))
+        assert abs(arrived.last_flush - time.monotonic()) < 5
+        arrived.add(_batch([0], [0], [1], [None]), _result(1, 0, False))
+        assert arrived.sidecar.pieces(0) == [] and arrived.pending[0].rows == 1  # held: 30 s have not passed

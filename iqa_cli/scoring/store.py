@@ -217,6 +217,12 @@ class UnitWriter:
         self.pending: dict[int, _Pending] = {}
         self.last_flush = time.monotonic()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a Ray actor, maybe on another machine: `time.monotonic()` counts from that machine's boot,
+        so the driver's `last_flush` means nothing there; the clock starts again."""
+        self.__dict__.update(state)
+        self.last_flush = time.monotonic()
+
     def add(self, batch: dict[str, Any], result: Any) -> int:
         """Keeps the real rows of one batch, writes the units that ended in it; returns how many rows it had."""
         units = batch["unit"].numpy()
