@@ -506,8 +506,9 @@ class RayScorer:
                             compute=ray.data.ActorPoolStrategy(size=8))
 
     Each batch (a dict of numpy arrays, or a pyarrow table or pandas frame) comes back as an Arrow table: its
-    columns plus score, std, probs, level, width, height, error (and score_reg for Q-Scorer models), the
-    values `iqa score` writes; an undecodable image is a row with `error` set and null scores.
+    columns plus score, std, probs, level, width, height, error (and score_reg for Q-Scorer models, score_soft for
+    reasoning models), the values `iqa score` writes; an undecodable image, or a reasoning model's answer without
+    a number, is a row with `error` set and null scores.
 
     Args:
         model: a Hub repo id, a checkpoint folder or an `iqa train` run.
