@@ -684,6 +684,31 @@ def test_workers_build_the_familys_batch_in_shared_memory(tmp_path):
     assert not in_main["visual"]["pixel_values"].is_shared() and in_main["unit"].tolist() == [0, -1, -1, -1]
 
 
+def test_a_per_frame_row_whose_transform_fails_is_an_error_row(tmp_path):
+    """Decoder's contract: a failure is an error row, never raised; with --per-frame a frame the transform refuses
+    (a 1000x4 one for Qwen-VL) is that frame's error row, and the video's own row and other frames stand."""
+    from iqa_cli.sources import Sample
+    from iqa_cli.video import Sampling
+    from tests.videos import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", frames=12, fps=6)  # 1 frame per second: frames 0 and 6
+    calls: list[int] = []
+
+    def picky(frame: Image.Image) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("absolute aspect ratio must be smaller than 200")
+        return {"x": torch.zeros(1)}
+
+    decode = Decoder(picky, load_image, lambda video: {"v": torch.zeros(1)}, Sampling(fps=1.0), per_frame=True)
+    rows = decode.rows(Sample("clip.mp4", path=str(clip), video=True))
+    assert [(r.video, r.frame, r.visual is not None, r.error, r.ends_sample) for r in rows] == [
+        (True, -1, True, None, False),
+        (False, 0, True, None, False),
+        (False, 6, False, "ValueError: absolute aspect ratio must be smaller than 200", True),
+    ]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_uint8_items_give_the_float_paths_batch_bit_for_bit(tmp_path, dtype):
     """Workers hand over uint8 squares and the collate applies the value table into the batch: the batch is
