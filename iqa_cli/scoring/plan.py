@@ -192,7 +192,7 @@ def decide(
             )
         if manifest is not None and version == MANIFEST_VERSION:
             difference = describe_difference(manifest, **compare)
-            if difference is None:
+            if difference is None and not config.overwrite:  # --overwrite: a fresh run, even of the same request
                 return Plan(
                     "run",
                     metadata=manifest["metadata"],
@@ -201,7 +201,7 @@ def decide(
                     reasoning=manifest.get("reasoning", False),
                     video_metadata=manifest.get("video_metadata", {}),
                 )
-            if not config.overwrite:
+            if difference is not None and not config.overwrite:
                 resume = f"resume it with {difference.match}, or " if difference.match else ""
                 raise UserError(
                     f"{sidecar.dir} holds an interrupted run of {difference.what}; {resume}pass --overwrite to "
