@@ -535,3 +535,18 @@ def test_a_broken_metadata_table_loses_its_kept_columns_not_the_scores(dataset, 
     assert got[: len(keys)] == [(k, f"https://x/{k}", True) for k in keys]
     assert [key for key, *_ in got[len(keys) :]] == ["bad01", "text1"]
     assert f"cannot read the metadata table {tmp_path / '00001.parquet'}" in capfd.readouterr().err
+
+
+def test_a_run_that_fails_stops_counting_the_shards_headers(dataset, tmp_path, monkeypatch):
+    """The progress bar's total comes from a thread reading every shard's headers; a run that fails (or is stopped)
+    stops it too, rather than leaving it reading headers of shards nobody scores."""
+    import iqa_cli.scoring.driver as driver
+    from tests.test_score_pipeline import Crash, CrashingScorer
+
+    started = []
+    original = driver._count_in_background
+    monkeypatch.setattr(driver, "_count_in_background", lambda *a: started.append(original(*a)) or started[-1])
+    config = ScoreConfig(out=tmp_path / "s.parquet", inputs=[f"{dataset['shards']}/*.tar"], batch_size=2, workers=0)
+    with pytest.raises(Crash):
+        score_images(config, scorer_factory=lambda device: CrashingScorer(device, crash_after=0))
+    assert len(started) == 1 and started[0] is not None and started[0].stop.is_set()
