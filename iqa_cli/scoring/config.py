@@ -226,7 +226,7 @@ class ScoreSummary:
     failed: int = 0  # rows with `error` set
     processed: int = 0  # images scored by this run (all ranks)
     processed_by_rank: list[int] = field(default_factory=list)
-    resumed: int = 0  # units found finished in the sidecar
+    resumed: int = 0  # rows an earlier run left in the sidecar (finished units and pieces): not scored again
     seconds: float = 0.0  # wall time of the scoring loop
     already_complete: bool = False  # the output existed and matched; nothing was done
     is_main: bool = True  # False on ranks > 0, which do not write the output
