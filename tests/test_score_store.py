@@ -96,7 +96,7 @@ def _writer(tmp_path, regressor: bool = False, extra: dict = EXTRA, **options) -
     sidecar = Sidecar(tmp_path / "out.parquet")
     sidecar.create({})
     schema = output_schema(len(LEVELS), regressor, extra)
-    return UnitWriter(Source(extra), sidecar, schema, LEVELS, **{"flush_seconds": 1e9, **options})
+    return UnitWriter(Source(extra), sidecar, schema, LEVELS, **{"flush_rows": 65536, "flush_seconds": 1e9, **options})
 
 
 @pytest.mark.parametrize("regressor", [False, True])
@@ -137,7 +137,9 @@ def test_a_slow_unit_is_written_in_pieces_that_a_rerun_goes_on_after(tmp_path):
     state = writer.sidecar.scan(10, clean=False)
     assert state.finished.tolist() == [] and state.starts == {5: 5} and state.rows == 5
 
-    again = UnitWriter(Source(), writer.sidecar, writer.schema, LEVELS, starts=state.starts, flush_seconds=1e9)
+    again = UnitWriter(
+        Source(), writer.sidecar, writer.schema, LEVELS, starts=state.starts, flush_rows=3, flush_seconds=1e9
+    )
     with pytest.raises(RuntimeError, match="unit 5: row 4 arrived, 5 expected"):
         again.add(_batch([5], [4], [5], [None]), _result(1, 3, False))
     again.pending.clear()

@@ -17,8 +17,7 @@ import torch
 
 from iqa_cli.errors import UserError
 from iqa_cli.sources import Sample
-
-NULL_IMAGE = "no image bytes in this row (null)"  # the Parquet source's text for a null image
+from iqa_cli.sources.parquet import NULL_IMAGE
 
 
 class ColumnScorer:

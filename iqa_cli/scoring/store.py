@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iqa_cli.files import atomic_write, fsync_dir
+from iqa_cli.scoring.config import MANIFEST
 from iqa_cli.scoring.output import rows_table, write_table_atomic
 
-MANIFEST = "manifest.json"
 SAMPLES_KEY = b"iqa_samples"  # a piece's footer: samples it holds, when its rows are more (--per-frame)
 MANIFEST_VERSION = 2  # 1: the files loop's index-keyed parts (iqa < 0.2); 2: units for every source
 _UNIT_FILE = re.compile(r"unit-(\d{8})(?:\.from-(\d{10}))?\.(parquet|done|error)")
@@ -195,6 +195,7 @@ class UnitWriter:
         level_names: ascending quality; `level` is the name of the most likely one.
         directory: `--out DIR/`: units that are a whole output file (`direct`) are written there.
         starts: rows of each unit already in pieces (a resumed run).
+        flush_rows, flush_seconds: `ScoreConfig`'s.
     """
 
     def __init__(
@@ -207,8 +208,8 @@ class UnitWriter:
         directory: Path | None = None,
         direct: set[int] = frozenset(),
         starts: dict[int, int] | None = None,
-        flush_rows: int = 65536,
-        flush_seconds: float = 30.0,
+        flush_rows: int,
+        flush_seconds: float,
     ):
         self.source, self.sidecar, self.schema, self.level_names = source, sidecar, schema, list(level_names)
         self.directory, self.direct = directory, direct
