@@ -383,7 +383,11 @@ def answer(ref: Any) -> Any:
             ) from None
         raise LostActor(" ".join(str(exc).split())[:300]) from None
     except RayTaskError as exc:
+        from iqa_cli.engines.ray_worker import DecoderLost
+
         cause = exc.cause
+        if isinstance(cause, DecoderLost):
+            raise LostActor(f"a decoding worker died: {cause}") from None
         if isinstance(cause, UserError | KeyboardInterrupt):
             raise cause from None
         raise exc.as_instanceof_cause() from None
@@ -467,12 +471,14 @@ class Dispatch:
             return
         state = self.writer.sidecar.scan(len(self.source), clean=False)
         finished = set(state.finished.tolist())
+        self.losses.update(list(member.units))  # one loss each (a dict would add its values)
+        hit = [u for u in sorted(member.units) if self.losses[u] >= MAX_LOSSES and u not in finished]
+        if hit:  # which of the units an actor held killed it is not known: each is named
+            names = "; ".join(self.source.label(u) for u in hit[:3]) + ("; ..." if len(hit) > 3 else "")
+            what = "it" if len(hit) == 1 else f"these {len(hit)} units together"
+            lost = self.losses[hit[0]]
+            raise UserError(f"{names}: {lost} Ray actors were lost while scoring {what} (last: {reason})")
         for u, start in sorted(member.units.items(), reverse=True):
-            self.losses[u] += 1
-            if self.losses[u] >= MAX_LOSSES:
-                raise UserError(
-                    f"{self.source.label(u)}: {self.losses[u]} Ray actors were lost while scoring it (last: {reason})"
-                )
             if u in finished:  # written before the actor went, not reported
                 self.done(self.written_rows(u) - start)
                 continue
