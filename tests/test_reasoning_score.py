@@ -240,9 +240,9 @@ def test_iqa_serve_answers_a_reasoning_model_with_errors_for_answers_without_a_n
         answer = requests.post(f"{url}/score", json={"images": encoded, "probs": True}, timeout=60).json()
         pngs = [base64.b64decode(text) for text in encoded]
         refused = requests.post(f"{url}/", data=pickle.dumps({"images": pngs}), timeout=60)
-    for got, want, error in zip(answer["scores"], expected, answer["errors"], strict=True):
+    for i, (got, want, error) in enumerate(zip(answer["scores"], expected, answer["errors"], strict=True)):
         if want.error is None:
             assert got == want.score and error is None
         else:
-            assert got is None and error == want.error
+            assert got is None and error == f"images[{i}]: {want.error}"
     assert refused.status_code == 422
