@@ -57,3 +57,6 @@ def test_the_daft_udf_gives_the_values_of_iqa_score(tiny, tmp_path):
     regression = scorer_class(score_reg=True)(str(tiny), device="cpu")
     with pytest.raises(UserError, match=r"has no regression head; use .*scorer_class\(score_reg=False\)"):
         regression(daft.Series.from_pylist([None]))  # a Series, not an expression: runs here, at once
+    reasoning = scorer_class(reasoning=True)(str(tiny), device="cpu")
+    with pytest.raises(UserError, match=r"not a reasoning model; use .*scorer_class\(reasoning=False\)"):
+        reasoning(daft.Series.from_pylist([None]))

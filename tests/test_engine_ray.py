@@ -14,16 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from iqa_cli.cli import app
@@ -33,7 +37,7 @@ from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.output import output_schema
 from iqa_cli.scoring.store import sidecar_path
 from tests.conftest import REPO_ROOT, run_iqa
-from tests.test_score_pipeline import FakeScorer, assert_same_rows, make_image_folder
+from tests.test_score_pipeline import FakeBatch, FakeScorer, assert_same_rows, make_image_folder
 from tests.test_shards import make_dataset
 
 ray = pytest.importorskip("ray")
@@ -122,6 +126,96 @@ def test_ray_engine_output_equals_the_local_engine(ray_address, folder, dataset,
     # The engine does not decide the scores: each engine's output is complete for the other.
     assert score(inputs, remote, out_dir=out_name.endswith("/"), **options).already_complete
     assert score(inputs, local, engine="ray", out_dir=out_name.endswith("/"), **options).already_complete
+
+
+@dataclass
+class ReasonedBatch(FakeBatch):
+    score_soft: torch.Tensor | None = None
+    errors: list[str | None] | None = None
+    texts: list[str] | None = None
+
+
+class ReasoningScorer(FakeScorer):
+    """The fake scorer as a reasoning model that may score videos: an answer with its score as text (a score
+    below 3: an answer without a number, an error row), score_soft beside score, a video prompt."""
+
+    reasoning = True
+    video_metadata: ClassVar[dict[str, str]] = {"video_prompt": "USER: <video> rate it", "video_input_ids": "[7, 8]"}
+
+    def score_batch(self, visual: dict[str, torch.Tensor]) -> ReasonedBatch:
+        plain = super().score_batch(visual)
+        scores = plain.score.tolist()
+        texts = [f"<answer> {s:.3f} </answer>" if s >= 3 else "I cannot tell" for s in scores]
+        errors = [None if s >= 3 else f"the answer gives no number: {t!r}" for s, t in zip(scores, texts, strict=True)]
+        return ReasonedBatch(**vars(plain), score_soft=plain.score + 0.25, errors=errors, texts=texts)
+
+
+def test_a_reasoning_model_on_ray_keeps_its_answers_soft_scores_and_video_prompt(
+    ray_address, dataset, tmp_path, monkeypatch
+):
+    """The actors' scorer says it reasons and holds a video prompt: the ray engine's output has score_soft, the
+    answers of --keep-reasoning and the video prompt in its footer, as the local engine's."""
+    inputs = [f"{dataset['shards']}/*.tar"]
+    options = {"keep_reasoning": True, "factory": lambda device: ReasoningScorer(device)}
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    score(inputs, local, **options)
+    score(inputs, remote, engine="ray", **options)
+    expected, got = read(local), read(remote)
+    assert {"score_soft", "reasoning"} <= set(got.columns)
+    answered = expected["reasoning"].str.startswith("<answer>", na=False)
+    assert answered.any() and (~answered & expected["error"].isna()).sum() == 0
+    assert expected["error"].str.startswith("the answer gives no number", na=False).any()
+    assert_same_rows(got, expected)
+    assert footer(remote) == footer(local) and footer(remote)["video_prompt"] == "USER: <video> rate it"
+
+
+class KillOn:
+    """The fake scorer's transform, except that an image of `size` kills the DataLoader worker decoding it."""
+
+    def __init__(self, transform, size: tuple[int, int]):
+        self.transform, self.size = transform, size
+
+    def __call__(self, image):
+        if image.size == self.size and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.transform(image)
+
+
+class DecoderKiller(FakeScorer):
+    def __init__(self, device):
+        super().__init__(device)
+        self.transform = KillOn(self.transform, (13, 11))
+
+
+@pytest.mark.slow
+def test_an_image_that_kills_its_decoding_worker_loses_its_actor_and_stops_the_run_on_its_unit(tmp_path):
+    """README: a unit whose actors die three times stops the run with its name (an image that kills its decoder).
+    With decoding workers the death is a worker's, which the actor reports so that the driver takes it as lost.
+    On a Ray of its own (a process that starts one): the module's Ray answers no more after such deaths."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (13, 11) if i == 3 else (20, 16), (40 * i, 90, 30)).save(folder / f"{i}.png")
+    args = [
+        "-m",
+        "tests.test_engine_ray",
+        "run",
+        str(folder),
+        str(tmp_path / "s.parquet"),
+        "local",
+        "-",
+        "--kill-decoder",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    error = result.stdout.strip().splitlines()[-1]
+    assert re.search(r"^error: .*: 3 Ray actors were lost while scoring (it|these \d units together)", error), error
+    assert "images 3-4 (2.png, ...)" in error and "a decoding worker died" in error  # 3.png's unit among those named
 
 
 class PidScorer(FakeScorer):
@@ -256,8 +350,8 @@ def test_bad_engine_options_are_user_errors_before_any_work(folder, tmp_path, mo
 
 
 def _main(argv: list[str]) -> None:
-    """`run FOLDER OUT ADDRESS PIDS`: scores FOLDER with --engine ray on the cluster at ADDRESS, the fake scorer
-    slowed down and writing its actors' pids to PIDS."""
+    """`run FOLDER OUT ADDRESS PIDS`: scores FOLDER with --engine ray on the cluster at ADDRESS (local: a Ray of
+    its own), the fake scorer slowed down and writing its actors' pids to PIDS (`--kill-decoder`: DecoderKiller)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["run"])
     parser.add_argument("folder")
@@ -265,13 +359,19 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("address")
     parser.add_argument("pids")
     parser.add_argument("--per-unit", type=int, default=2)
+    parser.add_argument("--kill-decoder", action="store_true", help="DecoderKiller, not the slowed PidScorer")
     args = parser.parse_args(argv)
     small_units(pytest.MonkeyPatch(), args.per_unit)
     config = ScoreConfig(
         out=Path(args.out), inputs=[args.folder], batch_size=2, workers=1, quiet=True, flush_rows=1,
         engine="ray", ray_address=args.address,
     )  # fmt: skip
-    summary = score_images(config, scorer_factory=lambda device: PidScorer(device, args.pids, 0.3))
+    factory = DecoderKiller if args.kill_decoder else lambda device: PidScorer(device, args.pids, 0.3)
+    try:
+        summary = score_images(config, scorer_factory=factory)
+    except UserError as exc:
+        print(f"error: {exc}")
+        sys.exit(2)
     print(f"processed={summary.processed} total={summary.total}")
 
 

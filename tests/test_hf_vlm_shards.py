@@ -74,7 +74,7 @@ def test_shards_give_the_scores_of_the_files_with_error_rows_and_kept_columns(da
     assert_scores_of_the_files(good, file_scores, good["image"].tolist())
     errors = dict(zip(frame["image"], frame["error"], strict=True))
     assert "not an image" in errors["bad01"] and np.isnan(frame.set_index("image").loc["bad01", "score"])
-    assert "no image member" in errors["text1"]
+    assert "no image or video member" in errors["text1"]
     assert "broke off" in errors["00008"]
 
     kept = pq.read_table(out, columns=keep).to_pydict()  # the arrow values: pandas 3 reads a null string as nan

@@ -148,6 +148,28 @@ def test_the_checkpoints_generation_settings_do_not_reach_greedy_decoding(setup,
     assert model.generation_config.no_repeat_ngram_size == 1 and model.generation_config.suppress_tokens == digits
 
 
+def test_the_column_scorer_of_ray_and_daft_keeps_a_reasoning_models_errors_and_soft_scores(setup, one_thread):
+    """RayScorer's and Daft's columns for the random model: an answer without a number is an error row with a null
+    score (not a NaN score with a null error), score_soft beside score, the values `Scorer.score` gives."""
+    from iqa_cli.engines.columns import ColumnScorer
+
+    options = {"device": "cpu", "dtype": "float32", "batch_size": 8, "reasoning": "visualquality-r1"}
+    columns = ColumnScorer(str(setup["random"]), max_new_tokens=6, **options, **PIXELS)
+    paths = [str(setup["images"] / f"{i}.png") for i in range(len(SIZES))]
+    table = columns.score([*paths, str(setup["images"] / "broken.jpg")]).to_pydict()
+    expected = _scorer(setup["random"], max_new_tokens=6).score(_images(setup), batch_size=8)
+    assert "score_soft" in table and "reasoning" not in table
+    assert table["error"][:-1] == [r.error for r in expected] and table["error"][-1]
+    unparsed = [i for i, r in enumerate(expected) if r.error is not None]
+    assert 0 < len(unparsed) < len(expected)
+    for i, r in enumerate(expected):
+        if r.error is None:
+            assert table["score"][i] == pytest.approx(r.score, abs=1e-6)
+            assert table["score_soft"][i] == pytest.approx(r.score_soft, abs=1e-5)
+        else:
+            assert table["score"][i] is None and table["score_soft"][i] is None and table["level"][i] is None
+
+
 def test_iqa_score_reasoning_writes_answers_error_rows_and_resumable_outputs(setup, tmp_path, one_thread):
     """The CLI: the chain model's rows with their text (--keep-reasoning), the broken image an error row; the random
     model's answers without a number are error rows holding the text, and a second run (in process) writes the same
@@ -235,9 +257,9 @@ def test_iqa_serve_answers_a_reasoning_model_with_errors_for_answers_without_a_n
         answer = requests.post(f"{url}/score", json={"images": encoded, "probs": True}, timeout=60).json()
         pngs = [base64.b64decode(text) for text in encoded]
         refused = requests.post(f"{url}/", data=pickle.dumps({"images": pngs}), timeout=60)
-    for got, want, error in zip(answer["scores"], expected, answer["errors"], strict=True):
+    for i, (got, want, error) in enumerate(zip(answer["scores"], expected, answer["errors"], strict=True)):
         if want.error is None:
             assert got == want.score and error is None
         else:
-            assert got is None and error == want.error
+            assert got is None and error == f"images[{i}]: {want.error}"
     assert refused.status_code == 422

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +314,51 @@ def test_resume_after_a_crash_scores_only_the_rest(folder, reference, tmp_path):
     assert sum(calls) == 2 * -(-(len(reference) - 14) // 2)
     assert_same_rows(pd.read_parquet(out), reference)
     assert not sidecar_path(out).exists()
+
+
+def test_overwrite_discards_an_interrupted_run_of_the_same_request(tmp_path):
+    """--overwrite replaces an interrupted run, as its help says: images regenerated under the same names after a
+    crash are all scored again, none kept from the sidecar."""
+    folder, out = tmp_path / "photos", tmp_path / "scores.parquet"
+    folder.mkdir()
+
+    def images(level: int) -> None:
+        for i in range(8):
+            Image.new("RGB", (20, 16), (level + 10 * i, 90, 40)).save(folder / f"{i}.png")
+
+    images(0)
+    config = ScoreConfig(out=out, inputs=[str(folder)], batch_size=2, workers=0, quiet=True, flush_rows=2)
+    with pytest.raises(Crash):
+        score_images(config, scorer_factory=lambda d: CrashingScorer(d, crash_after=2))
+    assert _saved_rows(out) == 4
+    images(120)  # new pictures, the same names: the same list of inputs
+    summary = score_images(replace(config, overwrite=True), scorer_factory=FakeScorer)
+    assert summary.resumed == 0 and summary.processed == 8
+    fresh = ScoreConfig(out=tmp_path / "fresh.parquet", inputs=[str(folder)], quiet=True)
+    score_images(fresh, scorer_factory=FakeScorer)
+    assert_same_rows(pd.read_parquet(out), pd.read_parquet(tmp_path / "fresh.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("then", "now", "what", "match"),
+    [
+        ({"video": {"fps": 1.0, "max_frames": 32, "per_frame": True}},
+         {"video": {"fps": 1.0, "max_frames": 32, "per_frame": False}},
+         "another video sampling (--per-frame, now no --per-frame)", "--per-frame"),
+        ({"video": {"frames": 8, "per_frame": False}}, {"video": {"fps": 2.0, "max_frames": 32, "per_frame": False}},
+         "another video sampling (--frames 8, now --fps 2.0 --max-frames 32)", "--frames 8"),
+        ({"task": "aesthetic"}, {}, "another task ('aesthetic', now the model's own)", "--task aesthetic"),
+        ({}, {"task": "aesthetic"}, "another task (the model's own, now 'aesthetic')", "no --task"),
+    ],
+)  # fmt: skip
+def test_a_refused_resume_names_the_flags_that_differ_as_the_cli_takes_them(then, now, what, match):
+    """What to pass to resume is flags the CLI parses: a boolean is the bare flag (or `no --x`), never
+    `--per-frame False`, and the options that agree are left out."""
+    from iqa_cli.scoring.plan import describe_difference
+
+    recorded = {"request": then, "inputs_fingerprint": "f"}
+    found = describe_difference(recorded, fingerprint="f", inputs=1, noun="files", request=now, scorer=None)
+    assert (found.what, found.match) == (what, match)
 
 
 def test_crash_before_the_output_is_assembled_resumes_without_the_model(folder, reference, tmp_path, monkeypatch):
@@ -682,6 +727,31 @@ def test_workers_build_the_familys_batch_in_shared_memory(tmp_path):
     sample = next(source.samples(0))
     in_main = PadCollate(4, SquareCollate(SIZE, PREPROCESS))([(0, 0, sample, decode(sample))], [])
     assert not in_main["visual"]["pixel_values"].is_shared() and in_main["unit"].tolist() == [0, -1, -1, -1]
+
+
+def test_a_per_frame_row_whose_transform_fails_is_an_error_row(tmp_path):
+    """Decoder's contract: a failure is an error row, never raised; with --per-frame a frame the transform refuses
+    (a 1000x4 one for Qwen-VL) is that frame's error row, and the video's own row and other frames stand."""
+    from iqa_cli.sources import Sample
+    from iqa_cli.video import Sampling
+    from tests.videos import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", frames=12, fps=6)  # 1 frame per second: frames 0 and 6
+    calls: list[int] = []
+
+    def picky(frame: Image.Image) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("absolute aspect ratio must be smaller than 200")
+        return {"x": torch.zeros(1)}
+
+    decode = Decoder(picky, load_image, lambda video: {"v": torch.zeros(1)}, Sampling(fps=1.0), per_frame=True)
+    rows = decode.rows(Sample("clip.mp4", path=str(clip), video=True))
+    assert [(r.video, r.frame, r.visual is not None, r.error, r.ends_sample) for r in rows] == [
+        (True, -1, True, None, False),
+        (False, 0, True, None, False),
+        (False, 6, False, "ValueError: absolute aspect ratio must be smaller than 200", True),
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

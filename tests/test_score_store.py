@@ -96,7 +96,7 @@ def _writer(tmp_path, regressor: bool = False, extra: dict = EXTRA, **options) -
     sidecar = Sidecar(tmp_path / "out.parquet")
     sidecar.create({})
     schema = output_schema(len(LEVELS), regressor, extra)
-    return UnitWriter(Source(extra), sidecar, schema, LEVELS, **{"flush_seconds": 1e9, **options})
+    return UnitWriter(Source(extra), sidecar, schema, LEVELS, **{"flush_rows": 65536, "flush_seconds": 1e9, **options})
 
 
 @pytest.mark.parametrize("regressor", [False, True])
@@ -137,7 +137,9 @@ def test_a_slow_unit_is_written_in_pieces_that_a_rerun_goes_on_after(tmp_path):
     state = writer.sidecar.scan(10, clean=False)
     assert state.finished.tolist() == [] and state.starts == {5: 5} and state.rows == 5
 
-    again = UnitWriter(Source(), writer.sidecar, writer.schema, LEVELS, starts=state.starts, flush_seconds=1e9)
+    again = UnitWriter(
+        Source(), writer.sidecar, writer.schema, LEVELS, starts=state.starts, flush_rows=3, flush_seconds=1e9
+    )
     with pytest.raises(RuntimeError, match="unit 5: row 4 arrived, 5 expected"):
         again.add(_batch([5], [4], [5], [None]), _result(1, 3, False))
     again.pending.clear()
@@ -196,3 +198,49 @@ def test_writing_units_and_the_output_imports_no_pandas(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["5", "1", "False"]
+
+
+def test_a_reasoning_units_failed_batch_and_scored_ones_flush_together(tmp_path):
+    """A batch of only corrupt images has no model call, so no texts; flushed with batches that have texts (a
+    reasoning model's), its rows still join them, and the piece and the unit hold every row."""
+    extra = {"shard": None, "meta": None}
+    schema = output_schema(len(LEVELS), False, extra, reasoning=True, keep_text=True)
+    sidecar = Sidecar(tmp_path / "out.parquet")
+    sidecar.create({})
+    writer = UnitWriter(Source(extra), sidecar, schema, LEVELS, flush_rows=1 << 20, flush_seconds=1e9)
+
+    def reasoned(n: int, seed: int) -> BatchResult:
+        result = _result(n, seed, False)
+        result.score_soft = result.score + 0.5
+        result.texts = [f"text {seed}.{i}" for i in range(n + 2)]
+        result.errors = [None] * (n + 2)
+        return result
+
+    for order in ([None, "t"], ["t", None]):  # the failed batch first, and after one with texts
+        writer.pending.clear()
+        u = 0 if order[0] is None else 1
+        for r, kind in enumerate(order):
+            batch = _batch([u], [r], [5], ["corrupt" if kind is None else None])
+            writer.add(batch, None if kind is None else reasoned(1, r))
+        writer.flush()
+        writer.add(_batch([u], [2], [6], [None], done=[(u, None)]), reasoned(1, 2))
+        table = pq.read_table(sidecar.unit(u))
+        texts = [None if kind is None else f"text {r}.0" for r, kind in enumerate(order)] + ["text 2.0"]
+        assert table.column("reasoning").to_pylist() == texts
+        assert table.column("error").to_pylist() == [("corrupt" if kind is None else None) for kind in order] + [None]
+        assert table.column("score_soft").null_count == 1
+
+
+def test_a_writer_sent_to_another_process_restarts_its_flush_clock(tmp_path):
+    """A Ray actor on another machine unpickles the driver's writer: the driver's monotonic time is no time there
+    (another boot), so a piece would be written at the first batch, or never; the clock starts at arrival."""
+    import pickle
+    import time
+
+    writer = _writer(tmp_path, flush_seconds=30.0)
+    for driver_clock in (-1e6, time.monotonic() + 1e6):  # a machine booted long after, or long before
+        writer.last_flush = driver_clock
+        arrived = pickle.loads(pickle.dumps(writer))
+        assert abs(arrived.last_flush - time.monotonic()) < 5
+        arrived.add(_batch([0], [0], [1], [None]), _result(1, 0, False))
+        assert arrived.sidecar.pieces(0) == [] and arrived.pending[0].rows == 1  # held: 30 s have not passed

@@ -181,9 +181,8 @@ def test_other_sampling_is_refused_on_resume_and_frames_n_samples_n(clips, tiny,
     again = run_iqa("score", video, "--model", str(tiny), "--out", str(out), "--device", "cpu", "--fps", "2")
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
-        f"error: {out} exists and was written with another video sampling (--fps 1.0 --max-frames 32 "
-        "--per-frame False, now --fps 2.0 --max-frames 32 --per-frame False); pass --overwrite to replace it (or "
-        "--out another file)"
+        f"error: {out} exists and was written with another video sampling (--fps 1.0, now --fps 2.0); pass "
+        "--overwrite to replace it (or --out another file)"
     ]
     both = run_iqa("score", video, "--model", str(tiny), "--out", str(out), "--fps", "1", "--frames", "8")
     assert both.returncode == 2 and "sample videos one way, not both" in both.stderr

@@ -200,3 +200,51 @@ def test_a_full_queue_refuses_with_503_and_retry_after_while_the_queued_request_
         assert refused.headers["Retry-After"] == "1"
         thread.join(30)
         assert long[0].status_code == 200 and long[0].json()["scores"][0] == one[0]
+
+
+@dataclass
+class ReasonedOutput(Output):
+    errors: list[str | None] | None = None
+
+
+class PickyReasoningScorer(RowCountScorer):
+    """A reasoning double whose preprocessing refuses 4-pixel-wide images (as Qwen-VL's smart_resize refuses an
+    aspect ratio over 200) and whose answer for a bright image gives no number."""
+
+    def transform(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        if image.width == 4:
+            raise ValueError("absolute aspect ratio must be smaller than 200, got 250.0")
+        return super().transform(image)
+
+    def score_batch(self, visual: dict[str, torch.Tensor]) -> ReasonedOutput:
+        out = super().score_batch(visual)
+        errors = ["the answer gives no number: 'hmm'" if float(m) > 0.7 else None for m in visual["x"][:, 0]]
+        return ReasonedOutput(out.probs, out.score, out.std, errors=errors)
+
+
+def test_images_the_model_cannot_preprocess_or_answer_are_named_failures_not_a_500(monkeypatch):
+    """`iqa score` makes both error rows: here each is its image's `images[i]:` reason, counted in
+    iqa_image_errors, while the other images are scored; the pickle route refuses with what could not be scored."""
+    import pickle
+
+    from tests.test_serve import _metric
+
+    images = [_png(90), _png(90, width=4), _png(230, seed=1)]
+    with served(monkeypatch, PickyReasoningScorer(), max_batch=4, max_wait_ms=0) as url:
+        response = requests.post(f"{url}/score", json={"images": images}, timeout=30)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["scores"][0] is not None and body["scores"][1:] == [None, None]
+        assert body["errors"] == [
+            None,
+            "images[1]: ValueError: absolute aspect ratio must be smaller than 200, got 250.0",
+            "images[2]: the answer gives no number: 'hmm'",
+        ]
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        assert _metric(metrics, "iqa_image_errors_total") == 2
+        raw = pickle.dumps({"images": [base64.b64decode(i) for i in images]})
+        assert_json_error(
+            requests.post(f"{url}/", data=raw, timeout=30), 422, "2 of 3 images could not be scored; first: images[1]:"
+        )
+        only = requests.post(f"{url}/score", json={"images": images[1:2]}, timeout=30)
+        assert_json_error(only, 422, "no image could be scored: images[0]: ValueError")

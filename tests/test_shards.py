@@ -160,7 +160,7 @@ def test_shards_give_the_scores_of_the_same_images_as_files(dataset, file_scores
     assert good["image"].tolist() == ["00000", "00001", "00002", "00003", "00004", "00005", "00006", "00007"]
     errors = dict(zip(frame["image"], frame["error"], strict=True))
     assert "not an image" in errors["bad01"]
-    assert "no image member" in errors["text1"] and "txt" in errors["text1"]
+    assert "no image or video member" in errors["text1"] and "txt" in errors["text1"]
     assert "broke off" in errors["00008"]  # the sample cut off by the truncated final shard
     assert frame["shard"].str.endswith(".tar").all()
     assert summary.total == 11 and summary.failed == 3
@@ -449,3 +449,104 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+def _tar_bytes(mode: str, format: int = tarfile.PAX_FORMAT, keys: int = 3) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode, format=format) as tar:
+        for i in range(keys):
+            _add(tar, f"{i:05d}.jpg", bytes([i + 1]) * (700 + i))
+            _add(tar, f"{i:05d}.json", json.dumps({"i": i}).encode())
+    return buffer.getvalue()
+
+
+def _read_shard(path: Path) -> tuple[list[tuple[str, bytes | None]], str | None]:
+    from iqa_cli.sources.webdataset import ShardError, samples
+
+    got = []
+    try:
+        for key, data, _, _, _ in samples(str(path), []):
+            got.append((key, data))
+    except ShardError as exc:
+        return got, str(exc)
+    return got, None
+
+
+def test_a_shard_cut_between_or_inside_headers_or_with_a_bad_header_is_reported(tmp_path):
+    """tarfile reads an unreadable header after the first as the end of the archive; each way of losing the later
+    samples is a ShardError after the samples before it, while the tars writers make (tarfile's formats and
+    streams, GNU tar) read whole. count_samples counts the samples before the break."""
+    import subprocess
+
+    from iqa_cli.sources.webdataset import count_samples
+
+    whole = [(f"{i:05d}", bytes([i + 1]) * (700 + i)) for i in range(3)]
+    valid = {
+        "pax": _tar_bytes("w"),
+        "gnu": _tar_bytes("w", tarfile.GNU_FORMAT),
+        "ustar stream (webdataset's writer)": _tar_bytes("w|", tarfile.USTAR_FORMAT),
+        "one zero block": _tar_bytes("w", tarfile.USTAR_FORMAT)[: 3 * 2560 + 512],  # a sample: 1536 + 1024 bytes
+    }
+    members = tmp_path / "members"
+    members.mkdir()
+    for key, data in whole:
+        (members / f"{key}.jpg").write_bytes(data)
+        (members / f"{key}.json").write_text("{}")
+    gnu = tmp_path / "gnu-tar.tar"
+    subprocess.run(["tar", "-cf", str(gnu), "-C", str(members), *sorted(os.listdir(members))], check=True)
+    valid["GNU tar"] = gnu.read_bytes()
+    for name, data in valid.items():
+        path = tmp_path / "valid.tar"
+        path.write_bytes(data)
+        assert _read_shard(path) == (whole, None), name
+        assert count_samples(str(path)) == 3, name
+
+    plain = _tar_bytes("w", tarfile.USTAR_FORMAT)
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        second = tar.getmember("00001.jpg").offset  # the first header of the second sample
+    flipped = bytearray(plain)
+    flipped[second + 5] ^= 0x20
+    zeroed = bytearray(plain)
+    zeroed[second : second + 512] = bytes(512)
+    broken = {
+        "cut at a member boundary": (plain[:second], f"breaks off at byte {second}"),
+        "cut inside a header": (plain[: second + 100], f"breaks off at byte {second}"),
+        "a flipped byte in a header": (bytes(flipped), f"breaks off at byte {second}"),
+        "a zeroed header": (bytes(zeroed), "data follows it"),
+    }
+    for name, (data, fragment) in broken.items():
+        path = tmp_path / "broken.tar"
+        path.write_bytes(data)
+        got, error = _read_shard(path)
+        assert got == whole[:1] and error is not None and fragment in error, name
+        assert count_samples(str(path)) == 1, name
+
+
+def test_a_broken_metadata_table_loses_its_kept_columns_not_the_scores(dataset, tmp_path, capfd):
+    """An unreadable `00001.parquet` beside its shard: every sample is read, --keep falls back to the .json members
+    (as for a shard without a table), and a warning names the table."""
+    from iqa_cli.sources.webdataset import samples
+
+    shard = tmp_path / "00001.tar"
+    shard.write_bytes((dataset["shards"] / "00001.tar").read_bytes())
+    (tmp_path / "00001.parquet").write_bytes(b"PAR1 not really a table")
+    got = [(key, kept["url"], data is not None) for key, data, _, kept, _ in samples(str(shard), ["url"])]
+    keys = dataset["layout"][1]
+    assert got[: len(keys)] == [(k, f"https://x/{k}", True) for k in keys]
+    assert [key for key, *_ in got[len(keys) :]] == ["bad01", "text1"]
+    assert f"cannot read the metadata table {tmp_path / '00001.parquet'}" in capfd.readouterr().err
+
+
+def test_a_run_that_fails_stops_counting_the_shards_headers(dataset, tmp_path, monkeypatch):
+    """The progress bar's total comes from a thread reading every shard's headers; a run that fails (or is stopped)
+    stops it too, rather than leaving it reading headers of shards nobody scores."""
+    import iqa_cli.scoring.driver as driver
+    from tests.test_score_pipeline import Crash, CrashingScorer
+
+    started = []
+    original = driver._count_in_background
+    monkeypatch.setattr(driver, "_count_in_background", lambda *a: started.append(original(*a)) or started[-1])
+    config = ScoreConfig(out=tmp_path / "s.parquet", inputs=[f"{dataset['shards']}/*.tar"], batch_size=2, workers=0)
+    with pytest.raises(Crash):
+        score_images(config, scorer_factory=lambda device: CrashingScorer(device, crash_after=0))
+    assert len(started) == 1 and started[0] is not None and started[0].stop.is_set()

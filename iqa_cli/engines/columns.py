@@ -17,8 +17,7 @@ import torch
 
 from iqa_cli.errors import UserError
 from iqa_cli.sources import Sample
-
-NULL_IMAGE = "no image bytes in this row (null)"  # the Parquet source's text for a null image
+from iqa_cli.sources.parquet import NULL_IMAGE
 
 
 class ColumnScorer:
@@ -63,7 +62,10 @@ class ColumnScorer:
                 size = settle_size(self.scorer, size, self.dtype)
         self.runner = BatchRunner(self.scorer, size, auto=auto)
         self.level_names = list(self.scorer.level_names)
-        self.schema = output_schema(len(self.level_names), bool(self.scorer.has_regressor), {})
+        self.reasoning = bool(getattr(self.scorer, "reasoning", False))  # rows gain score_soft; no reasoning text
+        self.schema = output_schema(
+            len(self.level_names), bool(self.scorer.has_regressor), {}, reasoning=self.reasoning
+        )
         self.columns = [name for name in self.schema.names if name != "image"]
 
     def score(self, images: Sequence[Any]) -> pa.Table:
@@ -83,6 +85,7 @@ class ColumnScorer:
             "score": np.zeros(n, np.float32),
             "std": np.zeros(n, np.float32),
             "score_reg": None,
+            "score_soft": None,
         }
         if ok:
             visual = self.scorer.collate([decoded[i][0] for i in ok], len(ok), self.dtype)
@@ -95,6 +98,12 @@ class ColumnScorer:
             if result.score_reg is not None:
                 chunk["score_reg"] = np.zeros(n, np.float32)
                 chunk["score_reg"][ok] = result.score_reg
+            if result.score_soft is not None:
+                chunk["score_soft"] = np.zeros(n, np.float32)
+                chunk["score_soft"][ok] = result.score_soft
+            if result.errors is not None:  # a reasoning model's answer without a number: an error row, as in iqa score
+                for i, error in zip(ok, result.errors, strict=True):
+                    chunk["error"][i] = chunk["error"][i] or error
         return rows_table([chunk], self.level_names, self.schema, {}).drop_columns(["image"])
 
     def check_columns(self, names: Sequence[str]) -> None:

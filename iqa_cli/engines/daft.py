@@ -7,8 +7,9 @@
     df = df.select("*", scorer(df["image"]))  # + score, std, probs, level, width, height, error
 
 The method returns one struct per row that Daft unnests into those columns (and score_reg for a Q-Scorer model:
-`scorer_class(score_reg=True)`), computed by `iqa_cli.engines.columns.ColumnScorer`, so the values are the ones
-`iqa score` writes; an undecodable image is a row with `error` set and null scores. Needs the `daft` extra.
+`scorer_class(score_reg=True)`; score_soft for a reasoning model: `scorer_class(reasoning=True)`), computed by
+`iqa_cli.engines.columns.ColumnScorer`, so the values are the ones `iqa score` writes; an undecodable image, or a
+reasoning model's answer without a number, is a row with `error` set and null scores. Needs the `daft` extra.
 """
 
 from __future__ import annotations
@@ -22,17 +23,23 @@ from iqa_cli.errors import UserError
 
 
 def scorer_class(
-    *, gpus: float = 0, cpus: float | None = None, max_concurrency: int | None = None, score_reg: bool = False
+    *,
+    gpus: float = 0,
+    cpus: float | None = None,
+    max_concurrency: int | None = None,
+    score_reg: bool = False,
+    reasoning: bool = False,
 ) -> type:
     """A Daft class UDF with these resources per instance (Daft fixes them when the class is declared).
 
     Args:
         gpus, cpus, max_concurrency: `daft.cls`'s (max_concurrency: how many instances, each with its model).
         score_reg: the models it loads have a regression head (Q-Scorer); its `score_reg` column is returned.
+        reasoning: the models are reasoning models (`reasoning=PRESET`); their `score_soft` column is returned.
     """
     from iqa_cli.scoring.output import output_schema
 
-    fields = [f for f in output_schema(5, score_reg, {}) if f.name != "image"]
+    fields = [f for f in output_schema(5, score_reg, {}, reasoning=reasoning) if f.name != "image"]
     dtype = daft.DataType.from_arrow_type(pa.struct(fields))
 
     class DaftScorer:
@@ -52,6 +59,11 @@ def scorer_class(
                 raise UserError(
                     f"{model}: the model has {'a' if has else 'no'} regression head; use "
                     f"iqa_cli.engines.daft.scorer_class(score_reg={has})"
+                )
+            if self.scorer.reasoning != reasoning:
+                raise UserError(
+                    f"{model}: {'a' if self.scorer.reasoning else 'not a'} reasoning model; use "
+                    f"iqa_cli.engines.daft.scorer_class(reasoning={self.scorer.reasoning})"
                 )
 
         @daft.method.batch(return_dtype=dtype, unnest=True)

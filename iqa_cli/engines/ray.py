@@ -201,6 +201,8 @@ class RemoteScorer:
     metadata: dict[str, str]
     level_names: list[str]
     has_regressor: bool
+    reasoning: bool  # a reasoning model (its rows gain score_soft, --keep-reasoning applies)
+    video_metadata: dict[str, str]  # the video prompt and its ids, for outputs that may hold videos
     device: Any
     pool: ActorPool
 
@@ -289,7 +291,15 @@ class ActorPool:
                 self.grow()
         info = self.info
         device = torch.device("cuda" if self.gpu else "cpu")
-        return RemoteScorer(info["metadata"], info["level_names"], info["has_regressor"], device, self)
+        return RemoteScorer(
+            info["metadata"],
+            info["level_names"],
+            info["has_regressor"],
+            info["reasoning"],
+            info["video_metadata"],
+            device,
+            self,
+        )
 
     def loaded(self, member: Member) -> bool:
         """Reads a `load()` answer: True when the actor has the model, False when it was lost."""
@@ -373,7 +383,11 @@ def answer(ref: Any) -> Any:
             ) from None
         raise LostActor(" ".join(str(exc).split())[:300]) from None
     except RayTaskError as exc:
+        from iqa_cli.engines.ray_worker import DecoderLost
+
         cause = exc.cause
+        if isinstance(cause, DecoderLost):
+            raise LostActor(f"a decoding worker died: {cause}") from None
         if isinstance(cause, UserError | KeyboardInterrupt):
             raise cause from None
         raise exc.as_instanceof_cause() from None
@@ -457,12 +471,14 @@ class Dispatch:
             return
         state = self.writer.sidecar.scan(len(self.source), clean=False)
         finished = set(state.finished.tolist())
+        self.losses.update(list(member.units))  # one loss each (a dict would add its values)
+        hit = [u for u in sorted(member.units) if self.losses[u] >= MAX_LOSSES and u not in finished]
+        if hit:  # which of the units an actor held killed it is not known: each is named
+            names = "; ".join(self.source.label(u) for u in hit[:3]) + ("; ..." if len(hit) > 3 else "")
+            what = "it" if len(hit) == 1 else f"these {len(hit)} units together"
+            lost = self.losses[hit[0]]
+            raise UserError(f"{names}: {lost} Ray actors were lost while scoring {what} (last: {reason})")
         for u, start in sorted(member.units.items(), reverse=True):
-            self.losses[u] += 1
-            if self.losses[u] >= MAX_LOSSES:
-                raise UserError(
-                    f"{self.source.label(u)}: {self.losses[u]} Ray actors were lost while scoring it (last: {reason})"
-                )
             if u in finished:  # written before the actor went, not reported
                 self.done(self.written_rows(u) - start)
                 continue
@@ -496,8 +512,9 @@ class RayScorer:
                             compute=ray.data.ActorPoolStrategy(size=8))
 
     Each batch (a dict of numpy arrays, or a pyarrow table or pandas frame) comes back as an Arrow table: its
-    columns plus score, std, probs, level, width, height, error (and score_reg for Q-Scorer models), the
-    values `iqa score` writes; an undecodable image is a row with `error` set and null scores.
+    columns plus score, std, probs, level, width, height, error (and score_reg for Q-Scorer models, score_soft for
+    reasoning models), the values `iqa score` writes; an undecodable image, or a reasoning model's answer without
+    a number, is a row with `error` set and null scores.
 
     Args:
         model: a Hub repo id, a checkpoint folder or an `iqa train` run.

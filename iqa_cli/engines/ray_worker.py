@@ -28,6 +28,11 @@ from iqa_cli.scoring.loader import UnitStream
 STOP = "stop"  # in the unit queue: this worker's last unit was handed out
 
 
+class DecoderLost(Exception):
+    """A decoding worker of this actor died (an image that kills its decoder): the driver takes the actor as lost,
+    so its units go back and a unit that keeps killing its actors stops the run, naming it."""
+
+
 class FedUnits(UnitStream):
     """A `UnitStream` whose workers take (unit, start) from a shared queue until `STOP`, yielding None while the
     queue is empty (the stream then hands over what it holds)."""
@@ -86,6 +91,8 @@ class UnitActor:
             "metadata": dict(self.scorer.metadata),
             "level_names": list(self.scorer.level_names),
             "has_regressor": bool(self.scorer.has_regressor),
+            "reasoning": bool(getattr(self.scorer, "reasoning", False)),
+            "video_metadata": dict(getattr(self.scorer, "video_metadata", {})),
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
@@ -177,6 +184,8 @@ class UnitActor:
                 self.condition.wait(timeout)
             done, self.completed = self.completed, []
         if not done and self.error is not None:
+            if isinstance(self.error, RuntimeError) and "DataLoader worker (pid" in str(self.error):
+                raise DecoderLost(" ".join(str(self.error).split()))
             raise self.error
         return done
 

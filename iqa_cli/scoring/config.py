@@ -18,6 +18,8 @@ from iqa_cli.sources import SourceOptions
 from iqa_cli.tasks import check_task
 from iqa_cli.video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, Sampling
 
+MANIFEST = "manifest.json"  # the sidecar's record of a run (`iqa_cli.scoring.store`); named here, without pyarrow
+
 AUTO_BATCH = {"cuda": 64, "cpu": 16}  # first batch size of `--batch-size auto`; halves on CUDA OOM
 
 
@@ -226,7 +228,7 @@ class ScoreSummary:
     failed: int = 0  # rows with `error` set
     processed: int = 0  # images scored by this run (all ranks)
     processed_by_rank: list[int] = field(default_factory=list)
-    resumed: int = 0  # units found finished in the sidecar
+    resumed: int = 0  # rows an earlier run left in the sidecar (finished units and pieces): not scored again
     seconds: float = 0.0  # wall time of the scoring loop
     already_complete: bool = False  # the output existed and matched; nothing was done
     is_main: bool = True  # False on ranks > 0, which do not write the output
@@ -252,7 +254,7 @@ class ScoreInterrupted(interrupts.Interrupted):
     def __init__(self, signum: int, sidecar: Path):
         super().__init__(signum)
         name = signal.Signals(signum).name
-        if (sidecar / "manifest.json").is_file():
+        if (sidecar / MANIFEST).is_file():
             self.message = f"interrupted by {name}; finished images are saved in {sidecar}"
         else:  # stopped while checking, planning or loading: nothing scored yet
             self.message = f"interrupted by {name} before any image was scored"

@@ -3,8 +3,8 @@ score them (`iqa_cli.scoring.local`), assemble the output from the units in inpu
 
 How a run survives being killed at any moment: each finished unit is one file in the sidecar (`OUT.parts/`,
 `iqa_cli.scoring.store`), written atomically; a unit still running writes its rows as pieces every 30 s
-(`--flush-seconds` in the API) and when the run is stopped, so a kill -9 loses at most the last 30 s of work and
-SIGINT/SIGTERM nothing scored. The same command resumes: finished units are kept, a unit with pieces goes on
+(`ScoreConfig.flush_seconds`, API only) and when the run is stopped, so a kill -9 loses at most the last 30 s of
+work and SIGINT/SIGTERM nothing scored. The same command resumes: finished units are kept, a unit with pieces goes on
 after its last piece, and the output, once every unit is finished, is the units' rows in input order. A sidecar
 or output made by another model, prompt, dtype, decode mode or list of inputs is refused unless `--overwrite`;
 a second run on the same `--out` is refused (or waits, `--wait`) through the run lock `OUT.parts/.iqa-lock`.
@@ -195,24 +195,26 @@ def _run(
         progress = progress_bar(console, _known_total(source, mine, starts), label, show=show)
         with progress:
             counter = _count_in_background(source, mine, starts, progress)
-            processed = engine.score_units(
-                model,
-                source,
-                mine,
-                starts,
-                writer,
-                batch_size=checked.batch_size,
-                workers=config.workers,
-                fast_decode=config.fast_decode,
-                load_image=load_image,
-                sampling=config.sampling(),
-                per_frame=per_frame,
-                local_world_size=environment.local_world_size,
-                progress=progress,
-                sidecar=sidecar.dir,
-            )
-            if counter is not None:
-                counter.stop.set()
+            try:
+                processed = engine.score_units(
+                    model,
+                    source,
+                    mine,
+                    starts,
+                    writer,
+                    batch_size=checked.batch_size,
+                    workers=config.workers,
+                    fast_decode=config.fast_decode,
+                    load_image=load_image,
+                    sampling=config.sampling(),
+                    per_frame=per_frame,
+                    local_world_size=environment.local_world_size,
+                    progress=progress,
+                    sidecar=sidecar.dir,
+                )
+            finally:  # stopped or failed too: no more reading of headers
+                if counter is not None:
+                    counter.stop.set()
     seconds = time.monotonic() - start
     gathered = _wait_for_ranks(sidecar, environment, processed, seconds)
     summary.processed_by_rank = [n for n, _ in gathered]

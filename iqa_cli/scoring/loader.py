@@ -152,7 +152,11 @@ class Decoder:
         rows = [own._replace(ends_sample=False)]
         for i, (index, frame) in enumerate(zip(video.indices, video.frames, strict=True)):
             last = i == len(video.frames) - 1
-            rows.append(Decoded(self.transform(frame), *frame.size, frame=index, ends_sample=last, **described))
+            try:
+                visual, error = self.transform(frame), None
+            except Exception as exc:  # this frame's row fails; the video's own row and its other frames stand
+                visual, error = None, reason(exc)
+            rows.append(Decoded(visual, *frame.size, error, frame=index, ends_sample=last, **described))
         return rows
 
 

@@ -1,5 +1,5 @@
 """The closed-set readout's moments: K logits -> probabilities, their mean and spread over the level centers.
-Shared by the level readout (`scoring.scorer`) and the digit readout of reasoning models (`scoring.reasoning`)."""
+Shared by the level readout (`scoring.readout`) and the digit readout of reasoning models (`scoring.reasoning`)."""
 
 from __future__ import annotations
 

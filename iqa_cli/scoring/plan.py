@@ -136,12 +136,16 @@ def describe_difference(
             f"another decode mode ({then}, now {now}; --fast-decode decodes JPEGs at a smaller scale)",
             "--fast-decode" if then == "fast" else "no --fast-decode",
         )
-    for key, what in (("task", "task"), ("video", "video sampling")):  # the video prompt is not in it either
-        then, now = asked.get(key), request.get(key)
-        if key == "video" and None in (then, now):  # a run from before videos (or of images only): the defaults
-            then, now = then or _DEFAULT_VIDEO, now or _DEFAULT_VIDEO
-        if then != now:
-            return Difference(f"another {what} ({_said(then, key)}, now {_said(now, key)})", _said(then, key))
+    then, now = asked.get("task"), request.get("task")
+    if then != now:
+        said = [repr(v) if v is not None else "the model's own" for v in (then, now)]
+        return Difference(f"another task ({said[0]}, now {said[1]})", _flags({"task": then}))
+    then, now = asked.get("video"), request.get("video")  # the video prompt is not in it either
+    if None in (then, now):  # a run from before videos (or of images only): the defaults
+        then, now = then or _DEFAULT_VIDEO, now or _DEFAULT_VIDEO
+    if then != now:
+        said = [_flags(a, b) for a, b in ((then, now), (now, then))]
+        return Difference(f"another video sampling ({said[0]}, now {said[1]})", said[0])
     then, now = asked.get("keep_reasoning", False), request.get("keep_reasoning", False)
     if then != now:  # not in the scorer's metadata either: the same answers, another column
         flags = ["--keep-reasoning" if keep else "no --keep-reasoning" for keep in (then, now)]
@@ -188,7 +192,7 @@ def decide(
             )
         if manifest is not None and version == MANIFEST_VERSION:
             difference = describe_difference(manifest, **compare)
-            if difference is None:
+            if difference is None and not config.overwrite:  # --overwrite: a fresh run, even of the same request
                 return Plan(
                     "run",
                     metadata=manifest["metadata"],
@@ -197,7 +201,7 @@ def decide(
                     reasoning=manifest.get("reasoning", False),
                     video_metadata=manifest.get("video_metadata", {}),
                 )
-            if not config.overwrite:
+            if difference is not None and not config.overwrite:
                 resume = f"resume it with {difference.match}, or " if difference.match else ""
                 raise UserError(
                     f"{sidecar.dir} holds an interrupted run of {difference.what}; {resume}pass --overwrite to "
@@ -289,12 +293,18 @@ def start_run(sidecar: Sidecar, wanted: dict, fingerprint: str, source: Source, 
 _DEFAULT_VIDEO = {**ScoreConfig(out=Path("-")).sampling().describe(), "per_frame": False}
 
 
-def _said(value: Any, key: str) -> str:
-    if value is None:
-        return "the model's own" if key == "task" else "none"
-    if isinstance(value, dict):
-        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in value.items())
-    return repr(value)
+def _flags(options: dict[str, Any], other: dict[str, Any] | None = None) -> str:
+    """`options` as the flags that give them (`--fps 2.0 --per-frame`, `no --per-frame`), only those whose value
+    differs from `other`'s (all when none differs)."""
+    differ = {k: v for k, v in options.items() if other is None or other.get(k) != v} or options
+    said = []
+    for key, value in differ.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is None or value is False:
+            said.append(f"no {flag}")
+        else:
+            said.append(flag if value is True else f"{flag} {value}")
+    return " ".join(said)
 
 
 def _json_or_none(text: str | None) -> Any:

@@ -102,6 +102,7 @@ def rows_padded(rows: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def free_cuda_memory() -> None:
+    """Hands the blocks a failed call held back to the GPU (the next call may need them whole); `iqa serve` too."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

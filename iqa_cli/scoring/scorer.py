@@ -1,4 +1,5 @@
-"""Turning one forward pass into per-image level probabilities, score, std (and a regression score).
+"""`Scorer`: a checkpoint on a device with its readout, scoring images or collated batches into per-image level
+probabilities, score, std (and a regression score).
 
 `Scorer` is the Python API that `iqa score` streams batches through; it is usable on its own:
 

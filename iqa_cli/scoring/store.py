@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iqa_cli.files import atomic_write, fsync_dir
+from iqa_cli.scoring.config import MANIFEST
 from iqa_cli.scoring.output import rows_table, write_table_atomic
 
-MANIFEST = "manifest.json"
 SAMPLES_KEY = b"iqa_samples"  # a piece's footer: samples it holds, when its rows are more (--per-frame)
 MANIFEST_VERSION = 2  # 1: the files loop's index-keyed parts (iqa < 0.2); 2: units for every source
 _UNIT_FILE = re.compile(r"unit-(\d{8})(?:\.from-(\d{10}))?\.(parquet|done|error)")
@@ -195,6 +195,7 @@ class UnitWriter:
         level_names: ascending quality; `level` is the name of the most likely one.
         directory: `--out DIR/`: units that are a whole output file (`direct`) are written there.
         starts: rows of each unit already in pieces (a resumed run).
+        flush_rows, flush_seconds: `ScoreConfig`'s.
     """
 
     def __init__(
@@ -207,14 +208,20 @@ class UnitWriter:
         directory: Path | None = None,
         direct: set[int] = frozenset(),
         starts: dict[int, int] | None = None,
-        flush_rows: int = 65536,
-        flush_seconds: float = 30.0,
+        flush_rows: int,
+        flush_seconds: float,
     ):
         self.source, self.sidecar, self.schema, self.level_names = source, sidecar, schema, list(level_names)
         self.directory, self.direct = directory, direct
         self.starts = dict(starts or {})
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.pending: dict[int, _Pending] = {}
+        self.last_flush = time.monotonic()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a Ray actor, maybe on another machine: `time.monotonic()` counts from that machine's boot,
+        so the driver's `last_flush` means nothing there; the clock starts again."""
+        self.__dict__.update(state)
         self.last_flush = time.monotonic()
 
     def add(self, batch: dict[str, Any], result: Any) -> int:
@@ -326,8 +333,8 @@ def _joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     joined: dict[str, Any] = {}
     for key in chunks[0]:
         parts = [c.get(key) for c in chunks]
-        if isinstance(parts[0], list):
-            joined[key] = [v for p in parts for v in p]
+        if any(isinstance(p, list) for p in parts):  # a batch that failed whole has no texts: None per row
+            joined[key] = [v for p, m in zip(parts, n, strict=True) for v in (p if p is not None else [None] * m)]
         elif all(p is None for p in parts):
             joined[key] = None
         else:

@@ -24,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from iqa_cli.errors import speak_flags
-from iqa_cli.images import ImageDecodeError
 from iqa_cli.serving.batcher import Batcher, OutOfMemory, Overloaded
 from iqa_cli.serving.config import ServeConfig
 from iqa_cli.serving.metrics import Metrics, forget_dead_processes
@@ -113,17 +112,19 @@ class Worker:
             self.batcher.stop(timeout=self.config.timeout)
 
     def transform(self, request: ScoreRequest) -> tuple[list[Any], list[str | None]]:
-        """Decodes and transforms every image (in a thread); failures become per-image reasons."""
+        """Decodes and transforms every image (in a thread); failures become per-image reasons, as `iqa score`'s
+        error rows (an image that decodes but that the model's preprocessing refuses, e.g. a Qwen-VL model's
+        aspect ratio over 200, too)."""
+        from iqa_cli.scoring.loader import reason
+
         visuals, reasons = [], []
         for i, data in enumerate(request.images):
             try:
-                image = decode_image(data, self.config.image_pixel_limit)
-            except ImageDecodeError as err:
+                visuals.append(self.scorer.transform(decode_image(data, self.config.image_pixel_limit)))
+                reasons.append(None)
+            except Exception as err:
                 visuals.append(None)
-                reasons.append(f"images[{i}]: {err.reason}")
-                continue
-            visuals.append(self.scorer.transform(image))
-            reasons.append(None)
+                reasons.append(f"images[{i}]: {reason(err)}")
         return visuals, reasons
 
 
@@ -220,7 +221,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         metrics.image_errors.inc(sum(r is not None for r in reasons))
         good = [v for v in visuals if v is not None]
         if reasons and not good:
-            return error(422, f"no image could be decoded: {reasons[0]}")
+            return error(422, f"no image could be scored: {reasons[0]}")
         metrics.queue.inc(len(good))
         try:
             rows = await asyncio.wait_for(worker.batcher.score(good), timeout=max(deadline - time.monotonic(), 0.001))
@@ -237,7 +238,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         results = [next(it) if v is not None else None for v in visuals]
         for i, row in enumerate(results):  # a reasoning model's answer without a number: a failure with its text
             if row is not None and row.error is not None:
-                results[i], reasons[i] = None, row.error
+                results[i], reasons[i] = None, f"images[{i}]: {row.error}"
+                metrics.image_errors.inc()
         return answer(parsed, results, reasons)
 
     def answer_json(parsed: ScoreRequest, results, reasons) -> JSONResponse:
@@ -259,7 +261,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     def answer_pickle(parsed: ScoreRequest, results, reasons) -> Response:
         failed = [r for r in reasons if r is not None]
         if failed:  # the protocol has no slot for a failed image, and a made-up reward would poison training
-            return error(422, f"{len(failed)} of {len(reasons)} images could not be decoded; first: {failed[0]}")
+            return error(422, f"{len(failed)} of {len(reasons)} images could not be scored; first: {failed[0]}")
         body = pickle.dumps({"outputs": [r.score / REWARD_SCALE for r in results]})
         return Response(body, media_type="application/octet-stream")
 

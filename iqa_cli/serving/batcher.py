@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from iqa_cli.scoring.runner import free_cuda_memory
+
 
 class Overloaded(Exception):
     """The queue cannot take this request's images now."""
@@ -145,7 +147,7 @@ class Batcher:
                 failed = size
             else:
                 continue
-            _free_memory()  # outside `except`: the failed call's activations are released with its traceback
+            free_cuda_memory()  # outside `except`: the failed call's activations are released with its traceback
             raise OutOfMemory(
                 f"a model call of {failed} rows does not fit in {self._device()}'s memory (warm-up with one "
                 f"image in every row); lower --max-batch"
@@ -174,7 +176,7 @@ class Batcher:
                 failure = err
             if failure is not None:
                 if isinstance(failure, OutOfMemory):
-                    _free_memory()
+                    free_cuda_memory()
                 self._release(len(batch))
                 for item in batch:
                     item.future.set_exception(failure)
@@ -200,12 +202,3 @@ class Batcher:
                 std, probs = None, None
             rows.append(Row(float(out.score[i]), std, probs, reg))
         return rows
-
-
-def _free_memory() -> None:
-    """Hands the blocks a failed call held back to the GPU (the next call may need them whole)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -37,7 +37,8 @@ class ServeConfig:
     )  # fmt: skip
     timeout: float = option(120.0, "Per-request time limit in seconds.", metavar="S")
     max_batch: int = option(
-        64, "Images per model call (every call has exactly N rows: a score never depends on its batch).",
+        64, "Images per model call (every call has N rows, or one of --call-sizes: a score never depends on its "
+        "batch).",
         metavar="N", panel=LIMITS,
     )  # fmt: skip
     call_sizes: list[int] | None = option(

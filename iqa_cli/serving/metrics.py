@@ -22,7 +22,7 @@ class Metrics:
             "iqa_requests", "Requests answered, by route (or other) and HTTP status.", ["route", "status"], registry=r
         )
         self.images = Counter("iqa_images", "Images received in scoring requests, by route.", ["route"], registry=r)
-        self.image_errors = Counter("iqa_image_errors", "Images that could not be decoded.", registry=r)
+        self.image_errors = Counter("iqa_image_errors", "Images that could not be scored (see errors).", registry=r)
         self.batch_size = Histogram(
             "iqa_batch_size",
             "Images per model call (each call has --max-batch rows, or one of the call sizes).",

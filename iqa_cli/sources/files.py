@@ -53,7 +53,7 @@ import numpy as np
 from iqa_cli.errors import UserError
 from iqa_cli.images import IMAGE_EXTENSIONS
 from iqa_cli.sources import TABLE_SUFFIXES, Sample, SourceOptions
-from iqa_cli.video import VIDEO_EXTENSIONS
+from iqa_cli.video import VIDEO_EXTENSIONS, is_video_name
 
 # Column names tried, in order, when a `--from` table does not name its path column.
 PATH_COLUMNS = ("image", "path", "file")
@@ -86,9 +86,6 @@ class PackedStrings:
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
-
-    def take(self, indices: Sequence[int] | np.ndarray) -> list[str]:
-        return [self[int(i)] for i in indices]
 
 
 @dataclass
@@ -174,18 +171,14 @@ class FileSource:
         span = self._range(u)
         for i in range(span.start + start, span.stop):
             path = self.inputs.path(i)
-            yield Sample(self.inputs.name(i), path=path, video=self.may_hold_videos and _is_video(path))
+            yield Sample(self.inputs.name(i), path=path, video=self.may_hold_videos and is_video_name(path))
 
 
 def open_source(names: list[str], options: SourceOptions) -> FileSource:
     """`iqa_cli.sources`' entry: the images of `names` and `options.from_file`, in units."""
     inputs = find_inputs(names, from_file=options.from_file, from_column=options.from_column, root=options.root)
-    videos = any(_is_video(name) for name in inputs.names)
+    videos = any(is_video_name(name) for name in inputs.names)
     return FileSource(inputs, files_per_unit(len(inputs)), may_hold_videos=videos)
-
-
-def _is_video(name: str) -> bool:
-    return name[-5:].lower().endswith(VIDEO_EXTENSIONS)
 
 
 def find_inputs(
@@ -438,17 +431,13 @@ class _Builder:
         return keep_names, keep_bases
 
 
-def walk_images(folder: str | Path, *, warnings: list[str] | None = None) -> Iterator[str]:
-    """Yields image paths under `folder`, relative to it, depth first in sorted order.
+def _walk(folder: str, warnings: list[str] | None) -> Iterator[tuple[str, bool]]:
+    """(image path under `folder`, relative to it; whether a symbolic link lies on the way from `folder`), depth
+    first in sorted order.
 
     Follows symbolic links to folders but enters each real folder once (symlink loops end); skips names
     starting with a dot; records folders it cannot read in `warnings`.
     """
-    return (name for name, _ in _walk(os.fspath(folder), warnings))
-
-
-def _walk(folder: str, warnings: list[str] | None) -> Iterator[tuple[str, bool]]:
-    """`walk_images` as (relative path, whether a symbolic link lies on the way from `folder`)."""
     seen: set[tuple[int, int]] = set()
     top = os.stat(folder)
     seen.add((top.st_dev, top.st_ino))

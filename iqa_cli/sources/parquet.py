@@ -20,6 +20,8 @@ from iqa_cli.errors import UserError
 from iqa_cli.sources import DataFiles, Sample, SourceOptions, unique_files
 from iqa_cli.video import is_video_name, looks_like_video
 
+NULL_IMAGE = "no image bytes in this row (null)"  # a null cell's error (RayScorer's and Daft's too)
+
 DEFAULT_IMAGE_COLUMN = "image"  # Hugging Face `datasets`' name for an Image feature
 
 
@@ -166,6 +168,6 @@ def samples(
                 name = str(path)
         row = {c: kept[c][i] for c in keep}
         if data is None:
-            yield name, None, "no image bytes in this row (null)", row, False
+            yield name, None, NULL_IMAGE, row, False
         else:
             yield name, data, None, row, bool(path and is_video_name(str(path))) or looks_like_video(data)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -102,14 +103,15 @@ def open_source(names: list[str], options: SourceOptions) -> ShardSource:
 
 
 def count_samples(path: str) -> int:
-    """Samples in a shard from its headers alone (the data is skipped, not read); 0 for one that cannot be read."""
+    """Samples in a shard from its headers alone (the data is skipped, not read); for one that breaks off, those
+    before the break (0 for one that cannot be read)."""
     count, key = 0, None
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for _, member_key, _ in _file_members(tar):
+        with tarfile.open(path, mode="r:", tarinfo=_CheckedHeader) as tar:
+            for _, member_key, _ in _file_members(tar, whole=True):
                 count += member_key != key
                 key = member_key
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError, ShardError):
         pass
     return count
 
@@ -143,11 +145,42 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), suffix.lower() if dot else ""
 
 
-def _file_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
-    """(member, key, suffix) of each regular file of a tar, in order (folders, links and the like skipped)."""
+class _CheckedHeader(tarfile.TarInfo):
+    """A header that records on its tar why it could not be read. `tarfile` ends the members at any unreadable
+    header after the first (nothing, a cut one, a bad checksum) as at the end-of-archive block, without raising:
+    a shard cut between members, or with one flipped byte in a later header, would read as complete."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # a block of zeros: the end-of-archive marker
+            raise
+        except tarfile.HeaderError as exc:
+            tar.iqa_broken_header = f"{type(exc).__name__}: {exc or 'bad header'}"  # type: ignore[attr-defined]
+            raise
+
+
+def _file_members(tar: tarfile.TarFile, *, whole: bool = False) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, key, suffix) of each regular file of a tar, in order (folders, links and the like skipped).
+    `whole` (a tar opened with `tarinfo=_CheckedHeader`): once the members end, raises `ShardError` unless they
+    ended at the end-of-archive marker with only zeros after it (the padding writers add to whole records)."""
     for member in tar:
         if member.isfile():
             yield (member, *split_key(member.name))
+    if whole:
+        _check_end(tar)
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    broken = getattr(tar, "iqa_broken_header", None)
+    if broken is not None:
+        raise ShardError(f"the tar breaks off at byte {tar.offset} (no end-of-archive marker: {broken})")
+    while block := tar.fileobj.read(1 << 20):  # after the first zero block: the rest must be zeros too
+        if block.count(0) != len(block):
+            raise ShardError(
+                f"a block of zeros at byte {tar.offset} ends the tar but data follows it (a zeroed header?)"
+            )
 
 
 def metadata_path(shard: str) -> Path:
@@ -170,8 +203,8 @@ def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str
     table = _metadata_rows(path, keep)
     key, members = None, {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member, member_key, suffix in _file_members(tar):
+        with tarfile.open(path, mode="r|*", tarinfo=_CheckedHeader) as tar:
+            for member, member_key, suffix in _file_members(tar, whole=True):
                 if member_key != key and key is not None:
                     yield _sample(key, members, table, keep)
                     members = {}
@@ -183,13 +216,15 @@ def samples(path: str, keep: list[str]) -> Iterator[tuple[str, bytes | None, str
                     raise
                 if suffix not in members:
                     members[suffix] = data
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ShardError) as exc:
         if key is not None:
             broken = members.pop("__broken__", None)
             if broken is not None:
                 yield key, None, f"shard broke off in this sample: {broken}", {c: None for c in keep}, False
             else:
                 yield _sample(key, members, table, keep)
+        if isinstance(exc, ShardError):
+            raise
         raise ShardError(f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'unreadable'}") from None
     if key is not None:
         yield _sample(key, members, table, keep)
@@ -204,7 +239,7 @@ def _sample(key: str, members: dict[str, bytes], table: dict[str, dict], keep: l
         if suffix in members:
             return key, members[suffix], None, kept, True
     has = ", ".join(sorted(members)) or "nothing"
-    return key, None, f"no image member (a suffix such as jpg, png or webp); the sample has: {has}", kept, False
+    return key, None, f"no image or video member (a suffix such as jpg, png or mp4); the sample has: {has}", kept, False
 
 
 def _kept(key: str, members: dict[str, bytes], table: dict[str, dict], keep: list[str]) -> dict[str, Any]:
@@ -252,7 +287,14 @@ def _metadata_rows(path: str, keep: list[str]) -> dict[str, dict]:
             return {}
         table = pq.ParquetFile(table_path).read(columns=["key", *wanted])
     except Exception as exc:  # a broken metadata table loses the kept columns, not the scores
-        raise ShardError(f"metadata table {table_path}: {exc}") from None
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        print(  # from a loading worker: no channel to the run's summary
+            f"warning: cannot read the metadata table {table_path} ({why}); its shard's --keep columns come from "
+            "the samples' .json members (else null)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return {}
     keys = table.column("key").to_pylist()
     columns = {c: table.column(c).to_pylist() for c in wanted}
     return {str(k): {c: columns[c][i] for c in wanted} for i, k in enumerate(keys)}
