@@ -16,6 +16,7 @@ process fail on its death instead of saving what is done. So children ignore the
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -92,8 +93,8 @@ def leave_to_main_process(*_: Any) -> None:
 
     A main process that stops while it receives a batch closes the connection over which the worker hands it the
     batch's file descriptors; the worker's sharing thread (multiprocessing's resource_sharer, which reports
-    through `sys.excepthook`) would print that ConnectionResetError as a traceback. Such a worker has nothing to
-    tell the user, so those lost connections are dropped quietly.
+    through `sys.excepthook`) would print that ConnectionResetError, or the EOFError of a handshake cut short, as a
+    traceback. Such a worker has nothing to tell the user, so those lost connections are dropped quietly.
     """
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
@@ -101,5 +102,14 @@ def leave_to_main_process(*_: Any) -> None:
 
 
 def _quiet_about_lost_connections(kind: type[BaseException], value: BaseException, trace: Any) -> None:
-    if not issubclass(kind, ConnectionError):
+    if not (issubclass(kind, ConnectionError) or (issubclass(kind, EOFError) and _in_a_connection(trace))):
         sys.__excepthook__(kind, value, trace)
+
+
+def _in_a_connection(trace: Any) -> bool:
+    """Whether the exception passed through multiprocessing's connections (an EOFError elsewhere is reported)."""
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "connection.py")):
+            return True
+        trace = trace.tb_next
+    return False

@@ -250,3 +250,34 @@ def test_torchrun_ranks_save_their_rows_when_torchrun_is_stopped(inputs, tmp_pat
     assert 4 <= saved < N_FILES, output[-3000:]
     summary = fake_run(inputs["photos"], out)
     assert summary.resumed == saved and summary.processed == N_FILES - saved and summary.total == N_FILES
+
+
+_CUT_HANDSHAKE = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+
+if sys.argv[1] == "worker":
+    from iqa_cli.interrupts import leave_to_main_process
+
+    leave_to_main_process()
+r, w = os.pipe()
+resource_sharer.DupFd(r)  # the sharing thread a worker starts to hand a batch's descriptors to the main process
+peer = socket.socket(socket.AF_UNIX)
+peer.connect(resource_sharer._resource_sharer._address)
+peer.recv(4096)  # the challenge; the main process stops before answering: the thread's handshake ends in EOFError
+peer.close()
+time.sleep(0.5)
+sys.excepthook(EOFError, EOFError("not from a connection"), None)
+"""
+
+
+@pytest.mark.parametrize("process", ["worker", "plain"])
+def test_a_worker_says_nothing_when_the_stopping_main_process_cuts_its_descriptor_handshake(process):
+    """What made a group stop print a traceback under load: the main process quit half way through fetching a
+    batch's file descriptors, and the worker's resource_sharer thread reported the EOFError. A worker drops it; any
+    other EOFError, and any process that is no worker, still reports."""
+    result = subprocess.run([sys.executable, "-c", _CUT_HANDSHAKE, process], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "EOFError: not from a connection" in result.stderr
+    assert ("resource_sharer.py" in result.stderr) == (process == "plain"), result.stderr
