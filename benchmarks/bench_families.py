@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import best_seconds
 
 from iqa_cli.models.hf_vlm.tiny import TINY_FAMILIES, tiny_checkpoint
 from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
@@ -34,21 +34,12 @@ from iqa_cli.scoring.scorer import Scorer
 quiet_torchao_notice()  # transformers imports torchao when installed: two notice lines per run
 
 
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(scorer: Scorer, images: list[Image.Image], batch: int, repeat: int) -> dict:
     chunk = images[:batch]
-    prep = _best(lambda: scorer.collate([scorer.transform(im) for im in chunk], batch, torch.float32), repeat)
+    prep = best_seconds(lambda: scorer.collate([scorer.transform(im) for im in chunk], batch, torch.float32), repeat)
     visual = scorer.collate([scorer.transform(im) for im in chunk], batch, torch.float32)
     scorer.score_batch(visual)  # warm-up
-    model = _best(lambda: scorer.score_batch(visual), repeat)
+    model = best_seconds(lambda: scorer.score_batch(visual), repeat)
     if "image_ids" in visual:  # hf_vlm: the ids each image token expands to
         tokens = visual["image_ids"].ge(0).sum(1).float().mean().item()
     else:  # mPLUG-Owl2: a fixed count per image

@@ -22,12 +22,12 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import best_seconds
 
 from iqa_cli.models.hf_vlm.tiny import tiny_checkpoint
 from iqa_cli.process import quiet_torchao_notice
@@ -40,15 +40,6 @@ PIXELS = {"min_pixels": 224 * 224, "max_pixels": 224 * 224}  # 64 visual tokens 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def bench_grpo(root: Path, model: Path, args) -> dict:
@@ -100,7 +91,7 @@ def bench_generation(scorer, args) -> dict:
         counts.append(sum(len(row) for row in out.ids))
 
     with torch.inference_mode():
-        seconds = _best(run, args.repeat)
+        seconds = best_seconds(run, args.repeat)
     return {"rows": len(images), "new_tokens": counts[-1], "tokens_per_s": round(counts[-1] / seconds, 1)}
 
 
@@ -119,7 +110,7 @@ def bench_scoring(model: Path, args) -> list[dict]:
         scorer = Scorer.from_pretrained(model, device="cpu", dtype="float32", **options, **PIXELS)
         visual = scorer.collate([scorer.transform(im) for im in images], len(images), torch.float32)
         scorer.score_batch(visual)  # warm-up
-        seconds = _best(lambda s=scorer, v=visual: s.score_batch(v), args.repeat)
+        seconds = best_seconds(lambda s=scorer, v=visual: s.score_batch(v), args.repeat)
         rows.append({"readout": label, "images_per_s": round(len(images) / seconds, 2)})
     return rows
 

@@ -19,12 +19,12 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import best_seconds
 
 from iqa_cli.models.mplug_owl2.tiny import write_tiny_checkpoint
 from iqa_cli.process import quiet_torchao_notice
@@ -60,15 +60,6 @@ def write_clip(path: Path, seconds: float, size: tuple[int, int], keyint: int, s
     return path
 
 
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=6)
@@ -95,12 +86,14 @@ def main() -> None:
             rows = [decoder.rows(Sample(c.name, path=str(c), video=True))[0] for c in clips]
             assert all(r.error is None for r in rows), [r.error for r in rows]
             frames = rows[0].frames
-            prep = best(lambda d=decoder: [d.rows(Sample(c.name, path=str(c), video=True)) for c in clips], args.repeat)
+            prep = best_seconds(
+                lambda d=decoder: [d.rows(Sample(c.name, path=str(c), video=True)) for c in clips], args.repeat
+            )
             visual = [scorer.video_collate([r.visual], 1, torch.float32) for r in rows]
             scorer.score_video_batch(visual[0])  # warm-up
-            model = best(lambda v=visual: [scorer.score_video_batch(x) for x in v], args.repeat)
-            seek = best(lambda s=sampling: [load_video(c, s) for c in clips], args.repeat)
-            every = best(lambda s=sampling: [load_video(c, s, seek=False) for c in clips], args.repeat)
+            model = best_seconds(lambda v=visual: [scorer.score_video_batch(x) for x in v], args.repeat)
+            seek = best_seconds(lambda s=sampling: [load_video(c, s) for c in clips], args.repeat)
+            every = best_seconds(lambda s=sampling: [load_video(c, s, seek=False) for c in clips], args.repeat)
             n = len(clips)
             print(f"{name:14s} {frames:6d} {1000 * prep / n:15.1f} {1000 * model / n:9.1f} {n / (prep + model):9.2f}"
                   f"                {1000 * seek / n:8.1f} {1000 * every / n:15.1f} {every / seek:5.2f}x")  # fmt: skip
