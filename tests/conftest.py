@@ -3,8 +3,10 @@
 
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,6 +147,21 @@ def run_iqa(
             f"stderr so far (last 3000 characters):\n{stderr[-3000:]}",
             pytrace=False,
         )
+
+
+def kill_when(process: subprocess.Popen, condition: Callable[[], bool], missing: str, timeout: float = 120) -> None:
+    """A kill -9 mid-run: waits while `process` runs until `condition()` holds (failing with `missing` after
+    `timeout` s, or with the process's output if it exits first), then SIGKILLs it and waits for it to go."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert process.poll() is None, process.communicate()[0].decode()
+            assert time.monotonic() < deadline, missing
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
 
 
 def last_train_record(run: Path) -> str:

@@ -36,7 +36,7 @@ from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.output import output_schema
 from iqa_cli.scoring.store import sidecar_path
-from tests.conftest import REPO_ROOT, run_iqa
+from tests.conftest import REPO_ROOT, kill_when, run_iqa
 from tests.test_score_pipeline import FakeBatch, FakeScorer, assert_same_rows, make_image_folder
 from tests.test_shards import make_dataset
 
@@ -272,16 +272,7 @@ def test_a_driver_killed_mid_run_takes_its_actors_and_the_rerun_scores_the_rest(
         [sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while _finished_units(out) < 3:
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "no unit was finished"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
+    kill_when(process, lambda: _finished_units(out) >= 3, "no unit was finished")
     actor = _pids(pids)[0]
     deadline = time.monotonic() + 30
     while Path(f"/proc/{actor}").exists() and time.monotonic() < deadline:  # Ray ends the dead driver's actors

@@ -43,7 +43,7 @@ from iqa_cli.scoring.loader import Decoder, PadCollate, UnitStream
 from iqa_cli.scoring.runner import BatchRunner, settle_size
 from iqa_cli.scoring.store import sidecar_path
 from iqa_cli.sources import SourceOptions, open_inputs
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, kill_when
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 SIZE = 24  # side of the fake model's input
@@ -576,16 +576,8 @@ def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_
     out = tmp_path / "scores.parquet"
     args = ["-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out), "--delay", "0.3", "--flush-rows", "2"]
     process = _launch([*args, "--per-unit", str(per_unit)])
-    try:
-        deadline = time.monotonic() + 120
-        while _saved_rows(out) < 6:  # pieces of 2 rows as the unit goes (and finished units)
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "nothing was written"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
+    # pieces of 2 rows as the unit goes (and finished units)
+    kill_when(process, lambda: _saved_rows(out) >= 6, "nothing was written")
     assert process.returncode == -signal.SIGKILL and not out.exists()
     done = _saved_rows(out)
     assert 6 <= done < len(reference)

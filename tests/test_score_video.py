@@ -7,7 +7,6 @@ alone; a run killed with SIGKILL resumes to the same rows; other sampling option
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -28,7 +27,7 @@ from iqa_cli.scoring.config import ScoreConfig, ScoreInterrupted
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.scorer import Scorer
 from iqa_cli.scoring.store import sidecar_path
-from tests.conftest import REPO_ROOT, run_iqa
+from tests.conftest import REPO_ROOT, kill_when, run_iqa
 from tests.videos import every_frame, has_encoder, stream_facts, write_audio_only, write_video
 
 pytest.importorskip("av")
@@ -219,16 +218,7 @@ def test_sigkill_midway_then_rerun_gives_every_row_once(clips, tiny, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "tests.test_score_video", str(clips), str(out), str(tiny)]
     process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while _saved_rows(out) < 3:
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "nothing was written"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
+    kill_when(process, lambda: _saved_rows(out) >= 3, "nothing was written")
     assert not out.exists() and 3 <= _saved_rows(out) < len(reference)
     pieces = list(sidecar_path(out).glob("unit-*.from-*.parquet"))
     assert any(b"iqa_samples" in (pq.read_schema(p).metadata or {}) for p in pieces)  # a video with its frames

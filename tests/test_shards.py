@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.store import sidecar_path
 from iqa_cli.sources import SourceOptions, expand_braces, open_inputs
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, kill_when
 from tests.test_score_pipeline import FakeScorer, assert_same_rows
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP"]
@@ -394,16 +393,7 @@ def test_sigkill_midway_then_rerun_scores_each_image_once(many, tmp_path):
     shards, reference = many
     out = tmp_path / "scores"
     process = _launch(["-m", "tests.test_shards", "run", f"{shards}/*.tar", f"{out}/", "--delay", "0.25"])
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(sidecar_path(out).glob("unit-*.done"))) < 2:
-            assert process.poll() is None, process.communicate()[0].decode()
-            assert time.monotonic() < deadline, "no unit was finished"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
+    kill_when(process, lambda: len(list(sidecar_path(out).glob("unit-*.done"))) >= 2, "no unit was finished")
     done = len(list(sidecar_path(out).glob("unit-*.done")))
     assert process.returncode == -signal.SIGKILL and 2 <= done < 8
     summary = run([f"{shards}/*.tar"], out, out_dir=True)
