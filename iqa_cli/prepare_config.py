@@ -29,7 +29,7 @@ class PrepareConfig:
 
     dataset: str = option(cli=False)  # the command's argument: a preset or "custom"
     source: Path = option(
-        help="The metadata file, or its directory (see above).", flag="csv", metavar="FILE", required=True,
+        help="The metadata file, or its directory (see above).", switch="--csv", metavar="FILE", required=True,
         panel="Input",
     )  # fmt: skip
     images: Path | None = option(
@@ -87,7 +87,5 @@ class PrepareConfig:
     @classmethod
     def from_options(cls, dataset: str, **options) -> PrepareConfig:
         """The config of `iqa prepare DATASET` from its parsed flags (the custom reader's among them)."""
-        renamed = {f.metadata["flag"]: f.name for f in fields(cls) if f.metadata.get("flag")}  # --csv: `source`
-        options = {renamed.get(key, key): value for key, value in options.items()}
         read = {f.name: options.pop(f.name) for f in fields(ReadOptions) if f.name in options}
         return cls(dataset=dataset, **options, read_options=ReadOptions(**read))
