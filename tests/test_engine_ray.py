@@ -340,6 +340,20 @@ def test_bad_engine_options_are_user_errors_before_any_work(folder, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_relative_local_model_is_refused_on_a_cluster_and_a_hub_id_is_not(folder, tmp_path, monkeypatch):
+    from iqa_cli.engines.ray import check_shared_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    out, inputs = tmp_path / "s.parquet", [str(folder)]
+    for given, flag in ((["--model", "runs/mine"], "--model"), (["--base", "runs/mine"], "--base")):
+        result = CliRunner().invoke(app, ["score", *inputs, "--out", str(out), *given, "--ray-address",
+                                          "10.0.0.1:6379", "--engine", "ray"])  # fmt: skip
+        assert isinstance(result.exception, UserError), result.output
+        assert str(result.exception).startswith(f"{flag} runs/mine: a relative path; with --engine ray")
+    check_shared_paths(ScoreConfig(out=out, inputs=inputs, model="zhiyuanyou/DeQA-Score-Mix3"))  # a Hub id: no error
+
+
 def _main(argv: list[str]) -> None:
     """`run FOLDER OUT ADDRESS PIDS`: scores FOLDER with --engine ray on the cluster at ADDRESS (local: a Ray of
     its own), the fake scorer slowed down and writing its actors' pids to PIDS (`--kill-decoder`: DecoderKiller)."""
