@@ -1,5 +1,6 @@
 """The Daft class UDF (`iqa_cli.engines.daft`) gives `iqa score`'s values: on image files Daft downloads, and on a
-Parquet column of {bytes, path} structs with null images (the tiny checkpoint, Daft's local runner)."""
+Parquet column of {bytes, path} structs with null images (the tiny checkpoint, Daft's local runner); with a
+Q-Scorer checkpoint its score_reg too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from iqa_cli.errors import UserError
-from tests.test_engine_ray import CALL, assert_same_values, iqa_score, one_thread  # noqa: F401 (a fixture)
+from tests.test_engine_ray import (  # noqa: F401 (one_thread: a fixture)
+    CALL,
+    assert_same_regression,
+    assert_same_values,
+    iqa_score,
+    one_thread,
+    write_qscorer,
+)
+from tests.test_score_pipeline import make_image_folder
 from tests.test_shards import make_dataset
 
 daft = pytest.importorskip("daft")
@@ -60,3 +69,21 @@ def test_the_daft_udf_gives_the_values_of_iqa_score(tiny, tmp_path):
     reasoning = scorer_class(reasoning=True)(str(tiny), device="cpu")
     with pytest.raises(UserError, match=r"not a reasoning model; use .*scorer_class\(reasoning=False\)"):
         reasoning(daft.Series.from_pylist([None]))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_daft_udf_of_a_qscorer_model_gives_the_score_reg_of_iqa_score(tmp_path):
+    from iqa_cli.engines.daft import scorer_class
+
+    checkpoint = write_qscorer(tmp_path / "model")
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    model = {"model": str(checkpoint.path), "base": str(checkpoint.base)}
+    expected = iqa_score([folder], tmp_path / "files.parquet", **model).set_index("image")
+    assert expected["score_reg"].notna().sum() >= 5 and expected["error"].notna().any()
+    scorer = scorer_class(score_reg=True)(**model, device="cpu", dtype="float32", batch_size=CALL)
+    names = list(expected.index)
+    files = daft.from_pydict({"name": names, "bytes": [(folder / n).read_bytes() for n in names]})
+    got = files.select("name", scorer(files["bytes"])).to_pandas().set_index("name")
+    assert "score_reg" in got.columns
+    assert_same_regression(got.loc[names], expected)

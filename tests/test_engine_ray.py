@@ -340,6 +340,20 @@ def test_bad_engine_options_are_user_errors_before_any_work(folder, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_relative_local_model_is_refused_on_a_cluster_and_a_hub_id_is_not(folder, tmp_path, monkeypatch):
+    from iqa_cli.engines.ray import check_shared_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    out, inputs = tmp_path / "s.parquet", [str(folder)]
+    for given, flag in ((["--model", "runs/mine"], "--model"), (["--base", "runs/mine"], "--base")):
+        result = CliRunner().invoke(app, ["score", *inputs, "--out", str(out), *given, "--ray-address",
+                                          "10.0.0.1:6379", "--engine", "ray"])  # fmt: skip
+        assert isinstance(result.exception, UserError), result.output
+        assert str(result.exception).startswith(f"{flag} runs/mine: a relative path; with --engine ray")
+    check_shared_paths(ScoreConfig(out=out, inputs=inputs, model="zhiyuanyou/DeQA-Score-Mix3"))  # a Hub id: no error
+
+
 def _main(argv: list[str]) -> None:
     """`run FOLDER OUT ADDRESS PIDS`: scores FOLDER with --engine ray on the cluster at ADDRESS (local: a Ray of
     its own), the fake scorer slowed down and writing its actors' pids to PIDS (`--kill-decoder`: DecoderKiller)."""
@@ -382,6 +396,26 @@ def tiny(tmp_path_factory) -> Path:
     return write_checkpoint(tiny_model(seed=3), root / "deqa", tokenizer_dir=build_tiny_tokenizer(root / "tok")).path
 
 
+def write_qscorer(root: Path):
+    """A tiny Q-Scorer checkpoint (5 score tokens and the MLP regressor, released LoRA layout): its rows gain
+    score_reg."""
+    from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
+    from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
+    from tests.factories import tiny_model, write_checkpoint
+
+    tokenizer = build_tiny_tokenizer(root / "tok")
+    model = tiny_model(seed=6, vocab_size=len(LlamaTokenizer.from_dir(tokenizer)) + 5, deepmlp_hidden_dims=[48, 48])
+    return write_checkpoint(model, root / "q", layout="qscorer_lora", tokenizer_dir=tokenizer)
+
+
+def assert_same_regression(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """score_reg of the same rows within 1e-6 (null where the image is an error row), besides assert_same_values."""
+    import numpy as np
+
+    assert_same_values(got, expected)
+    np.testing.assert_allclose(got["score_reg"].to_numpy(float), expected["score_reg"].to_numpy(float), atol=1e-6)
+
+
 CALL = 4  # rows of every model call, in iqa score and in the pipelines: the same shapes, the same numbers
 
 
@@ -398,10 +432,10 @@ def one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
-def iqa_score(inputs, out: Path, model: Path, **options) -> pd.DataFrame:
+def iqa_score(inputs, out: Path, model: Path, base: str | None = None, **options) -> pd.DataFrame:
     from iqa_cli.model_options import ModelSpec
 
-    spec = ModelSpec(str(model), dtype="float32")
+    spec = ModelSpec(str(model), base=base, dtype="float32")
     config = ScoreConfig(
         out=out, inputs=[str(i) for i in inputs], model=spec, device="cpu", batch_size=CALL, quiet=True, **options
     )
@@ -467,6 +501,26 @@ def test_ray_scorer_in_ray_data_pipelines_gives_the_values_of_iqa_score(
     assert got["label"].tolist() == list(range(7)) and got.columns[0] == "image"
     assert_same_values(got, expected)  # null bytes: the error rows iqa score writes
     assert got["error"].notna().tolist() == [False] * 5 + [True, True]
+
+
+def test_ray_scorer_on_a_qscorer_model_adds_the_score_reg_of_iqa_score(tmp_path, one_thread):
+    """A batch as Ray Data hands it to map_batches (a dict of numpy arrays): score_reg beside score, as written."""
+    import numpy as np
+
+    from iqa_cli.engines.ray import RayScorer
+
+    checkpoint = write_qscorer(tmp_path / "model")
+    folder = tmp_path / "images"
+    make_image_folder(folder)
+    model = {"model": str(checkpoint.path), "base": str(checkpoint.base)}
+    expected = iqa_score([folder], tmp_path / "files.parquet", **model).set_index("image")
+    assert expected["score_reg"].notna().sum() >= 5 and expected["error"].notna().any()
+    scorer = RayScorer(**model, device="cpu", dtype="float32", batch_size=CALL, image_column="bytes")
+    names = list(expected.index)
+    batch = {"bytes": np.array([(folder / n).read_bytes() for n in names], dtype=object), "name": np.array(names)}
+    got = scorer(batch).to_pandas()
+    assert got.columns.tolist() == ["bytes", "name", *(n for n in OUTPUT_TYPES if n != "image"), "score_reg"]
+    assert_same_regression(got.set_index("name"), expected)
 
 
 @pytest.mark.slow

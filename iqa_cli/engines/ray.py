@@ -182,10 +182,14 @@ def probe(address: str, flag: str) -> None:
 
 
 def check_shared_paths(config: Any) -> None:
-    """On a cluster every node opens the inputs and writes the sidecar: a relative path would name another folder
-    on each node, so it is refused."""
+    """On a cluster every node opens the inputs, writes the sidecar and loads the model: a relative path would name
+    another folder on each node, so it is refused (`--model`/`--base` only when they name a local folder here: a
+    Hub id looks relative too)."""
     named = [("--out", config.out), *(("input", name) for name in config.inputs)]
     named += [("--from", config.from_file), ("--root", config.root)]
+    for flag, model in (("--model", config.model.model), ("--base", config.model.base)):
+        if model is not None and os.path.exists(model):
+            named.append((flag, model))
     for flag, value in named:
         if value is not None and not os.path.isabs(os.fspath(value)):
             raise UserError(
