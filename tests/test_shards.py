@@ -540,3 +540,31 @@ def test_a_run_that_fails_stops_counting_the_shards_headers(dataset, tmp_path, m
     with pytest.raises(Crash):
         score_images(config, scorer_factory=lambda device: CrashingScorer(device, crash_after=0))
     assert len(started) == 1 and started[0] is not None and started[0].stop.is_set()
+
+
+def test_the_progress_bar_has_a_total_for_parquet_at_once_and_for_shards_from_their_headers(
+    dataset, tmp_path, monkeypatch
+):
+    """Parquet footers give the total before scoring; a tar's headers are counted beside the run, from each unit's
+    resume point on, and the bar gets the total when they are read."""
+    from rich.console import Console
+
+    import iqa_cli.scoring.driver as driver
+    from iqa_cli.progress import ProgressBar
+
+    bars = []
+    monkeypatch.setattr(driver, "progress_bar", lambda *a, **k: bars.append(ProgressBar(a[0], a[1], a[2])) or bars[-1])
+    config = ScoreConfig(out=tmp_path / "t.parquet", inputs=[f"{dataset['tables']}/*.parquet"], image_col="image",
+                         batch_size=2, workers=0)  # fmt: skip
+    summary = score_images(
+        config, scorer_factory=lambda device: FakeScorer(device), console=Console(file=io.StringIO())
+    )
+    assert bars[0].progress.tasks[0].total == summary.total == 10
+
+    shards = open_inputs([f"{dataset['shards']}/*.tar"], SourceOptions())
+    units, starts = np.arange(len(shards)), np.array([0, 2, 0, 0])  # unit 1 resumes at its third sample
+    assert driver._known_total(shards, units, starts) is None  # unknown until the headers are read
+    bar = ProgressBar(Console(file=io.StringIO()), None, "scoring")
+    counter = driver._count_in_background(shards, units, starts, bar)
+    counter.join(timeout=60)
+    assert bar.progress.tasks[0].total == 3 + 4 + 2 + 2 - 2

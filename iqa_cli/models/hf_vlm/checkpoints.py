@@ -13,6 +13,7 @@ from typing import Any
 
 from iqa_cli.constants import RUN_FILE
 from iqa_cli.errors import UserError
+from iqa_cli.models.backbone import ADAPTER_CONFIG, CONFIG_FILE
 
 REGRESSOR_FILE = "regressor.safetensors"  # Q-Scorer's MLP next to a trained model's weights
 REGRESSOR_ATTR = "iqa_regressor"  # its attribute on the model
@@ -30,7 +31,6 @@ PROCESSOR_FILES = (
     "merges.txt",
 )
 NON_LORA = "non_lora_trainables.safetensors"  # a LoRA run's trained tensors outside the adapter (vision, lm_head)
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointMixin:
@@ -110,7 +110,6 @@ def _check_config(model: str | Path, revision: str | None) -> None:
     """A checkpoint whose config or processor points at remote code is refused (iqa never runs it)."""
     import json
 
-    from iqa_cli.models.backbone import CONFIG_FILE
     from iqa_cli.models.hub import cached_file
 
     path = Path(model).expanduser()
@@ -199,7 +198,7 @@ OUTPUT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "model-*-of-*.safetensors",
-    "adapter_config.json",
+    ADAPTER_CONFIG,
     "adapter_model.safetensors",
     "README.md",  # peft's model card of an adapter
     NON_LORA,
