@@ -266,12 +266,17 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
         for note in summary.warnings:
             _say(f"warning: {note}")
         if summary.already_complete:
-            _say(f"{out} is complete ({summary.total} images); nothing to do (--overwrite recomputes it)")
+            _say(f"{out} is complete ({summary.total} rows); nothing to do (--overwrite recomputes it)")
             return
-        resumed = f", {summary.resumed} from the interrupted run" if summary.resumed else ""
+        resumed = f", {summary.resumed} rows from the interrupted run" if summary.resumed else ""
+        frames = ""
+        if summary.frame_rows:
+            frames = f", {summary.frame_rows - summary.frames_failed} of {summary.frame_rows} sampled frames"
+        unit = "rows" if " " in summary.noun or summary.frame_rows else summary.noun
+        rate = f"{summary.images_per_second:.1f} {unit}/s"
         _say(
-            f"scored {summary.scored} of {summary.total} images ({summary.failed} failed{resumed}) in "
-            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s -> {out}"
+            f"scored {summary.inputs - summary.inputs_failed} of {summary.inputs} {summary.noun} "
+            f"({summary.inputs_failed} failed{resumed}){frames} in {summary.seconds:.1f} s, {rate} -> {out}"
         )
         for image, reason in summary.first_errors:
             _say(f"  failed: {image}: {reason}")
@@ -280,7 +285,7 @@ def score(options: dict | None = None, model: ModelSpec | None = None) -> None: 
             for unit, reason in summary.unit_errors[:20]:
                 _say(f"  broken shard: {unit}: {reason}")
     if summary.total and summary.failed == summary.total:
-        _say(f"error: none of the {summary.total} images could be read")
+        _say(f"error: none of the {summary.inputs} {summary.noun} could be read")
         raise typer.Exit(1)
 
 

@@ -333,7 +333,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_with_wait_waits_for_the_fir
     assert "scored 3 of 3 images (0 failed)" in first_log.read_text()
     text = third_log.read_text()
     assert text.count("waiting for another iqa score run") == 1
-    assert text.strip().endswith("is complete (3 images); nothing to do (--overwrite recomputes it)"), text
+    assert text.strip().endswith("is complete (3 rows); nothing to do (--overwrite recomputes it)"), text
     assert not out.with_name("s.parquet.parts").exists()
 
     import pandas as pd

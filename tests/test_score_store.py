@@ -190,8 +190,8 @@ def test_writing_units_and_the_output_imports_no_pandas(tmp_path):
         writer.add(_batch([1, 1], [1, 2], [4, 5], [None] * 2, done=[(1, None)]), _result(2, 1, True))
         out = Path({str(tmp_path)!r}) / "out.parquet"
         units = [writer.sidecar.unit(u) for u in (0, 1)]
-        rows, failed, _ = assemble_file(out, "parquet", units, writer.schema, {{"k": "v"}})
-        print(rows, failed, "pandas" in sys.modules)
+        count = assemble_file(out, "parquet", units, writer.schema, {{"k": "v"}})
+        print(count.rows, count.failed, "pandas" in sys.modules)
     """
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT

@@ -101,7 +101,8 @@ def test_a_folder_of_images_and_clips(clips, tiny, tmp_path):
     out = tmp_path / "scores.parquet"
     result = run_iqa("score", str(clips), "--model", str(tiny), "--out", str(out), "--device", "cpu", "--per-frame")
     assert result.returncode == 0, result.stderr
-    assert "scored 15 of 18 images (3 failed)" in result.stderr  # 4 videos, their 9 frames, 2 images, 3 broken
+    # 4 videos and 2 images scored, 3 broken files; the videos' 9 sampled frames as rows of their own
+    assert "scored 6 of 9 images and videos (3 failed), 9 of 9 sampled frames in " in result.stderr
     table = pq.read_table(out)
     assert table.column_names == [
         "image", "score", "std", "probs", "level", "width", "height", "duration", "frames", "fps", "frame", "error",

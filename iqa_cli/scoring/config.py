@@ -235,13 +235,28 @@ class ScoreSummary:
     first_errors: list[tuple[str, str]] = field(default_factory=list)  # (image, error) of a few failures
     unit_errors: list[tuple[str, str]] = field(default_factory=list)  # (shard, error) of units that broke off
     warnings: list[str] = field(default_factory=list)
+    videos: int = 0  # of `total`: videos scored
+    frame_rows: int = 0  # of `total`: --per-frame rows (one per sampled frame)
+    frames_failed: int = 0  # of `failed`: --per-frame rows with an error
 
     @property
-    def scored(self) -> int:
-        return self.total - self.failed
+    def inputs(self) -> int:
+        """Images and videos: the rows less the --per-frame rows."""
+        return self.total - self.frame_rows
+
+    @property
+    def inputs_failed(self) -> int:
+        return self.failed - self.frames_failed
+
+    @property
+    def noun(self) -> str:
+        if not self.videos and not self.frame_rows:
+            return "images"
+        return "videos" if self.videos == self.inputs else "images and videos"
 
     @property
     def images_per_second(self) -> float:
+        """Rows written per second (with --per-frame, a video's frame rows count too)."""
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 

@@ -229,12 +229,13 @@ def _run(
     with interruptible(sidecar.dir):  # stopped mid-assembly: the temporary file goes, the units stay
         if checked.directory:
             groups = _output_groups(source, sidecar)
-            rows, failed, first = assemble_directory(out, groups, schema, metadata)
+            count = assemble_directory(out, groups, schema, metadata)
         else:
             unit_files = (sidecar.unit(u) for u in range(len(source)))
-            rows, failed, first = assemble_file(out, checked.fmt, unit_files, schema, metadata)
+            count = assemble_file(out, checked.fmt, unit_files, schema, metadata)
         sidecar.remove()
-    summary.total, summary.failed, summary.first_errors = rows, failed, first
+    summary.total, summary.failed, summary.first_errors = count.rows, count.failed, count.first_errors
+    summary.videos, summary.frame_rows, summary.frames_failed = count.videos, count.frame_rows, count.frames_failed
     summary.unit_errors = errors
     return summary
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iqa_cli.errors import UserError
@@ -202,30 +204,59 @@ def _utf8(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8")
 
 
+@dataclass
+class RowCount:
+    """What the summary line says of an output: its rows and failures, with the rows of videos and of their single
+    frames (`--per-frame`) told apart so that a line about videos does not call them images."""
+
+    rows: int = 0
+    failed: int = 0
+    videos: int = 0  # rows of videos that were scored (`frames` set on a video's own row)
+    frame_rows: int = 0  # --per-frame rows (`frame` set), counted in `rows`
+    frames_failed: int = 0  # of those, rows with `error` set, counted in `failed`
+    first_errors: list[tuple[str, str]] = field(default_factory=list)  # (image, error) of the first few failures
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        errors = table.column("error")
+        self.failed += table.num_rows - errors.null_count
+        names = table.schema.names
+        if "frame" in names:
+            frame = table.column("frame")
+            self.frame_rows += table.num_rows - frame.null_count
+            self.frames_failed += _true(pc.and_(frame.is_valid(), errors.is_valid()))
+        if "frames" in names:
+            own = table.column("frames").is_valid()
+            if "frame" in names:
+                own = pc.and_(own, table.column("frame").is_null())
+            self.videos += _true(own)
+        if len(self.first_errors) < 5 and errors.null_count < table.num_rows:
+            pairs = zip(table.column("image").to_pylist(), errors.to_pylist(), strict=True)
+            self.first_errors += [(n, e) for n, e in pairs if e is not None][: 5 - len(self.first_errors)]
+
+
+def _true(mask: Any) -> int:
+    return int(pc.sum(mask.cast(pa.int64())).as_py() or 0)
+
+
 def write_output(
     out: Path, fmt: str, chunks: Iterator[pa.Table], schema: pa.Schema, metadata: dict[str, str]
-) -> tuple[int, int, list[tuple[str, str]]]:
-    """Writes the merged rows to `out` atomically; returns (rows, failed rows, first few failures)."""
+) -> RowCount:
+    """Writes the merged rows to `out` atomically; returns what they hold."""
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by an assembly that was killed
         stale.unlink(missing_ok=True)
-    rows = failed = 0
-    first_errors: list[tuple[str, str]] = []
+    count = RowCount()
     schema = schema.with_metadata(metadata)
     with atomic_file(out) as tmp:
         with _OutputWriter(tmp, fmt, schema) as writer:
             for chunk in chunks:
                 chunk = chunk.cast(schema)
-                rows += chunk.num_rows
-                errors = chunk.column("error")
-                failed += chunk.num_rows - errors.null_count
-                if len(first_errors) < 5 and errors.null_count < chunk.num_rows:
-                    names, reasons = chunk.column("image").to_pylist(), errors.to_pylist()
-                    first_errors += [(n, e) for n, e in zip(names, reasons, strict=True) if e is not None][:5]
+                count.add(chunk)
                 writer.write(chunk)
         if fmt != "parquet":  # with the row count, which a Parquet footer has and a text file does not
-            text = json.dumps({**metadata, "rows": str(rows)}, indent=1, sort_keys=True)
+            text = json.dumps({**metadata, "rows": str(count.rows)}, indent=1, sort_keys=True)
             atomic_write(meta_path(out), text.encode())
-    return rows, failed, first_errors[:5]
+    return count
 
 
 class _OutputWriter:
@@ -357,38 +388,31 @@ def _kept_array(values: list[Any], kind: pa.DataType) -> pa.Array:
 
 def assemble_file(
     out: Path, fmt: str, unit_files: Iterable[Path], schema: pa.Schema, metadata: dict[str, str]
-) -> tuple[int, int, list[tuple[str, str]]]:
+) -> RowCount:
     """The finished units' files, in unit order, as the output file (written atomically, one unit in memory)."""
     return write_output(out, fmt, (pq.ParquetFile(path).read() for path in unit_files), schema, metadata)
 
 
 def assemble_directory(
     out: Path, groups: dict[str, list[Path | None]], schema: pa.Schema, metadata: dict[str, str]
-) -> tuple[int, int, list[tuple[str, str]]]:
+) -> RowCount:
     """`--out DIR/`: one `DIR/<stem>.parquet` per group of units, then `DIR/_iqa.json`; counts the rows.
 
     `groups` maps each output stem to its units' sidecar files in order, None for a unit already written to
-    its output file (a group of one unit is written there as soon as it finishes). Returns (rows, failed rows,
-    the first few failures).
+    its output file (a group of one unit is written there as soon as it finishes). Returns what the rows hold.
     """
-    rows = failed = 0
-    first: list[tuple[str, str]] = []
+    count = RowCount()
     for stem, files in groups.items():
         path = out / f"{stem}.parquet"
         if any(f is not None for f in files) or not files:  # a group of several units, or an empty input
             tables = [pq.ParquetFile(f).read().cast(schema) for f in files if f is not None]
             table = pa.concat_tables(tables) if tables else schema.empty_table()
             write_table_atomic(table.replace_schema_metadata(schema.metadata), path)
-        table = pq.ParquetFile(path).read(columns=["image", "error"])
-        errors = table.column("error")
-        rows += table.num_rows
-        failed += table.num_rows - errors.null_count
-        if len(first) < 5 and errors.null_count < table.num_rows:
-            pairs = zip(table.column("image").to_pylist(), errors.to_pylist(), strict=True)
-            first += [(n, e) for n, e in pairs if e is not None][: 5 - len(first)]
+        counted = [name for name in ("image", "error", "frames", "frame") if name in schema.names]
+        count.add(pq.ParquetFile(path).read(columns=counted))
     atomic_write(out / DIRECTORY_METADATA, json.dumps(metadata, indent=1, sort_keys=True).encode())
     fsync_dir(out)
-    return rows, failed, first
+    return count
 
 
 def recorded_rows(out: Path, fmt: str) -> int:
