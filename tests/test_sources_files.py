@@ -230,3 +230,22 @@ def test_packed_strings_round_trip_including_undecodable_names():
     assert packed[-1] == values[-1]
     with pytest.raises(IndexError):
         packed[4]
+
+
+def test_a_short_run_has_a_unit_for_every_default_worker_and_a_long_one_few_files():
+    """Units are a function of the image count alone; a short run is cut so that each of a rank's default
+    DataLoader workers (at most MAX_WORKERS, and the loop starts no more workers than units) gets one, a long
+    one into about UNITS_PER_RUN files of at most MAX_FILES_PER_UNIT images."""
+    from iqa_cli.process import MAX_WORKERS
+    from iqa_cli.sources.files import MAX_FILES_PER_UNIT, MIN_FILES_PER_UNIT, UNITS_PER_RUN, files_per_unit
+
+    for n in [*range(1, 2200), 10**5, 10**6, 10**7]:
+        per = files_per_unit(n)
+        units = -(-n // per)
+        assert units >= min(n, MAX_WORKERS), n  # every worker busy
+        assert per <= MAX_FILES_PER_UNIT, n
+        if per < MAX_FILES_PER_UNIT:
+            assert units <= max(UNITS_PER_RUN, MAX_WORKERS), n  # few files
+        if n >= MIN_FILES_PER_UNIT * MAX_WORKERS:
+            assert per >= MIN_FILES_PER_UNIT, n  # a unit worth its own file once there are enough images
+    assert files_per_unit(16) == 2 and files_per_unit(1000) == 16 and files_per_unit(10**7) == MAX_FILES_PER_UNIT

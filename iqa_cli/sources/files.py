@@ -52,6 +52,7 @@ import numpy as np
 
 from iqa_cli.errors import UserError
 from iqa_cli.images import IMAGE_EXTENSIONS
+from iqa_cli.process import MAX_WORKERS
 from iqa_cli.sources import TABLE_SUFFIXES, Sample, SourceOptions
 from iqa_cli.video import VIDEO_EXTENSIONS, is_video_name
 
@@ -118,13 +119,16 @@ class InputList:
 
 
 def files_per_unit(n: int) -> int:
-    """Images per unit of a run of n: about UNITS_PER_RUN units, each of MIN_FILES_PER_UNIT..MAX_FILES_PER_UNIT.
+    """Images per unit of a run of n: about UNITS_PER_RUN units, each of MIN_FILES_PER_UNIT..MAX_FILES_PER_UNIT,
+    and at least MAX_WORKERS units (fewer images per unit) while n allows.
 
     A function of n alone, so the same inputs give the same units on any machine and with any worker count
     (resume matches units by number). 64 units keep up to 64 DataLoader workers busy; 16 images make a unit
-    worth its own file; 4096 keep a 10M-image run at ~2,500 files. A slow model writes a long unit in pieces.
+    worth its own file, but a short run is cut finer so that each of a rank's default workers (at most
+    MAX_WORKERS) gets a unit; 4096 keep a 10M-image run at ~2,500 files. A slow model writes a long unit in pieces.
     """
-    return min(MAX_FILES_PER_UNIT, max(MIN_FILES_PER_UNIT, -(-n // UNITS_PER_RUN)))
+    small = min(MIN_FILES_PER_UNIT, n // MAX_WORKERS)  # a short run: at least MAX_WORKERS units
+    return max(1, min(MAX_FILES_PER_UNIT, max(small, -(-n // UNITS_PER_RUN))))
 
 
 @dataclass
