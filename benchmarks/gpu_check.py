@@ -310,12 +310,7 @@ def qwen_scorer(check: Check, dtype: torch.dtype):
     tiny = tiny_checkpoints(check.tmp)["qwen2_5_vl"]
     config = AutoConfig.from_pretrained(tiny)
     if not check.dry:
-        ids = {k: getattr(config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
-        ids["vision_end_token_id"] = config.vision_end_token_id
-        text = {**QWEN25_7B_TEXT, "pad_token_id": config.text_config.pad_token_id}
-        config = AutoConfig.for_model(
-            "qwen2_5_vl", text_config=text, vision_config=QWEN25_7B_VISION, tie_word_embeddings=False, **ids
-        )
+        config = qwen25_7b_config(config)
     with torch.device(check.device):
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval().requires_grad_(False)
@@ -326,6 +321,19 @@ def qwen_scorer(check: Check, dtype: torch.dtype):
         model, processor, provenance=Provenance(model=name), images_kwargs=options, source=name
     )
     return Scorer(backbone, build_readout(backbone, None, None), {"model": name, "dtype": str(dtype)})
+
+
+def qwen25_7b_config(tiny):
+    """Qwen2.5-VL-7B's sizes with the tiny checkpoint's token ids (its tokenizer and processor are used).
+    tests/test_gpu_check.py builds it on the meta device: the one part of the 7B path `--dry-run` leaves out."""
+    from transformers import AutoConfig
+
+    ids = {k: getattr(tiny, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
+    ids["vision_end_token_id"] = tiny.vision_end_token_id
+    text = {**QWEN25_7B_TEXT, "pad_token_id": tiny.text_config.pad_token_id}
+    return AutoConfig.for_model(
+        "qwen2_5_vl", text_config=text, vision_config=QWEN25_7B_VISION, tie_word_embeddings=False, **ids
+    )
 
 
 def quantized(check: Check, build, mode: str | None):

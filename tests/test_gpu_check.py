@@ -1,11 +1,13 @@
 """`benchmarks/gpu_check.py --dry-run`: every section of the lent-GPU check runs on the CPU with the tiny models,
 so the first GPU call does not fail on a typo (the GPU-only steps, int4 and the memory fraction, say so)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ONE_THREAD, REPO_ROOT
 
@@ -34,3 +36,29 @@ def test_gpu_check_runs_every_section_on_the_cpu():
     assert {c for s, c in checks if s == "training"} >= {"tiny mPLUG-Owl2 deqa full, FSDP2 one rank"}
     assert any(s == "serve" for s, _ in checks)
     assert proc.stdout.rstrip().endswith("0 failed")
+
+
+def test_the_qwen25_vl_7b_config_builds_the_released_models_shapes(tmp_path, monkeypatch):
+    """The GPU run builds Qwen2.5-VL-7B from `qwen25_7b_config`, which `--dry-run` never calls (it keeps the tiny
+    sizes): built here on the meta device, its language model has the parameters a hand count of the 7B's sizes
+    gives, and the whole model the released checkpoint's 8,292,166,656."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from iqa_cli.models.hf_vlm.tiny import tiny_checkpoint
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclass looks its module up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts benchmarks/ on the path for its own imports
+    spec.loader.exec_module(gpu_check)
+    tiny = AutoConfig.from_pretrained(tiny_checkpoint("qwen2_5_vl", tmp_path / "tiny"))
+    config = gpu_check.qwen25_7b_config(tiny)
+    assert config.image_token_id == tiny.image_token_id  # the tiny tokenizer's ids reach the model
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    hidden, mlp, layers, vocab, kv = 3584, 18944, 28, 152064, 512  # 4 key/value heads of 128
+    layer = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden + 3 * hidden * mlp + 2 * hidden
+    language = sum(p.numel() for p in model.model.language_model.parameters())
+    assert language == layers * layer + vocab * hidden + hidden  # layers, embeddings, final norm
+    assert tuple(model.lm_head.weight.shape) == (vocab, hidden)  # not tied
+    assert sum(p.numel() for p in model.parameters()) == 8_292_166_656

@@ -14,19 +14,30 @@ QINSIGHT_GOOD = '<think>\nsharp, well exposed\n</think>\n<answer>\n{"rating": 3.
 
 
 def test_the_presets_hold_the_authors_texts():
-    """The conversations the released checkpoints were trained with, word for word (their training scripts)."""
-    assert QINSIGHT.system.startswith("A conversation between User and Assistant.")
-    assert QINSIGHT.system.endswith("<think> reasoning process here </think><answer> answer here </answer>")
-    assert QINSIGHT.question.endswith(
-        'Return the final answer in JSON format with the following keys: "rating": The score.'
+    """The conversations the released checkpoints were trained with, word for word: Q-Insight's `SYSTEM_PROMPT` and
+    `SCORE_QUESTION_PROMPT` (`qinsight_multi_task.py`), VisualQuality-R1's scoring question formatted into its
+    thinking template (`qwen_module.py`) and into its README's non-thinking one, typed out here from those files."""
+    rating = (
+        "What is your overall rating on the quality of this picture? The rating should be a float between 1 and 5, "
+        "rounded to two decimal places, with 1 representing very poor quality and 5 representing excellent quality."
     )
-    assert VQR1.system is None and VQR1.question.startswith("You are doing the image quality assessment task.")
-    assert VQR1.question.endswith(
-        "First output the thinking process in <think> </think> tags and then output the final answer with only one "
-        "score in <answer> </answer> tags."
+    assert QINSIGHT.system == (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+        "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+        "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+        "respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
     )
-    assert NOTHINK.question.endswith(
-        "Please only output the final answer with only one score in <answer> </answer> tags."
+    assert QINSIGHT.question == (
+        rating + ' Return the final answer in JSON format with the following keys: "rating": The score.'
+    )
+    vq_question = "You are doing the image quality assessment task. Here is the question: " + rating
+    assert VQR1.system is None and NOTHINK.system is None
+    assert VQR1.question == (
+        vq_question + " First output the thinking process in <think> </think> tags and then output the final answer "
+        "with only one score in <answer> </answer> tags."
+    )
+    assert NOTHINK.question == (
+        vq_question + " Please only output the final answer with only one score in <answer> </answer> tags."
     )
     image_first = VQR1.messages()[0]["content"]
     assert [part["type"] for part in image_first] == ["image", "text"]  # the image, then the question, as trained
