@@ -89,7 +89,8 @@ def command(*args, examples: str = "", panels: dict | None = None, **kwargs) -> 
                 if getattr(exc, "is_main", os.environ.get("RANK", "0") == "0"):  # under torchrun, rank 0 speaks
                     _say(str(exc))
                 raise typer.Exit(exc.exit_code) from None
-            except OSError as exc:  # an output place that filled up or turned read-only during the work
+            except Exception as exc:  # an output place that filled up or turned read-only during the work (an
+                # OSError, or a library's own error that says so: safetensors' SafetensorError)
                 from iqa_cli.paths import write_error
 
                 error = write_error(exc, _output_place(k))

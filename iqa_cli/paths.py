@@ -84,18 +84,20 @@ def check_output_dir(path: Path, flag: str = "--out") -> None:
         _check_writable_folder(path.parent if str(path.parent) else Path("."), flag, path)
 
 
-def write_error(exc: OSError, place: str | None = None) -> UserError | None:
+def write_error(exc: Exception, place: str | None = None) -> UserError | None:
     """A failed write of an output (the disk filled up, a folder turned read-only) or a refused file (no permission)
     as one line naming the file, else the output `place`; None for other errors, which are not the user's to fix."""
-    code = exc.errno
-    if code is None:  # pyarrow's OSError keeps the errno in its text: "... Detail: [errno 28] ..."
-        for candidate in WRITE_ERRNOS:
-            if f"[errno {candidate}]" in str(exc):
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # the errno in the text: pyarrow's OSError "[errno 28]", safetensors' SafetensorError "(os error
+        # 28)"; another library's error counts only as a full or read-only disk (a refused read is no output's fault)
+        for candidate in WRITE_ERRNOS if isinstance(exc, OSError) else FULL_OR_READ_ONLY:
+            if f"[errno {candidate}]" in str(exc) or f"(os error {candidate})" in str(exc):
                 code = candidate
     if code not in WRITE_ERRNOS:
         return None
     reason = "no space left on the device" if code == errno.ENOSPC else os.strerror(code).lower()
     if code in FULL_OR_READ_ONLY:
-        where = f" {exc.filename}" if exc.filename else f" {place}" if place else ""
+        filename = getattr(exc, "filename", None)
+        where = f" {filename}" if filename else f" {place}" if place else ""
         return UserError(f"cannot write{where}: {reason}")
-    return UserError(f"{exc.filename or place or 'a file'}: {reason}")  # a read as much as a write
+    return UserError(f"{getattr(exc, 'filename', None) or place or 'a file'}: {reason}")  # a read as much as a write

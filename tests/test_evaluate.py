@@ -505,3 +505,18 @@ def test_an_unfinished_folder_output_is_read_with_a_note(scored_shards, tmp_path
     empty.mkdir()
     with pytest.raises(UserError, match=r"holds no \.parquet file"):
         evaluate(empty, scored_shards / "meta" / "synth.parquet")
+
+
+def test_piped_report_tables_end_no_line_with_spaces(tmp_path):
+    """rich pads every cell to the table's width; piped into a file or `diff`, the report's lines end at their
+    last character (issue 18: tables without trailing spaces when piped)."""
+    names = [f"img{i:02d}.png" for i in range(12)]
+    scores = np.linspace(1, 5, 12)
+    pd.DataFrame({"image": names, "score": scores, "std": 0.5}).to_parquet(tmp_path / "preds.parquet")
+    dataset = ["koniq"] * 6 + ["a-much-longer-dataset-name"] * 6  # a short name in a wide first column
+    pd.DataFrame({"image": names, "mos": scores**1.1, "dataset": dataset}).to_csv(tmp_path / "gt.csv", index=False)
+    result = run_iqa("eval", "preds.parquet", "--gt", "gt.csv", cwd=tmp_path, env={"COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.lstrip().startswith("koniq ") for line in lines), result.stdout  # the tables are there
+    assert [line for line in lines if line != line.rstrip()] == []

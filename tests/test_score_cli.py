@@ -230,13 +230,17 @@ def test_cli_exits_1_when_every_image_fails(tiny_checkpoints, tmp_path):
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"")
     (folder / "b.png").write_text("text")
+    # more pixels than Pillow's MAX_IMAGE_PIXELS, fewer than twice: Pillow warns (DecompressionBombWarning) and
+    # would decode it; the warning never reaches the screen and the image is an error row (a 1-bit PNG: 11 KB)
+    Image.new("1", (10_000, 9_000)).save(folder / "c.png")
     out = tmp_path / "s.csv"
     result = _score_cli(folder, out, tiny_checkpoints["deqa"])
     assert result.returncode == 1, result.stderr
-    assert "none of the 2 images could be read" in result.stderr
+    assert "none of the 3 images could be read" in result.stderr
+    assert "Warning" not in result.stderr, result.stderr
     frame = pd.read_csv(out)
-    assert frame["image"].tolist() == ["a.jpg", "b.png"] and frame["score"].isna().all()
-    assert frame["error"].notna().all()
+    assert frame["image"].tolist() == ["a.jpg", "b.png", "c.png"] and frame["score"].isna().all()
+    assert frame["error"].notna().all() and frame["error"].iloc[2].startswith("decompression bomb: 10000x9000")
 
 
 @pytest.mark.slow

@@ -227,3 +227,56 @@ def test_a_failed_write_names_the_file_and_why_and_other_os_errors_stay_bugs():
     refused = OSError(errno.EACCES, os.strerror(errno.EACCES), "list.txt")  # a read as much as a write
     assert str(write_error(refused)) == "list.txt: permission denied"
     assert write_error(OSError(errno.EINVAL, "Invalid argument")) is None
+
+
+def test_a_disk_that_fills_up_while_training_is_one_line_and_the_rerun_resumes(place, iqa_module, monkeypatch):
+    """ENOSPC while `iqa train` writes its checkpoint (torch.distributed.checkpoint hands it back wrapped in a
+    CheckpointException, a BaseException) and then its final model (safetensors' SafetensorError): one line naming
+    --out, exit 2, the half-written checkpoint removed; after the second, the rerun resumes and finishes."""
+    import safetensors.torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def checkpoint_on_a_full_disk(*args, **kwargs):
+        raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (_no_space(), None)})
+
+    def model_on_a_full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    args = [*TRAIN[:-1], "full-run", "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--no-eval",
+            "--no-gradient-checkpointing", "--layout", "scoring", "-q"]  # fmt: skip
+    real_save_file = safetensors.torch.save_file
+    monkeypatch.setattr(dcp, "save", checkpoint_on_a_full_disk)
+    code, _, err = iqa_module(place, *args)
+    assert code == 2 and err == "error: cannot write full-run: no space left on the device\n", err
+    assert not list((place / "full-run" / "checkpoints").iterdir())  # no .step-N.tmp left holding the space
+
+    monkeypatch.undo()
+    monkeypatch.setattr(safetensors.torch, "save_file", model_on_a_full_disk)
+    code, _, err = iqa_module(place, *args)
+    assert code == 2 and err == "error: cannot write full-run: no space left on the device\n", err
+    assert not (place / "full-run" / "iqa.json").exists()  # not taken for a finished run
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    code, _, err = iqa_module(place, *args)
+    assert code == 0, err
+    assert (place / "full-run" / "iqa.json").exists() and (place / "full-run" / "model.safetensors").exists()
+
+
+def test_a_checkpoint_file_on_a_full_disk_is_an_os_error_that_says_so():
+    """torch.save given a path reports a failed write as a RuntimeError without the reason; through a Python file
+    it is the OSError (ENOSPC) that becomes the one line. /dev/full fails every write with ENOSPC."""
+    import torch
+
+    from iqa_cli.training.state import _torch_save
+
+    if not Path("/dev/full").is_char_device():
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(OSError) as failed:
+        _torch_save({"step": torch.zeros(3)}, Path("/dev/full"))
+    assert failed.value.errno == errno.ENOSPC
+
+
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -265,6 +265,7 @@ def save_checkpoint(
 ) -> Path:
     """Writes `checkpoints/step-N` atomically (all ranks call this) and deletes older checkpoints."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     name = f"step-{progress.global_step:08d}"
@@ -274,20 +275,37 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     distributed.barrier()
     model_state, optim_state = get_state_dict(module, optimizer, options=_state_options())
-    with _quiet_dcp():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / STATE_DIR))
-    torch.save(_rng_state(), tmp / f"rng-{distributed.rank()}.pt")
-    distributed.barrier()
-    if distributed.rank() == 0:
-        trainer = {"progress": asdict(progress), "scheduler": scheduler.state_dict()}
-        torch.save(trainer, tmp / TRAINER_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        publish(tmp, final)
+    try:
+        with _quiet_dcp():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / STATE_DIR))
+        _torch_save(_rng_state(), tmp / f"rng-{distributed.rank()}.pt")
+        distributed.barrier()
+        if distributed.rank() == 0:
+            trainer = {"progress": asdict(progress), "scheduler": scheduler.state_dict()}
+            _torch_save(trainer, tmp / TRAINER_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            publish(tmp, final)
+    except CheckpointException as exc:  # each rank's error, wrapped: a full disk is the OSError inside
+        shutil.rmtree(tmp, ignore_errors=True)
+        failed = [error for error, _ in exc.failures.values() if isinstance(error, OSError)]
+        if failed:
+            raise failed[0] from None
+        raise
+    except OSError:  # the half-written checkpoint would only hold the space the next one needs
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
         for old in run.checkpoints.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    """`torch.save` through a Python file, so a failed write is an OSError with its errno (given a path, torch
+    raises a RuntimeError that does not say the disk is full)."""
+    with open(path, "wb") as file:
+        torch.save(value, file)
 
 
 def load_checkpoint(
