@@ -185,24 +185,30 @@ def _config_parameter(f: dataclasses.Field, panel: str) -> tuple[str, inspect.Pa
     else:
         default = f.default
     flags = [meta.get("switch") or "--" + name.replace("_", "-"), *([meta["alias"]] if meta.get("alias") else [])]
+    # A setting on by default with one switch (`--no-x`, short enough for an 80-column help): the flag is the
+    # switch, False unless given, and the setting its negation (`_parse`); its help says the default.
+    turns_off = default is True and "/" not in flags[0]
     typer_param = typer.Option(
-        default,
+        False if turns_off else default,
         *flags,
         metavar=meta.get("metavar"),
         help=meta.get("help"),
         envvar=meta.get("envvar"),
         autocompletion=getattr(completion, meta["completion"]) if meta.get("completion") else None,
         rich_help_panel=panel,
-        show_default=default is not None and default is not ... and default is not False,
+        show_default=all(default is not v for v in (None, ..., False)) and not turns_off,
     )
     kind = _TYPES[own]
     annotation = kind | None if f.type.endswith(" | None") or default is None else kind
     parameter = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer_param, annotation=annotation)
-    return ("str" if meta.get("raw") else own), parameter
+    return ("str" if meta.get("raw") else "off switch" if turns_off else own), parameter
 
 
 def _parse(name: str, own: str, value: Any) -> Any:
-    """A flag's text as the config field's type: comma-separated lists, paths (positional arguments as given)."""
+    """A flag's text as the config field's type: comma-separated lists, paths (positional arguments as given), a
+    setting from its off switch."""
+    if own == "off switch":
+        return not value
     if value is None or own not in ("Path", "list[str]", "list[int]", "arguments"):
         return value
     if own == "arguments":

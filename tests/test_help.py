@@ -81,6 +81,14 @@ def test_defaults_are_not_split_and_piped_help_is_plain_text():
     assert "[default: one per core, at most 8]" in " ".join(" ".join(_rows(result.stdout)).split())
 
 
+@pytest.mark.parametrize("command", ["train", "serve", "prepare", "eval", "demo"])
+def test_no_command_cuts_a_flag_or_a_default_in_an_80_column_terminal(command):
+    """Rich cuts what cannot wrap with an ellipsis: a long --x/--no-x pair once left the help column 20
+    characters wide and cut `iqa train`'s flags and its model default."""
+    result = run_iqa(command, "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0 and "\u2026" not in result.stdout, result.stdout
+
+
 def test_install_completion_installs_the_named_shells_completion(tmp_path):
     env = {"HOME": str(tmp_path), "SHELL": "/bin/bash"}
     result = run_iqa("--install-completion", "zsh", env=env)

@@ -88,8 +88,35 @@ def test_the_command_line_defaults_are_the_configs_defaults():
         if name in ("datasets", "out"):  # required
             continue
         default = parameter.default.default
+        if parameter.default.param_decls == ("--no-" + name.replace("_", "-"),):  # an off switch, not given
+            assert default is False and record[name] is True, name
+            continue
         if default is None and name in ("lr", "epochs", "warmup_ratio", "model"):  # the method's: deqa's here
             deqa = {"lr": 2e-5, "epochs": 3, "warmup_ratio": 0.03, "model": "MAGAer13/mplug-owl2-llama2-7b"}
             assert record[name] == deqa[name], name
             continue
         assert parsed.get(name, lambda v: v)(default) == record[name], name
+
+
+def test_an_off_switch_turns_its_setting_off_and_leaves_it_on_when_absent(monkeypatch):
+    """`--no-gradient-checkpointing` is a lone off switch (a --x/--no-x pair cut `iqa train -h` at 80 columns):
+    given, the setting is off; absent, on."""
+    from typer.testing import CliRunner
+
+    import iqa_cli.training
+    from iqa_cli.cli import app
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(config, *args, **kwargs):
+        seen.append(config.model.gradient_checkpointing)
+        raise Stop  # the flags reached the config; nothing is trained
+
+    monkeypatch.setattr(iqa_cli.training, "train", record)
+    for extra in ([], ["--no-gradient-checkpointing"]):
+        result = CliRunner().invoke(app, ["train", "--datasets", "x", "--out", "run", *extra])
+        assert isinstance(result.exception, Stop), result.output
+    assert seen == [True, False]

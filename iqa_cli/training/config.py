@@ -154,7 +154,10 @@ class ModelConfig:
         None, "Base model when --model is a LoRA adapter [default: the one the adapter names].", metavar="MODEL"
     )
     gradient_checkpointing: bool = option(
-        True, "Recompute activations in backward.", switch="--gradient-checkpointing/--no-gradient-checkpointing"
+        True,
+        "Keep the activations instead of recomputing them in backward: faster, needs more memory [default: off: "
+        "gradient checkpointing on].",
+        switch="--no-gradient-checkpointing",
     )
     freeze_vision: bool = option(False, "Do not train the vision encoder.")
     freeze_abstractor: bool = option(False, "Do not train the visual abstractor.")
