@@ -146,10 +146,8 @@ class ScoreConfig:
         return SourceOptions(self.from_file, self.from_column, self.root, self.image_col, list(self.keep))
 
     def sampling(self) -> Sampling:
-        """How videos are sampled (`iqa_cli.video.Sampling`): --frames N, else --fps F (default 1)."""
-        if self.frames is not None:
-            return Sampling(fps=None, frames=self.frames, max_frames=self.max_frames)
-        return Sampling(fps=DEFAULT_FPS if self.fps is None else self.fps, max_frames=self.max_frames)
+        """How videos are sampled: `video_sampling`."""
+        return video_sampling(self)
 
 
 @dataclass(frozen=True)
@@ -191,6 +189,14 @@ def check(config: ScoreConfig) -> CheckedOptions:
         raise UserError(f"--keep {taken[0]}: the output has a column {taken[0]!r} of its own; keep other columns")
     engines.check(config)
     return CheckedOptions(fmt, directory, batch_size)
+
+
+def video_sampling(config: ScoreConfig) -> Sampling:
+    """How videos are sampled (`iqa_cli.video.Sampling`): --frames N, else --fps F (default 1). Any config with
+    `iqa score`'s video fields (`iqa serve`'s too)."""
+    if config.frames is not None:
+        return Sampling(fps=None, frames=config.frames, max_frames=config.max_frames)
+    return Sampling(fps=DEFAULT_FPS if config.fps is None else config.fps, max_frames=config.max_frames)
 
 
 def check_sampling(config: ScoreConfig) -> None:

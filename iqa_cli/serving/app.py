@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import math
 import os
 import pickle
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,15 @@ from iqa_cli.errors import speak_flags
 from iqa_cli.serving.batcher import Batcher, OutOfMemory, Overloaded
 from iqa_cli.serving.config import ServeConfig
 from iqa_cli.serving.metrics import Metrics, forget_dead_processes
-from iqa_cli.serving.requests import BadRequest, ScoreRequest, decode_image, parse_json, parse_pickle
+from iqa_cli.serving.requests import (
+    BadRequest,
+    ScoreRequest,
+    decode_image,
+    decode_video,
+    is_video,
+    parse_json,
+    parse_pickle,
+)
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start: its supervisor stops then
 SCORE_RANGE = (1, 5)  # level centers span [1, 5] (docs/METHOD.md, "Levels")
@@ -62,6 +72,19 @@ def claim_device(config: ServeConfig) -> tuple[str, Any]:
     raise RuntimeError(f"every device of {config.devices} is held by another worker")
 
 
+@dataclass
+class Entry:
+    """One request entry ready for the batcher: its model inputs (None: `reason` says why it has none) and, for a
+    video, what the answer says about it."""
+
+    visual: Any = None
+    reason: str | None = None
+    video: bool = False  # its bytes are a video
+    frames: int = 0  # a decoded video's sampled frames (its model call holds videos of this count only)
+    duration: float | None = None  # seconds
+    fps: float | None = None  # the video's average frame rate
+
+
 class Worker:
     """What one worker process holds: its device, scorer, batcher and counters."""
 
@@ -71,6 +94,7 @@ class Worker:
         self.device = ""
         self.scorer: Any = None
         self.batcher: Batcher | None = None
+        self.video_decoder: Any = None  # `iqa score`'s Decoder: the sampling, the family's video transform
         self.in_flight = 0
         self.draining = False
         self._lock_handle = None
@@ -78,6 +102,8 @@ class Worker:
     def start(self) -> None:
         import torch
 
+        from iqa_cli.images import load_image
+        from iqa_cli.scoring.loader import Decoder
         from iqa_cli.scoring.scorer import Scorer
 
         _exit_with_parent()
@@ -92,8 +118,11 @@ class Worker:
         self.scorer = Scorer.from_pretrained(
             c.model.model,
             device=self.device,
+            task=c.task,
             **c.model.load_kwargs(),
         )
+        video_transform = getattr(self.scorer, "video_transform", None)  # None: the family scores no videos
+        self.video_decoder = Decoder(self.scorer.transform, load_image, video_transform, c.sampling())
         self.batcher = Batcher(
             self.scorer,
             max_batch=c.max_batch,
@@ -111,21 +140,26 @@ class Worker:
         if self.batcher is not None:
             self.batcher.stop(timeout=self.config.timeout)
 
-    def transform(self, request: ScoreRequest) -> tuple[list[Any], list[str | None]]:
-        """Decodes and transforms every image (in a thread); failures become per-image reasons, as `iqa score`'s
-        error rows (an image that decodes but that the model's preprocessing refuses, e.g. a Qwen-VL model's
-        aspect ratio over 200, too)."""
+    def prepare(self, request: ScoreRequest) -> list[Entry]:
+        """Decodes and transforms every image and video (in a thread); failures become per-entry reasons, as
+        `iqa score`'s error rows (an image that decodes but that the model's preprocessing refuses, e.g. a Qwen-VL
+        model's aspect ratio over 200, too; a broken video; a video for a family that scores none)."""
         from iqa_cli.scoring.loader import reason
 
-        visuals, reasons = [], []
+        entries = []
         for i, data in enumerate(request.images):
+            if is_video(data):
+                row = decode_video(data, self.video_decoder)
+                if row.visual is None:
+                    entries.append(Entry(reason=f"images[{i}]: {row.error}", video=True))
+                else:
+                    entries.append(Entry(row.visual, None, True, row.frames, _finite(row.duration), _finite(row.fps)))
+                continue
             try:
-                visuals.append(self.scorer.transform(decode_image(data, self.config.image_pixel_limit)))
-                reasons.append(None)
+                entries.append(Entry(self.scorer.transform(decode_image(data, self.config.image_pixel_limit))))
             except Exception as err:
-                visuals.append(None)
-                reasons.append(f"images[{i}]: {reason(err)}")
-        return visuals, reasons
+                entries.append(Entry(reason=f"images[{i}]: {reason(err)}"))
+        return entries
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -192,6 +226,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             "queue": worker.batcher.pending if worker.batcher else 0,
             "in_flight": worker.in_flight,
             "max_batch": config.max_batch,
+            "video_sampling": config.sampling().describe(),
         }
 
     @app.get("/metrics")
@@ -217,14 +252,16 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         except BadRequest as err:
             return error(err.status, err.reason)
         metrics.images.labels(route).inc(len(parsed.images))
-        visuals, reasons = await run_in_threadpool(worker.transform, parsed)
+        entries = await run_in_threadpool(worker.prepare, parsed)  # its time counts against the deadline too
+        reasons = [e.reason for e in entries]
         metrics.image_errors.inc(sum(r is not None for r in reasons))
-        good = [v for v in visuals if v is not None]
+        good = [e for e in entries if e.visual is not None]
         if reasons and not good:
             return error(422, f"no image could be scored: {reasons[0]}")
         metrics.queue.inc(len(good))
         try:
-            rows = await asyncio.wait_for(worker.batcher.score(good), timeout=max(deadline - time.monotonic(), 0.001))
+            scoring = worker.batcher.score([e.visual for e in good], [e.frames for e in good])
+            rows = await asyncio.wait_for(scoring, timeout=max(deadline - time.monotonic(), 0.001))
         except Overloaded as err:
             return error(503, f"overloaded: {err}; retry later", {"Retry-After": RETRY_AFTER_S})
         except OutOfMemory as err:
@@ -235,14 +272,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         finally:
             metrics.queue.dec(len(good))
         it = iter(rows)
-        results = [next(it) if v is not None else None for v in visuals]
+        results = [next(it) if e.visual is not None else None for e in entries]
         for i, row in enumerate(results):  # a reasoning model's answer without a number: a failure with its text
             if row is not None and row.error is not None:
                 results[i], reasons[i] = None, f"images[{i}]: {row.error}"
                 metrics.image_errors.inc()
-        return answer(parsed, results, reasons)
+        return answer(parsed, results, reasons, entries)
 
-    def answer_json(parsed: ScoreRequest, results, reasons) -> JSONResponse:
+    def answer_json(parsed: ScoreRequest, results, reasons, entries: list[Entry]) -> JSONResponse:
         scorer = worker.scorer
         out: dict[str, Any] = {
             "model": scorer.metadata.get("model", config.model.model),
@@ -255,10 +292,13 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             out["scores_reg"] = [r.score_reg if r else None for r in results]
         if parsed.probs:
             out["probs"] = [r.probs if r else None for r in results]
+        if any(e.video for e in entries):  # a scored video's facts; null for images and failed entries
+            for name in ("frames", "duration", "fps"):
+                out[name] = [getattr(e, name) if r and e.video else None for e, r in zip(entries, results, strict=True)]
         out["errors"] = reasons
         return JSONResponse(out)
 
-    def answer_pickle(parsed: ScoreRequest, results, reasons) -> Response:
+    def answer_pickle(parsed: ScoreRequest, results, reasons, entries: list[Entry]) -> Response:
         failed = [r for r in reasons if r is not None]
         if failed:  # the protocol has no slot for a failed image, and a made-up reward would poison training
             return error(422, f"{len(failed)} of {len(reasons)} images could not be scored; first: {failed[0]}")
@@ -274,6 +314,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return await handle(request, "/", parse_pickle, answer_pickle)
 
     return app
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an unknown number is null."""
+    return value if math.isfinite(value) else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from iqa_cli.constants import DEFAULT_MAX_PIXELS, DEFAULT_PORT
 from iqa_cli.errors import UserError
 from iqa_cli.model_options import ModelSpec
 from iqa_cli.option_field import option
+from iqa_cli.scoring.config import ScoreConfig, check_sampling, video_sampling
+from iqa_cli.tasks import check_task
+from iqa_cli.video import Sampling
 
 CONFIG_ENV = "IQA_SERVE_CONFIG"  # how the supervisor hands the config to the worker processes it spawns
 
 
 LIMITS = "Batching and limits"  # the help panel of the batching and request-limit flags
+
+
+def score_option(name: str) -> Any:
+    """`iqa score`'s declaration of one of its options (help, default, metavar, panel), so `iqa serve`'s flag is
+    the same one and a served score is read as `iqa score` reads it."""
+    declared = ScoreConfig.__dataclass_fields__[name]
+    return dataclasses.field(
+        default=declared.default, default_factory=declared.default_factory, metadata=declared.metadata
+    )
 
 
 @dataclass
@@ -53,6 +66,10 @@ class ServeConfig:
         None, "Images waiting per worker before 503 [default: max(4 x --max-batch, --max-images)].",
         metavar="N", panel=LIMITS,
     )  # fmt: skip
+    task: str | None = score_option("task")
+    fps: float | None = score_option("fps")  # videos: how their frames are sampled, as `iqa score` samples them
+    frames: int | None = score_option("frames")
+    max_frames: int = score_option("max_frames")
     image_pixel_limit: int = option(DEFAULT_MAX_PIXELS, cli=False)  # decompression-bomb limit (width x height)
     lock_dir: str = option("", cli=False)  # set by `serve`: where workers claim their device (a lock file each)
 
@@ -91,6 +108,14 @@ class ServeConfig:
             if not 1 <= size <= self.max_batch:
                 raise UserError(f"--call-sizes {size}: each must be between 1 and --max-batch ({self.max_batch})")
         self.model.check()
+        if self.task is not None:
+            check_task(self.task)
+        check_sampling(self)
+        if self.frames is not None and self.frames > self.max_frames:
+            raise UserError(
+                f"--frames {self.frames}: over --max-frames {self.max_frames}, the most frames a served video may cost "
+                "(a request cannot ask for more work than that); raise --max-frames"
+            )
         if self.max_queue is not None and self.max_queue < self.max_images:
             raise UserError(f"--max-queue {self.max_queue}: must be at least --max-images ({self.max_images})")
         for flag, number in (("--max-wait-ms", self.max_wait_ms), ("--max-body-mb", self.max_body_mb)):
@@ -103,6 +128,10 @@ class ServeConfig:
         if not self.devices:
             raise UserError("--devices is empty: give auto, cpu, or CUDA indices such as 0,1")
         self.devices = resolve_devices(self.devices)
+
+    def sampling(self) -> Sampling:
+        """How videos are sampled (`iqa_cli.video.Sampling`): `iqa score`'s rule."""
+        return video_sampling(self)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

@@ -1,10 +1,13 @@
-"""Request bodies -> image bytes -> decoded images, with one-line reasons for every refusal.
+"""Request bodies -> image and video bytes -> decoded images and videos, with one-line reasons for every refusal.
 
 Two protocols carry the same thing:
-- `POST /score`: JSON `{"images": ["<base64 PNG/JPEG/WebP>", ...], "probs": true}`; a `data:image/...;base64,`
-  prefix is accepted.
+- `POST /score`: JSON `{"images": ["<base64 PNG/JPEG/WebP or MP4/WebM/MKV/MOV/AVI>", ...], "probs": true}`; a
+  `data:image/...;base64,` (or `data:video/...`) prefix is accepted.
 - `POST /`: the reward-server protocol of Flow-GRPO, a pickled `{"images": [<JPEG bytes>, ...]}`, read by
   `safe_pickle.loads_data` (plain data only; nothing a payload names is ever called).
+
+An entry is a video when its bytes start like a video container (`iqa_cli.video.looks_like_video`: no file name
+to go by), and is decoded by `iqa score`'s own decoder, with the server's sampling.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from iqa_cli.images import ImageDecodeError, load_image
 from iqa_cli.serving.safe_pickle import UnsafePickleError, loads_data
+from iqa_cli.video import looks_like_video
 
 
 class BadRequest(Exception):
@@ -85,6 +89,21 @@ def decode_image(data: bytes | ImageDecodeError, max_pixels: int) -> Any:
     if not data:
         raise ImageDecodeError("empty image (0 bytes)")
     return load_image(io.BytesIO(data), max_pixels=max_pixels)
+
+
+def is_video(data: bytes | ImageDecodeError) -> bool:
+    """Whether an entry's bytes are a video (by their container signature)."""
+    return isinstance(data, bytes) and looks_like_video(data)
+
+
+def decode_video(data: bytes, decoder: Any) -> Any:
+    """A video entry -> its row as `iqa score` decodes it (`iqa_cli.scoring.loader.Decoder`: PyAV, seeking to the
+    sampled frames, the family's video transform): a `Decoded` with the video inputs and their frame count,
+    duration and frame rate, or its `error` (a broken or audio-only file, a family that scores no videos), the
+    text of `iqa score`'s error row."""
+    from iqa_cli.sources import Sample
+
+    return decoder(Sample("video", data=data, video=True))
 
 
 def _image_list(data: dict, max_images: int) -> list:
