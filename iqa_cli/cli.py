@@ -406,8 +406,9 @@ def entry() -> None:
 def serve(options: dict | None = None, model: ModelSpec | None = None) -> None:  # flags: the decorators
     """Serve a model over HTTP: POST /score (JSON), POST / (Flow-GRPO's pickle protocol), GET /health, /metrics.
 
-    One worker process per device holds one model; images of concurrent requests are batched together and a
-    score never depends on which requests shared its batch. SIGTERM drains in-flight requests, then exits 0.
+    One worker process per device holds one model; the images (and videos, sampled as --fps/--frames say) of
+    concurrent requests are batched together and a score never depends on which requests shared its batch.
+    SIGTERM drains in-flight requests, then exits 0.
     """
     try:
         from iqa_cli.serving.server import ServeError
