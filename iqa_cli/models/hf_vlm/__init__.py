@@ -23,9 +23,15 @@ IMAGE_TOKENS = {
 PATCH_GRID_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEFAULT_PIXELS = 448 * 448  # Qwen-VL: a fixed budget like the papers' 448x448 input (min = max = this)
 # How a family takes a video's sampled frames: its processor's video input, or the frames as images in the slot.
-# Qwen3-VL's video input writes each frame's timestamp into the prompt around its own vision markers, which the
-# one-slot splice does not reproduce yet: it scores no videos.
-VIDEO_MODES = {"qwen2_vl": "videos", "qwen2_5_vl": "videos", "llava_onevision": "videos", "idefics3": "frames"}
+# Qwen3-VL's video input writes each temporal patch's timestamp and its own vision start/end pair; its ids replace
+# the template's pair around the slot too, as Qwen3VLProcessor collapses it (`HFVisionLanguageBackbone._splice`).
+VIDEO_MODES = {
+    "qwen2_vl": "videos",
+    "qwen2_5_vl": "videos",
+    "qwen3_vl": "videos",
+    "llava_onevision": "videos",
+    "idefics3": "frames",
+}
 # The language model's linear layers LoRA adapts by default (attention and MLP projections of every decoder layer).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TRAIN_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"

@@ -9,7 +9,9 @@ on that token alone with the image, which gives the image's pixel tensors and th
 splices those ids into the prompt, so the model sees exactly what `processor(text=prompt, images=[image])` gives.
 A video goes into the same slot: the video transform runs the processor's video input on the video token alone
 (`<|video_pad|>` x its patches for Qwen2/2.5-VL, LLaVA-OneVision's `<video>` tokens) or, for Idefics3, the frames
-as images, and those ids replace the slot as an image's do; the prompt asks about "this video".
+as images, and those ids replace the slot as an image's do; the prompt asks about "this video". Qwen3-VL's video
+token expands to `<t seconds><|vision_start|>` pads `<|vision_end|>` per temporal patch, and its processor drops
+the template's own start/end pair around the token: those ids replace the slot with the pair around it.
 Rows of a batch with different expansions are right-padded: causal attention keeps a row's real tokens from ever
 seeing the padding after them and their positions do not move, so a score does not depend on its batch-mates.
 """
@@ -45,6 +47,7 @@ from iqa_cli.models.hf_vlm.preprocess import (
     GRID,
     HAS_IMAGE,
     IMAGE_IDS,
+    OWN_MARKERS,
     TOKEN_TYPES,
     VIDEO_GRID,
     VIDEO_PIXELS,
@@ -88,9 +91,16 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
         self.transform = ProcessorTransform(processor, self.image_token, self.flat, self.images_kwargs)
         self.collate = PaddedCollate()
         mode = VIDEO_MODES.get(self.name)
+        timestamps = self.name == "qwen3_vl"  # a timestamp and a vision start/end pair per temporal patch
+        videos_kwargs = {"cap_pixels_per_frame": True} if timestamps else {}
         self.video_transform = (
-            VideoTransform(processor, self.image_token, self.flat, mode, self.images_kwargs) if mode else None
+            VideoTransform(processor, self.image_token, self.flat, mode, self.images_kwargs, videos_kwargs, timestamps)
+            if mode
+            else None
         )
+        # the vision start/end pair around the slot that a video with its own pairs replaces (Qwen3-VL)
+        markers = (processor.vision_start_token, processor.vision_end_token) if timestamps else ()
+        self.slot_markers = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in markers) or None
         self.video_collate = self.collate
         self.score_token_ids: list[int] = list(getattr(model.config, "score_token_ids", None) or [])
         _check_processor(processor, self.source)
@@ -111,8 +121,12 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
         self, visual: VisualInputs, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, left: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Model inputs with each row's image ids in place of the image token, right-padded (`left`: left-padded,
-        so every row ends at the last position, as generation needs); and where each input id landed [B, T] and
-        each row's last real position [B]."""
+        so every row ends at the last position, as generation needs); and where each input id landed [B, T] (the
+        replaced ones: where the image's ids start) and each row's last real position [B].
+
+        A row whose ids carry their own vision markers (`OWN_MARKERS`, Qwen3-VL's video) replaces the vision start
+        and end tokens right around the slot too, where the prompt has them: Qwen3VLProcessor collapses the chat
+        template's `<|vision_start|><|video_pad|><|vision_end|>` to the bare video token before expanding it."""
         device = self.device
         b, t = input_ids.shape
         image_ids = visual[IMAGE_IDS].to(device)
@@ -123,14 +137,19 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
             raise UserError(f"the prompt must hold the image token {self.image_token!r} exactly once")
         slot = is_slot.long().argmax(1)  # B
         idx = torch.arange(t, device=device)[None]
-        text_pos = torch.where(idx > slot[:, None], idx + lengths[:, None] - 1, idx)  # B, T
-        total = int((t - 1 + lengths).max())
-        shift = (total - (t - 1 + lengths)) if left else torch.zeros_like(lengths)  # B: each row's left padding
+        wrap = self._wrapped_slots(visual, input_ids, mask_in, slot).long()  # B: 1 where the markers go too
+        first, last = slot - wrap, slot + wrap  # B: the span of input ids the image's ids replace
+        width = 1 + 2 * wrap
+        text_pos = torch.where(idx < first[:, None], idx, first[:, None])  # B, T
+        text_pos = torch.where(idx > last[:, None], idx + (lengths - width)[:, None], text_pos)
+        sizes = t - width + lengths  # B: each row's spliced length
+        total = int(sizes.max())
+        shift = (total - sizes) if left else torch.zeros_like(lengths)  # B: each row's left padding
         text_pos = text_pos + shift[:, None]
-        slot = slot + shift
+        slot = first + shift
         ids = torch.full((b, total), self.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros(b, total, dtype=torch.long, device=device)
-        kept = ~is_slot
+        kept = (idx < first[:, None]) | (idx > last[:, None])
         rows = torch.arange(b, device=device)[:, None].expand(b, t)
         ids[rows[kept], text_pos[kept]] = input_ids[kept]
         mask[rows[kept], text_pos[kept]] = mask_in[kept].long()
@@ -146,7 +165,7 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
             types[brows[real], image_pos[real]] = visual[TOKEN_TYPES].to(device)[real]
             inputs[TOKEN_TYPES] = types
         for name, value in visual.items():
-            if name in (IMAGE_IDS, HAS_IMAGE, TOKEN_TYPES):
+            if name in (IMAGE_IDS, HAS_IMAGE, TOKEN_TYPES, OWN_MARKERS):
                 continue
             value = value.to(device)
             if value.is_floating_point():
@@ -165,6 +184,29 @@ class HFVisionLanguageBackbone(ModuleBackbone, PromptMixin, GenerationMixin, Tra
         last_input = (mask_in.long() * idx).argmax(1)  # each row's last real input id
         last_index = text_pos.gather(1, last_input[:, None])[:, 0]
         return inputs, text_pos, last_index
+
+    def _wrapped_slots(
+        self, visual: VisualInputs, input_ids: torch.Tensor, mask_in: torch.Tensor, slot: torch.Tensor
+    ) -> torch.Tensor:
+        """B booleans: the row's ids carry their own vision markers and the prompt has the start token right
+        before the slot and the end token right after it (a prompt without that exact pair keeps what it has,
+        as the processor expands a bare video token)."""
+        b, t = input_ids.shape
+        if OWN_MARKERS not in visual or self.slot_markers is None:
+            return torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        own = visual[OWN_MARKERS].to(input_ids.device).bool()
+        rows = torch.arange(b, device=input_ids.device)
+        before, after = (slot - 1).clamp(min=0), (slot + 1).clamp(max=t - 1)
+        start, end = self.slot_markers
+        return (
+            own
+            & (slot > 0)
+            & (slot < t - 1)
+            & (input_ids[rows, before] == start)
+            & (input_ids[rows, after] == end)
+            & mask_in[rows, before]
+            & mask_in[rows, after]
+        )
 
     def _sharded(self) -> bool:
         from torch.distributed.fsdp import FSDPModule

@@ -24,6 +24,9 @@ GRID = "image_grid_thw"
 VIDEO_PIXELS = "pixel_values_videos"  # the same for a video's frames (Qwen-VL: [patches, D]; LLaVA-OneVision: [F, ...])
 VIDEO_GRID = "video_grid_thw"
 VIDEO_TIMES = "second_per_grid_ts"  # Qwen2.5-VL: seconds per temporal patch of each video
+# B: 1 where the slot's ids carry their own vision start/end pairs (Qwen3-VL's video: one pair per frame, each after
+# its timestamp), so the pair the chat template wraps the slot in goes with the slot, as Qwen3VLProcessor collapses it
+OWN_MARKERS = "own_vision_markers"
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,22 @@ class VideoTransform:
     the processor's tensors for it; picklable. `mode` "videos": the processor's own video input (`videos=`:
     Qwen2/2.5-VL, LLaVA-OneVision), the frames given as they were sampled (`do_sample_frames=False`) with where
     they came from (`video_metadata`: the video's frame rate and the sampled indices), and Qwen-VL's pixel budget
-    per frame; "frames": the frames as that many images in the one slot (Idefics3)."""
+    per frame; "frames": the frames as that many images in the one slot (Idefics3).
+
+    Qwen3-VL ("videos" with `timestamps`): the processor expands the video token to each temporal patch's
+    `<t seconds>` and its own vision start/end pair, and the item says so (`OWN_MARKERS`: the splice drops the
+    template's pair around the slot). Its video processor spreads the pixel budget over the whole clip unless
+    `cap_pixels_per_frame` (the reference qwen-vl-utils' per-frame cap, which transformers will make its default),
+    so `videos_kwargs` passes it; and it refuses fewer frames than a temporal patch, so a shorter clip's last frame
+    (and index) is repeated up to one, which is the padding it gives a longer clip's last patch."""
 
     processor: Any
     image_token: str
     flat: bool
     mode: str  # "videos" | "frames"
     images_kwargs: dict = field(default_factory=dict)
+    videos_kwargs: dict = field(default_factory=dict)  # Qwen3-VL: {"cap_pixels_per_frame": True}
+    timestamps: bool = False  # Qwen3-VL: each temporal patch's time and vision markers written around its tokens
 
     def __call__(self, video: Any) -> dict[str, torch.Tensor]:
         frames = list(getattr(video, "frames", video))
@@ -83,12 +95,18 @@ class VideoTransform:
                                  return_tensors="pt", **self.images_kwargs)  # fmt: skip
         else:
             indices = list(getattr(video, "indices", range(len(frames))))
+            if self.timestamps:
+                short = int(self.processor.video_processor.temporal_patch_size) - len(frames)
+                frames, indices = frames + frames[-1:] * short, indices + indices[-1:] * short
             metadata = {"fps": float(getattr(video, "fps", 1.0)), "total_num_frames": getattr(video, "frame_count", 0)
                         or len(frames), "frames_indices": indices}  # fmt: skip
             out = self.processor(text=[self.processor.video_token], videos=[frames], add_special_tokens=False,
                                  return_tensors="pt", do_sample_frames=False, video_metadata=[metadata],
-                                 **self.images_kwargs)  # fmt: skip
-        return _one_item(out, flat=(FLAT_PIXELS, VIDEO_PIXELS) if self.flat else ())
+                                 **self.images_kwargs, **self.videos_kwargs)  # fmt: skip
+        item = _one_item(out, flat=(FLAT_PIXELS, VIDEO_PIXELS) if self.flat else ())
+        if self.timestamps:
+            item[OWN_MARKERS] = torch.ones((), dtype=torch.int8)
+        return item
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ _QWEN_TEMPLATE = (
     "{%- if message.content is string -%}{{ message.content }}{%- else -%}"
     "{%- for c in message.content -%}"
     "{%- if c.type == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif c.type == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif c.type == 'text' -%}{{ c.text }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}{{ '<|im_end|>\\n' }}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
