@@ -340,6 +340,7 @@ def trl_arguments(config: TrainConfig, run: train_state.RunDirectory, device: to
         gradient_checkpointing=config.model.gradient_checkpointing,
         dataloader_num_workers=config.control.workers or 0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # `_load` froze what the forward leaves unused; no search, no warning
         logging_steps=1,
         report_to=[],
         disable_tqdm=True,
