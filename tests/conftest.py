@@ -149,6 +149,13 @@ def run_iqa(
         )
 
 
+def fixed_unit_size(patch: pytest.MonkeyPatch, per_unit: int) -> None:
+    """Folders, files and --from lists cut into units of `per_unit` images (the run's own size depends on the image
+    count: `iqa_cli.sources.files.files_per_unit`), for tests about units: set in every process of a run, since a
+    resume matches units by number."""
+    patch.setattr("iqa_cli.sources.files.files_per_unit", lambda n: per_unit)
+
+
 def kill_when(process: subprocess.Popen, condition: Callable[[], bool], missing: str, timeout: float = 120) -> None:
     """A kill -9 mid-run: waits while `process` runs until `condition()` holds (failing with `missing` after
     `timeout` s, or with the process's output if it exits first), then SIGKILLs it and waits for it to go."""

@@ -36,7 +36,7 @@ from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.output import output_schema
 from iqa_cli.scoring.store import sidecar_path
-from tests.conftest import REPO_ROOT, kill_when, run_iqa
+from tests.conftest import REPO_ROOT, fixed_unit_size, kill_when, run_iqa
 from tests.test_score_pipeline import FakeBatch, FakeScorer, assert_same_rows, make_image_folder
 from tests.test_shards import make_dataset
 
@@ -76,8 +76,7 @@ def dataset(tmp_path_factory) -> dict:
 
 
 def small_units(monkeypatch, per_unit: int = 4) -> None:
-    monkeypatch.setattr("iqa_cli.sources.files.MIN_FILES_PER_UNIT", per_unit)
-    monkeypatch.setattr("iqa_cli.sources.files.MAX_FILES_PER_UNIT", per_unit)
+    fixed_unit_size(monkeypatch, per_unit)
 
 
 def score(inputs, out: Path, factory=None, **options):

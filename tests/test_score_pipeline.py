@@ -43,7 +43,7 @@ from iqa_cli.scoring.loader import Decoder, PadCollate, UnitStream
 from iqa_cli.scoring.runner import BatchRunner, settle_size
 from iqa_cli.scoring.store import sidecar_path
 from iqa_cli.sources import SourceOptions, open_inputs
-from tests.conftest import REPO_ROOT, kill_when
+from tests.conftest import REPO_ROOT, fixed_unit_size, kill_when
 
 LEVELS = ["bad", "poor", "fair", "good", "excellent"]
 SIZE = 24  # side of the fake model's input
@@ -584,17 +584,12 @@ def test_sigkill_midway_then_rerun_gives_each_image_once(folder, reference, tmp_
     pieces = list(sidecar_path(out).glob("unit-*.from-*.parquet"))
     assert pieces or per_unit == 4  # one unit: only pieces stand for the work done
 
-    _fixed_unit_size(monkeypatch, per_unit)
+    fixed_unit_size(monkeypatch, per_unit)
     calls: list[int] = []
     summary = run(folder[0], out, batch_size=2, workers=1, scorer_kwargs={"calls": calls})
     assert summary.resumed == done and summary.processed == len(reference) - done
     assert sum(calls) <= len(reference) - done + 1  # only the rest (batches stream across units; one padded)
     assert_same_rows(pd.read_parquet(out), reference)
-
-
-def _fixed_unit_size(patch, per_unit: int) -> None:
-    patch.setattr("iqa_cli.sources.files.MIN_FILES_PER_UNIT", per_unit)
-    patch.setattr("iqa_cli.sources.files.MAX_FILES_PER_UNIT", per_unit)
 
 
 def test_sigterm_flushes_finished_rows_and_exits(folder, reference, tmp_path):
@@ -624,7 +619,8 @@ def test_sigterm_flushes_finished_rows_and_exits(folder, reference, tmp_path):
 def test_two_process_gloo_run_equals_single_process(folder, reference, tmp_path):
     out = tmp_path / "scores.parquet"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0"]
-    process = _launch([*launcher, "-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out)])
+    run_args = ["-m", "tests.test_score_pipeline", "run", str(folder[0]), str(out), "--per-unit", "16"]
+    process = _launch([*launcher, *run_args])
     try:
         output = process.communicate(timeout=240)[0].decode()
     finally:
@@ -674,7 +670,7 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--per-unit", type=int, default=None, help="images per unit (default: the run's own)")
     args = parser.parse_args(argv)
     if args.per_unit is not None:
-        _fixed_unit_size(pytest.MonkeyPatch(), args.per_unit)
+        fixed_unit_size(pytest.MonkeyPatch(), args.per_unit)
     config = ScoreConfig(
         out=Path(args.out),
         inputs=[args.folder],
@@ -703,7 +699,8 @@ def _files(folder: Path):
     return open_inputs([str(folder)], SourceOptions())
 
 
-def test_workers_build_the_familys_batch_in_shared_memory(tmp_path):
+def test_workers_build_the_familys_batch_in_shared_memory(tmp_path, monkeypatch):
+    fixed_unit_size(monkeypatch, 64)  # the three images one unit
     for i in range(3):
         Image.new("RGB", (20 + i, 16), (i * 40, 90, 200)).save(tmp_path / f"{i}.png")
     source = _files(tmp_path)
@@ -747,10 +744,11 @@ def test_a_per_frame_row_whose_transform_fails_is_an_error_row(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_uint8_items_give_the_float_paths_batch_bit_for_bit(tmp_path, dtype):
+def test_uint8_items_give_the_float_paths_batch_bit_for_bit(tmp_path, dtype, monkeypatch):
     """Workers hand over uint8 squares and the collate applies the value table into the batch: the batch is
     the float pixels (`ClipPreprocessor.pixels`, then the cast to the batch dtype) bit for bit, so the scores
     are the same. Through the loader's real path: files, Decoder, PadCollate, the 448 px preprocessing."""
+    fixed_unit_size(monkeypatch, 64)  # the four files one unit
     rng = np.random.default_rng(3)
     for i, size in enumerate([(64, 48), (31, 77), (5, 5)]):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")

@@ -27,7 +27,7 @@ from iqa_cli.scoring.config import ScoreConfig, ScoreInterrupted
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.scorer import Scorer
 from iqa_cli.scoring.store import sidecar_path
-from tests.conftest import REPO_ROOT, kill_when, run_iqa
+from tests.conftest import REPO_ROOT, fixed_unit_size, kill_when, run_iqa
 from tests.videos import every_frame, has_encoder, stream_facts, write_audio_only, write_video
 
 pytest.importorskip("av")
@@ -212,8 +212,9 @@ def _saved_rows(out: Path) -> int:
     return sum(pq.read_metadata(p).num_rows for p in sidecar_path(out).glob("unit-*.parquet"))
 
 
-def test_sigkill_midway_then_rerun_gives_every_row_once(clips, tiny, tmp_path):
+def test_sigkill_midway_then_rerun_gives_every_row_once(clips, tiny, tmp_path, monkeypatch):
     """With --per-frame a video is several rows: pieces hold whole videos, so the rerun goes on after the last one."""
+    fixed_unit_size(monkeypatch, 64)  # the folder one unit, here and in the killed run: its rows are pieces
     out = tmp_path / "scores.parquet"
     reference = _score([str(clips)], tmp_path / "reference.parquet", tiny, per_frame=True, batch_size=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -229,6 +230,7 @@ def test_sigkill_midway_then_rerun_gives_every_row_once(clips, tiny, tmp_path):
 
 def _main(clips: str, out: str, tiny: str) -> None:
     """The killed run: one piece per finished sample (flush_rows=1), 0.3 s per model call."""
+    fixed_unit_size(pytest.MonkeyPatch(), 64)
     config = ScoreConfig(
         out=Path(out), inputs=[clips], model=tiny, device="cpu", workers=0, quiet=True, per_frame=True, batch_size=2,
         flush_rows=1,

@@ -164,7 +164,7 @@ def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monke
     from iqa_cli.serving.config import CONFIG_ENV, ServeConfig
 
     model = ModelSpec("m", "b", "r", "p", "float32", "int8", {"min_pixels": 784, "max_pixels": 3136})
-    sent = ServeConfig(model=model, devices=["cpu"])
+    sent = ServeConfig(model=model, devices=["cpu"], task="aesthetics")
     monkeypatch.setenv(CONFIG_ENV, sent.to_env())
     received = ServeConfig.from_env()
     assert received == sent
@@ -186,7 +186,7 @@ def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monke
     finally:
         torch.set_num_threads(threads)
     assert calls == [("m", {"base": "b", "device": "cpu", "dtype": "float32", "prompt": "p", "revision": "r",
-                            "quantize": "int8", "min_pixels": 784, "max_pixels": 3136})]  # fmt: skip
+                            "quantize": "int8", "min_pixels": 784, "max_pixels": 3136, "task": "aesthetics"})]  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", ["--device", "--devices"])

@@ -33,7 +33,7 @@ from iqa_cli.scoring.config import ScoreConfig
 from iqa_cli.scoring.driver import score_images
 from iqa_cli.scoring.store import sidecar_path
 from iqa_cli.sources import SourceOptions, expand_braces, open_inputs
-from tests.conftest import REPO_ROOT, kill_when
+from tests.conftest import REPO_ROOT, fixed_unit_size, kill_when
 from tests.test_score_pipeline import FakeScorer, assert_same_rows
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP"]
@@ -345,8 +345,7 @@ def test_a_folder_output_for_fewer_shards_holds_only_their_files(dataset, tmp_pa
 
 def test_directory_output_of_a_folder_reads_as_the_single_file(iqa, dataset, file_scores, tmp_path, monkeypatch):
     """`--out DIR/` for image files: one Parquet file per unit (a run of consecutive images), read back equal."""
-    monkeypatch.setattr("iqa_cli.sources.files.UNITS_PER_RUN", 3)  # 9 images: units of the minimum size
-    monkeypatch.setattr("iqa_cli.sources.files.MIN_FILES_PER_UNIT", 4)
+    fixed_unit_size(monkeypatch, 4)  # 9 images: units of 4, 4 and 1
     monkeypatch.setattr("iqa_cli.scoring.driver.build_scorer", lambda config, device, factory: FakeScorer(device))
     code, _, err = iqa("score", dataset["files"], "--out", f"{tmp_path}/scores/", "--batch-size", "3")
     assert code == 0, err
