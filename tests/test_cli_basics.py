@@ -111,3 +111,19 @@ def test_the_public_api_is_one_import_and_loads_torch_only_when_used():
         import iqa_cli
 
         iqa_cli.Nope  # noqa: B018
+
+
+def test_scoring_imports_no_scipy():
+    """scipy costs 0.13 s of every `iqa score` start: the scoring path (the scorer reads the level names from
+    iqa_cli.labels) must not import it; prepare's Gaussian labels import it when they compute."""
+    code = (
+        "import sys\n"
+        "import iqa_cli.scoring.driver, iqa_cli.scoring.scorer, iqa_cli.cli\n"
+        "print('scipy' in sys.modules)\n"
+        "from iqa_cli.labels import gaussian_level_probs\n"
+        "gaussian_level_probs([3.0], [0.5], 5)\n"
+        "print('scipy' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

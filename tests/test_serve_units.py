@@ -186,7 +186,8 @@ def test_a_worker_loads_the_model_with_every_loading_option_of_the_command(monke
     finally:
         torch.set_num_threads(threads)
     assert calls == [("m", {"base": "b", "device": "cpu", "dtype": "float32", "prompt": "p", "revision": "r",
-                            "quantize": "int8", "min_pixels": 784, "max_pixels": 3136, "task": "aesthetics"})]  # fmt: skip
+                            "quantize": "int8", "min_pixels": 784, "max_pixels": 3136,
+                            "task": "aesthetics"})]  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", ["--device", "--devices"])
