@@ -91,10 +91,10 @@ def _train_until_crash(monkeypatch, config: TrainConfig, step: int) -> None:
     ids=["deqa-full", "qscorer-lora"],
 )
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch, method, extra):
-    """Crash right after step 5 (last save at step 4): the same command resumes from step 4, and weights,
-    optimizer path and log end exactly where the uninterrupted run ends, random draws included: the RNG is
-    restored. Full tuning draws nothing at random by itself, so there dropout in the LLM's MLP (training mode
-    only) draws as the LoRA dropout of the second case does."""
+    """Crash right after step 9 (saves at steps 4 and 8; only the newest is kept): the same command resumes
+    from step 8, and weights, optimizer path and log end exactly where the uninterrupted run ends, random draws
+    included: the RNG is restored. Full tuning draws nothing at random by itself, so there dropout in the LLM's
+    MLP (training mode only) draws as the LoRA dropout of the second case does."""
     if method == "deqa":
         mlp_forward = language_model.MLP.forward
         with_dropout = lambda self, x: F.dropout(mlp_forward(self, x), p=0.2, training=self.training)  # noqa: E731
@@ -104,11 +104,11 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch, me
     assert result.steps == 2 * (48 // 4) and result.final_eval["synth"]["n"] == 12
 
     broken = _config(tiny, tiny["tmp"] / f"broken-{method}", method=method, save_every=4, eval_every=8, **extra)
-    _train_until_crash(monkeypatch, broken, step=5)
-    assert [p.name for p in (broken.out / "checkpoints").glob("step-*")] == ["step-00000004"]
+    _train_until_crash(monkeypatch, broken, step=9)
+    assert [p.name for p in (broken.out / "checkpoints").glob("step-*")] == ["step-00000008"]
     assert not (broken.out / "iqa.json").exists()
     resumed = train(broken)
-    assert resumed.resumed_from == 4 and resumed.steps_this_run == 20
+    assert resumed.resumed_from == 8 and resumed.steps_this_run == 16
     _assert_same_weights(whole.out, broken.out)
     assert _log(whole.out) == _log(broken.out)
     assert not (broken.out / "checkpoints").exists()  # removed once the run is complete

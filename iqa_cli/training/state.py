@@ -294,6 +294,7 @@ def save_checkpoint(
     except OSError:  # the half-written checkpoint would only hold the space the next one needs
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if distributed.rank() == 0:  # the new one is in place: the older ones go
         for old in run.checkpoints.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
