@@ -18,9 +18,8 @@ from tests.test_engine_ray import (  # noqa: F401 (one_thread: a fixture)
     assert_same_values,
     iqa_score,
     one_thread,
-    write_qscorer,
+    qscorer_case,
 )
-from tests.test_score_pipeline import make_image_folder
 from tests.test_shards import make_dataset
 
 daft = pytest.importorskip("daft")
@@ -75,12 +74,7 @@ def test_the_daft_udf_gives_the_values_of_iqa_score(tiny, tmp_path):
 def test_the_daft_udf_of_a_qscorer_model_gives_the_score_reg_of_iqa_score(tmp_path):
     from iqa_cli.engines.daft import scorer_class
 
-    checkpoint = write_qscorer(tmp_path / "model")
-    folder = tmp_path / "images"
-    make_image_folder(folder)
-    model = {"model": str(checkpoint.path), "base": str(checkpoint.base)}
-    expected = iqa_score([folder], tmp_path / "files.parquet", **model).set_index("image")
-    assert expected["score_reg"].notna().sum() >= 5 and expected["error"].notna().any()
+    model, folder, expected = qscorer_case(tmp_path)
     scorer = scorer_class(score_reg=True)(**model, device="cpu", dtype="float32", batch_size=CALL)
     names = list(expected.index)
     files = daft.from_pydict({"name": names, "bytes": [(folder / n).read_bytes() for n in names]})

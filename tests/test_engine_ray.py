@@ -395,16 +395,23 @@ def tiny(tmp_path_factory) -> Path:
     return write_checkpoint(tiny_model(seed=3), root / "deqa", tokenizer_dir=build_tiny_tokenizer(root / "tok")).path
 
 
-def write_qscorer(root: Path):
-    """A tiny Q-Scorer checkpoint (5 score tokens and the MLP regressor, released LoRA layout): its rows gain
-    score_reg."""
+def qscorer_case(root: Path) -> tuple[dict[str, str], Path, pd.DataFrame]:
+    """A tiny Q-Scorer checkpoint (5 score tokens and the MLP regressor, released LoRA layout) as model options, a
+    folder of images with broken ones, and what `iqa score` writes for it (indexed by image): score_reg on the
+    scored rows, null on the error rows."""
     from iqa_cli.models.mplug_owl2.tiny import build_tiny_tokenizer
     from iqa_cli.models.mplug_owl2.tokenizer import LlamaTokenizer
     from tests.factories import tiny_model, write_checkpoint
 
-    tokenizer = build_tiny_tokenizer(root / "tok")
+    tokenizer = build_tiny_tokenizer(root / "model" / "tok")
     model = tiny_model(seed=6, vocab_size=len(LlamaTokenizer.from_dir(tokenizer)) + 5, deepmlp_hidden_dims=[48, 48])
-    return write_checkpoint(model, root / "q", layout="qscorer_lora", tokenizer_dir=tokenizer)
+    checkpoint = write_checkpoint(model, root / "model" / "q", layout="qscorer_lora", tokenizer_dir=tokenizer)
+    folder = root / "images"
+    make_image_folder(folder)
+    options = {"model": str(checkpoint.path), "base": str(checkpoint.base)}
+    expected = iqa_score([folder], root / "files.parquet", **options).set_index("image")
+    assert expected["score_reg"].notna().sum() >= 5 and expected["error"].notna().any()
+    return options, folder, expected
 
 
 def assert_same_regression(got: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -508,12 +515,7 @@ def test_ray_scorer_on_a_qscorer_model_adds_the_score_reg_of_iqa_score(tmp_path,
 
     from iqa_cli.engines.ray import RayScorer
 
-    checkpoint = write_qscorer(tmp_path / "model")
-    folder = tmp_path / "images"
-    make_image_folder(folder)
-    model = {"model": str(checkpoint.path), "base": str(checkpoint.base)}
-    expected = iqa_score([folder], tmp_path / "files.parquet", **model).set_index("image")
-    assert expected["score_reg"].notna().sum() >= 5 and expected["error"].notna().any()
+    model, folder, expected = qscorer_case(tmp_path)
     scorer = RayScorer(**model, device="cpu", dtype="float32", batch_size=CALL, image_column="bytes")
     names = list(expected.index)
     batch = {"bytes": np.array([(folder / n).read_bytes() for n in names], dtype=object), "name": np.array(names)}
