@@ -25,6 +25,13 @@ def test_help_lists_every_subcommand():
         assert command in result.stdout
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`code` (dedented) in a fresh interpreter from the repository root: what a new process imports and does."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+
+
 def test_the_final_garbage_collection_is_skipped_only_when_the_process_ends():
     """main() freezes the heap at exit (the shutdown collection costs ~1 s after `iqa score`), not before:
     a process that calls main() twice keeps collecting garbage, and an error still exits with code 2."""
@@ -41,9 +48,7 @@ def test_the_final_garbage_collection_is_skipped_only_when_the_process_ends():
         print("frozen before exit:", gc.get_freeze_count() > 0)
         sys.exit(2)
     """
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
-    )
+    result = _python(code)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(("exit", "frozen"))]
     assert lines == ["exit code: 0", "exit code: 2", "frozen before exit: False", "frozen at exit: True"]
@@ -102,7 +107,7 @@ def test_the_public_api_is_one_import_and_loads_torch_only_when_used():
         "print(Scorer is Real, callable(score_images), callable(create_metric), 'torch' in sys.modules)\n"
         "print(sorted(iqa_cli.__all__))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "False" and lines[1] == "True True True True"
@@ -124,6 +129,6 @@ def test_scoring_imports_no_scipy():
         "gaussian_level_probs([3.0], [0.5], 5)\n"
         "print('scipy' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True"]
