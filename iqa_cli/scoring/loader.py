@@ -180,6 +180,13 @@ def reason(exc: BaseException) -> str:
 # Batches of one shape
 
 
+def videos_per_call(size: int, frames: int) -> int:
+    """Videos of `frames` frames in a call of `size` image rows: as many frames as the call has images (at least
+    one video), so a video call needs about the memory of an image call; its shape depends on the frame count
+    alone (`iqa score`'s loop and `iqa serve`'s batcher both cut video calls so)."""
+    return max(1, size // max(1, frames))
+
+
 @dataclass(frozen=True)
 class PadCollate:
     """One batch of at most `batch_size` rows whatever its length or failures, in at most two model calls of fixed
@@ -204,9 +211,7 @@ class PadCollate:
     video_collate: Callable[..., dict[str, torch.Tensor]] | None = None  # the backbone's, for video rows
 
     def video_rows(self, frames: int) -> int:
-        """Videos per call when each has `frames` frames: as many frames as an image call has images (at least one
-        video), so a video call needs about the memory of an image call."""
-        return max(1, self.batch_size // max(1, frames))
+        return videos_per_call(self.batch_size, frames)
 
     def starts_new_batch(self, items: list[tuple], row: Decoded) -> bool:
         """Whether `row` cannot join `items`: a video whose frame count differs from theirs."""

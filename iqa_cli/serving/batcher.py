@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from iqa_cli.scoring.loader import videos_per_call
 from iqa_cli.scoring.runner import free_cuda_memory
 
 
@@ -151,16 +152,16 @@ class Batcher:
     def capacity(self, frames: int) -> int:
         """Items one call may hold: `max_batch` images, or as many videos of `frames` frames as `max_batch` frames
         hold (at least one), as `iqa score`'s video calls."""
-        return self.max_batch if frames == 0 else max(1, self.max_batch // frames)
+        return self.max_batch if frames == 0 else videos_per_call(self.max_batch, frames)
 
     def call_size(self, images: int) -> int:
         """The rows of the call that scores `images` images: the smallest call size that holds them."""
         return next(size for size in self.call_sizes if size >= images)
 
     def video_call_rows(self, videos: int, frames: int) -> int:
-        """The rows of the call that scores `videos` videos of `frames` frames each: max(1, size // frames) for the
+        """The rows of the call that scores `videos` videos of `frames` frames each: `videos_per_call` of the
         smallest call size whose rows hold them (one fixed shape per call size and frame count)."""
-        return next(rows for size in self.call_sizes if (rows := max(1, size // frames)) >= videos)
+        return next(rows for size in self.call_sizes if (rows := videos_per_call(size, frames)) >= videos)
 
     def warm_up(self, visual: Any) -> None:
         """One call of every call size, each row holding `visual` (one image's transform), before serving.
